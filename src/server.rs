@@ -1,0 +1,951 @@
+//! The driver: one `mio::Poll` multiplexing the listening sockets, every session socket and
+//! a [`Waker`]. This is the only module that touches mio, sockets or the clock.
+//!
+//! # One loop iteration ([`Server::run_once`])
+//!
+//! 1. Sleep in `poll` until a socket is readable, the waker fires, or the earliest deadline
+//!    (timer wheel, stats report, shutdown grace) passes.
+//! 2. Read the clock once.
+//! 3. Drain every readable session socket until `WouldBlock`: datagrams from the session's
+//!    peer go to its [`Session`]; datagrams from anyone else get ERROR 5 and the session
+//!    goes on.
+//! 4. Drain the listeners, unless `max_sessions` are running: then the requests wait in the
+//!    kernel's queue until a session ends (backpressure, as dnsmasq does).
+//! 5. Fire due timers, report statistics when the interval is up, handle shutdown.
+//!
+//! After every input a session is *driven*: its output is drained, datagrams are sent, its
+//! next deadline is put in the timer wheel (at most one live entry per session; an entry
+//! that fires early is harmless), and a finished session is reported and removed.
+//!
+//! Slab keys are reused, so tokens and timer entries carry a generation: a datagram or a
+//! timer meant for a dead session never reaches the one that took its slot.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{debug, error, info, warn};
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::handler::{Handler, ReadRequest, Reject};
+use crate::options::{Limits, MAX_BLKSIZE, MIN_BLKSIZE};
+use crate::packet::{write_error, ErrorCode, Mode, Packet, MAX_DATAGRAM};
+use crate::session::{Outcome, Output, Session, SessionConfig};
+use crate::stats::{ServerStats, SessionStats};
+use crate::sys;
+use crate::timer::{TimerKey, TimerWheel};
+
+const WAKER: Token = Token(usize::MAX);
+/// Listener `i` has token `LISTENER_BASE - i`.
+const LISTENER_BASE: usize = usize::MAX - 1;
+/// Session tokens are `generation << 32 | slab key`, generations kept to 31 bits so they
+/// never reach the listener and waker tokens.
+const GENERATION_MASK: u32 = 0x7fff_ffff;
+
+/// Errors from building or running a server.
+#[non_exhaustive]
+#[derive(Debug)]
+pub enum Error {
+    /// A listening address could not be bound.
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// A setting is out of range.
+    Config(String),
+    /// The event loop failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Error::Config(why) => write!(f, "invalid setting: {why}"),
+            Error::Io(e) => write!(f, "event loop failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Bind { source, .. } => Some(source),
+            Error::Io(e) => Some(e),
+            Error::Config(_) => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        Error::Io(e)
+    }
+}
+
+/// Configures and builds a [`Server`].
+///
+/// ```no_run
+/// use dyntftp::{FsHandler, ServerBuilder};
+/// use std::time::Duration;
+///
+/// let mut server = ServerBuilder::new(FsHandler::new("/srv/tftp")?)
+///     .bind("0.0.0.0:69".parse()?)
+///     .timeout(Duration::from_secs(1))
+///     .retries(5)
+///     .build()?;
+/// server.run()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct ServerBuilder<H> {
+    handler: H,
+    addrs: Vec<SocketAddr>,
+    sockets: Vec<StdUdpSocket>,
+    config: SessionConfig,
+    max_sessions: Option<usize>,
+    stats_interval: Duration,
+    shutdown_grace: Duration,
+}
+
+impl<H: Handler> ServerBuilder<H> {
+    /// A builder serving requests through `handler`, with the defaults: timeout 1 s,
+    /// 5 retries, max blksize 65464, max window 64 blocks and 1 MiB, stats every 60 s,
+    /// `max_sessions` from the file-descriptor limit, 5 s shutdown grace.
+    pub fn new(handler: H) -> ServerBuilder<H> {
+        ServerBuilder {
+            handler,
+            addrs: Vec::new(),
+            sockets: Vec::new(),
+            config: SessionConfig::default(),
+            max_sessions: None,
+            stats_interval: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Listens on `addr` (repeatable). `[::]` listens dual-stack on IPv6 and IPv4.
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.addrs.push(addr);
+        self
+    }
+
+    /// Listens on an already bound socket (repeatable), e.g. one inherited from systemd.
+    pub fn socket(mut self, socket: StdUdpSocket) -> Self {
+        self.sockets.push(socket);
+        self
+    }
+
+    /// Base retransmission interval when the client does not choose one.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    /// Retransmissions after the last progress before a session gives up.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.config.retries = retries;
+        self
+    }
+
+    /// Largest block size granted (8..=65464).
+    pub fn max_blksize(mut self, max: u16) -> Self {
+        self.config.limits.max_blksize = max;
+        self
+    }
+
+    /// Largest window granted, in blocks (at least 1).
+    pub fn max_window(mut self, max: u16) -> Self {
+        self.config.limits.max_window = max;
+        self
+    }
+
+    /// Largest window granted, in payload bytes.
+    pub fn max_window_bytes(mut self, max: usize) -> Self {
+        self.config.limits.max_window_bytes = max;
+        self
+    }
+
+    /// How long a source may stay not ready before its session ends.
+    pub fn source_timeout(mut self, timeout: Duration) -> Self {
+        self.config.source_timeout = timeout;
+        self
+    }
+
+    /// Most sessions at once; further requests wait in the socket queue.
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.max_sessions = Some(max);
+        self
+    }
+
+    /// How often [`Handler::server_stats`] is called.
+    pub fn stats_interval(mut self, interval: Duration) -> Self {
+        self.stats_interval = interval;
+        self
+    }
+
+    /// How long running sessions may go on after a shutdown request before they are
+    /// aborted.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Checks the settings, binds the listeners and builds the server.
+    pub fn build(self) -> Result<Server<H>, Error> {
+        let limits: Limits = self.config.limits;
+        if !(MIN_BLKSIZE..=MAX_BLKSIZE).contains(&limits.max_blksize) {
+            return Err(Error::Config(format!(
+                "max blksize must be {MIN_BLKSIZE}..={MAX_BLKSIZE}, not {}",
+                limits.max_blksize
+            )));
+        }
+        if limits.max_window == 0 {
+            return Err(Error::Config("max window must be at least 1".into()));
+        }
+        if self.config.timeout.is_zero() {
+            return Err(Error::Config("timeout must be more than zero".into()));
+        }
+        if self.stats_interval.is_zero() {
+            return Err(Error::Config(
+                "stats interval must be more than zero".into(),
+            ));
+        }
+        if self.max_sessions == Some(0) {
+            return Err(Error::Config("max sessions must be at least 1".into()));
+        }
+        if self.addrs.is_empty() && self.sockets.is_empty() {
+            return Err(Error::Config("no address to listen on".into()));
+        }
+        let mut std_sockets = Vec::new();
+        for addr in &self.addrs {
+            let socket = sys::bind_listener(*addr).map_err(|source| Error::Bind {
+                addr: *addr,
+                source,
+            })?;
+            std_sockets.push(socket);
+        }
+        for socket in self.sockets {
+            socket.set_nonblocking(true)?;
+            if let Err(e) = sys::enable_pktinfo(&socket) {
+                debug!("no destination-address reporting on an inherited socket: {e}");
+            }
+            std_sockets.push(socket);
+        }
+        let poll = Poll::new()?;
+        let mut listeners = Vec::new();
+        for (i, socket) in std_sockets.into_iter().enumerate() {
+            let local = socket.local_addr()?;
+            let mut socket = UdpSocket::from_std(socket);
+            poll.registry()
+                .register(&mut socket, Token(LISTENER_BASE - i), Interest::READABLE)?;
+            listeners.push(Listener {
+                socket,
+                local,
+                readable: true,
+            });
+        }
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let max_sessions = match self.max_sessions {
+            Some(max) => max,
+            // Each session holds a socket and usually an open file; keep some spare.
+            None => (sys::raise_fd_limit().unwrap_or(1024).saturating_sub(64) / 2).max(1) as usize,
+        };
+        let now = Instant::now();
+        Ok(Server {
+            poll,
+            events: Events::with_capacity(1024),
+            listeners,
+            waker,
+            shutdown: Arc::new(AtomicBool::new(false)),
+            handler: self.handler,
+            config: self.config,
+            max_sessions,
+            sessions: Slab::new(),
+            by_peer: HashMap::new(),
+            wheel: TimerWheel::with_origin(now),
+            next_generation: 0,
+            buf: vec![0; MAX_DATAGRAM],
+            scratch: Vec::new(),
+            ready: Vec::new(),
+            now,
+            stats: ServerStats::default(),
+            stats_interval: self.stats_interval,
+            stats_since: now,
+            shutdown_grace: self.shutdown_grace,
+            grace_deadline: None,
+        })
+    }
+}
+
+/// Stops a running [`Server`] from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    flag: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    /// Asks the server to stop: it stops accepting requests at once, lets running
+    /// sessions finish within the shutdown grace, then aborts the rest and `run` returns.
+    pub fn shutdown(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            warn!("cannot wake the event loop: {e}");
+        }
+    }
+}
+
+impl fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShutdownHandle")
+            .field("requested", &self.flag.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+struct Listener {
+    socket: UdpSocket,
+    local: SocketAddr,
+    /// True when the socket may hold datagrams not read yet (edge-triggered readiness).
+    readable: bool,
+}
+
+/// One running session and what the driver knows about it.
+struct Entry {
+    generation: u32,
+    socket: UdpSocket,
+    peer: SocketAddr,
+    local: SocketAddr,
+    session: Session,
+    /// The live timer wheel entry, if any, and its deadline.
+    timer: Option<(Instant, TimerKey)>,
+    filename: String,
+    mode: Mode,
+    requested: Vec<(String, String)>,
+    start_time: SystemTime,
+}
+
+/// A TFTP server: listeners, sessions and the handler, on one thread.
+pub struct Server<H> {
+    poll: Poll,
+    events: Events,
+    listeners: Vec<Listener>,
+    waker: Arc<Waker>,
+    shutdown: Arc<AtomicBool>,
+    handler: H,
+    config: SessionConfig,
+    max_sessions: usize,
+    sessions: Slab<Entry>,
+    by_peer: HashMap<SocketAddr, usize>,
+    wheel: TimerWheel<(usize, u32)>,
+    next_generation: u32,
+    /// Receive buffer, large enough for any datagram.
+    buf: Vec<u8>,
+    /// Encoding buffer for ERROR packets.
+    scratch: Vec<u8>,
+    /// Tokens that were ready in the last poll.
+    ready: Vec<Token>,
+    now: Instant,
+    stats: ServerStats,
+    stats_interval: Duration,
+    stats_since: Instant,
+    shutdown_grace: Duration,
+    /// Set once shutdown started: when remaining sessions are aborted.
+    grace_deadline: Option<Instant>,
+}
+
+impl<H: Handler> Server<H> {
+    /// The address of the first listener (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listeners[0].local
+    }
+
+    /// The addresses of all listeners.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.local).collect()
+    }
+
+    /// A handle that stops the server from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            flag: self.shutdown.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Sessions running now.
+    pub fn active_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// The handler, mutably.
+    pub fn handler_mut(&mut self) -> &mut H {
+        &mut self.handler
+    }
+
+    /// The most sessions run at once.
+    pub fn max_sessions(&self) -> usize {
+        self.max_sessions
+    }
+
+    /// Runs until shut down (see [`ShutdownHandle`]) and every session has ended.
+    pub fn run(&mut self) -> Result<(), Error> {
+        while self.run_once(None)? {}
+        Ok(())
+    }
+
+    /// Runs one loop iteration, waiting at most `max_wait` (or until the next deadline)
+    /// for something to happen. Returns false once the server has shut down and every
+    /// session has ended.
+    pub fn run_once(&mut self, max_wait: Option<Duration>) -> Result<bool, Error> {
+        if self.grace_deadline.is_some() && self.sessions.is_empty() {
+            return Ok(false);
+        }
+        let timeout = self.poll_timeout(max_wait);
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.now = Instant::now();
+        self.ready.clear();
+        self.ready.extend(self.events.iter().map(|e| e.token()));
+        for i in 0..self.ready.len() {
+            match self.ready[i] {
+                WAKER => {}
+                Token(t) if t > LISTENER_BASE - self.listeners.len() => {
+                    self.listeners[LISTENER_BASE - t].readable = true;
+                }
+                Token(t) => self.on_session_readable(t),
+            }
+        }
+        if self.shutdown.load(Ordering::SeqCst) && self.grace_deadline.is_none() {
+            self.begin_shutdown()?;
+        }
+        while let Some((key, generation)) = self.wheel.poll(self.now) {
+            self.on_timer(key, generation);
+        }
+        // After the sessions, so that room freed in this iteration is used at once.
+        if self.grace_deadline.is_none() {
+            self.read_listeners();
+        }
+        if self.now >= self.stats_since + self.stats_interval {
+            self.report_stats();
+        }
+        if let Some(deadline) = self.grace_deadline {
+            if self.now >= deadline {
+                self.abort_all();
+            }
+        }
+        Ok(!(self.grace_deadline.is_some() && self.sessions.is_empty()))
+    }
+
+    fn poll_timeout(&self, max_wait: Option<Duration>) -> Option<Duration> {
+        let accepting = self.grace_deadline.is_none() && self.sessions.len() < self.max_sessions;
+        if accepting && self.listeners.iter().any(|l| l.readable) {
+            // Requests are queued (readiness is edge-triggered: no event will come).
+            return Some(Duration::ZERO);
+        }
+        let mut wake = self.stats_since + self.stats_interval;
+        if let Some(deadline) = self.wheel.next_deadline() {
+            wake = wake.min(deadline);
+        }
+        if let Some(deadline) = self.grace_deadline {
+            wake = wake.min(deadline);
+        }
+        // The clock moved since `self.now` was read; that only makes the wait shorter.
+        let until = wake.saturating_duration_since(Instant::now());
+        Some(max_wait.map_or(until, |max| max.min(until)))
+    }
+
+    fn begin_shutdown(&mut self) -> Result<(), Error> {
+        info!(
+            "shutting down: no new requests; {} session(s) get {:?} to finish",
+            self.sessions.len(),
+            self.shutdown_grace
+        );
+        for listener in &mut self.listeners {
+            self.poll.registry().deregister(&mut listener.socket)?;
+        }
+        self.grace_deadline = Some(self.now + self.shutdown_grace);
+        if self.shutdown_grace.is_zero() {
+            self.abort_all();
+        }
+        Ok(())
+    }
+
+    fn abort_all(&mut self) {
+        let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            let entry = &mut self.sessions[key];
+            entry.session.abort(
+                self.now,
+                ErrorCode::NotDefined,
+                "server shutting down",
+                Outcome::ShutDown,
+            );
+            self.drive(key);
+        }
+    }
+
+    /// Reads requests from every readable listener while there is room for sessions.
+    fn read_listeners(&mut self) {
+        for i in 0..self.listeners.len() {
+            while self.listeners[i].readable && self.sessions.len() < self.max_sessions {
+                match sys::recv_with_destination(&self.listeners[i].socket, &mut self.buf) {
+                    Ok(received) => self.on_request(i, received),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.listeners[i].readable = false;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // ICMP errors and the like: nothing to do with this datagram.
+                        debug!("listener {}: receive failed: {e}", self.listeners[i].local);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_request(&mut self, listener: usize, received: sys::Received) {
+        let peer = received.peer;
+        let listener_local = self.listeners[listener].local;
+        let local = match received.destination {
+            Some((ip, ifindex)) => socket_addr_with_scope(ip, listener_local.port(), ifindex),
+            None => SocketAddr::new(sys::unmap(listener_local.ip()), listener_local.port()),
+        };
+        // Temporarily take the buffer so the packet can borrow it while `self` changes.
+        let buf = std::mem::take(&mut self.buf);
+        let datagram = &buf[..received.len];
+        if received.truncated {
+            self.stats.malformed += 1;
+            debug!("{peer}: datagram longer than 65535 bytes, ignored");
+        } else {
+            match Packet::parse(datagram) {
+                Ok(Packet::Rrq(request)) => self.on_rrq(peer, local, request),
+                Ok(Packet::Wrq(_)) => {
+                    self.stats.write_requests += 1;
+                    self.reject(
+                        peer,
+                        local,
+                        &Reject::new(
+                            ErrorCode::IllegalOperation,
+                            "write requests are not supported",
+                        ),
+                    );
+                }
+                Ok(Packet::Error { .. }) => {
+                    // Never answer an ERROR.
+                    self.stats.malformed += 1;
+                    debug!("{peer}: ERROR sent to the listener, ignored");
+                }
+                Ok(other) => {
+                    self.stats.malformed += 1;
+                    debug!("{peer}: {:?} sent to the listener", other.opcode());
+                    self.reject(
+                        peer,
+                        local,
+                        &Reject::new(ErrorCode::UnknownTransferId, "unknown transfer id"),
+                    );
+                }
+                Err(e) => {
+                    self.stats.malformed += 1;
+                    debug!("{peer}: malformed request: {e}");
+                    // A request too short to have an opcode gets silence; a broken
+                    // request gets told what was wrong.
+                    if datagram.len() >= 2 {
+                        self.reject(
+                            peer,
+                            local,
+                            &Reject::new(
+                                ErrorCode::IllegalOperation,
+                                format!("malformed request: {e}"),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        self.buf = buf;
+    }
+
+    fn on_rrq(&mut self, peer: SocketAddr, local: SocketAddr, request: crate::packet::Request<'_>) {
+        self.stats.requests += 1;
+        if self.by_peer.contains_key(&peer) {
+            self.stats.duplicate_requests += 1;
+            debug!("{peer}: repeated request while its session runs, ignored");
+            return;
+        }
+        let mode = match request.mode() {
+            Some(mode @ (Mode::Octet | Mode::Netascii)) => mode,
+            Some(Mode::Mail) => {
+                return self.reject(
+                    peer,
+                    local,
+                    &Reject::new(ErrorCode::IllegalOperation, "mail mode is not supported"),
+                )
+            }
+            None => {
+                return self.reject(
+                    peer,
+                    local,
+                    &Reject::new(ErrorCode::IllegalOperation, "unknown transfer mode"),
+                )
+            }
+        };
+        let read_request = ReadRequest {
+            peer,
+            local,
+            filename: request.filename,
+            mode,
+            options: request.options,
+        };
+        let filename = read_request.filename_lossy().into_owned();
+        let handler = &mut self.handler;
+        let opened = catch_unwind(AssertUnwindSafe(|| handler.open(&read_request)));
+        let source = match opened {
+            Ok(Ok(source)) => source,
+            Ok(Err(reject)) => {
+                debug!("{peer}: {filename:?} refused: {reject}");
+                return self.reject(peer, local, &reject);
+            }
+            Err(_) => {
+                self.stats.panics += 1;
+                error!("{peer}: the handler panicked opening {filename:?}");
+                return self.reject(
+                    peer,
+                    local,
+                    &Reject::new(ErrorCode::NotDefined, "internal error"),
+                );
+            }
+        };
+        let socket = match sys::bind_ephemeral(SocketAddr::new(local.ip(), 0).with_scope_of(local))
+        {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(
+                    "{peer}: cannot open a session socket on {}: {e}",
+                    local.ip()
+                );
+                self.stats.send_errors += 1;
+                return;
+            }
+        };
+        let config = self.config;
+        let now = self.now;
+        let created = catch_unwind(AssertUnwindSafe(|| {
+            Session::new(now, request.options, mode, source, &config)
+        }));
+        let Ok(session) = created else {
+            self.stats.panics += 1;
+            error!("{peer}: the source of {filename:?} panicked");
+            return self.reject(
+                peer,
+                local,
+                &Reject::new(ErrorCode::NotDefined, "internal error"),
+            );
+        };
+        let mut socket = UdpSocket::from_std(socket);
+        let generation = self.next_generation;
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        let vacant = self.sessions.vacant_entry();
+        let key = vacant.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut socket,
+            session_token(key, generation),
+            Interest::READABLE,
+        ) {
+            warn!("{peer}: cannot register a session socket: {e}");
+            return;
+        }
+        let window_bytes =
+            session.params().window as usize * (session.params().blksize as usize + 32);
+        if window_bytes > 200_000 {
+            // Let a whole window sit in the socket buffer (the default is ~200 KiB).
+            let _ = sys::set_send_buffer(&socket, window_bytes * 2);
+        }
+        vacant.insert(Entry {
+            generation,
+            socket,
+            peer,
+            local,
+            session,
+            timer: None,
+            filename,
+            mode,
+            requested: request
+                .options
+                .iter()
+                .map(|o| {
+                    (
+                        String::from_utf8_lossy(o.name).into_owned(),
+                        String::from_utf8_lossy(o.value).into_owned(),
+                    )
+                })
+                .collect(),
+            start_time: SystemTime::now(),
+        });
+        self.by_peer.insert(peer, key);
+        self.stats.sessions_started += 1;
+        self.drive(key);
+    }
+
+    /// Sends an ERROR for a refused request from a fresh socket bound to the address the
+    /// client sent to, as a session would.
+    fn reject(&mut self, peer: SocketAddr, local: SocketAddr, reject: &Reject) {
+        *self.stats.rejected.entry(reject.code.to_u16()).or_default() += 1;
+        self.scratch.clear();
+        write_error(&mut self.scratch, reject.code, &reject.message);
+        let sent = sys::bind_ephemeral(SocketAddr::new(local.ip(), 0).with_scope_of(local))
+            .and_then(|socket| socket.send_to(&self.scratch, peer));
+        match sent {
+            Ok(_) => self.stats.datagrams_sent += 1,
+            Err(e) => {
+                self.stats.send_errors += 1;
+                debug!("{peer}: cannot send ERROR: {e}");
+            }
+        }
+    }
+
+    fn on_session_readable(&mut self, token: usize) {
+        let key = token & 0xffff_ffff;
+        let generation = (token >> 32) as u32;
+        loop {
+            let Some(entry) = self.sessions.get_mut(key) else {
+                return;
+            };
+            if entry.generation != generation {
+                return;
+            }
+            let (len, from) = match entry.socket.recv_from(&mut self.buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("{}: session receive failed: {e}", entry.peer);
+                    continue;
+                }
+            };
+            let from = sys::unmap_socket(from);
+            if from != entry.peer {
+                self.stats.stray_datagrams += 1;
+                debug!("{from}: datagram for {}'s session, ERROR 5", entry.peer);
+                // Never answer an ERROR, not even a stray one.
+                if !matches!(Packet::parse(&self.buf[..len]), Ok(Packet::Error { .. })) {
+                    self.scratch.clear();
+                    write_error(
+                        &mut self.scratch,
+                        ErrorCode::UnknownTransferId,
+                        "unknown transfer id",
+                    );
+                    match entry.socket.send_to(&self.scratch, from) {
+                        Ok(_) => self.stats.datagrams_sent += 1,
+                        Err(_) => self.stats.send_errors += 1,
+                    }
+                }
+                continue;
+            }
+            entry.session.handle_datagram(self.now, &self.buf[..len]);
+            self.drive(key);
+        }
+    }
+
+    fn on_timer(&mut self, key: usize, generation: u32) {
+        let Some(entry) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if entry.generation != generation {
+            return;
+        }
+        entry.timer = None;
+        let before = entry.session.stats().retransmits;
+        entry.session.handle_timeout(self.now);
+        self.stats.retransmits += entry.session.stats().retransmits - before;
+        self.drive(key);
+    }
+
+    /// Drains a session's output: sends, re-arms its timer, or finishes it.
+    fn drive(&mut self, key: usize) {
+        let now = self.now;
+        loop {
+            let entry = &mut self.sessions[key];
+            let Entry {
+                session,
+                socket,
+                peer,
+                ..
+            } = entry;
+            // Moving the borrow into the closure makes it FnOnce, so the output may borrow the
+            // session beyond the call.
+            let output = catch_unwind(AssertUnwindSafe(move || {
+                let session = session;
+                session.poll_output()
+            }));
+            match output {
+                Ok(Output::Transmit(datagram)) => match socket.send_to(datagram, *peer) {
+                    Ok(_) => {
+                        self.stats.datagrams_sent += 1;
+                        if let [0, 3, _, _, payload @ ..] = datagram {
+                            self.stats.bytes_sent += payload.len() as u64;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // The retransmission timer recovers the packet.
+                        self.stats.send_would_block += 1;
+                    }
+                    Err(e) => {
+                        self.stats.send_errors += 1;
+                        debug!("{peer}: send failed: {e}");
+                    }
+                },
+                Ok(Output::Wait(deadline)) => {
+                    match entry.timer {
+                        Some((armed, _)) if armed <= deadline => {}
+                        previous => {
+                            if let Some((_, stale)) = previous {
+                                self.wheel.cancel(stale);
+                            }
+                            let timer = self.wheel.insert(deadline, (key, entry.generation));
+                            entry.timer = Some((deadline, timer));
+                        }
+                    }
+                    return;
+                }
+                Ok(Output::Done(outcome)) => return self.finish(key, outcome),
+                Err(_) => {
+                    self.stats.panics += 1;
+                    error!(
+                        "{}: the source of {:?} panicked",
+                        entry.peer, entry.filename
+                    );
+                    entry.session.abort(
+                        now,
+                        ErrorCode::NotDefined,
+                        "internal error",
+                        Outcome::Panicked,
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, key: usize, outcome: Outcome) {
+        let mut entry = self.sessions.remove(key);
+        if let Some((_, timer)) = entry.timer {
+            self.wheel.cancel(timer);
+        }
+        if let Err(e) = self.poll.registry().deregister(&mut entry.socket) {
+            debug!("deregister: {e}");
+        }
+        self.by_peer.remove(&entry.peer);
+        *self
+            .stats
+            .sessions_finished
+            .entry(outcome.as_str())
+            .or_default() += 1;
+        let transfer = entry.session.stats().clone();
+        let stats = SessionStats {
+            peer: entry.peer,
+            local: entry.local,
+            filename: entry.filename,
+            mode: entry.mode,
+            requested: entry.requested,
+            start_time: entry.start_time,
+            duration: transfer.duration(self.now),
+            outcome,
+            transfer,
+        };
+        info!(
+            "{} {:?} {}: {} bytes in {:.3} s ({:.1} MB/s), outcome {}{}, {} retransmits",
+            stats.peer,
+            stats.filename,
+            stats.mode,
+            stats.transfer.bytes_read,
+            stats.duration.as_secs_f64(),
+            stats.rate() / 1e6,
+            outcome.as_str(),
+            stats
+                .error()
+                .map(|(code, msg)| format!(" (ERROR {code}: {msg})"))
+                .unwrap_or_default(),
+            stats.transfer.retransmits,
+        );
+        let handler = &mut self.handler;
+        if catch_unwind(AssertUnwindSafe(|| handler.session_finished(&stats))).is_err() {
+            self.stats.panics += 1;
+            error!("the handler panicked in session_finished");
+        }
+    }
+
+    fn report_stats(&mut self) {
+        let mut stats = std::mem::take(&mut self.stats);
+        stats.interval = self.now.saturating_duration_since(self.stats_since);
+        stats.active_sessions = self.sessions.len() as u64;
+        self.stats_since = self.now;
+        info!(
+            "stats: {} requests, {} sessions started, {} finished ({} failed), {} active, \
+             {} datagrams / {} bytes sent, {} retransmits, {} malformed, {} stray",
+            stats.requests,
+            stats.sessions_started,
+            stats.sessions_finished.values().sum::<u64>(),
+            stats.sessions_failed(),
+            stats.active_sessions,
+            stats.datagrams_sent,
+            stats.bytes_sent,
+            stats.retransmits,
+            stats.malformed,
+            stats.stray_datagrams,
+        );
+        let handler = &mut self.handler;
+        if catch_unwind(AssertUnwindSafe(|| handler.server_stats(&stats))).is_err() {
+            self.stats.panics += 1;
+            error!("the handler panicked in server_stats");
+        }
+    }
+}
+
+fn session_token(key: usize, generation: u32) -> Token {
+    Token(((generation as usize) << 32) | key)
+}
+
+/// A socket address for `ip`, carrying the interface as scope for IPv6 link-local
+/// addresses (which need it to be bound).
+fn socket_addr_with_scope(ip: IpAddr, port: u16, ifindex: u32) -> SocketAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(v6, port, 0, ifindex))
+        }
+        other => SocketAddr::new(other, port),
+    }
+}
+
+/// Copies the IPv6 scope of one address onto another.
+trait WithScope {
+    fn with_scope_of(self, other: SocketAddr) -> SocketAddr;
+}
+
+impl WithScope for SocketAddr {
+    fn with_scope_of(self, other: SocketAddr) -> SocketAddr {
+        match (self, other) {
+            (SocketAddr::V6(mut mine), SocketAddr::V6(theirs)) => {
+                mine.set_scope_id(theirs.scope_id());
+                SocketAddr::V6(mine)
+            }
+            (mine, _) => mine,
+        }
+    }
+}

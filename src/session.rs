@@ -1,0 +1,970 @@
+//! One read transfer as a pure state machine: no sockets, no clock.
+//!
+//! # Call order
+//!
+//! 1. [`Session::new`] negotiates the options and prepares the first packet (OACK or DATA 1).
+//! 2. After creating it and after **every** input — [`handle_datagram`](Session::handle_datagram),
+//!    [`handle_packet`](Session::handle_packet), [`handle_timeout`](Session::handle_timeout),
+//!    [`handle_source_ready`](Session::handle_source_ready), [`abort`](Session::abort) — the
+//!    driver calls [`poll_output`](Session::poll_output) until it returns
+//!    [`Output::Wait`] or [`Output::Done`], sending every [`Output::Transmit`] to the peer.
+//! 3. When the wait deadline passes, the driver calls `handle_timeout(now)`. Calling it early
+//!    is harmless: nothing happens.
+//!
+//! Every input takes `now`; the session never reads the clock, so tests drive it with a
+//! virtual clock.
+//!
+//! # Behaviour
+//!
+//! - Starts with an OACK (then waits for ACK 0) when any option was accepted, else DATA 1.
+//! - Sends up to `window` blocks (RFC 7440), then waits. An ACK for the last block sent
+//!   slides the window; an ACK for an earlier block of the window means the client lost
+//!   the rest, so sending resumes right after the acknowledged block.
+//! - A duplicate or old ACK never causes a send (Sorcerer's Apprentice): only the timer
+//!   retransmits, and it resends the stored packets without reading the source again.
+//! - Block numbers wrap 65535 → 0. A size that is an exact multiple of blksize ends with an
+//!   empty DATA; an empty source is one empty DATA 1.
+//! - Retries: exactly [`SessionConfig::retries`] retransmissions after the last progress,
+//!   then the session ends with [`Outcome::TimedOut`] (or [`Outcome::FinalAckMissing`] when
+//!   every block was sent and only the last ACK is missing). No ERROR is sent on timeout.
+//!   When the client chose `timeout`/`utimeout`, that interval is used as is; otherwise the
+//!   interval starts at [`SessionConfig::timeout`] and doubles with every retry, up to
+//!   8 × that value.
+//! - An ERROR from the client ends the session without a reply; code 8 right after our OACK
+//!   is a size probe ([`Outcome::Probe`]).
+//! - A read error from the source sends ERROR 0 "error reading file" and ends with
+//!   [`Outcome::ReadFailed`].
+//! - A source that returns `WouldBlock` parks the session: it waits for
+//!   [`handle_source_ready`](Session::handle_source_ready), keeps retransmitting what is in
+//!   flight, and ends with [`Outcome::SourceStalled`] when no data came for
+//!   [`SessionConfig::source_timeout`].
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::options::{negotiate, Limits, Negotiated};
+use crate::packet::{
+    write_data_header, write_error, ErrorCode, Mode, Options, Packet, DATA_HEADER_LEN,
+};
+use crate::response::{Netascii, ResponseData};
+use crate::stats::TransferStats;
+
+/// Server policy for sessions. Clients never change it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Base retransmission interval when the client does not choose one. Default 1 s.
+    pub timeout: Duration,
+    /// Retransmissions after the last progress before giving up. Default 5.
+    pub retries: u32,
+    /// How long a source may stay not ready (`WouldBlock`) with nothing in flight before
+    /// the session ends with [`Outcome::SourceStalled`]. Default 30 s.
+    pub source_timeout: Duration,
+    /// Negotiation limits.
+    pub limits: Limits,
+}
+
+impl Default for SessionConfig {
+    fn default() -> SessionConfig {
+        SessionConfig {
+            timeout: Duration::from_secs(1),
+            retries: 5,
+            source_timeout: Duration::from_secs(30),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// How a session ended.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Every block was sent and acknowledged.
+    Completed,
+    /// Every block was sent, but the ACK of the last one never came (the client most
+    /// likely has the whole file).
+    FinalAckMissing,
+    /// The client stopped answering before the end; retries exhausted.
+    TimedOut,
+    /// The client answered our OACK with ERROR 8: a size probe (UEFI firmware does this
+    /// before the real request). Not a failure.
+    Probe,
+    /// The client sent an ERROR with this code.
+    PeerError(ErrorCode),
+    /// The client sent a packet that has no place in a read transfer (DATA, a request,
+    /// an OACK); it got ERROR 4.
+    IllegalOperation,
+    /// The source failed to read; the client got ERROR 0.
+    ReadFailed,
+    /// The source stayed not ready for longer than the source timeout; the client got
+    /// ERROR 0.
+    SourceStalled,
+    /// User code (handler or source) panicked; the client got ERROR 0.
+    Panicked,
+    /// The server shut down before the transfer ended; the client got ERROR 0.
+    ShutDown,
+}
+
+impl Outcome {
+    /// True for outcomes that are not failures: completed, final ACK missing, probe.
+    pub fn is_success(self) -> bool {
+        matches!(
+            self,
+            Outcome::Completed | Outcome::FinalAckMissing | Outcome::Probe
+        )
+    }
+
+    /// A short lower-case name for logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::FinalAckMissing => "final_ack_missing",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Probe => "probe",
+            Outcome::PeerError(_) => "peer_error",
+            Outcome::IllegalOperation => "illegal_operation",
+            Outcome::ReadFailed => "read_failed",
+            Outcome::SourceStalled => "source_stalled",
+            Outcome::Panicked => "panicked",
+            Outcome::ShutDown => "shut_down",
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output<'a> {
+    /// Send this datagram to the peer, then call `poll_output` again.
+    Transmit(&'a [u8]),
+    /// Nothing to send; call `handle_timeout` at this instant (or earlier input).
+    Wait(Instant),
+    /// The session is over.
+    Done(Outcome),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// OACK to be sent or sent; waiting for ACK 0.
+    Oack,
+    /// Sending data.
+    Transfer,
+    /// An ERROR is in `control` and must be sent, then the session ends.
+    Error(Outcome),
+    /// Over.
+    Done(Outcome),
+}
+
+/// One read transfer. See the [module documentation](self) for the call order.
+pub struct Session {
+    state: State,
+    source: Box<dyn ResponseData>,
+    config: SessionConfig,
+    params: Negotiated,
+    /// The OACK or a pending ERROR, encoded.
+    control: Vec<u8>,
+    /// True while `control` holds something not yet handed out.
+    control_pending: bool,
+
+    /// Ring of `window` packet slots, each `DATA_HEADER_LEN + blksize` bytes.
+    ring: Vec<u8>,
+    /// Packet length (header + payload) of each slot.
+    lens: Vec<usize>,
+    /// First block not yet acknowledged (blocks count from 1; u64 so they never wrap).
+    base: u64,
+    /// Next block to hand out.
+    next: u64,
+    /// Last block read into the ring (blocks `base..=filled` are stored).
+    filled: u64,
+    /// Payload bytes already read into block `filled + 1` (a read that was interrupted by
+    /// `WouldBlock`).
+    partial: usize,
+    /// The last block, once a short read showed the end.
+    last: Option<u64>,
+    /// Highest block ever handed out, to tell first sends from resends.
+    high_sent: u64,
+
+    retries: u32,
+    deadline: Option<Instant>,
+    /// When the source first said `WouldBlock` for the block being read.
+    stalled_since: Option<Instant>,
+    /// The source said `WouldBlock` and has not signalled readiness since (a timer expiry
+    /// also clears it, so a source that never signals is still retried, once per timeout).
+    source_blocked: bool,
+    now: Instant,
+    stats: TransferStats,
+}
+
+impl Session {
+    /// Starts a transfer of `source` in `mode` with the client's `options`.
+    ///
+    /// A netascii transfer wraps the source in [`Netascii`]; its size is then unknown, so
+    /// `tsize` is not answered.
+    pub fn new(
+        now: Instant,
+        options: Options<'_>,
+        mode: Mode,
+        source: Box<dyn ResponseData>,
+        config: &SessionConfig,
+    ) -> Session {
+        let source: Box<dyn ResponseData> = match mode {
+            Mode::Netascii => Box::new(Netascii::new(source)),
+            Mode::Octet | Mode::Mail => source,
+        };
+        let params = negotiate(options, &config.limits, source.size());
+        let slot = DATA_HEADER_LEN + params.blksize as usize;
+        let window = params.window.max(1) as usize;
+        let mut control = Vec::new();
+        params.write_oack(&mut control);
+        let state = if params.has_oack() {
+            State::Oack
+        } else {
+            State::Transfer
+        };
+        Session {
+            state,
+            source,
+            config: *config,
+            control_pending: !control.is_empty(),
+            control,
+            ring: vec![0; slot * window],
+            lens: vec![0; window],
+            base: 1,
+            next: 1,
+            filled: 0,
+            partial: 0,
+            last: None,
+            high_sent: 0,
+            retries: 0,
+            deadline: None,
+            stalled_since: None,
+            source_blocked: false,
+            now,
+            stats: TransferStats::new(now, params.clone()),
+            params,
+        }
+    }
+
+    /// The negotiated transfer parameters.
+    pub fn params(&self) -> &Negotiated {
+        &self.params
+    }
+
+    /// Counters and outcome so far.
+    pub fn stats(&self) -> &TransferStats {
+        &self.stats
+    }
+
+    /// When `handle_timeout` must be called next, if the session is waiting for one.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::Done(_) => None,
+            _ => self.deadline,
+        }
+    }
+
+    /// True once the session has ended (the outcome is in [`stats`](Self::stats)).
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done(_))
+    }
+
+    /// Feeds a datagram that came from the peer. Datagrams that do not parse are counted
+    /// and otherwise ignored (they may be corruption); the transfer goes on.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        match Packet::parse(datagram) {
+            Ok(packet) => self.handle_packet(now, packet),
+            Err(_) => {
+                self.now = now;
+                self.stats.malformed += 1;
+            }
+        }
+    }
+
+    /// Feeds a parsed packet that came from the peer.
+    pub fn handle_packet(&mut self, now: Instant, packet: Packet<'_>) {
+        self.now = now;
+        if matches!(self.state, State::Done(_) | State::Error(_)) {
+            return;
+        }
+        match packet {
+            Packet::Ack { block } => self.on_ack(block),
+            Packet::Error { code, message } => {
+                let outcome = if self.state == State::Oack && code == ErrorCode::OptionNegotiation {
+                    Outcome::Probe
+                } else {
+                    Outcome::PeerError(code)
+                };
+                self.stats.peer_error = Some((code, String::from_utf8_lossy(message).into_owned()));
+                self.finish(outcome);
+            }
+            Packet::Rrq(_) | Packet::Wrq(_) | Packet::Data { .. } | Packet::Oack(_) => {
+                self.fail(
+                    ErrorCode::IllegalOperation,
+                    "unexpected packet during a read transfer",
+                    Outcome::IllegalOperation,
+                );
+            }
+        }
+    }
+
+    /// Tells the session that time has passed. Before the deadline it does nothing; at or
+    /// after it, it retransmits or gives up.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        let Some(deadline) = self.deadline else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        self.deadline = None;
+        match self.state {
+            State::Oack => {
+                if self.spend_retry() {
+                    self.control_pending = true;
+                }
+            }
+            State::Transfer => {
+                if self.next > self.base {
+                    if self.spend_retry() {
+                        self.next = self.base;
+                        self.source_blocked = false;
+                    }
+                } else if self.stalled_since.is_some() {
+                    self.fail(
+                        ErrorCode::NotDefined,
+                        "source not ready",
+                        Outcome::SourceStalled,
+                    );
+                }
+            }
+            State::Error(_) | State::Done(_) => {}
+        }
+    }
+
+    /// Tells a session whose source returned `WouldBlock` that the source may be ready.
+    pub fn handle_source_ready(&mut self, now: Instant) {
+        self.now = now;
+        self.source_blocked = false;
+    }
+
+    /// Ends the session from outside (shutdown, a panic in user code): queues an ERROR with
+    /// `code` and `message` for the peer and ends with `outcome`.
+    pub fn abort(&mut self, now: Instant, code: ErrorCode, message: &str, outcome: Outcome) {
+        self.now = now;
+        if !matches!(self.state, State::Done(_) | State::Error(_)) {
+            self.fail(code, message, outcome);
+        }
+    }
+
+    /// The next thing to do. Call until it returns `Wait` or `Done`.
+    pub fn poll_output(&mut self) -> Output<'_> {
+        loop {
+            match self.state {
+                State::Done(outcome) => return Output::Done(outcome),
+                State::Error(outcome) => {
+                    if self.control_pending {
+                        self.control_pending = false;
+                        self.stats.errors_sent += 1;
+                        return Output::Transmit(&self.control);
+                    }
+                    self.finish(outcome);
+                }
+                State::Oack => {
+                    if self.control_pending {
+                        self.control_pending = false;
+                        self.stats.packets_sent += 1;
+                        self.deadline = Some(self.now + self.rto());
+                        return Output::Transmit(&self.control);
+                    }
+                    return self.wait();
+                }
+                State::Transfer => {
+                    let window_end = self.base + self.params.window as u64;
+                    let more =
+                        self.next < window_end && self.last.is_none_or(|last| self.next <= last);
+                    let must_read = self.next > self.filled;
+                    if !more {
+                        return self.wait();
+                    }
+                    if must_read && self.source_blocked {
+                        self.arm_stall_deadline();
+                        return self.wait();
+                    }
+                    if must_read {
+                        match self.read_block() {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                self.source_blocked = true;
+                                self.stalled_since.get_or_insert(self.now);
+                                self.arm_stall_deadline();
+                                return self.wait();
+                            }
+                            Err(_) => {
+                                self.fail(
+                                    ErrorCode::NotDefined,
+                                    "error reading file",
+                                    Outcome::ReadFailed,
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                    return self.transmit_next();
+                }
+            }
+        }
+    }
+
+    /// With nothing in flight, a blocked source is waited for until the source timeout.
+    fn arm_stall_deadline(&mut self) {
+        if self.next == self.base {
+            let since = self.stalled_since.unwrap_or(self.now);
+            self.deadline = Some(since + self.config.source_timeout);
+        }
+    }
+
+    fn wait(&self) -> Output<'_> {
+        // Every waiting state has a deadline (a send arms it, a stall arms it); the
+        // fallback only keeps the contract total.
+        Output::Wait(
+            self.deadline
+                .unwrap_or(self.now + self.config.source_timeout),
+        )
+    }
+
+    /// Hands out block `next` from the ring and arms the timer when the window is out.
+    fn transmit_next(&mut self) -> Output<'_> {
+        let block = self.next;
+        self.next += 1;
+        let slot = self.slot(block);
+        let len = self.lens[slot];
+        let payload = (len - DATA_HEADER_LEN) as u64;
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += payload;
+        if block <= self.high_sent {
+            self.stats.packets_resent += 1;
+            self.stats.bytes_resent += payload;
+        } else {
+            self.high_sent = block;
+        }
+        // The timer runs from the last packet sent.
+        self.deadline = Some(self.now + self.rto());
+        let start = slot * self.slot_len();
+        Output::Transmit(&self.ring[start..start + len])
+    }
+
+    /// Reads block `filled + 1` into its slot. `Ok(false)` means the source would block.
+    fn read_block(&mut self) -> io::Result<bool> {
+        let block = self.filled + 1;
+        let slot = self.slot(block);
+        let slot_len = self.slot_len();
+        let start = slot * slot_len;
+        let packet = &mut self.ring[start..start + slot_len];
+        let blksize = slot_len - DATA_HEADER_LEN;
+        let mut eof = false;
+        while self.partial < blksize {
+            match self
+                .source
+                .read(&mut packet[DATA_HEADER_LEN + self.partial..])
+            {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => self.partial += n.min(blksize - self.partial),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        write_data_header(packet, block as u16).expect("slot holds a header");
+        self.lens[slot] = DATA_HEADER_LEN + self.partial;
+        if eof {
+            self.last = Some(block);
+        }
+        self.stats.bytes_read += self.partial as u64;
+        self.partial = 0;
+        self.filled = block;
+        self.stalled_since = None;
+        Ok(true)
+    }
+
+    fn on_ack(&mut self, block: u16) {
+        match self.state {
+            State::Oack => {
+                if block == 0 {
+                    self.state = State::Transfer;
+                    self.stats.acks += 1;
+                    self.progress();
+                } else {
+                    self.stats.unexpected_acks += 1;
+                }
+            }
+            State::Transfer => {
+                // The ACK names a block in base-1 ..= next-1; the window is at most 65535
+                // blocks, so the 16-bit number maps to exactly one candidate.
+                let low = self.base - 1;
+                let offset = block.wrapping_sub(low as u16) as u64;
+                let acked = low + offset;
+                if acked >= self.next {
+                    self.stats.unexpected_acks += 1;
+                    return;
+                }
+                if acked == low {
+                    self.stats.duplicate_acks += 1;
+                    return;
+                }
+                self.stats.acks += 1;
+                self.stats.blocks_acked += acked - low;
+                self.base = acked + 1;
+                if self.last == Some(acked) {
+                    self.finish(Outcome::Completed);
+                    return;
+                }
+                // An ACK inside the window: the client lost what followed; resume from
+                // the block after it (RFC 7440 §4). `next` never falls behind `base`.
+                self.next = self.base;
+                self.progress();
+            }
+            State::Error(_) | State::Done(_) => {}
+        }
+    }
+
+    /// Progress was made: the retry budget and the timer start over.
+    fn progress(&mut self) {
+        self.retries = 0;
+        self.deadline = None;
+    }
+
+    /// Takes one retry from the budget; false (and the session ends) when it is empty.
+    fn spend_retry(&mut self) -> bool {
+        if self.retries >= self.config.retries {
+            let all_sent =
+                self.state == State::Transfer && self.last.is_some_and(|last| self.base == last);
+            self.finish(if all_sent {
+                Outcome::FinalAckMissing
+            } else {
+                Outcome::TimedOut
+            });
+            return false;
+        }
+        self.retries += 1;
+        self.stats.retransmits += 1;
+        true
+    }
+
+    /// The current retransmission interval.
+    fn rto(&self) -> Duration {
+        match self.params.timeout {
+            Some(chosen) => chosen,
+            None => {
+                let base = self.config.timeout;
+                base.saturating_mul(1 << self.retries.min(3))
+            }
+        }
+    }
+
+    fn fail(&mut self, code: ErrorCode, message: &str, outcome: Outcome) {
+        self.stats.error_sent = Some((code, message.to_owned()));
+        self.control.clear();
+        write_error(&mut self.control, code, message);
+        self.control_pending = true;
+        self.state = State::Error(outcome);
+        self.deadline = None;
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.state = State::Done(outcome);
+        self.deadline = None;
+        self.stats.finish(self.now, outcome);
+    }
+
+    fn slot_len(&self) -> usize {
+        DATA_HEADER_LEN + self.params.blksize as usize
+    }
+
+    fn slot(&self, block: u64) -> usize {
+        (block % self.params.window.max(1) as u64) as usize
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("state", &self.state)
+            .field("params", &self.params)
+            .field("base", &self.base)
+            .field("next", &self.next)
+            .field("filled", &self.filled)
+            .field("last", &self.last)
+            .field("retries", &self.retries)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::response::BytesSource;
+
+    /// A session plus the time; collects what it sends.
+    struct Harness {
+        now: Instant,
+        session: Session,
+    }
+
+    impl Harness {
+        fn new(options: &[u8], data: Vec<u8>, config: SessionConfig) -> Harness {
+            let now = Instant::now();
+            let options = Options::parse(options).expect("valid options");
+            let session = Session::new(
+                now,
+                options,
+                Mode::Octet,
+                Box::new(BytesSource::new(data)),
+                &config,
+            );
+            Harness { now, session }
+        }
+
+        /// Drains the output: the datagrams sent and how the session now waits or ended.
+        fn drain(&mut self) -> (Vec<Vec<u8>>, Output<'static>) {
+            let mut sent = Vec::new();
+            loop {
+                match self.session.poll_output() {
+                    Output::Transmit(bytes) => sent.push(bytes.to_vec()),
+                    Output::Wait(t) => return (sent, Output::Wait(t)),
+                    Output::Done(o) => return (sent, Output::Done(o)),
+                }
+            }
+        }
+
+        fn ack(&mut self, block: u16) -> Vec<Vec<u8>> {
+            self.session.handle_packet(self.now, Packet::Ack { block });
+            self.drain().0
+        }
+
+        fn advance(&mut self, by: Duration) -> Vec<Vec<u8>> {
+            self.now += by;
+            self.session.handle_timeout(self.now);
+            self.drain().0
+        }
+    }
+
+    fn data(block: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0, 3];
+        out.extend_from_slice(&block.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn blocks(sent: &[Vec<u8>]) -> Vec<u16> {
+        sent.iter()
+            .map(|p| match Packet::parse(p).unwrap() {
+                Packet::Data { block, .. } => block,
+                other => panic!("not DATA: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lock_step_without_options() {
+        let mut h = Harness::new(b"", b"abc".to_vec(), SessionConfig::default());
+        let (sent, wait) = h.drain();
+        assert_eq!(sent, vec![data(1, b"abc")]);
+        assert_eq!(wait, Output::Wait(h.now + Duration::from_secs(1)));
+        assert!(h.ack(1).is_empty());
+        assert_eq!(h.session.poll_output(), Output::Done(Outcome::Completed));
+        assert_eq!(h.session.stats().outcome, Some(Outcome::Completed));
+        assert_eq!(h.session.deadline(), None);
+    }
+
+    #[test]
+    fn oack_then_ack0_then_data_and_oack_resent_on_timeout() {
+        let mut h = Harness::new(b"tsize\x000\x00", vec![7; 10], SessionConfig::default());
+        let (sent, _) = h.drain();
+        assert_eq!(sent, vec![b"\x00\x06tsize\x0010\x00".to_vec()]);
+        // Early timeout: nothing.
+        assert!(h.advance(Duration::from_millis(999)).is_empty());
+        assert_eq!(h.advance(Duration::from_millis(1)), sent);
+        assert_eq!(h.session.stats().retransmits, 1);
+        assert_eq!(h.ack(0), vec![data(1, &[7; 10])]);
+        // A repeated ACK 0 sends nothing.
+        for _ in 0..100 {
+            assert!(h.ack(0).is_empty());
+        }
+        assert_eq!(h.session.stats().duplicate_acks, 100);
+        h.ack(1);
+        assert!(h.session.is_done());
+    }
+
+    #[test]
+    fn exact_multiple_ends_with_empty_block_and_empty_source_is_one_empty_block() {
+        let mut h = Harness::new(b"blksize\x008\x00", vec![1; 16], SessionConfig::default());
+        h.drain();
+        assert_eq!(h.ack(0), vec![data(1, &[1; 8])]);
+        assert_eq!(h.ack(1), vec![data(2, &[1; 8])]);
+        assert_eq!(h.ack(2), vec![data(3, b"")]);
+        h.ack(3);
+        assert_eq!(h.session.poll_output(), Output::Done(Outcome::Completed));
+
+        let mut h = Harness::new(b"", Vec::new(), SessionConfig::default());
+        assert_eq!(h.drain().0, vec![data(1, b"")]);
+        h.ack(1);
+        assert!(h.session.is_done());
+    }
+
+    #[test]
+    fn window_sends_whole_window_and_resumes_after_partial_ack() {
+        let payload: Vec<u8> = (0..80).collect();
+        let mut h = Harness::new(
+            b"blksize\x008\x00windowsize\x004\x00",
+            payload,
+            SessionConfig::default(),
+        );
+        h.drain();
+        assert_eq!(blocks(&h.ack(0)), vec![1, 2, 3, 4]);
+        // Client got 1 and 2 only: resume at 3, window 3..=6.
+        assert_eq!(blocks(&h.ack(2)), vec![3, 4, 5, 6]);
+        assert_eq!(h.session.stats().packets_resent, 2);
+        // A stale ACK 2 again: nothing.
+        assert!(h.ack(2).is_empty());
+        // ACK for a block never sent: ignored.
+        assert!(h.ack(9).is_empty());
+        assert_eq!(h.session.stats().unexpected_acks, 1);
+        assert_eq!(blocks(&h.ack(6)), vec![7, 8, 9, 10]);
+        assert_eq!(blocks(&h.ack(10)), vec![11]); // 80 bytes = 10 full blocks + empty 11
+        h.ack(11);
+        assert_eq!(h.session.poll_output(), Output::Done(Outcome::Completed));
+    }
+
+    #[test]
+    fn timer_resends_stored_window_with_backoff_then_gives_up_after_exact_retries() {
+        let config = SessionConfig {
+            retries: 3,
+            ..SessionConfig::default()
+        };
+        let mut h = Harness::new(b"windowsize\x002\x00", vec![5; 2000], config);
+        h.drain();
+        let first = h.ack(0);
+        assert_eq!(blocks(&first), vec![1, 2]);
+        // Backoff: 1 s, then 2, 4, 8 s.
+        let mut waited = Vec::new();
+        for _ in 0..3 {
+            let Output::Wait(deadline) = h.drain().1 else {
+                panic!()
+            };
+            waited.push(deadline - h.now);
+            h.now = deadline;
+            h.session.handle_timeout(h.now);
+            assert_eq!(h.drain().0, first, "resends the same bytes");
+        }
+        assert_eq!(waited, [1, 2, 4].map(Duration::from_secs).to_vec());
+        let Output::Wait(deadline) = h.drain().1 else {
+            panic!()
+        };
+        assert_eq!(deadline - h.now, Duration::from_secs(8));
+        h.now = deadline;
+        h.session.handle_timeout(h.now);
+        assert_eq!(h.drain(), (vec![], Output::Done(Outcome::TimedOut)));
+        assert_eq!(h.session.stats().retransmits, 3);
+        assert_eq!(h.session.stats().bytes_read, 1024, "source read once");
+    }
+
+    #[test]
+    fn client_timeout_is_used_as_is() {
+        let mut h = Harness::new(b"timeout\x003\x00", vec![1], SessionConfig::default());
+        h.drain();
+        h.ack(0);
+        for _ in 0..3 {
+            assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(3)));
+            assert_eq!(h.advance(Duration::from_secs(3)).len(), 1);
+        }
+    }
+
+    #[test]
+    fn final_ack_missing_is_its_own_outcome() {
+        let config = SessionConfig {
+            retries: 1,
+            ..SessionConfig::default()
+        };
+        let mut h = Harness::new(b"", vec![1; 10], config);
+        h.drain();
+        assert_eq!(h.advance(Duration::from_secs(1)).len(), 1);
+        h.advance(Duration::from_secs(2));
+        assert_eq!(
+            h.session.poll_output(),
+            Output::Done(Outcome::FinalAckMissing)
+        );
+    }
+
+    #[test]
+    fn errors_from_the_client_end_without_reply() {
+        let mut h = Harness::new(b"tsize\x000\x00", vec![1; 10], SessionConfig::default());
+        h.drain();
+        h.session
+            .handle_datagram(h.now, b"\x00\x05\x00\x08tsize probe\x00");
+        assert_eq!(h.drain(), (vec![], Output::Done(Outcome::Probe)));
+        assert_eq!(
+            h.session.stats().peer_error,
+            Some((ErrorCode::OptionNegotiation, "tsize probe".into()))
+        );
+
+        let mut h = Harness::new(b"", vec![1; 1000], SessionConfig::default());
+        h.drain();
+        h.session
+            .handle_datagram(h.now, b"\x00\x05\x00\x00stop\x00");
+        assert_eq!(
+            h.drain(),
+            (
+                vec![],
+                Output::Done(Outcome::PeerError(ErrorCode::NotDefined))
+            )
+        );
+    }
+
+    #[test]
+    fn illegal_packets_and_garbage() {
+        let mut h = Harness::new(b"", vec![1; 1000], SessionConfig::default());
+        h.drain();
+        h.session.handle_datagram(h.now, b"\x00");
+        assert_eq!(h.drain().0, Vec::<Vec<u8>>::new());
+        assert_eq!(h.session.stats().malformed, 1);
+        h.session.handle_datagram(h.now, b"\x00\x03\x00\x01hi");
+        let (sent, out) = h.drain();
+        assert_eq!(sent[0][..4], *b"\x00\x05\x00\x04");
+        assert_eq!(out, Output::Done(Outcome::IllegalOperation));
+    }
+
+    struct FailAfter(usize);
+
+    impl ResponseData for FailAfter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::other("disk on fire: /secret/path"));
+            }
+            let n = buf.len().min(self.0);
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn read_error_sends_generic_error_0() {
+        let now = Instant::now();
+        let mut s = Session::new(
+            now,
+            Options::EMPTY,
+            Mode::Octet,
+            Box::new(FailAfter(512)),
+            &SessionConfig::default(),
+        );
+        assert!(matches!(s.poll_output(), Output::Transmit(_)));
+        s.handle_packet(now, Packet::Ack { block: 1 });
+        let Output::Transmit(err) = s.poll_output() else {
+            panic!()
+        };
+        assert_eq!(err, b"\x00\x05\x00\x00error reading file\x00");
+        assert_eq!(s.poll_output(), Output::Done(Outcome::ReadFailed));
+        assert_eq!(s.stats().errors_sent, 1);
+    }
+
+    /// Returns WouldBlock until `ready` is set.
+    struct Gate {
+        ready: std::rc::Rc<std::cell::Cell<bool>>,
+        inner: BytesSource,
+    }
+
+    impl ResponseData for Gate {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.ready.get() {
+                self.inner.read(buf)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+    }
+
+    #[test]
+    fn would_block_parks_until_ready_and_stalls_by_deadline() {
+        let ready = std::rc::Rc::new(std::cell::Cell::new(false));
+        let now = Instant::now();
+        let config = SessionConfig::default();
+        let mut s = Session::new(
+            now,
+            Options::EMPTY,
+            Mode::Octet,
+            Box::new(Gate {
+                ready: ready.clone(),
+                inner: BytesSource::new(vec![9; 3]),
+            }),
+            &config,
+        );
+        assert_eq!(s.poll_output(), Output::Wait(now + config.source_timeout));
+        // Input without readiness does not re-read or send.
+        s.handle_packet(now, Packet::Ack { block: 0 });
+        assert_eq!(s.poll_output(), Output::Wait(now + config.source_timeout));
+        ready.set(true);
+        s.handle_source_ready(now);
+        assert_eq!(s.poll_output(), Output::Transmit(&data(1, &[9; 3])[..]));
+
+        ready.set(false);
+        let mut s = Session::new(
+            now,
+            Options::EMPTY,
+            Mode::Octet,
+            Box::new(Gate {
+                ready,
+                inner: BytesSource::new(vec![9; 3]),
+            }),
+            &config,
+        );
+        let Output::Wait(deadline) = s.poll_output() else {
+            panic!()
+        };
+        s.handle_timeout(deadline);
+        let Output::Transmit(err) = s.poll_output() else {
+            panic!()
+        };
+        assert_eq!(err[..4], *b"\x00\x05\x00\x00");
+        assert_eq!(s.poll_output(), Output::Done(Outcome::SourceStalled));
+    }
+
+    #[test]
+    fn block_numbers_wrap_to_zero() {
+        // blksize 8: block 65535 holds bytes up to 524280; the next block is numbered 0.
+        let size = 8 * 65536 + 3;
+        let mut h = Harness::new(b"blksize\x008\x00", vec![0; size], SessionConfig::default());
+        h.drain();
+        let mut sent = h.ack(0);
+        let mut expected = 1u16;
+        let mut count = 0u32;
+        while !h.session.is_done() {
+            let [block] = blocks(&sent)[..] else { panic!() };
+            assert_eq!(block, expected);
+            expected = expected.wrapping_add(1);
+            count += 1;
+            sent = h.ack(block);
+        }
+        assert_eq!(count, 65537);
+        assert_eq!(h.session.stats().outcome, Some(Outcome::Completed));
+    }
+
+    #[test]
+    fn abort_sends_error_and_ends() {
+        let mut h = Harness::new(b"", vec![1; 10_000], SessionConfig::default());
+        h.drain();
+        h.session.abort(
+            h.now,
+            ErrorCode::NotDefined,
+            "server shutting down",
+            Outcome::ShutDown,
+        );
+        let (sent, out) = h.drain();
+        assert_eq!(
+            sent,
+            vec![b"\x00\x05\x00\x00server shutting down\x00".to_vec()]
+        );
+        assert_eq!(out, Output::Done(Outcome::ShutDown));
+    }
+}

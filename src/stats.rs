@@ -1,0 +1,185 @@
+//! Statistics: per transfer ([`TransferStats`], kept by the session), per session
+//! ([`SessionStats`], with the request's identity) and server-wide ([`ServerStats`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::options::Negotiated;
+use crate::packet::{ErrorCode, Mode};
+use crate::session::Outcome;
+
+/// What one transfer did, kept by its [`Session`](crate::session::Session).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferStats {
+    /// When the session was created.
+    pub started: Instant,
+    /// When it ended (`None` while it runs).
+    pub finished: Option<Instant>,
+    /// How it ended (`None` while it runs).
+    pub outcome: Option<Outcome>,
+    /// The negotiated parameters.
+    pub negotiated: Negotiated,
+    /// OACK and DATA packets sent, resends included.
+    pub packets_sent: u64,
+    /// DATA payload bytes sent, resends included.
+    pub bytes_sent: u64,
+    /// DATA packets sent again (timer retransmissions and window resumes).
+    pub packets_resent: u64,
+    /// DATA payload bytes sent again.
+    pub bytes_resent: u64,
+    /// Bytes read from the source (each byte once).
+    pub bytes_read: u64,
+    /// ERROR packets sent to the peer.
+    pub errors_sent: u64,
+    /// ACKs that made progress (ACK 0 of an OACK included).
+    pub acks: u64,
+    /// Blocks acknowledged.
+    pub blocks_acked: u64,
+    /// ACKs for the block already acknowledged (ignored, never answered).
+    pub duplicate_acks: u64,
+    /// ACKs for blocks never sent, or other ACKs out of place (ignored).
+    pub unexpected_acks: u64,
+    /// Timer expiries that led to a retransmission.
+    pub retransmits: u64,
+    /// Datagrams from the peer that did not parse (ignored).
+    pub malformed: u64,
+    /// The ERROR the peer sent, if it sent one: code and message.
+    pub peer_error: Option<(ErrorCode, String)>,
+    /// The ERROR we sent that ended the session, if any: code and message.
+    pub error_sent: Option<(ErrorCode, String)>,
+}
+
+impl TransferStats {
+    /// Fresh counters for a transfer that starts at `started`.
+    pub fn new(started: Instant, negotiated: Negotiated) -> TransferStats {
+        TransferStats {
+            started,
+            finished: None,
+            outcome: None,
+            negotiated,
+            packets_sent: 0,
+            bytes_sent: 0,
+            packets_resent: 0,
+            bytes_resent: 0,
+            bytes_read: 0,
+            errors_sent: 0,
+            acks: 0,
+            blocks_acked: 0,
+            duplicate_acks: 0,
+            unexpected_acks: 0,
+            retransmits: 0,
+            malformed: 0,
+            peer_error: None,
+            error_sent: None,
+        }
+    }
+
+    /// Records the end of the transfer.
+    pub fn finish(&mut self, now: Instant, outcome: Outcome) {
+        self.finished = Some(now);
+        self.outcome = Some(outcome);
+    }
+
+    /// Time from start to end (or to `now` while running).
+    pub fn duration(&self, now: Instant) -> Duration {
+        self.finished
+            .unwrap_or(now)
+            .saturating_duration_since(self.started)
+    }
+}
+
+/// Everything about one finished session, given to
+/// [`Handler::session_finished`](crate::handler::Handler::session_finished).
+#[derive(Clone, Debug)]
+pub struct SessionStats {
+    /// The client's address and port.
+    pub peer: SocketAddr,
+    /// The address the client sent its request to.
+    pub local: SocketAddr,
+    /// The requested filename (invalid UTF-8 replaced).
+    pub filename: String,
+    /// The transfer mode.
+    pub mode: Mode,
+    /// The options as the client requested them (name, value), in request order.
+    pub requested: Vec<(String, String)>,
+    /// Wall-clock time the session started.
+    pub start_time: SystemTime,
+    /// How long it lasted.
+    pub duration: Duration,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Negotiated options, counters and errors.
+    pub transfer: TransferStats,
+}
+
+impl SessionStats {
+    /// The error that ended the session, if any: the one the peer sent, else the one we
+    /// sent.
+    pub fn error(&self) -> Option<&(ErrorCode, String)> {
+        self.transfer
+            .peer_error
+            .as_ref()
+            .or(self.transfer.error_sent.as_ref())
+    }
+
+    /// Average payload rate in bytes per second (bytes read from the source over the
+    /// duration).
+    pub fn rate(&self) -> f64 {
+        let secs = self.duration.as_secs_f64();
+        if secs > 0.0 {
+            self.transfer.bytes_read as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Server-wide counters since the previous report, plus gauges, given to
+/// [`Handler::server_stats`](crate::handler::Handler::server_stats) every stats interval.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Time covered by these counters.
+    pub interval: Duration,
+    /// Well-formed read requests received.
+    pub requests: u64,
+    /// Requests refused, by the ERROR code sent (wire value → count).
+    pub rejected: BTreeMap<u16, u64>,
+    /// Write requests refused.
+    pub write_requests: u64,
+    /// RRQs repeated by a peer whose session was still running (ignored).
+    pub duplicate_requests: u64,
+    /// Sessions started.
+    pub sessions_started: u64,
+    /// Sessions ended, by outcome name ([`Outcome::as_str`]).
+    pub sessions_finished: BTreeMap<&'static str, u64>,
+    /// Datagrams on a listener that did not parse, or had an opcode other than RRQ/WRQ.
+    pub malformed: u64,
+    /// Datagrams on a session socket from another address or port (answered with ERROR 5).
+    pub stray_datagrams: u64,
+    /// Datagrams sent (DATA, OACK, ERROR).
+    pub datagrams_sent: u64,
+    /// DATA payload bytes sent, resends included.
+    pub bytes_sent: u64,
+    /// Timer-driven retransmissions.
+    pub retransmits: u64,
+    /// Sends dropped because the socket buffer was full (the timer recovers them).
+    pub send_would_block: u64,
+    /// Other send failures.
+    pub send_errors: u64,
+    /// Panics caught in user code (handler or source).
+    pub panics: u64,
+    /// Gauge: sessions running at the time of the report.
+    pub active_sessions: u64,
+}
+
+impl ServerStats {
+    /// Sessions ended with a failure outcome (not completed, final ACK missing or probe).
+    pub fn sessions_failed(&self) -> u64 {
+        self.sessions_finished
+            .iter()
+            .filter(|(name, _)| !matches!(**name, "completed" | "final_ack_missing" | "probe"))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}

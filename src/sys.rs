@@ -1,0 +1,346 @@
+//! The few socket and process calls std does not offer, over libc: a UDP socket with
+//! options set before `bind` (dual stack, destination-address reporting), `recvmsg` that
+//! reports the address a datagram was sent to, and the file-descriptor limit.
+//!
+//! No mio and no clock here: the driver (`server.rs`) wraps these sockets.
+
+use std::io;
+use std::mem::{size_of, zeroed, MaybeUninit};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+/// Creates a non-blocking, close-on-exec UDP socket bound to `addr`, with destination
+/// address reporting enabled (IP_PKTINFO / IPV6_RECVPKTINFO). An unspecified IPv6 address
+/// (`[::]`) is bound dual-stack (IPV6_V6ONLY off), so one socket serves IPv4 and IPv6.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = new_socket(addr)?;
+    let fd = socket.as_raw_fd();
+    match addr {
+        SocketAddr::V4(_) => setsockopt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?,
+        SocketAddr::V6(v6) => {
+            let only = if v6.ip().is_unspecified() { 0 } else { 1 };
+            setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, only)?;
+            setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        }
+    }
+    bind(fd, addr)?;
+    Ok(socket)
+}
+
+/// Creates a non-blocking, close-on-exec UDP socket bound to `addr` (port 0 for a new
+/// ephemeral port: a session's transfer ID).
+pub fn bind_ephemeral(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = new_socket(addr)?;
+    bind(socket.as_raw_fd(), addr)?;
+    Ok(socket)
+}
+
+/// Enables destination-address reporting on an already bound socket (one handed to the
+/// server pre-bound, e.g. by systemd). Errors are ignored by the caller: the listener's
+/// own address is used then.
+pub fn enable_pktinfo(socket: &UdpSocket) -> io::Result<()> {
+    let fd = socket.as_raw_fd();
+    match socket.local_addr()? {
+        SocketAddr::V4(_) => setsockopt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1),
+        SocketAddr::V6(_) => setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1),
+    }
+}
+
+/// Sets the socket's send buffer size (the kernel may clamp it).
+pub fn set_send_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let bytes = bytes.min(i32::MAX as usize) as libc::c_int;
+    setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
+}
+
+/// One datagram received with [`recv_with_destination`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// Payload length.
+    pub len: usize,
+    /// The sender, with IPv4-mapped IPv6 addresses turned back into IPv4.
+    pub peer: SocketAddr,
+    /// The address the datagram was sent to, when the kernel reported it (IPv4-mapped
+    /// turned into IPv4), and the interface index it arrived on.
+    pub destination: Option<(IpAddr, u32)>,
+    /// True when the datagram was longer than the buffer.
+    pub truncated: bool,
+}
+
+/// Receives one datagram with its sender and destination address (blocking or not, as
+/// the socket is).
+pub fn recv_with_destination(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Received> {
+    // SAFETY: sockaddr_storage and msghdr are plain C structs for which all-zero bytes are
+    // a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut control = [MaybeUninit::<u64>::uninit(); 16]; // 128 bytes, 8-aligned
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control) as _;
+    // SAFETY: every pointer in `msg` points to a live buffer of the length given with it.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let peer = sockaddr_to_std(&storage)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown address family"))?;
+    let mut destination = None;
+    // SAFETY: `msg` was filled by recvmsg; the CMSG macros walk its control buffer within
+    // msg_controllen, and each data pointer is read unaligned with the size the level and
+    // type promise.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let header = &*cmsg;
+            let data = libc::CMSG_DATA(cmsg);
+            if header.cmsg_level == libc::IPPROTO_IP && header.cmsg_type == libc::IP_PKTINFO {
+                let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                let ip = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+                destination = Some((IpAddr::V4(ip), info.ipi_ifindex as u32));
+            } else if header.cmsg_level == libc::IPPROTO_IPV6
+                && header.cmsg_type == libc::IPV6_PKTINFO
+            {
+                let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                destination = Some((unmap(IpAddr::V6(ip)), info.ipi6_ifindex));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(Received {
+        len: n as usize,
+        peer: unmap_socket(peer),
+        destination,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+    })
+}
+
+/// The soft limit on open file descriptors, raised to the hard limit first when possible.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    // SAFETY: rlimit is a plain C struct; getrlimit/setrlimit only read/write it.
+    unsafe {
+        let mut limit: libc::rlimit = zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+        Ok(limit.rlim_cur)
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as IPv4; anything else unchanged.
+pub fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// [`unmap`] for a socket address (the port is kept).
+pub fn unmap_socket(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(unmap(addr.ip()), addr.port())
+}
+
+fn new_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain syscall; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket that nothing else owns.
+    Ok(unsafe { UdpSocket::from_raw_fd(fd) })
+}
+
+fn setsockopt(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option value is a c_int whose address and size are passed together.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn bind(fd: RawFd, addr: SocketAddr) -> io::Result<()> {
+    let (storage, len) = std_to_sockaddr(addr);
+    // SAFETY: `storage` holds a sockaddr of the family of `addr`, `len` bytes long.
+    let rc = unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn std_to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*v4.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Receives with a blocking read timeout, so a missing datagram fails the test.
+    fn wait_recv(socket: &UdpSocket, buf: &mut [u8]) -> Received {
+        socket.set_nonblocking(false).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        recv_with_destination(socket, buf).expect("a datagram within the timeout")
+    }
+
+    #[test]
+    fn ipv4_listener_reports_destination() {
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .send_to(b"hello", listener.local_addr().unwrap())
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let r = wait_recv(&listener, &mut buf);
+        assert_eq!(&buf[..r.len], b"hello");
+        assert_eq!(r.peer, client.local_addr().unwrap());
+        assert_eq!(
+            r.destination.map(|d| d.0),
+            Some("127.0.0.1".parse().unwrap())
+        );
+        assert!(!r.truncated);
+    }
+
+    #[test]
+    fn dual_stack_listener_unmaps_ipv4_and_reports_the_real_destination() {
+        let listener = match bind_listener("[::]:0".parse().unwrap()) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("skipping: no IPv6 here ({e})");
+                return;
+            }
+        };
+        let port = listener.local_addr().unwrap().port();
+        // 127.0.0.2 is a loopback address too: the reply must come from it, not .1.
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"x", ("127.0.0.2", port)).unwrap();
+        let mut buf = [0u8; 16];
+        let r = wait_recv(&listener, &mut buf);
+        assert_eq!(r.peer, client.local_addr().unwrap());
+        assert_eq!(
+            r.destination.map(|d| d.0),
+            Some("127.0.0.2".parse().unwrap())
+        );
+        let session = bind_ephemeral(SocketAddr::new(r.destination.unwrap().0, 0)).unwrap();
+        assert_eq!(session.local_addr().unwrap().ip().to_string(), "127.0.0.2");
+    }
+
+    #[test]
+    fn truncation_is_reported() {
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .send_to(&[1u8; 100], listener.local_addr().unwrap())
+            .unwrap();
+        let mut buf = [0u8; 10];
+        assert!(wait_recv(&listener, &mut buf).truncated);
+    }
+
+    #[test]
+    fn fd_limit_is_positive() {
+        assert!(raise_fd_limit().unwrap() > 0);
+    }
+}
