@@ -118,6 +118,9 @@ pub struct Netascii<R> {
     /// Raw bytes read from `inner`, not yet translated.
     raw: Vec<u8>,
     raw_pos: usize,
+    /// An error from `inner` that came after some bytes were already translated: those
+    /// bytes are returned first, the error on the next call.
+    deferred: Option<io::Error>,
 }
 
 impl<R: ResponseData> Netascii<R> {
@@ -128,6 +131,7 @@ impl<R: ResponseData> Netascii<R> {
             pending: None,
             raw: Vec::new(),
             raw_pos: 0,
+            deferred: None,
         }
     }
 }
@@ -136,6 +140,9 @@ impl<R: ResponseData> ResponseData for Netascii<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
+        }
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
         }
         let mut n = 0;
         if let Some(byte) = self.pending.take() {
@@ -149,10 +156,21 @@ impl<R: ResponseData> ResponseData for Netascii<R> {
                 self.raw_pos = 0;
                 let got = match self.inner.read(&mut self.raw) {
                     Ok(got) => got.min(self.raw.len()),
-                    Err(e) if n > 0 && e.kind() == io::ErrorKind::WouldBlock => 0,
                     Err(e) => {
                         self.raw.clear();
-                        return Err(e);
+                        if n == 0 {
+                            return Err(e);
+                        }
+                        // Never lose what is already translated. WouldBlock and
+                        // Interrupted come back by themselves on the next call; a hard
+                        // error is kept for it.
+                        if !matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) {
+                            self.deferred = Some(e);
+                        }
+                        break;
                     }
                 };
                 self.raw.truncate(got);
@@ -284,6 +302,49 @@ mod tests {
         }
         assert!(blocked > 0);
         assert_eq!(out, netascii(&input, 512));
+    }
+
+    /// Yields `chunks` one read at a time, then the error kinds in `then`, then the end.
+    struct Script {
+        chunks: Vec<&'static [u8]>,
+        then: Vec<io::ErrorKind>,
+    }
+
+    impl ResponseData for Script {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if !self.chunks.is_empty() {
+                let chunk = self.chunks.remove(0);
+                buf[..chunk.len()].copy_from_slice(chunk);
+                return Ok(chunk.len());
+            }
+            match self.then.pop() {
+                Some(kind) => Err(kind.into()),
+                None => Ok(0),
+            }
+        }
+    }
+
+    #[test]
+    fn netascii_keeps_translated_bytes_when_the_source_errors_midway() {
+        for kind in [
+            io::ErrorKind::Interrupted,
+            io::ErrorKind::WouldBlock,
+            io::ErrorKind::Other,
+        ] {
+            let mut src = Netascii::new(Script {
+                chunks: vec![b"a\n"],
+                then: vec![kind],
+            });
+            let mut buf = [0u8; 16];
+            assert_eq!(src.read(&mut buf).unwrap(), 3, "{kind:?}");
+            assert_eq!(&buf[..3], b"a\r\n");
+            if kind == io::ErrorKind::Other {
+                // A hard error is reported on the next call, after the bytes.
+                assert_eq!(src.read(&mut buf).unwrap_err().kind(), kind);
+            }
+            // (A transient error was used up by the script; a real source repeats it.)
+            assert_eq!(src.read(&mut buf).unwrap(), 0, "{kind:?}");
+        }
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! 1. Sleep in `poll` until a socket is readable, the waker fires, or the earliest deadline
 //!    (timer wheel, stats report, shutdown grace) passes.
 //! 2. Read the clock once.
-//! 3. Drain every readable session socket until `WouldBlock`: datagrams from the session's
+//! 3. Drain the listeners, unless `max_sessions` are running: then the requests wait in the
+//!    kernel's queue until a session ends (backpressure, as dnsmasq does). A request from
+//!    a peer whose session still runs first feeds that session what is queued for it
+//!    (sending nothing meanwhile); only if the session still runs is it a repeat.
+//! 4. Drain every readable session socket until `WouldBlock`: datagrams from the session's
 //!    peer go to its [`Session`]; datagrams from anyone else get ERROR 5 and the session
 //!    goes on.
-//! 4. Drain the listeners, unless `max_sessions` are running: then the requests wait in the
-//!    kernel's queue until a session ends (backpressure, as dnsmasq does).
 //! 5. Fire due timers, report statistics when the interval is up, handle shutdown.
 //!
 //! After every input a session is *driven*: its output is drained, datagrams are sent, its
@@ -274,6 +276,7 @@ impl<H: Handler> ServerBuilder<H> {
             wheel: TimerWheel::with_origin(now),
             next_generation: 0,
             buf: vec![0; MAX_DATAGRAM],
+            request_buf: vec![0; MAX_DATAGRAM],
             scratch: Vec::new(),
             ready: Vec::new(),
             now,
@@ -348,8 +351,11 @@ pub struct Server<H> {
     by_peer: HashMap<SocketAddr, usize>,
     wheel: TimerWheel<(usize, u32)>,
     next_generation: u32,
-    /// Receive buffer, large enough for any datagram.
+    /// Receive buffer for session sockets, large enough for any datagram.
     buf: Vec<u8>,
+    /// Receive buffer for the listeners (separate: a request may make the driver read a
+    /// session socket while the request is still borrowed).
+    request_buf: Vec<u8>,
     /// Encoding buffer for ERROR packets.
     scratch: Vec<u8>,
     /// Tokens that were ready in the last poll.
@@ -423,25 +429,28 @@ impl<H: Handler> Server<H> {
         }
         self.now = Instant::now();
         self.ready.clear();
-        self.ready.extend(self.events.iter().map(|e| e.token()));
-        for i in 0..self.ready.len() {
-            match self.ready[i] {
+        for event in self.events.iter() {
+            match event.token() {
                 WAKER => {}
                 Token(t) if t > LISTENER_BASE - self.listeners.len() => {
                     self.listeners[LISTENER_BASE - t].readable = true;
                 }
-                Token(t) => self.on_session_readable(t),
+                token => self.ready.push(token),
             }
         }
         if self.shutdown.load(Ordering::SeqCst) && self.grace_deadline.is_none() {
             self.begin_shutdown()?;
         }
-        while let Some((key, generation)) = self.wheel.poll(self.now) {
-            self.on_timer(key, generation);
-        }
-        // After the sessions, so that room freed in this iteration is used at once.
+        // Requests first: a request that repeats a running session's must be judged on
+        // what that session had received before it, not on what a fast client sent since.
         if self.grace_deadline.is_none() {
             self.read_listeners();
+        }
+        for i in 0..self.ready.len() {
+            self.on_session_readable(self.ready[i].0, true);
+        }
+        while let Some((key, generation)) = self.wheel.poll(self.now) {
+            self.on_timer(key, generation);
         }
         if self.now >= self.stats_since + self.stats_interval {
             self.report_stats();
@@ -506,7 +515,7 @@ impl<H: Handler> Server<H> {
     fn read_listeners(&mut self) {
         for i in 0..self.listeners.len() {
             while self.listeners[i].readable && self.sessions.len() < self.max_sessions {
-                match sys::recv_with_destination(&self.listeners[i].socket, &mut self.buf) {
+                match sys::recv_with_destination(&self.listeners[i].socket, &mut self.request_buf) {
                     Ok(received) => self.on_request(i, received),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.listeners[i].readable = false;
@@ -528,63 +537,76 @@ impl<H: Handler> Server<H> {
             Some((ip, ifindex)) => socket_addr_with_scope(ip, listener_local.port(), ifindex),
             None => SocketAddr::new(sys::unmap(listener_local.ip()), listener_local.port()),
         };
-        // Temporarily take the buffer so the packet can borrow it while `self` changes.
-        let buf = std::mem::take(&mut self.buf);
-        let datagram = &buf[..received.len];
         if received.truncated {
             self.stats.malformed += 1;
             debug!("{peer}: datagram longer than 65535 bytes, ignored");
-        } else {
-            match Packet::parse(datagram) {
-                Ok(Packet::Rrq(request)) => self.on_rrq(peer, local, request),
-                Ok(Packet::Wrq(_)) => {
-                    self.stats.write_requests += 1;
+            return;
+        }
+        // Temporarily take the buffer so the packet can borrow it while `self` changes.
+        let buf = std::mem::take(&mut self.request_buf);
+        self.on_listener_datagram(peer, local, &buf[..received.len]);
+        self.request_buf = buf;
+    }
+
+    /// Handles a datagram sent to a listener.
+    fn on_listener_datagram(&mut self, peer: SocketAddr, local: SocketAddr, datagram: &[u8]) {
+        match Packet::parse(datagram) {
+            Ok(Packet::Rrq(request)) => self.on_rrq(peer, local, request),
+            Ok(Packet::Wrq(_)) => {
+                self.stats.write_requests += 1;
+                self.reject(
+                    peer,
+                    local,
+                    &Reject::new(
+                        ErrorCode::IllegalOperation,
+                        "write requests are not supported",
+                    ),
+                );
+            }
+            Ok(Packet::Error { .. }) => {
+                // Never answer an ERROR.
+                self.stats.malformed += 1;
+                debug!("{peer}: ERROR sent to the listener, ignored");
+            }
+            Ok(other) => {
+                self.stats.malformed += 1;
+                debug!("{peer}: {:?} sent to the listener", other.opcode());
+                self.reject(
+                    peer,
+                    local,
+                    &Reject::new(ErrorCode::UnknownTransferId, "unknown transfer id"),
+                );
+            }
+            Err(e) => {
+                self.stats.malformed += 1;
+                debug!("{peer}: malformed request: {e}");
+                // A request too short to have an opcode gets silence; a broken
+                // request gets told what was wrong.
+                if datagram.len() >= 2 {
                     self.reject(
                         peer,
                         local,
                         &Reject::new(
                             ErrorCode::IllegalOperation,
-                            "write requests are not supported",
+                            format!("malformed request: {e}"),
                         ),
                     );
                 }
-                Ok(Packet::Error { .. }) => {
-                    // Never answer an ERROR.
-                    self.stats.malformed += 1;
-                    debug!("{peer}: ERROR sent to the listener, ignored");
-                }
-                Ok(other) => {
-                    self.stats.malformed += 1;
-                    debug!("{peer}: {:?} sent to the listener", other.opcode());
-                    self.reject(
-                        peer,
-                        local,
-                        &Reject::new(ErrorCode::UnknownTransferId, "unknown transfer id"),
-                    );
-                }
-                Err(e) => {
-                    self.stats.malformed += 1;
-                    debug!("{peer}: malformed request: {e}");
-                    // A request too short to have an opcode gets silence; a broken
-                    // request gets told what was wrong.
-                    if datagram.len() >= 2 {
-                        self.reject(
-                            peer,
-                            local,
-                            &Reject::new(
-                                ErrorCode::IllegalOperation,
-                                format!("malformed request: {e}"),
-                            ),
-                        );
-                    }
-                }
             }
         }
-        self.buf = buf;
     }
 
     fn on_rrq(&mut self, peer: SocketAddr, local: SocketAddr, request: crate::packet::Request<'_>) {
         self.stats.requests += 1;
+        if let Some(&key) = self.by_peer.get(&peer) {
+            // A client that reuses its port may send its next request right after the
+            // last ACK of the previous transfer, and the listener can be read before that
+            // ACK. Feed the session what is queued for it, sending nothing meanwhile: all
+            // of it answers packets sent before this request was read, so the session
+            // ends only if the client had acknowledged everything.
+            let generation = self.sessions[key].generation;
+            self.on_session_readable(session_token(key, generation).0, false);
+        }
         if self.by_peer.contains_key(&peer) {
             self.stats.duplicate_requests += 1;
             debug!("{peer}: repeated request while its session runs, ignored");
@@ -721,7 +743,10 @@ impl<H: Handler> Server<H> {
         }
     }
 
-    fn on_session_readable(&mut self, token: usize) {
+    /// Reads a session socket until it is empty. With `drive_each`, the session's output
+    /// is sent after every datagram; without, only once at the end, so that nothing read
+    /// can be an answer to something sent during the call.
+    fn on_session_readable(&mut self, token: usize, drive_each: bool) {
         let key = token & 0xffff_ffff;
         let generation = (token >> 32) as u32;
         loop {
@@ -733,7 +758,12 @@ impl<H: Handler> Server<H> {
             }
             let (len, from) = match entry.socket.recv_from(&mut self.buf) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !drive_each {
+                        self.drive(key);
+                    }
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     debug!("{}: session receive failed: {e}", entry.peer);
@@ -760,7 +790,9 @@ impl<H: Handler> Server<H> {
                 continue;
             }
             entry.session.handle_datagram(self.now, &self.buf[..len]);
-            self.drive(key);
+            if drive_each || entry.session.is_done() {
+                self.drive(key);
+            }
         }
     }
 

@@ -538,8 +538,8 @@ impl Session {
     /// Takes one retry from the budget; false (and the session ends) when it is empty.
     fn spend_retry(&mut self) -> bool {
         if self.retries >= self.config.retries {
-            let all_sent =
-                self.state == State::Transfer && self.last.is_some_and(|last| self.base == last);
+            let all_sent = self.state == State::Transfer
+                && self.last.is_some_and(|last| self.high_sent >= last);
             self.finish(if all_sent {
                 Outcome::FinalAckMissing
             } else {

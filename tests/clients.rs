@@ -1,0 +1,460 @@
+//! Interoperability with real TFTP clients run as black boxes: curl (`tftp://`), tftp-hpa's
+//! `tftp` and atftp, against the library server in-process, plus the `dyntftpd` binary.
+//!
+//! A client that is not installed is skipped with a loud `SKIPPED:` line, unless
+//! `DYNTFTP_REQUIRE_CLIENTS=1`, which turns a missing client into a failure.
+
+mod common;
+
+use std::fs::{self, File};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dyntftp::{Outcome, Packet, SessionStats};
+
+/// Every client run is killed after this long.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// 512 × 1428: an exact multiple of both block sizes the tests use.
+const MULT_LEN: usize = 512 * 1428;
+
+/// The files every client fetches: a small one, an exact multiple, the 3 MiB one, an
+/// empty one.
+fn client_files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("small.txt", SMALL.to_vec()),
+        ("mult.bin", pseudo_random(MULT_LEN, 11)),
+        ("big.bin", big().to_vec()),
+        ("empty.bin", Vec::new()),
+    ]
+}
+
+/// A root with the client files, an output directory, and a server on 127.0.0.1:0.
+struct Bed {
+    // Fields drop in order: the server stops before its root is removed.
+    server: ServerGuard,
+    out: TempDir,
+    _root: TempDir,
+}
+
+fn bed() -> Bed {
+    let root = standard_root();
+    for (name, data) in client_files() {
+        root.write(name, &data);
+    }
+    let out = TempDir::new("client-out");
+    // Short retransmission settings: a client that never sends its final ACK shows up as
+    // FinalAckMissing within a couple of seconds rather than half a minute.
+    let server = spawn_fs_with(v4(), root.path(), |b| {
+        b.timeout(Duration::from_millis(250)).retries(3)
+    });
+    Bed {
+        server,
+        out,
+        _root: root,
+    }
+}
+
+/// A finished client process.
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn describe(&self) -> String {
+        format!(
+            "status {}\nstdout: {}\nstderr: {}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `program` with `args` in `dir`, killing it after [`CLIENT_DEADLINE`].
+fn run(program: &Path, args: &[&str], dir: &Path) -> Run {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let out_path = dir.join(format!(".stdout-{n}"));
+    let err_path = dir.join(format!(".stderr-{n}"));
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let deadline = Instant::now() + CLIENT_DEADLINE;
+    let status = loop {
+        match child.try_wait().expect("try_wait") {
+            Some(status) => break status,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} {args:?} still running after {CLIENT_DEADLINE:?}; killed\nstderr: {}",
+                    program.display(),
+                    fs::read_to_string(&err_path).unwrap_or_default()
+                );
+            }
+            None => thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    Run {
+        status,
+        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
+    }
+}
+
+/// Checks a client's output file and the server's record of the session.
+fn check(
+    bed: &mut Bed,
+    client: &str,
+    name: &str,
+    want: &[u8],
+    out: &Path,
+    run: &Run,
+    blksize: Option<u16>,
+) -> SessionStats {
+    assert!(
+        run.status.success(),
+        "{client} {name}: failed\n{}",
+        run.describe()
+    );
+    let got = match fs::read(out) {
+        Ok(got) => got,
+        // curl creates no output file for an empty transfer.
+        Err(_) if want.is_empty() && client.starts_with("curl") => Vec::new(),
+        Err(e) => panic!("{client} {name}: no output file ({e})\n{}", run.describe()),
+    };
+    if got != want {
+        let first = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{client} {name}: got {} bytes, want {}; first difference at {first:?}",
+            got.len(),
+            want.len()
+        );
+    }
+    let stats = bed.server.next_session();
+    assert_eq!(stats.filename, name, "{client}");
+    assert_eq!(
+        stats.outcome,
+        Outcome::Completed,
+        "{client} {name}: {stats:?}"
+    );
+    if let Some(blksize) = blksize {
+        assert_eq!(
+            stats.transfer.negotiated.blksize, blksize,
+            "{client} {name}"
+        );
+    }
+    stats
+}
+
+// ---------------------------------------------------------------------------------------
+// curl
+// ---------------------------------------------------------------------------------------
+
+fn curl(test: &str, blksize: Option<u16>) {
+    let Some(curl) = client_or_skip("curl", test) else {
+        return;
+    };
+    let mut bed = bed();
+    let port = bed.server.port();
+    for (name, want) in client_files() {
+        let out = bed.out.path().join(format!("curl-{name}"));
+        let url = format!("tftp://127.0.0.1:{port}/{name}");
+        let out_arg = out.to_string_lossy().into_owned();
+        let size = blksize.map(|b| b.to_string());
+        let mut args = vec!["-s", "-S", "--max-time", "20", "-o", &out_arg];
+        let mut expect_blksize = blksize;
+        if want.is_empty() {
+            // curl (7.88 at least) always asks for tsize and then refuses the correct
+            // answer "tsize 0" ("invalid tsize -:0:- value in OACK packet", exit 71), so
+            // an empty file can only be fetched without options.
+            args.push("--tftp-no-options");
+            expect_blksize = Some(512);
+        } else if let Some(size) = &size {
+            args.extend(["--tftp-blksize", size]);
+        }
+        args.push(&url);
+        let result = run(&curl, &args, bed.out.path());
+        check(&mut bed, "curl", name, &want, &out, &result, expect_blksize);
+    }
+}
+
+#[test]
+fn curl_default() {
+    curl("curl_default", None);
+}
+
+#[test]
+fn curl_blksize_1428() {
+    curl("curl_blksize_1428", Some(1428));
+}
+
+#[test]
+fn curl_blksize_65464() {
+    curl("curl_blksize_65464", Some(65464));
+}
+
+// ---------------------------------------------------------------------------------------
+// tftp-hpa
+// ---------------------------------------------------------------------------------------
+
+/// tftp-hpa 5.2 has no blksize on its command line (nor a `blksize` command): plain
+/// RFC 1350 transfers only.
+#[test]
+fn tftp_hpa_binary() {
+    let Some(tftp) = client_or_skip("tftp", "tftp_hpa_binary") else {
+        return;
+    };
+    let mut bed = bed();
+    let port = bed.server.port().to_string();
+    for (name, want) in client_files() {
+        let out = bed.out.path().join(format!("tftp-{name}"));
+        let out_arg = out.to_string_lossy().into_owned();
+        let result = run(
+            &tftp,
+            &[
+                "-m",
+                "binary",
+                "127.0.0.1",
+                &port,
+                "-c",
+                "get",
+                name,
+                &out_arg,
+            ],
+            bed.out.path(),
+        );
+        // tftp-hpa 5.2 may exit 0 after an error: the content check catches that.
+        check(&mut bed, "tftp", name, &want, &out, &result, Some(512));
+    }
+}
+
+#[test]
+fn tftp_hpa_netascii_round_trip() {
+    let Some(tftp) = client_or_skip("tftp", "tftp_hpa_netascii_round_trip") else {
+        return;
+    };
+    let mut bed = bed();
+    let port = bed.server.port().to_string();
+    let out = bed.out.path().join("text.txt");
+    let out_arg = out.to_string_lossy().into_owned();
+    let result = run(
+        &tftp,
+        &[
+            "-m",
+            "netascii",
+            "127.0.0.1",
+            &port,
+            "-c",
+            "get",
+            "text.txt",
+            &out_arg,
+        ],
+        bed.out.path(),
+    );
+    // The client turns CR LF back into LF and CR NUL back into CR: the original text.
+    check(&mut bed, "tftp", "text.txt", &text(), &out, &result, None);
+}
+
+// ---------------------------------------------------------------------------------------
+// atftp
+// ---------------------------------------------------------------------------------------
+
+fn atftp(test: &str, options: &[&str], blksize: Option<u16>, window: u16) {
+    let Some(atftp) = client_or_skip("atftp", test) else {
+        return;
+    };
+    let mut bed = bed();
+    let port = bed.server.port().to_string();
+    for (name, want) in client_files() {
+        let out = bed.out.path().join(format!("atftp-{name}"));
+        let out_arg = out.to_string_lossy().into_owned();
+        let mut args = Vec::new();
+        for option in options {
+            args.extend(["--option", option]);
+        }
+        args.extend(["-g", "-r", name, "-l", &out_arg, "127.0.0.1", &port]);
+        let result = run(&atftp, &args, bed.out.path());
+        let stats = check(&mut bed, "atftp", name, &want, &out, &result, blksize);
+        assert_eq!(stats.transfer.negotiated.window, window, "atftp {name}");
+        if options.contains(&"tsize 0") {
+            assert_eq!(
+                stats.transfer.negotiated.tsize,
+                Some(want.len() as u64),
+                "atftp {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn atftp_default() {
+    atftp("atftp_default", &[], Some(512), 1);
+}
+
+#[test]
+fn atftp_blksize_1428_tsize_windowsize_16() {
+    atftp(
+        "atftp_blksize_1428_tsize_windowsize_16",
+        &["blksize 1428", "tsize 0", "windowsize 16"],
+        Some(1428),
+        16,
+    );
+}
+
+#[test]
+fn atftp_blksize_65464() {
+    atftp("atftp_blksize_65464", &["blksize 65464"], Some(65464), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// The dyntftpd binary
+// ---------------------------------------------------------------------------------------
+
+/// A running `dyntftpd`, killed (by its own PID) and reaped on drop.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    stderr: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts dyntftpd on a free 127.0.0.1 port serving `root`, and waits until it answers.
+    fn start(root: &Path, logs: &Path) -> Daemon {
+        // Pick a free port: bind port 0, read it, release it.
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let stderr = logs.join(format!("dyntftpd-{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_dyntftpd"))
+            .args(["-l", &addr.to_string(), "-r"])
+            .arg(root)
+            .args(["--timeout", "0.25", "--retries", "3"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start dyntftpd");
+        let mut daemon = Daemon {
+            child,
+            addr,
+            stderr,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Sends a probe RRQ for a missing file until ERROR 1 comes back (bounded).
+    fn wait_ready(&mut self) {
+        let probe = Raw::new(self.addr);
+        for _ in 0..100 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("dyntftpd exited early: {status}\n{}", self.log());
+            }
+            probe.rrq(self.addr, b"readiness-probe-missing", "octet", &[]);
+            if let Some((reply, _)) = probe.recv_within(Duration::from_millis(100)) {
+                match Packet::parse(&reply) {
+                    Ok(Packet::Error { code, .. }) if code.to_u16() == 1 => return,
+                    other => panic!("unexpected probe reply {other:?}"),
+                }
+            }
+        }
+        panic!("dyntftpd did not answer within 10 s\n{}", self.log());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("dyntftpd did not exit within {within:?}\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: kill(2) with the PID of our own child, which has not been reaped yet
+        // (Daemon owns the Child and only waits for it here or on drop).
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn daemon_root() -> TempDir {
+    let root = TempDir::new("daemon-root");
+    for (name, data) in client_files() {
+        root.write(name, &data);
+    }
+    root
+}
+
+#[test]
+fn dyntftpd_serves_files() {
+    let root = daemon_root();
+    let out = TempDir::new("daemon-out");
+    let daemon = Daemon::start(root.path(), out.path());
+    for (name, want) in client_files() {
+        for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")]] {
+            let got = fetch(daemon.addr, name, "octet", options)
+                .unwrap_or_else(|e| panic!("{name} {options:?}: {e:?}\n{}", daemon.log()));
+            assert!(got.data == want, "{name} {options:?}: content differs");
+        }
+    }
+    // And a real client, when there is one.
+    if let Some(curl) = client_or_skip("curl", "dyntftpd_serves_files (curl part)") {
+        let target = out.path().join("curl-big.bin");
+        let target_arg = target.to_string_lossy().into_owned();
+        let url = format!("tftp://{}/big.bin", daemon.addr);
+        let result = run(
+            &curl,
+            &["-s", "-S", "--max-time", "20", "-o", &target_arg, &url],
+            out.path(),
+        );
+        assert!(result.status.success(), "{}", result.describe());
+        assert!(fs::read(&target).unwrap() == big(), "curl big.bin differs");
+    }
+    // Dropping the daemon kills it by PID and reaps it.
+}
+
+#[test]
+fn dyntftpd_exits_0_on_sigterm() {
+    let root = daemon_root();
+    let out = TempDir::new("daemon-out");
+    let mut daemon = Daemon::start(root.path(), out.path());
+    let got = fetch(daemon.addr, "small.txt", "octet", &[]).unwrap();
+    assert_eq!(got.data, SMALL);
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.log());
+}

@@ -1,0 +1,1095 @@
+//! Black-box tests of the library server over loopback: our own blocking client and hand-made
+//! datagrams against a [`ServerBuilder`] server on `127.0.0.1:0` / `[::1]:0`.
+
+mod common;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dyntftp::{
+    BytesSource, ErrorCode, FsHandler, Handler, Mode, Outcome, Packet, ReadRequest, Reject,
+    ResponseData, SessionStats,
+};
+
+/// Asserts two byte strings are equal without printing megabytes on failure.
+#[track_caller]
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let first = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: got {} bytes, want {}; first difference at byte {first}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// Downloads `name` from a fresh FsHandler server on `bind` and checks the bytes and the
+/// session's outcome.
+fn download(bind: SocketAddr, name: &str, mode: &str, options: &[(&str, &str)]) -> Fetched {
+    let root = standard_root();
+    let mut server = spawn_fs(bind, root.path());
+    let client = Client::new(server.addr);
+    let got = client
+        .fetch(server.addr, name, mode, options)
+        .unwrap_or_else(|e| panic!("{name} from {}: {e:?}", server.addr));
+    let want = if mode.eq_ignore_ascii_case("octet") {
+        content(name)
+    } else {
+        to_netascii(&content(name))
+    };
+    assert_same(&got.data, &want, name);
+    assert_eq!(got.server.ip(), server.addr.ip());
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::Completed, "{stats:?}");
+    assert_eq!(stats.peer, client.local_addr());
+    assert_eq!(stats.filename, name);
+    assert_eq!(stats.transfer.bytes_read, want.len() as u64);
+    got
+}
+
+/// Lengths of the DATA packets a transfer of `len` bytes must have with `blksize`.
+fn expected_lens(len: usize, blksize: usize) -> Vec<usize> {
+    let mut lens = vec![blksize; len / blksize];
+    lens.push(len % blksize);
+    lens
+}
+
+macro_rules! both_families {
+    ($v4:ident, $v6:ident, $body:expr) => {
+        #[test]
+        fn $v4() {
+            $body(v4());
+        }
+
+        #[test]
+        fn $v6() {
+            if ipv6_or_skip(stringify!($v6)) {
+                $body(v6());
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// Downloads
+// ---------------------------------------------------------------------------------------
+
+both_families!(small_file_v4, small_file_v6, |bind| {
+    let got = download(bind, "small.txt", "octet", &[]);
+    assert_eq!(got.oack, None);
+    assert_eq!(got.data_lens(), vec![SMALL.len()]);
+});
+
+both_families!(
+    empty_file_is_one_empty_data_v4,
+    empty_file_is_one_empty_data_v6,
+    |bind| {
+        let got = download(bind, "empty.bin", "octet", &[]);
+        assert_eq!(
+            got.packets,
+            vec![Received {
+                from: got.server,
+                kind: Kind::Data { block: 1, len: 0 }
+            }]
+        );
+    }
+);
+
+both_families!(exact_multiple_512_v4, exact_multiple_512_v6, |bind| {
+    let got = download(bind, "512.bin", "octet", &[]);
+    assert_eq!(got.data_lens(), vec![512, 0]);
+});
+
+both_families!(exact_multiple_1024_v4, exact_multiple_1024_v6, |bind| {
+    let got = download(bind, "1024.bin", "octet", &[]);
+    assert_eq!(got.data_lens(), vec![512, 512, 0]);
+});
+
+both_families!(big_file_v4, big_file_v6, |bind| {
+    let got = download(bind, "big.bin", "octet", &[]);
+    assert_eq!(got.data_lens(), expected_lens(3 << 20, 512));
+});
+
+both_families!(nested_file_v4, nested_file_v6, |bind| {
+    download(bind, "dir/nested.bin", "octet", &[]);
+});
+
+both_families!(options_together_v4, options_together_v6, |bind| {
+    let got = download(
+        bind,
+        "big.bin",
+        "octet",
+        &[("blksize", "1428"), ("tsize", "0"), ("windowsize", "16")],
+    );
+    assert_eq!(
+        got.oack,
+        Some(vec![
+            ("blksize".into(), "1428".into()),
+            ("tsize".into(), (3u64 << 20).to_string()),
+            ("windowsize".into(), "16".into()),
+        ])
+    );
+});
+
+// ---------------------------------------------------------------------------------------
+// Options
+// ---------------------------------------------------------------------------------------
+
+fn blksize(size: usize) {
+    let value = size.to_string();
+    let got = download(v4(), "big.bin", "octet", &[("blksize", &value)]);
+    assert_eq!(got.oack_value("blksize"), Some(value.as_str()));
+    assert_eq!(got.blksize, size);
+    assert_eq!(got.data_lens(), expected_lens(3 << 20, size));
+}
+
+#[test]
+fn blksize_512() {
+    blksize(512);
+}
+
+#[test]
+fn blksize_1428() {
+    blksize(1428);
+}
+
+#[test]
+fn blksize_8192() {
+    blksize(8192);
+}
+
+#[test]
+fn blksize_65464() {
+    blksize(65464);
+}
+
+#[test]
+fn blksize_is_clamped_to_the_server_maximum() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| b.max_blksize(1428));
+    let got = fetch(server.addr, "big.bin", "octet", &[("blksize", "8192")]).unwrap();
+    assert_eq!(got.oack_value("blksize"), Some("1428"));
+    assert_same(&got.data, big(), "big.bin");
+    assert_eq!(server.next_session().transfer.negotiated.blksize, 1428);
+}
+
+#[test]
+fn tsize_is_answered_with_the_real_size() {
+    let root = standard_root();
+    let mut server = spawn_fs(v4(), root.path());
+    for name in ["small.txt", "empty.bin", "1024.bin", "big.bin"] {
+        let want = content(name);
+        let got = fetch(server.addr, name, "octet", &[("tsize", "0")]).unwrap();
+        assert_eq!(
+            got.oack,
+            Some(vec![("tsize".into(), want.len().to_string())]),
+            "{name}"
+        );
+        assert_same(&got.data, &want, name);
+        let stats = server.next_session();
+        assert_eq!(stats.transfer.negotiated.tsize, Some(want.len() as u64));
+        assert_eq!(stats.outcome, Outcome::Completed);
+    }
+}
+
+#[test]
+fn tsize_is_omitted_when_the_size_is_unknown() {
+    // A netascii transfer's size is not known in advance: no tsize, so no OACK at all.
+    let got = download(v4(), "text.txt", "netascii", &[("tsize", "0")]);
+    assert_eq!(got.oack_value("tsize"), None);
+}
+
+fn windowsize(window: usize) {
+    let value = window.to_string();
+    let got = download(v4(), "big.bin", "octet", &[("windowsize", &value)]);
+    assert_eq!(got.oack_value("windowsize"), Some(value.as_str()));
+    assert_eq!(got.window, window);
+}
+
+#[test]
+fn windowsize_16() {
+    windowsize(16);
+}
+
+#[test]
+fn windowsize_64() {
+    windowsize(64);
+}
+
+#[test]
+fn windowsize_is_capped_by_the_server() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| b.max_window(8));
+    let got = fetch(server.addr, "big.bin", "octet", &[("windowsize", "64")]).unwrap();
+    assert_eq!(got.oack_value("windowsize"), Some("8"));
+    assert_same(&got.data, big(), "big.bin");
+    assert_eq!(server.next_session().transfer.negotiated.window, 8);
+}
+
+#[test]
+fn unknown_and_invalid_options_are_ignored() {
+    let got = download(
+        v4(),
+        "1024.bin",
+        "octet",
+        &[("blksize", "7"), ("retries", "1000"), ("windowsize", "0")],
+    );
+    assert_eq!(got.oack, None, "nothing valid was requested");
+    assert_eq!(got.data_lens(), vec![512, 512, 0]);
+}
+
+#[test]
+fn block_numbers_wrap_around() {
+    // 8-byte blocks: more than 65535 blocks, so block numbers go 65535 → 0 → 1.
+    let data = pseudo_random(65_536 * 8 + 100, 7);
+    let root = TempDir::new("wrap");
+    root.write("wrap.bin", &data);
+    let mut server = spawn_fs(v4(), root.path());
+    let got = fetch(
+        server.addr,
+        "wrap.bin",
+        "octet",
+        &[("blksize", "8"), ("windowsize", "64")],
+    )
+    .unwrap();
+    assert_same(&got.data, &data, "wrap.bin");
+    let blocks: Vec<u16> = got
+        .packets
+        .iter()
+        .filter_map(|p| match p.kind {
+            Kind::Data { block, .. } => Some(block),
+            _ => None,
+        })
+        .collect();
+    assert!(blocks.windows(2).any(|w| w == [65535, 0]), "no wrap seen");
+    assert_eq!(server.next_session().outcome, Outcome::Completed);
+}
+
+// ---------------------------------------------------------------------------------------
+// Netascii
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn netascii_translates_line_ends() {
+    let got = download(v4(), "text.txt", "netascii", &[]);
+    // The raw file has 511 plain bytes then CR: the CR ends block 1, its NUL opens block 2.
+    assert_eq!(got.data[511], b'\r');
+    assert_eq!(got.data[512], 0);
+    assert_eq!(got.data_lens()[0], 512);
+}
+
+#[test]
+fn netascii_mode_name_is_case_insensitive() {
+    download(v4(), "text.txt", "NetASCII", &[]);
+    let got = download(v4(), "small.txt", "OCTET", &[]);
+    assert_eq!(got.data, SMALL);
+}
+
+// ---------------------------------------------------------------------------------------
+// Concurrency
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn fifty_concurrent_clients() {
+    let root = standard_root();
+    let mut server = spawn_fs(v4(), root.path());
+    let addr = server.addr;
+    let plans: Vec<(&str, &[(&str, &str)])> = vec![
+        ("big.bin", &[]),
+        ("big.bin", &[("blksize", "1428"), ("windowsize", "16")]),
+        ("big.bin", &[("blksize", "8192"), ("tsize", "0")]),
+        ("small.txt", &[]),
+        ("1024.bin", &[("blksize", "512")]),
+        ("empty.bin", &[("tsize", "0")]),
+        ("big.bin", &[("windowsize", "8")]),
+        ("dir/nested.bin", &[("blksize", "100")]),
+        ("512.bin", &[]),
+        ("big.bin", &[("blksize", "65464")]),
+    ];
+    let threads: Vec<_> = (0..50)
+        .map(|i| {
+            let (name, options) = plans[i % plans.len()];
+            thread::spawn(move || {
+                let client = Client::new(addr);
+                let got = client.fetch(addr, name, "octet", options);
+                (i, name, client.local_addr(), got)
+            })
+        })
+        .collect();
+    let mut peers = Vec::new();
+    for t in threads {
+        let (i, name, peer, got) = t.join().expect("client thread");
+        let got = got.unwrap_or_else(|e| panic!("client {i} ({name}): {e:?}"));
+        assert_same(&got.data, &content(name), &format!("client {i} {name}"));
+        peers.push(peer);
+    }
+    let sessions = server.sessions(50);
+    for s in &sessions {
+        assert_eq!(s.outcome, Outcome::Completed, "{s:?}");
+        assert!(peers.contains(&s.peer));
+    }
+    let (rest, _) = server.stop();
+    assert!(rest.is_empty(), "extra sessions: {rest:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Refusals
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn missing_file_is_error_1() {
+    let root = standard_root();
+    let server = spawn_fs(v4(), root.path());
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"no-such-file.bin", "octet", &[]);
+    let (code, message, from) = raw.expect_error();
+    assert_eq!(code, 1, "{message}");
+    assert_eq!(from.ip(), server.addr.ip());
+    assert_ne!(from.port(), server.addr.port(), "ERROR from a new TID");
+    let root_text = root.path().to_string_lossy();
+    assert!(!message.contains(&*root_text), "leaks the root: {message}");
+    // Nothing else follows.
+    assert_eq!(raw.recv_within(Duration::from_millis(200)), None);
+}
+
+#[test]
+fn write_request_is_error_4_mentioning_write() {
+    let root = standard_root();
+    let server = spawn_fs(v4(), root.path());
+    let raw = Raw::new(server.addr);
+    raw.wrq(server.addr, b"upload.bin", "octet");
+    let (code, message, _) = raw.expect_error();
+    assert_eq!(code, 4, "{message}");
+    assert!(message.to_lowercase().contains("write"), "{message}");
+    assert!(!root.path().join("upload.bin").exists());
+}
+
+#[test]
+fn traversal_attempts_are_refused() {
+    let outer = TempDir::new("traversal");
+    outer.write("secret.txt", b"TOP SECRET");
+    let root = outer.subdir("root");
+    std::fs::create_dir_all(root.join("a")).unwrap();
+    std::fs::write(root.join("a/inside.txt"), b"inside").unwrap();
+    std::os::unix::fs::symlink("../secret.txt", root.join("uplink")).unwrap();
+    std::os::unix::fs::symlink(outer.path().join("secret.txt"), root.join("abslink")).unwrap();
+    let server = spawn_fs(v4(), &root);
+    let secret_path = outer.path().join("secret.txt");
+    let secret = secret_path.to_string_lossy().into_owned();
+    let attempts = [
+        "../secret.txt",
+        "/etc/passwd",
+        "a/../../secret.txt",
+        "..\\secret.txt",
+        "a/../../../../../../../../etc/passwd",
+        "/../secret.txt",
+        "./../secret.txt",
+        secret.as_str(),
+        "uplink",
+        "abslink",
+        "a/..",
+        "a",
+        "bad\x01name",
+    ];
+    for name in attempts {
+        match fetch(server.addr, name, "octet", &[]) {
+            Err(ClientError::Error { code, message, .. }) => {
+                assert!(code == 1 || code == 2, "{name:?}: ERROR {code} {message}");
+                assert!(!message.contains("SECRET") && !message.contains(secret.as_str()));
+            }
+            other => panic!("{name:?}: expected ERROR 1 or 2, got {other:?}"),
+        }
+    }
+    // Inside the root, `..` that stays beneath it is fine.
+    let got = fetch(server.addr, "a/../a/inside.txt", "octet", &[]).unwrap();
+    assert_eq!(got.data, b"inside");
+}
+
+#[test]
+fn mail_mode_is_error_4() {
+    let root = standard_root();
+    let server = spawn_fs(v4(), root.path());
+    for mode in ["mail", "MAIL", "bogus"] {
+        match fetch(server.addr, "small.txt", mode, &[]) {
+            Err(e) => assert_eq!(e.code(), Some(4), "{mode}: {e:?}"),
+            Ok(_) => panic!("{mode}: served"),
+        }
+    }
+}
+
+#[test]
+fn garbage_to_the_listener_does_not_disturb_the_server() {
+    let root = standard_root();
+    let server = spawn_fs(v4(), root.path());
+    let raw = Raw::new(server.addr);
+    for datagram in [
+        &b""[..],
+        b"\x00",
+        b"\x00\x01",
+        b"\x00\x01file",
+        b"\x00\x01file\x00octet",
+        b"\x00\x09whatever\x00",
+        b"\x00\x04\x00\x01", // an ACK to the listener
+        b"\x00\x05\x00\x01oops\x00",
+    ] {
+        raw.send(server.addr, datagram);
+    }
+    // Whatever the answers, a normal request is still served.
+    let got = fetch(server.addr, "small.txt", "octet", &[]).unwrap();
+    assert_eq!(got.data, SMALL);
+}
+
+// ---------------------------------------------------------------------------------------
+// Transfer IDs
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn stray_tid_gets_error_5_and_the_transfer_goes_on() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.stats_interval(Duration::from_millis(50))
+    });
+    let client = Client::new(server.addr);
+    let stray = Raw::new(server.addr);
+    let mut answered = None;
+    let got = client
+        .fetch_with(server.addr, b"big.bin", "octet", &[], &mut |p| {
+            if p.block == 5 {
+                // The server waits for ACK 5 from the client; a stranger sends it first.
+                stray.ack(p.server, 5);
+                answered = Some(stray.expect_error());
+            }
+        })
+        .unwrap();
+    let (code, message, from) = answered.expect("hook ran");
+    assert_eq!(code, 5, "{message}");
+    assert_eq!(from, got.server, "ERROR 5 comes from the session's port");
+    assert_same(&got.data, big(), "big.bin");
+    assert_eq!(got.out_of_order, 0);
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::Completed);
+    assert_eq!(
+        stats.transfer.duplicate_acks, 0,
+        "the stray ACK must not count as the client's"
+    );
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.stray_datagrams, 1);
+    // The stranger hears nothing more.
+    assert_eq!(stray.recv_within(Duration::from_millis(100)), None);
+}
+
+#[test]
+fn repeated_rrq_from_the_same_port_starts_one_session() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.stats_interval(Duration::from_millis(50))
+    });
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"1024.bin", "octet", &[]);
+    raw.rrq(server.addr, b"1024.bin", "octet", &[]);
+    let (block, first, tid) = raw.expect_data();
+    assert_eq!(block, 1);
+    let mut data = first;
+    // Lock-step to the end; every datagram must come from the one session.
+    for want in 2..=3u16 {
+        raw.ack(tid, want - 1);
+        let (block, payload, from) = raw.expect_data();
+        assert_eq!(from, tid, "a second session answered");
+        assert_eq!(block, want);
+        data.extend_from_slice(&payload);
+    }
+    raw.ack(tid, 3);
+    assert_same(&data, &content("1024.bin"), "1024.bin");
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::Completed);
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.requests, 2);
+    assert_eq!(total.sessions_started, 1);
+    assert_eq!(total.duplicate_requests, 1);
+    // No DATA 1 from another port, ever.
+    assert_eq!(raw.recv_within(Duration::from_millis(200)), None);
+    let (rest, _) = server.stop();
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[test]
+fn clients_reusing_their_port_are_served_when_the_next_request_follows_the_last_ack() {
+    // A client that keeps its port sends the next RRQ right after the final ACK of the
+    // previous transfer. On a busy server the RRQ may be read before that ACK: it must
+    // still start a new session, not be taken for a repeat of the old one (which leaves
+    // the client waiting for its own timeout). Raw sends no retransmissions, so an
+    // ignored request fails by the socket timeout. Many clients keep the loop busy.
+    const CLIENTS: usize = 32;
+    const ROUNDS: usize = 50;
+    let root = standard_root();
+    let server = spawn_fs(v4(), root.path());
+    let addr = server.addr;
+    let want = content("small.txt");
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let want = want.clone();
+            std::thread::spawn(move || {
+                let raw = Raw::new(addr);
+                raw.rrq(addr, b"small.txt", "octet", &[]);
+                for round in 0..ROUNDS {
+                    // (The new session may get the old one's port back: no TID check.)
+                    let (block, data, tid) = raw.expect_data();
+                    assert_eq!((block, &data), (1, &want), "round {round}");
+                    raw.ack(tid, 1);
+                    if round + 1 < ROUNDS {
+                        raw.rrq(addr, b"small.txt", "octet", &[]);
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("client thread");
+    }
+    let (sessions, _) = server.stop();
+    assert_eq!(sessions.len(), CLIENTS * ROUNDS);
+    assert!(sessions.iter().all(|s| s.outcome == Outcome::Completed));
+}
+
+// ---------------------------------------------------------------------------------------
+// Panics in user code
+// ---------------------------------------------------------------------------------------
+
+/// Serves files, except "boom" (open panics) and "explode.bin" (read panics after two
+/// blocks).
+struct Booby {
+    fs: FsHandler,
+}
+
+struct Exploding {
+    blocks: usize,
+}
+
+impl ResponseData for Exploding {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.blocks == 0 {
+            panic!("the source exploded (expected by the test)");
+        }
+        self.blocks -= 1;
+        let n = buf.len().min(512);
+        buf[..n].fill(b'z');
+        Ok(n)
+    }
+}
+
+impl Handler for Booby {
+    fn open(&mut self, req: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+        match req.filename {
+            b"boom" => panic!("open panicked (expected by the test)"),
+            b"explode.bin" => Ok(Box::new(Exploding { blocks: 2 })),
+            b"generated" => Ok(Box::new(BytesSource::new(
+                format!("hello {}\n", req.peer).into_bytes(),
+            ))),
+            _ => self.fs.open(req),
+        }
+    }
+}
+
+fn spawn_booby(root: &TempDir) -> ServerGuard {
+    let path = root.path().to_path_buf();
+    spawn_server(
+        v4(),
+        move || {
+            Box::new(Booby {
+                fs: FsHandler::new(path).unwrap(),
+            })
+        },
+        |b| b.stats_interval(Duration::from_millis(50)),
+    )
+}
+
+#[test]
+fn handler_open_panic_is_error_0_and_the_server_goes_on() {
+    let root = standard_root();
+    let mut server = spawn_booby(&root);
+    let err = fetch(server.addr, "boom", "octet", &[]).unwrap_err();
+    assert_eq!(err.code(), Some(0), "{err:?}");
+    let got = fetch(server.addr, "small.txt", "octet", &[]).unwrap();
+    assert_eq!(got.data, SMALL);
+    let client = Client::new(server.addr);
+    let got = client
+        .fetch(server.addr, "generated", "octet", &[])
+        .unwrap();
+    assert_eq!(
+        got.data,
+        format!("hello {}\n", client.local_addr()).as_bytes()
+    );
+    let sessions = server.sessions(2);
+    assert!(sessions.iter().all(|s| s.outcome == Outcome::Completed));
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.panics, 1);
+    assert_eq!(
+        total.sessions_started, 2,
+        "a panicking open starts no session"
+    );
+}
+
+#[test]
+fn source_read_panic_is_error_0_and_outcome_panicked() {
+    let root = standard_root();
+    let mut server = spawn_booby(&root);
+    let client = Client::new(server.addr);
+    let err = client
+        .fetch(server.addr, "explode.bin", "octet", &[])
+        .unwrap_err();
+    assert_eq!(err.code(), Some(0), "{err:?}");
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::Panicked);
+    assert_eq!(stats.filename, "explode.bin");
+    assert_eq!(stats.peer, client.local_addr());
+    assert_eq!(stats.transfer.bytes_read, 1024);
+    assert_eq!(
+        stats.transfer.error_sent.as_ref().map(|(c, _)| *c),
+        Some(ErrorCode::NotDefined)
+    );
+    // Still serving.
+    let got = fetch(server.addr, "big.bin", "octet", &[("blksize", "8192")]).unwrap();
+    assert_same(&got.data, big(), "big.bin");
+    assert_eq!(server.next_session().outcome, Outcome::Completed);
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.panics, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Shutdown
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn shutdown_aborts_running_sessions_after_the_grace_period() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.shutdown_grace(Duration::from_millis(200))
+    });
+    let handle = server.handle.clone();
+    let mut client = Client::new(server.addr);
+    client.pace = Some(Duration::from_millis(20));
+    let mut shutdown_at = None;
+    let err = client
+        .fetch_with(server.addr, b"big.bin", "octet", &[], &mut |p| {
+            if p.block == 3 {
+                handle.shutdown();
+                shutdown_at = Some(Instant::now());
+            }
+        })
+        .unwrap_err();
+    let ClientError::Error { code, message, .. } = &err else {
+        panic!("expected ERROR 0, got {err:?}");
+    };
+    assert_eq!(*code, 0, "{message}");
+    let shutdown_at = shutdown_at.expect("hook ran");
+    assert!(
+        shutdown_at.elapsed() >= Duration::from_millis(150),
+        "aborted before the grace period"
+    );
+    assert_eq!(server.join(), Ok(()), "run() returns after shutdown");
+    let (sessions, _) = server.stop();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0].outcome, Outcome::ShutDown);
+    assert!(sessions[0].transfer.bytes_read < big().len() as u64);
+}
+
+#[test]
+fn shutdown_lets_short_sessions_finish() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.shutdown_grace(Duration::from_secs(5))
+    });
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"1024.bin", "octet", &[]);
+    let (_, _, tid) = raw.expect_data();
+    server.shutdown();
+    // New requests are no longer served (the listener is closed or ignored).
+    let late = Raw::new(server.addr);
+    // The running session finishes normally within the grace period.
+    for block in 1..=3u16 {
+        raw.ack(tid, block);
+        if block < 3 {
+            let (got, _, _) = raw.expect_data();
+            assert_eq!(got, block + 1);
+        }
+    }
+    assert_eq!(server.join(), Ok(()));
+    late.rrq(server.addr, b"small.txt", "octet", &[]);
+    match late.recv_within(Duration::from_millis(200)) {
+        None => {}
+        Some((d, _)) => assert!(!matches!(
+            dyntftp::Packet::parse(&d),
+            Ok(dyntftp::Packet::Data { .. })
+        )),
+    }
+    let (sessions, _) = server.stop();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].outcome, Outcome::Completed);
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn statistics_per_session_and_per_server() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.stats_interval(Duration::from_millis(100))
+    });
+    type Plan = (
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        u16,
+        u16,
+    );
+    let plans: [Plan; 5] = [
+        ("small.txt", &[], 512, 1),
+        ("empty.bin", &[("tsize", "0")], 512, 1),
+        ("1024.bin", &[("blksize", "1428"), ("tsize", "0")], 1428, 1),
+        (
+            "big.bin",
+            &[("blksize", "8192"), ("windowsize", "8")],
+            8192,
+            8,
+        ),
+        ("dir/nested.bin", &[("windowsize", "4")], 512, 4),
+    ];
+    let mut peers = Vec::new();
+    for (name, options, _, _) in plans {
+        let client = Client::new(server.addr);
+        let got = client.fetch(server.addr, name, "octet", options).unwrap();
+        assert_same(&got.data, &content(name), name);
+        peers.push(client.local_addr());
+    }
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"missing.bin", "octet", &[]);
+    assert_eq!(raw.expect_error().0, 1);
+    raw.wrq(server.addr, b"small.txt", "octet");
+    assert_eq!(raw.expect_error().0, 4);
+
+    let sessions: Vec<SessionStats> = server.sessions(plans.len());
+    for ((name, options, blksize, window), peer) in plans.iter().zip(&peers) {
+        let matching: Vec<&SessionStats> =
+            sessions.iter().filter(|s| s.filename == *name).collect();
+        assert_eq!(matching.len(), 1, "{name}: {matching:?}");
+        let s = matching[0];
+        let size = content(name).len() as u64;
+        assert_eq!(s.peer, *peer, "{name}");
+        assert_eq!(s.local, server.addr, "{name}");
+        assert_eq!(s.mode, Mode::Octet);
+        assert_eq!(s.outcome, Outcome::Completed, "{name}");
+        assert_eq!(s.transfer.outcome, Some(Outcome::Completed));
+        assert_eq!(s.transfer.bytes_read, size, "{name}");
+        assert_eq!(s.transfer.negotiated.blksize, *blksize, "{name}");
+        assert_eq!(s.transfer.negotiated.window, *window, "{name}");
+        let tsize_requested = options.iter().any(|(n, _)| *n == "tsize");
+        assert_eq!(
+            s.transfer.negotiated.tsize,
+            tsize_requested.then_some(size),
+            "{name}"
+        );
+        let requested: Vec<(String, String)> = options
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(s.requested, requested, "{name}");
+        let blocks = size / u64::from(*blksize) + 1;
+        assert_eq!(s.transfer.blocks_acked, blocks, "{name}");
+        assert!(s.transfer.bytes_sent >= size, "{name}");
+        assert_eq!(s.transfer.peer_error, None);
+        assert_eq!(s.transfer.error_sent, None);
+        assert!(s.duration <= Duration::from_secs(30));
+    }
+
+    let reports = server.reports_until_next();
+    assert!(reports.iter().all(|r| r.interval > Duration::ZERO));
+    let total = sum_reports(&reports);
+    assert_eq!(total.requests, plans.len() as u64 + 1, "{total:?}");
+    assert_eq!(total.sessions_started, plans.len() as u64, "{total:?}");
+    assert_eq!(total.rejected.get(&1), Some(&1), "{total:?}");
+    assert_eq!(total.rejected.get(&4), Some(&1), "{total:?}");
+    assert_eq!(total.write_requests, 1, "{total:?}");
+    assert_eq!(
+        total.sessions_finished.get("completed"),
+        Some(&(plans.len() as u64)),
+        "{total:?}"
+    );
+    assert_eq!(total.panics, 0);
+    assert_eq!(total.stray_datagrams, 0);
+    let payload: u64 = plans.iter().map(|p| content(p.0).len() as u64).sum();
+    assert!(total.bytes_sent >= payload, "{total:?}");
+    assert_eq!(reports.last().unwrap().active_sessions, 0);
+
+    // Exactly one SessionStats per started session: nothing more arrives.
+    let (rest, _) = server.stop();
+    assert!(rest.is_empty(), "duplicate session stats: {rest:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Addresses
+// ---------------------------------------------------------------------------------------
+
+/// Fetches through a wildcard listener at `target` (same port) and checks every reply comes
+/// from `target`'s address.
+fn via_wildcard(server: &mut ServerGuard, target: SocketAddr) {
+    let client = Client::new(target);
+    let got = client
+        .fetch(target, "small.txt", "octet", &[])
+        .unwrap_or_else(|e| panic!("via {target}: {e:?}"));
+    assert_eq!(got.data, SMALL);
+    assert_eq!(got.server.ip(), target.ip());
+    let stats = server.next_session();
+    assert_eq!(stats.local, target);
+    assert_eq!(stats.peer, client.local_addr());
+    // Refusals come from the same address.
+    let raw = Raw::new(target);
+    raw.rrq(target, b"missing", "octet", &[]);
+    let (code, _, from) = raw.expect_error();
+    assert_eq!(code, 1);
+    assert_eq!(from.ip(), target.ip());
+}
+
+/// Whether this host routes 127.0.0.2 to loopback (Linux does for all of 127/8).
+fn loopback_127_0_0_2(test: &str) -> bool {
+    let ok = UdpSocket::bind("127.0.0.2:0").is_ok();
+    if !ok {
+        eprintln!("SKIPPED: {test}: 127.0.0.2 is not a local address here");
+    }
+    ok
+}
+
+#[test]
+fn reply_source_is_the_address_the_client_sent_to() {
+    if !loopback_127_0_0_2("reply_source_is_the_address_the_client_sent_to") {
+        return;
+    }
+    let root = standard_root();
+    let mut server = spawn_fs(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), root.path());
+    let port = server.port();
+    via_wildcard(&mut server, SocketAddr::from(([127, 0, 0, 2], port)));
+    via_wildcard(&mut server, SocketAddr::from(([127, 0, 0, 1], port)));
+}
+
+#[test]
+fn reply_source_on_a_dual_stack_listener() {
+    if !ipv6_or_skip("reply_source_on_a_dual_stack_listener")
+        || !loopback_127_0_0_2("reply_source_on_a_dual_stack_listener")
+    {
+        return;
+    }
+    let root = standard_root();
+    let mut server = spawn_fs("[::]:0".parse().unwrap(), root.path());
+    let port = server.port();
+    via_wildcard(&mut server, SocketAddr::from(([127, 0, 0, 2], port)));
+    via_wildcard(
+        &mut server,
+        SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), port),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// max_sessions
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn max_sessions_queues_requests_until_a_session_finishes() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| b.max_sessions(2));
+    let (a, b, c) = (
+        Raw::new(server.addr),
+        Raw::new(server.addr),
+        Raw::new(server.addr),
+    );
+    a.rrq(server.addr, b"small.txt", "octet", &[]);
+    let (_, _, a_tid) = a.expect_data();
+    b.rrq(server.addr, b"big.bin", "octet", &[]);
+    let (_, _, _) = b.expect_data();
+    // Two sessions hold their slots (neither ACKs): the third request waits.
+    c.rrq(server.addr, b"small.txt", "octet", &[]);
+    assert_eq!(
+        c.recv_within(Duration::from_millis(300)),
+        None,
+        "served beyond max_sessions"
+    );
+    // A finishes: its slot goes to C.
+    a.ack(a_tid, 1);
+    let (block, data, c_tid) = c.expect_data();
+    assert_eq!((block, data.as_slice()), (1, SMALL));
+    c.ack(c_tid, 1);
+    let first = server.next_session();
+    assert_eq!(first.peer, a.local_addr());
+    assert_eq!(first.outcome, Outcome::Completed);
+    let second = server.next_session();
+    assert_eq!(second.peer, c.local_addr());
+    assert_eq!(second.outcome, Outcome::Completed);
+    // B never ACKed: the shutdown grace ends it.
+    let (rest, _) = server.stop();
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(rest[0].peer, b.local_addr());
+    assert_eq!(rest[0].outcome, Outcome::ShutDown);
+}
+
+#[test]
+fn max_sessions_frees_a_slot_when_a_session_times_out() {
+    let root = standard_root();
+    // Sessions that get no ACK end 100 + 200 + 400 ms after they start.
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.max_sessions(2)
+            .timeout(Duration::from_millis(100))
+            .retries(2)
+    });
+    let (a, b, c) = (
+        Raw::new(server.addr),
+        Raw::new(server.addr),
+        Raw::new(server.addr),
+    );
+    a.rrq(server.addr, b"big.bin", "octet", &[]);
+    a.expect_data();
+    b.rrq(server.addr, b"big.bin", "octet", &[]);
+    b.expect_data();
+    c.rrq(server.addr, b"small.txt", "octet", &[]);
+    assert_eq!(
+        c.recv_within(Duration::from_millis(150)),
+        None,
+        "served beyond max_sessions"
+    );
+    let (block, data, c_tid) = c.expect_data();
+    assert_eq!((block, data.as_slice()), (1, SMALL));
+    c.ack(c_tid, 1);
+    // The slot was freed by a timed-out session, reported before C's session started.
+    let first = server.next_session();
+    assert!(
+        first.peer == a.local_addr() || first.peer == b.local_addr(),
+        "{first:?}"
+    );
+    assert_eq!(first.outcome, Outcome::TimedOut);
+    assert_eq!(first.transfer.retransmits, 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Protocol details, with hand-made datagrams
+// ---------------------------------------------------------------------------------------
+
+/// Sends an ERROR packet.
+fn send_error(raw: &Raw, to: SocketAddr, code: ErrorCode, message: &str) {
+    let mut datagram = Vec::new();
+    dyntftp::packet::write_error(&mut datagram, code, message);
+    raw.send(to, &datagram);
+}
+
+#[test]
+fn duplicate_ack_never_triggers_a_send() {
+    let root = standard_root();
+    // A long timeout: nothing may come but what an ACK causes.
+    let mut server = spawn_fs_with(v4(), root.path(), |b| b.timeout(Duration::from_secs(3)));
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"1024.bin", "octet", &[]);
+    let (block, _, tid) = raw.expect_data();
+    assert_eq!(block, 1);
+    raw.ack(tid, 1);
+    assert_eq!(raw.expect_data().0, 2);
+    // Sorcerer's Apprentice: the old ACK again must not cause a second DATA 2.
+    raw.ack(tid, 1);
+    assert_eq!(raw.recv_within(Duration::from_millis(300)), None);
+    raw.ack(tid, 2);
+    assert_eq!(raw.expect_data().0, 3);
+    raw.ack(tid, 3);
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::Completed);
+    assert_eq!(stats.transfer.duplicate_acks, 1);
+    assert_eq!(stats.transfer.packets_resent, 0);
+}
+
+#[test]
+fn ack_inside_the_window_resends_from_there() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| b.timeout(Duration::from_secs(3)));
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"big.bin", "octet", &[("windowsize", "4")]);
+    let (oack, tid) = raw.recv();
+    assert_eq!(
+        Packet::parse(&oack).map(|p| p.opcode()),
+        Ok(dyntftp::packet::Opcode::Oack)
+    );
+    raw.ack(tid, 0);
+    let blocks = |n: usize| -> Vec<u16> { (0..n).map(|_| raw.expect_data().0).collect() };
+    assert_eq!(blocks(4), [1, 2, 3, 4]);
+    // "I have 1 and 2": the server goes on from 3.
+    raw.ack(tid, 2);
+    assert_eq!(blocks(4), [3, 4, 5, 6]);
+    raw.ack(tid, 6);
+    let more = blocks(4);
+    assert_eq!(more, [7, 8, 9, 10]);
+    // The client gives up: the session ends without a reply.
+    send_error(&raw, tid, ErrorCode::NotDefined, "cancelled by the test");
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::PeerError(ErrorCode::NotDefined));
+    assert_eq!(
+        stats.transfer.peer_error,
+        Some((ErrorCode::NotDefined, "cancelled by the test".to_string()))
+    );
+    assert_eq!(stats.transfer.errors_sent, 0);
+    assert_eq!(raw.recv_within(Duration::from_millis(200)), None);
+}
+
+#[test]
+fn error_8_after_the_oack_is_a_size_probe() {
+    let root = standard_root();
+    let mut server = spawn_fs(v4(), root.path());
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"big.bin", "octet", &[("tsize", "0")]);
+    let (oack, tid) = raw.recv();
+    match Packet::parse(&oack) {
+        Ok(Packet::Oack(options)) => {
+            let tsize = options.iter().find(|o| o.is("tsize")).expect("tsize");
+            assert_eq!(tsize.value, (3u64 << 20).to_string().as_bytes());
+        }
+        other => panic!("expected OACK, got {other:?}"),
+    }
+    send_error(
+        &raw,
+        tid,
+        ErrorCode::OptionNegotiation,
+        "just wanted the size",
+    );
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::Probe);
+    assert!(stats.outcome.is_success());
+    assert_eq!(raw.recv_within(Duration::from_millis(200)), None);
+}
+
+#[test]
+fn retransmits_exactly_the_configured_number_of_times() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.timeout(Duration::from_millis(50)).retries(2)
+    });
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"small.txt", "octet", &[]);
+    // A repeated request (a client retrying its RRQ) must not double the traffic.
+    raw.rrq(server.addr, b"small.txt", "octet", &[]);
+    // Never ACK: once the session has ended, every DATA it sent is in our socket buffer.
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::FinalAckMissing);
+    assert_eq!(stats.transfer.retransmits, 2);
+    let mut received = 0;
+    while let Some((datagram, _)) = raw.recv_within(Duration::from_millis(50)) {
+        assert!(matches!(
+            Packet::parse(&datagram),
+            Ok(Packet::Data { block: 1, .. })
+        ));
+        received += 1;
+    }
+    assert_eq!(received, 3, "DATA 1 once plus two retransmissions");
+    let (rest, _) = server.stop();
+    assert!(rest.is_empty(), "{rest:?}");
+}
