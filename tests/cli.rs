@@ -109,3 +109,65 @@ fn help_and_version_exit_0() {
         format!("dyntftpd {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// Sends `rrq` from a fresh socket and returns the reply's first 4 bytes, or None.
+fn ask(port: u16, filename: &str) -> Option<[u8; 4]> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    let mut rrq = Vec::new();
+    dyntftp::packet::write_rrq(&mut rrq, filename.as_bytes(), "octet", []);
+    socket.send_to(&rrq, ("127.0.0.1", port)).unwrap();
+    let mut buf = [0u8; 600];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    buf[..n].first_chunk::<4>().copied()
+}
+
+#[test]
+fn user_flag_drops_root_before_serving() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: dropping privileges needs root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::env::temp_dir().join(format!("dyntftp-cli-user-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(root.join("public"), b"for everyone").unwrap();
+    std::fs::set_permissions(root.join("public"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(root.join("private"), b"root only").unwrap();
+    std::fs::set_permissions(root.join("private"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dyntftpd"))
+        .args(["-l", &format!("127.0.0.1:{port}"), "-r"])
+        .arg(&root)
+        .args(["-u", "nobody", "-q"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("dyntftpd starts");
+    // Ready once it answers a request for a missing file (bounded number of tries).
+    let ready = (0..40).any(|_| ask(port, "missing") == Some([0, 5, 0, 1]));
+    let public = ask(port, "public");
+    let private = ask(port, "private");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+    assert!(ready, "dyntftpd did not answer");
+    assert_eq!(
+        public,
+        Some([0, 3, 0, 1]),
+        "a world-readable file is served"
+    );
+    // As root the 0600 file would be readable; as nobody it is an access violation.
+    assert_eq!(
+        private,
+        Some([0, 5, 0, 2]),
+        "the 0600 file must be refused after -u nobody"
+    );
+}
