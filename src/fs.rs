@@ -735,6 +735,7 @@ mod tests {
                 filename: b"\\boot\\pxelinux.0",
                 mode: crate::packet::Mode::Octet,
                 options: crate::packet::Options::EMPTY,
+                notifier: &crate::handler::Notifier::detached(),
             };
             let mut source = h.open(&request).unwrap();
             assert_eq!(source.size(), Some(10));

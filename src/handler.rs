@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use crate::packet::{ErrorCode, Mode, Options};
 use crate::response::ResponseData;
@@ -27,12 +28,67 @@ pub struct ReadRequest<'a> {
     pub mode: Mode,
     /// The options the client requested (negotiation happens after `open`).
     pub options: Options<'a>,
+    /// Wakes this request's session when its source, having returned `WouldBlock`, has
+    /// data again. Clone it into the source or its producer thread.
+    pub notifier: &'a Notifier,
 }
 
 impl ReadRequest<'_> {
     /// The filename as text, with invalid UTF-8 replaced.
     pub fn filename_lossy(&self) -> Cow<'_, str> {
         String::from_utf8_lossy(self.filename)
+    }
+}
+
+/// Tells the event loop that a source which returned `io::ErrorKind::WouldBlock` may be
+/// readable now, from any thread.
+///
+/// A session whose source returns `WouldBlock` parks: it keeps answering retransmissions
+/// but reads nothing until [`notify`](Notifier::notify) is called (or, if blocks are in
+/// flight, until its retransmission timer fires). With nothing in flight, a source that
+/// stays pending past the server's source timeout ends the session with
+/// [`Outcome::SourceStalled`](crate::session::Outcome::SourceStalled).
+///
+/// Notifying costs one lock and, at most, one write to the loop's eventfd; notifying a
+/// session that has ended, or one that is not blocked, does nothing.
+#[derive(Clone)]
+pub struct Notifier {
+    target: Option<(Arc<dyn ReadySink>, usize, u32)>,
+}
+
+/// Where notifications go: the server's queue of sessions to resume.
+pub(crate) trait ReadySink: Send + Sync {
+    /// Queues session `key` of `generation` and wakes the loop.
+    fn ready(&self, key: usize, generation: u32);
+}
+
+impl Notifier {
+    /// A notifier attached to nothing (for sources used outside a server, and tests):
+    /// `notify` does nothing.
+    pub fn detached() -> Notifier {
+        Notifier { target: None }
+    }
+
+    pub(crate) fn new(sink: Arc<dyn ReadySink>, key: usize, generation: u32) -> Notifier {
+        Notifier {
+            target: Some((sink, key, generation)),
+        }
+    }
+
+    /// Asks the loop to try the session's source again.
+    pub fn notify(&self) {
+        if let Some((sink, key, generation)) = &self.target {
+            sink.ready(*key, *generation);
+        }
+    }
+}
+
+impl fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.target {
+            Some((_, key, generation)) => write!(f, "Notifier(session {key}/{generation})"),
+            None => f.write_str("Notifier(detached)"),
+        }
     }
 }
 

@@ -64,7 +64,7 @@ mod sys;
 pub mod timer;
 
 pub use fs::FsHandler;
-pub use handler::{Handler, ReadRequest, Reject};
+pub use handler::{Handler, Notifier, ReadRequest, Reject};
 pub use options::{Limits, Negotiated};
 pub use packet::{ErrorCode, Mode, Packet, ParseError};
 pub use response::{BytesSource, FileSource, Netascii, ReaderSource, ResponseData};

@@ -13,7 +13,9 @@
 //! 4. Drain every readable session socket until `WouldBlock`: datagrams from the session's
 //!    peer go to its [`Session`]; datagrams from anyone else get ERROR 5 and the session
 //!    goes on.
-//! 5. Fire due timers, report statistics when the interval is up, handle shutdown.
+//! 5. If the waker fired, resume the sessions whose sources signalled readiness through
+//!    their [`Notifier`] (a source that returned `WouldBlock` is not read again before).
+//! 6. Fire due timers, report statistics when the interval is up, handle shutdown.
 //!
 //! After every input a session is *driven*: its output is drained, datagrams are sent, its
 //! next deadline is put in the timer wheel (at most one live entry per session; an entry
@@ -28,7 +30,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
@@ -36,7 +38,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::handler::{Handler, ReadRequest, Reject};
+use crate::handler::{Handler, Notifier, ReadRequest, ReadySink, Reject};
 use crate::options::{Limits, MAX_BLKSIZE, MIN_BLKSIZE};
 use crate::packet::{write_error, ErrorCode, Mode, Packet, MAX_DATAGRAM};
 use crate::session::{Outcome, Output, Session, SessionConfig};
@@ -266,6 +268,12 @@ impl<H: Handler> ServerBuilder<H> {
             poll,
             events: Events::with_capacity(1024),
             listeners,
+            ready_queue: Arc::new(ReadyQueue {
+                pending: Mutex::new(Vec::new()),
+                waker: waker.clone(),
+            }),
+            resumed: Vec::new(),
+            woken: false,
             waker,
             shutdown: Arc::new(AtomicBool::new(false)),
             handler: self.handler,
@@ -315,6 +323,27 @@ impl fmt::Debug for ShutdownHandle {
     }
 }
 
+/// Sessions whose sources said they are ready again, filled from any thread.
+struct ReadyQueue {
+    pending: Mutex<Vec<(usize, u32)>>,
+    waker: Arc<Waker>,
+}
+
+impl ReadySink for ReadyQueue {
+    fn ready(&self, key: usize, generation: u32) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let first = pending.is_empty();
+        pending.push((key, generation));
+        drop(pending);
+        // A non-empty queue already has a wake-up on its way.
+        if first {
+            if let Err(e) = self.waker.wake() {
+                warn!("cannot wake the event loop: {e}");
+            }
+        }
+    }
+}
+
 struct Listener {
     socket: UdpSocket,
     local: SocketAddr,
@@ -343,6 +372,12 @@ pub struct Server<H> {
     events: Events,
     listeners: Vec<Listener>,
     waker: Arc<Waker>,
+    /// Sources that signalled readiness through their [`Notifier`].
+    ready_queue: Arc<ReadyQueue>,
+    /// The queue's contents, taken out under the lock and handled after.
+    resumed: Vec<(usize, u32)>,
+    /// The waker fired in the last poll.
+    woken: bool,
     shutdown: Arc<AtomicBool>,
     handler: H,
     config: SessionConfig,
@@ -429,9 +464,10 @@ impl<H: Handler> Server<H> {
         }
         self.now = Instant::now();
         self.ready.clear();
+        self.woken = false;
         for event in self.events.iter() {
             match event.token() {
-                WAKER => {}
+                WAKER => self.woken = true,
                 Token(t) if t > LISTENER_BASE - self.listeners.len() => {
                     self.listeners[LISTENER_BASE - t].readable = true;
                 }
@@ -448,6 +484,9 @@ impl<H: Handler> Server<H> {
         }
         for i in 0..self.ready.len() {
             self.on_session_readable(self.ready[i].0, true);
+        }
+        if self.woken {
+            self.resume_ready_sources();
         }
         while let Some((key, generation)) = self.wheel.poll(self.now) {
             self.on_timer(key, generation);
@@ -629,12 +668,19 @@ impl<H: Handler> Server<H> {
                 )
             }
         };
+        // The session's slot and generation are fixed before `open`, so the source can be
+        // given a notifier for it. A refused request only wastes a generation.
+        let key = self.sessions.vacant_key();
+        let generation = self.next_generation;
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        let notifier = Notifier::new(self.ready_queue.clone(), key, generation);
         let read_request = ReadRequest {
             peer,
             local,
             filename: request.filename,
             mode,
             options: request.options,
+            notifier: &notifier,
         };
         let filename = read_request.filename_lossy().into_owned();
         let handler = &mut self.handler;
@@ -682,10 +728,8 @@ impl<H: Handler> Server<H> {
             );
         };
         let mut socket = UdpSocket::from_std(socket);
-        let generation = self.next_generation;
-        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
         let vacant = self.sessions.vacant_entry();
-        let key = vacant.key();
+        debug_assert_eq!(vacant.key(), key);
         if let Err(e) = self.poll.registry().register(
             &mut socket,
             session_token(key, generation),
@@ -794,6 +838,31 @@ impl<H: Handler> Server<H> {
                 self.drive(key);
             }
         }
+    }
+
+    /// Resumes the sessions whose sources notified readiness.
+    fn resume_ready_sources(&mut self) {
+        {
+            let mut pending = self
+                .ready_queue
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut *pending, &mut self.resumed);
+        }
+        let mut resumed = std::mem::take(&mut self.resumed);
+        for &(key, generation) in &resumed {
+            let Some(entry) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            if entry.generation != generation || entry.session.is_done() {
+                continue;
+            }
+            entry.session.handle_source_ready(self.now);
+            self.drive(key);
+        }
+        resumed.clear();
+        self.resumed = resumed;
     }
 
     fn on_timer(&mut self, key: usize, generation: u32) {

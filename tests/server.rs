@@ -5,6 +5,7 @@ mod common;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -1092,4 +1093,141 @@ fn retransmits_exactly_the_configured_number_of_times() {
     assert_eq!(received, 3, "DATA 1 once plus two retransmissions");
     let (rest, _) = server.stop();
     assert!(rest.is_empty(), "{rest:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Sources that are not always ready
+// ---------------------------------------------------------------------------------------
+
+/// A source fed chunk by chunk from a producer thread: `read` returns `WouldBlock` when
+/// it has nothing, and reports each such moment on `blocked` so the producer delivers the
+/// next chunk only then (and notifies). Nothing here depends on timing.
+struct Fed {
+    chunks: mpsc::Receiver<Option<Vec<u8>>>,
+    blocked: mpsc::Sender<()>,
+    current: Vec<u8>,
+    pos: usize,
+    ended: bool,
+}
+
+impl ResponseData for Fed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.pos < self.current.len() {
+                let n = buf.len().min(self.current.len() - self.pos);
+                buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            if self.ended {
+                return Ok(0);
+            }
+            match self.chunks.try_recv() {
+                Ok(Some(chunk)) => {
+                    self.current = chunk;
+                    self.pos = 0;
+                }
+                Ok(None) | Err(mpsc::TryRecvError::Disconnected) => self.ended = true,
+                Err(mpsc::TryRecvError::Empty) => {
+                    let _ = self.blocked.send(());
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+            }
+        }
+    }
+}
+
+/// Serves `fed` by starting, per request, a producer thread that hands out `data` in
+/// chunks of `chunk` bytes, one chunk each time the source blocks, and notifies.
+struct FedHandler {
+    data: Vec<u8>,
+    chunk: usize,
+    notify: bool,
+}
+
+impl Handler for FedHandler {
+    fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+        let (chunks_tx, chunks_rx) = mpsc::channel();
+        let (blocked_tx, blocked_rx) = mpsc::channel::<()>();
+        let notifier = request.notifier.clone();
+        let data = self.data.clone();
+        let chunk = self.chunk;
+        let notify = self.notify;
+        thread::spawn(move || {
+            for piece in data.chunks(chunk) {
+                // Bounded: the source reports every block within the test's wait.
+                if blocked_rx.recv_timeout(WAIT).is_err() {
+                    return;
+                }
+                if chunks_tx.send(Some(piece.to_vec())).is_err() {
+                    return;
+                }
+                if notify {
+                    notifier.notify();
+                }
+            }
+            if blocked_rx.recv_timeout(WAIT).is_ok() {
+                let _ = chunks_tx.send(None);
+                if notify {
+                    notifier.notify();
+                }
+            }
+        });
+        Ok(Box::new(Fed {
+            chunks: chunks_rx,
+            blocked: blocked_tx,
+            current: Vec::new(),
+            pos: 0,
+            ended: false,
+        }))
+    }
+}
+
+fn spawn_fed(data: Vec<u8>, chunk: usize, notify: bool, source_timeout: Duration) -> ServerGuard {
+    spawn_server(
+        v4(),
+        move || {
+            Box::new(FedHandler {
+                data,
+                chunk,
+                notify,
+            })
+        },
+        // Retransmission timers far beyond the test's wait: only a notification can
+        // resume a parked session in time.
+        move |b| {
+            b.timeout(Duration::from_secs(60))
+                .source_timeout(source_timeout)
+        },
+    )
+}
+
+#[test]
+fn a_parked_session_resumes_when_its_source_notifies() {
+    let data = pseudo_random(300_000, 41);
+    // Chunks that do not line up with blocks: reads end mid-block and resume.
+    let mut server = spawn_fed(data.clone(), 7_000, true, Duration::from_secs(60));
+    for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")][..]] {
+        let got = fetch(server.addr, "streamed", "octet", options).unwrap();
+        assert_same(&got.data, &data, "streamed");
+        let stats = server.next_session();
+        assert_eq!(stats.outcome, Outcome::Completed);
+        assert_eq!(stats.transfer.retransmits, 0, "resumed by the timer");
+    }
+}
+
+#[test]
+fn a_source_that_never_becomes_ready_ends_the_session_as_stalled() {
+    // Without notifications nothing resumes the source: with nothing in flight after
+    // OACK/ACK 0, the session waits for the source timeout and ends as stalled.
+    let mut server = spawn_fed(vec![7; 5000], 1000, false, Duration::from_millis(300));
+    let err = fetch(server.addr, "stuck", "octet", &[("tsize", "0")]).unwrap_err();
+    assert_eq!(err.code(), Some(0), "{err:?}");
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::SourceStalled);
+    assert_eq!(stats.transfer.bytes_read, 0);
+    // The server goes on serving (and stalling) the next request.
+    let again = fetch(server.addr, "stuck", "octet", &[("tsize", "0")]).unwrap_err();
+    assert_eq!(again.code(), Some(0));
+    assert_eq!(server.next_session().outcome, Outcome::SourceStalled);
 }
