@@ -54,6 +54,7 @@
 
 pub mod fs;
 pub mod handler;
+pub mod limit;
 pub mod options;
 pub mod packet;
 pub mod response;
@@ -65,6 +66,7 @@ pub mod timer;
 
 pub use fs::FsHandler;
 pub use handler::{Handler, Notifier, ReadRequest, Reject};
+pub use limit::Rate;
 pub use options::{Limits, Negotiated};
 pub use packet::{ErrorCode, Mode, Packet, ParseError};
 pub use response::{BytesSource, FileSource, Netascii, ReaderSource, ResponseData};

@@ -33,12 +33,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use log::{debug, error, info, warn};
+use log::{debug, info, warn};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::handler::{Handler, Notifier, ReadRequest, ReadySink, Reject};
+use crate::limit::{ClientCounts, ClientKey, LogDecision, LogLimiter, Rate, RateLimiter};
 use crate::options::{Limits, MAX_BLKSIZE, MIN_BLKSIZE};
 use crate::packet::{write_error, ErrorCode, Mode, Packet, MAX_DATAGRAM};
 use crate::session::{Outcome, Output, Session, SessionConfig};
@@ -118,12 +119,20 @@ pub struct ServerBuilder<H> {
     max_sessions: Option<usize>,
     stats_interval: Duration,
     shutdown_grace: Duration,
+    request_rate: Option<Rate>,
+    max_sessions_per_client: Option<u32>,
+    limit_loopback: bool,
 }
+
+/// Default cap on the sessions one client (IPv4 address or IPv6 /64) runs at once.
+pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: u32 = 64;
 
 impl<H: Handler> ServerBuilder<H> {
     /// A builder serving requests through `handler`, with the defaults: timeout 1 s,
     /// 5 retries, max blksize 65464, max window 64 blocks and 1 MiB, stats every 60 s,
-    /// `max_sessions` from the file-descriptor limit, 5 s shutdown grace.
+    /// `max_sessions` from the file-descriptor limit, 5 s shutdown grace, and the abuse
+    /// limits [`Rate::DEFAULT`] and [`DEFAULT_MAX_SESSIONS_PER_CLIENT`] per client
+    /// (loopback clients exempt).
     pub fn new(handler: H) -> ServerBuilder<H> {
         ServerBuilder {
             handler,
@@ -133,6 +142,9 @@ impl<H: Handler> ServerBuilder<H> {
             max_sessions: None,
             stats_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
+            request_rate: Some(Rate::DEFAULT),
+            max_sessions_per_client: Some(DEFAULT_MAX_SESSIONS_PER_CLIENT),
+            limit_loopback: false,
         }
     }
 
@@ -190,6 +202,29 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
+    /// The request rate each client may send to the listeners, as a token bucket;
+    /// `None` for no limit. Datagrams over the rate are dropped without an answer (an
+    /// answer is what a reflection attack wants) and counted in
+    /// [`ServerStats::rate_limited`]. A client is an IPv4 address or an IPv6 /64.
+    pub fn request_rate(mut self, rate: Option<Rate>) -> Self {
+        self.request_rate = rate;
+        self
+    }
+
+    /// The most sessions one client may run at once; `None` for no limit. A request over
+    /// the cap gets ERROR 0 and is counted in [`ServerStats::client_limited`].
+    pub fn max_sessions_per_client(mut self, max: Option<u32>) -> Self {
+        self.max_sessions_per_client = max;
+        self
+    }
+
+    /// Whether the per-client limits apply to loopback clients too (default false: local
+    /// processes cannot be spoofed from the network, and benchmarks run over loopback).
+    pub fn limit_loopback(mut self, limit: bool) -> Self {
+        self.limit_loopback = limit;
+        self
+    }
+
     /// How often [`Handler::server_stats`] is called.
     pub fn stats_interval(mut self, interval: Duration) -> Self {
         self.stats_interval = interval;
@@ -225,6 +260,20 @@ impl<H: Handler> ServerBuilder<H> {
         }
         if self.max_sessions == Some(0) {
             return Err(Error::Config("max sessions must be at least 1".into()));
+        }
+        if self.max_sessions_per_client == Some(0) {
+            return Err(Error::Config(
+                "max sessions per client must be at least 1".into(),
+            ));
+        }
+        if let Some(rate) = self.request_rate {
+            if !(rate.per_second >= 0.0 && rate.per_second.is_finite()) || rate.burst == 0 {
+                return Err(Error::Config(format!(
+                    "request rate must be a finite rate >= 0 with a burst of at least 1, \
+                     not {} per second with burst {}",
+                    rate.per_second, rate.burst
+                )));
+            }
         }
         if self.addrs.is_empty() && self.sockets.is_empty() {
             return Err(Error::Config("no address to listen on".into()));
@@ -293,6 +342,13 @@ impl<H: Handler> ServerBuilder<H> {
             stats_since: now,
             shutdown_grace: self.shutdown_grace,
             grace_deadline: None,
+            rate_limiter: self
+                .request_rate
+                .map(|rate| RateLimiter::new(rate, RATE_LIMITER_CLIENTS)),
+            max_sessions_per_client: self.max_sessions_per_client,
+            per_client: ClientCounts::default(),
+            limit_loopback: self.limit_loopback,
+            logs: LogLimits::default(),
         })
     }
 }
@@ -402,6 +458,52 @@ pub struct Server<H> {
     shutdown_grace: Duration,
     /// Set once shutdown started: when remaining sessions are aborted.
     grace_deadline: Option<Instant>,
+    rate_limiter: Option<RateLimiter>,
+    max_sessions_per_client: Option<u32>,
+    per_client: ClientCounts,
+    limit_loopback: bool,
+    logs: LogLimits,
+}
+
+/// Clients whose request rate is tracked at once; beyond, new clients wait for old
+/// buckets to refill (see [`RateLimiter`]).
+const RATE_LIMITER_CLIENTS: usize = 65_536;
+
+/// One limiter per kind of warning, so a flood of one kind cannot hide the others.
+struct LogLimits {
+    rate_limited: LogLimiter,
+    client_limited: LogLimiter,
+    sockets: LogLimiter,
+    panics: LogLimiter,
+}
+
+impl Default for LogLimits {
+    fn default() -> LogLimits {
+        // Ten lines per kind per minute at most: enough to see what happens.
+        let limiter = || LogLimiter::new(Duration::from_secs(60), 10);
+        LogLimits {
+            rate_limited: limiter(),
+            client_limited: limiter(),
+            sockets: limiter(),
+            panics: limiter(),
+        }
+    }
+}
+
+/// Logs a line at `level` unless `limiter` holds it back, saying first how many lines
+/// it held back since the last one.
+fn log_limited(
+    limiter: &mut LogLimiter,
+    now: Instant,
+    level: log::Level,
+    args: fmt::Arguments<'_>,
+) {
+    if let LogDecision::Log { suppressed } = limiter.check(now) {
+        if suppressed > 0 {
+            log::log!(level, "({suppressed} similar messages suppressed)");
+        }
+        log::log!(level, "{args}");
+    }
 }
 
 impl<H: Handler> Server<H> {
@@ -490,6 +592,9 @@ impl<H: Handler> Server<H> {
         }
         while let Some((key, generation)) = self.wheel.poll(self.now) {
             self.on_timer(key, generation);
+        }
+        if let Some(limiter) = self.rate_limiter.as_mut() {
+            limiter.prune(self.now);
         }
         if self.now >= self.stats_since + self.stats_interval {
             self.report_stats();
@@ -589,6 +694,9 @@ impl<H: Handler> Server<H> {
 
     /// Handles a datagram sent to a listener.
     fn on_listener_datagram(&mut self, peer: SocketAddr, local: SocketAddr, datagram: &[u8]) {
+        if !self.within_rate(peer) {
+            return;
+        }
         match Packet::parse(datagram) {
             Ok(Packet::Rrq(request)) => self.on_rrq(peer, local, request),
             Ok(Packet::Wrq(_)) => {
@@ -635,6 +743,36 @@ impl<H: Handler> Server<H> {
         }
     }
 
+    /// Whether the peer's client may send one more datagram to a listener now.
+    fn within_rate(&mut self, peer: SocketAddr) -> bool {
+        let Some(limiter) = self.rate_limiter.as_mut() else {
+            return true;
+        };
+        if peer.ip().is_loopback() && !self.limit_loopback {
+            return true;
+        }
+        if limiter.allow(ClientKey::from(peer.ip()), self.now) {
+            return true;
+        }
+        self.stats.rate_limited += 1;
+        log_limited(
+            &mut self.logs.rate_limited,
+            self.now,
+            log::Level::Warn,
+            format_args!("{peer}: over the request rate limit, dropped"),
+        );
+        false
+    }
+
+    /// The per-client key a session counts under, when the per-client cap applies.
+    fn capped_client(&self, peer: SocketAddr) -> Option<ClientKey> {
+        self.max_sessions_per_client?;
+        if peer.ip().is_loopback() && !self.limit_loopback {
+            return None;
+        }
+        Some(ClientKey::from(peer.ip()))
+    }
+
     fn on_rrq(&mut self, peer: SocketAddr, local: SocketAddr, request: crate::packet::Request<'_>) {
         self.stats.requests += 1;
         if let Some(&key) = self.by_peer.get(&peer) {
@@ -650,6 +788,26 @@ impl<H: Handler> Server<H> {
             self.stats.duplicate_requests += 1;
             debug!("{peer}: repeated request while its session runs, ignored");
             return;
+        }
+        let client = self.capped_client(peer);
+        if let (Some(client), Some(max)) = (client, self.max_sessions_per_client) {
+            if self.per_client.get(client) >= max {
+                self.stats.client_limited += 1;
+                log_limited(
+                    &mut self.logs.client_limited,
+                    self.now,
+                    log::Level::Warn,
+                    format_args!("{peer}: already {max} sessions from this client, refused"),
+                );
+                return self.reject(
+                    peer,
+                    local,
+                    &Reject::new(
+                        ErrorCode::NotDefined,
+                        "too many transfers from your address",
+                    ),
+                );
+            }
         }
         let mode = match request.mode() {
             Some(mode @ (Mode::Octet | Mode::Netascii)) => mode,
@@ -693,7 +851,12 @@ impl<H: Handler> Server<H> {
             }
             Err(_) => {
                 self.stats.panics += 1;
-                error!("{peer}: the handler panicked opening {filename:?}");
+                log_limited(
+                    &mut self.logs.panics,
+                    self.now,
+                    log::Level::Error,
+                    format_args!("{peer}: the handler panicked opening {filename:?}"),
+                );
                 return self.reject(
                     peer,
                     local,
@@ -705,9 +868,14 @@ impl<H: Handler> Server<H> {
         {
             Ok(socket) => socket,
             Err(e) => {
-                warn!(
-                    "{peer}: cannot open a session socket on {}: {e}",
-                    local.ip()
+                log_limited(
+                    &mut self.logs.sockets,
+                    self.now,
+                    log::Level::Warn,
+                    format_args!(
+                        "{peer}: cannot open a session socket on {}: {e}",
+                        local.ip()
+                    ),
                 );
                 self.stats.send_errors += 1;
                 return;
@@ -720,7 +888,12 @@ impl<H: Handler> Server<H> {
         }));
         let Ok(session) = created else {
             self.stats.panics += 1;
-            error!("{peer}: the source of {filename:?} panicked");
+            log_limited(
+                &mut self.logs.panics,
+                self.now,
+                log::Level::Error,
+                format_args!("{peer}: the source of {filename:?} panicked"),
+            );
             return self.reject(
                 peer,
                 local,
@@ -735,7 +908,12 @@ impl<H: Handler> Server<H> {
             session_token(key, generation),
             Interest::READABLE,
         ) {
-            warn!("{peer}: cannot register a session socket: {e}");
+            log_limited(
+                &mut self.logs.sockets,
+                self.now,
+                log::Level::Warn,
+                format_args!("{peer}: cannot register a session socket: {e}"),
+            );
             return;
         }
         let window_bytes =
@@ -766,6 +944,9 @@ impl<H: Handler> Server<H> {
             start_time: SystemTime::now(),
         });
         self.by_peer.insert(peer, key);
+        if let Some(client) = client {
+            self.per_client.add(client);
+        }
         self.stats.sessions_started += 1;
         self.drive(key);
     }
@@ -929,9 +1110,14 @@ impl<H: Handler> Server<H> {
                 Ok(Output::Done(outcome)) => return self.finish(key, outcome),
                 Err(_) => {
                     self.stats.panics += 1;
-                    error!(
-                        "{}: the source of {:?} panicked",
-                        entry.peer, entry.filename
+                    log_limited(
+                        &mut self.logs.panics,
+                        now,
+                        log::Level::Error,
+                        format_args!(
+                            "{}: the source of {:?} panicked",
+                            entry.peer, entry.filename
+                        ),
                     );
                     entry.session.abort(
                         now,
@@ -953,6 +1139,9 @@ impl<H: Handler> Server<H> {
             debug!("deregister: {e}");
         }
         self.by_peer.remove(&entry.peer);
+        if let Some(client) = self.capped_client(entry.peer) {
+            self.per_client.remove(client);
+        }
         *self
             .stats
             .sessions_finished
@@ -988,7 +1177,12 @@ impl<H: Handler> Server<H> {
         let handler = &mut self.handler;
         if catch_unwind(AssertUnwindSafe(|| handler.session_finished(&stats))).is_err() {
             self.stats.panics += 1;
-            error!("the handler panicked in session_finished");
+            log_limited(
+                &mut self.logs.panics,
+                self.now,
+                log::Level::Error,
+                format_args!("the handler panicked in session_finished"),
+            );
         }
     }
 
@@ -1014,7 +1208,12 @@ impl<H: Handler> Server<H> {
         let handler = &mut self.handler;
         if catch_unwind(AssertUnwindSafe(|| handler.server_stats(&stats))).is_err() {
             self.stats.panics += 1;
-            error!("the handler panicked in server_stats");
+            log_limited(
+                &mut self.logs.panics,
+                self.now,
+                log::Level::Error,
+                format_args!("the handler panicked in server_stats"),
+            );
         }
     }
 }

@@ -169,6 +169,11 @@ pub struct ServerStats {
     pub send_errors: u64,
     /// Panics caught in user code (handler or source).
     pub panics: u64,
+    /// Datagrams to a listener dropped, unanswered, because their client was over the
+    /// request rate.
+    pub rate_limited: u64,
+    /// Requests refused because their client already ran the most sessions allowed.
+    pub client_limited: u64,
     /// Gauge: sessions running at the time of the report.
     pub active_sessions: u64,
 }

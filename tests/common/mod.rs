@@ -408,6 +408,8 @@ pub fn sum_reports(reports: &[ServerStats]) -> ServerStats {
         total.send_would_block += r.send_would_block;
         total.send_errors += r.send_errors;
         total.panics += r.panics;
+        total.rate_limited += r.rate_limited;
+        total.client_limited += r.client_limited;
     }
     total
 }

@@ -1,0 +1,256 @@
+//! Abuse limits over loopback: the per-client request rate, the per-client session cap,
+//! the retry budget of an unanswered first packet (what a spoofed request costs), and the
+//! rate limit on warnings. Loopback is exempt by default, so these servers opt in with
+//! `limit_loopback(true)`; 127.0.0.1 and 127.0.0.2 are two different clients.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dyntftp::{Outcome, Packet, Rate};
+
+/// How long silence is awaited where silence is the expected answer.
+const SILENCE: Duration = Duration::from_millis(300);
+
+fn raw_on(ip: [u8; 4]) -> Raw {
+    let socket = UdpSocket::bind(SocketAddr::from((ip, 0))).expect("bind");
+    socket.set_read_timeout(Some(WAIT)).expect("timeout");
+    Raw { socket }
+}
+
+/// Whether 127.0.0.2 is a local address (Linux routes all of 127/8 to loopback).
+fn second_loopback(test: &str) -> bool {
+    let ok = UdpSocket::bind("127.0.0.2:0").is_ok();
+    if !ok {
+        eprintln!("SKIPPED: {test}: 127.0.0.2 is not a local address here");
+    }
+    ok
+}
+
+fn is_data_1(datagram: &[u8]) -> bool {
+    matches!(Packet::parse(datagram), Ok(Packet::Data { block: 1, .. }))
+}
+
+/// Fetches the one-block `small.txt` with `raw` and waits for its session to be reported,
+/// which orders every datagram sent to the listener before it ahead of the next report.
+fn fetch_small(server: &mut ServerGuard, raw: &Raw) {
+    raw.rrq(server.addr, b"small.txt", "octet", &[]);
+    let (block, data, tid) = raw.expect_data();
+    assert_eq!((block, &data[..]), (1, SMALL));
+    raw.ack(tid, 1);
+    loop {
+        let finished = server.next_session();
+        if finished.peer == raw.local_addr() {
+            assert_eq!(finished.outcome, Outcome::Completed);
+            return;
+        }
+    }
+}
+
+#[test]
+fn requests_over_the_rate_are_dropped_unanswered() {
+    if !second_loopback("requests_over_the_rate_are_dropped_unanswered") {
+        return;
+    }
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.limit_loopback(true)
+            .request_rate(Some(Rate {
+                per_second: 0.0,
+                burst: 5,
+            }))
+            .stats_interval(Duration::from_millis(50))
+    });
+    let clients: Vec<Raw> = (0..20).map(|_| raw_on([127, 0, 0, 1])).collect();
+    for raw in &clients {
+        raw.rrq(server.addr, b"small.txt", "octet", &[]);
+    }
+    let mut answered = 0;
+    // One silence period for all of them.
+    let deadline = Instant::now() + SILENCE;
+    for raw in &clients {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Some((datagram, _)) = raw.recv_within(left) {
+            assert!(is_data_1(&datagram), "{datagram:?}");
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 5, "the burst, then nothing (the rate is zero)");
+    // Another client has its own bucket.
+    fetch_small(&mut server, &raw_on([127, 0, 0, 2]));
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.rate_limited, 15);
+    assert_eq!(total.requests, 6, "dropped datagrams are not even parsed");
+}
+
+#[test]
+fn loopback_clients_are_exempt_by_default() {
+    let root = standard_root();
+    let server = spawn_fs_with(v4(), root.path(), |b| {
+        b.request_rate(Some(Rate {
+            per_second: 0.0,
+            burst: 1,
+        }))
+        .max_sessions_per_client(Some(1))
+    });
+    let clients: Vec<Raw> = (0..5).map(|_| Raw::new(server.addr)).collect();
+    for raw in &clients {
+        raw.rrq(server.addr, b"big.bin", "octet", &[]);
+    }
+    for raw in &clients {
+        assert!(is_data_1(&raw.recv().0));
+    }
+}
+
+#[test]
+fn sessions_per_client_are_capped() {
+    if !second_loopback("sessions_per_client_are_capped") {
+        return;
+    }
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.limit_loopback(true)
+            .request_rate(None)
+            .max_sessions_per_client(Some(2))
+            .stats_interval(Duration::from_millis(50))
+    });
+    // Two sessions left waiting for their first ACK.
+    let first = raw_on([127, 0, 0, 1]);
+    let second = raw_on([127, 0, 0, 1]);
+    first.rrq(server.addr, b"big.bin", "octet", &[]);
+    let (block, _, session_tid) = first.expect_data();
+    assert_eq!(block, 1);
+    second.rrq(server.addr, b"big.bin", "octet", &[]);
+    assert_eq!(second.expect_data().0, 1);
+    // The third from the same client is refused with a reason.
+    let third = raw_on([127, 0, 0, 1]);
+    third.rrq(server.addr, b"big.bin", "octet", &[]);
+    let (code, message, _) = third.expect_error();
+    assert_eq!(code, 0);
+    assert!(message.contains("too many"), "{message}");
+    // Another client is not affected.
+    let other = raw_on([127, 0, 0, 2]);
+    other.rrq(server.addr, b"small.txt", "octet", &[]);
+    assert_eq!(other.expect_data().0, 1);
+    // When one of the two ends, the client may start another.
+    let mut error = Vec::new();
+    dyntftp::packet::write_error(&mut error, dyntftp::ErrorCode::NotDefined, "cancelled");
+    first.send(session_tid, &error);
+    loop {
+        let finished = server.next_session();
+        if finished.peer == first.local_addr() {
+            assert!(matches!(finished.outcome, Outcome::PeerError(_)));
+            break;
+        }
+    }
+    let fourth = raw_on([127, 0, 0, 1]);
+    fourth.rrq(server.addr, b"big.bin", "octet", &[]);
+    assert_eq!(fourth.expect_data().0, 1);
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.client_limited, 1);
+    assert_eq!(total.rejected.get(&0), Some(&1));
+}
+
+/// What a spoofed request costs: the first packet and exactly `retries` resends, then
+/// the session ends.
+fn unanswered_first_packet(options: &[(&str, &str)], want_oack: bool) {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.timeout(Duration::from_millis(40)).retries(3)
+    });
+    let victim = Raw::new(server.addr);
+    victim.rrq(server.addr, b"big.bin", "octet", options);
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::TimedOut);
+    assert_eq!(stats.transfer.retransmits, 3);
+    // Everything was sent before the session ended: it is all queued now.
+    let mut received = Vec::new();
+    while let Some((datagram, _)) = victim.recv_within(Duration::from_millis(50)) {
+        received.push(datagram);
+    }
+    assert_eq!(received.len(), 4, "first packet + 3 retries");
+    for datagram in &received {
+        match Packet::parse(datagram) {
+            Ok(Packet::Oack(_)) => assert!(want_oack),
+            Ok(Packet::Data { block: 1, .. }) => assert!(!want_oack),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_unanswered_first_data_is_resent_exactly_the_retry_budget() {
+    unanswered_first_packet(&[], false);
+}
+
+#[test]
+fn an_unanswered_oack_is_resent_exactly_the_retry_budget() {
+    unanswered_first_packet(&[("blksize", "1428"), ("windowsize", "16")], true);
+}
+
+/// Warnings captured from the server threads of this test binary.
+struct Capture {
+    lines: Mutex<Vec<String>>,
+}
+
+impl log::Log for Capture {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            self.lines.lock().unwrap().push(record.args().to_string());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn captured() -> &'static Capture {
+    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture: &'static Capture = Box::leak(Box::new(Capture {
+            lines: Mutex::new(Vec::new()),
+        }));
+        log::set_logger(capture).expect("no other logger in this test binary");
+        log::set_max_level(log::LevelFilter::Warn);
+        capture
+    })
+}
+
+#[test]
+fn a_flood_writes_a_bounded_number_of_warnings() {
+    if !second_loopback("a_flood_writes_a_bounded_number_of_warnings") {
+        return;
+    }
+    let capture = captured();
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.limit_loopback(true)
+            .request_rate(Some(Rate {
+                per_second: 0.0,
+                burst: 1,
+            }))
+            .stats_interval(Duration::from_millis(50))
+    });
+    let flood = Raw::new(server.addr);
+    let port = flood.local_addr().port();
+    let mut rrq = Vec::new();
+    dyntftp::packet::write_rrq(&mut rrq, b"small.txt", "octet", []);
+    // In batches small enough for the listener's receive buffer, each followed by a
+    // request from another client (its own bucket) whose session orders the counters.
+    for batch in 0..10u8 {
+        for _ in 0..50 {
+            flood.send(server.addr, &rrq);
+        }
+        fetch_small(&mut server, &raw_on([127, 0, 0, 2 + batch]));
+    }
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!((total.requests, total.rate_limited), (1 + 10, 499));
+    let mine = format!(":{port}: over the request rate limit");
+    let lines = capture.lines.lock().unwrap();
+    let warnings = lines.iter().filter(|l| l.contains(&mine)).count();
+    assert_eq!(warnings, 10, "one burst of the log limiter, then silence");
+}
