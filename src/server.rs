@@ -202,6 +202,19 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
+    /// Whether sessions retransmit early when the measured round-trip time is far below
+    /// the timeout (default true; see [`SessionConfig::adaptive`]).
+    pub fn adaptive_timeout(mut self, adaptive: bool) -> Self {
+        self.config.adaptive = adaptive;
+        self
+    }
+
+    /// The shortest adaptive retransmission interval (default 2 ms).
+    pub fn min_rto(mut self, min: Duration) -> Self {
+        self.config.min_rto = min;
+        self
+    }
+
     /// The request rate each client may send to the listeners, as a token bucket;
     /// `None` for no limit. Datagrams over the rate are dropped without an answer (an
     /// answer is what a reflection attack wants) and counted in
@@ -1054,9 +1067,12 @@ impl<H: Handler> Server<H> {
             return;
         }
         entry.timer = None;
-        let before = entry.session.stats().retransmits;
+        let before = entry.session.stats();
+        let (retransmits, early) = (before.retransmits, before.early_retransmits);
         entry.session.handle_timeout(self.now);
-        self.stats.retransmits += entry.session.stats().retransmits - before;
+        let after = entry.session.stats();
+        self.stats.retransmits += after.retransmits - retransmits;
+        self.stats.early_retransmits += after.early_retransmits - early;
         self.drive(key);
     }
 

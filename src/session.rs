@@ -30,6 +30,16 @@
 //!   When the client chose `timeout`/`utimeout`, that interval is used as is; otherwise the
 //!   interval starts at [`SessionConfig::timeout`] and doubles with every retry, up to
 //!   8 × that value.
+//! - Adaptive retransmission ([`SessionConfig::adaptive`]): the round-trip time is measured
+//!   from every ACK of a packet sent once (Karn's rule: never from a resent one), smoothed
+//!   as in RFC 6298, and once three samples are in, the estimate `srtt + 4 × rttvar` (at
+//!   least 1.5 × the largest sample and [`SessionConfig::min_rto`]) is used while it is
+//!   below the timeout: a lost packet on a
+//!   fast network costs a few round trips, not a second. These early retransmissions
+//!   double their interval each time and stop once it reaches the timeout, so they are
+//!   bounded, and they do not spend the retry budget; the full schedule above follows
+//!   them unchanged. Before any measurement (a spoofed request is never acknowledged)
+//!   only the full schedule runs. The client's negotiated timeout stays the upper bound.
 //! - An ERROR from the client ends the session without a reply; code 8 right after our OACK
 //!   is a size probe ([`Outcome::Probe`]).
 //! - A read error from the source sends ERROR 0 "error reading file" and ends with
@@ -49,6 +59,10 @@ use crate::packet::{
 use crate::response::{Netascii, ResponseData};
 use crate::stats::TransferStats;
 
+/// Round-trip samples needed before retransmitting early: one sample says little about
+/// how much the round trip varies.
+const MIN_RTT_SAMPLES: u32 = 3;
+
 /// Server policy for sessions. Clients never change it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -61,6 +75,11 @@ pub struct SessionConfig {
     pub source_timeout: Duration,
     /// Negotiation limits.
     pub limits: Limits,
+    /// Retransmit early, at a timeout derived from the measured round-trip time (RFC 6298
+    /// style), when that is far below the timeout. Default true.
+    pub adaptive: bool,
+    /// The shortest adaptive retransmission interval. Default 2 ms.
+    pub min_rto: Duration,
 }
 
 impl Default for SessionConfig {
@@ -70,6 +89,8 @@ impl Default for SessionConfig {
             retries: 5,
             source_timeout: Duration::from_secs(30),
             limits: Limits::default(),
+            adaptive: true,
+            min_rto: Duration::from_millis(2),
         }
     }
 }
@@ -183,6 +204,19 @@ pub struct Session {
     high_sent: u64,
 
     retries: u32,
+    /// Early (adaptive) retransmissions since the last progress.
+    early: u32,
+    /// The armed deadline is an early one.
+    deadline_early: bool,
+    /// When each ring slot's packet was first sent, and whether it was sent again since.
+    sent_at: Vec<(Instant, bool)>,
+    /// When the OACK was first sent, and whether it was sent again since.
+    oack_sent_at: Option<(Instant, bool)>,
+    /// Smoothed round-trip time and its mean deviation, once measured.
+    rtt: Option<(Duration, Duration)>,
+    /// Round-trip samples taken, and the largest.
+    rtt_samples: u32,
+    rtt_max: Duration,
     deadline: Option<Instant>,
     /// When the source first said `WouldBlock` for the block being read.
     stalled_since: Option<Instant>,
@@ -234,6 +268,13 @@ impl Session {
             last: None,
             high_sent: 0,
             retries: 0,
+            early: 0,
+            deadline_early: false,
+            sent_at: vec![(now, true); window],
+            oack_sent_at: None,
+            rtt: None,
+            rtt_samples: 0,
+            rtt_max: Duration::ZERO,
             deadline: None,
             stalled_since: None,
             source_blocked: false,
@@ -372,7 +413,11 @@ impl Session {
                     if self.control_pending {
                         self.control_pending = false;
                         self.stats.packets_sent += 1;
-                        self.deadline = Some(self.now + self.rto());
+                        self.oack_sent_at = match self.oack_sent_at {
+                            None => Some((self.now, false)),
+                            Some((at, _)) => Some((at, true)),
+                        };
+                        self.arm_retransmit();
                         return Output::Transmit(&self.control);
                     }
                     return self.wait();
@@ -418,6 +463,7 @@ impl Session {
     fn arm_stall_deadline(&mut self) {
         if self.next == self.base {
             let since = self.stalled_since.unwrap_or(self.now);
+            self.deadline_early = false;
             self.deadline = Some(since + self.config.source_timeout);
         }
     }
@@ -443,11 +489,13 @@ impl Session {
         if block <= self.high_sent {
             self.stats.packets_resent += 1;
             self.stats.bytes_resent += payload;
+            self.sent_at[slot].1 = true;
         } else {
             self.high_sent = block;
+            self.sent_at[slot] = (self.now, false);
         }
         // The timer runs from the last packet sent.
-        self.deadline = Some(self.now + self.rto());
+        self.arm_retransmit();
         let start = slot * self.slot_len();
         Output::Transmit(&self.ring[start..start + len])
     }
@@ -494,6 +542,9 @@ impl Session {
                 if block == 0 {
                     self.state = State::Transfer;
                     self.stats.acks += 1;
+                    if let Some((sent, false)) = self.oack_sent_at {
+                        self.sample_rtt(sent);
+                    }
                     self.progress();
                 } else {
                     self.stats.unexpected_acks += 1;
@@ -515,6 +566,10 @@ impl Session {
                 }
                 self.stats.acks += 1;
                 self.stats.blocks_acked += acked - low;
+                // The acknowledged block's slot is refilled only after this.
+                if let (sent, false) = self.sent_at[self.slot(acked)] {
+                    self.sample_rtt(sent);
+                }
                 self.base = acked + 1;
                 if self.last == Some(acked) {
                     self.finish(Outcome::Completed);
@@ -532,11 +587,59 @@ impl Session {
     /// Progress was made: the retry budget and the timer start over.
     fn progress(&mut self) {
         self.retries = 0;
+        self.early = 0;
+        self.deadline_early = false;
         self.deadline = None;
     }
 
+    /// Feeds one round-trip sample (RFC 6298 §2).
+    fn sample_rtt(&mut self, sent: Instant) {
+        let r = self.now.saturating_duration_since(sent);
+        let (srtt, rttvar) = match self.rtt {
+            None => (r, r / 2),
+            Some((srtt, rttvar)) => {
+                let delta = srtt.abs_diff(r);
+                ((srtt * 7 + r) / 8, (rttvar * 3 + delta) / 4)
+            }
+        };
+        self.rtt = Some((srtt, rttvar));
+        self.rtt_samples = self.rtt_samples.saturating_add(1);
+        self.rtt_max = self.rtt_max.max(r);
+        self.stats.srtt = Some(srtt);
+    }
+
+    /// Arms the retransmission timer for a packet sent now: early when the measured
+    /// round-trip time allows it and the early intervals have not reached the timeout.
+    fn arm_retransmit(&mut self) {
+        let full = self.rto();
+        let early = match self.rtt {
+            Some((srtt, rttvar))
+                if self.config.adaptive
+                    && self.retries == 0
+                    && self.rtt_samples >= MIN_RTT_SAMPLES =>
+            {
+                // Never below 1.5 × the slowest round trip seen: a client whose answers
+                // vary a lot is not resent to while it is merely slow.
+                let estimate = (srtt + rttvar * 4)
+                    .max(self.rtt_max + self.rtt_max / 2)
+                    .max(self.config.min_rto);
+                let interval = estimate.saturating_mul(1 << self.early.min(20));
+                (interval < full).then_some(interval)
+            }
+            _ => None,
+        };
+        self.deadline_early = early.is_some();
+        self.deadline = Some(self.now + early.unwrap_or(full));
+    }
+
     /// Takes one retry from the budget; false (and the session ends) when it is empty.
+    /// An early deadline takes nothing from the budget.
     fn spend_retry(&mut self) -> bool {
+        if self.deadline_early {
+            self.early += 1;
+            self.stats.early_retransmits += 1;
+            return true;
+        }
         if self.retries >= self.config.retries {
             let all_sent = self.state == State::Transfer
                 && self.last.is_some_and(|last| self.high_sent >= last);
@@ -742,6 +845,7 @@ mod tests {
     fn timer_resends_stored_window_with_backoff_then_gives_up_after_exact_retries() {
         let config = SessionConfig {
             retries: 3,
+            adaptive: false,
             ..SessionConfig::default()
         };
         let mut h = Harness::new(b"windowsize\x002\x00", vec![5; 2000], config);
@@ -773,12 +877,135 @@ mod tests {
 
     #[test]
     fn client_timeout_is_used_as_is() {
-        let mut h = Harness::new(b"timeout\x003\x00", vec![1], SessionConfig::default());
+        let config = SessionConfig {
+            adaptive: false,
+            ..SessionConfig::default()
+        };
+        let mut h = Harness::new(b"timeout\x003\x00", vec![1], config);
         h.drain();
         h.ack(0);
         for _ in 0..3 {
             assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(3)));
             assert_eq!(h.advance(Duration::from_secs(3)).len(), 1);
+        }
+    }
+
+    /// Waits for the session's deadline, fires it, and returns (interval, datagrams sent).
+    fn fire(h: &mut Harness) -> (Duration, Vec<Vec<u8>>) {
+        let Output::Wait(deadline) = h.drain().1 else {
+            panic!("not waiting")
+        };
+        let interval = deadline - h.now;
+        h.now = deadline;
+        h.session.handle_timeout(h.now);
+        (interval, h.drain().0)
+    }
+
+    #[test]
+    fn adaptive_retransmits_early_then_falls_back_to_the_full_schedule() {
+        let mut h = Harness::new(
+            b"windowsize\x002\x00",
+            vec![5; 10_000],
+            SessionConfig::default(),
+        );
+        h.drain();
+        // Three round trips of 10 ms: srtt 10 ms, rttvar 5 → 3.75 → 2.8125 ms, estimate
+        // 10 + 4 × 2.8125 = 21.25 ms (above 1.5 × the largest sample, 15 ms).
+        let mut first = Vec::new();
+        for block in [0, 2, 4] {
+            h.now += Duration::from_millis(10);
+            first = h.ack(block);
+        }
+        assert_eq!(blocks(&first), vec![5, 6]);
+        assert_eq!(h.session.stats().srtt, Some(Duration::from_millis(10)));
+        let mut intervals = Vec::new();
+        loop {
+            let (interval, sent) = fire(&mut h);
+            intervals.push(interval.as_micros());
+            if h.session.is_done() {
+                assert!(sent.is_empty());
+                break;
+            }
+            assert_eq!(sent, first, "resends the stored window");
+        }
+        // Early: 21.25 ms doubling while below the 1 s timeout; then the full schedule
+        // with exactly the retry budget; then the session gives up.
+        let ms = 1000;
+        assert_eq!(
+            intervals,
+            [
+                21_250,
+                42_500,
+                85_000,
+                170_000,
+                340_000,
+                680_000,
+                1000 * ms,
+                2000 * ms,
+                4000 * ms,
+                8000 * ms,
+                8000 * ms,
+                8000 * ms
+            ]
+        );
+        let stats = h.session.stats();
+        assert_eq!((stats.early_retransmits, stats.retransmits), (6, 5));
+        assert_eq!(stats.outcome, Some(Outcome::TimedOut));
+    }
+
+    #[test]
+    fn adaptive_timeout_never_exceeds_the_clients_timeout() {
+        // The client chose 20 ms: the estimate (21.25 ms) is not below it, so only the
+        // client's interval is used.
+        let mut h = Harness::new(
+            b"utimeout\x0020000\x00windowsize\x002\x00",
+            vec![5; 10_000],
+            SessionConfig::default(),
+        );
+        h.drain();
+        for block in [0, 2, 4] {
+            h.now += Duration::from_millis(10);
+            h.ack(block);
+        }
+        let (interval, sent) = fire(&mut h);
+        assert_eq!((interval, sent.len()), (Duration::from_millis(20), 2));
+        assert_eq!(h.session.stats().early_retransmits, 0);
+    }
+
+    #[test]
+    fn rtt_is_never_sampled_from_a_resent_packet() {
+        let mut h = Harness::new(b"", vec![5; 5000], SessionConfig::default());
+        h.drain();
+        // DATA 1 is resent at 1 s (no estimate yet); its ACK at 1.5 s is ambiguous.
+        assert_eq!(h.advance(Duration::from_secs(1)).len(), 1);
+        h.now += Duration::from_millis(500);
+        assert_eq!(blocks(&h.ack(1)), vec![2]);
+        assert_eq!(h.session.stats().srtt, None, "Karn's rule");
+        // DATA 2, 3 and 4 were sent once: their ACKs after 4 ms are samples.
+        for block in [2, 3, 4] {
+            h.now += Duration::from_millis(4);
+            assert_eq!(blocks(&h.ack(block)), vec![block + 1]);
+        }
+        assert_eq!(h.session.stats().srtt, Some(Duration::from_millis(4)));
+        // rttvar 2 → 1.5 → 1.125 ms: estimate 4 + 4 × 1.125 = 8.5 ms.
+        assert_eq!(fire(&mut h).0, Duration::from_micros(8500));
+    }
+
+    #[test]
+    fn estimate_has_a_floor_and_adaptive_can_be_turned_off() {
+        for (adaptive, want) in [(true, 2), (false, 1000)] {
+            let config = SessionConfig {
+                adaptive,
+                ..SessionConfig::default()
+            };
+            let mut h = Harness::new(b"tsize\x000\x00", vec![5; 2000], config);
+            h.drain();
+            // ACKs in no time at all; two samples are too few to go early.
+            h.ack(0);
+            h.ack(1);
+            assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+            h.ack(2);
+            assert_eq!(fire(&mut h).0, Duration::from_millis(want));
         }
     }
 

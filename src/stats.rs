@@ -40,8 +40,14 @@ pub struct TransferStats {
     pub duplicate_acks: u64,
     /// ACKs for blocks never sent, or other ACKs out of place (ignored).
     pub unexpected_acks: u64,
-    /// Timer expiries that led to a retransmission.
+    /// Timer expiries at the full timeout that led to a retransmission (these spend the
+    /// retry budget).
     pub retransmits: u64,
+    /// Retransmissions sent early because the measured round-trip time is far below the
+    /// timeout (they do not spend the retry budget).
+    pub early_retransmits: u64,
+    /// Smoothed round-trip time measured from ACKs, if any was measured.
+    pub srtt: Option<Duration>,
     /// Datagrams from the peer that did not parse (ignored).
     pub malformed: u64,
     /// The ERROR the peer sent, if it sent one: code and message.
@@ -69,6 +75,8 @@ impl TransferStats {
             duplicate_acks: 0,
             unexpected_acks: 0,
             retransmits: 0,
+            early_retransmits: 0,
+            srtt: None,
             malformed: 0,
             peer_error: None,
             error_sent: None,
@@ -161,8 +169,10 @@ pub struct ServerStats {
     pub datagrams_sent: u64,
     /// DATA payload bytes sent, resends included.
     pub bytes_sent: u64,
-    /// Timer-driven retransmissions.
+    /// Timer-driven retransmissions at the full timeout.
     pub retransmits: u64,
+    /// Early retransmissions at the adaptive (round-trip based) timeout.
+    pub early_retransmits: u64,
     /// Sends dropped because the socket buffer was full (the timer recovers them).
     pub send_would_block: u64,
     /// Other send failures.

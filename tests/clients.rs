@@ -49,8 +49,11 @@ fn bed() -> Bed {
     let out = TempDir::new("client-out");
     // Short retransmission settings: a client that never sends its final ACK shows up as
     // FinalAckMissing within a couple of seconds rather than half a minute.
+    // Adaptive retransmission on, as dyntftpd runs it.
     let server = spawn_fs_with(v4(), root.path(), |b| {
-        b.timeout(Duration::from_millis(250)).retries(3)
+        b.timeout(Duration::from_millis(250))
+            .retries(3)
+            .adaptive_timeout(true)
     });
     Bed {
         server,

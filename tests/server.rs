@@ -1231,3 +1231,54 @@ fn a_source_that_never_becomes_ready_ends_the_session_as_stalled() {
     assert_eq!(again.code(), Some(0));
     assert_eq!(server.next_session().outcome, Outcome::SourceStalled);
 }
+
+// ---------------------------------------------------------------------------------------
+// Adaptive retransmission
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_lost_window_is_resent_after_a_few_round_trips_not_the_timeout() {
+    let root = standard_root();
+    // A 60 s timeout: within the test's wait only an early retransmission can come.
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.timeout(Duration::from_secs(60)).adaptive_timeout(true)
+    });
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"big.bin", "octet", &[("windowsize", "4")]);
+    let (oack, tid) = raw.recv();
+    assert!(matches!(Packet::parse(&oack), Ok(Packet::Oack(_))));
+    // Three round trips measured (ACK 0, 4, 8), then the third window is "lost".
+    for last in [0, 4, 8] {
+        raw.ack(tid, last);
+        let window: Vec<u16> = (0..4).map(|_| raw.expect_data().0).collect();
+        assert_eq!(window, [last + 1, last + 2, last + 3, last + 4]);
+    }
+    // No ACK: the window comes again, early.
+    let again: Vec<u16> = (0..4).map(|_| raw.expect_data().0).collect();
+    assert_eq!(again, [9, 10, 11, 12]);
+    send_error(&raw, tid, ErrorCode::NotDefined, "enough");
+    let stats = server.next_session();
+    assert!(
+        stats.transfer.early_retransmits >= 1,
+        "{:?}",
+        stats.transfer
+    );
+    assert_eq!(
+        stats.transfer.retransmits, 0,
+        "the full timeout never ran out"
+    );
+    assert!(stats.transfer.srtt.is_some());
+}
+
+#[test]
+fn an_unacknowledged_first_packet_waits_the_full_timeout() {
+    // No round trip measured yet (a spoofed request looks like this): no early resend.
+    let root = standard_root();
+    let _server = spawn_fs_with(v4(), root.path(), |b| {
+        b.timeout(Duration::from_secs(60)).adaptive_timeout(true)
+    });
+    let raw = Raw::new(_server.addr);
+    raw.rrq(_server.addr, b"big.bin", "octet", &[]);
+    assert_eq!(raw.expect_data().0, 1);
+    assert_eq!(raw.recv_within(Duration::from_millis(300)), None);
+}

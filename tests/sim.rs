@@ -23,11 +23,14 @@
 //!   oracle considers advancing; an early `handle_timeout` sends nothing; garbage gets no
 //!   reply.
 //! - **Retry budget.** A session that ends with `TimedOut` or `FinalAckMissing` made exactly
-//!   `SessionConfig::retries` timer retransmissions since the last advancing ACK.
+//!   `SessionConfig::retries` full-timeout retransmissions since the last advancing ACK.
+//!   Early (adaptive) retransmissions are counted apart, and there are never more than
+//!   [`EARLY_BOUND`] of them in a row: their interval doubles until it reaches the timeout.
 //! - **Outcomes** (sweep). `Completed`: the client holds exactly the source. `FinalAckMissing`:
 //!   every block was sent at least once (the client may still miss the tail it never got).
 //!   `TimedOut`: only with loss, and only when some block was never sent — otherwise it is
-//!   `FinalAckMissing`. With loss 0 every run completes without a single resend.
+//!   `FinalAckMissing`. With loss 0 every run completes without a full-timeout
+//!   retransmission, and early ones (spurious when delays vary) resend under 5 % of packets.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
@@ -636,14 +639,20 @@ const MAX_STEPS: u64 = 5_000_000;
 const MAX_VIRTUAL_TIME: Duration = Duration::from_secs(48 * 3600);
 
 /// The simulator's independent view of the transfer (see the module documentation).
+/// Early retransmissions in a row can be at most log2(timeout / min_rto) + 1: with the
+/// defaults (1 s, 2 ms) that is 9.
+const EARLY_BOUND: u32 = 9;
+
 #[derive(Default)]
 struct Oracle {
     /// Highest block acknowledged to the session (ACK 0 of an OACK included).
     acked_high: Option<u64>,
     /// Highest DATA block the session sent, unwrapped.
     sent_high: u64,
-    /// Timer retransmissions since the last advancing ACK.
+    /// Full-timeout retransmissions since the last advancing ACK.
     streak: u32,
+    /// Early retransmissions since the last advancing ACK.
+    early_streak: u32,
     /// Stale ACKs delivered, and datagrams the session sent while handling them.
     stale_acks: u64,
     apprentice_replies: u64,
@@ -657,6 +666,7 @@ struct Oracle {
 struct Counters {
     resent: u64,
     retransmits: u64,
+    early: u64,
     acks: u64,
     malformed: u64,
 }
@@ -855,6 +865,7 @@ impl Sim {
         Counters {
             resent: stats.packets_resent,
             retransmits: stats.retransmits,
+            early: stats.early_retransmits,
             acks: stats.acks,
             malformed: stats.malformed,
         }
@@ -890,8 +901,17 @@ impl Sim {
         self.session.handle_timeout(self.now);
         let sent = self.drain_session();
         let after = self.counters();
-        let fired = after.retransmits - before.retransmits;
-        self.oracle.streak += fired as u32;
+        let full = after.retransmits - before.retransmits;
+        let early = after.early - before.early;
+        let fired = full + early;
+        self.oracle.streak += full as u32;
+        self.oracle.early_streak += early as u32;
+        if self.oracle.early_streak > EARLY_BOUND {
+            self.violation(format!(
+                "{} early retransmissions in a row",
+                self.oracle.early_streak
+            ));
+        }
         if fired == 0 && (sent > 0 || after.resent != before.resent) {
             self.violation(format!(
                 "sent {sent} datagram(s) on a timer expiry that was not a retransmission"
@@ -911,7 +931,11 @@ impl Sim {
                 let before = self.counters();
                 self.session.handle_timeout(self.now);
                 let sent = self.drain_session();
-                if sent > 0 || self.counters().retransmits != before.retransmits {
+                let after = self.counters();
+                if sent > 0
+                    || after.retransmits != before.retransmits
+                    || after.early != before.early
+                {
                     self.violation("an early handle_timeout did something".into());
                 }
             }
@@ -949,6 +973,7 @@ impl Sim {
         }
         self.oracle.acked_high = Some(block);
         self.oracle.streak = 0;
+        self.oracle.early_streak = 0;
         if after.acks != before.acks + 1 {
             self.violation(format!("advancing ACK {block} not counted as progress"));
         }
@@ -1173,10 +1198,17 @@ fn check_run(sim: &Sim, request: &Request, source: &[u8], loss: f64) -> Result<O
             sim.oracle.streak, sim.config.retries
         ));
     }
+    // Without loss nothing waits for the full timeout. Delays that vary (1–20 ms here) can
+    // still make an early retransmission spurious, as in TCP; they stay rare.
     if loss == 0.0
-        && (outcome != Outcome::Completed || stats.packets_resent > 0 || stats.retransmits > 0)
+        && (outcome != Outcome::Completed
+            || stats.retransmits > 0
+            || stats.packets_resent * 20 > stats.packets_sent)
     {
-        return fail("a perfect network needed resends".into());
+        return fail(format!(
+            "a perfect network needed resends: {} full, {} early, {} of {} packets resent",
+            stats.retransmits, stats.early_retransmits, stats.packets_resent, stats.packets_sent
+        ));
     }
     Ok(outcome)
 }
@@ -1387,7 +1419,8 @@ fn lost_final_ack_is_answered_again_by_the_lingering_client() {
     sim.run();
     assert_completed(&sim, &data);
     let sends = sim.server_sends();
-    // The timer resends the unacknowledged window 5..=6; the finished client answers the
+    // The timer resends the unacknowledged window 5..=6 (at the full timeout: two round
+    // trips measured are too few to retransmit early); the finished client answers the
     // final block again.
     assert_eq!(
         sends[sends.len() - 4..],
@@ -1400,7 +1433,14 @@ fn lost_final_ack_is_answered_again_by_the_lingering_client() {
     );
     assert_eq!(sim.client_sends().last().unwrap(), "1025 ACK 6");
     let stats = sim.session.stats();
-    assert_eq!((stats.retransmits, stats.packets_resent), (1, 2));
+    assert_eq!(
+        (
+            stats.retransmits,
+            stats.early_retransmits,
+            stats.packets_resent
+        ),
+        (1, 0, 2)
+    );
     assert_eq!(sim.client.linger_replies, 1);
 }
 

@@ -218,7 +218,9 @@ pub struct ServerGuard {
 
 /// Starts a server bound to `bind` whose handler `make` builds on the server thread (so it
 /// need not be `Send`). `configure` adjusts the builder after the test defaults (shutdown
-/// grace 300 ms).
+/// grace 300 ms; adaptive retransmission off, so that the fixed timer schedule makes the
+/// exact packet sequences these tests assert independent of how fast the test client
+/// runs — tests of adaptive retransmission turn it back on).
 pub fn spawn_server<M, C>(bind: SocketAddr, make: M, configure: C) -> ServerGuard
 where
     M: FnOnce() -> Box<dyn Handler> + Send + 'static,
@@ -235,7 +237,8 @@ where
             };
             let builder = ServerBuilder::new(handler)
                 .bind(bind)
-                .shutdown_grace(Duration::from_millis(300));
+                .shutdown_grace(Duration::from_millis(300))
+                .adaptive_timeout(false);
             match configure(builder).build() {
                 Ok(mut server) => {
                     let _ = ready_tx.send(Ok((server.local_addr(), server.shutdown_handle())));
@@ -405,6 +408,7 @@ pub fn sum_reports(reports: &[ServerStats]) -> ServerStats {
         total.datagrams_sent += r.datagrams_sent;
         total.bytes_sent += r.bytes_sent;
         total.retransmits += r.retransmits;
+        total.early_retransmits += r.early_retransmits;
         total.send_would_block += r.send_would_block;
         total.send_errors += r.send_errors;
         total.panics += r.panics;
