@@ -46,6 +46,7 @@
 //!                  fs        FsHandler: a root directory, confined with openat2
 //!                  timer     hashed timer wheel keyed by session (no clock reads)
 //!                  stats     TransferStats, SessionStats, ServerStats
+//!                  metrics   Metrics: ServerStats totals in the Prometheus text format
 //! ```
 //!
 //! Only [`server`] touches mio, sockets or the clock. Everything below it takes
@@ -55,6 +56,7 @@
 pub mod fs;
 pub mod handler;
 pub mod limit;
+pub mod metrics;
 pub mod options;
 pub mod packet;
 pub mod response;
@@ -67,12 +69,13 @@ pub mod timer;
 pub use fs::FsHandler;
 pub use handler::{Handler, Notifier, ReadRequest, Reject};
 pub use limit::Rate;
+pub use metrics::Metrics;
 pub use options::{Limits, Negotiated};
 pub use packet::{ErrorCode, Mode, Packet, ParseError};
 pub use response::{BytesSource, FileSource, Netascii, ReaderSource, ResponseData};
 pub use server::{Error, Server, ServerBuilder, ShutdownHandle};
 pub use session::{Outcome, Output, Session, SessionConfig};
-pub use stats::{ServerStats, SessionStats, TransferStats};
+pub use stats::{DurationHistogram, ServerStats, SessionStats, TransferStats};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

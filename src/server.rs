@@ -1175,6 +1175,7 @@ impl<H: Handler> Server<H> {
             outcome,
             transfer,
         };
+        self.stats.session_durations.record(stats.duration);
         info!(
             "{} {:?} {}: {} bytes in {:.3} s ({:.1} MB/s), outcome {}{}, {} retransmits",
             stats.peer,

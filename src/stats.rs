@@ -186,6 +186,8 @@ pub struct ServerStats {
     pub client_limited: u64,
     /// Gauge: sessions running at the time of the report.
     pub active_sessions: u64,
+    /// How long the sessions that ended in this interval lasted.
+    pub session_durations: DurationHistogram,
 }
 
 impl ServerStats {
@@ -196,5 +198,110 @@ impl ServerStats {
             .filter(|(name, _)| !matches!(**name, "completed" | "final_ack_missing" | "probe"))
             .map(|(_, n)| n)
             .sum()
+    }
+}
+
+/// Upper bounds of the [`DurationHistogram`] buckets: from 10 ms (a small file on a LAN) to
+/// 10 minutes (a large image over a slow or lossy link).
+pub const DURATION_BUCKETS: [Duration; 14] = [
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_millis(2500),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+    Duration::from_secs(120),
+    Duration::from_secs(300),
+    Duration::from_secs(600),
+];
+
+/// A histogram of durations over the fixed [`DURATION_BUCKETS`], plus an overflow bucket,
+/// their count and their sum: what a Prometheus histogram needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DurationHistogram {
+    /// Per bucket (not cumulative): `counts[i]` holds durations in
+    /// `(DURATION_BUCKETS[i-1], DURATION_BUCKETS[i]]`; the last entry holds those above
+    /// the largest bound. Boxed to keep [`ServerStats`] small.
+    counts: Box<[u64; DURATION_BUCKETS.len() + 1]>,
+    sum: Duration,
+}
+
+impl DurationHistogram {
+    /// Adds one duration.
+    pub fn record(&mut self, duration: Duration) {
+        let bucket = DURATION_BUCKETS.partition_point(|bound| *bound < duration);
+        self.counts[bucket] += 1;
+        self.sum = self.sum.saturating_add(duration);
+    }
+
+    /// Adds every duration recorded in `other`.
+    pub fn merge(&mut self, other: &DurationHistogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *mine += theirs;
+        }
+        self.sum = self.sum.saturating_add(other.sum);
+    }
+
+    /// Durations recorded.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Their sum.
+    pub fn sum(&self) -> Duration {
+        self.sum
+    }
+
+    /// Cumulative counts, Prometheus style: for each bound of [`DURATION_BUCKETS`] the
+    /// durations at most that long, then `(None, count())` for `+Inf`.
+    pub fn cumulative(&self) -> impl Iterator<Item = (Option<Duration>, u64)> + '_ {
+        let bounds = DURATION_BUCKETS.iter().copied().map(Some).chain([None]);
+        bounds.zip(self.counts.iter().scan(0, |total, n| {
+            *total += n;
+            Some(*total)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_inclusive_upper_bounds() {
+        let mut h = DurationHistogram::default();
+        for ms in [0, 10, 11, 50, 999, 1000, 600_000, 600_001, 3_600_000] {
+            h.record(Duration::from_millis(ms));
+        }
+        assert_eq!(h.count(), 9);
+        assert_eq!(h.sum(), Duration::from_millis(4_802_071));
+        let cumulative: Vec<_> = h.cumulative().collect();
+        assert_eq!(cumulative.len(), DURATION_BUCKETS.len() + 1);
+        assert_eq!(cumulative[0], (Some(Duration::from_millis(10)), 2));
+        assert_eq!(cumulative[1], (Some(Duration::from_millis(50)), 4));
+        assert_eq!(cumulative[5], (Some(Duration::from_secs(1)), 6));
+        assert_eq!(cumulative[13], (Some(Duration::from_secs(600)), 7));
+        assert_eq!(cumulative[14], (None, 9));
+        assert!(cumulative.windows(2).all(|w| w[0].1 <= w[1].1));
+    }
+
+    #[test]
+    fn histograms_merge() {
+        let mut a = DurationHistogram::default();
+        let mut b = DurationHistogram::default();
+        a.record(Duration::from_millis(20));
+        b.record(Duration::from_millis(20));
+        b.record(Duration::from_secs(7));
+        a.merge(&b);
+        let mut want = DurationHistogram::default();
+        for d in [20, 20, 7000] {
+            want.record(Duration::from_millis(d));
+        }
+        assert_eq!(a, want);
     }
 }

@@ -29,6 +29,14 @@ fn bad_flags_and_values_exit_2_with_reason_and_usage() {
             "invalid value for --listen: \"127.0.0.1\"",
         ),
         (&["stray-argument"], "unexpected argument"),
+        (
+            &["--log-format", "xml"],
+            "invalid value for --log-format: \"xml\"",
+        ),
+        (
+            &["--config", "/nonexistent/dyntftpd.conf"],
+            "cannot read /nonexistent/dyntftpd.conf",
+        ),
     ] {
         let out = dyntftpd(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -90,6 +98,11 @@ fn help_and_version_exit_0() {
         "--max-sessions",
         "--stats-interval",
         "--user",
+        "--metrics-file",
+        "--log-format",
+        "--log-file",
+        "--config",
+        "--check-config",
         "--verbose",
         "--quiet",
         "--version",

@@ -178,7 +178,7 @@ pub fn ipv6_or_skip(test: &str) -> bool {
 #[derive(Debug)]
 pub enum Event {
     Session(Box<SessionStats>),
-    Server(ServerStats),
+    Server(Box<ServerStats>),
 }
 
 /// Wraps a handler and forwards both statistics callbacks over a channel.
@@ -199,7 +199,7 @@ impl Handler for Forward {
 
     fn server_stats(&mut self, stats: &ServerStats) {
         self.inner.server_stats(stats);
-        let _ = self.events.send(Event::Server(stats.clone()));
+        let _ = self.events.send(Event::Server(Box::new(stats.clone())));
     }
 }
 
@@ -311,7 +311,7 @@ impl ServerGuard {
         loop {
             match self.recv_event(deadline, "a finished session") {
                 Event::Session(s) => return *s,
-                Event::Server(r) => self.reports.push(r),
+                Event::Server(r) => self.reports.push(*r),
             }
         }
     }
@@ -329,7 +329,7 @@ impl ServerGuard {
             match self.recv_event(deadline, "a server stats report") {
                 Event::Session(s) => self.sessions.push(*s),
                 Event::Server(r) => {
-                    self.reports.push(r);
+                    self.reports.push(*r);
                     return std::mem::take(&mut self.reports);
                 }
             }
@@ -370,7 +370,7 @@ impl ServerGuard {
         while let Ok(event) = self.events.try_recv() {
             match event {
                 Event::Session(s) => sessions.push(*s),
-                Event::Server(r) => reports.push(r),
+                Event::Server(r) => reports.push(*r),
             }
         }
         (sessions, reports)

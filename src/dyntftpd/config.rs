@@ -1,0 +1,715 @@
+//! dyntftpd's settings: command-line flags and the `--config` file, which takes the same
+//! settings as `key = value` lines. Flags override the file.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use getopts::{Matches, Options};
+use log::LevelFilter;
+
+/// How log records are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// Everything dyntftpd needs to run.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub root: PathBuf,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub max_blksize: u16,
+    pub max_window: u16,
+    pub max_sessions: Option<usize>,
+    /// Requests per second per client; 0 for no limit.
+    pub rate_limit: f64,
+    pub rate_burst: u32,
+    /// Concurrent sessions per client; 0 for no limit.
+    pub max_per_client: u32,
+    pub adaptive_timeout: bool,
+    pub stats_interval: Duration,
+    pub user: Option<String>,
+    pub verbose: u32,
+    pub quiet: bool,
+    pub metrics_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub log_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: Vec::new(),
+            root: PathBuf::from("."),
+            timeout: Duration::from_secs(1),
+            retries: 5,
+            max_blksize: 65464,
+            max_window: 64,
+            max_sessions: None,
+            rate_limit: dyntftp::Rate::DEFAULT.per_second,
+            rate_burst: dyntftp::Rate::DEFAULT.burst,
+            max_per_client: dyntftp::server::DEFAULT_MAX_SESSIONS_PER_CLIENT,
+            adaptive_timeout: true,
+            stats_interval: Duration::from_secs(60),
+            user: None,
+            verbose: 0,
+            quiet: false,
+            metrics_file: None,
+            log_format: LogFormat::Text,
+            log_file: None,
+        }
+    }
+}
+
+impl Config {
+    /// The log level `--quiet` and `--verbose` select.
+    pub fn log_level(&self) -> LevelFilter {
+        match (self.quiet, self.verbose) {
+            (true, _) => LevelFilter::Warn,
+            (false, 0) => LevelFilter::Info,
+            (false, 1) => LevelFilter::Debug,
+            (false, _) => LevelFilter::Trace,
+        }
+    }
+
+    /// The settings as a configuration file (what `--check-config` prints).
+    pub fn to_file_text(&self) -> String {
+        let mut out = String::new();
+        for addr in &self.listen {
+            let _ = writeln!(out, "listen = {addr}");
+        }
+        let _ = writeln!(out, "root = {}", self.root.display());
+        let _ = writeln!(out, "timeout = {}", self.timeout.as_secs_f64());
+        let _ = writeln!(out, "retries = {}", self.retries);
+        let _ = writeln!(out, "max-blksize = {}", self.max_blksize);
+        let _ = writeln!(out, "max-window = {}", self.max_window);
+        if let Some(max) = self.max_sessions {
+            let _ = writeln!(out, "max-sessions = {max}");
+        }
+        let _ = writeln!(out, "rate-limit = {}", self.rate_limit);
+        let _ = writeln!(out, "rate-burst = {}", self.rate_burst);
+        let _ = writeln!(out, "max-per-client = {}", self.max_per_client);
+        let _ = writeln!(
+            out,
+            "adaptive-timeout = {}",
+            if self.adaptive_timeout { "on" } else { "off" }
+        );
+        let _ = writeln!(
+            out,
+            "stats-interval = {}",
+            self.stats_interval.as_secs_f64()
+        );
+        if let Some(user) = &self.user {
+            let _ = writeln!(out, "user = {user}");
+        }
+        let _ = writeln!(out, "verbose = {}", self.verbose);
+        let _ = writeln!(out, "quiet = {}", self.quiet);
+        if let Some(path) = &self.metrics_file {
+            let _ = writeln!(out, "metrics-file = {}", path.display());
+        }
+        let _ = writeln!(out, "log-format = {}", self.log_format.as_str());
+        if let Some(path) = &self.log_file {
+            let _ = writeln!(out, "log-file = {}", path.display());
+        }
+        out
+    }
+
+    /// Sets the setting `key` (a long flag name) from `text`. On a bad value, says why:
+    /// `invalid value for {prefix}{key}: "{text}"`.
+    fn set(&mut self, key: &str, text: &str, prefix: &str) -> Result<(), String> {
+        let bad = || format!("invalid value for {prefix}{key}: {text:?}");
+        match key {
+            "listen" => {
+                let addr = text.parse::<SocketAddr>().map_err(|_| {
+                    format!("{} (expected ADDR:PORT, e.g. 0.0.0.0:69 or [::]:69)", bad())
+                })?;
+                self.listen.push(addr);
+            }
+            "root" if !text.is_empty() => self.root = PathBuf::from(text),
+            "timeout" => self.timeout = seconds(text).ok_or_else(bad)?,
+            "retries" => self.retries = number(text, |n: &u32| *n <= 1000).ok_or_else(bad)?,
+            "max-blksize" => {
+                self.max_blksize =
+                    number(text, |n: &u16| (8..=65464).contains(n)).ok_or_else(bad)?
+            }
+            "max-window" => self.max_window = number(text, |n: &u16| *n >= 1).ok_or_else(bad)?,
+            "max-sessions" => {
+                self.max_sessions = Some(number(text, |n: &usize| *n >= 1).ok_or_else(bad)?)
+            }
+            "rate-limit" => {
+                self.rate_limit = number(text, |r: &f64| r.is_finite() && (0.0..=1e6).contains(r))
+                    .ok_or_else(bad)?
+            }
+            "rate-burst" => {
+                self.rate_burst =
+                    number(text, |n: &u32| (1..=1_000_000).contains(n)).ok_or_else(bad)?
+            }
+            "max-per-client" => {
+                self.max_per_client = number(text, |_: &u32| true).ok_or_else(bad)?
+            }
+            "adaptive-timeout" => {
+                self.adaptive_timeout = match text {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("{} (expected on or off)", bad())),
+                }
+            }
+            "stats-interval" => self.stats_interval = seconds(text).ok_or_else(bad)?,
+            "user" if !text.is_empty() => self.user = Some(text.to_string()),
+            "verbose" => self.verbose = number(text, |n: &u32| *n <= 2).ok_or_else(bad)?,
+            "quiet" => {
+                self.quiet = match text {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad()),
+                }
+            }
+            "metrics-file" if !text.is_empty() && !text.ends_with('/') => {
+                self.metrics_file = Some(PathBuf::from(text))
+            }
+            "log-format" => {
+                self.log_format = match text {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    _ => return Err(format!("{} (expected text or json)", bad())),
+                }
+            }
+            "log-file" if !text.is_empty() => self.log_file = Some(PathBuf::from(text)),
+            _ if FILE_KEYS.contains(&key) => return Err(bad()),
+            _ => return Err(format!("unknown setting {key:?}")),
+        }
+        Ok(())
+    }
+
+    /// Applies a configuration file's text; errors name `path` and the line.
+    fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), String> {
+        let mut seen: Vec<(&str, usize)> = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let at = |why: String| format!("{}:{line}: {why}", path.display());
+            let trimmed = raw.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = trimmed.split_once('=') else {
+                return Err(at(format!("expected `key = value`, found {trimmed:?}")));
+            };
+            let key = key.trim();
+            let value = value.trim();
+            let value = match value.strip_prefix('"') {
+                Some(rest) => rest
+                    .strip_suffix('"')
+                    .ok_or_else(|| at(format!("unterminated quote in {value:?}")))?,
+                None => value,
+            };
+            if !FILE_KEYS.contains(&key) {
+                return Err(at(format!("unknown setting {key:?}")));
+            }
+            if key != "listen" {
+                if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+                    return Err(at(format!("{key} is already set on line {first}")));
+                }
+                seen.push((key, line));
+            }
+            self.set(key, value, "").map_err(at)?;
+        }
+        Ok(())
+    }
+}
+
+/// The settings a configuration file may hold: every flag but these four.
+pub const FILE_KEYS: [&str; 18] = [
+    "listen",
+    "root",
+    "timeout",
+    "retries",
+    "max-blksize",
+    "max-window",
+    "max-sessions",
+    "rate-limit",
+    "rate-burst",
+    "max-per-client",
+    "adaptive-timeout",
+    "stats-interval",
+    "user",
+    "verbose",
+    "quiet",
+    "metrics-file",
+    "log-format",
+    "log-file",
+];
+
+fn number<T: FromStr>(text: &str, check: impl Fn(&T) -> bool) -> Option<T> {
+    text.parse::<T>().ok().filter(check)
+}
+
+fn seconds(text: &str) -> Option<Duration> {
+    number(text, |s: &f64| s.is_finite() && *s > 0.0 && *s <= 86_400.0).map(Duration::from_secs_f64)
+}
+
+pub fn options() -> Options {
+    let mut opts = Options::new();
+    opts.optmulti(
+        "l",
+        "listen",
+        "address and port to listen on (repeatable; default [::]:69, dual-stack, or 0.0.0.0:69 without IPv6; none by default under systemd socket activation)",
+        "ADDR:PORT",
+    );
+    opts.optopt(
+        "r",
+        "root",
+        "directory to serve (default: current directory)",
+        "DIR",
+    );
+    opts.optopt(
+        "",
+        "timeout",
+        "base retransmission timeout in seconds, fractions allowed (default 1)",
+        "SECS",
+    );
+    opts.optopt(
+        "",
+        "retries",
+        "retransmissions before a session gives up (default 5)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "max-blksize",
+        "largest block size granted, 8..65464 (default 65464)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "max-window",
+        "largest windowsize granted in blocks, 1..65535 (default 64)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "max-sessions",
+        "most concurrent sessions (default: from the file-descriptor limit)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "rate-limit",
+        "requests per second each client (IPv4 address or IPv6 /64) may send; over it, requests are dropped unanswered; 0 for no limit (default 100; loopback is exempt)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "rate-burst",
+        "requests a client may send at once after a quiet spell (default 200)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "max-per-client",
+        "most concurrent sessions per client; more get ERROR 0; 0 for no limit (default 64; loopback is exempt)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "adaptive-timeout",
+        "on (default): retransmit after a few measured round trips when that is well below the timeout; off: always wait the timeout",
+        "on|off",
+    );
+    opts.optopt(
+        "",
+        "stats-interval",
+        "seconds between server statistics reports (default 60)",
+        "SECS",
+    );
+    opts.optopt(
+        "u",
+        "user",
+        "drop privileges to this user after binding",
+        "NAME",
+    );
+    opts.optopt(
+        "",
+        "metrics-file",
+        "write Prometheus metrics to PATH every stats interval (atomically, for node_exporter's textfile collector)",
+        "PATH",
+    );
+    opts.optopt(
+        "",
+        "log-format",
+        "text (default) or json: one JSON object per line, per finished session and per stats report",
+        "FORMAT",
+    );
+    opts.optopt(
+        "",
+        "log-file",
+        "append the log to PATH instead of standard error",
+        "PATH",
+    );
+    opts.optopt(
+        "c",
+        "config",
+        "read settings from FILE (key = value lines, keys named like the long flags); flags override it",
+        "FILE",
+    );
+    opts.optflag(
+        "",
+        "check-config",
+        "check the flags and the configuration file, print the resulting settings and exit",
+    );
+    opts.optflagmulti("v", "verbose", "more logging: -v debug, -vv trace");
+    opts.optflag("q", "quiet", "log warnings and errors only");
+    opts.optflag("h", "help", "print this help and exit");
+    opts.optflag("V", "version", "print the version and exit");
+    opts
+}
+
+pub fn usage(opts: &Options) -> String {
+    opts.usage("Usage: dyntftpd [options]\n\nServes the files under a directory over TFTP (RFC 1350, 2347, 2348, 2349, 7440), read requests only.")
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    /// Serve with these settings.
+    Serve(Config),
+    /// Print this text and exit 0 (help, version, `--check-config`).
+    Print(String),
+}
+
+/// Reads the command line (and the file `--config` names). An error is a usage error.
+pub fn parse_args(args: &[String]) -> Result<Command, String> {
+    let opts = options();
+    let m = opts.parse(args).map_err(|e| e.to_string())?;
+    if m.opt_present("h") {
+        return Ok(Command::Print(usage(&opts)));
+    }
+    if m.opt_present("V") {
+        return Ok(Command::Print(format!(
+            "dyntftpd {}",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+    if let Some(extra) = m.free.first() {
+        return Err(format!("unexpected argument {extra:?}"));
+    }
+    let mut config = Config::default();
+    if let Some(path) = m.opt_str("config") {
+        let path = PathBuf::from(path);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        config.apply_file(&path, &text)?;
+    }
+    apply_flags(&mut config, &m)?;
+    if m.opt_present("check-config") {
+        return Ok(Command::Print(config.to_file_text()));
+    }
+    Ok(Command::Serve(config))
+}
+
+/// Applies the command-line flags over the settings from the file.
+fn apply_flags(config: &mut Config, m: &Matches) -> Result<(), String> {
+    for key in FILE_KEYS {
+        match key {
+            "verbose" | "quiet" => continue,
+            "listen" if m.opt_present(key) => config.listen.clear(),
+            _ => {}
+        }
+        for value in m.opt_strs(key) {
+            config.set(key, &value, "--")?;
+        }
+    }
+    let (quiet, verbose) = (m.opt_present("q"), m.opt_count("v"));
+    if quiet && verbose > 0 {
+        return Err("--quiet and --verbose exclude each other".into());
+    }
+    if quiet || verbose > 0 {
+        config.quiet = quiet;
+        config.verbose = verbose.min(2) as u32;
+    }
+    if config.quiet && config.verbose > 0 {
+        return Err("quiet and verbose exclude each other".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn config(list: &[&str]) -> Config {
+        match parse_args(&args(list)) {
+            Ok(Command::Serve(c)) => c,
+            other => panic!("{list:?}: {other:?}"),
+        }
+    }
+
+    /// A configuration file with `text`, removed on drop.
+    struct File(PathBuf);
+
+    impl File {
+        fn new(tag: &str, text: &str) -> File {
+            let path = std::env::temp_dir()
+                .join(format!("dyntftpd-config-{tag}-{}.conf", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            File(path)
+        }
+
+        fn arg(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for File {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[]);
+        assert!(c.listen.is_empty());
+        assert_eq!(c.timeout, Duration::from_secs(1));
+        assert_eq!((c.retries, c.max_blksize, c.max_window), (5, 65464, 64));
+        assert_eq!(c.log_level(), LevelFilter::Info);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.metrics_file.is_none() && c.log_file.is_none());
+    }
+
+    #[test]
+    fn flags_are_parsed() {
+        let c = config(&[
+            "-l",
+            "127.0.0.1:6969",
+            "--listen",
+            "[::1]:6969",
+            "-r",
+            "/srv",
+            "--timeout",
+            "0.5",
+            "--retries",
+            "3",
+            "--max-blksize",
+            "1468",
+            "--max-window",
+            "16",
+            "--max-sessions",
+            "10",
+            "--stats-interval",
+            "5",
+            "-u",
+            "nobody",
+            "--metrics-file",
+            "/run/m.prom",
+            "--log-format",
+            "json",
+            "--log-file",
+            "/var/log/d.log",
+            "-vv",
+        ]);
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.root, PathBuf::from("/srv"));
+        assert_eq!(c.timeout, Duration::from_millis(500));
+        assert_eq!((c.retries, c.max_blksize, c.max_window), (3, 1468, 16));
+        assert_eq!(c.max_sessions, Some(10));
+        assert_eq!(c.stats_interval, Duration::from_secs(5));
+        assert_eq!(c.user.as_deref(), Some("nobody"));
+        assert_eq!(c.metrics_file, Some(PathBuf::from("/run/m.prom")));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.log_file, Some(PathBuf::from("/var/log/d.log")));
+        assert_eq!(c.log_level(), LevelFilter::Trace);
+    }
+
+    #[test]
+    fn bad_values_say_which_flag() {
+        for (bad, needle) in [
+            (&["--max-blksize", "7"][..], "--max-blksize"),
+            (&["--max-blksize", "65465"], "--max-blksize"),
+            (&["--timeout", "0"], "--timeout"),
+            (&["--timeout", "abc"], "--timeout"),
+            (&["--max-window", "0"], "--max-window"),
+            (&["-l", "localhost"], "--listen"),
+            (&["--log-format", "xml"], "--log-format"),
+            (&["--metrics-file", ""], "--metrics-file"),
+            (&["--bogus"], "bogus"),
+            (&["extra"], "unexpected argument"),
+            (&["-q", "-v"], "exclude"),
+            (&["--config", "/nonexistent/dyntftpd.conf"], "cannot read"),
+        ] {
+            let err = parse_args(&args(bad)).err().unwrap_or_default();
+            assert!(err.contains(needle), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn help_version_and_check_are_not_errors() {
+        assert!(
+            matches!(parse_args(&args(&["-h"])), Ok(Command::Print(t)) if t.contains("--listen"))
+        );
+        assert!(
+            matches!(parse_args(&args(&["-V"])), Ok(Command::Print(t)) if t.starts_with("dyntftpd "))
+        );
+        assert!(
+            matches!(parse_args(&args(&["--check-config", "--retries", "9"])), Ok(Command::Print(t)) if t.contains("retries = 9\n"))
+        );
+    }
+
+    #[test]
+    fn abuse_limits_and_adaptive_timeout_from_flags_and_file() {
+        let c = config(&[]);
+        assert_eq!(
+            (c.rate_limit, c.rate_burst, c.max_per_client),
+            (100.0, 200, 64)
+        );
+        assert!(c.adaptive_timeout);
+        let file = File::new(
+            "limits",
+            "rate-limit = 2.5\nrate-burst = 10\nmax-per-client = 0\nadaptive-timeout = off\n",
+        );
+        let c = config(&["--config", file.arg(), "--rate-burst", "20"]);
+        assert_eq!((c.rate_limit, c.rate_burst, c.max_per_client), (2.5, 20, 0));
+        assert!(!c.adaptive_timeout);
+        let text = c.to_file_text();
+        for line in [
+            "rate-limit = 2.5\n",
+            "rate-burst = 20\n",
+            "max-per-client = 0\n",
+            "adaptive-timeout = off\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
+        for bad in [
+            &["--rate-limit", "-1"][..],
+            &["--rate-limit", "inf"],
+            &["--rate-burst", "0"],
+            &["--max-per-client", "x"],
+            &["--adaptive-timeout", "maybe"],
+        ] {
+            let err = parse_args(&args(bad)).err().unwrap_or_default();
+            assert!(
+                err.contains(&format!("invalid value for {}", bad[0])),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_file_sets_everything_and_flags_override_it() {
+        let file = File::new(
+            "all",
+            "# dyntftpd settings\n\
+             \n\
+             listen = 127.0.0.1:6969\n\
+             listen = [::1]:6969\n\
+             root = \"/srv/tftp boot\"\n\
+             timeout = 2.5\n\
+             retries = 7\n\
+             max-blksize = 1428\n\
+             max-window = 8\n\
+             max-sessions = 100\n\
+             stats-interval = 30\n\
+             user = tftp\n\
+             \x20 verbose = 1  \n\
+             quiet = false\n\
+             metrics-file = /var/lib/m.prom\n\
+             log-format = json\n\
+             log-file = /var/log/dyntftpd.log\n",
+        );
+        let c = config(&["--config", file.arg()]);
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.root, PathBuf::from("/srv/tftp boot"));
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+        assert_eq!((c.retries, c.max_blksize, c.max_window), (7, 1428, 8));
+        assert_eq!(c.max_sessions, Some(100));
+        assert_eq!(c.stats_interval, Duration::from_secs(30));
+        assert_eq!(c.user.as_deref(), Some("tftp"));
+        assert_eq!(c.log_level(), LevelFilter::Debug);
+        assert_eq!(c.metrics_file, Some(PathBuf::from("/var/lib/m.prom")));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.log_file, Some(PathBuf::from("/var/log/dyntftpd.log")));
+
+        let c = config(&[
+            "-c",
+            file.arg(),
+            "-l",
+            "127.0.0.2:69",
+            "--retries",
+            "1",
+            "--log-format",
+            "text",
+            "-q",
+        ]);
+        assert_eq!(c.listen, vec!["127.0.0.2:69".parse().unwrap()]);
+        assert_eq!(c.retries, 1);
+        assert_eq!(c.max_blksize, 1428, "not overridden");
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log_level(), LevelFilter::Warn);
+    }
+
+    #[test]
+    fn check_config_output_reads_back_the_same() {
+        let file = File::new(
+            "roundtrip",
+            "listen = 127.0.0.1:69\nmax-sessions = 4\nquiet = true\n",
+        );
+        let Ok(Command::Print(text)) = parse_args(&args(&["-c", file.arg(), "--check-config"]))
+        else {
+            panic!()
+        };
+        let again = File::new("roundtrip2", &text);
+        let Ok(Command::Print(text2)) = parse_args(&args(&["-c", again.arg(), "--check-config"]))
+        else {
+            panic!()
+        };
+        assert_eq!(text, text2);
+        assert!(text.contains("max-sessions = 4\n") && text.contains("quiet = true\n"));
+    }
+
+    #[test]
+    fn file_errors_name_the_file_and_line() {
+        for (text, line, needle) in [
+            ("retries = 3\nbogus = 1\n", 2, "unknown setting \"bogus\""),
+            (
+                "\n\nmax-blksize = 7\n",
+                3,
+                "invalid value for max-blksize: \"7\"",
+            ),
+            ("root\n", 1, "expected `key = value`"),
+            ("timeout = 1\ntimeout = 2\n", 2, "already set on line 1"),
+            ("listen = nowhere\n", 1, "invalid value for listen"),
+            ("quiet = maybe\n", 1, "invalid value for quiet"),
+            ("root = \"/srv\n", 1, "unterminated quote"),
+            ("config = /etc/x\n", 1, "unknown setting \"config\""),
+            ("quiet = true\nverbose = 2\n", 0, "exclude each other"),
+        ] {
+            let file = File::new("bad", text);
+            let err = parse_args(&args(&["--config", file.arg()]))
+                .err()
+                .unwrap_or_default();
+            let place = format!("{}:{line}: ", file.arg());
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(line == 0 || err.starts_with(&place), "{text:?}: {err}");
+        }
+    }
+}
