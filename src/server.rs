@@ -24,7 +24,7 @@
 //! Slab keys are reused, so tokens and timer entries carry a generation: a datagram or a
 //! timer meant for a dead session never reaches the one that took its slot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
@@ -122,6 +122,7 @@ pub struct ServerBuilder<H> {
     request_rate: Option<Rate>,
     max_sessions_per_client: Option<u32>,
     limit_loopback: bool,
+    single_port: bool,
 }
 
 /// Default cap on the sessions one client (IPv4 address or IPv6 /64) runs at once.
@@ -145,6 +146,7 @@ impl<H: Handler> ServerBuilder<H> {
             request_rate: Some(Rate::DEFAULT),
             max_sessions_per_client: Some(DEFAULT_MAX_SESSIONS_PER_CLIENT),
             limit_loopback: false,
+            single_port: false,
         }
     }
 
@@ -238,6 +240,17 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
+    /// Serves every session from the listening socket that received its request, told
+    /// apart by the client's address and port, instead of from a new socket (a new port)
+    /// per session: for NAT, firewalls and containers that forward only the listening
+    /// port (dnsmasq's `--tftp-single-port`). The protocol is the same; the listener is
+    /// then always read, so with `max_sessions` running, new requests are dropped (the
+    /// client resends them) and counted in [`ServerStats::busy`].
+    pub fn single_port(mut self, single: bool) -> Self {
+        self.single_port = single;
+        self
+    }
+
     /// How often [`Handler::server_stats`] is called.
     pub fn stats_interval(mut self, interval: Duration) -> Self {
         self.stats_interval = interval;
@@ -313,8 +326,14 @@ impl<H: Handler> ServerBuilder<H> {
             let mut socket = UdpSocket::from_std(socket);
             poll.registry()
                 .register(&mut socket, Token(LISTENER_BASE - i), Interest::READABLE)?;
+            if self.single_port {
+                // Every session's ACKs and DATA share these buffers.
+                let _ = sys::set_recv_buffer(&socket, SINGLE_PORT_BUFFER);
+                let _ = sys::set_send_buffer(&socket, SINGLE_PORT_BUFFER);
+            }
             listeners.push(Listener {
                 socket,
+                v6: local.is_ipv6(),
                 local,
                 readable: true,
             });
@@ -362,6 +381,9 @@ impl<H: Handler> ServerBuilder<H> {
             per_client: ClientCounts::default(),
             limit_loopback: self.limit_loopback,
             logs: LogLimits::default(),
+            single_port: self.single_port,
+            arrival: None,
+            pending: VecDeque::new(),
         })
     }
 }
@@ -413,17 +435,51 @@ impl ReadySink for ReadyQueue {
     }
 }
 
+/// Socket buffer sizes asked for in single-port mode (the kernel caps them at
+/// `net.core.rmem_max` / `wmem_max`).
+const SINGLE_PORT_BUFFER: usize = 8 << 20;
+
 struct Listener {
     socket: UdpSocket,
+    /// An IPv6 socket (dual-stack when bound to `[::]`): IPv4 peers are mapped.
+    v6: bool,
     local: SocketAddr,
     /// True when the socket may hold datagrams not read yet (edge-triggered readiness).
     readable: bool,
 }
 
+/// Where a session sends from and receives on.
+enum Transport {
+    /// Its own socket, on a new port (its transfer ID).
+    Own(UdpSocket),
+    /// A listener, in single-port mode; `source` is the address the client sent its
+    /// request to (with its interface), used as the source of every reply.
+    Shared {
+        listener: usize,
+        source: Option<(IpAddr, u32)>,
+    },
+}
+
+/// Sends `datagram` to `peer` over `transport`.
+fn transmit(
+    listeners: &[Listener],
+    transport: &Transport,
+    datagram: &[u8],
+    peer: SocketAddr,
+) -> io::Result<usize> {
+    match transport {
+        Transport::Own(socket) => socket.send_to(datagram, peer),
+        Transport::Shared { listener, source } => {
+            let listener = &listeners[*listener];
+            sys::send_from(&listener.socket, listener.v6, datagram, peer, *source)
+        }
+    }
+}
+
 /// One running session and what the driver knows about it.
 struct Entry {
     generation: u32,
-    socket: UdpSocket,
+    transport: Transport,
     peer: SocketAddr,
     local: SocketAddr,
     session: Session,
@@ -476,7 +532,24 @@ pub struct Server<H> {
     per_client: ClientCounts,
     limit_loopback: bool,
     logs: LogLimits,
+    single_port: bool,
+    /// In single-port mode, the listener and destination of the datagram being handled
+    /// (replies to it go out the same way).
+    arrival: Option<(usize, Option<(IpAddr, u32)>)>,
+    /// Single-port mode: requests waiting for a session slot.
+    pending: VecDeque<Pending>,
 }
+
+/// A request kept in single-port mode until a session slot frees.
+struct Pending {
+    peer: SocketAddr,
+    local: SocketAddr,
+    arrival: Option<(usize, Option<(IpAddr, u32)>)>,
+    datagram: Vec<u8>,
+}
+
+/// Requests kept at most while `max_sessions` run in single-port mode.
+const PENDING_REQUESTS: usize = 1024;
 
 /// Clients whose request rate is tracked at once; beyond, new clients wait for old
 /// buckets to refill (see [`RateLimiter`]).
@@ -594,7 +667,7 @@ impl<H: Handler> Server<H> {
         }
         // Requests first: a request that repeats a running session's must be judged on
         // what that session had received before it, not on what a fast client sent since.
-        if self.grace_deadline.is_none() {
+        if self.grace_deadline.is_none() || self.single_port {
             self.read_listeners();
         }
         for i in 0..self.ready.len() {
@@ -605,6 +678,9 @@ impl<H: Handler> Server<H> {
         }
         while let Some((key, generation)) = self.wheel.poll(self.now) {
             self.on_timer(key, generation);
+        }
+        if !self.pending.is_empty() {
+            self.start_pending();
         }
         if let Some(limiter) = self.rate_limiter.as_mut() {
             limiter.prune(self.now);
@@ -621,7 +697,8 @@ impl<H: Handler> Server<H> {
     }
 
     fn poll_timeout(&self, max_wait: Option<Duration>) -> Option<Duration> {
-        let accepting = self.grace_deadline.is_none() && self.sessions.len() < self.max_sessions;
+        let accepting = self.grace_deadline.is_none()
+            && (self.single_port || self.sessions.len() < self.max_sessions);
         if accepting && self.listeners.iter().any(|l| l.readable) {
             // Requests are queued (readiness is edge-triggered: no event will come).
             return Some(Duration::ZERO);
@@ -644,8 +721,12 @@ impl<H: Handler> Server<H> {
             self.sessions.len(),
             self.shutdown_grace
         );
-        for listener in &mut self.listeners {
-            self.poll.registry().deregister(&mut listener.socket)?;
+        // In single-port mode the listeners carry the running sessions' ACKs: they stay
+        // open, and requests are dropped instead.
+        if !self.single_port {
+            for listener in &mut self.listeners {
+                self.poll.registry().deregister(&mut listener.socket)?;
+            }
         }
         self.grace_deadline = Some(self.now + self.shutdown_grace);
         if self.shutdown_grace.is_zero() {
@@ -671,7 +752,9 @@ impl<H: Handler> Server<H> {
     /// Reads requests from every readable listener while there is room for sessions.
     fn read_listeners(&mut self) {
         for i in 0..self.listeners.len() {
-            while self.listeners[i].readable && self.sessions.len() < self.max_sessions {
+            while self.listeners[i].readable
+                && (self.single_port || self.sessions.len() < self.max_sessions)
+            {
                 match sys::recv_with_destination(&self.listeners[i].socket, &mut self.request_buf) {
                     Ok(received) => self.on_request(i, received),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -701,15 +784,109 @@ impl<H: Handler> Server<H> {
         }
         // Temporarily take the buffer so the packet can borrow it while `self` changes.
         let buf = std::mem::take(&mut self.request_buf);
-        self.on_listener_datagram(peer, local, &buf[..received.len]);
+        if self.single_port {
+            self.arrival = Some((listener, received.destination));
+            self.on_single_port_datagram(peer, local, &buf[..received.len]);
+            self.arrival = None;
+        } else if self.within_rate(peer) {
+            self.on_listener_datagram(peer, local, &buf[..received.len]);
+        }
         self.request_buf = buf;
+    }
+
+    /// Single-port mode: a datagram from a peer with a session is that session's, unless
+    /// it is a request; a non-request from anyone else is a stray (ERROR 5, as a session
+    /// socket would answer it); requests are handled as a listener does, queued while
+    /// `max_sessions` run.
+    fn on_single_port_datagram(&mut self, peer: SocketAddr, local: SocketAddr, datagram: &[u8]) {
+        let parsed = Packet::parse(datagram);
+        let request = matches!(parsed, Ok(Packet::Rrq(_) | Packet::Wrq(_)));
+        let session = self.by_peer.get(&peer).copied();
+        if let (Some(key), false) = (session, request) {
+            self.sessions[key]
+                .session
+                .handle_datagram(self.now, datagram);
+            self.drive(key);
+            return;
+        }
+        if self.grace_deadline.is_some() && session.is_none() {
+            // Shutting down: nothing new.
+            return;
+        }
+        if !self.within_rate(peer) {
+            return;
+        }
+        match parsed {
+            Ok(Packet::Error { .. }) if session.is_none() => {
+                // Never answer an ERROR.
+                self.stats.stray_datagrams += 1;
+            }
+            Ok(Packet::Data { .. } | Packet::Ack { .. } | Packet::Oack(_)) => {
+                self.stats.stray_datagrams += 1;
+                debug!("{peer}: datagram for no session, ERROR 5");
+                self.send_unknown_tid(peer);
+            }
+            Ok(Packet::Rrq(_)) if session.is_none() && self.sessions.len() >= self.max_sessions => {
+                self.queue_request(peer, local, datagram);
+            }
+            _ => self.on_listener_datagram(peer, local, datagram),
+        }
+    }
+
+    /// Single-port mode: answers a stray datagram with ERROR 5 from the port it came to.
+    fn send_unknown_tid(&mut self, peer: SocketAddr) {
+        let Some((listener, source)) = self.arrival else {
+            return;
+        };
+        self.scratch.clear();
+        write_error(
+            &mut self.scratch,
+            ErrorCode::UnknownTransferId,
+            "unknown transfer id",
+        );
+        let listener = &self.listeners[listener];
+        match sys::send_from(&listener.socket, listener.v6, &self.scratch, peer, source) {
+            Ok(_) => self.stats.datagrams_sent += 1,
+            Err(_) => self.stats.send_errors += 1,
+        }
+    }
+
+    /// Single-port mode with `max_sessions` running: keeps a request until a session ends
+    /// (the listener cannot be left unread, as it is in the normal mode, since it carries
+    /// the running sessions' ACKs). One request per peer; beyond [`PENDING_REQUESTS`],
+    /// requests are dropped and the client resends them.
+    fn queue_request(&mut self, peer: SocketAddr, local: SocketAddr, datagram: &[u8]) {
+        if self.pending.iter().any(|p| p.peer == peer) {
+            self.stats.requests += 1;
+            self.stats.duplicate_requests += 1;
+            return;
+        }
+        if self.pending.len() >= PENDING_REQUESTS {
+            self.stats.busy += 1;
+            return;
+        }
+        self.pending.push_back(Pending {
+            peer,
+            local,
+            arrival: self.arrival,
+            datagram: datagram.to_vec(),
+        });
+    }
+
+    /// Starts queued requests while there is room.
+    fn start_pending(&mut self) {
+        while self.sessions.len() < self.max_sessions && self.grace_deadline.is_none() {
+            let Some(pending) = self.pending.pop_front() else {
+                return;
+            };
+            self.arrival = pending.arrival;
+            self.on_listener_datagram(pending.peer, pending.local, &pending.datagram);
+            self.arrival = None;
+        }
     }
 
     /// Handles a datagram sent to a listener.
     fn on_listener_datagram(&mut self, peer: SocketAddr, local: SocketAddr, datagram: &[u8]) {
-        if !self.within_rate(peer) {
-            return;
-        }
         match Packet::parse(datagram) {
             Ok(Packet::Rrq(request)) => self.on_rrq(peer, local, request),
             Ok(Packet::Wrq(_)) => {
@@ -877,9 +1054,13 @@ impl<H: Handler> Server<H> {
                 );
             }
         };
-        let socket = match sys::bind_ephemeral(SocketAddr::new(local.ip(), 0).with_scope_of(local))
-        {
-            Ok(socket) => socket,
+        let socket = match self.arrival {
+            Some((listener, source)) => Ok(Transport::Shared { listener, source }),
+            None => sys::bind_ephemeral(SocketAddr::new(local.ip(), 0).with_scope_of(local))
+                .map(|socket| Transport::Own(UdpSocket::from_std(socket))),
+        };
+        let mut transport = match socket {
+            Ok(transport) => transport,
             Err(e) => {
                 log_limited(
                     &mut self.logs.sockets,
@@ -913,14 +1094,17 @@ impl<H: Handler> Server<H> {
                 &Reject::new(ErrorCode::NotDefined, "internal error"),
             );
         };
-        let mut socket = UdpSocket::from_std(socket);
         let vacant = self.sessions.vacant_entry();
         debug_assert_eq!(vacant.key(), key);
-        if let Err(e) = self.poll.registry().register(
-            &mut socket,
-            session_token(key, generation),
-            Interest::READABLE,
-        ) {
+        let registered = match &mut transport {
+            Transport::Own(socket) => self.poll.registry().register(
+                socket,
+                session_token(key, generation),
+                Interest::READABLE,
+            ),
+            Transport::Shared { .. } => Ok(()),
+        };
+        if let Err(e) = registered {
             log_limited(
                 &mut self.logs.sockets,
                 self.now,
@@ -931,13 +1115,13 @@ impl<H: Handler> Server<H> {
         }
         let window_bytes =
             session.params().window as usize * (session.params().blksize as usize + 32);
-        if window_bytes > 200_000 {
+        if let (true, Transport::Own(socket)) = (window_bytes > 200_000, &transport) {
             // Let a whole window sit in the socket buffer (the default is ~200 KiB).
-            let _ = sys::set_send_buffer(&socket, window_bytes * 2);
+            let _ = sys::set_send_buffer(socket, window_bytes * 2);
         }
         vacant.insert(Entry {
             generation,
-            socket,
+            transport,
             peer,
             local,
             session,
@@ -970,8 +1154,15 @@ impl<H: Handler> Server<H> {
         *self.stats.rejected.entry(reject.code.to_u16()).or_default() += 1;
         self.scratch.clear();
         write_error(&mut self.scratch, reject.code, &reject.message);
-        let sent = sys::bind_ephemeral(SocketAddr::new(local.ip(), 0).with_scope_of(local))
-            .and_then(|socket| socket.send_to(&self.scratch, peer));
+        let sent = match self.arrival {
+            // Single-port mode: from the port the request came to.
+            Some((listener, source)) => {
+                let listener = &self.listeners[listener];
+                sys::send_from(&listener.socket, listener.v6, &self.scratch, peer, source)
+            }
+            None => sys::bind_ephemeral(SocketAddr::new(local.ip(), 0).with_scope_of(local))
+                .and_then(|socket| socket.send_to(&self.scratch, peer)),
+        };
         match sent {
             Ok(_) => self.stats.datagrams_sent += 1,
             Err(e) => {
@@ -994,7 +1185,10 @@ impl<H: Handler> Server<H> {
             if entry.generation != generation {
                 return;
             }
-            let (len, from) = match entry.socket.recv_from(&mut self.buf) {
+            let Transport::Own(socket) = &entry.transport else {
+                return;
+            };
+            let (len, from) = match socket.recv_from(&mut self.buf) {
                 Ok(received) => received,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !drive_each {
@@ -1020,7 +1214,7 @@ impl<H: Handler> Server<H> {
                         ErrorCode::UnknownTransferId,
                         "unknown transfer id",
                     );
-                    match entry.socket.send_to(&self.scratch, from) {
+                    match socket.send_to(&self.scratch, from) {
                         Ok(_) => self.stats.datagrams_sent += 1,
                         Err(_) => self.stats.send_errors += 1,
                     }
@@ -1083,7 +1277,7 @@ impl<H: Handler> Server<H> {
             let entry = &mut self.sessions[key];
             let Entry {
                 session,
-                socket,
+                transport,
                 peer,
                 ..
             } = entry;
@@ -1094,22 +1288,24 @@ impl<H: Handler> Server<H> {
                 session.poll_output()
             }));
             match output {
-                Ok(Output::Transmit(datagram)) => match socket.send_to(datagram, *peer) {
-                    Ok(_) => {
-                        self.stats.datagrams_sent += 1;
-                        if let [0, 3, _, _, payload @ ..] = datagram {
-                            self.stats.bytes_sent += payload.len() as u64;
+                Ok(Output::Transmit(datagram)) => {
+                    match transmit(&self.listeners, transport, datagram, *peer) {
+                        Ok(_) => {
+                            self.stats.datagrams_sent += 1;
+                            if let [0, 3, _, _, payload @ ..] = datagram {
+                                self.stats.bytes_sent += payload.len() as u64;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            // The retransmission timer recovers the packet.
+                            self.stats.send_would_block += 1;
+                        }
+                        Err(e) => {
+                            self.stats.send_errors += 1;
+                            debug!("{peer}: send failed: {e}");
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // The retransmission timer recovers the packet.
-                        self.stats.send_would_block += 1;
-                    }
-                    Err(e) => {
-                        self.stats.send_errors += 1;
-                        debug!("{peer}: send failed: {e}");
-                    }
-                },
+                }
                 Ok(Output::Wait(deadline)) => {
                     match entry.timer {
                         Some((armed, _)) if armed <= deadline => {}
@@ -1151,8 +1347,10 @@ impl<H: Handler> Server<H> {
         if let Some((_, timer)) = entry.timer {
             self.wheel.cancel(timer);
         }
-        if let Err(e) = self.poll.registry().deregister(&mut entry.socket) {
-            debug!("deregister: {e}");
+        if let Transport::Own(socket) = &mut entry.transport {
+            if let Err(e) = self.poll.registry().deregister(socket) {
+                debug!("deregister: {e}");
+            }
         }
         self.by_peer.remove(&entry.peer);
         if let Some(client) = self.capped_client(entry.peer) {

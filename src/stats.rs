@@ -184,6 +184,9 @@ pub struct ServerStats {
     pub rate_limited: u64,
     /// Requests refused because their client already ran the most sessions allowed.
     pub client_limited: u64,
+    /// Single-port mode: requests dropped (the client resends them) because
+    /// `max_sessions` were running and the queue of waiting requests was full.
+    pub busy: u64,
     /// Gauge: sessions running at the time of the report.
     pub active_sessions: u64,
     /// How long the sessions that ended in this interval lasted.

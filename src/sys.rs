@@ -123,6 +123,96 @@ pub fn recv_with_destination(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Resul
     })
 }
 
+/// Sends `buf` to `peer` from `socket`, with source address `source` (and its interface)
+/// when given: how a listener bound to a wildcard address answers from the address a
+/// client sent to (IP_PKTINFO / IPV6_PKTINFO). On an IPv6 socket an IPv4 peer and source
+/// are sent as IPv4-mapped addresses (a dual-stack socket).
+pub fn send_from(
+    socket: &impl AsRawFd,
+    v6_socket: bool,
+    buf: &[u8],
+    peer: SocketAddr,
+    source: Option<(IpAddr, u32)>,
+) -> io::Result<usize> {
+    let peer = match (v6_socket, peer) {
+        (true, SocketAddr::V4(v4)) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        (_, peer) => peer,
+    };
+    let (mut storage, name_len) = std_to_sockaddr(peer);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut control = [MaybeUninit::<u64>::uninit(); 8]; // 64 bytes, 8-aligned
+                                                         // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = name_len;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some((ip, ifindex)) = source {
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: the control buffer is 64 bytes, more than one cmsghdr with an
+        // in6_pktinfo; CMSG_FIRSTHDR points into it, and the data is written unaligned
+        // with the size CMSG_LEN announced.
+        unsafe {
+            if v6_socket {
+                let ip6 = match ip {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+                (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip6.octets(),
+                    },
+                    ipi6_ifindex: if ip.is_ipv4() { 0 } else { ifindex },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+            } else {
+                let IpAddr::V4(v4) = ip else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "IPv6 source on an IPv4 socket",
+                    ));
+                };
+                msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(v4).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+            }
+        }
+    }
+    // SAFETY: every pointer in `msg` points to a live buffer of the length given with it.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Sets the socket's receive buffer size (the kernel may clamp it).
+pub fn set_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let bytes = bytes.min(i32::MAX as usize) as libc::c_int;
+    setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)
+}
+
 /// The soft limit on open file descriptors, raised to the hard limit first when possible.
 pub fn raise_fd_limit() -> io::Result<u64> {
     // SAFETY: rlimit is a plain C struct; getrlimit/setrlimit only read/write it.

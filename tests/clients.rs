@@ -355,6 +355,7 @@ impl Daemon {
             .args(["-l", &addr.to_string(), "-r"])
             .arg(root)
             .args(["--timeout", "0.25", "--retries", "3"])
+            .args(single_port().then_some("--single-port"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr).unwrap())

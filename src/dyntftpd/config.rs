@@ -44,6 +44,7 @@ pub struct Config {
     /// Concurrent sessions per client; 0 for no limit.
     pub max_per_client: u32,
     pub adaptive_timeout: bool,
+    pub single_port: bool,
     pub stats_interval: Duration,
     pub user: Option<String>,
     pub verbose: u32,
@@ -67,6 +68,7 @@ impl Default for Config {
             rate_burst: dyntftp::Rate::DEFAULT.burst,
             max_per_client: dyntftp::server::DEFAULT_MAX_SESSIONS_PER_CLIENT,
             adaptive_timeout: true,
+            single_port: false,
             stats_interval: Duration::from_secs(60),
             user: None,
             verbose: 0,
@@ -111,6 +113,7 @@ impl Config {
             "adaptive-timeout = {}",
             if self.adaptive_timeout { "on" } else { "off" }
         );
+        let _ = writeln!(out, "single-port = {}", self.single_port);
         let _ = writeln!(
             out,
             "stats-interval = {}",
@@ -169,6 +172,13 @@ impl Config {
                     "on" => true,
                     "off" => false,
                     _ => return Err(format!("{} (expected on or off)", bad())),
+                }
+            }
+            "single-port" => {
+                self.single_port = match text {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad()),
                 }
             }
             "stats-interval" => self.stats_interval = seconds(text).ok_or_else(bad)?,
@@ -235,7 +245,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 18] = [
+pub const FILE_KEYS: [&str; 19] = [
     "listen",
     "root",
     "timeout",
@@ -247,6 +257,7 @@ pub const FILE_KEYS: [&str; 18] = [
     "rate-burst",
     "max-per-client",
     "adaptive-timeout",
+    "single-port",
     "stats-interval",
     "user",
     "verbose",
@@ -331,6 +342,11 @@ pub fn options() -> Options {
         "adaptive-timeout",
         "on (default): retransmit after a few measured round trips when that is well below the timeout; off: always wait the timeout",
         "on|off",
+    );
+    opts.optflag(
+        "",
+        "single-port",
+        "serve every transfer from the listening port instead of a new port per transfer (for NAT, firewalls and containers that forward only port 69)",
     );
     opts.optopt(
         "",
@@ -428,6 +444,12 @@ fn apply_flags(config: &mut Config, m: &Matches) -> Result<(), String> {
     for key in FILE_KEYS {
         match key {
             "verbose" | "quiet" => continue,
+            "single-port" => {
+                if m.opt_present(key) {
+                    config.single_port = true;
+                }
+                continue;
+            }
             "listen" if m.opt_present(key) => config.listen.clear(),
             _ => {}
         }
@@ -590,6 +612,13 @@ mod tests {
         let c = config(&["--config", file.arg(), "--rate-burst", "20"]);
         assert_eq!((c.rate_limit, c.rate_burst, c.max_per_client), (2.5, 20, 0));
         assert!(!c.adaptive_timeout);
+        assert!(!c.single_port);
+        assert!(config(&["--single-port"]).single_port);
+        let file = File::new("single", "single-port = true\n");
+        assert!(config(&["--config", file.arg()]).single_port);
+        let file = File::new("single-bad", "single-port = yes\n");
+        let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
+        assert!(err.contains(":1: invalid value for single-port"), "{err}");
         let text = c.to_file_text();
         for line in [
             "rate-limit = 2.5\n",

@@ -21,6 +21,12 @@ use dyntftp::{
     SessionStats, ShutdownHandle,
 };
 
+/// True in the test binaries that run the black-box suites against single-port servers
+/// (`tests/single_port.rs` includes them; the crate name tells which binary this is).
+pub fn single_port() -> bool {
+    module_path!().starts_with("single_port")
+}
+
 /// Read timeout of every test socket, and how long a test waits for any event.
 pub const WAIT: Duration = Duration::from_secs(5);
 
@@ -82,11 +88,15 @@ pub struct TempDir {
 }
 
 impl TempDir {
-    /// Creates `<tmp>/dyntftp-<tag>-<pid>-<n>`.
+    /// Creates `<tmp>/dyntftp-<tag>-<pid>-<suite>-<n>`. The suite (this module's path) keeps
+    /// names apart when one test binary includes this module several times, each copy
+    /// with its own counter (`tests/single_port.rs`).
     pub fn new(tag: &str) -> TempDir {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("dyntftp-{tag}-{}-{n}", std::process::id()));
+        let suite = module_path!().replace("::", "-");
+        let path =
+            std::env::temp_dir().join(format!("dyntftp-{tag}-{}-{suite}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).expect("create temp dir");
         TempDir { path }
@@ -238,7 +248,8 @@ where
             let builder = ServerBuilder::new(handler)
                 .bind(bind)
                 .shutdown_grace(Duration::from_millis(300))
-                .adaptive_timeout(false);
+                .adaptive_timeout(false)
+                .single_port(single_port());
             match configure(builder).build() {
                 Ok(mut server) => {
                     let _ = ready_tx.send(Ok((server.local_addr(), server.shutdown_handle())));
@@ -629,7 +640,12 @@ impl Client {
             }
             match tid {
                 None => {
-                    if from.port() == server.port() {
+                    if single_port() && from.port() != server.port() {
+                        return Err(ClientError::Protocol(format!(
+                            "single-port mode, but the reply came from {from}"
+                        )));
+                    }
+                    if !single_port() && from.port() == server.port() {
                         return Err(ClientError::Protocol(format!(
                             "reply from the listening port {from}, not a new TID"
                         )));
