@@ -60,6 +60,7 @@ pub mod response;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod stream;
 mod sys;
 pub mod timer;
 
@@ -71,6 +72,7 @@ pub use response::{BytesSource, FileSource, Netascii, ReaderSource, ResponseData
 pub use server::{Error, Server, ServerBuilder, ShutdownHandle};
 pub use session::{Outcome, Output, Session, SessionConfig};
 pub use stats::{ServerStats, SessionStats, TransferStats};
+pub use stream::{StreamSource, StreamWriter};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]
