@@ -233,6 +233,26 @@ impl Refusal {
     }
 }
 
+/// Splits a requested filename into the path components [`FsHandler`] would open, with the
+/// same rules (step 1 of the [module docs](self#confinement)): `/` and `\\` separate, empty
+/// and `.` components are dropped, `..` is resolved lexically and may not climb above the
+/// root, control characters and names of the root itself are refused.
+///
+/// Handlers that map names onto something other than a directory (an HTTP URL, a key in
+/// a store) use it to get the same confinement as files.
+///
+/// ```
+/// let parts = dyntftp::fs::components(b"\\boot//./x/../pxelinux.0").unwrap();
+/// assert_eq!(parts, [&b"boot"[..], b"pxelinux.0"]);
+/// assert!(dyntftp::fs::components(b"../etc/passwd").is_err());
+/// ```
+pub fn components(filename: &[u8]) -> Result<Vec<&[u8]>, Reject> {
+    normalise(filename).map_err(|refusal| {
+        debug!("refused {}: {}", LogName(filename), refusal.reason());
+        refusal.reject()
+    })
+}
+
 /// Splits `filename` into the components of a path beneath the root (see the module docs).
 /// The result is non-empty, has no empty, `.` or `..` component, and joined with `/` is
 /// shorter than `PATH_MAX`.

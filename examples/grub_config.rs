@@ -3,7 +3,7 @@
 //! address it reached, straight from memory; nothing touches the disk.
 //!
 //! ```text
-//! cargo run --example generated_config -- 127.0.0.1:1069
+//! cargo run --example grub_config -- 127.0.0.1:1069
 //! curl tftp://127.0.0.1:1069/grub.cfg
 //! ```
 
