@@ -467,3 +467,84 @@ fn http_proxy_maps_http_answers_to_tftp() {
         .iter()
         .any(|r| r.contains("..") || r.contains("secret")));
 }
+
+// ---------------------------------------------------------------------------------------
+// grub_config
+// ---------------------------------------------------------------------------------------
+
+/// A client bound to `ip` (any loopback address), so tests can be "another machine".
+fn client_from(ip: &str) -> Client {
+    let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind client");
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    Client { socket, pace: None }
+}
+
+/// The server listens on 127.0.0.3, so the client's address (127.0.0.1 or 127.0.0.2) and
+/// the server's address in the rendered config differ.
+#[test]
+fn grub_config_renders_per_client_with_exact_tsize() {
+    let Some(curl) = client_or_skip("curl", "grub_config_renders_per_client_with_exact_tsize")
+    else {
+        return;
+    };
+    let out = TempDir::new("grub");
+    let example = Example::start(
+        "grub_config",
+        &["--listen", "127.0.0.3:0", "--host", "127.0.0.1=node17"],
+    );
+    let addr = example.addr;
+
+    // A real client: the content names it (as a known host) and the server it reached.
+    for name in ["grub.cfg", "pxelinux.cfg/default", "pxelinux.cfg/7F000001"] {
+        let got = out.path().join(name.replace('/', "_"));
+        let (status, _) = curl_fetch(&curl, &example.url(name), &got, &[]);
+        assert!(status.success(), "curl {name}: {status}");
+        let text = fs::read_to_string(&got).unwrap();
+        assert!(
+            text.contains("ip=127.0.0.1 hostname=node17"),
+            "{name}:\n{text}"
+        );
+        assert!(text.contains("127.0.0.3"), "{name}: server address\n{text}");
+        assert!(text.contains("node17"), "{name}:\n{text}");
+    }
+
+    // Our client, from two addresses: tsize in the OACK is the exact rendered length.
+    let mut seen = Vec::new();
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let client = client_from(ip);
+        let got = client
+            .fetch(
+                addr,
+                "grub.cfg",
+                "octet",
+                &[("tsize", "0"), ("blksize", "1024")],
+            )
+            .unwrap();
+        let text = String::from_utf8(got.data.clone()).unwrap();
+        assert_eq!(
+            got.oack_value("tsize"),
+            Some(got.data.len().to_string().as_str())
+        );
+        assert!(text.contains(&format!("ip={ip} ")), "{ip}:\n{text}");
+        seen.push(text);
+    }
+    assert!(seen[0].contains("node17"));
+    assert!(seen[1].contains("auto-install") && !seen[1].contains("node17"));
+
+    // PXELINUX's search order: its own hex address is served, others' and MAC names not.
+    let other = client_from("127.0.0.2");
+    for name in [
+        "pxelinux.cfg/7F000001",
+        "pxelinux.cfg/01-52-54-00-12-34-56",
+        "pxelinux.cfg/7F",
+    ] {
+        let err = other.fetch(addr, name, "octet", &[]).unwrap_err();
+        assert_eq!(err.code(), Some(1), "{name}: {err:?}");
+    }
+    let own = other
+        .fetch(addr, "pxelinux.cfg/7F000002", "octet", &[])
+        .unwrap();
+    assert!(String::from_utf8(own.data)
+        .unwrap()
+        .contains("ip=127.0.0.2 auto-install"));
+}
