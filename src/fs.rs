@@ -36,6 +36,53 @@
 //!    (directory, FIFO, socket, device) with ERROR 2. The flag is left set: it has no effect
 //!    on regular files.
 //!
+//! # Case-insensitive lookup
+//!
+//! With [`FsHandler::ignore_case`], a name that does not exist exactly (`ENOENT` or
+//! `ENOTDIR`) is resolved again one directory at a time, ignoring ASCII case (Windows
+//! boot loaders ask for `\Boot\BCD`, PXE ROMs for upper-case MAC names). The rules keep
+//! the confinement above intact:
+//!
+//! - the name is normalised first, so `..` is already gone; each directory that is listed
+//!   is opened with the same resolver as files (beneath the root, no escaping link);
+//! - in each directory the exact name wins when it exists (and is then treated like any
+//!   name, symbolic link or not); otherwise the entries that match ignoring case are
+//!   considered, **never a symbolic link** among them, and the bytewise smallest wins, so
+//!   the choice does not depend on directory order; there is no backtracking (with both
+//!   `Boot/` and `boot/` present, `boot/bcd` looks only in `boot/`);
+//! - the corrected path is then opened exactly as a normal request is.
+//!
+//! The cost, a directory listing per level, is paid only for names that miss; exact names
+//! take the normal path unchanged. Only ASCII letters fold (names are bytes, not text).
+//!
+//! # Per-client roots
+//!
+//! With [`FsHandler::unique_root`], a request for `name` from client `A` is served from
+//! `<root>/A/name` when that file exists, and from `<root>/name` otherwise; `A` is the
+//! client's IP address in its usual text form (`192.0.2.7`, `2001:db8::7`; an IPv4-mapped
+//! IPv6 address is written as IPv4). This is dnsmasq's `--tftp-unique-root=ip` with one
+//! difference: dnsmasq decides by directory (if `<root>/A` exists, *every* name is looked
+//! up only there), dyntftp by file, so a client directory can hold just the files that
+//! differ (its `grub.cfg`) and share the rest (the kernel). The name is normalised before
+//! `A/` is put in front, so `..` cannot climb from `<root>/A` into the shared root or
+//! another client's directory; and in the shared fallback a name whose first directory
+//! is an IP address is refused (ERROR 2), so no client reads another's directory by
+//! asking for `192.0.2.8/grub.cfg`. dnsmasq's `=mac` form needs the client's hardware
+//! address, which a TFTP server does not see; it is not offered.
+//!
+//! # Hot-file cache
+//!
+//! In a boot storm thousands of clients fetch the same kernel. With
+//! [`FsHandler::cache`]`(max_bytes)`, a file is read whole into memory the first time it is
+//! opened and every later session sends the same shared bytes ([`BytesSource`]) instead
+//! of reading the file again. An entry is used only while the file's device, inode, size,
+//! modification time and change time are all unchanged (checked with `fstat` on every
+//! open), so a replaced or rewritten file is reloaded at its next request; a file that
+//! changes while it is being loaded is served from disk. Files larger than `max_bytes`
+//! are never cached; the least recently used files are dropped to make room. The load
+//! happens on the event loop, like every read of this handler: it costs the first
+//! session of each file version one whole-file read. Counters: [`FsHandler::cache_stats`].
+//!
 //! # Errors sent to the client
 //!
 //! | Cause | TFTP error |
@@ -50,24 +97,31 @@
 //! details (the requested name, escaped and truncated, and the `errno`) are logged at
 //! `debug` level only.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use log::debug;
 
 use crate::handler::{Handler, ReadRequest, Reject};
 use crate::packet::ErrorCode;
-use crate::response::{FileSource, ResponseData};
+use crate::response::{BytesSource, FileSource, ResponseData};
 
 /// Flags of every file open: read-only, never a controlling terminal, never blocking (a FIFO
 /// must not stall the event loop).
 const FILE_FLAGS: libc::c_int =
     libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_LARGEFILE;
+
+/// Flags of a directory opened to list it (case-insensitive lookup).
+const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_DIRECTORY;
 
 /// `openat2` resolve flags: stay beneath the root, never through `/proc` magic links.
 const RESOLVE_FLAGS: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
@@ -95,6 +149,12 @@ pub struct FsHandler {
     root: OwnedFd,
     /// Chosen once, at construction.
     resolver: Resolver,
+    /// Retry a missing name with ASCII case-insensitive matching.
+    ignore_case: bool,
+    /// Try `<root>/<client address>/<name>` first.
+    unique_root: bool,
+    /// Hot files kept in memory, when enabled.
+    cache: Option<Cache>,
 }
 
 /// How paths are resolved beneath the root.
@@ -130,7 +190,42 @@ impl FsHandler {
             }
         };
         debug!("serving files from {} with {resolver:?}", path.display());
-        Ok(FsHandler { root, resolver })
+        Ok(FsHandler {
+            root,
+            resolver,
+            ignore_case: false,
+            unique_root: false,
+            cache: None,
+        })
+    }
+
+    /// Resolves names ASCII-case-insensitively when the exact name does not exist, as
+    /// Windows clients expect (`\Boot\BCD` for `boot/bcd`). See [Case-insensitive
+    /// lookup](self#case-insensitive-lookup). Off by default.
+    pub fn ignore_case(mut self, on: bool) -> FsHandler {
+        self.ignore_case = on;
+        self
+    }
+
+    /// Serves `<root>/<client IP>/<name>` when it exists, else `<root>/<name>`, like
+    /// dnsmasq's `--tftp-unique-root=ip` (with a per-file fallback). See [Per-client
+    /// roots](self#per-client-roots). Off by default.
+    pub fn unique_root(mut self, on: bool) -> FsHandler {
+        self.unique_root = on;
+        self
+    }
+
+    /// Keeps up to `max_bytes` of recently served files in memory, shared by every session
+    /// that sends them (`0` disables the cache, the default). See [Hot-file
+    /// cache](self#hot-file-cache).
+    pub fn cache(mut self, max_bytes: u64) -> FsHandler {
+        self.cache = (max_bytes > 0).then(|| Cache::new(max_bytes));
+        self
+    }
+
+    /// The cache's counters since the handler was made (all zero without a cache).
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.as_ref().map(|c| c.stats).unwrap_or_default()
     }
 
     /// Whether the race-free `openat2` resolver is in use (symbolic links that stay inside
@@ -145,15 +240,48 @@ impl FsHandler {
     ///
     /// Usable by other handlers that serve some names from disk.
     pub fn open_file(&self, filename: &[u8]) -> Result<File, Reject> {
+        let parts = components(filename)?;
+        self.open_components(&parts, filename)
+    }
+
+    /// Like [`open_file`](FsHandler::open_file), for a request from `client`: with
+    /// [`unique_root`](FsHandler::unique_root) on, `<root>/<client>/<name>` is tried first.
+    pub fn open_file_for(&self, client: IpAddr, filename: &[u8]) -> Result<File, Reject> {
+        let parts = components(filename)?;
+        if self.unique_root {
+            let dir = client.to_canonical().to_string();
+            let mut own = Vec::with_capacity(parts.len() + 1);
+            own.push(dir.as_bytes());
+            own.extend_from_slice(&parts);
+            match self.open_components(&own, filename) {
+                Err(reject) if reject.code == ErrorCode::FileNotFound => {}
+                result => return result,
+            }
+            // The shared fallback never reaches into another client's directory.
+            let first_is_address =
+                std::str::from_utf8(parts[0]).is_ok_and(|text| text.parse::<IpAddr>().is_ok());
+            if parts.len() > 1 && first_is_address {
+                debug!("refused {}: another client's directory", LogName(filename));
+                return Err(Reject::access_violation());
+            }
+        }
+        self.open_components(&parts, filename)
+    }
+
+    /// Opens normalised `parts` (see [`components`]); `filename` is for the log.
+    fn open_components(&self, parts: &[&[u8]], filename: &[u8]) -> Result<File, Reject> {
         let name = LogName(filename);
-        let components = normalise(filename).map_err(|refusal| {
-            debug!("refused {name}: {}", refusal.reason());
-            refusal.reject()
-        })?;
-        let opened = match self.resolver {
-            Resolver::Openat2 => open_beneath(self.root.as_fd(), &components),
-            Resolver::Walk => open_walk(self.root.as_fd(), &components),
-        };
+        let mut opened = self.open_path(parts, FILE_FLAGS);
+        if self.ignore_case {
+            if let Err(e) = &opened {
+                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) {
+                    opened = self.resolve_case(parts).and_then(|found| {
+                        let found: Vec<&[u8]> = found.iter().map(Vec::as_slice).collect();
+                        self.open_path(&found, FILE_FLAGS)
+                    });
+                }
+            }
+        }
         let file = File::from(opened.map_err(|e| {
             debug!("cannot open {name}: {e}");
             reject_for(&e)
@@ -172,6 +300,39 @@ impl FsHandler {
                 Err(reject_for(&e))
             }
         }
+    }
+
+    /// Opens `parts` beneath the root with `flags`, with the handler's resolver (the root
+    /// itself when `parts` is empty).
+    fn open_path(&self, parts: &[&[u8]], flags: libc::c_int) -> io::Result<OwnedFd> {
+        if parts.is_empty() {
+            return openat(self.root.as_fd(), b".", flags);
+        }
+        match self.resolver {
+            Resolver::Openat2 => open_beneath(self.root.as_fd(), parts, flags),
+            Resolver::Walk => open_walk(self.root.as_fd(), parts, flags | libc::O_NOFOLLOW),
+        }
+    }
+
+    /// Finds the names on disk that match `parts` ignoring ASCII case, one directory at a
+    /// time (each directory opened with the handler's resolver, so still confined). An
+    /// exact name is always preferred; a name that matches only case-insensitively is
+    /// never a symbolic link; among several matches the smallest name (bytewise) wins.
+    fn resolve_case(&self, parts: &[&[u8]]) -> io::Result<Vec<Vec<u8>>> {
+        let mut found: Vec<Vec<u8>> = Vec::with_capacity(parts.len());
+        for part in parts {
+            let prefix: Vec<&[u8]> = found.iter().map(Vec::as_slice).collect();
+            let dir = self.open_path(&prefix, DIR_FLAGS)?;
+            if lstat_at(dir.as_fd(), part).is_ok() {
+                found.push(part.to_vec());
+                continue;
+            }
+            match find_ignoring_case(dir, part)? {
+                Some(name) => found.push(name),
+                None => return Err(io::Error::from_raw_os_error(libc::ENOENT)),
+            }
+        }
+        Ok(found)
     }
 
     /// Forces the fallback resolver, so that tests cover it on kernels with `openat2`.
@@ -193,12 +354,151 @@ impl fmt::Debug for FsHandler {
 
 impl Handler for FsHandler {
     fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
-        let file = self.open_file(request.filename)?;
-        let source = FileSource::new(file).map_err(|e| {
+        let file = self.open_file_for(request.peer.ip(), request.filename)?;
+        let stat_failed = |e: io::Error| {
             debug!("cannot stat {}: {e}", LogName(request.filename));
             reject_for(&e)
-        })?;
+        };
+        if let Some(cache) = &mut self.cache {
+            if let Some(bytes) = cache.get(&file).map_err(stat_failed)? {
+                return Ok(Box::new(BytesSource::new(bytes)));
+            }
+        }
+        let source = FileSource::new(file).map_err(stat_failed)?;
         Ok(Box::new(source))
+    }
+}
+
+/// Counters of the [hot-file cache](self#hot-file-cache), from
+/// [`FsHandler::cache_stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Opens served from memory.
+    pub hits: u64,
+    /// Opens of a file not in the cache (or changed since it was loaded).
+    pub misses: u64,
+    /// Files read into the cache, and their bytes.
+    pub loads: u64,
+    /// Bytes read from disk into the cache.
+    pub bytes_loaded: u64,
+    /// Files dropped to make room.
+    pub evictions: u64,
+    /// Files served from disk because they are larger than the cache, or changed while
+    /// they were being loaded.
+    pub uncached: u64,
+    /// Bytes held now.
+    pub bytes_held: u64,
+}
+
+/// What identifies one version of a file: if any of these differ, the cached bytes are
+/// stale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+struct CacheEntry {
+    stamp: Stamp,
+    data: Arc<[u8]>,
+    last_used: u64,
+}
+
+/// Whole files by (device, inode), least recently used evicted first.
+struct Cache {
+    max_bytes: u64,
+    tick: u64,
+    entries: HashMap<(u64, u64), CacheEntry>,
+    stats: CacheStats,
+}
+
+impl Cache {
+    fn new(max_bytes: u64) -> Cache {
+        Cache {
+            max_bytes,
+            tick: 0,
+            entries: HashMap::new(),
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// The bytes of `file` (just opened), from memory or loaded now; `None` when it is
+    /// not cacheable and must be read from disk.
+    fn get(&mut self, file: &File) -> io::Result<Option<Arc<[u8]>>> {
+        let stamp = Stamp::of(&file.metadata()?);
+        let key = (stamp.dev, stamp.ino);
+        self.tick += 1;
+        if let Some(entry) = self.entries.get_mut(&key) {
+            if entry.stamp == stamp {
+                entry.last_used = self.tick;
+                self.stats.hits += 1;
+                return Ok(Some(Arc::clone(&entry.data)));
+            }
+            self.remove(key);
+        }
+        self.stats.misses += 1;
+        if stamp.size > self.max_bytes {
+            self.stats.uncached += 1;
+            return Ok(None);
+        }
+        while self.stats.bytes_held + stamp.size > self.max_bytes {
+            let Some((&oldest, _)) = self.entries.iter().min_by_key(|(_, e)| e.last_used) else {
+                break;
+            };
+            self.remove(oldest);
+            self.stats.evictions += 1;
+        }
+        // Positioned reads: the file's offset stays at 0 for the FileSource fallback.
+        let mut data = vec![0u8; stamp.size as usize];
+        let mut filled = 0;
+        while filled < data.len() {
+            match file.read_at(&mut data[filled..], filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.stats.bytes_loaded += filled as u64;
+        // Changed while we read (or shorter than its size said): serve it from disk.
+        if filled != data.len() || Stamp::of(&file.metadata()?) != stamp {
+            self.stats.uncached += 1;
+            return Ok(None);
+        }
+        let data: Arc<[u8]> = data.into();
+        self.stats.loads += 1;
+        self.stats.bytes_held += stamp.size;
+        self.entries.insert(
+            key,
+            CacheEntry {
+                stamp,
+                data: Arc::clone(&data),
+                last_used: self.tick,
+            },
+        );
+        Ok(Some(data))
+    }
+
+    fn remove(&mut self, key: (u64, u64)) {
+        if let Some(entry) = self.entries.remove(&key) {
+            self.stats.bytes_held -= entry.stamp.size;
+        }
     }
 }
 
@@ -233,6 +533,26 @@ impl Refusal {
     }
 }
 
+/// Splits a requested filename into the path components [`FsHandler`] would open, with the
+/// same rules (step 1 of the [module docs](self#confinement)): `/` and `\\` separate, empty
+/// and `.` components are dropped, `..` is resolved lexically and may not climb above the
+/// root, control characters and names of the root itself are refused.
+///
+/// Handlers that map names onto something other than a directory (an HTTP URL, a key in
+/// a store) use it to get the same confinement as files.
+///
+/// ```
+/// let parts = dyntftp::fs::components(b"\\boot//./x/../pxelinux.0").unwrap();
+/// assert_eq!(parts, [&b"boot"[..], b"pxelinux.0"]);
+/// assert!(dyntftp::fs::components(b"../etc/passwd").is_err());
+/// ```
+pub fn components(filename: &[u8]) -> Result<Vec<&[u8]>, Reject> {
+    normalise(filename).map_err(|refusal| {
+        debug!("refused {}: {}", LogName(filename), refusal.reason());
+        refusal.reject()
+    })
+}
+
 /// Splits `filename` into the components of a path beneath the root (see the module docs).
 /// The result is non-empty, has no empty, `.` or `..` component, and joined with `/` is
 /// shorter than `PATH_MAX`.
@@ -262,12 +582,16 @@ fn normalise(filename: &[u8]) -> Result<Vec<&[u8]>, Refusal> {
 }
 
 /// Opens `components` beneath `root` with one `openat2` call.
-fn open_beneath(root: BorrowedFd<'_>, components: &[&[u8]]) -> io::Result<OwnedFd> {
+fn open_beneath(
+    root: BorrowedFd<'_>,
+    components: &[&[u8]],
+    flags: libc::c_int,
+) -> io::Result<OwnedFd> {
     let path = CString::new(components.join(&b'/'))
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut tries = 0;
     loop {
-        match openat2(root, &path, FILE_FLAGS) {
+        match openat2(root, &path, flags) {
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < EAGAIN_RETRIES => {
                 tries += 1;
             }
@@ -276,8 +600,13 @@ fn open_beneath(root: BorrowedFd<'_>, components: &[&[u8]]) -> io::Result<OwnedF
     }
 }
 
-/// Opens `components` beneath `root` one at a time, following no symbolic link.
-fn open_walk(root: BorrowedFd<'_>, components: &[&[u8]]) -> io::Result<OwnedFd> {
+/// Opens `components` beneath `root` one at a time, following no symbolic link; the last
+/// one with `flags` (which include `O_NOFOLLOW`).
+fn open_walk(
+    root: BorrowedFd<'_>,
+    components: &[&[u8]],
+    flags: libc::c_int,
+) -> io::Result<OwnedFd> {
     let (last, dirs) = components
         .split_last()
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
@@ -302,7 +631,86 @@ fn open_walk(root: BorrowedFd<'_>, components: &[&[u8]]) -> io::Result<OwnedFd> 
         dir = Some(OwnedFd::from(step));
     }
     let parent = dir.as_ref().map_or(root, |fd| fd.as_fd());
-    openat(parent, last, FILE_FLAGS | libc::O_NOFOLLOW)
+    openat(parent, last, flags)
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`: the entry itself, never a link's target.
+fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<libc::stat64> {
+    let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut st = std::mem::MaybeUninit::<libc::stat64>::uninit();
+    // SAFETY: `name` is NUL-terminated and outlives the call; `st` is valid for writes of a
+    // `stat64`; `dir` is an open descriptor borrowed for the call.
+    let ret = unsafe {
+        libc::fstatat64(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatat returned 0, so it filled `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// The entry of directory `dir` whose name equals `name` ignoring ASCII case and that is
+/// not a symbolic link; the bytewise smallest if several match.
+fn find_ignoring_case(dir: OwnedFd, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    let raw = dir.into_raw_fd();
+    // SAFETY: `raw` is an open directory descriptor we own; on success fdopendir takes
+    // ownership of it (closedir closes it), on failure we close it.
+    let dirp = unsafe { libc::fdopendir(raw) };
+    if dirp.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so `raw` is still ours to close.
+        unsafe { libc::close(raw) };
+        return Err(e);
+    }
+    let mut best: Option<Vec<u8>> = None;
+    let mut result = Ok(());
+    loop {
+        // SAFETY: errno is thread-local; clearing it tells the end of the directory (NULL,
+        // errno 0) from an error (NULL, errno set).
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: `dirp` is a valid open directory stream, used by this thread only.
+        let entry = unsafe { libc::readdir64(dirp) };
+        if entry.is_null() {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error().is_some_and(|n| n != 0) {
+                result = Err(e);
+            }
+            break;
+        }
+        // SAFETY: readdir returned a valid entry whose d_name is NUL-terminated; it stays
+        // valid until the next readdir/closedir on `dirp`, and we copy what we keep.
+        let (entry_name, d_type) = unsafe {
+            (
+                CStr::from_ptr((*entry).d_name.as_ptr()).to_bytes(),
+                (*entry).d_type,
+            )
+        };
+        if !entry_name.eq_ignore_ascii_case(name) || d_type == libc::DT_LNK {
+            continue;
+        }
+        if best.as_deref().is_some_and(|b| b <= entry_name) {
+            continue;
+        }
+        // SAFETY: `dirp` is valid; the descriptor is borrowed only for the fstatat below,
+        // while `dirp` (which owns it) is still open.
+        let fd = unsafe { BorrowedFd::borrow_raw(libc::dirfd(dirp)) };
+        // d_type may be DT_UNKNOWN: ask the file system whether it is a link.
+        let is_link = lstat_at(fd, entry_name)
+            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+            .unwrap_or(true);
+        if !is_link {
+            best = Some(entry_name.to_vec());
+        }
+    }
+    // SAFETY: `dirp` is valid and closed exactly once.
+    unsafe { libc::closedir(dirp) };
+    result.map(|()| best)
 }
 
 /// The `open_how` of `linux/openat2.h` (version 0, 24 bytes). libc's own is
@@ -400,6 +808,7 @@ impl fmt::Display for LogName<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handler::Notifier;
 
     use std::ffi::{OsStr, OsString};
     use std::io::Read;
@@ -807,6 +1216,188 @@ mod tests {
                 h.resolver
             );
         }
+    }
+
+    #[test]
+    fn ignore_case_finds_names_and_stays_confined() {
+        let tree = Tree::new();
+        let root = tree.root();
+        tree.file("Boot/BCD", b"bcd");
+        tree.file("boot/exact", b"lower dir");
+        tree.file("pxelinux.cfg/01-aa-bb", b"mac");
+        tree.file("Dup/x", b"upper");
+        tree.file("dup/x", b"lower");
+        tree.file("real/secret", b"inside");
+        // Case-insensitive matches that are links must never be used, even in the root.
+        symlink("real/secret", root.join("link")).unwrap();
+        symlink(tree.outside().join("secret"), root.join("OUTLINK")).unwrap();
+        symlink(tree.outside().join("dir"), root.join("outdir")).unwrap();
+        for h in tree.handlers() {
+            let h = h.ignore_case(true);
+            let follows = h.uses_openat2();
+            check(
+                &h,
+                &[
+                    (b"\\Boot\\BCD", ok(b"bcd")),
+                    (b"\\BOOT\\bcd", ok(b"bcd")),
+                    // "boot" exists exactly: it wins over "Boot", with no backtracking.
+                    (b"boot/bcd", NOT_FOUND),
+                    (b"boot/exact", ok(b"lower dir")),
+                    // "BOOT" matches "Boot" and "boot": "Boot" is the smaller.
+                    (b"BOOT/EXACT", NOT_FOUND),
+                    (b"PXELINUX.CFG/01-AA-BB", ok(b"mac")),
+                    // Several matches: the bytewise smallest ("Dup" < "dup").
+                    (b"DUP/X", ok(b"upper")),
+                    (b"dup/x", ok(b"lower")),
+                    (b"missing", NOT_FOUND),
+                    (b"boot/BCD/x", NOT_FOUND),
+                    (b"../Boot/BCD", ACCESS),
+                    // Exact-case links behave as without ignore_case...
+                    (b"link", if follows { ok(b"inside") } else { ACCESS }),
+                    (b"OUTLINK", ACCESS),
+                    (b"outdir/secret", ACCESS),
+                    // ...and links matched only ignoring case are not followed.
+                    (b"LINK", NOT_FOUND),
+                    (b"outlink", NOT_FOUND),
+                    (b"OUTDIR/secret", NOT_FOUND),
+                ],
+            );
+        }
+        // Without the option, case matters.
+        for h in tree.handlers() {
+            check(&h, &[(b"boot/bcd", NOT_FOUND), (b"Boot/BCD", ok(b"bcd"))]);
+        }
+    }
+
+    fn request<'a>(peer: &str, filename: &'a [u8], notifier: &'a Notifier) -> ReadRequest<'a> {
+        ReadRequest {
+            peer: peer.parse().unwrap(),
+            local: "127.0.0.1:69".parse().unwrap(),
+            filename,
+            mode: crate::packet::Mode::Octet,
+            options: crate::packet::Options::EMPTY,
+            notifier,
+        }
+    }
+
+    fn serve(h: &mut FsHandler, peer: &str, name: &[u8]) -> Served {
+        let notifier = Notifier::detached();
+        let mut source = h
+            .open(&request(peer, name, &notifier))
+            .map_err(|r| r.code)?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 7];
+        loop {
+            match source.read(&mut buf).unwrap() {
+                0 => return Ok(out),
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    #[test]
+    fn unique_root_prefers_the_client_directory_per_file() {
+        let tree = Tree::new();
+        tree.file("grub.cfg", b"shared cfg");
+        tree.file("vmlinuz", b"shared kernel");
+        tree.file("192.0.2.7/grub.cfg", b"cfg of .7");
+        tree.file("192.0.2.8/secret", b"only .8");
+        tree.file("2001:db8::7/grub.cfg", b"cfg of v6");
+        for h in tree.handlers() {
+            let mut h = h.unique_root(true);
+            let cases: &[(&str, &[u8], Served)] = &[
+                ("192.0.2.7:1000", b"grub.cfg", ok(b"cfg of .7")),
+                ("192.0.2.7:1000", b"/vmlinuz", ok(b"shared kernel")),
+                ("192.0.2.9:1000", b"grub.cfg", ok(b"shared cfg")),
+                ("[::ffff:192.0.2.7]:1000", b"grub.cfg", ok(b"cfg of .7")),
+                ("[2001:db8::7]:1000", b"grub.cfg", ok(b"cfg of v6")),
+                ("[2001:db8::7]:1000", b"vmlinuz", ok(b"shared kernel")),
+                // No way into another client's directory, by name or by "..".
+                ("192.0.2.7:1000", b"192.0.2.8/secret", ACCESS),
+                ("192.0.2.7:1000", b"../192.0.2.8/secret", ACCESS),
+                ("192.0.2.7:1000", b"x/../../192.0.2.8/secret", ACCESS),
+                ("192.0.2.8:1000", b"secret", ok(b"only .8")),
+                ("192.0.2.7:1000", b"missing", NOT_FOUND),
+            ];
+            for (peer, name, want) in cases {
+                assert_eq!(
+                    &serve(&mut h, peer, name),
+                    want,
+                    "{peer} {}",
+                    name.escape_ascii()
+                );
+            }
+        }
+        // Off: the client directories are plain directories.
+        let mut plain = FsHandler::new(tree.root()).unwrap();
+        assert_eq!(
+            serve(&mut plain, "192.0.2.7:1", b"grub.cfg"),
+            ok(b"shared cfg")
+        );
+        assert_eq!(
+            serve(&mut plain, "192.0.2.7:1", b"192.0.2.8/secret"),
+            ok(b"only .8")
+        );
+    }
+
+    #[test]
+    fn cache_serves_shared_bytes_and_notices_changes() {
+        let tree = Tree::new();
+        tree.file("kernel", &[1; 3000]);
+        tree.file("initrd", &[2; 5000]);
+        tree.file("huge", &[3; 20_000]);
+        let mut h = FsHandler::new(tree.root()).unwrap().cache(10_000);
+        assert_eq!(h.cache_stats(), CacheStats::default());
+        for _ in 0..3 {
+            assert_eq!(serve(&mut h, "192.0.2.1:1", b"kernel"), Ok(vec![1; 3000]));
+        }
+        let stats = h.cache_stats();
+        assert_eq!((stats.misses, stats.hits, stats.loads), (1, 2, 1));
+        assert_eq!(stats.bytes_held, 3000);
+        // Sizes are answered from the cached bytes too.
+        let notifier = Notifier::detached();
+        let source = h
+            .open(&request("192.0.2.1:1", b"kernel", &notifier))
+            .unwrap();
+        assert_eq!(source.size(), Some(3000));
+
+        // Larger than the cache: served from disk, never held.
+        assert_eq!(serve(&mut h, "192.0.2.1:1", b"huge"), Ok(vec![3; 20_000]));
+        assert_eq!(h.cache_stats().uncached, 1);
+
+        // Rewritten in place (same size, same inode): reloaded.
+        fs::write(tree.root().join("kernel"), [9; 3000]).unwrap();
+        let bump = fs::File::options()
+            .write(true)
+            .open(tree.root().join("kernel"))
+            .unwrap();
+        // Make sure the stamp moves even on a coarse-grained clock.
+        bump.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(12345))
+            .unwrap();
+        assert_eq!(serve(&mut h, "192.0.2.1:1", b"kernel"), Ok(vec![9; 3000]));
+        // Replaced by another file (new inode).
+        fs::write(tree.root().join("kernel.new"), [7; 100]).unwrap();
+        fs::rename(tree.root().join("kernel.new"), tree.root().join("kernel")).unwrap();
+        assert_eq!(serve(&mut h, "192.0.2.1:1", b"kernel"), Ok(vec![7; 100]));
+
+        // Room is made by dropping the least recently used file.
+        tree.file("a", &[4; 4000]);
+        tree.file("b", &[5; 4000]);
+        for name in [&b"initrd"[..], b"a", b"initrd", b"b"] {
+            serve(&mut h, "192.0.2.1:1", name).unwrap();
+        }
+        let stats = h.cache_stats();
+        assert!(stats.bytes_held <= 10_000, "{stats:?}");
+        assert!(stats.evictions >= 1, "{stats:?}");
+        let hits = stats.hits;
+        serve(&mut h, "192.0.2.1:1", b"initrd").unwrap();
+        assert_eq!(
+            h.cache_stats().hits,
+            hits + 1,
+            "initrd was used recently: kept"
+        );
+        serve(&mut h, "192.0.2.1:1", b"a").unwrap();
+        assert_eq!(h.cache_stats().hits, hits + 1, "a was the oldest: evicted");
     }
 
     #[test]

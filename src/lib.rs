@@ -7,24 +7,98 @@
 //! session is a small state machine kept in a slab, retransmissions are driven by a timer
 //! wheel, and no process or thread is started per client.
 //!
+//! # 1. Serve a directory
+//!
+//! [`FsHandler`] serves the regular files under a root, confined to it (no `..`, absolute
+//! path or symlink escape). Options add per-client roots, case-insensitive lookup and an
+//! in-memory cache of hot files:
+//!
 //! ```no_run
-//! use dyntftp::{BytesSource, Handler, ReadRequest, Reject, ResponseData, ServerBuilder};
+//! use dyntftp::{FsHandler, ServerBuilder};
 //!
-//! struct Hello;
-//!
-//! impl Handler for Hello {
-//!     fn open(&mut self, req: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
-//!         let text = format!("hello {}\n", req.peer.ip());
-//!         Ok(Box::new(BytesSource::new(text.into_bytes())))
-//!     }
-//! }
-//!
-//! let mut server = ServerBuilder::new(Hello).bind("127.0.0.1:6969".parse()?).build()?;
+//! let files = FsHandler::new("/srv/tftp")?.ignore_case(true).unique_root(true);
+//! let mut server = ServerBuilder::new(files).bind("0.0.0.0:69".parse()?).build()?;
 //! server.run()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! To serve a directory, use [`FsHandler`], which confines every request to its root.
+//! To rewrite names first (tftpd-hpa's `--map-file`), wrap any handler in a
+//! [`Remap`] (see [`remap`]).
+//!
+//! # 2. Write a handler
+//!
+//! A [`Handler`] decides, per request, where the bytes come from, and receives each
+//! session's [`SessionStats`] and periodic [`ServerStats`]. It runs on the event-loop
+//! thread, so its methods take `&mut self` and need no locks:
+//!
+//! ```
+//! use dyntftp::{BytesSource, Handler, ReadRequest, Reject, ResponseData, SessionStats};
+//!
+//! struct Hello {
+//!     served: u64,
+//! }
+//!
+//! impl Handler for Hello {
+//!     fn open(&mut self, req: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+//!         if req.filename != b"hello.txt" {
+//!             return Err(Reject::not_found()); // ERROR 1 to the client
+//!         }
+//!         // Rendered for this client; BytesSource knows its size, so tsize is answered.
+//!         let text = format!("hello {}, this is {}\n", req.peer.ip(), req.local.ip());
+//!         Ok(Box::new(BytesSource::new(text.into_bytes())))
+//!     }
+//!
+//!     fn session_finished(&mut self, stats: &SessionStats) {
+//!         self.served += 1;
+//!         println!("{} {:?}: {}", stats.peer, stats.filename, stats.outcome.as_str());
+//!     }
+//! }
+//! # let _ = Hello { served: 0 };
+//! ```
+//!
+//! Then `ServerBuilder::new(Hello { served: 0 }).bind(addr).build()?.run()`, or call
+//! [`Server::run_once`] from your own loop. Ready sources: [`FileSource`], [`BytesSource`]
+//! (shared bytes), [`ReaderSource`] (any `io::Read`), [`StreamSource`]; netascii is
+//! applied by the server.
+//!
+//! # 3. Stream from elsewhere without blocking the loop
+//!
+//! One thread serves every session, so `open` and `read` must never wait for a network
+//! or a slow disk. A source that has no data yet returns
+//! [`io::ErrorKind::WouldBlock`](std::io::ErrorKind::WouldBlock) and wakes its session
+//! with the request's [`Notifier`] when it has; [`stream::channel`] packages that: a
+//! producer thread writes into a bounded buffer (blocking when the client is slower), the
+//! session sends what arrives, and a failed or abandoned producer ends the transfer with
+//! ERROR 0, never a truncated success:
+//!
+//! ```
+//! use std::io::Write;
+//! use dyntftp::{stream, Handler, ReadRequest, Reject, ResponseData};
+//!
+//! struct Upstream;
+//!
+//! impl Handler for Upstream {
+//!     fn open(&mut self, req: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+//!         let (mut writer, source) = stream::channel(req.notifier, 256 * 1024);
+//!         let name = req.filename_lossy().into_owned();
+//!         std::thread::spawn(move || {
+//!             // e.g. an HTTP GET; here, generated lines.
+//!             for i in 0..10_000 {
+//!                 if writeln!(writer, "{name} line {i}").is_err() {
+//!                     return; // the session ended: stop producing
+//!                 }
+//!             }
+//!             writer.finish();
+//!         });
+//!         Ok(Box::new(source))
+//!     }
+//! }
+//! # let _ = Upstream;
+//! ```
+//!
+//! `examples/http_proxy.rs` does this for real, streaming each file from an HTTP
+//! repository on a pool of worker threads; `examples/grub_config.rs` renders boot
+//! configurations per client; `examples/static_files.rs` is fbtftp's README server.
 //!
 //! # Layout
 //!
@@ -42,7 +116,9 @@
 //!                      │ read blocks
 //!                      ▼
 //!                  response  ResponseData trait + file/bytes/reader sources, netascii
+//!                  stream    ResponseData fed from another thread (bounded, notifying)
 //!                  handler   Handler trait: per-request factory + stats hooks
+//!                  remap     Remap: rewrite names before a handler sees them
 //!                  fs        FsHandler: a root directory, confined with openat2
 //!                  timer     hashed timer wheel keyed by session (no clock reads)
 //!                  stats     TransferStats, SessionStats, ServerStats
@@ -59,23 +135,27 @@ pub mod limit;
 pub mod metrics;
 pub mod options;
 pub mod packet;
+pub mod remap;
 pub mod response;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod stream;
 mod sys;
 pub mod timer;
 
-pub use fs::FsHandler;
+pub use fs::{CacheStats, FsHandler};
 pub use handler::{Handler, Notifier, ReadRequest, Reject};
 pub use limit::Rate;
 pub use metrics::Metrics;
 pub use options::{Limits, Negotiated};
 pub use packet::{ErrorCode, Mode, Packet, ParseError};
+pub use remap::{Remap, Rules};
 pub use response::{BytesSource, FileSource, Netascii, ReaderSource, ResponseData};
 pub use server::{Error, Server, ServerBuilder, ShutdownHandle};
 pub use session::{Outcome, Output, Session, SessionConfig};
 pub use stats::{DurationHistogram, ServerStats, SessionStats, TransferStats};
+pub use stream::{StreamSource, StreamWriter};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use dyntftp::remap::{Remap, Rules};
 use dyntftp::{
     FsHandler, Handler, Metrics, Rate, ReadRequest, Reject, ResponseData, ServerBuilder,
     ServerStats, SessionStats,
@@ -31,7 +32,7 @@ const EXIT_FAILURE: u8 = 1;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let config = match config::parse_args(&args) {
-        Ok(Command::Serve(config)) => config,
+        Ok(Command::Serve(config)) => *config,
         Ok(Command::Print(text)) => {
             print!("{text}");
             if !text.ends_with('\n') {
@@ -69,7 +70,7 @@ fn main() -> ExitCode {
 /// Serves files through [`FsHandler`] and turns the statistics callbacks into JSON log
 /// records and the metrics file.
 struct Ops {
-    files: FsHandler,
+    files: Remap<FsHandler, Rules>,
     json: Option<Arc<JsonSink>>,
     metrics: Option<(Metrics, PathBuf)>,
 }
@@ -119,7 +120,19 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
     // receives them.
     let signals = block_signals()?;
     let files = FsHandler::new(&config.root)
-        .map_err(|e| format!("cannot serve {}: {e}", config.root.display()))?;
+        .map_err(|e| format!("cannot serve {}: {e}", config.root.display()))?
+        .ignore_case(config.ignore_case)
+        .unique_root(config.unique_root)
+        .cache(config.cache);
+    // Backslashes and case first, so that prefixes match however the client wrote them.
+    let mut rules = Rules::new().backslash();
+    if config.lowercase {
+        rules = rules.lowercase();
+    }
+    for prefix in &config.strip_prefix {
+        rules = rules.strip_prefix(prefix.as_bytes());
+    }
+    let files = Remap::new(files, rules);
     let handler = Ops {
         files,
         json,

@@ -343,6 +343,11 @@ impl Drop for Daemon {
 impl Daemon {
     /// Starts dyntftpd on a free 127.0.0.1 port serving `root`, and waits until it answers.
     fn start(root: &Path, logs: &Path) -> Daemon {
+        Daemon::start_with(root, logs, &[])
+    }
+
+    /// [`Daemon::start`] with extra flags.
+    fn start_with(root: &Path, logs: &Path, flags: &[&str]) -> Daemon {
         // Pick a free port: bind port 0, read it, release it.
         let port = UdpSocket::bind("127.0.0.1:0")
             .unwrap()
@@ -356,6 +361,7 @@ impl Daemon {
             .arg(root)
             .args(["--timeout", "0.25", "--retries", "3"])
             .args(single_port().then_some("--single-port"))
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr).unwrap())
@@ -449,6 +455,58 @@ fn dyntftpd_serves_files() {
         assert!(fs::read(&target).unwrap() == big(), "curl big.bin differs");
     }
     // Dropping the daemon kills it by PID and reaps it.
+}
+
+#[test]
+fn dyntftpd_rewrites_names_and_serves_per_client_roots() {
+    let root = TempDir::new("daemon-remap");
+    root.write("boot/pxelinux.0", b"loader");
+    root.write("host.cfg", b"shared config");
+    root.write("127.0.0.1/host.cfg", b"config of 127.0.0.1");
+    let out = TempDir::new("daemon-out");
+    let daemon = Daemon::start_with(
+        root.path(),
+        out.path(),
+        &[
+            "--strip-prefix",
+            "/tftpboot",
+            "--lowercase",
+            "--unique-root",
+        ],
+    );
+    for name in [
+        "/tftpboot/boot/pxelinux.0",
+        "/TFTPBOOT/Boot/PXELINUX.0",
+        "\\tftpboot\\boot\\pxelinux.0",
+        "boot/pxelinux.0",
+    ] {
+        let got = fetch(daemon.addr, name, "octet", &[])
+            .unwrap_or_else(|e| panic!("{name}: {e:?}\n{}", daemon.log()));
+        assert_eq!(got.data, b"loader", "{name}");
+    }
+    // The client's own directory comes first.
+    let got = fetch(daemon.addr, "host.cfg", "octet", &[]).unwrap();
+    assert_eq!(got.data, b"config of 127.0.0.1");
+    // A prefix is stripped only as a whole directory.
+    let err = fetch(daemon.addr, "/tftpbootx/boot/pxelinux.0", "octet", &[]).unwrap_err();
+    assert_eq!(err.code(), Some(1), "{err:?}");
+}
+
+#[test]
+fn dyntftpd_looks_names_up_ignoring_case_and_caches_files() {
+    let root = TempDir::new("daemon-case");
+    root.write("Boot/PxeLinux.0", &pseudo_random(100_000, 5));
+    let out = TempDir::new("daemon-out");
+    let daemon = Daemon::start_with(root.path(), out.path(), &["--ignore-case", "--cache", "1M"]);
+    for _ in 0..3 {
+        let got = fetch(daemon.addr, "boot/pxelinux.0", "octet", &[])
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+        assert!(got.data == pseudo_random(100_000, 5), "content differs");
+    }
+    // Without --ignore-case the same name is not found.
+    let strict = Daemon::start(root.path(), out.path());
+    let err = fetch(strict.addr, "boot/pxelinux.0", "octet", &[]).unwrap_err();
+    assert_eq!(err.code(), Some(1), "{err:?}");
 }
 
 #[test]

@@ -45,6 +45,12 @@ pub struct Config {
     pub max_per_client: u32,
     pub adaptive_timeout: bool,
     pub single_port: bool,
+    pub ignore_case: bool,
+    pub unique_root: bool,
+    pub lowercase: bool,
+    pub strip_prefix: Vec<String>,
+    /// Bytes of served files kept in memory; 0 for no cache.
+    pub cache: u64,
     pub stats_interval: Duration,
     pub user: Option<String>,
     pub verbose: u32,
@@ -69,6 +75,11 @@ impl Default for Config {
             max_per_client: dyntftp::server::DEFAULT_MAX_SESSIONS_PER_CLIENT,
             adaptive_timeout: true,
             single_port: false,
+            ignore_case: false,
+            unique_root: false,
+            lowercase: false,
+            strip_prefix: Vec::new(),
+            cache: 0,
             stats_interval: Duration::from_secs(60),
             user: None,
             verbose: 0,
@@ -114,6 +125,13 @@ impl Config {
             if self.adaptive_timeout { "on" } else { "off" }
         );
         let _ = writeln!(out, "single-port = {}", self.single_port);
+        let _ = writeln!(out, "ignore-case = {}", self.ignore_case);
+        let _ = writeln!(out, "unique-root = {}", self.unique_root);
+        let _ = writeln!(out, "lowercase = {}", self.lowercase);
+        for prefix in &self.strip_prefix {
+            let _ = writeln!(out, "strip-prefix = {prefix}");
+        }
+        let _ = writeln!(out, "cache = {}", self.cache);
         let _ = writeln!(
             out,
             "stats-interval = {}",
@@ -174,12 +192,27 @@ impl Config {
                     _ => return Err(format!("{} (expected on or off)", bad())),
                 }
             }
-            "single-port" => {
-                self.single_port = match text {
+            "single-port" | "ignore-case" | "unique-root" | "lowercase" => {
+                let on = match text {
                     "true" => true,
                     "false" => false,
-                    _ => return Err(bad()),
+                    _ => return Err(format!("{} (expected true or false)", bad())),
+                };
+                match key {
+                    "single-port" => self.single_port = on,
+                    "ignore-case" => self.ignore_case = on,
+                    "unique-root" => self.unique_root = on,
+                    _ => self.lowercase = on,
                 }
+            }
+            "strip-prefix" if !text.is_empty() => self.strip_prefix.push(text.to_string()),
+            "cache" => {
+                self.cache = bytes(text).ok_or_else(|| {
+                    format!(
+                        "{} (expected bytes, e.g. 0, 65536, 512K, 256M or 2G)",
+                        bad()
+                    )
+                })?
             }
             "stats-interval" => self.stats_interval = seconds(text).ok_or_else(bad)?,
             "user" if !text.is_empty() => self.user = Some(text.to_string()),
@@ -232,7 +265,7 @@ impl Config {
             if !FILE_KEYS.contains(&key) {
                 return Err(at(format!("unknown setting {key:?}")));
             }
-            if key != "listen" {
+            if key != "listen" && key != "strip-prefix" {
                 if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
                     return Err(at(format!("{key} is already set on line {first}")));
                 }
@@ -245,7 +278,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 19] = [
+pub const FILE_KEYS: [&str; 24] = [
     "listen",
     "root",
     "timeout",
@@ -258,6 +291,11 @@ pub const FILE_KEYS: [&str; 19] = [
     "max-per-client",
     "adaptive-timeout",
     "single-port",
+    "ignore-case",
+    "unique-root",
+    "lowercase",
+    "strip-prefix",
+    "cache",
     "stats-interval",
     "user",
     "verbose",
@@ -269,6 +307,17 @@ pub const FILE_KEYS: [&str; 19] = [
 
 fn number<T: FromStr>(text: &str, check: impl Fn(&T) -> bool) -> Option<T> {
     text.parse::<T>().ok().filter(check)
+}
+
+/// A byte count, with an optional K, M or G suffix (powers of 1024).
+fn bytes(text: &str) -> Option<u64> {
+    let (digits, unit) = match text.char_indices().last()? {
+        (i, 'K' | 'k') => (&text[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&text[..i], 1 << 20),
+        (i, 'G' | 'g') => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 fn seconds(text: &str) -> Option<Duration> {
@@ -348,6 +397,33 @@ pub fn options() -> Options {
         "single-port",
         "serve every transfer from the listening port instead of a new port per transfer (for NAT, firewalls and containers that forward only port 69)",
     );
+    opts.optmulti(
+        "",
+        "strip-prefix",
+        "remove this leading directory from requested names before lookup (repeatable), e.g. /tftpboot",
+        "PREFIX",
+    );
+    opts.optflag(
+        "",
+        "lowercase",
+        "lower-case requested names (ASCII) before lookup",
+    );
+    opts.optflag(
+        "",
+        "ignore-case",
+        "when a name does not exist, look it up ignoring ASCII case (never through a symlink)",
+    );
+    opts.optflag(
+        "",
+        "unique-root",
+        "serve ROOT/<client IP>/NAME when it exists, else ROOT/NAME",
+    );
+    opts.optopt(
+        "",
+        "cache",
+        "keep up to BYTES of served files in memory, reloaded when a file changes (suffix K, M or G; default 0: off)",
+        "BYTES",
+    );
     opts.optopt(
         "",
         "stats-interval",
@@ -404,7 +480,7 @@ pub fn usage(opts: &Options) -> String {
 #[derive(Debug)]
 pub enum Command {
     /// Serve with these settings.
-    Serve(Config),
+    Serve(Box<Config>),
     /// Print this text and exit 0 (help, version, `--check-config`).
     Print(String),
 }
@@ -436,7 +512,7 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
     if m.opt_present("check-config") {
         return Ok(Command::Print(config.to_file_text()));
     }
-    Ok(Command::Serve(config))
+    Ok(Command::Serve(Box::new(config)))
 }
 
 /// Applies the command-line flags over the settings from the file.
@@ -444,12 +520,14 @@ fn apply_flags(config: &mut Config, m: &Matches) -> Result<(), String> {
     for key in FILE_KEYS {
         match key {
             "verbose" | "quiet" => continue,
-            "single-port" => {
+            // Flags without a value.
+            "single-port" | "ignore-case" | "unique-root" | "lowercase" => {
                 if m.opt_present(key) {
-                    config.single_port = true;
+                    config.set(key, "true", "--")?;
                 }
                 continue;
             }
+            "strip-prefix" if m.opt_present(key) => config.strip_prefix.clear(),
             "listen" if m.opt_present(key) => config.listen.clear(),
             _ => {}
         }
@@ -481,7 +559,7 @@ mod tests {
 
     fn config(list: &[&str]) -> Config {
         match parse_args(&args(list)) {
-            Ok(Command::Serve(c)) => c,
+            Ok(Command::Serve(c)) => *c,
             other => panic!("{list:?}: {other:?}"),
         }
     }
@@ -641,6 +719,37 @@ mod tests {
                 "{bad:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn remapping_and_cache_settings() {
+        let c = config(&[]);
+        assert!(!c.ignore_case && !c.unique_root && !c.lowercase);
+        assert!(c.strip_prefix.is_empty());
+        assert_eq!(c.cache, 0);
+        let file = File::new(
+            "remap",
+            "strip-prefix = /tftpboot\nstrip-prefix = boot\nignore-case = true\ncache = 2M\n",
+        );
+        let c = config(&["--config", file.arg(), "--unique-root", "--lowercase"]);
+        assert_eq!(c.strip_prefix, ["/tftpboot", "boot"]);
+        assert!(c.ignore_case && c.unique_root && c.lowercase);
+        assert_eq!(c.cache, 2 << 20);
+        // Flags replace the file's prefixes, as --listen replaces its addresses.
+        let c = config(&["--config", file.arg(), "--strip-prefix", "x"]);
+        assert_eq!(c.strip_prefix, ["x"]);
+        assert_eq!(config(&["--cache", "512K"]).cache, 512 << 10);
+        assert_eq!(config(&["--cache", "1g"]).cache, 1 << 30);
+        assert_eq!(config(&["--cache", "4096"]).cache, 4096);
+        for bad in ["", "K", "-1", "1.5M", "99999999999G", "1T"] {
+            let err = parse_args(&args(&["--cache", bad]))
+                .err()
+                .unwrap_or_default();
+            assert!(err.contains("invalid value for --cache"), "{bad:?}: {err}");
+        }
+        let file = File::new("remap-bad", "lowercase = yes\n");
+        let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
+        assert!(err.contains(":1: invalid value for lowercase"), "{err}");
     }
 
     #[test]
