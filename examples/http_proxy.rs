@@ -30,7 +30,7 @@
 //! |---|---|
 //! | first request for a name, HTTP 200 | the file; no `tsize` in the OACK (the size is not known yet) |
 //! | later requests within the TTL, HTTP 200 | the file, with `tsize` from the last `Content-Length` |
-//! | HTTP 404/410, first time | the transfer starts, then ERROR 0 "error reading file" |
+//! | HTTP 404/410, first time | the transfer starts (an OACK if options were asked), then ERROR 1 "file not found" |
 //! | HTTP 404/410 known within the TTL | ERROR 1 "file not found" at once |
 //! | any other HTTP status, connection error, body cut short | ERROR 0 "error reading file" after the blocks already sent |
 //! | the file changed size upstream since `tsize` was answered | ERROR 0 (never a transfer of another length than announced) |

@@ -42,7 +42,9 @@
 //!   only the full schedule runs. The client's negotiated timeout stays the upper bound.
 //! - An ERROR from the client ends the session without a reply; code 8 right after our OACK
 //!   is a size probe ([`Outcome::Probe`]).
-//! - A read error from the source sends ERROR 0 "error reading file" and ends with
+//! - A read error from the source sends ERROR 0 "error reading file" (ERROR 1 "file not
+//!   found" for `io::ErrorKind::NotFound`, ERROR 2 "access violation" for
+//!   `PermissionDenied`: a streamed source may learn that late) and ends with
 //!   [`Outcome::ReadFailed`].
 //! - A source that returns `WouldBlock` parks the session: it waits for
 //!   [`handle_source_ready`](Session::handle_source_ready), keeps retransmitting what is in
@@ -443,12 +445,20 @@ impl Session {
                                 self.arm_stall_deadline();
                                 return self.wait();
                             }
-                            Err(_) => {
-                                self.fail(
-                                    ErrorCode::NotDefined,
-                                    "error reading file",
-                                    Outcome::ReadFailed,
-                                );
+                            Err(e) => {
+                                // A source that learns late that the file does not exist
+                                // or may not be read (a streamed HTTP 404 or 403) says so
+                                // with the matching error kind.
+                                let (code, message) = match e.kind() {
+                                    io::ErrorKind::NotFound => {
+                                        (ErrorCode::FileNotFound, "file not found")
+                                    }
+                                    io::ErrorKind::PermissionDenied => {
+                                        (ErrorCode::AccessViolation, "access violation")
+                                    }
+                                    _ => (ErrorCode::NotDefined, "error reading file"),
+                                };
+                                self.fail(code, message, Outcome::ReadFailed);
                                 continue;
                             }
                         }
@@ -1094,6 +1104,45 @@ mod tests {
         assert_eq!(err, b"\x00\x05\x00\x00error reading file\x00");
         assert_eq!(s.poll_output(), Output::Done(Outcome::ReadFailed));
         assert_eq!(s.stats().errors_sent, 1);
+    }
+
+    struct FailWith(io::ErrorKind);
+
+    impl ResponseData for FailWith {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::new(self.0, "upstream said so"))
+        }
+    }
+
+    #[test]
+    fn late_not_found_and_permission_errors_keep_their_codes() {
+        for (kind, want) in [
+            (
+                io::ErrorKind::NotFound,
+                &b"\x00\x05\x00\x01file not found\x00"[..],
+            ),
+            (
+                io::ErrorKind::PermissionDenied,
+                &b"\x00\x05\x00\x02access violation\x00"[..],
+            ),
+            (
+                io::ErrorKind::TimedOut,
+                &b"\x00\x05\x00\x00error reading file\x00"[..],
+            ),
+        ] {
+            let mut s = Session::new(
+                Instant::now(),
+                Options::EMPTY,
+                Mode::Octet,
+                Box::new(FailWith(kind)),
+                &SessionConfig::default(),
+            );
+            let Output::Transmit(err) = s.poll_output() else {
+                panic!()
+            };
+            assert_eq!(err, want, "{kind:?}");
+            assert_eq!(s.poll_output(), Output::Done(Outcome::ReadFailed));
+        }
     }
 
     /// Returns WouldBlock until `ready` is set.

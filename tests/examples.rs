@@ -439,9 +439,10 @@ fn http_proxy_maps_http_answers_to_tftp() {
     let escape = fetch(addr, "../secret", "octet", &[]).unwrap_err();
     assert_eq!(escape.code(), Some(2), "{escape:?}");
 
-    // 404: the first time the transfer has started when the answer comes (ERROR 0);
-    // within the TTL it is known at open time (ERROR 1), without asking HTTP again.
-    for (round, want) in [(1, (0, "error reading file")), (2, (1, "file not found"))] {
+    // 404: ERROR 1 either way; the first time from the stream (the session learns it
+    // from the source's NotFound error), within the TTL at open time, without asking
+    // HTTP again.
+    for (round, want) in [(1, (1, "file not found")), (2, (1, "file not found"))] {
         match fetch(addr, "missing.bin", "octet", &[("tsize", "0")]).unwrap_err() {
             ClientError::Error { code, message, .. } => {
                 assert_eq!((code, message.as_str()), want, "round {round}")
