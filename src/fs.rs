@@ -90,7 +90,8 @@
 //! | `ENOENT`, `ENOTDIR`, `ENAMETOOLONG`, a path longer than `PATH_MAX` | 1 "file not found" |
 //! | `..` above the root, control characters, the root itself, not a regular file | 2 "access violation" |
 //! | `EACCES`, `EPERM`, `EXDEV` (escape), `ELOOP` (symlink loop, or any symlink in the fallback) | 2 "access violation" |
-//! | `EMFILE`, `ENFILE`, `ENOMEM`, `EIO` (a server-side, usually temporary, problem) | 0 "cannot open file" |
+//! | `EMFILE`, `ENFILE` (out of descriptors) | none yet: [`Reject::retry_later`](crate::handler::Reject::retry_later), the server keeps the request until a session ends |
+//! | `ENOMEM`, `EIO` (a server-side, usually temporary, problem) | 0 "cannot open file" |
 //! | anything else | 2 "access violation" |
 //!
 //! Messages are fixed strings: they never contain a server path or an OS error text. The
@@ -783,9 +784,11 @@ fn owned_fd(ret: RawFd) -> io::Result<Option<OwnedFd>> {
 fn reject_for(e: &io::Error) -> Reject {
     match e.raw_os_error() {
         Some(libc::ENOENT | libc::ENOTDIR | libc::ENAMETOOLONG) => Reject::not_found(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EIO) => {
-            Reject::new(ErrorCode::NotDefined, "cannot open file")
+        // Out of descriptors: running sessions hold them, so the server retries later.
+        Some(libc::EMFILE | libc::ENFILE) => {
+            Reject::retry_later(ErrorCode::NotDefined, "cannot open file")
         }
+        Some(libc::ENOMEM | libc::EIO) => Reject::new(ErrorCode::NotDefined, "cannot open file"),
         _ => Reject::access_violation(),
     }
 }

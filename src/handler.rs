@@ -99,6 +99,10 @@ pub struct Reject {
     pub code: ErrorCode,
     /// The message sent to the client. Never put server paths here.
     pub message: Cow<'static, str>,
+    /// The refusal is temporary and due to a resource that running sessions hold (file
+    /// descriptors): the server keeps the request, sends nothing, and asks the handler
+    /// again once a session has ended (or after a second). See [`Reject::retry_later`].
+    pub retry_later: bool,
 }
 
 impl Reject {
@@ -107,6 +111,17 @@ impl Reject {
         Reject {
             code,
             message: message.into(),
+            retry_later: false,
+        }
+    }
+
+    /// A temporary refusal for lack of file descriptors: nothing is sent; the request
+    /// is retried when a session ends (or after a second). `code` and `message` say what
+    /// the refusal would be otherwise, e.g. for a handler wrapping this one.
+    pub fn retry_later(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Reject {
+        Reject {
+            retry_later: true,
+            ..Reject::new(code, message)
         }
     }
 

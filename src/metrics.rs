@@ -98,6 +98,8 @@ impl Metrics {
         t.early_retransmits += report.early_retransmits;
         t.rate_limited += report.rate_limited;
         t.client_limited += report.client_limited;
+        t.busy += report.busy;
+        t.descriptor_pauses += report.descriptor_pauses;
         t.send_would_block += report.send_would_block;
         t.send_errors += report.send_errors;
         t.panics += report.panics;
@@ -136,6 +138,8 @@ impl Metrics {
     /// | `dyntftp_early_retransmits_total` | counter | |
     /// | `dyntftp_rate_limited_total` | counter | |
     /// | `dyntftp_client_limited_total` | counter | |
+    /// | `dyntftp_busy_total` | counter | |
+    /// | `dyntftp_descriptor_pauses_total` | counter | |
     /// | `dyntftp_send_would_block_total` | counter | |
     /// | `dyntftp_send_errors_total` | counter | |
     /// | `dyntftp_panics_total` | counter | |
@@ -251,6 +255,19 @@ impl Metrics {
             "dyntftp_client_limited_total",
             "Requests refused because their client ran the most sessions allowed.",
             t.client_limited,
+        );
+        counter(
+            &mut out,
+            "dyntftp_busy_total",
+            "Requests dropped (the client resends them) because no session slot was free \
+             and the queue of waiting requests was full.",
+            t.busy,
+        );
+        counter(
+            &mut out,
+            "dyntftp_descriptor_pauses_total",
+            "Times the server ran out of file descriptors and paused taking requests.",
+            t.descriptor_pauses,
         );
         counter(
             &mut out,

@@ -384,6 +384,7 @@ impl<H: Handler> ServerBuilder<H> {
             single_port: self.single_port,
             arrival: None,
             pending: VecDeque::new(),
+            descriptors_paused_until: None,
         })
     }
 }
@@ -536,8 +537,18 @@ pub struct Server<H> {
     /// In single-port mode, the listener and destination of the datagram being handled
     /// (replies to it go out the same way).
     arrival: Option<(usize, Option<(IpAddr, u32)>)>,
-    /// Single-port mode: requests waiting for a session slot.
+    /// Requests waiting for a session slot (single-port mode) or for file descriptors.
     pending: VecDeque<Pending>,
+    /// Descriptors ran out: no new request is taken before this (or a session's end).
+    descriptors_paused_until: Option<Instant>,
+}
+
+/// How long new requests wait after descriptors ran out, when no session ends sooner.
+const DESCRIPTOR_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether an error means the process or system is out of file descriptors.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// A request kept in single-port mode until a session slot frees.
@@ -679,6 +690,12 @@ impl<H: Handler> Server<H> {
         while let Some((key, generation)) = self.wheel.poll(self.now) {
             self.on_timer(key, generation);
         }
+        if self
+            .descriptors_paused_until
+            .is_some_and(|until| self.now >= until)
+        {
+            self.descriptors_paused_until = None;
+        }
         if !self.pending.is_empty() {
             self.start_pending();
         }
@@ -698,12 +715,17 @@ impl<H: Handler> Server<H> {
 
     fn poll_timeout(&self, max_wait: Option<Duration>) -> Option<Duration> {
         let accepting = self.grace_deadline.is_none()
-            && (self.single_port || self.sessions.len() < self.max_sessions);
+            && (self.single_port
+                || (self.sessions.len() < self.max_sessions
+                    && self.descriptors_paused_until.is_none()));
         if accepting && self.listeners.iter().any(|l| l.readable) {
             // Requests are queued (readiness is edge-triggered: no event will come).
             return Some(Duration::ZERO);
         }
         let mut wake = self.stats_since + self.stats_interval;
+        if let Some(until) = self.descriptors_paused_until {
+            wake = wake.min(until);
+        }
         if let Some(deadline) = self.wheel.next_deadline() {
             wake = wake.min(deadline);
         }
@@ -753,7 +775,9 @@ impl<H: Handler> Server<H> {
     fn read_listeners(&mut self) {
         for i in 0..self.listeners.len() {
             while self.listeners[i].readable
-                && (self.single_port || self.sessions.len() < self.max_sessions)
+                && (self.single_port
+                    || (self.sessions.len() < self.max_sessions
+                        && self.descriptors_paused_until.is_none()))
             {
                 match sys::recv_with_destination(&self.listeners[i].socket, &mut self.request_buf) {
                     Ok(received) => self.on_request(i, received),
@@ -826,7 +850,11 @@ impl<H: Handler> Server<H> {
                 debug!("{peer}: datagram for no session, ERROR 5");
                 self.send_unknown_tid(peer);
             }
-            Ok(Packet::Rrq(_)) if session.is_none() && self.sessions.len() >= self.max_sessions => {
+            Ok(Packet::Rrq(_))
+                if session.is_none()
+                    && (self.sessions.len() >= self.max_sessions
+                        || self.descriptors_paused_until.is_some()) =>
+            {
                 self.queue_request(peer, local, datagram);
             }
             _ => self.on_listener_datagram(peer, local, datagram),
@@ -873,9 +901,42 @@ impl<H: Handler> Server<H> {
         });
     }
 
+    /// Descriptors ran out: keeps the request (first in line) and stops taking new ones
+    /// until a session ends or [`DESCRIPTOR_RETRY`] passes, instead of refusing requests
+    /// a moment later there would be room for. Logged once per episode.
+    fn pause_for_descriptors(&mut self, peer: SocketAddr, local: SocketAddr, datagram: &[u8]) {
+        if self.descriptors_paused_until.is_none() {
+            self.stats.descriptor_pauses += 1;
+            log_limited(
+                &mut self.logs.sockets,
+                self.now,
+                log::Level::Warn,
+                format_args!(
+                    "out of file descriptors with {} sessions running: new requests wait \
+                     until one ends (raise the limit, or lower --max-sessions)",
+                    self.sessions.len()
+                ),
+            );
+        }
+        self.descriptors_paused_until = Some(self.now + DESCRIPTOR_RETRY);
+        if self.pending.len() < PENDING_REQUESTS {
+            self.pending.push_front(Pending {
+                peer,
+                local,
+                arrival: self.arrival,
+                datagram: datagram.to_vec(),
+            });
+        } else {
+            self.stats.busy += 1;
+        }
+    }
+
     /// Starts queued requests while there is room.
     fn start_pending(&mut self) {
-        while self.sessions.len() < self.max_sessions && self.grace_deadline.is_none() {
+        while self.sessions.len() < self.max_sessions
+            && self.grace_deadline.is_none()
+            && self.descriptors_paused_until.is_none()
+        {
             let Some(pending) = self.pending.pop_front() else {
                 return;
             };
@@ -888,7 +949,7 @@ impl<H: Handler> Server<H> {
     /// Handles a datagram sent to a listener.
     fn on_listener_datagram(&mut self, peer: SocketAddr, local: SocketAddr, datagram: &[u8]) {
         match Packet::parse(datagram) {
-            Ok(Packet::Rrq(request)) => self.on_rrq(peer, local, request),
+            Ok(Packet::Rrq(request)) => self.on_rrq(peer, local, request, datagram),
             Ok(Packet::Wrq(_)) => {
                 self.stats.write_requests += 1;
                 self.reject(
@@ -963,7 +1024,13 @@ impl<H: Handler> Server<H> {
         Some(ClientKey::from(peer.ip()))
     }
 
-    fn on_rrq(&mut self, peer: SocketAddr, local: SocketAddr, request: crate::packet::Request<'_>) {
+    fn on_rrq(
+        &mut self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        request: crate::packet::Request<'_>,
+        datagram: &[u8],
+    ) {
         self.stats.requests += 1;
         if let Some(&key) = self.by_peer.get(&peer) {
             // A client that reuses its port may send its next request right after the
@@ -1016,6 +1083,33 @@ impl<H: Handler> Server<H> {
                 )
             }
         };
+        // The session's socket comes first: when descriptors run out, the request waits
+        // (see `pause_for_descriptors`) before the handler has done anything.
+        let socket = match self.arrival {
+            Some((listener, source)) => Ok(Transport::Shared { listener, source }),
+            None => sys::bind_ephemeral(SocketAddr::new(local.ip(), 0).with_scope_of(local))
+                .map(|socket| Transport::Own(UdpSocket::from_std(socket))),
+        };
+        let mut transport = match socket {
+            Ok(transport) => transport,
+            Err(e) if out_of_descriptors(&e) => {
+                self.stats.requests -= 1;
+                return self.pause_for_descriptors(peer, local, datagram);
+            }
+            Err(e) => {
+                log_limited(
+                    &mut self.logs.sockets,
+                    self.now,
+                    log::Level::Warn,
+                    format_args!(
+                        "{peer}: cannot open a session socket on {}: {e}",
+                        local.ip()
+                    ),
+                );
+                self.stats.send_errors += 1;
+                return;
+            }
+        };
         // The session's slot and generation are fixed before `open`, so the source can be
         // given a notifier for it. A refused request only wastes a generation.
         let key = self.sessions.vacant_key();
@@ -1035,6 +1129,13 @@ impl<H: Handler> Server<H> {
         let opened = catch_unwind(AssertUnwindSafe(|| handler.open(&read_request)));
         let source = match opened {
             Ok(Ok(source)) => source,
+            Ok(Err(reject)) if reject.retry_later => {
+                // The handler is short of a resource that running sessions hold (its own
+                // file descriptors): the request waits as if the server had none.
+                drop(transport);
+                self.stats.requests -= 1;
+                return self.pause_for_descriptors(peer, local, datagram);
+            }
             Ok(Err(reject)) => {
                 debug!("{peer}: {filename:?} refused: {reject}");
                 return self.reject(peer, local, &reject);
@@ -1052,27 +1153,6 @@ impl<H: Handler> Server<H> {
                     local,
                     &Reject::new(ErrorCode::NotDefined, "internal error"),
                 );
-            }
-        };
-        let socket = match self.arrival {
-            Some((listener, source)) => Ok(Transport::Shared { listener, source }),
-            None => sys::bind_ephemeral(SocketAddr::new(local.ip(), 0).with_scope_of(local))
-                .map(|socket| Transport::Own(UdpSocket::from_std(socket))),
-        };
-        let mut transport = match socket {
-            Ok(transport) => transport,
-            Err(e) => {
-                log_limited(
-                    &mut self.logs.sockets,
-                    self.now,
-                    log::Level::Warn,
-                    format_args!(
-                        "{peer}: cannot open a session socket on {}: {e}",
-                        local.ip()
-                    ),
-                );
-                self.stats.send_errors += 1;
-                return;
             }
         };
         let config = self.config;
@@ -1344,6 +1424,8 @@ impl<H: Handler> Server<H> {
 
     fn finish(&mut self, key: usize, outcome: Outcome) {
         let mut entry = self.sessions.remove(key);
+        // Its descriptors are free again.
+        self.descriptors_paused_until = None;
         if let Some((_, timer)) = entry.timer {
             self.wheel.cancel(timer);
         }

@@ -187,6 +187,8 @@ pub struct ServerStats {
     /// Single-port mode: requests dropped (the client resends them) because
     /// `max_sessions` were running and the queue of waiting requests was full.
     pub busy: u64,
+    /// Times the server ran out of file descriptors and paused taking requests.
+    pub descriptor_pauses: u64,
     /// Gauge: sessions running at the time of the report.
     pub active_sessions: u64,
     /// How long the sessions that ended in this interval lasted.

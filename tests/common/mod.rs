@@ -425,6 +425,8 @@ pub fn sum_reports(reports: &[ServerStats]) -> ServerStats {
         total.panics += r.panics;
         total.rate_limited += r.rate_limited;
         total.client_limited += r.client_limited;
+        total.busy += r.busy;
+        total.descriptor_pauses += r.descriptor_pauses;
     }
     total
 }
