@@ -145,9 +145,13 @@ const LOG_NAME_MAX: usize = 200;
 /// # let _ = file;
 /// # Ok::<(), std::io::Error>(())
 /// ```
+///
+/// Cloning (for [`Workers`](crate::server::Workers)) shares the root descriptor; each clone
+/// keeps its own cache, of the same size.
 pub struct FsHandler {
-    /// `O_PATH | O_DIRECTORY | O_CLOEXEC` descriptor of the root, opened once.
-    root: OwnedFd,
+    /// `O_PATH | O_DIRECTORY | O_CLOEXEC` descriptor of the root, opened once (shared by
+    /// clones: `openat` from several threads on one directory descriptor is safe).
+    root: Arc<OwnedFd>,
     /// Chosen once, at construction.
     resolver: Resolver,
     /// Retry a missing name with ASCII case-insensitive matching.
@@ -156,6 +160,18 @@ pub struct FsHandler {
     unique_root: bool,
     /// Hot files kept in memory, when enabled.
     cache: Option<Cache>,
+}
+
+impl Clone for FsHandler {
+    fn clone(&self) -> FsHandler {
+        FsHandler {
+            root: self.root.clone(),
+            resolver: self.resolver,
+            ignore_case: self.ignore_case,
+            unique_root: self.unique_root,
+            cache: self.cache.as_ref().map(|c| Cache::new(c.max_bytes)),
+        }
+    }
 }
 
 /// How paths are resolved beneath the root.
@@ -180,7 +196,7 @@ impl FsHandler {
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("TFTP root {}: {e}", path.display())))?;
-        let root = OwnedFd::from(dir);
+        let root = Arc::new(OwnedFd::from(dir));
         let resolver = match openat2(root.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY) {
             Ok(_) => Resolver::Openat2,
             Err(e) => {

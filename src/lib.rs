@@ -152,7 +152,7 @@ pub use options::{Limits, Negotiated};
 pub use packet::{ErrorCode, Mode, Packet, ParseError};
 pub use remap::{Remap, Rules};
 pub use response::{BytesSource, FileSource, Netascii, ReaderSource, ResponseData};
-pub use server::{Error, Server, ServerBuilder, ShutdownHandle};
+pub use server::{Error, Server, ServerBuilder, ShutdownHandle, Workers};
 pub use session::{Outcome, Output, Session, SessionConfig};
 pub use stats::{DurationHistogram, ServerStats, SessionStats, TransferStats};
 pub use stream::{StreamSource, StreamWriter};

@@ -68,7 +68,9 @@ fn main() -> ExitCode {
 }
 
 /// Serves files through [`FsHandler`] and turns the statistics callbacks into JSON log
-/// records and the metrics file.
+/// records and the metrics file. Cloned once per worker; only worker 0's clone receives
+/// the (added-up) server statistics, so only it writes the metrics file.
+#[derive(Clone)]
 struct Ops {
     files: Remap<FsHandler, Rules>,
     json: Option<Arc<JsonSink>>,
@@ -175,7 +177,9 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
     }
     let builder = inherited.into_iter().fold(builder, |b, s| b.socket(s));
     let builder = listen.iter().fold(builder, |b, addr| b.bind(*addr));
-    let mut server = builder.build().map_err(|e| e.to_string())?;
+    let server = builder
+        .build_workers(config.workers)
+        .map_err(|e| e.to_string())?;
     if let Some(user) = &config.user {
         drop_privileges(user)?;
     }
@@ -186,9 +190,14 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
         .collect::<Vec<_>>()
         .join(", ");
     info!(
-        "serving {} on {addrs} (max {} sessions)",
+        "serving {} on {addrs} (max {} sessions{})",
         config.root.display(),
-        server.max_sessions()
+        server.max_sessions(),
+        if server.len() > 1 {
+            format!(", {} workers", server.len())
+        } else {
+            String::new()
+        }
     );
     if let Some(notifier) = &notifier {
         let status = format!(

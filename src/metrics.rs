@@ -79,32 +79,11 @@ impl Metrics {
     /// Adds one interval's report.
     pub fn add(&mut self, report: &ServerStats) {
         let t = &mut self.totals;
-        t.interval = t.interval.saturating_add(report.interval);
-        t.requests += report.requests;
-        for (code, n) in &report.rejected {
-            *t.rejected.entry(*code).or_default() += n;
-        }
-        t.write_requests += report.write_requests;
-        t.duplicate_requests += report.duplicate_requests;
-        t.sessions_started += report.sessions_started;
-        for (outcome, n) in &report.sessions_finished {
-            *t.sessions_finished.entry(outcome).or_default() += n;
-        }
-        t.malformed += report.malformed;
-        t.stray_datagrams += report.stray_datagrams;
-        t.datagrams_sent += report.datagrams_sent;
-        t.bytes_sent += report.bytes_sent;
-        t.retransmits += report.retransmits;
-        t.early_retransmits += report.early_retransmits;
-        t.rate_limited += report.rate_limited;
-        t.client_limited += report.client_limited;
-        t.busy += report.busy;
-        t.descriptor_pauses += report.descriptor_pauses;
-        t.send_would_block += report.send_would_block;
-        t.send_errors += report.send_errors;
-        t.panics += report.panics;
+        let interval = t.interval.saturating_add(report.interval);
+        t.merge(report);
+        // The time covered adds up; the gauge is the latest.
+        t.interval = interval;
         t.active_sessions = report.active_sessions;
-        t.session_durations.merge(&report.session_durations);
         self.reports += 1;
     }
 

@@ -211,6 +211,7 @@ impl Rewrite for Rules {
 
 /// A handler that rewrites each requested filename, then asks `inner` (see the [module
 /// docs](self)). The statistics callbacks are passed through.
+#[derive(Clone)]
 pub struct Remap<H, R = Rules> {
     inner: H,
     rewrite: R,

@@ -30,7 +30,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
@@ -115,8 +115,15 @@ pub struct ServerBuilder<H> {
     handler: H,
     addrs: Vec<SocketAddr>,
     sockets: Vec<StdUdpSocket>,
-    config: SessionConfig,
     max_sessions: Option<usize>,
+    settings: Settings,
+}
+
+/// What every worker of a server shares: the builder's settings but addresses, handler
+/// and `max_sessions`.
+#[derive(Clone, Copy)]
+struct Settings {
+    config: SessionConfig,
     stats_interval: Duration,
     shutdown_grace: Duration,
     request_rate: Option<Rate>,
@@ -139,14 +146,16 @@ impl<H: Handler> ServerBuilder<H> {
             handler,
             addrs: Vec::new(),
             sockets: Vec::new(),
-            config: SessionConfig::default(),
             max_sessions: None,
-            stats_interval: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(5),
-            request_rate: Some(Rate::DEFAULT),
-            max_sessions_per_client: Some(DEFAULT_MAX_SESSIONS_PER_CLIENT),
-            limit_loopback: false,
-            single_port: false,
+            settings: Settings {
+                config: SessionConfig::default(),
+                stats_interval: Duration::from_secs(60),
+                shutdown_grace: Duration::from_secs(5),
+                request_rate: Some(Rate::DEFAULT),
+                max_sessions_per_client: Some(DEFAULT_MAX_SESSIONS_PER_CLIENT),
+                limit_loopback: false,
+                single_port: false,
+            },
         }
     }
 
@@ -164,37 +173,37 @@ impl<H: Handler> ServerBuilder<H> {
 
     /// Base retransmission interval when the client does not choose one.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.config.timeout = timeout;
+        self.settings.config.timeout = timeout;
         self
     }
 
     /// Retransmissions after the last progress before a session gives up.
     pub fn retries(mut self, retries: u32) -> Self {
-        self.config.retries = retries;
+        self.settings.config.retries = retries;
         self
     }
 
     /// Largest block size granted (8..=65464).
     pub fn max_blksize(mut self, max: u16) -> Self {
-        self.config.limits.max_blksize = max;
+        self.settings.config.limits.max_blksize = max;
         self
     }
 
     /// Largest window granted, in blocks (at least 1).
     pub fn max_window(mut self, max: u16) -> Self {
-        self.config.limits.max_window = max;
+        self.settings.config.limits.max_window = max;
         self
     }
 
     /// Largest window granted, in payload bytes.
     pub fn max_window_bytes(mut self, max: usize) -> Self {
-        self.config.limits.max_window_bytes = max;
+        self.settings.config.limits.max_window_bytes = max;
         self
     }
 
     /// How long a source may stay not ready before its session ends.
     pub fn source_timeout(mut self, timeout: Duration) -> Self {
-        self.config.source_timeout = timeout;
+        self.settings.config.source_timeout = timeout;
         self
     }
 
@@ -207,13 +216,13 @@ impl<H: Handler> ServerBuilder<H> {
     /// Whether sessions retransmit early when the measured round-trip time is far below
     /// the timeout (default true; see [`SessionConfig::adaptive`]).
     pub fn adaptive_timeout(mut self, adaptive: bool) -> Self {
-        self.config.adaptive = adaptive;
+        self.settings.config.adaptive = adaptive;
         self
     }
 
     /// The shortest adaptive retransmission interval (default 2 ms).
     pub fn min_rto(mut self, min: Duration) -> Self {
-        self.config.min_rto = min;
+        self.settings.config.min_rto = min;
         self
     }
 
@@ -222,21 +231,21 @@ impl<H: Handler> ServerBuilder<H> {
     /// answer is what a reflection attack wants) and counted in
     /// [`ServerStats::rate_limited`]. A client is an IPv4 address or an IPv6 /64.
     pub fn request_rate(mut self, rate: Option<Rate>) -> Self {
-        self.request_rate = rate;
+        self.settings.request_rate = rate;
         self
     }
 
     /// The most sessions one client may run at once; `None` for no limit. A request over
     /// the cap gets ERROR 0 and is counted in [`ServerStats::client_limited`].
     pub fn max_sessions_per_client(mut self, max: Option<u32>) -> Self {
-        self.max_sessions_per_client = max;
+        self.settings.max_sessions_per_client = max;
         self
     }
 
     /// Whether the per-client limits apply to loopback clients too (default false: local
     /// processes cannot be spoofed from the network, and benchmarks run over loopback).
     pub fn limit_loopback(mut self, limit: bool) -> Self {
-        self.limit_loopback = limit;
+        self.settings.limit_loopback = limit;
         self
     }
 
@@ -247,26 +256,53 @@ impl<H: Handler> ServerBuilder<H> {
     /// then always read, so with `max_sessions` running, new requests are dropped (the
     /// client resends them) and counted in [`ServerStats::busy`].
     pub fn single_port(mut self, single: bool) -> Self {
-        self.single_port = single;
+        self.settings.single_port = single;
         self
     }
 
     /// How often [`Handler::server_stats`] is called.
     pub fn stats_interval(mut self, interval: Duration) -> Self {
-        self.stats_interval = interval;
+        self.settings.stats_interval = interval;
         self
     }
 
     /// How long running sessions may go on after a shutdown request before they are
     /// aborted.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
-        self.shutdown_grace = grace;
+        self.settings.shutdown_grace = grace;
         self
     }
 
     /// Checks the settings, binds the listeners and builds the server.
-    pub fn build(self) -> Result<Server<H>, Error> {
-        let limits: Limits = self.config.limits;
+    pub fn build(mut self) -> Result<Server<H>, Error> {
+        self.validate()?;
+        let std_sockets = self.bind_all(false)?;
+        let max_sessions = self.max_sessions.unwrap_or_else(default_max_sessions);
+        Server::new(self.handler, std_sockets, self.settings, max_sessions)
+    }
+
+    /// Binds the addresses and takes the inherited sockets, in that order.
+    fn bind_all(&mut self, reuse_port: bool) -> Result<Vec<StdUdpSocket>, Error> {
+        let mut std_sockets = Vec::new();
+        for addr in &self.addrs {
+            let socket = sys::bind_listener(*addr, reuse_port).map_err(|source| Error::Bind {
+                addr: *addr,
+                source,
+            })?;
+            std_sockets.push(socket);
+        }
+        for socket in self.sockets.drain(..) {
+            socket.set_nonblocking(true)?;
+            if let Err(e) = sys::enable_pktinfo(&socket) {
+                debug!("no destination-address reporting on an inherited socket: {e}");
+            }
+            std_sockets.push(socket);
+        }
+        Ok(std_sockets)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let limits: Limits = self.settings.config.limits;
         if !(MIN_BLKSIZE..=MAX_BLKSIZE).contains(&limits.max_blksize) {
             return Err(Error::Config(format!(
                 "max blksize must be {MIN_BLKSIZE}..={MAX_BLKSIZE}, not {}",
@@ -276,10 +312,10 @@ impl<H: Handler> ServerBuilder<H> {
         if limits.max_window == 0 {
             return Err(Error::Config("max window must be at least 1".into()));
         }
-        if self.config.timeout.is_zero() {
+        if self.settings.config.timeout.is_zero() {
             return Err(Error::Config("timeout must be more than zero".into()));
         }
-        if self.stats_interval.is_zero() {
+        if self.settings.stats_interval.is_zero() {
             return Err(Error::Config(
                 "stats interval must be more than zero".into(),
             ));
@@ -287,12 +323,12 @@ impl<H: Handler> ServerBuilder<H> {
         if self.max_sessions == Some(0) {
             return Err(Error::Config("max sessions must be at least 1".into()));
         }
-        if self.max_sessions_per_client == Some(0) {
+        if self.settings.max_sessions_per_client == Some(0) {
             return Err(Error::Config(
                 "max sessions per client must be at least 1".into(),
             ));
         }
-        if let Some(rate) = self.request_rate {
+        if let Some(rate) = self.settings.request_rate {
             if !(rate.per_second >= 0.0 && rate.per_second.is_finite()) || rate.burst == 0 {
                 return Err(Error::Config(format!(
                     "request rate must be a finite rate >= 0 with a burst of at least 1, \
@@ -304,21 +340,113 @@ impl<H: Handler> ServerBuilder<H> {
         if self.addrs.is_empty() && self.sockets.is_empty() {
             return Err(Error::Config("no address to listen on".into()));
         }
-        let mut std_sockets = Vec::new();
-        for addr in &self.addrs {
-            let socket = sys::bind_listener(*addr).map_err(|source| Error::Bind {
-                addr: *addr,
-                source,
-            })?;
-            std_sockets.push(socket);
+        Ok(())
+    }
+}
+
+/// The most sessions by default: each holds a socket and usually an open file; some
+/// descriptors are kept spare. Raises the soft descriptor limit to the hard one.
+fn default_max_sessions() -> usize {
+    (sys::raise_fd_limit().unwrap_or(1024).saturating_sub(64) / 2).max(1) as usize
+}
+
+impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
+    /// Builds `n` independent servers, each with its own event loop, listeners bound with
+    /// SO_REUSEPORT to the same addresses, and a clone of the handler; run them with
+    /// [`Workers::run`], one thread each. The kernel hands all datagrams of one client
+    /// address and port to the same worker, so its retransmitted requests and (in
+    /// single-port mode) its ACKs reach the worker that has its session. Nothing is
+    /// shared on the packet path.
+    ///
+    /// What a handler must provide: `Clone + Send + 'static`. Each worker calls `open`
+    /// and `session_finished` on its own clone; state the clones must share (a cache, a
+    /// connection pool) goes behind an `Arc`. `server_stats` is called on worker 0's
+    /// clone only, with the counters of every worker added up (each worker's counters
+    /// join the first report worker 0 makes after them). `max_sessions` is divided
+    /// between the workers. Inherited sockets ([`socket`](Self::socket)) cannot be
+    /// shared by several workers: give addresses to bind.
+    pub fn build_workers(mut self, n: usize) -> Result<Workers<H>, Error> {
+        if n == 0 {
+            return Err(Error::Config("workers must be at least 1".into()));
         }
-        for socket in self.sockets {
-            socket.set_nonblocking(true)?;
-            if let Err(e) = sys::enable_pktinfo(&socket) {
-                debug!("no destination-address reporting on an inherited socket: {e}");
+        if n == 1 {
+            self.validate()?;
+            let max_sessions = self.max_sessions.unwrap_or_else(default_max_sessions);
+            let sockets = self.bind_all(false)?;
+            return Ok(Workers {
+                loops: vec![Prepared::new(
+                    self.handler,
+                    sockets,
+                    self.settings,
+                    max_sessions,
+                )?],
+            });
+        }
+        if !self.sockets.is_empty() {
+            return Err(Error::Config(
+                "several workers need addresses to bind (SO_REUSEPORT); an inherited \
+                 socket cannot be shared by them"
+                    .into(),
+            ));
+        }
+        self.validate()?;
+        let total = self.max_sessions.unwrap_or_else(default_max_sessions);
+        let per_worker = (total / n).max(1);
+        let (stats_tx, stats_rx) = mpsc::channel();
+        let mut stats_rx = Some(stats_rx);
+        let mut loops = Vec::with_capacity(n);
+        // The first worker resolves port 0; the others bind exactly what it got.
+        let mut addrs = self.addrs.clone();
+        for worker in 0..n {
+            let mut sockets = Vec::with_capacity(addrs.len());
+            for addr in &addrs {
+                let socket = sys::bind_listener(*addr, true).map_err(|source| Error::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+                sockets.push(socket);
             }
-            std_sockets.push(socket);
+            if worker == 0 {
+                addrs = sockets
+                    .iter()
+                    .map(|s| s.local_addr())
+                    .collect::<io::Result<_>>()?;
+            }
+            let mut prepared =
+                Prepared::new(self.handler.clone(), sockets, self.settings, per_worker)?;
+            if worker == 0 {
+                prepared.stats_from_workers = stats_rx.take();
+            } else {
+                prepared.stats_to_worker_0 = Some(stats_tx.clone());
+            }
+            loops.push(prepared);
         }
+        Ok(Workers { loops })
+    }
+}
+
+/// A server's event loop before it runs: the poll, the registered listeners and the
+/// waker, but no session yet — all of it `Send`, so [`Workers`] can build it on one
+/// thread and run it on another.
+struct Prepared<H> {
+    poll: Poll,
+    listeners: Vec<Listener>,
+    waker: Arc<Waker>,
+    shutdown: Arc<AtomicBool>,
+    handler: H,
+    settings: Settings,
+    max_sessions: usize,
+    stats_from_workers: Option<mpsc::Receiver<ServerStats>>,
+    stats_to_worker_0: Option<mpsc::Sender<ServerStats>>,
+}
+
+impl<H> Prepared<H> {
+    fn new(
+        handler: H,
+        std_sockets: Vec<StdUdpSocket>,
+        settings: Settings,
+        max_sessions: usize,
+    ) -> Result<Prepared<H>, Error> {
         let poll = Poll::new()?;
         let mut listeners = Vec::new();
         for (i, socket) in std_sockets.into_iter().enumerate() {
@@ -326,7 +454,7 @@ impl<H: Handler> ServerBuilder<H> {
             let mut socket = UdpSocket::from_std(socket);
             poll.registry()
                 .register(&mut socket, Token(LISTENER_BASE - i), Interest::READABLE)?;
-            if self.single_port {
+            if settings.single_port {
                 // Every session's ACKs and DATA share these buffers.
                 let _ = sys::set_recv_buffer(&socket, SINGLE_PORT_BUFFER);
                 let _ = sys::set_send_buffer(&socket, SINGLE_PORT_BUFFER);
@@ -339,52 +467,16 @@ impl<H: Handler> ServerBuilder<H> {
             });
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let max_sessions = match self.max_sessions {
-            Some(max) => max,
-            // Each session holds a socket and usually an open file; keep some spare.
-            None => (sys::raise_fd_limit().unwrap_or(1024).saturating_sub(64) / 2).max(1) as usize,
-        };
-        let now = Instant::now();
-        Ok(Server {
+        Ok(Prepared {
             poll,
-            events: Events::with_capacity(1024),
             listeners,
-            ready_queue: Arc::new(ReadyQueue {
-                pending: Mutex::new(Vec::new()),
-                waker: waker.clone(),
-            }),
-            resumed: Vec::new(),
-            woken: false,
             waker,
             shutdown: Arc::new(AtomicBool::new(false)),
-            handler: self.handler,
-            config: self.config,
+            handler,
+            settings,
             max_sessions,
-            sessions: Slab::new(),
-            by_peer: HashMap::new(),
-            wheel: TimerWheel::with_origin(now),
-            next_generation: 0,
-            buf: vec![0; MAX_DATAGRAM],
-            request_buf: vec![0; MAX_DATAGRAM],
-            scratch: Vec::new(),
-            ready: Vec::new(),
-            now,
-            stats: ServerStats::default(),
-            stats_interval: self.stats_interval,
-            stats_since: now,
-            shutdown_grace: self.shutdown_grace,
-            grace_deadline: None,
-            rate_limiter: self
-                .request_rate
-                .map(|rate| RateLimiter::new(rate, RATE_LIMITER_CLIENTS)),
-            max_sessions_per_client: self.max_sessions_per_client,
-            per_client: ClientCounts::default(),
-            limit_loopback: self.limit_loopback,
-            logs: LogLimits::default(),
-            single_port: self.single_port,
-            arrival: None,
-            pending: VecDeque::new(),
-            descriptors_paused_until: None,
+            stats_from_workers: None,
+            stats_to_worker_0: None,
         })
     }
 }
@@ -392,26 +484,121 @@ impl<H: Handler> ServerBuilder<H> {
 /// Stops a running [`Server`] from any thread.
 #[derive(Clone)]
 pub struct ShutdownHandle {
-    flag: Arc<AtomicBool>,
-    waker: Arc<Waker>,
+    /// One flag and waker per event loop (several for [`Workers`]).
+    loops: Arc<[(Arc<AtomicBool>, Arc<Waker>)]>,
 }
 
 impl ShutdownHandle {
-    /// Asks the server to stop: it stops accepting requests at once, lets running
-    /// sessions finish within the shutdown grace, then aborts the rest and `run` returns.
+    /// Asks the server (every worker) to stop: it stops accepting requests at once, lets
+    /// running sessions finish within the shutdown grace, then aborts the rest and `run`
+    /// returns.
     pub fn shutdown(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        if let Err(e) = self.waker.wake() {
-            warn!("cannot wake the event loop: {e}");
+        for (flag, waker) in self.loops.iter() {
+            flag.store(true, Ordering::SeqCst);
+            if let Err(e) = waker.wake() {
+                warn!("cannot wake the event loop: {e}");
+            }
         }
     }
 }
 
 impl fmt::Debug for ShutdownHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let requested = self
+            .loops
+            .iter()
+            .any(|(flag, _)| flag.load(Ordering::SeqCst));
         f.debug_struct("ShutdownHandle")
-            .field("requested", &self.flag.load(Ordering::SeqCst))
+            .field("loops", &self.loops.len())
+            .field("requested", &requested)
             .finish()
+    }
+}
+
+/// Several servers on the same addresses, one event loop and thread each (see
+/// [`ServerBuilder::build_workers`]).
+pub struct Workers<H> {
+    loops: Vec<Prepared<H>>,
+}
+
+impl<H: Handler + Send + 'static> Workers<H> {
+    /// How many workers there are.
+    pub fn len(&self) -> usize {
+        self.loops.len()
+    }
+
+    /// Always false: there is at least one worker.
+    pub fn is_empty(&self) -> bool {
+        self.loops.is_empty()
+    }
+
+    /// The addresses every worker listens on (with real ports when bound to port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.loops[0].listeners.iter().map(|l| l.local).collect()
+    }
+
+    /// The most sessions all workers run at once.
+    pub fn max_sessions(&self) -> usize {
+        self.loops.iter().map(|l| l.max_sessions).sum()
+    }
+
+    /// A handle that stops every worker.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            loops: self
+                .loops
+                .iter()
+                .map(|l| (l.shutdown.clone(), l.waker.clone()))
+                .collect(),
+        }
+    }
+
+    /// Runs worker 0 on this thread and every other worker on a thread of its own, until
+    /// all have shut down. Returns the first error; a worker that fails makes the others
+    /// stop too.
+    pub fn run(self) -> Result<(), Error> {
+        let stop = self.shutdown_handle();
+        let mut loops = self.loops.into_iter();
+        let Some(first) = loops.next() else {
+            return Ok(());
+        };
+        let mut threads = Vec::new();
+        for (i, prepared) in loops.enumerate() {
+            let stop_all = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("dyntftp-worker-{}", i + 1))
+                .spawn(move || {
+                    let result = Server::start(prepared).run();
+                    if result.is_err() {
+                        stop_all.shutdown();
+                    }
+                    result
+                })
+                .map_err(Error::Io);
+            match thread {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    stop.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        let mut first = Server::start(first);
+        let mut result = first.run_loop();
+        if result.is_err() {
+            stop.shutdown();
+        }
+        for thread in threads {
+            let joined = thread
+                .join()
+                .unwrap_or_else(|_| Err(Error::Config("a worker thread panicked".into())));
+            if result.is_ok() {
+                result = joined;
+            }
+        }
+        // Every other worker has made its last report: the last one covers them all.
+        first.report_stats();
+        result
     }
 }
 
@@ -541,6 +728,10 @@ pub struct Server<H> {
     pending: VecDeque<Pending>,
     /// Descriptors ran out: no new request is taken before this (or a session's end).
     descriptors_paused_until: Option<Instant>,
+    /// Worker 0 of several: the other workers' statistics, added to its reports.
+    stats_from_workers: Option<mpsc::Receiver<ServerStats>>,
+    /// Another worker: its statistics go to worker 0 instead of the handler.
+    stats_to_worker_0: Option<mpsc::Sender<ServerStats>>,
 }
 
 /// How long new requests wait after descriptors ran out, when no session ends sooner.
@@ -604,6 +795,80 @@ fn log_limited(
 }
 
 impl<H: Handler> Server<H> {
+    /// A server on bound listeners (non-blocking, destination reporting on).
+    fn new(
+        handler: H,
+        std_sockets: Vec<StdUdpSocket>,
+        settings: Settings,
+        max_sessions: usize,
+    ) -> Result<Server<H>, Error> {
+        Ok(Server::start(Prepared::new(
+            handler,
+            std_sockets,
+            settings,
+            max_sessions,
+        )?))
+    }
+
+    /// The server for a prepared loop (on the thread that will run it).
+    fn start(prepared: Prepared<H>) -> Server<H> {
+        let Prepared {
+            poll,
+            listeners,
+            waker,
+            shutdown,
+            handler,
+            settings,
+            max_sessions,
+            stats_from_workers,
+            stats_to_worker_0,
+        } = prepared;
+        let now = Instant::now();
+        Server {
+            poll,
+            events: Events::with_capacity(1024),
+            listeners,
+            ready_queue: Arc::new(ReadyQueue {
+                pending: Mutex::new(Vec::new()),
+                waker: waker.clone(),
+            }),
+            resumed: Vec::new(),
+            woken: false,
+            waker,
+            shutdown,
+            handler,
+            config: settings.config,
+            max_sessions,
+            sessions: Slab::new(),
+            by_peer: HashMap::new(),
+            wheel: TimerWheel::with_origin(now),
+            next_generation: 0,
+            buf: vec![0; MAX_DATAGRAM],
+            request_buf: vec![0; MAX_DATAGRAM],
+            scratch: Vec::new(),
+            ready: Vec::new(),
+            now,
+            stats: ServerStats::default(),
+            stats_interval: settings.stats_interval,
+            stats_since: now,
+            shutdown_grace: settings.shutdown_grace,
+            grace_deadline: None,
+            rate_limiter: settings
+                .request_rate
+                .map(|rate| RateLimiter::new(rate, RATE_LIMITER_CLIENTS)),
+            max_sessions_per_client: settings.max_sessions_per_client,
+            per_client: ClientCounts::default(),
+            limit_loopback: settings.limit_loopback,
+            logs: LogLimits::default(),
+            single_port: settings.single_port,
+            arrival: None,
+            pending: VecDeque::new(),
+            descriptors_paused_until: None,
+            stats_from_workers,
+            stats_to_worker_0,
+        }
+    }
+
     /// The address of the first listener (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listeners[0].local
@@ -617,8 +882,7 @@ impl<H: Handler> Server<H> {
     /// A handle that stops the server from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
-            flag: self.shutdown.clone(),
-            waker: self.waker.clone(),
+            loops: Arc::new([(self.shutdown.clone(), self.waker.clone())]),
         }
     }
 
@@ -642,8 +906,15 @@ impl<H: Handler> Server<H> {
         self.max_sessions
     }
 
-    /// Runs until shut down (see [`ShutdownHandle`]) and every session has ended.
+    /// Runs until shut down (see [`ShutdownHandle`]) and every session has ended, then
+    /// makes a last statistics report covering the time since the previous one.
     pub fn run(&mut self) -> Result<(), Error> {
+        self.run_loop()?;
+        self.report_stats();
+        Ok(())
+    }
+
+    fn run_loop(&mut self) -> Result<(), Error> {
         while self.run_once(None)? {}
         Ok(())
     }
@@ -1488,6 +1759,16 @@ impl<H: Handler> Server<H> {
         stats.interval = self.now.saturating_duration_since(self.stats_since);
         stats.active_sessions = self.sessions.len() as u64;
         self.stats_since = self.now;
+        if let Some(worker_0) = &self.stats_to_worker_0 {
+            // Worker 0 reports for everyone.
+            let _ = worker_0.send(stats);
+            return;
+        }
+        if let Some(workers) = &self.stats_from_workers {
+            while let Ok(other) = workers.try_recv() {
+                stats.merge(&other);
+            }
+        }
         info!(
             "stats: {} requests, {} sessions started, {} finished ({} failed), {} active, \
              {} datagrams / {} bytes sent, {} retransmits, {} malformed, {} stray",

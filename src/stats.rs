@@ -196,6 +196,38 @@ pub struct ServerStats {
 }
 
 impl ServerStats {
+    /// Adds another report's counters, gauge and histogram to these (the interval is
+    /// the longer of the two): how the reports of several workers, or of several
+    /// intervals, are summed.
+    pub fn merge(&mut self, other: &ServerStats) {
+        self.interval = self.interval.max(other.interval);
+        self.requests += other.requests;
+        for (code, n) in &other.rejected {
+            *self.rejected.entry(*code).or_default() += n;
+        }
+        self.write_requests += other.write_requests;
+        self.duplicate_requests += other.duplicate_requests;
+        self.sessions_started += other.sessions_started;
+        for (outcome, n) in &other.sessions_finished {
+            *self.sessions_finished.entry(outcome).or_default() += n;
+        }
+        self.malformed += other.malformed;
+        self.stray_datagrams += other.stray_datagrams;
+        self.datagrams_sent += other.datagrams_sent;
+        self.bytes_sent += other.bytes_sent;
+        self.retransmits += other.retransmits;
+        self.early_retransmits += other.early_retransmits;
+        self.send_would_block += other.send_would_block;
+        self.send_errors += other.send_errors;
+        self.panics += other.panics;
+        self.rate_limited += other.rate_limited;
+        self.client_limited += other.client_limited;
+        self.busy += other.busy;
+        self.descriptor_pauses += other.descriptor_pauses;
+        self.active_sessions += other.active_sessions;
+        self.session_durations.merge(&other.session_durations);
+    }
+
     /// Sessions ended with a failure outcome (not completed, final ACK missing or probe).
     pub fn sessions_failed(&self) -> u64 {
         self.sessions_finished

@@ -12,9 +12,15 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 /// Creates a non-blocking, close-on-exec UDP socket bound to `addr`, with destination
 /// address reporting enabled (IP_PKTINFO / IPV6_RECVPKTINFO). An unspecified IPv6 address
 /// (`[::]`) is bound dual-stack (IPV6_V6ONLY off), so one socket serves IPv4 and IPv6.
-pub fn bind_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// With `reuse_port`, SO_REUSEPORT is set first: several such sockets share the address,
+/// and the kernel hands each sender's datagrams to one of them, by a hash of the
+/// addresses and ports.
+pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
     let socket = new_socket(addr)?;
     let fd = socket.as_raw_fd();
+    if reuse_port {
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    }
     match addr {
         SocketAddr::V4(_) => setsockopt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?,
         SocketAddr::V6(v6) => {
@@ -378,7 +384,7 @@ mod tests {
 
     #[test]
     fn ipv4_listener_reports_destination() {
-        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         client
             .send_to(b"hello", listener.local_addr().unwrap())
@@ -396,7 +402,7 @@ mod tests {
 
     #[test]
     fn dual_stack_listener_unmaps_ipv4_and_reports_the_real_destination() {
-        let listener = match bind_listener("[::]:0".parse().unwrap()) {
+        let listener = match bind_listener("[::]:0".parse().unwrap(), false) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("skipping: no IPv6 here ({e})");
@@ -420,7 +426,7 @@ mod tests {
 
     #[test]
     fn truncation_is_reported() {
-        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         client
             .send_to(&[1u8; 100], listener.local_addr().unwrap())

@@ -510,6 +510,31 @@ fn dyntftpd_looks_names_up_ignoring_case_and_caches_files() {
 }
 
 #[test]
+fn dyntftpd_with_two_workers_serves_and_stops() {
+    let root = daemon_root();
+    let out = TempDir::new("daemon-out");
+    let mut daemon = Daemon::start_with(root.path(), out.path(), &["--workers", "2"]);
+    // Twenty clients on twenty ports: both loops take some.
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let addr = daemon.addr;
+            thread::spawn(move || {
+                let got = fetch(addr, "mult.bin", "octet", &[("blksize", "1428")])
+                    .unwrap_or_else(|e| panic!("client {i}: {e:?}"));
+                assert!(got.data == pseudo_random(MULT_LEN, 11), "client {i}");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(daemon.log().contains("2 workers"), "{}", daemon.log());
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.log());
+}
+
+#[test]
 fn dyntftpd_exits_0_on_sigterm() {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");

@@ -477,7 +477,11 @@ fn http_proxy_maps_http_answers_to_tftp() {
 fn client_from(ip: &str) -> Client {
     let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind client");
     socket.set_read_timeout(Some(WAIT)).unwrap();
-    Client { socket, pace: None }
+    Client {
+        socket,
+        pace: None,
+        single_port: false,
+    }
 }
 
 /// The server listens on 127.0.0.3, so the client's address (127.0.0.1 or 127.0.0.2) and

@@ -45,6 +45,7 @@ pub struct Config {
     pub max_per_client: u32,
     pub adaptive_timeout: bool,
     pub single_port: bool,
+    pub workers: usize,
     pub ignore_case: bool,
     pub unique_root: bool,
     pub lowercase: bool,
@@ -75,6 +76,7 @@ impl Default for Config {
             max_per_client: dyntftp::server::DEFAULT_MAX_SESSIONS_PER_CLIENT,
             adaptive_timeout: true,
             single_port: false,
+            workers: 1,
             ignore_case: false,
             unique_root: false,
             lowercase: false,
@@ -125,6 +127,7 @@ impl Config {
             if self.adaptive_timeout { "on" } else { "off" }
         );
         let _ = writeln!(out, "single-port = {}", self.single_port);
+        let _ = writeln!(out, "workers = {}", self.workers);
         let _ = writeln!(out, "ignore-case = {}", self.ignore_case);
         let _ = writeln!(out, "unique-root = {}", self.unique_root);
         let _ = writeln!(out, "lowercase = {}", self.lowercase);
@@ -206,6 +209,9 @@ impl Config {
                 }
             }
             "strip-prefix" if !text.is_empty() => self.strip_prefix.push(text.to_string()),
+            "workers" => {
+                self.workers = number(text, |n: &usize| (1..=1024).contains(n)).ok_or_else(bad)?
+            }
             "cache" => {
                 self.cache = bytes(text).ok_or_else(|| {
                     format!(
@@ -278,7 +284,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 24] = [
+pub const FILE_KEYS: [&str; 25] = [
     "listen",
     "root",
     "timeout",
@@ -291,6 +297,7 @@ pub const FILE_KEYS: [&str; 24] = [
     "max-per-client",
     "adaptive-timeout",
     "single-port",
+    "workers",
     "ignore-case",
     "unique-root",
     "lowercase",
@@ -396,6 +403,12 @@ pub fn options() -> Options {
         "",
         "single-port",
         "serve every transfer from the listening port instead of a new port per transfer (for NAT, firewalls and containers that forward only port 69)",
+    );
+    opts.optopt(
+        "",
+        "workers",
+        "event loops, one thread each, sharing the listening address through SO_REUSEPORT (default 1; at most one per core helps)",
+        "N",
     );
     opts.optmulti(
         "",
@@ -692,6 +705,17 @@ mod tests {
         assert!(!c.adaptive_timeout);
         assert!(!c.single_port);
         assert!(config(&["--single-port"]).single_port);
+        assert_eq!(c.workers, 1);
+        assert_eq!(config(&["--workers", "2"]).workers, 2);
+        for bad in ["0", "1025", "two"] {
+            let err = parse_args(&args(&["--workers", bad]))
+                .err()
+                .unwrap_or_default();
+            assert!(
+                err.contains("invalid value for --workers"),
+                "{bad:?}: {err}"
+            );
+        }
         let file = File::new("single", "single-port = true\n");
         assert!(config(&["--config", file.arg()]).single_port);
         let file = File::new("single-bad", "single-port = yes\n");

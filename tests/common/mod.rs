@@ -404,30 +404,10 @@ impl Drop for ServerGuard {
 pub fn sum_reports(reports: &[ServerStats]) -> ServerStats {
     let mut total = ServerStats::default();
     for r in reports {
-        total.requests += r.requests;
-        for (code, n) in &r.rejected {
-            *total.rejected.entry(*code).or_default() += n;
-        }
-        total.write_requests += r.write_requests;
-        total.duplicate_requests += r.duplicate_requests;
-        total.sessions_started += r.sessions_started;
-        for (name, n) in &r.sessions_finished {
-            *total.sessions_finished.entry(name).or_default() += n;
-        }
-        total.malformed += r.malformed;
-        total.stray_datagrams += r.stray_datagrams;
-        total.datagrams_sent += r.datagrams_sent;
-        total.bytes_sent += r.bytes_sent;
-        total.retransmits += r.retransmits;
-        total.early_retransmits += r.early_retransmits;
-        total.send_would_block += r.send_would_block;
-        total.send_errors += r.send_errors;
-        total.panics += r.panics;
-        total.rate_limited += r.rate_limited;
-        total.client_limited += r.client_limited;
-        total.busy += r.busy;
-        total.descriptor_pauses += r.descriptor_pauses;
+        total.merge(r);
     }
+    total.interval = Duration::ZERO;
+    total.active_sessions = 0;
     total
 }
 
@@ -551,6 +531,8 @@ pub struct Client {
     pub socket: UdpSocket,
     /// Sleep before each ACK (a deliberately slow client).
     pub pace: Option<Duration>,
+    /// Expect replies from the listening port (single-port servers) instead of a new TID.
+    pub single_port: bool,
 }
 
 impl Client {
@@ -559,6 +541,7 @@ impl Client {
         Client {
             socket: socket_for(server),
             pace: None,
+            single_port: single_port(),
         }
     }
 
@@ -642,12 +625,12 @@ impl Client {
             }
             match tid {
                 None => {
-                    if single_port() && from.port() != server.port() {
+                    if self.single_port && from.port() != server.port() {
                         return Err(ClientError::Protocol(format!(
                             "single-port mode, but the reply came from {from}"
                         )));
                     }
-                    if !single_port() && from.port() == server.port() {
+                    if !self.single_port && from.port() == server.port() {
                         return Err(ClientError::Protocol(format!(
                             "reply from the listening port {from}, not a new TID"
                         )));
