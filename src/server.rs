@@ -41,7 +41,7 @@ use slab::Slab;
 use crate::handler::{Handler, Notifier, ReadRequest, ReadySink, Reject};
 use crate::limit::{ClientCounts, ClientKey, LogDecision, LogLimiter, Rate, RateLimiter};
 use crate::options::{Limits, MAX_BLKSIZE, MIN_BLKSIZE};
-use crate::packet::{write_error, ErrorCode, Mode, Packet, MAX_DATAGRAM};
+use crate::packet::{write_error, ErrorCode, Mode, Packet, DATA_HEADER_LEN, MAX_DATAGRAM};
 use crate::session::{Outcome, Output, Session, SessionConfig};
 use crate::stats::{ServerStats, SessionStats};
 use crate::sys;
@@ -130,6 +130,7 @@ struct Settings {
     max_sessions_per_client: Option<u32>,
     limit_loopback: bool,
     single_port: bool,
+    udp_gso: bool,
 }
 
 /// Default cap on the sessions one client (IPv4 address or IPv6 /64) runs at once.
@@ -155,6 +156,7 @@ impl<H: Handler> ServerBuilder<H> {
                 max_sessions_per_client: Some(DEFAULT_MAX_SESSIONS_PER_CLIENT),
                 limit_loopback: false,
                 single_port: false,
+                udp_gso: true,
             },
         }
     }
@@ -257,6 +259,15 @@ impl<H: Handler> ServerBuilder<H> {
     /// client resends them) and counted in [`ServerStats::busy`].
     pub fn single_port(mut self, single: bool) -> Self {
         self.settings.single_port = single;
+        self
+    }
+
+    /// Whether windows of DATA are sent with UDP generic segmentation offload, several
+    /// datagrams per system call (default true; falls back to one datagram per call, for
+    /// good, at the first failure, e.g. on kernels older than 4.18). Single-port mode
+    /// always sends one datagram per call.
+    pub fn udp_gso(mut self, gso: bool) -> Self {
+        self.settings.udp_gso = gso;
         self
     }
 
@@ -728,6 +739,8 @@ pub struct Server<H> {
     pending: VecDeque<Pending>,
     /// Descriptors ran out: no new request is taken before this (or a session's end).
     descriptors_paused_until: Option<Instant>,
+    /// Send runs of DATA with UDP GSO (turned off for good at the first failure).
+    gso: bool,
     /// Worker 0 of several: the other workers' statistics, added to its reports.
     stats_from_workers: Option<mpsc::Receiver<ServerStats>>,
     /// Another worker: its statistics go to worker 0 instead of the handler.
@@ -749,6 +762,11 @@ struct Pending {
     arrival: Option<(usize, Option<(IpAddr, u32)>)>,
     datagram: Vec<u8>,
 }
+
+/// The most bytes and datagrams one UDP GSO send may carry (Linux: 64 KiB minus
+/// headers, and `UDP_MAX_SEGMENTS`).
+const GSO_MAX_BYTES: usize = 65_000;
+const GSO_MAX_SEGMENTS: usize = 64;
 
 /// Requests kept at most while `max_sessions` run in single-port mode.
 const PENDING_REQUESTS: usize = 1024;
@@ -864,6 +882,7 @@ impl<H: Handler> Server<H> {
             arrival: None,
             pending: VecDeque::new(),
             descriptors_paused_until: None,
+            gso: settings.udp_gso,
             stats_from_workers,
             stats_to_worker_0,
         }
@@ -1623,8 +1642,10 @@ impl<H: Handler> Server<H> {
 
     /// Drains a session's output: sends, re-arms its timer, or finishes it.
     fn drive(&mut self, key: usize) {
-        let now = self.now;
         loop {
+            if self.gso && self.send_data_run(key) {
+                continue;
+            }
             let entry = &mut self.sessions[key];
             let Entry {
                 session,
@@ -1671,26 +1692,92 @@ impl<H: Handler> Server<H> {
                     return;
                 }
                 Ok(Output::Done(outcome)) => return self.finish(key, outcome),
-                Err(_) => {
-                    self.stats.panics += 1;
-                    log_limited(
-                        &mut self.logs.panics,
-                        now,
-                        log::Level::Error,
-                        format_args!(
-                            "{}: the source of {:?} panicked",
-                            entry.peer, entry.filename
-                        ),
-                    );
-                    entry.session.abort(
-                        now,
-                        ErrorCode::NotDefined,
-                        "internal error",
-                        Outcome::Panicked,
-                    );
+                Err(_) => self.source_panicked(key),
+            }
+        }
+    }
+
+    /// Sends the session's next run of DATA packets with one UDP GSO send, if it has two
+    /// or more ready. True when something was handed out (sent or not).
+    fn send_data_run(&mut self, key: usize) -> bool {
+        let entry = &mut self.sessions[key];
+        let Entry {
+            session,
+            transport: Transport::Own(socket),
+            peer,
+            ..
+        } = entry
+        else {
+            return false;
+        };
+        let segment = session.params().blksize as usize + DATA_HEADER_LEN;
+        let max = (GSO_MAX_BYTES / segment).min(GSO_MAX_SEGMENTS);
+        if max < 2 {
+            return false;
+        }
+        let run = catch_unwind(AssertUnwindSafe(move || {
+            let session = session;
+            session.poll_data_run(max)
+        }));
+        let run = match run {
+            Ok(Some(run)) => run,
+            Ok(None) => return false,
+            Err(_) => {
+                self.source_panicked(key);
+                return true;
+            }
+        };
+        let payload = (run.bytes.len() - run.packets * DATA_HEADER_LEN) as u64;
+        match sys::send_segments(&*socket, run.bytes, run.segment as u16, *peer) {
+            Ok(_) => {
+                self.stats.datagrams_sent += run.packets as u64;
+                self.stats.bytes_sent += payload;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The retransmission timer recovers the packets.
+                self.stats.send_would_block += run.packets as u64;
+            }
+            Err(e) => {
+                // No GSO here: never again, and these packets one by one.
+                info!("UDP segmentation offload unavailable ({e}); sending one datagram per call");
+                self.gso = false;
+                for datagram in run.bytes.chunks(run.segment) {
+                    match socket.send_to(datagram, *peer) {
+                        Ok(_) => {
+                            self.stats.datagrams_sent += 1;
+                            self.stats.bytes_sent += (datagram.len() - DATA_HEADER_LEN) as u64;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.stats.send_would_block += 1;
+                        }
+                        Err(_) => self.stats.send_errors += 1,
+                    }
                 }
             }
         }
+        true
+    }
+
+    /// User code panicked while the session read its source: it ends with ERROR 0.
+    fn source_panicked(&mut self, key: usize) {
+        let now = self.now;
+        let entry = &mut self.sessions[key];
+        self.stats.panics += 1;
+        log_limited(
+            &mut self.logs.panics,
+            now,
+            log::Level::Error,
+            format_args!(
+                "{}: the source of {:?} panicked",
+                entry.peer, entry.filename
+            ),
+        );
+        entry.session.abort(
+            now,
+            ErrorCode::NotDefined,
+            "internal error",
+            Outcome::Panicked,
+        );
     }
 
     fn finish(&mut self, key: usize, outcome: Outcome) {

@@ -153,6 +153,17 @@ impl Outcome {
     }
 }
 
+/// Several DATA packets back to back (see [`Session::poll_data_run`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct DataRun<'a> {
+    /// The packets, each `segment` bytes long but the last.
+    pub bytes: &'a [u8],
+    /// The length of every packet but the last.
+    pub segment: usize,
+    /// How many packets there are (at least 2).
+    pub packets: usize,
+}
+
 /// What the driver must do next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Output<'a> {
@@ -446,19 +457,7 @@ impl Session {
                                 return self.wait();
                             }
                             Err(e) => {
-                                // A source that learns late that the file does not exist
-                                // or may not be read (a streamed HTTP 404 or 403) says so
-                                // with the matching error kind.
-                                let (code, message) = match e.kind() {
-                                    io::ErrorKind::NotFound => {
-                                        (ErrorCode::FileNotFound, "file not found")
-                                    }
-                                    io::ErrorKind::PermissionDenied => {
-                                        (ErrorCode::AccessViolation, "access violation")
-                                    }
-                                    _ => (ErrorCode::NotDefined, "error reading file"),
-                                };
-                                self.fail(code, message, Outcome::ReadFailed);
+                                self.fail_read(&e);
                                 continue;
                             }
                         }
@@ -467,6 +466,86 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Hands out several DATA packets at once, for a driver that can send them with one
+    /// system call (UDP GSO): up to `max_packets` consecutive blocks that are already read
+    /// or can be read now without blocking, stored back to back in the ring — every one
+    /// `segment` bytes long but the last, which may be shorter. Returns `None` when fewer
+    /// than two such packets are ready now; the driver then goes on with
+    /// [`poll_output`](Self::poll_output), which handles everything else (OACK, errors,
+    /// a blocked source, the end). Accounting and timers are exactly as if the packets
+    /// had come one by one from `poll_output`.
+    pub fn poll_data_run(&mut self, max_packets: usize) -> Option<DataRun<'_>> {
+        if self.state != State::Transfer || max_packets < 2 {
+            return None;
+        }
+        let window = self.params.window.max(1) as u64;
+        let window_end = self.base + window;
+        // The ring slots of `next..` are contiguous until the slot index wraps.
+        let ring_end = self.next - self.slot(self.next) as u64 + window;
+        let mut end = window_end.min(ring_end).min(self.next + max_packets as u64);
+        if let Some(last) = self.last {
+            end = end.min(last + 1);
+        }
+        // Read ahead what the run needs, stopping at anything unusual.
+        while self.filled + 1 < end && self.last.is_none() && !self.source_blocked {
+            match self.read_block() {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.source_blocked = true;
+                    self.stalled_since.get_or_insert(self.now);
+                    break;
+                }
+                Err(e) => {
+                    self.fail_read(&e);
+                    return None;
+                }
+            }
+        }
+        if let Some(last) = self.last {
+            end = end.min(last + 1);
+        }
+        end = end.min(self.filled + 1);
+        let slot_len = self.slot_len();
+        // Every packet but the last of the run must be full.
+        let mut count = 0;
+        while self.next + count < end {
+            let len = self.lens[self.slot(self.next + count)];
+            count += 1;
+            if len != slot_len {
+                break;
+            }
+        }
+        if count < 2 {
+            return None;
+        }
+        let first = self.next;
+        let start = self.slot(first) * slot_len;
+        let mut bytes_len = 0;
+        for block in first..first + count {
+            let slot = self.slot(block);
+            let len = self.lens[slot];
+            bytes_len += len;
+            let payload = (len - DATA_HEADER_LEN) as u64;
+            self.stats.packets_sent += 1;
+            self.stats.bytes_sent += payload;
+            if block <= self.high_sent {
+                self.stats.packets_resent += 1;
+                self.stats.bytes_resent += payload;
+                self.sent_at[slot].1 = true;
+            } else {
+                self.high_sent = block;
+                self.sent_at[slot] = (self.now, false);
+            }
+        }
+        self.next += count;
+        self.arm_retransmit();
+        Some(DataRun {
+            bytes: &self.ring[start..start + bytes_len],
+            segment: slot_len,
+            packets: count as usize,
+        })
     }
 
     /// With nothing in flight, a blocked source is waited for until the source timeout.
@@ -674,6 +753,18 @@ impl Session {
                 base.saturating_mul(1 << self.retries.min(3))
             }
         }
+    }
+
+    /// The source failed: the client gets an ERROR. A source that learns late that the
+    /// file does not exist or may not be read (a streamed HTTP 404 or 403) says so with the
+    /// matching error kind.
+    fn fail_read(&mut self, e: &io::Error) {
+        let (code, message) = match e.kind() {
+            io::ErrorKind::NotFound => (ErrorCode::FileNotFound, "file not found"),
+            io::ErrorKind::PermissionDenied => (ErrorCode::AccessViolation, "access violation"),
+            _ => (ErrorCode::NotDefined, "error reading file"),
+        };
+        self.fail(code, message, Outcome::ReadFailed);
     }
 
     fn fail(&mut self, code: ErrorCode, message: &str, outcome: Outcome) {
@@ -1104,6 +1195,159 @@ mod tests {
         assert_eq!(err, b"\x00\x05\x00\x00error reading file\x00");
         assert_eq!(s.poll_output(), Output::Done(Outcome::ReadFailed));
         assert_eq!(s.stats().errors_sent, 1);
+    }
+
+    /// Drains a session: with `runs`, through `poll_data_run` first (runs split into
+    /// their packets), else through `poll_output` only.
+    fn drain_with(
+        s: &mut Session,
+        runs: usize,
+        used: &mut usize,
+    ) -> (Vec<Vec<u8>>, Output<'static>) {
+        let mut sent = Vec::new();
+        loop {
+            if runs > 0 {
+                if let Some(run) = s.poll_data_run(runs) {
+                    *used += 1;
+                    assert!(run.packets >= 2 && run.packets <= runs);
+                    let chunks: Vec<_> = run.bytes.chunks(run.segment).collect();
+                    assert_eq!(chunks.len(), run.packets);
+                    sent.extend(chunks.into_iter().map(<[u8]>::to_vec));
+                    continue;
+                }
+            }
+            match s.poll_output() {
+                Output::Transmit(bytes) => sent.push(bytes.to_vec()),
+                Output::Wait(t) => return (sent, Output::Wait(t)),
+                Output::Done(o) => return (sent, Output::Done(o)),
+            }
+        }
+    }
+
+    /// Reads in pieces of a fixed size and says WouldBlock every `block_every` calls.
+    struct Choppy {
+        data: Vec<u8>,
+        pos: usize,
+        calls: usize,
+        piece: usize,
+        block_every: usize,
+    }
+
+    impl ResponseData for Choppy {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.block_every > 0 && self.calls % self.block_every == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.piece).min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn data_runs_send_exactly_what_poll_output_sends() {
+        for (size, blksize, window, runs, lose_every, piece, block_every) in [
+            (100_000, 512, 16, 64, 0, 4096, 0),
+            (100_000, 512, 16, 5, 7, 1000, 5),
+            (65_536, 512, 64, 45, 0, 65_536, 0),
+            (10_000, 8, 7, 3, 5, 300, 3),
+            (10_000, 8, 7, 3, 5, 300, 0),
+            (4096, 512, 4, 64, 3, 512, 0),
+            (0, 512, 8, 64, 0, 512, 0),
+            (700, 512, 1, 64, 0, 100, 2),
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            let options = format!("blksize\0{blksize}\0windowsize\0{window}\0");
+            let mut now = Instant::now();
+            let sessions: Vec<Session> = (0..2)
+                .map(|_| {
+                    Session::new(
+                        now,
+                        Options::parse(options.as_bytes()).unwrap(),
+                        Mode::Octet,
+                        Box::new(Choppy {
+                            data: data.clone(),
+                            pos: 0,
+                            calls: 0,
+                            piece,
+                            block_every,
+                        }),
+                        &SessionConfig::default(),
+                    )
+                })
+                .collect();
+            let [mut plain, mut batched]: [Session; 2] = sessions.try_into().unwrap();
+            let mut step = 0;
+            let mut used = 0;
+            let mut woken = 0;
+            loop {
+                step += 1;
+                assert!(step < 100_000, "no end");
+                let a = drain_with(&mut plain, 0, &mut 0);
+                let b = drain_with(&mut batched, runs, &mut used);
+                assert_eq!(
+                    a, b,
+                    "size {size} blksize {blksize} window {window} step {step}"
+                );
+                if let Output::Done(_) = a.1 {
+                    break;
+                }
+                // The client acknowledges the last DATA it got, or (every `lose_every`
+                // steps) an earlier one, or wakes the source when nothing was sent.
+                let last_block = a.0.iter().rev().find_map(|p| match Packet::parse(p) {
+                    Ok(Packet::Data { block, .. }) => Some(block),
+                    Ok(Packet::Oack(_)) => Some(0),
+                    _ => None,
+                });
+                match last_block {
+                    Some(block) => {
+                        woken = 0;
+                        let block = if lose_every > 0 && step % lose_every == 0 {
+                            block.wrapping_sub(1)
+                        } else {
+                            block
+                        };
+                        for s in [&mut plain, &mut batched] {
+                            s.handle_packet(now, Packet::Ack { block });
+                        }
+                    }
+                    // Nothing sent: the source was not ready (wake it; a choppy source
+                    // may need several wakes for one block), or, if waking does not
+                    // help, only the timer can (after an old ACK).
+                    None if woken < 20 => {
+                        woken += 1;
+                        for s in [&mut plain, &mut batched] {
+                            s.handle_source_ready(now);
+                        }
+                        continue;
+                    }
+                    None => {
+                        let Output::Wait(deadline) = a.1 else {
+                            unreachable!()
+                        };
+                        now = deadline;
+                        for s in [&mut plain, &mut batched] {
+                            s.handle_timeout(now);
+                        }
+                    }
+                }
+            }
+            assert_eq!(plain.stats(), batched.stats());
+            assert_eq!(
+                plain.stats().outcome,
+                Some(Outcome::Completed),
+                "size {size} window {window}"
+            );
+            assert_eq!(plain.stats().bytes_read, size as u64);
+            // Runs were used wherever a window holds two full blocks.
+            assert_eq!(
+                used > 0,
+                window > 1 && size >= 2 * blksize,
+                "size {size} window {window}"
+            );
+        }
     }
 
     struct FailWith(io::ErrorKind);

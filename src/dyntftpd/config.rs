@@ -44,6 +44,7 @@ pub struct Config {
     /// Concurrent sessions per client; 0 for no limit.
     pub max_per_client: u32,
     pub adaptive_timeout: bool,
+    pub udp_gso: bool,
     pub single_port: bool,
     pub workers: usize,
     pub ignore_case: bool,
@@ -75,6 +76,7 @@ impl Default for Config {
             rate_burst: dyntftp::Rate::DEFAULT.burst,
             max_per_client: dyntftp::server::DEFAULT_MAX_SESSIONS_PER_CLIENT,
             adaptive_timeout: true,
+            udp_gso: true,
             single_port: false,
             workers: 1,
             ignore_case: false,
@@ -126,6 +128,7 @@ impl Config {
             "adaptive-timeout = {}",
             if self.adaptive_timeout { "on" } else { "off" }
         );
+        let _ = writeln!(out, "udp-gso = {}", if self.udp_gso { "on" } else { "off" });
         let _ = writeln!(out, "single-port = {}", self.single_port);
         let _ = writeln!(out, "workers = {}", self.workers);
         let _ = writeln!(out, "ignore-case = {}", self.ignore_case);
@@ -188,11 +191,16 @@ impl Config {
             "max-per-client" => {
                 self.max_per_client = number(text, |_: &u32| true).ok_or_else(bad)?
             }
-            "adaptive-timeout" => {
-                self.adaptive_timeout = match text {
+            "adaptive-timeout" | "udp-gso" => {
+                let on = match text {
                     "on" => true,
                     "off" => false,
                     _ => return Err(format!("{} (expected on or off)", bad())),
+                };
+                if key == "udp-gso" {
+                    self.udp_gso = on;
+                } else {
+                    self.adaptive_timeout = on;
                 }
             }
             "single-port" | "ignore-case" | "unique-root" | "lowercase" => {
@@ -284,7 +292,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 25] = [
+pub const FILE_KEYS: [&str; 26] = [
     "listen",
     "root",
     "timeout",
@@ -296,6 +304,7 @@ pub const FILE_KEYS: [&str; 25] = [
     "rate-burst",
     "max-per-client",
     "adaptive-timeout",
+    "udp-gso",
     "single-port",
     "workers",
     "ignore-case",
@@ -397,6 +406,12 @@ pub fn options() -> Options {
         "",
         "adaptive-timeout",
         "on (default): retransmit after a few measured round trips when that is well below the timeout; off: always wait the timeout",
+        "on|off",
+    );
+    opts.optopt(
+        "",
+        "udp-gso",
+        "on (default): send each window's DATA with UDP segmentation offload, many datagrams per system call (automatic fallback); off: one per call",
         "on|off",
     );
     opts.optflag(
@@ -706,6 +721,8 @@ mod tests {
         assert!(!c.single_port);
         assert!(config(&["--single-port"]).single_port);
         assert_eq!(c.workers, 1);
+        assert!(c.udp_gso);
+        assert!(!config(&["--udp-gso", "off"]).udp_gso);
         assert_eq!(config(&["--workers", "2"]).workers, 2);
         for bad in ["0", "1025", "two"] {
             let err = parse_args(&args(&["--workers", bad]))
