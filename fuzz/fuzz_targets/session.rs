@@ -323,6 +323,8 @@ struct Harness {
     now: Instant,
     session: Session,
     check: Checker,
+    /// Drain through `poll_data_run(runs)` first, as a GSO driver does (0: never).
+    runs: usize,
 }
 
 impl Harness {
@@ -330,6 +332,22 @@ impl Harness {
     fn drain(&mut self, cause: Cause) -> usize {
         let mut count = 0;
         loop {
+            if self.runs > 0 {
+                if let Some(run) = self.session.poll_data_run(self.runs) {
+                    assert!(run.packets >= 2 && run.packets <= self.runs);
+                    let packets: Vec<Vec<u8>> =
+                        run.bytes.chunks(run.segment).map(<[u8]>::to_vec).collect();
+                    assert_eq!(packets.len(), run.packets);
+                    for (i, packet) in packets.iter().enumerate() {
+                        if i + 1 < packets.len() {
+                            assert_eq!(packet.len(), run.segment, "a short packet mid-run");
+                        }
+                        count += 1;
+                        self.check.on_transmit(packet, count);
+                    }
+                    continue;
+                }
+            }
             match self.session.poll_output() {
                 Output::Transmit(bytes) => {
                     count += 1;
@@ -430,6 +448,12 @@ fn run(data: &[u8]) {
     let raw_options = flags & 4 != 0;
     let want_tsize = flags & 8 != 0;
     let known_size = flags & 0x20 == 0;
+    let runs = match flags >> 6 {
+        0 => 0,
+        1 => 2,
+        2 => 5,
+        _ => 64,
+    };
     let retries = u32::from(input.u8() % 8);
     let timeout = Duration::from_millis((u64::from(input.u8()) + 1) * 10);
     let source_timeout = Duration::from_millis((u64::from(input.u8()) + 1) * 100);
@@ -538,6 +562,7 @@ fn run(data: &[u8]) {
     let mut h = Harness {
         now: start,
         session,
+        runs,
         check: Checker {
             start,
             blksize: usize::from(params.blksize),
