@@ -134,3 +134,45 @@ write("session", "abort_midway",
 # Netascii::read drop the bytes it had already translated into the caller's buffer.
 write("session", "crash-netascii-interrupted-loses-bytes",
       header(NETASCII | SCRIPTED) + options() + source(4, b"a\n") + script([0, 5]) + ev(ACK_LATEST))
+
+# server: steps (format at the top of fuzz_targets/server.rs). Files: 0 small, 1 multi,
+# 2 empty, 3 block, 4 stall, 5 fail. Option sets 0..=7 as in OPTION_SETS there.
+TO_LISTENER, TO_SESSION, RRQ, ACK, PAUSE = range(5)
+
+
+def step(peer, op, *args):
+    out = bytes([peer | (op << 2)])
+    for a in args:
+        out += a if isinstance(a, bytes) else bytes([a])
+    return out
+
+
+def datagram(peer, data, session=False):
+    return step(peer, TO_SESSION if session else TO_LISTENER, len(data), data)
+
+
+def rrq_step(peer, file, option_set):
+    return step(peer, RRQ, file, option_set)
+
+
+def ack_step(peer, back=0):
+    return step(peer, ACK, back)
+
+
+write("server", "lockstep_multi", rrq_step(0, 1, 0) + ack_step(0) * 7)
+write("server", "oack_window", rrq_step(1, 1, 3) + ack_step(1) * 4)
+write("server", "tsize_probe",
+      rrq_step(0, 0, 1) + datagram(0, b"\x00\x05\x00\x08probe\x00", session=True))
+write("server", "stall_then_pause", rrq_step(2, 4, 0) + step(2, PAUSE, 3) * 3)
+write("server", "fail_source", rrq_step(3, 5, 0) + ack_step(3) * 3)
+write("server", "garbage_listener",
+      datagram(0, b"") + datagram(1, b"\x00") + datagram(2, b"\x00\x04\x00\x01")
+      + datagram(3, b"\x00\x02f\x00octet\x00") + datagram(0, b"\x00\x01small\x00mail\x00"))
+write("server", "four_peers",
+      rrq_step(0, 1, 0) + rrq_step(1, 1, 3) + rrq_step(2, 0, 1) + rrq_step(3, 3, 2)
+      + ack_step(0) + ack_step(1) + ack_step(2) + ack_step(3) + step(0, PAUSE, 3)
+      + ack_step(0) + ack_step(1))
+write("server", "timeouts", rrq_step(0, 1, 2) + step(0, PAUSE, 3) * 6)
+write("server", "bad_options", rrq_step(0, 1, 7) + ack_step(0) * 3)
+write("server", "data_in_session",
+      rrq_step(0, 1, 0) + datagram(0, b"\x00\x03\x00\x01xx", session=True))

@@ -20,7 +20,7 @@ fi
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    targets=(parse_packet session)
+    targets=(parse_packet session server)
 fi
 
 # cargo-fuzz needs nightly flags (sanitizers); RUSTC_BOOTSTRAP lets stable rustc take them.

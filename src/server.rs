@@ -1481,7 +1481,7 @@ impl<H: Handler> Server<H> {
                 log::Level::Warn,
                 format_args!("{peer}: cannot register a session socket: {e}"),
             );
-            return;
+            return self.drop_source(session, peer, &filename);
         }
         let window_bytes =
             session.params().window as usize * (session.params().blksize as usize + 32);
@@ -1802,6 +1802,7 @@ impl<H: Handler> Server<H> {
             .entry(outcome.as_str())
             .or_default() += 1;
         let transfer = entry.session.stats().clone();
+        self.drop_source(entry.session, entry.peer, &entry.filename);
         let stats = SessionStats {
             peer: entry.peer,
             local: entry.local,
@@ -1837,6 +1838,20 @@ impl<H: Handler> Server<H> {
                 self.now,
                 log::Level::Error,
                 format_args!("the handler panicked in session_finished"),
+            );
+        }
+    }
+
+    /// Drops a source (or the session holding it): its `Drop` is user code and may panic
+    /// too, which must end nothing but that source.
+    fn drop_source<T>(&mut self, source: T, peer: SocketAddr, filename: &str) {
+        if catch_unwind(AssertUnwindSafe(move || drop(source))).is_err() {
+            self.stats.panics += 1;
+            log_limited(
+                &mut self.logs.panics,
+                self.now,
+                log::Level::Error,
+                format_args!("{peer}: the source of {filename:?} panicked when dropped"),
             );
         }
     }

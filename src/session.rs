@@ -49,7 +49,8 @@
 //! - A source that returns `WouldBlock` parks the session: it waits for
 //!   [`handle_source_ready`](Session::handle_source_ready), keeps retransmitting what is in
 //!   flight, and ends with [`Outcome::SourceStalled`] when no data came for
-//!   [`SessionConfig::source_timeout`].
+//!   [`SessionConfig::source_timeout`]. `Interrupted` is retried at once, but more than a
+//!   few times in a row counts as `WouldBlock`.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -64,6 +65,10 @@ use crate::stats::TransferStats;
 /// Round-trip samples needed before retransmitting early: one sample says little about
 /// how much the round trip varies.
 const MIN_RTT_SAMPLES: u32 = 3;
+
+/// `Interrupted` errors in a row after which a source counts as not ready (`WouldBlock`),
+/// so that a source that returns `Interrupted` forever cannot hang the event loop.
+const MAX_INTERRUPTED: u32 = 16;
 
 /// Server policy for sessions. Clients never change it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +238,9 @@ pub struct Session {
     deadline: Option<Instant>,
     /// When the source first said `WouldBlock` for the block being read.
     stalled_since: Option<Instant>,
+    /// The size the source announced at the start (compared with the real length at the
+    /// end, see [`TransferStats::size_mismatch`]).
+    announced: Option<u64>,
     /// The source said `WouldBlock` and has not signalled readiness since (a timer expiry
     /// also clears it, so a source that never signals is still retried, once per timeout).
     source_blocked: bool,
@@ -256,7 +264,8 @@ impl Session {
             Mode::Netascii => Box::new(Netascii::new(source)),
             Mode::Octet | Mode::Mail => source,
         };
-        let params = negotiate(options, &config.limits, source.size());
+        let announced = source.size();
+        let params = negotiate(options, &config.limits, announced);
         let slot = DATA_HEADER_LEN + params.blksize as usize;
         let window = params.window.max(1) as usize;
         let mut control = Vec::new();
@@ -293,6 +302,7 @@ impl Session {
             source_blocked: false,
             now,
             stats: TransferStats::new(now, params.clone()),
+            announced,
             params,
         }
     }
@@ -598,6 +608,7 @@ impl Session {
         let packet = &mut self.ring[start..start + slot_len];
         let blksize = slot_len - DATA_HEADER_LEN;
         let mut eof = false;
+        let mut interrupted = 0;
         while self.partial < blksize {
             match self
                 .source
@@ -607,18 +618,39 @@ impl Session {
                     eof = true;
                     break;
                 }
-                Ok(n) => self.partial += n.min(blksize - self.partial),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Ok(n) => {
+                    self.partial += n.min(blksize - self.partial);
+                    interrupted = 0;
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted && interrupted < MAX_INTERRUPTED =>
+                {
+                    interrupted += 1;
+                }
+                // A source that is interrupted again and again is not ready: never spin.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    return Ok(false)
+                }
                 Err(e) => return Err(e),
             }
         }
         write_data_header(packet, block as u16).expect("slot holds a header");
         self.lens[slot] = DATA_HEADER_LEN + self.partial;
+        self.stats.bytes_read += self.partial as u64;
         if eof {
             self.last = Some(block);
+            if self
+                .announced
+                .is_some_and(|size| size != self.stats.bytes_read)
+            {
+                self.stats.size_mismatch = self.announced;
+            }
         }
-        self.stats.bytes_read += self.partial as u64;
         self.partial = 0;
         self.filled = block;
         self.stalled_since = None;
@@ -1468,6 +1500,119 @@ mod tests {
         }
         assert_eq!(count, 65537);
         assert_eq!(h.session.stats().outcome, Some(Outcome::Completed));
+    }
+
+    /// Serves `data` but announces `size`.
+    struct Sized {
+        data: BytesSource,
+        size: u64,
+    }
+
+    impl ResponseData for Sized {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.data.read(buf)
+        }
+        fn size(&self) -> Option<u64> {
+            Some(self.size)
+        }
+    }
+
+    #[test]
+    fn size_mismatch_is_recorded_when_the_data_ends() {
+        for (mode, announced, real, want) in [
+            (Mode::Octet, 5000, 1000, Some(5000)),
+            (Mode::Octet, 1000, 5000, Some(1000)),
+            (Mode::Octet, 0, 512, Some(0)),
+            (Mode::Octet, 1024, 1024, None),
+            // Netascii announces no size at all.
+            (Mode::Netascii, 5000, 1000, None),
+        ] {
+            let source = Sized {
+                data: BytesSource::new(vec![b'x'; real]),
+                size: announced,
+            };
+            let options = Options::parse(b"tsize\x000\x00").unwrap();
+            let mut h = Harness {
+                now: Instant::now(),
+                session: Session::new(
+                    Instant::now(),
+                    options,
+                    mode,
+                    Box::new(source),
+                    &SessionConfig::default(),
+                ),
+            };
+            let mut sent = h.drain().0;
+            if mode == Mode::Octet {
+                // Only the OACK so far: the end is not known before it has been read.
+                assert_eq!(h.session.stats().size_mismatch, None);
+                sent = h.ack(0);
+            }
+            for _ in 0..100 {
+                if h.session.is_done() {
+                    break;
+                }
+                let [block] = blocks(&sent)[..] else { panic!() };
+                sent = h.ack(block);
+            }
+            let stats = h.session.stats();
+            assert_eq!(stats.outcome, Some(Outcome::Completed));
+            assert_eq!(stats.bytes_read, real as u64);
+            assert_eq!(stats.size_mismatch, want, "{mode:?} {announced} vs {real}");
+        }
+    }
+
+    /// Returns `Interrupted` `interruptions` times in a row before each byte.
+    struct Interrupting {
+        interruptions: u32,
+        left: u32,
+        bytes: usize,
+    }
+
+    impl ResponseData for Interrupting {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left > 0 {
+                self.left -= 1;
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            self.left = self.interruptions;
+            if self.bytes == 0 || buf.is_empty() {
+                return Ok(0);
+            }
+            self.bytes -= 1;
+            buf[0] = b'i';
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn interrupted_is_retried_but_never_forever() {
+        let config = SessionConfig {
+            source_timeout: Duration::from_secs(2),
+            ..SessionConfig::default()
+        };
+        let session = |interruptions| {
+            let source = Interrupting {
+                interruptions,
+                left: interruptions,
+                bytes: 3,
+            };
+            let now = Instant::now();
+            Harness {
+                now,
+                session: Session::new(now, Options::EMPTY, Mode::Octet, Box::new(source), &config),
+            }
+        };
+        // A few interruptions in a row are retried at once.
+        let mut h = session(MAX_INTERRUPTED);
+        assert_eq!(h.drain().0, vec![data(1, b"iii")]);
+        // Forever: the source counts as not ready, and the session ends by its deadline.
+        let mut h = session(u32::MAX);
+        let (sent, wait) = h.drain();
+        assert!(sent.is_empty());
+        assert_eq!(wait, Output::Wait(h.now + Duration::from_secs(2)));
+        assert_eq!(h.advance(Duration::from_secs(2)).len(), 1, "ERROR 0");
+        assert_eq!(h.session.stats().outcome, Some(Outcome::SourceStalled));
     }
 
     #[test]

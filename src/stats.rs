@@ -30,6 +30,14 @@ pub struct TransferStats {
     pub bytes_resent: u64,
     /// Bytes read from the source (each byte once).
     pub bytes_read: u64,
+    /// The size the source announced ([`ResponseData::size`]), when its data ended at a
+    /// different length (`bytes_read` then holds the real one). The transfer follows the
+    /// real data, but a client that asked for `tsize` was told the announced size. `None`
+    /// when the two agree, when the source announced no size (netascii never does), or
+    /// while the end has not been read.
+    ///
+    /// [`ResponseData::size`]: crate::response::ResponseData::size
+    pub size_mismatch: Option<u64>,
     /// ERROR packets sent to the peer.
     pub errors_sent: u64,
     /// ACKs that made progress (ACK 0 of an OACK included).
@@ -69,6 +77,7 @@ impl TransferStats {
             packets_resent: 0,
             bytes_resent: 0,
             bytes_read: 0,
+            size_mismatch: None,
             errors_sent: 0,
             acks: 0,
             blocks_acked: 0,

@@ -1,0 +1,654 @@
+//! Soak: a long run of sessions of mixed sizes against an in-process server, some clients
+//! vanishing mid-transfer, some probing the size, some giving up with an ERROR, checking
+//! that nothing accumulates.
+//!
+//! ```text
+//! cargo bench --bench soak -- --sessions 200000
+//! cargo bench --bench soak -- --sessions 20000 --workers 4 --timeout-ms 20 --retries 2
+//! ```
+//!
+//! Run without any flag (as a plain `cargo bench` or `cargo test --all-targets` does) it
+//! prints its usage and exits 0.
+//!
+//! The server (an `FsHandler` on a temporary root, on its own thread) and the clients
+//! (`--workers` threads of blocking clients over loopback) share this process, so
+//! `/proc/self/fd` and `VmRSS` cover both; both are sampled when every client and session
+//! is gone: after a warm-up (1 % of the sessions, at least 1,000) and at the end, plus
+//! midway figures while sessions run. What a client does depends on its number `i`:
+//!
+//! | `i % 100` | client |
+//! |---|---|
+//! | 0, 1 | vanishes after its first DATA (or OACK): the session must time out |
+//! | 2 | vanishes after its third DATA, mid-transfer |
+//! | 3 | asks for `tsize` and answers the OACK with ERROR 8 (a size probe) |
+//! | 4 | answers DATA 1 with ERROR 0 (gives up) |
+//! | others | downloads the file and checks every byte |
+//!
+//! Sizes cycle through 0 B to 256 KiB; options cycle through none, `blksize`, `tsize`,
+//! `windowsize`.
+//!
+//! At the end the report checks (exit 1 when one fails): every session started was
+//! reported finished, `completed + failed + probe = started`, each kind of client led to
+//! the outcome it should (completed, timed_out, probe, peer_error), no session is left,
+//! the file-descriptor count is back to where it was after the warm-up, and a few clients
+//! that stop ACKing are sent exactly `--retries` retransmissions and then find the
+//! session's port closed (the kernel answers with port unreachable). RSS is printed and
+//! judged "flat" when it grew by less than 8 MiB over the warm-up figure.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dyntftp::packet::{write_ack, write_error, write_rrq};
+use dyntftp::{
+    ErrorCode, FsHandler, Handler, Packet, ReadRequest, Reject, ResponseData, ServerBuilder,
+    ServerStats,
+};
+use getopts::Options;
+
+const SIZES: [usize; 8] = [0, 100, 512, 1500, 8000, 40_000, 100_000, 262_144];
+
+struct Config {
+    sessions: usize,
+    workers: usize,
+    timeout: Duration,
+    retries: u32,
+}
+
+fn options() -> Options {
+    let mut o = Options::new();
+    o.optopt("", "sessions", "sessions to run (required)", "N");
+    o.optopt("", "workers", "client threads (default 8)", "N");
+    o.optopt(
+        "",
+        "timeout-ms",
+        "server retransmission timeout (default 10)",
+        "MS",
+    );
+    o.optopt("", "retries", "server retries (default 3)", "N");
+    o.optflag("h", "help", "print this help");
+    o
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let opts = options();
+    let usage = opts.usage("Usage: cargo bench --bench soak -- --sessions N [options]");
+    if args.is_empty() {
+        println!("{usage}");
+        return ExitCode::SUCCESS;
+    }
+    let config = match parse(&opts, &args) {
+        Ok(Some(config)) => config,
+        Ok(None) => {
+            println!("{usage}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("soak: {e}\n{usage}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&config) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("soak: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse(opts: &Options, args: &[String]) -> Result<Option<Config>, String> {
+    let m = opts.parse(args).map_err(|e| e.to_string())?;
+    if m.opt_present("help") {
+        return Ok(None);
+    }
+    fn num<T: std::str::FromStr>(
+        m: &getopts::Matches,
+        name: &str,
+        default: Option<T>,
+    ) -> Result<T, String> {
+        match m.opt_str(name) {
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name}: not a number: {v:?}")),
+            None => default.ok_or(format!("--{name} is required")),
+        }
+    }
+    let config = Config {
+        sessions: num(&m, "sessions", None)?,
+        workers: num(&m, "workers", Some(8))?,
+        timeout: Duration::from_millis(num(&m, "timeout-ms", Some(10))?),
+        retries: num(&m, "retries", Some(3))?,
+    };
+    if config.sessions == 0 || config.workers == 0 || config.timeout.is_zero() {
+        return Err("--sessions, --workers and --timeout-ms must be at least 1".into());
+    }
+    Ok(Some(config))
+}
+
+// ---------------------------------------------------------------------------------------
+// The server and what it reports
+// ---------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Reports {
+    totals: ServerStats,
+    reports: u64,
+    last_active: u64,
+}
+
+struct Recorder {
+    fs: FsHandler,
+    reports: Arc<Mutex<Reports>>,
+}
+
+impl Handler for Recorder {
+    fn open(&mut self, req: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+        self.fs.open(req)
+    }
+
+    fn server_stats(&mut self, stats: &ServerStats) {
+        let mut r = self.reports.lock().unwrap();
+        let t = &mut r.totals;
+        t.requests += stats.requests;
+        t.sessions_started += stats.sessions_started;
+        for (name, n) in &stats.sessions_finished {
+            *t.sessions_finished.entry(name).or_default() += n;
+        }
+        t.malformed += stats.malformed;
+        t.stray_datagrams += stats.stray_datagrams;
+        t.datagrams_sent += stats.datagrams_sent;
+        t.bytes_sent += stats.bytes_sent;
+        t.retransmits += stats.retransmits;
+        t.send_errors += stats.send_errors;
+        t.panics += stats.panics;
+        t.duplicate_requests += stats.duplicate_requests;
+        for (code, n) in &stats.rejected {
+            *t.rejected.entry(*code).or_default() += n;
+        }
+        r.reports += 1;
+        r.last_active = stats.active_sessions;
+    }
+}
+
+/// Waits until a report after this call shows no active session (bounded).
+fn wait_idle(reports: &Arc<Mutex<Reports>>, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let seen = reports.lock().unwrap().reports;
+    loop {
+        {
+            let r = reports.lock().unwrap();
+            if r.reports >= seen + 2 && r.last_active == 0 {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("sessions still active after {within:?}"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn fd_count() -> usize {
+    fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn rss_kib() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Normal,
+    VanishEarly,
+    VanishMidway,
+    Probe,
+    GiveUp,
+}
+
+fn kind(i: usize) -> Kind {
+    match i % 100 {
+        0 | 1 => Kind::VanishEarly,
+        2 => Kind::VanishMidway,
+        3 => Kind::Probe,
+        4 => Kind::GiveUp,
+        _ => Kind::Normal,
+    }
+}
+
+fn options_for(i: usize) -> Vec<(&'static str, &'static str)> {
+    match kind(i) {
+        Kind::Probe => vec![("tsize", "0")],
+        _ => match (i / 100) % 4 {
+            0 => vec![],
+            1 => vec![("blksize", "1428")],
+            2 => vec![("tsize", "0")],
+            _ => vec![("blksize", "1024"), ("windowsize", "8")],
+        },
+    }
+}
+
+fn content(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i * 131 + size) as u8).collect()
+}
+
+/// Runs client `i`: Ok when it did what its kind says. A client that vanished returns its
+/// socket, so that the caller keeps its port from being reused by the next client while
+/// the abandoned session still retransmits to it (a new request from a port whose session
+/// runs is taken for a repeat).
+fn client(i: usize, server: SocketAddr, files: &[Vec<u8>]) -> Result<Option<UdpSocket>, String> {
+    client_io(i, server, files).map_err(|e| format!("client {i} ({:?}): {e}", kind(i)))?
+}
+
+fn client_io(
+    i: usize,
+    server: SocketAddr,
+    files: &[Vec<u8>],
+) -> io::Result<Result<Option<UdpSocket>, String>> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let size_index = (i / 7) % SIZES.len();
+    let size = SIZES[size_index];
+    let want = &files[size_index];
+    let options = options_for(i);
+    let kind = kind(i);
+    let mut rrq = Vec::new();
+    write_rrq(
+        &mut rrq,
+        format!("f{size}").as_bytes(),
+        "octet",
+        options.iter().copied(),
+    );
+    socket.send_to(&rrq, server)?;
+    let mut buf = vec![0u8; 65_536];
+    let mut out = Vec::new();
+    let (mut blksize, mut window) = (512usize, 1usize);
+    let mut expected: u16 = 1;
+    let mut in_window = 0;
+    let mut datas = 0;
+    let mut scratch = Vec::new();
+    loop {
+        let (len, from) = socket.recv_from(&mut buf)?;
+        match Packet::parse(&buf[..len]) {
+            Ok(Packet::Oack(opts)) => {
+                match kind {
+                    Kind::VanishEarly => return Ok(Ok(Some(socket))),
+                    Kind::Probe => {
+                        scratch.clear();
+                        write_error(&mut scratch, ErrorCode::OptionNegotiation, "size only");
+                        socket.send_to(&scratch, from)?;
+                        return Ok(Ok(None));
+                    }
+                    _ => {}
+                }
+                for o in opts.iter() {
+                    let v: usize = std::str::from_utf8(o.value)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if o.is("blksize") {
+                        blksize = v;
+                    } else if o.is("windowsize") {
+                        window = v;
+                    }
+                }
+                scratch.clear();
+                write_ack(&mut scratch, 0);
+                socket.send_to(&scratch, from)?;
+            }
+            Ok(Packet::Data { block, data }) => {
+                datas += 1;
+                match kind {
+                    Kind::VanishEarly => return Ok(Ok(Some(socket))),
+                    Kind::VanishMidway if datas == 3 => return Ok(Ok(Some(socket))),
+                    Kind::GiveUp => {
+                        scratch.clear();
+                        write_error(&mut scratch, ErrorCode::NotDefined, "giving up");
+                        socket.send_to(&scratch, from)?;
+                        return Ok(Ok(None));
+                    }
+                    _ => {}
+                }
+                if block != expected {
+                    // A retransmission (a slow client missed the timeout) or a gap: say
+                    // what we have, the server resends from there.
+                    scratch.clear();
+                    write_ack(&mut scratch, expected.wrapping_sub(1));
+                    socket.send_to(&scratch, from)?;
+                    in_window = 0;
+                    continue;
+                }
+                out.extend_from_slice(data);
+                expected = expected.wrapping_add(1);
+                in_window += 1;
+                let last = data.len() < blksize;
+                if last || in_window == window {
+                    scratch.clear();
+                    write_ack(&mut scratch, block);
+                    socket.send_to(&scratch, from)?;
+                    in_window = 0;
+                }
+                if last {
+                    // A vanish-midway client of a short file just completes.
+                    return Ok(if out == *want {
+                        Ok(None)
+                    } else {
+                        Err(format!("{} bytes that differ from the file", out.len()))
+                    });
+                }
+            }
+            other => return Ok(Err(format!("unexpected {other:?}"))),
+        }
+    }
+}
+
+/// A client that never ACKs DATA 1: counts the retransmissions it gets, then checks that
+/// the session's port is closed. Returns the retransmissions seen, or why it failed.
+fn unanswered(server: SocketAddr, quiet: Duration) -> Result<u32, String> {
+    let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(quiet))
+        .map_err(|e| e.to_string())?;
+    let mut rrq = Vec::new();
+    write_rrq(&mut rrq, b"f1500", "octet", []);
+    socket.send_to(&rrq, server).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 2048];
+    let (_, tid) = socket
+        .recv_from(&mut buf)
+        .map_err(|e| format!("no DATA 1: {e}"))?;
+    let mut resent = 0;
+    while let Ok((len, from)) = socket.recv_from(&mut buf) {
+        if from != tid
+            || !matches!(
+                Packet::parse(&buf[..len]),
+                Ok(Packet::Data { block: 1, .. })
+            )
+        {
+            return Err("unexpected datagram".into());
+        }
+        resent += 1;
+    }
+    // Released: its port is closed, so the kernel answers port unreachable.
+    socket.connect(tid).map_err(|e| e.to_string())?;
+    let mut ack = Vec::new();
+    write_ack(&mut ack, 1);
+    socket.send(&ack).map_err(|e| e.to_string())?;
+    match socket.recv(&mut buf) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(resent),
+        Err(e) => Err(format!("session port still open? {e}")),
+        Ok(_) => Err("the session answered after its retries".into()),
+    }
+}
+
+fn run(config: &Config) -> Result<bool, String> {
+    let root = std::env::temp_dir().join(format!("dyntftp-soak-{}", std::process::id()));
+    fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+    let files: Arc<Vec<Vec<u8>>> = Arc::new(SIZES.iter().map(|&s| content(s)).collect());
+    for (size, data) in SIZES.iter().zip(files.iter()) {
+        fs::write(root.join(format!("f{size}")), data).map_err(|e| e.to_string())?;
+    }
+    let reports = Arc::new(Mutex::new(Reports::default()));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server_thread = {
+        let (root, reports) = (root.clone(), reports.clone());
+        let (timeout, retries) = (config.timeout, config.retries);
+        thread::spawn(move || -> Result<(), String> {
+            let handler = Recorder {
+                fs: FsHandler::new(&root).map_err(|e| e.to_string())?,
+                reports,
+            };
+            let mut server = ServerBuilder::new(handler)
+                .bind("127.0.0.1:0".parse().unwrap())
+                .timeout(timeout)
+                .retries(retries)
+                .adaptive_timeout(false)
+                .stats_interval(Duration::from_millis(100))
+                .shutdown_grace(Duration::from_millis(100))
+                .build()
+                .map_err(|e| e.to_string())?;
+            ready_tx
+                .send((server.local_addr(), server.shutdown_handle()))
+                .map_err(|e| e.to_string())?;
+            server.run().map_err(|e| e.to_string())
+        })
+    };
+    let (addr, shutdown) = ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|e| format!("server did not start: {e}"))?;
+    let settle = Duration::from_secs(30);
+    let warmup = (config.sessions / 100).max(1000).min(config.sessions);
+    let run_clients =
+        |from: usize, to: usize, mid: Option<&dyn Fn()>| -> (Vec<String>, BTreeMap<Kind, u64>) {
+            let next = Arc::new(AtomicUsize::new(from));
+            let failures = Arc::new(Mutex::new(Vec::new()));
+            let per_kind = Arc::new(Mutex::new(BTreeMap::new()));
+            let hold = config.timeout * 40;
+            let handles: Vec<_> = (0..config.workers)
+                .map(|_| {
+                    let (next, failures, per_kind, files) = (
+                        next.clone(),
+                        failures.clone(),
+                        per_kind.clone(),
+                        files.clone(),
+                    );
+                    thread::spawn(move || {
+                        let mut held: std::collections::VecDeque<(Instant, UdpSocket)> =
+                            Default::default();
+                        loop {
+                            while held.front().is_some_and(|(t, _)| t.elapsed() > hold) {
+                                held.pop_front();
+                            }
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= to {
+                                return;
+                            }
+                            match client(i, addr, &files) {
+                                Ok(socket) => {
+                                    *per_kind.lock().unwrap().entry(kind(i)).or_insert(0) += 1;
+                                    if let Some(socket) = socket {
+                                        held.push_back((Instant::now(), socket));
+                                    }
+                                }
+                                Err(e) => failures.lock().unwrap().push(e),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            if let Some(mid) = mid {
+                while next.load(Ordering::Relaxed) < from + (to - from) / 2 {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                mid();
+            }
+            for h in handles {
+                h.join().expect("client thread");
+            }
+            let per_kind = std::mem::take(&mut *per_kind.lock().unwrap());
+            let failures = std::mem::take(&mut *failures.lock().unwrap());
+            (failures, per_kind)
+        };
+
+    let t0 = Instant::now();
+    let (fd_boot, rss_boot) = (fd_count(), rss_kib());
+    let (warm_failures, warm_kinds) = run_clients(0, warmup, None);
+    wait_idle(&reports, settle)?;
+    let (fd_start, rss_start) = (fd_count(), rss_kib());
+    let t1 = Instant::now();
+    let mid_sample = Mutex::new((0, 0));
+    let (failures, kinds) = run_clients(
+        warmup,
+        config.sessions,
+        Some(&|| *mid_sample.lock().unwrap() = (fd_count(), rss_kib())),
+    );
+    let elapsed = t1.elapsed();
+    wait_idle(&reports, settle)?;
+    let (fd_end, rss_end) = (fd_count(), rss_kib());
+    // A few clients that stop ACKing: exactly `retries` retransmissions, then released.
+    let quiet = config.timeout * 8 * 3;
+    let unanswered: Vec<Result<u32, String>> = (0..5).map(|_| unanswered(addr, quiet)).collect();
+    wait_idle(&reports, settle)?;
+    shutdown.shutdown();
+    server_thread
+        .join()
+        .map_err(|_| "server thread panicked".to_string())??;
+    let _ = fs::remove_dir_all(&root);
+
+    let r = reports.lock().unwrap();
+    let t = &r.totals;
+    let finished: u64 = t.sessions_finished.values().sum();
+    let get = |name: &str| t.sessions_finished.get(name).copied().unwrap_or(0);
+    let (completed, probe) = (get("completed") + get("final_ack_missing"), get("probe"));
+    let failed = t.sessions_failed();
+    let mut all_kinds = warm_kinds.clone();
+    for (k, n) in &kinds {
+        *all_kinds.entry(*k).or_insert(0) += n;
+    }
+    let n = |k: Kind| all_kinds.get(&k).copied().unwrap_or(0);
+    let client_failures: Vec<String> = warm_failures.into_iter().chain(failures).collect();
+    let (mid_fd, mid_rss) = *mid_sample.lock().unwrap();
+
+    println!(
+        "soak: {} sessions ({} warm-up) with {} client threads, server timeout {:?} × {} retries",
+        config.sessions, warmup, config.workers, config.timeout, config.retries
+    );
+    println!(
+        "  measured part: {} sessions in {:.1} s ({:.0} sessions/s); whole run {:.1} s",
+        config.sessions - warmup,
+        elapsed.as_secs_f64(),
+        (config.sessions - warmup) as f64 / elapsed.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    println!("  open fds: {fd_boot} at boot, {fd_start} after warm-up, {mid_fd} midway (sessions running), {fd_end} at the end");
+    println!(
+        "  RSS: {} KiB at boot, {} KiB after warm-up, {} KiB midway, {} KiB at the end ({:+} KiB)",
+        rss_boot,
+        rss_start,
+        mid_rss,
+        rss_end,
+        rss_end as i64 - rss_start as i64
+    );
+    println!(
+        "  server: started {}, finished {} = completed {} + failed {} + probe {}; outcomes {:?}",
+        t.sessions_started, finished, completed, failed, probe, t.sessions_finished
+    );
+    println!(
+        "  server: {} requests, {} datagrams, {} MB, {} retransmits, {} send errors, {} panics, {} repeated requests",
+        t.requests, t.datagrams_sent, t.bytes_sent / 1_000_000, t.retransmits, t.send_errors, t.panics, t.duplicate_requests
+    );
+    println!("  clients: {all_kinds:?}, {} failed", client_failures.len());
+    for failure in client_failures.iter().take(10) {
+        println!("    {failure}");
+    }
+    println!("  clients that stop ACKing: {unanswered:?}");
+
+    let mut ok = true;
+    let mut check = |cond: bool, what: String| {
+        println!("  {} {what}", if cond { "ok  " } else { "FAIL" });
+        ok &= cond;
+    };
+    let sessions = config.sessions as u64;
+    let unanswered_n = unanswered.len() as u64;
+    check(
+        client_failures.is_empty(),
+        format!("{} client failures", client_failures.len()),
+    );
+    check(
+        t.sessions_started == sessions + unanswered_n,
+        format!(
+            "started {} = {} sessions + {} unanswered",
+            t.sessions_started, sessions, unanswered_n
+        ),
+    );
+    check(
+        finished == t.sessions_started,
+        format!("finished {finished} = started {}", t.sessions_started),
+    );
+    check(
+        completed + failed + probe == t.sessions_started,
+        format!(
+            "completed + failed + probe = {} = started",
+            completed + failed + probe
+        ),
+    );
+    // Vanish-midway clients of files shorter than 3 blocks complete normally.
+    let vanished =
+        n(Kind::VanishEarly) + n(Kind::VanishMidway) + unanswered_n - short_midway(config.sessions);
+    check(
+        get("timed_out") + get("final_ack_missing") == vanished,
+        format!(
+            "timed out {} + final ACK missing {} = vanished clients {vanished}",
+            get("timed_out"),
+            get("final_ack_missing")
+        ),
+    );
+    check(
+        probe == n(Kind::Probe),
+        format!("probes {probe} = probing clients {}", n(Kind::Probe)),
+    );
+    check(
+        get("peer_error") == n(Kind::GiveUp),
+        format!(
+            "peer errors {} = clients giving up {}",
+            get("peer_error"),
+            n(Kind::GiveUp)
+        ),
+    );
+    check(r.last_active == 0, "no session left".into());
+    check(
+        fd_end == fd_start,
+        format!("fds flat: {fd_start} → {fd_end}"),
+    );
+    check(
+        unanswered.iter().all(|u| *u == Ok(config.retries)),
+        format!(
+            "each unanswered client got exactly {} retransmissions, then found the port closed",
+            config.retries
+        ),
+    );
+    let grew = rss_end.saturating_sub(rss_start);
+    println!(
+        "  {} RSS grew {grew} KiB after warm-up",
+        if grew < 8192 { "flat" } else { "GREW" }
+    );
+    Ok(ok)
+}
+
+/// Vanish-midway clients (i % 100 == 2) of files of at most 2 blocks, which complete.
+fn short_midway(sessions: usize) -> u64 {
+    (0..sessions)
+        .filter(|&i| kind(i) == Kind::VanishMidway)
+        .filter(|&i| {
+            let size = SIZES[(i / 7) % SIZES.len()];
+            let blksize = match options_for(i).first() {
+                Some(("blksize", b)) => b.parse().unwrap(),
+                _ => 512,
+            };
+            size / blksize < 2
+        })
+        .count() as u64
+}

@@ -1,0 +1,802 @@
+//! The hostile-request matrix: hand-made datagrams against the real server over loopback.
+//! Every case states the answer it expects (an ERROR code, silence, or a normal transfer)
+//! and is followed by a check that the server still serves a normal client.
+//!
+//! Silence is checked without sleeping: after the datagram that must go unanswered, the
+//! same socket sends a request that must be answered (a missing file: ERROR 1), and the
+//! next datagram to arrive must be that answer. The server reads its listener in order and
+//! loopback delivers in order, so any answer to the first datagram would arrive first.
+//!
+//! What the server answers on its listening port:
+//!
+//! | datagram | answer |
+//! |---|---|
+//! | 0 or 1 byte | silence (counted as malformed) |
+//! | 2 bytes or more that do not parse (truncated, unknown opcode, request without terminators, empty filename or mode, option without value) | ERROR 4 "malformed request: …" (counted as malformed) |
+//! | DATA, ACK, OACK | ERROR 5 (counted as malformed) |
+//! | ERROR | silence (counted as malformed) |
+//! | WRQ | ERROR 4 |
+//! | RRQ in mode `mail` or an unknown mode | ERROR 4 |
+//! | RRQ with invalid option values | the transfer, the invalid options left out of the OACK |
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+use common::*;
+use dyntftp::packet::write_error;
+use dyntftp::{ErrorCode, Outcome, Packet};
+
+/// A server on a standard root with frequent statistics reports.
+fn spawn(root: &TempDir) -> ServerGuard {
+    spawn_fs_with(v4(), root.path(), |b| {
+        b.stats_interval(Duration::from_millis(50))
+            // Long enough that no timer fires while a case looks at the packet sequence.
+            .timeout(Duration::from_secs(3))
+    })
+}
+
+/// Sends a request for a missing file from `raw` and asserts that the very next datagram
+/// `raw` receives is its ERROR 1: nothing that `raw` sent before was answered.
+#[track_caller]
+fn assert_nothing_before_probe(server: &ServerGuard, raw: &Raw, case: &str) {
+    raw.rrq(server.addr, b"probe-missing-file", "octet", &[]);
+    let (datagram, from) = raw.recv();
+    match Packet::parse(&datagram) {
+        Ok(Packet::Error {
+            code: ErrorCode::FileNotFound,
+            ..
+        }) => {}
+        other => panic!("{case}: expected silence, but got {other:?} from {from}"),
+    }
+}
+
+/// A normal client still gets a normal file, and its session is reported as completed.
+#[track_caller]
+fn assert_still_serves(server: &mut ServerGuard, case: &str) {
+    let client = Client::new(server.addr);
+    match client.fetch(server.addr, "small.txt", "octet", &[]) {
+        Ok(got) => assert_eq!(got.data, SMALL, "{case}: normal fetch afterwards"),
+        Err(e) => panic!("{case}: the server no longer serves a normal client: {e:?}"),
+    }
+    let stats = session_of(server, client.local_addr());
+    assert_eq!(stats.outcome, Outcome::Completed, "{case}");
+}
+
+/// The next finished session of `peer` (sessions of other peers reported before it are
+/// passed over: they are the normal fetches of earlier checks).
+#[track_caller]
+fn session_of(server: &mut ServerGuard, peer: SocketAddr) -> dyntftp::SessionStats {
+    for _ in 0..1000 {
+        let stats = server.next_session();
+        if stats.peer == peer {
+            return stats;
+        }
+        assert_eq!(
+            stats.filename, "small.txt",
+            "an unexpected session: {stats:?}"
+        );
+    }
+    panic!("no session of {peer}");
+}
+
+/// What a datagram sent to the listener must get.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// Nothing at all.
+    Silence,
+    /// One ERROR with this code, from a new transfer ID, and nothing after it.
+    Error(u16),
+}
+
+/// Sends `datagram` to the listener from a fresh socket and checks the answer.
+#[track_caller]
+fn listener_case(server: &mut ServerGuard, case: &str, datagram: &[u8], want: Answer) {
+    let raw = Raw::new(server.addr);
+    raw.send(server.addr, datagram);
+    match want {
+        Answer::Silence => assert_nothing_before_probe(server, &raw, case),
+        Answer::Error(code) => {
+            let (got, message, from) = raw.expect_error();
+            assert_eq!(got, code, "{case}: ERROR {got} {message:?}");
+            assert_eq!(from.ip(), server.addr.ip(), "{case}");
+            assert_eq!(
+                from.port() == server.addr.port(),
+                single_port(),
+                "{case}: ERROR from a new TID (the listening port in single-port mode)"
+            );
+            // Exactly one answer.
+            assert_nothing_before_probe(server, &raw, case);
+        }
+    }
+    assert_still_serves(server, case);
+}
+
+fn rrq_bytes(filename: &[u8], mode: &str, options: &[(&str, &str)]) -> Vec<u8> {
+    let mut rrq = Vec::new();
+    dyntftp::packet::write_rrq(&mut rrq, filename, mode, options.iter().copied());
+    rrq
+}
+
+#[test]
+fn malformed_and_misdirected_datagrams_on_the_listener() {
+    let root = standard_root();
+    let mut server = spawn(&root);
+    let mut error_datagram = Vec::new();
+    write_error(&mut error_datagram, ErrorCode::NotDefined, "hello listener");
+    let long_mode_missing = {
+        let mut d = b"\x00\x01small.txt\x00".to_vec();
+        d.extend_from_slice(&[b'o'; 1000]);
+        d
+    };
+    use Answer::*;
+    // (case, datagram, answer, counted as malformed)
+    let cases: Vec<(&str, Vec<u8>, Answer, bool)> = vec![
+        ("0 bytes", b"".to_vec(), Silence, true),
+        ("1 byte 0x00", b"\x00".to_vec(), Silence, true),
+        ("1 byte 0x01", b"\x01".to_vec(), Silence, true),
+        ("1 byte 0xff", b"\xff".to_vec(), Silence, true),
+        (
+            "2 bytes: bare RRQ opcode",
+            b"\x00\x01".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "2 bytes: bare ACK opcode",
+            b"\x00\x04".to_vec(),
+            Error(4),
+            true,
+        ),
+        ("2 bytes: opcode 0", b"\x00\x00".to_vec(), Error(4), true),
+        (
+            "3 bytes: truncated ACK",
+            b"\x00\x04\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "3 bytes: RRQ 'a' unterminated",
+            b"\x00\x01a".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "3 bytes: ERROR without code",
+            b"\x00\x05\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "unknown opcode 0",
+            b"\x00\x00file\x00octet\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "unknown opcode 7",
+            b"\x00\x07file\x00octet\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "unknown opcode 9",
+            b"\x00\x09whatever\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "unknown opcode 256",
+            b"\x01\x00file\x00octet\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "unknown opcode 0xffff",
+            b"\xff\xff\xff\xff".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "DATA to the listener",
+            b"\x00\x03\x00\x01payload".to_vec(),
+            Error(5),
+            true,
+        ),
+        (
+            "empty DATA to the listener",
+            b"\x00\x03\x00\x01".to_vec(),
+            Error(5),
+            true,
+        ),
+        (
+            "ACK 0 to the listener",
+            b"\x00\x04\x00\x00".to_vec(),
+            Error(5),
+            true,
+        ),
+        (
+            "ACK 1 to the listener",
+            b"\x00\x04\x00\x01".to_vec(),
+            Error(5),
+            true,
+        ),
+        (
+            "ACK with trailing bytes",
+            b"\x00\x04\x00\x01xx".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "OACK to the listener",
+            b"\x00\x06blksize\x00512\x00".to_vec(),
+            Error(5),
+            true,
+        ),
+        (
+            "empty OACK to the listener",
+            b"\x00\x06".to_vec(),
+            Error(5),
+            true,
+        ),
+        ("ERROR to the listener", error_datagram, Silence, true),
+        (
+            "ERROR without message NUL",
+            b"\x00\x05\x00\x00oops".to_vec(),
+            Silence,
+            true,
+        ),
+        (
+            "RRQ without filename terminator",
+            b"\x00\x01small.txt".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "RRQ without mode",
+            b"\x00\x01small.txt\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "RRQ without mode terminator",
+            b"\x00\x01small.txt\x00octet".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "RRQ with a long unterminated mode",
+            long_mode_missing,
+            Error(4),
+            true,
+        ),
+        (
+            "RRQ with empty filename",
+            b"\x00\x01\x00octet\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "RRQ with empty mode",
+            b"\x00\x01small.txt\x00\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "RRQ with nothing but NULs",
+            b"\x00\x01\x00\x00\x00\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "RRQ option without value at the end",
+            b"\x00\x01small.txt\x00octet\x00blksize\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "RRQ option value without terminator",
+            b"\x00\x01small.txt\x00octet\x00blksize\x001024".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "RRQ with an empty option name",
+            b"\x00\x01small.txt\x00octet\x00\x00512\x00".to_vec(),
+            Error(4),
+            true,
+        ),
+        (
+            "WRQ",
+            b"\x00\x02upload.bin\x00octet\x00".to_vec(),
+            Error(4),
+            false,
+        ),
+        (
+            "mode mail",
+            rrq_bytes(b"small.txt", "mail", &[]),
+            Error(4),
+            false,
+        ),
+        (
+            "mode MAIL",
+            rrq_bytes(b"small.txt", "MAIL", &[]),
+            Error(4),
+            false,
+        ),
+        (
+            "unknown mode",
+            rrq_bytes(b"small.txt", "binary", &[]),
+            Error(4),
+            false,
+        ),
+        (
+            "mode DEL",
+            rrq_bytes(b"small.txt", "\u{7f}", &[]),
+            Error(4),
+            false,
+        ),
+        (
+            "mode 'octet ' (trailing space)",
+            rrq_bytes(b"small.txt", "octet ", &[]),
+            Error(4),
+            false,
+        ),
+    ];
+    let mut malformed = 0;
+    for (case, datagram, answer, counted) in &cases {
+        listener_case(&mut server, case, datagram, *answer);
+        malformed += u64::from(*counted);
+    }
+    let total = sum_reports(&server.reports_until_next());
+    if single_port() {
+        // There, DATA, ACK, OACK and ERROR from a peer without a session are strays.
+        assert_eq!(
+            total.malformed + total.stray_datagrams,
+            malformed,
+            "datagrams counted as malformed or stray"
+        );
+    } else {
+        assert_eq!(total.malformed, malformed, "datagrams counted as malformed");
+    }
+    assert_eq!(total.write_requests, 1);
+    assert!(!root.path().join("upload.bin").exists());
+    assert_eq!(total.panics, 0);
+}
+
+#[test]
+fn hostile_filenames() {
+    let root = standard_root();
+    // A file whose name is not UTF-8.
+    let non_utf8: &[u8] = b"caf\xe9-\xff\xfe.bin";
+    std::fs::write(
+        root.path().join(std::ffi::OsStr::from_bytes(non_utf8)),
+        b"latin-1 name",
+    )
+    .unwrap();
+    let mut server = spawn(&root);
+
+    // 60,000 bytes: longer than PATH_MAX, so no such file (ERROR 1), never a crash.
+    let long = vec![b'a'; 60_000];
+    let raw = Raw::new(server.addr);
+    raw.send(server.addr, &rrq_bytes(&long, "octet", &[]));
+    let (code, message, _) = raw.expect_error();
+    assert_eq!(code, 1, "60,000-byte name: {message}");
+    assert!(message.len() < 100, "the answer does not echo the name");
+    assert_still_serves(&mut server, "60,000-byte name");
+
+    // 60,000 bytes of path components: still longer than PATH_MAX.
+    let deep: Vec<u8> = b"d/".repeat(30_000);
+    raw.send(server.addr, &rrq_bytes(&deep, "octet", &[]));
+    assert_eq!(raw.expect_error().0, 1, "60,000-byte deep path");
+    assert_still_serves(&mut server, "60,000-byte deep path");
+
+    // The largest request a UDP datagram can carry (65,507 bytes over IPv4).
+    let mut huge = vec![b'x'; 65_507 - 2 - 1 - 6];
+    huge[0] = b'y';
+    raw.send(server.addr, &rrq_bytes(&huge, "octet", &[]));
+    assert_eq!(raw.expect_error().0, 1, "largest datagram");
+    assert_still_serves(&mut server, "largest datagram");
+
+    // Non-UTF-8 bytes: passed through as bytes (Linux names are bytes).
+    let client = Client::new(server.addr);
+    let got = client
+        .fetch_with(server.addr, non_utf8, "octet", &[], &mut |_| {})
+        .expect("non-UTF-8 name that exists");
+    assert_eq!(got.data, b"latin-1 name");
+    let stats = session_of(&mut server, client.local_addr());
+    assert_eq!(stats.outcome, Outcome::Completed);
+    assert_eq!(stats.filename, String::from_utf8_lossy(non_utf8));
+    raw.send(
+        server.addr,
+        &rrq_bytes(b"\xc3\x28\xa0\xa1-missing", "octet", &[]),
+    );
+    assert_eq!(
+        raw.expect_error().0,
+        1,
+        "non-UTF-8 name that does not exist"
+    );
+
+    // Control characters and the root itself: access violation.
+    for name in [
+        &b"small.txt\x01"[..],
+        b"\x1b[31mred",
+        b"tab\there",
+        b"del\x7f",
+        b"/",
+        b".",
+        b"./",
+        b"\\",
+    ] {
+        raw.send(server.addr, &rrq_bytes(name, "octet", &[]));
+        let (code, message, _) = raw.expect_error();
+        assert_eq!(code, 2, "{:?}: {message}", name.escape_ascii().to_string());
+    }
+    assert_still_serves(&mut server, "control characters");
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.panics, 0);
+}
+
+/// Fetches `1024.bin` with `options` and returns the OACK (None when there was none) after
+/// checking the data and that the transfer used `blksize`.
+#[track_caller]
+fn fetch_with_options(
+    server: &mut ServerGuard,
+    options: &[(&str, &str)],
+    blksize: usize,
+) -> Option<Vec<(String, String)>> {
+    let case = format!("{options:?}");
+    let client = Client::new(server.addr);
+    let got = client
+        .fetch(server.addr, "1024.bin", "octet", options)
+        .unwrap_or_else(|e| panic!("{case}: {e:?}"));
+    assert_eq!(got.data, content("1024.bin"), "{case}");
+    assert_eq!(got.blksize, blksize, "{case}");
+    let want_lens: Vec<usize> = {
+        let mut lens = vec![blksize; 1024 / blksize];
+        lens.push(1024 % blksize);
+        lens
+    };
+    assert_eq!(got.data_lens(), want_lens, "{case}: DATA lengths");
+    let stats = session_of(server, client.local_addr());
+    assert_eq!(stats.outcome, Outcome::Completed, "{case}");
+    got.oack
+}
+
+#[test]
+fn invalid_option_values_are_ignored() {
+    let root = standard_root();
+    let mut server = spawn(&root);
+    let ignored: &[(&str, &str)] = &[
+        ("blksize", "0"),
+        ("blksize", "7"),
+        ("blksize", "65465"),
+        ("blksize", "-1"),
+        ("blksize", "abc"),
+        ("blksize", "99999999999999999999"),
+        ("blksize", "18446744073709551617"),
+        ("blksize", " 1024"),
+        ("blksize", "1024 "),
+        ("blksize", "+1024"),
+        ("blksize", "0x400"),
+        ("blksize", ""),
+        ("timeout", "0"),
+        ("timeout", "256"),
+        ("timeout", "1.5"),
+        ("timeout", "-1"),
+        ("utimeout", "9999"),
+        ("utimeout", "255000001"),
+        ("windowsize", "0"),
+        ("windowsize", "70000"),
+        ("windowsize", "65536"),
+        ("windowsize", "-3"),
+        ("tsize", "-5"),
+        ("tsize", "abc"),
+        ("tsize", ""),
+        ("retries", "1000"),
+        ("multicast", ""),
+        ("rollover", "0"),
+    ];
+    for &(name, value) in ignored {
+        let oack = fetch_with_options(&mut server, &[(name, value)], 512);
+        assert_eq!(oack, None, "{name}={value:?} must be ignored, so no OACK");
+    }
+    // An invalid value next to a valid option: only the valid one is acknowledged.
+    let oack = fetch_with_options(&mut server, &[("blksize", "abc"), ("tsize", "0")], 512);
+    assert_eq!(oack, Some(vec![("tsize".into(), "1024".into())]));
+    let oack = fetch_with_options(
+        &mut server,
+        &[("windowsize", "70000"), ("blksize", "256")],
+        256,
+    );
+    assert_eq!(oack, Some(vec![("blksize".into(), "256".into())]));
+    // The same option twice: the first occurrence counts, valid or not.
+    let oack = fetch_with_options(&mut server, &[("blksize", "256"), ("blksize", "128")], 256);
+    assert_eq!(oack, Some(vec![("blksize".into(), "256".into())]));
+    let oack = fetch_with_options(&mut server, &[("blksize", "abc"), ("BLKSIZE", "128")], 512);
+    assert_eq!(oack, None);
+    let oack = fetch_with_options(&mut server, &[("tsize", "0"), ("tsize", "0")], 512);
+    assert_eq!(oack, Some(vec![("tsize".into(), "1024".into())]));
+    assert_still_serves(&mut server, "invalid options");
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.panics, 0);
+    assert_eq!(total.malformed, 0);
+}
+
+#[test]
+fn a_thousand_options() {
+    let root = standard_root();
+    let mut server = spawn(&root);
+    // 999 unknown options, then tsize: only tsize is acknowledged.
+    let names: Vec<String> = (0..999).map(|i| format!("x-opt-{i}")).collect();
+    let values: Vec<String> = (0..999).map(|i| i.to_string()).collect();
+    let mut options: Vec<(&str, &str)> = names
+        .iter()
+        .zip(&values)
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    options.push(("tsize", "0"));
+    let oack = fetch_with_options(&mut server, &options, 512);
+    assert_eq!(oack, Some(vec![("tsize".into(), "1024".into())]));
+    // A thousand blksize options: the first counts.
+    let sizes: Vec<String> = (0..1000).map(|i| (8 + i).to_string()).collect();
+    let options: Vec<(&str, &str)> = sizes.iter().map(|v| ("blksize", v.as_str())).collect();
+    let oack = fetch_with_options(&mut server, &options, 8);
+    assert_eq!(oack, Some(vec![("blksize".into(), "8".into())]));
+    // A thousand options without a value (an empty value each): all ignored.
+    let options: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "")).collect();
+    assert_eq!(fetch_with_options(&mut server, &options, 512), None);
+    assert_still_serves(&mut server, "1,000 options");
+}
+
+/// Starts a transfer of `name` with `raw`, returning the session's TID after DATA 1 (or
+/// after the OACK when options are given, which is acknowledged with ACK 0 only when
+/// `ack_oack`).
+fn start(server: &ServerGuard, raw: &Raw, name: &[u8], options: &[(&str, &str)]) -> SocketAddr {
+    raw.rrq(server.addr, name, "octet", options);
+    let (datagram, tid) = raw.recv();
+    if options.is_empty() {
+        assert!(
+            matches!(Packet::parse(&datagram), Ok(Packet::Data { block: 1, .. })),
+            "expected DATA 1"
+        );
+    } else {
+        assert!(
+            matches!(Packet::parse(&datagram), Ok(Packet::Oack(_))),
+            "expected an OACK"
+        );
+    }
+    tid
+}
+
+#[test]
+fn ack_for_a_block_not_yet_sent_is_ignored() {
+    let root = standard_root();
+    let mut server = spawn(&root);
+    let raw = Raw::new(server.addr);
+    let tid = start(&server, &raw, b"1024.bin", &[]);
+    // Blocks 5, 2 and 65535 were never sent: no answer, no progress.
+    for block in [5, 2, 65535, 3] {
+        raw.ack(tid, block);
+    }
+    raw.ack(tid, 1);
+    // The next datagram answers ACK 1, and nothing answered the others.
+    let (block, data, from) = raw.expect_data();
+    assert_eq!((block, from), (2, tid));
+    assert_eq!(data, &content("1024.bin")[512..]);
+    raw.ack(tid, 2);
+    assert_eq!(raw.expect_data().0, 3);
+    raw.ack(tid, 3);
+    let stats = session_of(&mut server, raw.local_addr());
+    assert_eq!(stats.outcome, Outcome::Completed);
+    assert_eq!(stats.transfer.unexpected_acks, 4);
+    assert_eq!(stats.transfer.packets_resent, 0);
+    assert_still_serves(&mut server, "ACK for a block not yet sent");
+}
+
+#[test]
+fn ack_0_repeated_100_times_causes_no_resend() {
+    let root = standard_root();
+    let mut server = spawn(&root);
+    // After an OACK: the first ACK 0 starts the transfer, 99 more are duplicates.
+    let raw = Raw::new(server.addr);
+    let tid = start(&server, &raw, b"1024.bin", &[("tsize", "0")]);
+    for _ in 0..100 {
+        raw.ack(tid, 0);
+    }
+    assert_eq!(raw.expect_data().0, 1);
+    raw.ack(tid, 1);
+    // Had any of the 99 duplicates caused a send, DATA 1 again would come first.
+    assert_eq!(raw.expect_data().0, 2);
+    raw.ack(tid, 2);
+    assert_eq!(raw.expect_data().0, 3);
+    raw.ack(tid, 3);
+    let stats = session_of(&mut server, raw.local_addr());
+    assert_eq!(stats.outcome, Outcome::Completed);
+    assert_eq!(stats.transfer.duplicate_acks, 99);
+    assert_eq!(stats.transfer.packets_resent, 0);
+    assert_eq!(stats.transfer.packets_sent, 4, "OACK and 3 DATA");
+
+    // Without an OACK: ACK 0 acknowledges nothing; 100 of them change nothing.
+    let raw = Raw::new(server.addr);
+    let tid = start(&server, &raw, b"1024.bin", &[]);
+    for _ in 0..100 {
+        raw.ack(tid, 0);
+    }
+    raw.ack(tid, 1);
+    assert_eq!(raw.expect_data().0, 2);
+    raw.ack(tid, 2);
+    assert_eq!(raw.expect_data().0, 3);
+    raw.ack(tid, 3);
+    let stats = session_of(&mut server, raw.local_addr());
+    assert_eq!(stats.outcome, Outcome::Completed);
+    assert_eq!(stats.transfer.duplicate_acks, 100);
+    assert_eq!(stats.transfer.packets_resent, 0);
+    assert_still_serves(&mut server, "ACK 0 × 100");
+}
+
+#[test]
+fn error_from_the_client_mid_transfer_ends_the_session_without_a_reply() {
+    let root = standard_root();
+    let mut server = spawn(&root);
+    for code in [
+        ErrorCode::NotDefined,
+        ErrorCode::DiskFull,
+        ErrorCode::Unknown(4242),
+    ] {
+        let raw = Raw::new(server.addr);
+        let tid = start(&server, &raw, b"big.bin", &[]);
+        raw.ack(tid, 1);
+        assert_eq!(raw.expect_data().0, 2);
+        let mut error = Vec::new();
+        write_error(&mut error, code, "client gives up");
+        raw.send(tid, &error);
+        let stats = session_of(&mut server, raw.local_addr());
+        assert_eq!(stats.outcome, Outcome::PeerError(code));
+        assert_eq!(stats.transfer.errors_sent, 0);
+        // The session is gone; an ACK to its port reaches no one, and nothing answered
+        // the ERROR. (In single-port mode its port is the listener's, where a datagram
+        // from a peer without a session is a stray: ERROR 5.)
+        raw.ack(tid, 2);
+        if single_port() {
+            assert_eq!(raw.expect_error().0, 5);
+        }
+        assert_nothing_before_probe(&server, &raw, "ERROR mid-transfer");
+    }
+    assert_still_serves(&mut server, "ERROR mid-transfer");
+}
+
+#[test]
+fn packets_out_of_place_from_the_peer() {
+    let root = standard_root();
+    let mut server = spawn(&root);
+    // Garbage from the peer is ignored; the transfer goes on.
+    let raw = Raw::new(server.addr);
+    let tid = start(&server, &raw, b"1024.bin", &[]);
+    for junk in [
+        &b""[..],
+        b"\x00",
+        b"\x00\x04\x00",
+        b"\x00\x09zz",
+        b"\x00\x04\x00\x01xx",
+    ] {
+        raw.send(tid, junk);
+    }
+    raw.ack(tid, 1);
+    assert_eq!(raw.expect_data().0, 2);
+    raw.ack(tid, 2);
+    assert_eq!(raw.expect_data().0, 3);
+    raw.ack(tid, 3);
+    let stats = session_of(&mut server, raw.local_addr());
+    assert_eq!(stats.outcome, Outcome::Completed);
+    assert_eq!(stats.transfer.malformed, 5);
+
+    // DATA, a request or an OACK from the peer have no place in a read transfer: ERROR 4.
+    // In single-port mode requests from the peer reach the listener's logic instead (a
+    // repeated RRQ must not end the transfer there: it is what a client whose first DATA
+    // was lost sends), so only DATA and OACK end the session.
+    let mut cases = vec![
+        ("DATA", b"\x00\x03\x00\x01xyz".to_vec()),
+        ("OACK", b"\x00\x06blksize\x00512\x00".to_vec()),
+    ];
+    if !single_port() {
+        cases.push(("RRQ", rrq_bytes(b"small.txt", "octet", &[])));
+        cases.push(("WRQ", b"\x00\x02small.txt\x00octet\x00".to_vec()));
+    } else {
+        let raw = Raw::new(server.addr);
+        let tid = start(&server, &raw, b"1024.bin", &[]);
+        raw.send(tid, &rrq_bytes(b"small.txt", "octet", &[]));
+        raw.ack(tid, 1);
+        assert_eq!(raw.expect_data().0, 2, "a repeated request is ignored");
+        raw.ack(tid, 2);
+        assert_eq!(raw.expect_data().0, 3);
+        raw.ack(tid, 3);
+        let stats = session_of(&mut server, raw.local_addr());
+        assert_eq!(stats.outcome, Outcome::Completed);
+    }
+    for (case, datagram) in cases {
+        let raw = Raw::new(server.addr);
+        let tid = start(&server, &raw, b"1024.bin", &[]);
+        raw.send(tid, &datagram);
+        let (code, message, from) = raw.expect_error();
+        assert_eq!((code, from), (4, tid), "{case}: {message}");
+        let stats = session_of(&mut server, raw.local_addr());
+        assert_eq!(stats.outcome, Outcome::IllegalOperation, "{case}");
+        assert_nothing_before_probe(&server, &raw, case);
+    }
+    assert_still_serves(&mut server, "packets out of place");
+}
+
+#[test]
+fn stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes() {
+    let root = standard_root();
+    let mut server = spawn(&root);
+    let client = Client::new(server.addr);
+    let strays: Vec<Raw> = (0..5).map(|_| Raw::new(server.addr)).collect();
+    let mut flooded = 0u64;
+    let mut answered = 0u64;
+    let got = client
+        .fetch_with(
+            server.addr,
+            b"big.bin",
+            "octet",
+            &[("blksize", "1024")],
+            &mut |p| {
+                if p.block % 50 != 7 || p.block > 500 {
+                    return;
+                }
+                let mut stray_error = Vec::new();
+                write_error(&mut stray_error, ErrorCode::NotDefined, "stray error");
+                for stray in &strays {
+                    // The ACK the client is about to send, DATA, ACK 0, garbage, an ERROR.
+                    let block = (p.block as u16).to_be_bytes();
+                    let ack = [0, 4, block[0], block[1]];
+                    let datagrams: [&[u8]; 5] = [
+                        &ack,
+                        b"\x00\x03\x00\x07zzz",
+                        b"\x00\x04\x00\x00",
+                        b"\xde\xad",
+                        &stray_error,
+                    ];
+                    for datagram in datagrams {
+                        stray.send(p.server, datagram);
+                        flooded += 1;
+                    }
+                    // Four ERROR 5s (never one for the ERROR), all from the session's port.
+                    // In single-port mode that port is the listener's, where a datagram
+                    // that is not a packet at all is a malformed request: ERROR 4.
+                    for i in 0..4 {
+                        let (code, message, from) = stray.expect_error();
+                        let want = if single_port() && i == 3 { 4 } else { 5 };
+                        assert_eq!((code, from), (want, p.server), "{message}");
+                        answered += 1;
+                    }
+                }
+            },
+        )
+        .expect("the flooded transfer completes");
+    assert_eq!(got.data.len(), big().len());
+    assert!(got.data == big(), "byte-identical");
+    assert_eq!(got.out_of_order, 0, "the strays' ACKs moved nothing");
+    let stats = session_of(&mut server, client.local_addr());
+    assert_eq!(stats.outcome, Outcome::Completed);
+    assert_eq!(stats.transfer.duplicate_acks, 0);
+    assert_eq!(stats.transfer.unexpected_acks, 0);
+    assert_eq!(stats.transfer.packets_resent, 0);
+    let total = sum_reports(&server.reports_until_next());
+    if single_port() {
+        // The unparseable fifth of the flood counts as malformed there.
+        assert_eq!(total.stray_datagrams, flooded / 5 * 4);
+        assert_eq!(total.malformed, flooded / 5);
+    } else {
+        assert_eq!(total.stray_datagrams, flooded);
+    }
+    assert_eq!(answered, flooded / 5 * 4);
+    // Nothing more for the strays.
+    for stray in &strays {
+        assert_nothing_before_probe(&server, stray, "stray after the flood");
+    }
+    assert_still_serves(&mut server, "stray flood");
+}

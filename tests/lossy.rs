@@ -1,0 +1,612 @@
+//! Loss resilience over real sockets: transfers of mixed sizes through a lossy UDP relay
+//! that drops, duplicates, reorders and delays datagrams in both directions, driven by a
+//! seeded deterministic RNG. Every transfer must end with byte-identical data, every
+//! session must end completed (or with only the final ACK missing, which a client that
+//! already has everything cannot fix), and no session may retransmit beyond its retry
+//! budget.
+//!
+//! By default 100 transfers run (CI); `DYNTFTP_LOSSY_FULL=1` runs 1,000.
+//! `DYNTFTP_LOSSY_SEED=N` changes the seed. The relay's decisions are deterministic for
+//! a given sequence of datagrams; which datagrams exist depends on timing, so runs differ
+//! in detail, not in what they must achieve.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dyntftp::packet::{write_ack, write_rrq};
+use dyntftp::{Outcome, Packet, SessionStats};
+
+/// Probability that a datagram is dropped, in each direction.
+const LOSS: f64 = 0.20;
+/// Probability that a delivered datagram is delivered twice.
+const DUPLICATE: f64 = 0.05;
+/// Probability that a datagram is held back (which reorders it behind later ones).
+const DELAY: f64 = 0.20;
+/// Longest hold-back.
+const MAX_DELAY: Duration = Duration::from_millis(4);
+
+/// Server retransmission timeout and retry budget.
+const SERVER_TIMEOUT: Duration = Duration::from_millis(20);
+const SERVER_RETRIES: u32 = 12;
+/// The client resends its last packet after this long without news.
+const CLIENT_TIMEOUT: Duration = Duration::from_millis(30);
+/// After its final ACK, the client answers retransmissions until the server has been
+/// quiet this long (longer than the server's longest retransmission interval, 8 × 20 ms).
+const DALLY: Duration = Duration::from_millis(250);
+
+/// xorshift64*: tiny, deterministic.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct LinkStats {
+    offered: u64,
+    dropped: u64,
+    duplicated: u64,
+    delayed: u64,
+}
+
+impl LinkStats {
+    fn add(&mut self, other: &LinkStats) {
+        self.offered += other.offered;
+        self.dropped += other.dropped;
+        self.duplicated += other.duplicated;
+        self.delayed += other.delayed;
+    }
+}
+
+/// One direction of the relay.
+struct Link {
+    rng: Rng,
+    stats: LinkStats,
+}
+
+impl Link {
+    /// The delays after which copies of a datagram are delivered (none: dropped).
+    fn decide(&mut self) -> Vec<Duration> {
+        self.stats.offered += 1;
+        if self.rng.unit() < LOSS {
+            self.stats.dropped += 1;
+            return Vec::new();
+        }
+        let copies = if self.rng.unit() < DUPLICATE {
+            self.stats.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        (0..copies)
+            .map(|_| {
+                if self.rng.unit() < DELAY {
+                    self.stats.delayed += 1;
+                    MAX_DELAY.mul_f64(self.rng.unit())
+                } else {
+                    Duration::ZERO
+                }
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// To the client, from the relay's "server TID" socket.
+    Client,
+    /// To the server's listener, from the relay's back socket.
+    Listener,
+    /// To the server's session, from the relay's back socket.
+    Session,
+}
+
+/// A lossy relay for one transfer. The client sends its request to `listen`; the relay
+/// forwards it to the server from `back`; the session's datagrams reach the client from
+/// `tid` (a port other than `listen`, as a server TID must be), and the client's answers
+/// to `tid` go to the session.
+struct Relay {
+    listen: SocketAddr,
+    tid: SocketAddr,
+    back: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<(LinkStats, LinkStats)>>,
+}
+
+impl Relay {
+    fn start(server: SocketAddr, seed: u64) -> Relay {
+        let bind = || {
+            let s = UdpSocket::bind(v4()).expect("bind relay socket");
+            s.set_nonblocking(true).expect("nonblocking");
+            s
+        };
+        let (listen, tid, back) = (bind(), bind(), bind());
+        let addrs = (
+            listen.local_addr().unwrap(),
+            tid.local_addr().unwrap(),
+            back.local_addr().unwrap(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            thread::spawn(move || relay_loop(server, [listen, tid, back], seed, &stop))
+        };
+        Relay {
+            listen: addrs.0,
+            tid: addrs.1,
+            back: addrs.2,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the relay and returns the statistics of (client → server, server → client).
+    fn finish(mut self) -> (LinkStats, LinkStats) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().expect("relay thread")
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn relay_loop(
+    server: SocketAddr,
+    sockets: [UdpSocket; 3],
+    seed: u64,
+    stop: &AtomicBool,
+) -> (LinkStats, LinkStats) {
+    let [_, tid, back] = &sockets;
+    let mut up = Link {
+        rng: Rng::new(seed ^ 0x5555),
+        stats: LinkStats::default(),
+    };
+    let mut down = Link {
+        rng: Rng::new(seed ^ 0xaaaa),
+        stats: LinkStats::default(),
+    };
+    let mut client: Option<SocketAddr> = None;
+    let mut session: Option<SocketAddr> = None;
+    // (due, sequence, side, datagram)
+    let mut pending: Vec<(Instant, u64, Side, Vec<u8>)> = Vec::new();
+    let mut sequence = 0u64;
+    let mut buf = vec![0u8; 65_536];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let now = Instant::now();
+        // Deliver what is due, in due order.
+        pending.sort_by_key(|p| (p.0, p.1));
+        while pending.first().is_some_and(|p| p.0 <= now) {
+            let (_, _, side, datagram) = pending.remove(0);
+            let sent = match side {
+                Side::Client => client.map(|c| tid.send_to(&datagram, c)),
+                // A late request once the session answered would start a second session
+                // after the first ended; a real network could do that, but here it would
+                // only blur the accounting, so it is dropped.
+                Side::Listener if session.is_none() => Some(back.send_to(&datagram, server)),
+                Side::Listener => None,
+                Side::Session => session.map(|s| back.send_to(&datagram, s)),
+            };
+            if let Some(Err(e)) = sent {
+                assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "relay send: {e}");
+            }
+        }
+        let wait = pending
+            .iter()
+            .map(|p| p.0.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_millis(5))
+            .min(Duration::from_millis(5));
+        let mut fds = sockets.each_ref().map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: `fds` is a valid array of 3 pollfd structures for the duration of the
+        // call.
+        let ready = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                wait.as_millis().max(1) as libc::c_int,
+            )
+        };
+        if ready <= 0 {
+            continue;
+        }
+        for (i, socket) in sockets.iter().enumerate() {
+            loop {
+                let (len, from) = match socket.recv_from(&mut buf) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                    Err(e) => panic!("relay receive: {e}"),
+                };
+                let datagram = buf[..len].to_vec();
+                let (side, link) = match i {
+                    // The client's request.
+                    0 => {
+                        client = Some(from);
+                        (Side::Listener, &mut up)
+                    }
+                    // The client's answers to the session.
+                    1 if Some(from) == client => (Side::Session, &mut up),
+                    // The session's datagrams (the first sender is the session).
+                    2 if from != server && session.is_none_or(|s| s == from) => {
+                        session = Some(from);
+                        (Side::Client, &mut down)
+                    }
+                    _ => continue,
+                };
+                let now = Instant::now();
+                for delay in link.decide() {
+                    sequence += 1;
+                    pending.push((now + delay, sequence, side, datagram.clone()));
+                }
+            }
+        }
+    }
+    (up.stats, down.stats)
+}
+
+/// What the client saw.
+#[derive(Debug, Default)]
+struct ClientStats {
+    resends: u64,
+    duplicates: u64,
+}
+
+/// Downloads `name` through `relay`, resending its last packet on timeout, answering a
+/// repeated OACK or last DATA, and acknowledging the last in-order block on a gap.
+fn lossy_fetch(
+    relay: &Relay,
+    name: &str,
+    blksize: Option<u16>,
+    window: Option<u16>,
+) -> Result<(Vec<u8>, ClientStats), String> {
+    let socket = UdpSocket::bind(v4()).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let blksize_s = blksize.map(|b| b.to_string());
+    let window_s = window.map(|w| w.to_string());
+    let mut options = Vec::new();
+    if let Some(b) = &blksize_s {
+        options.push(("blksize", b.as_str()));
+    }
+    if let Some(w) = &window_s {
+        options.push(("windowsize", w.as_str()));
+    }
+    let mut rrq = Vec::new();
+    write_rrq(&mut rrq, name.as_bytes(), "octet", options.iter().copied());
+    let ack = |block: u16| {
+        let mut a = Vec::new();
+        write_ack(&mut a, block);
+        a
+    };
+    let mut stats = ClientStats::default();
+    let mut last_sent = rrq.clone();
+    let mut last_to = relay.listen;
+    socket
+        .send_to(&rrq, relay.listen)
+        .map_err(|e| e.to_string())?;
+    let (mut size, mut win) = (512usize, 1usize);
+    let mut started = false;
+    let mut data = Vec::new();
+    let mut expected: u64 = 1;
+    let mut in_window = 0usize;
+    let mut silent = 0u32;
+    let mut buf = vec![0u8; 65_536];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut done_at: Option<Instant> = None;
+    loop {
+        if Instant::now() > deadline {
+            return Err(format!("no end after 60 s ({} bytes)", data.len()));
+        }
+        if done_at.is_some_and(|t| t.elapsed() >= DALLY) {
+            return Ok((data, stats));
+        }
+        let (len, from) = match socket.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if done_at.is_some() {
+                    continue;
+                }
+                silent += 1;
+                if silent > 60 {
+                    return Err(format!("server silent ({} bytes so far)", data.len()));
+                }
+                stats.resends += 1;
+                socket
+                    .send_to(&last_sent, last_to)
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        if from != relay.tid {
+            return Err(format!("datagram from {from}, not the relay's TID"));
+        }
+        silent = 0;
+        match Packet::parse(&buf[..len]) {
+            Ok(Packet::Oack(opts)) if data.is_empty() && !options.is_empty() => {
+                if !started {
+                    for o in opts.iter() {
+                        let value: usize = std::str::from_utf8(o.value)
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .ok_or("bad OACK value")?;
+                        if o.is("blksize") {
+                            size = value;
+                        } else if o.is("windowsize") {
+                            win = value;
+                        }
+                    }
+                    started = true;
+                } else {
+                    stats.duplicates += 1;
+                }
+                last_sent = ack(0);
+                last_to = relay.tid;
+                socket
+                    .send_to(&last_sent, relay.tid)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(Packet::Data {
+                block,
+                data: payload,
+            }) => {
+                started = true;
+                if done_at.is_some() {
+                    // Our final ACK was lost: the server resends the last block.
+                    stats.duplicates += 1;
+                    done_at = Some(Instant::now());
+                    socket
+                        .send_to(&last_sent, relay.tid)
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
+                if block == expected as u16 {
+                    data.extend_from_slice(payload);
+                    expected += 1;
+                    in_window += 1;
+                    let last = payload.len() < size;
+                    if last || in_window == win {
+                        last_sent = ack(block);
+                        last_to = relay.tid;
+                        socket
+                            .send_to(&last_sent, relay.tid)
+                            .map_err(|e| e.to_string())?;
+                        in_window = 0;
+                    }
+                    if last {
+                        done_at = Some(Instant::now());
+                    }
+                } else {
+                    // A duplicate or a gap: say what we have (RFC 7440).
+                    stats.duplicates += 1;
+                    last_sent = ack((expected - 1) as u16);
+                    last_to = relay.tid;
+                    socket
+                        .send_to(&last_sent, relay.tid)
+                        .map_err(|e| e.to_string())?;
+                    in_window = 0;
+                }
+            }
+            Ok(Packet::Oack(_)) => stats.duplicates += 1,
+            Ok(Packet::Error { code, message }) => {
+                return Err(format!(
+                    "ERROR {} {}",
+                    code.to_u16(),
+                    String::from_utf8_lossy(message)
+                ))
+            }
+            other => return Err(format!("unexpected {other:?}")),
+        }
+    }
+}
+
+const SIZES: [usize; 10] = [0, 1, 511, 512, 513, 1024, 4000, 8192, 20_000, 50_000];
+
+/// The parameters of transfer `i`: file size, blksize option, windowsize option.
+fn plan(i: usize) -> (usize, Option<u16>, Option<u16>) {
+    let size = SIZES[i % SIZES.len()];
+    // Windows of 16 half the time, else lock-step: negotiated or plain RFC 1350.
+    let window = match i % 4 {
+        0 | 2 => Some(16),
+        1 => Some(1),
+        _ => None,
+    };
+    let blksize = match (i / 4) % 3 {
+        0 => None,
+        1 => Some(1024),
+        _ => Some(1428),
+    };
+    (size, blksize, window)
+}
+
+struct Done {
+    index: usize,
+    started: std::time::SystemTime,
+    peer: SocketAddr,
+    up: LinkStats,
+    down: LinkStats,
+    client: ClientStats,
+}
+
+#[test]
+fn transfers_survive_a_lossy_network() {
+    let full = std::env::var("DYNTFTP_LOSSY_FULL").is_ok_and(|v| v == "1");
+    let transfers = if full { 1000 } else { 100 };
+    let workers = if full { 16 } else { 10 };
+    let seed: u64 = std::env::var("DYNTFTP_LOSSY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x1055);
+    let root = TempDir::new("lossy");
+    for &size in &SIZES {
+        root.write(&format!("f{size}.bin"), &pseudo_random(size, size as u64));
+    }
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.timeout(SERVER_TIMEOUT)
+            .retries(SERVER_RETRIES)
+            .stats_interval(Duration::from_millis(100))
+    });
+    let server_addr = server.addr;
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (next, results, failures) = (next.clone(), results.clone(), failures.clone());
+            thread::spawn(move || loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= transfers {
+                    return;
+                }
+                let (size, blksize, window) = plan(index);
+                let transfer_seed = seed.wrapping_mul(1_000_003).wrapping_add(index as u64);
+                let started = std::time::SystemTime::now();
+                let relay = Relay::start(server_addr, transfer_seed);
+                let peer = relay.back;
+                let name = format!("f{size}.bin");
+                let got = lossy_fetch(&relay, &name, blksize, window);
+                let (up, down) = relay.finish();
+                match got {
+                    Ok((data, client)) if data == pseudo_random(size, size as u64) => {
+                        results.lock().unwrap().push(Done {
+                            index,
+                            started,
+                            peer,
+                            up,
+                            down,
+                            client,
+                        })
+                    }
+                    Ok((data, _)) => failures.lock().unwrap().push(format!(
+                        "transfer {index} (seed {transfer_seed}): {name} {blksize:?}/{window:?}: \
+                         {} bytes that differ from the file",
+                        data.len()
+                    )),
+                    Err(e) => failures.lock().unwrap().push(format!(
+                        "transfer {index} (seed {transfer_seed}): {name} {blksize:?}/{window:?}: {e}"
+                    )),
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("worker");
+    }
+    let elapsed = started.elapsed();
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
+    assert!(
+        failures.is_empty(),
+        "{} failed transfers:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let done = std::mem::take(&mut *results.lock().unwrap());
+    assert_eq!(done.len(), transfers);
+
+    // Every transfer had exactly one session, which ended well within its retry budget.
+    // Relay ports are reused over a long run, so a session belongs to the last transfer
+    // whose relay had its address and started before it.
+    let mut sessions: BTreeMap<usize, SessionStats> = BTreeMap::new();
+    for _ in 0..transfers {
+        let s = server.next_session();
+        let owner = done
+            .iter()
+            .filter(|d| d.peer == s.peer && d.started <= s.start_time)
+            .max_by_key(|d| d.started)
+            .unwrap_or_else(|| panic!("a session of no transfer: {s:?}"));
+        let index = owner.index;
+        assert!(
+            sessions.insert(index, s).is_none(),
+            "two sessions for transfer {index}"
+        );
+    }
+    let (mut outcomes, mut retransmits, mut max_retransmits) = (BTreeMap::new(), 0, 0);
+    let (mut up, mut down) = (LinkStats::default(), LinkStats::default());
+    let (mut client_resends, mut client_duplicates) = (0, 0);
+    for d in &done {
+        let s = sessions
+            .get(&d.index)
+            .unwrap_or_else(|| panic!("no session for transfer {}", d.index));
+        let (size, _, _) = plan(d.index);
+        assert!(
+            matches!(s.outcome, Outcome::Completed | Outcome::FinalAckMissing),
+            "transfer {}: {:?}",
+            d.index,
+            s.outcome
+        );
+        assert_eq!(s.transfer.bytes_read, size as u64, "transfer {}", d.index);
+        // Retries start over at each progress (an ACK that moves the window): no more
+        // than the budget between two of them.
+        let budget = u64::from(SERVER_RETRIES) * (s.transfer.acks + 1);
+        assert!(
+            s.transfer.retransmits <= budget,
+            "transfer {}: {} retransmits for {} ACKs",
+            d.index,
+            s.transfer.retransmits,
+            s.transfer.acks
+        );
+        *outcomes.entry(s.outcome.as_str()).or_insert(0) += 1;
+        retransmits += s.transfer.retransmits;
+        max_retransmits = max_retransmits.max(s.transfer.retransmits);
+        up.add(&d.up);
+        down.add(&d.down);
+        client_resends += d.client.resends;
+        client_duplicates += d.client.duplicates;
+    }
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.sessions_started, transfers as u64);
+    assert_eq!(total.panics, 0);
+    // The network really was that bad.
+    let loss = (up.dropped + down.dropped) as f64 / (up.offered + down.offered) as f64;
+    assert!((0.17..0.23).contains(&loss), "measured loss {loss:.3}");
+    assert!(up.duplicated > 0 && down.duplicated > 0 && up.delayed > 0 && down.delayed > 0);
+    eprintln!(
+        "lossy: {transfers} transfers in {elapsed:.1?} with {workers} clients at once; \
+         outcomes {outcomes:?}; loss {:.1} %; client→server {up:?}; server→client {down:?}; \
+         server retransmits {retransmits} (max {max_retransmits} in one session, budget \
+         {SERVER_RETRIES} per progress); client resends {client_resends}, duplicates or \
+         gaps seen {client_duplicates}",
+        loss * 100.0
+    );
+}
