@@ -5,10 +5,11 @@
 #                    [--port-base PORT]
 #
 # It builds dyntftpd (release) and the load generator (bench/loadgen.rs), generates the
-# files in a temporary root, starts each server on a loopback port serving that root,
-# runs one fixed matrix against each with every transfer verified byte for byte, stops
-# the server, and prints one table: the median of the runs for every server and the
-# ratio to dyntftpd. Then the physical ceiling: plain UDP datagrams on loopback of the
+# files in a temporary root, starts every server on its own loopback port serving that
+# root, runs one fixed matrix with every transfer verified byte for byte (each case
+# against every server back to back, so that a row compares servers measured within
+# seconds of each other on a noisy machine), stops the servers, and prints one table:
+# the median of the runs for every server and the ratio to dyntftpd. Then the physical ceiling: plain UDP datagrams on loopback of the
 # same sizes (blksize + 4). Servers that are not installed are skipped with a note;
 # dyntftpd always runs. Progress goes to stderr, the report to stdout.
 #
@@ -143,12 +144,13 @@ esac
 # Temporary root, cleanup of exactly the processes started here
 # ---------------------------------------------------------------------------------------
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/dyntftp-compare.XXXXXX")
-server_pid=""
+declare -A pid_of=() # server name -> PID of the running server started here
 cleanup() {
-    if [ -n "$server_pid" ]; then
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-    fi
+    local s
+    for s in "${!pid_of[@]}"; do
+        kill "${pid_of[$s]}" 2>/dev/null || true
+        wait "${pid_of[$s]}" 2>/dev/null || true
+    done
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -228,7 +230,7 @@ port_of() {
     esac
 }
 
-# Starts server $1 in the background on its port; sets server_pid.
+# Starts server $1 in the background on its port; records its PID in pid_of.
 start_server() {
     local name=$1 port
     port=$(port_of "$name")
@@ -260,14 +262,14 @@ start_server() {
                 --edns-packet-max=65535 --log-facility=/dev/null >"$log" 2>&1 &
             ;;
     esac
-    server_pid=$!
+    pid_of[$name]=$!
     # Ready when the port is bound (bounded: 5 s).
     local i
     for i in $(seq 50); do
-        if ! kill -0 "$server_pid" 2>/dev/null; then
+        if ! kill -0 "${pid_of[$name]}" 2>/dev/null; then
             note "$name exited at startup: $(tr '\n' ' ' <"$log")"
-            wait "$server_pid" 2>/dev/null || true
-            server_pid=""
+            wait "${pid_of[$name]}" 2>/dev/null || true
+            unset "pid_of[$name]"
             return 1
         fi
         if command -v ss >/dev/null; then
@@ -278,21 +280,23 @@ start_server() {
         sleep 0.1
     done
     note "$name did not bind port $port within 5 s"
-    stop_server
+    stop_server "$name"
     return 1
 }
 
+# Stops server $1 if this script started it (that PID only).
 stop_server() {
-    if [ -n "$server_pid" ]; then
-        kill "$server_pid" 2>/dev/null || true
+    local pid=${pid_of[$1]:-}
+    if [ -n "$pid" ]; then
+        kill "$pid" 2>/dev/null || true
         local i
         for i in $(seq 30); do
-            kill -0 "$server_pid" 2>/dev/null || break
+            kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
-        kill -9 "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-        server_pid=""
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        unset "pid_of[$1]"
     fi
 }
 
@@ -356,13 +360,13 @@ run_case() {
     local limit=()
     case "$args" in *--time-limit*) ;; *) limit=(--time-limit 300) ;; esac
     local cpu0="" ns0 cpu1="" ns1 server_cpu=-
-    [ "$server" = dyntftpd ] && cpu0=$(cpu_ns "$server_pid")
+    [ "$server" = dyntftpd ] && cpu0=$(cpu_ns "${pid_of[$server]}")
     ns0=$(date +%s%N)
     # shellcheck disable=SC2086 # $args is a list of words by design
     line=$("${pin_loadgen[@]}" "$loadgen" --server "127.0.0.1:$port" --verify-dir "$root" \
         $args "${limit[@]}" --kv 2>"$tmp/loadgen.err") || status=$?
     ns1=$(date +%s%N)
-    [ "$server" = dyntftpd ] && cpu1=$(cpu_ns "$server_pid")
+    [ "$server" = dyntftpd ] && cpu1=$(cpu_ns "${pid_of[$server]}")
     if [ -n "$cpu0" ] && [ -n "$cpu1" ]; then
         server_cpu=$(awk -v c="$((cpu1 - cpu0))" -v ns="$((ns1 - ns0))" \
             'BEGIN { printf "%.1f", (ns > 0 ? c / ns * 100 : 0) }')
@@ -416,22 +420,38 @@ for s in dyntftpd tftpd-hpa atftpd dnsmasq; do
     fi
 done
 
+# All servers of a run are up at once, each idle while another is measured, and every
+# case runs against each server back to back (in an order that rotates with the run):
+# on a shared, noisy machine, the servers compared in one row were measured within
+# seconds of each other.
 for run in $(seq "$runs"); do
+    note "run $run/$runs: starting ${servers[*]}"
+    order=()
     for s in "${servers[@]}"; do
-        note "run $run/$runs: $s"
-        if ! start_server "$s"; then
+        if start_server "$s"; then
+            order+=("$s")
+        else
             echo "$s - $run - error:start - -" >>"$results"
-            continue
         fi
-        while IFS=$'\t' read -r id _unit _label args; do
-            if ! kill -0 "$server_pid" 2>/dev/null; then
-                note "  $s died; skipping the rest of this run"
+    done
+    if [ ${#order[@]} -eq 0 ]; then
+        note "no server started"
+        continue
+    fi
+    shift_by=$(((run - 1) % ${#order[@]}))
+    order=("${order[@]:shift_by}" "${order[@]:0:shift_by}")
+    while IFS=$'\t' read -r id _unit _label args; do
+        for s in "${order[@]}"; do
+            if [ -z "${pid_of[$s]:-}" ] || ! kill -0 "${pid_of[$s]}" 2>/dev/null; then
+                note "  $s is not running: skipping $id"
                 echo "$s $id $run - error:server-died - -" >>"$results"
                 continue
             fi
             run_case "$s" "$id" "$run" "$args"
-        done < <(cases)
-        stop_server
+        done
+    done < <(cases)
+    for s in "${order[@]}"; do
+        stop_server "$s"
     done
     for size in 1432 8196; do
         line=$("${pin_raw[@]}" "$loadgen" --raw "$size" --raw-seconds "$raw_secs" --kv)
