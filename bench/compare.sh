@@ -332,6 +332,19 @@ cases() {
     done
 }
 
+# Waits until server $1 has no child processes left (tftpd-hpa forks one per transfer;
+# after a case whose clients gave up they go on retrying for a while), so that they do
+# not take CPU 0 from the next server measured. Bounded: 60 s.
+settle() {
+    local pid=${pid_of[$1]:-} i
+    [ -n "$pid" ] && command -v pgrep >/dev/null || return 0
+    for i in $(seq 600); do
+        [ -z "$(pgrep -P "$pid" 2>/dev/null)" ] && return 0
+        sleep 0.1
+    done
+    note "  $1 still has child processes after 60 s"
+}
+
 # Value of key $1 in the key=value line $2.
 kv() {
     awk -v k="$1" '{ for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) {
@@ -448,6 +461,7 @@ for run in $(seq "$runs"); do
                 continue
             fi
             run_case "$s" "$id" "$run" "$args"
+            settle "$s"
         done
     done < <(cases)
     for s in "${order[@]}"; do
@@ -502,12 +516,19 @@ echo
         while ((getline line < results) > 0) {
             split(line, f, " ")
             key = f[1] SUBSEP f[2]
-            if (f[4] != "-") vals[key] = vals[key] " " f[4]
-            # Tags of all runs, each once (a failure in any run shows).
+            if (f[5] ~ /(^|,)(fail|error)/) {
+                # A failed run counts apart; the median is over the runs that passed.
+                nfail[key]++
+                if (index(why[key], f[5]) == 0) why[key] = why[key] (why[key] == "" ? "" : "; ") f[5]
+                next_line = 1
+            } else if (f[4] != "-") vals[key] = vals[key] " " f[4]
+            runs_seen[f[3]] = 1
+            # Tags of the passing runs, each once.
             n = split(f[5], t, ",")
-            for (k = 1; k <= n; k++)
+            for (k = 1; k <= n && !next_line; k++)
                 if (t[k] != "ok" && index("," flag[key] ",", "," t[k] ",") == 0)
                     flag[key] = flag[key] (flag[key] == "" ? "" : ",") t[k]
+            next_line = 0
             if (f[6] != "-" && f[6] + 0 > cpu[f[2]] + 0) cpu[f[2]] = f[6]
             if (f[1] == "dyntftpd" && f[7] != "-") scpu[f[2]] = scpu[f[2]] " " f[7]
         }
@@ -531,13 +552,14 @@ echo
         } else {
             base = median(vals["dyntftpd" SUBSEP id])
             bflag = flag["dyntftpd" SUBSEP id]
+            if (base == "") bflag = bflag ",fail"
             for (i = 1; i <= nservers; i++) {
                 key = server[i] SUBSEP id
                 m = median(vals[key]); fl = "," flag[key] ","
                 lossy = (id ~ /^loss/)
-                if (fl ~ /,(fail|error)/) {
-                    cell = "FAIL"; notes[++nnotes] = server[i] " / " $3 ": " flag[key]
-                } else if (fl ~ /,nows,/ && !lossy) cell = "ignores ws"
+                if (key in nfail) notes[++nnotes] = server[i] " / " $3 ": " nfail[key] " run(s) failed: " why[key]
+                if (m == "" && (key in nfail)) cell = "FAIL"
+                else if (fl ~ /,nows,/ && !lossy) cell = "ignores ws"
                 else if (m == "") cell = "-"
                 else {
                     cell = fmt(m)
@@ -546,6 +568,7 @@ echo
                     if (fl ~ /,cut,/) cell = cell " (cut)"
                     if (fl ~ /,nows,/) cell = cell " [no ws]"
                     if (match(fl, /,bs=[0-9]+,/)) cell = cell " [" substr(fl, RSTART + 1, RLENGTH - 2) "]"
+                    if (key in nfail) cell = cell " [" nfail[key] " failed]"
                 }
                 line = line OFS cell
             }
@@ -586,6 +609,7 @@ echo
         print "CPU time as a share of wall time (max over servers and runs; two threads for the"
         print "raw ceiling); near 100 % it, not the server, would be the limit. dyntftpd CPU: the"
         print "server process'"'"'s CPU time over the same wall time (median); near 100 % the server is"
-        print "the limit."
+        print "the limit. [N failed]: N runs of that cell failed (reasons below); the median is"
+        print "over the others."
         for (k = 1; k <= nnotes; k++) print "Failure: " notes[k]
     }'
