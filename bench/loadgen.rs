@@ -39,17 +39,25 @@
 //! Each payload is compared, as it arrives, with the expected bytes at the same offset,
 //! so no transfer is buffered. `--drop PCT` ignores that share of received DATA and OACK
 //! packets (seeded xorshift), leaving the recovery to the gap ACK and the timers of both
-//! sides.
+//! sides. When a requested window may exceed 32 KiB of payload, every client socket asks
+//! for a 4 MiB receive buffer (`--rcvbuf` sets the size and applies it always), so that a
+//! window of large blocks arriving at loopback speed is not dropped by the client's own
+//! kernel buffer (the kernel caps the value at `net.core.rmem_max`). A client connects
+//! its socket to the server's transfer ID once a transfer passes its first block.
 //!
 //! A run is bounded by `--count` transfers and/or `--duration` seconds, whichever comes
 //! first (default count: one transfer per client). After the duration no transfer is
 //! started and those in flight finish (and are verified), but the rates of such a run
-//! count only the transfers completed within the duration. The report gives transfers
+//! count only the transfers completed within the duration. `--time-limit SECS` is a hard
+//! bound: transfers still in flight then fail with reason `time limit`, and the verified
+//! bytes they had received count in *delivered MB/s* (slow lossy runs stay bounded). The report gives transfers
 //! ok/failed, sessions/s, payload MB/s (10^6 bytes), latency from the first RRQ to the
 //! final block (p50, p90, p99, max), client retransmits, failures by reason, whether the
-//! server acknowledged windowsize, and the load generator's own CPU time (getrusage) as a
-//! share of wall time: when it nears 100 %, the load generator is the bottleneck, not the
-//! server. `--json` prints the same as one JSON object. Exit status: 0 when every
+//! server acknowledged windowsize and blksize in its OACK (a server that ignores an option
+//! leaves it out), and the load generator's own CPU time (getrusage) as a share of wall
+//! time: when it nears 100 %, the load generator is the bottleneck, not the server.
+//! `--json` prints the same as one JSON object, `--kv` as one line of `key=value` fields
+//! whose values hold no spaces (what `bench/compare.sh` reads). Exit status: 0 when every
 //! transfer verified, 1 when any failed, 2 for bad flags.
 //!
 //! # Raw mode
@@ -82,6 +90,12 @@ const MAX_TRIES: u32 = 5;
 
 /// Largest UDP payload over IPv4.
 const MAX_UDP_PAYLOAD: usize = 65_507;
+
+/// Receive buffer asked for on each client socket. The kernel default (about 208 KiB)
+/// overflows when a server sends a window of large blocks at loopback speed (16 blocks of
+/// 8 KiB take more than that in kernel accounting), and the drops would be the load
+/// generator's, not the server's. The kernel caps the value at `net.core.rmem_max`.
+const DEFAULT_RCVBUF: usize = 4 << 20;
 
 fn main() -> ExitCode {
     // `cargo bench` appends `--bench` to the arguments of a harness-less bench.
@@ -135,6 +149,17 @@ enum Mode {
     Raw(RawConfig),
 }
 
+/// How the report is printed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// Lines for people.
+    Text,
+    /// One JSON object.
+    Json,
+    /// One line of `key=value` fields, values without spaces (for shell scripts).
+    Kv,
+}
+
 /// What a TFTP run does.
 struct Config {
     server: SocketAddr,
@@ -150,7 +175,24 @@ struct Config {
     client_timeout: Duration,
     drop_pct: f64,
     seed: u64,
-    json: bool,
+    /// Receive buffer asked for on client sockets (the kernel caps it).
+    rcvbuf: usize,
+    /// `--rcvbuf` was given: apply it on every socket.
+    rcvbuf_given: bool,
+    /// Transfers still in flight this long after the start are abandoned.
+    time_limit: Option<Duration>,
+    output: Output,
+}
+
+impl Config {
+    /// Whether client sockets get a larger receive buffer: when `--rcvbuf` was given, or
+    /// when a window asked for may exceed the kernel default (a window of more than 32 KiB
+    /// of payload). Otherwise the extra `setsockopt` per transfer is skipped.
+    fn rcvbuf_needed(&self) -> bool {
+        let blksize = self.blksize.map_or(512, usize::from);
+        let window = self.windowsize.map_or(1, usize::from);
+        self.rcvbuf_given || blksize.saturating_mul(window) > 32 * 1024
+    }
 }
 
 /// What a transfer must deliver.
@@ -173,7 +215,7 @@ impl Expected {
 struct RawConfig {
     size: usize,
     seconds: Duration,
-    json: bool,
+    output: Output,
 }
 
 /// Flags taking a value: name, value hint, help.
@@ -207,6 +249,16 @@ const VALUE_FLAGS: &[(&str, &str, &str)] = &[
     ),
     ("drop", "PCT", "ignore this share of received DATA/OACK"),
     ("seed", "N", "seed of the drop generator (default 1)"),
+    (
+        "rcvbuf",
+        "BYTES",
+        "client socket receive buffer (default 4 MiB when a window may exceed 32 KiB)",
+    ),
+    (
+        "time-limit",
+        "SECS",
+        "abandon transfers still running after SECS",
+    ),
     ("raw", "SIZE", "raw mode: blast UDP datagrams of SIZE bytes"),
     ("raw-seconds", "S", "raw mode duration (default 5)"),
 ];
@@ -219,6 +271,7 @@ fn options() -> Options {
     }
     o.optflag("", "tsize", "request tsize and check it (RFC 2349)");
     o.optflag("", "json", "print one JSON object instead of text");
+    o.optflag("", "kv", "print one line of key=value fields instead");
     o.optflag("h", "help", "print this help");
     o
 }
@@ -256,13 +309,18 @@ fn parse_args(opts: &Options, args: &[String]) -> Result<Mode, String> {
     if !m.free.is_empty() {
         return Err(format!("unexpected argument {:?}", m.free[0]));
     }
-    let json = m.opt_present("json");
+    let output = match (m.opt_present("json"), m.opt_present("kv")) {
+        (true, true) => return Err("give only one of --json, --kv".into()),
+        (true, false) => Output::Json,
+        (false, true) => Output::Kv,
+        (false, false) => Output::Text,
+    };
     if let Some(size) = parse_opt(&m, "raw", |n: &usize| (1..=MAX_UDP_PAYLOAD).contains(n))? {
         let seconds = parse_opt(&m, "raw-seconds", |s: &f64| *s > 0.0 && *s <= 3600.0)?;
         return Ok(Mode::Raw(RawConfig {
             size,
             seconds: Duration::from_secs_f64(seconds.unwrap_or(5.0)),
-            json,
+            output,
         }));
     }
 
@@ -311,6 +369,7 @@ fn parse_args(opts: &Options, args: &[String]) -> Result<Mode, String> {
     let count = parse_opt(&m, "count", |n: &u64| *n >= 1)?;
     let duration = parse_opt(&m, "duration", |s: &f64| *s > 0.0 && *s <= 86_400.0)?
         .map(Duration::from_secs_f64);
+    let rcvbuf = parse_opt(&m, "rcvbuf", |n: &usize| (1..=1 << 30).contains(n))?;
     let count = match (count, duration) {
         (None, None) => Some(concurrency as u64),
         (count, _) => count,
@@ -331,7 +390,11 @@ fn parse_args(opts: &Options, args: &[String]) -> Result<Mode, String> {
         ),
         drop_pct: parse_opt(&m, "drop", |p: &f64| (0.0..=100.0).contains(p))?.unwrap_or(0.0),
         seed: parse_opt(&m, "seed", |_: &u64| true)?.unwrap_or(1),
-        json,
+        rcvbuf: rcvbuf.unwrap_or(DEFAULT_RCVBUF),
+        rcvbuf_given: rcvbuf.is_some(),
+        time_limit: parse_opt(&m, "time-limit", |s: &f64| *s > 0.0 && *s <= 86_400.0)?
+            .map(Duration::from_secs_f64),
+        output,
     }))
 }
 
@@ -398,11 +461,18 @@ impl Client {
         }
     }
 
-    /// Locks the server's transfer ID and connects the socket to it, as real clients do:
-    /// the kernel then drops datagrams from anyone else, and sends skip the route lookup.
+    /// Locks the server's transfer ID. Datagrams from anyone else are then counted as
+    /// foreign and ignored.
     fn lock_peer(&mut self, peer: SocketAddr) {
         self.peer = Some(peer);
-        if let Some(socket) = &self.socket {
+    }
+
+    /// Connects the socket to the locked peer, as real clients do: the kernel then drops
+    /// datagrams from anyone else, and sends skip the route lookup. Done once the transfer
+    /// is longer than one block, so that a one-block transfer (the small-file load) does
+    /// not pay a `connect` it would not use.
+    fn connect_peer(&mut self) {
+        if let (Some(socket), Some(peer), false) = (&self.socket, self.peer, self.connected) {
             self.connected = socket.connect(peer).is_ok();
         }
     }
@@ -445,6 +515,10 @@ struct Stats {
     failures: BTreeMap<String, u64>,
     ws_acked: u64,
     ws_not_acked: u64,
+    bs_acked: u64,
+    bs_not_acked: u64,
+    /// Verified payload bytes of transfers that failed (or were cut by `--time-limit`).
+    partial_bytes: u64,
     negotiated_blksize: Option<usize>,
     negotiated_windowsize: Option<u64>,
 }
@@ -492,6 +566,8 @@ struct Loadgen {
     next_transfer: u64,
     start_time: Instant,
     end_time: Option<Instant>,
+    /// When `--time-limit` abandons the transfers still in flight.
+    limit_time: Option<Instant>,
     last_done: Instant,
 }
 
@@ -528,6 +604,7 @@ fn run_tftp(config: Config) -> io::Result<bool> {
         next_transfer: 1,
         start_time: now,
         end_time: config.duration.map(|d| now + d),
+        limit_time: config.time_limit.map(|d| now + d),
         last_done: now,
         config,
     };
@@ -565,10 +642,17 @@ impl Loadgen {
             self.refill(id, Instant::now());
         }
         while self.in_flight > 0 {
-            let timeout = self
-                .timers
-                .peek()
-                .map(|Reverse((when, _, _))| when.saturating_duration_since(Instant::now()));
+            let now = Instant::now();
+            if self.limit_time.is_some_and(|limit| now >= limit) {
+                self.abandon_all(now);
+                break;
+            }
+            let next = match (self.timers.peek(), self.limit_time) {
+                (Some(Reverse((when, _, _))), Some(limit)) => Some((*when).min(limit)),
+                (Some(Reverse((when, _, _))), None) => Some(*when),
+                (None, limit) => limit,
+            };
+            let timeout = next.map(|when| when.saturating_duration_since(now));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -587,6 +671,14 @@ impl Loadgen {
     fn may_start(&self, now: Instant) -> bool {
         self.config.count.is_none_or(|c| self.started < c)
             && self.end_time.is_none_or(|end| now < end)
+            && self.limit_time.is_none_or(|limit| now < limit)
+    }
+
+    /// Ends every transfer in flight with failure `time limit` (`--time-limit`).
+    fn abandon_all(&mut self, now: Instant) {
+        for id in 0..self.clients.len() {
+            self.finish(id, Err("time limit".into()), now);
+        }
     }
 
     /// Starts the next transfer in slot `id` if the bounds allow. A transfer that cannot
@@ -609,6 +701,9 @@ impl Loadgen {
         };
         let mut socket =
             UdpSocket::bind(SocketAddr::new(unspecified, 0)).map_err(|e| format!("bind: {e}"))?;
+        if self.config.rcvbuf_needed() {
+            set_rcvbuf(&socket, self.config.rcvbuf);
+        }
         self.poll
             .registry()
             .register(&mut socket, Token(id), Interest::READABLE)
@@ -701,6 +796,13 @@ impl Loadgen {
                             self.stats.ws_not_acked += 1;
                         }
                     }
+                    if self.config.blksize.is_some() {
+                        if options.iter().any(|o| o.is("blksize")) {
+                            self.stats.bs_acked += 1;
+                        } else {
+                            self.stats.bs_not_acked += 1;
+                        }
+                    }
                     self.stats.negotiated_blksize = Some(c.blksize);
                     self.stats.negotiated_windowsize = Some(c.window);
                 } else {
@@ -718,6 +820,9 @@ impl Loadgen {
                     c.lock_peer(from);
                     if self.config.windowsize.is_some() {
                         self.stats.ws_not_acked += 1;
+                    }
+                    if self.config.blksize.is_some() {
+                        self.stats.bs_not_acked += 1;
                     }
                     self.stats.negotiated_blksize = Some(512);
                     self.stats.negotiated_windowsize = Some(1);
@@ -752,6 +857,9 @@ impl Loadgen {
                 }
                 c.offset = end;
                 c.next += 1;
+                if c.next == 3 {
+                    c.connect_peer();
+                }
                 c.since_ack += 1;
                 c.gap_acked = false;
                 c.tries = 1;
@@ -850,6 +958,7 @@ impl Loadgen {
             }
             Err(reason) => {
                 self.stats.failed += 1;
+                self.stats.partial_bytes += bytes;
                 *self.stats.failures.entry(reason).or_default() += 1;
             }
         }
@@ -869,20 +978,59 @@ impl Loadgen {
         let sessions_per_s = rate_ok as f64 / rate_secs;
         let mb_per_s = rate_bytes as f64 / rate_secs / 1e6;
         let cpu_pct = cpu.total() / secs * 100.0;
-        let ws_acked = match (c.windowsize, s.ws_acked, s.ws_not_acked) {
-            (None, _, _) => "not requested".to_string(),
-            (Some(_), 0, 0) => "unknown (no reply)".to_string(),
-            (Some(_), _, 0) => "yes".to_string(),
-            (Some(_), 0, _) => "no".to_string(),
-            (Some(_), yes, no) => format!("partial ({yes} of {})", yes + no),
-        };
+        // Everything verified, including the part of failed transfers, over the whole run.
+        let delivered_mb_per_s = (s.payload_bytes + s.partial_bytes) as f64 / secs / 1e6;
+        let ws_acked = Acked::new(c.windowsize.is_some(), s.ws_acked, s.ws_not_acked);
+        let bs_acked = Acked::new(c.blksize.is_some(), s.bs_acked, s.bs_not_acked);
         let verification = match c.expected.first() {
             Some(Expected::Size(_)) => "size",
             _ => "bytes",
         };
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         let mut out = String::new();
-        if c.json {
+        if c.output == Output::Kv {
+            // Failure reasons become `reason:count` pairs, spaces and commas replaced.
+            let failures: Vec<String> = s
+                .failures
+                .iter()
+                .map(|(reason, n)| format!("{}:{n}", kv_token(reason)))
+                .collect();
+            let num = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "mode=tftp ok={} failed={} elapsed_s={:.6} sessions_per_s={:.3} \
+                 payload_mb_per_s={:.3} delivered_mb_per_s={delivered_mb_per_s:.3} \
+                 p50_ms={} p90_ms={} p99_ms={} max_ms={} client_retransmits={} gap_acks={} \
+                 dropped={} partial_bytes={} windowsize_acknowledged={} \
+                 blksize_acknowledged={} negotiated_blksize={} negotiated_windowsize={} \
+                 cpu_s={:.3} cpu_pct={cpu_pct:.1} failures={} pass={pass}",
+                s.ok,
+                s.failed,
+                wall.as_secs_f64(),
+                sessions_per_s,
+                mb_per_s,
+                num(pct(50.0).map(fixed3)),
+                num(pct(90.0).map(fixed3)),
+                num(pct(99.0).map(fixed3)),
+                num(pct(100.0).map(fixed3)),
+                s.retransmits,
+                s.gap_acks,
+                s.dropped,
+                s.partial_bytes,
+                ws_acked.token(),
+                bs_acked.token(),
+                num(s.negotiated_blksize.map(|n| n.to_string())),
+                num(s.negotiated_windowsize.map(|n| n.to_string())),
+                cpu.total(),
+                if failures.is_empty() {
+                    "-".to_string()
+                } else {
+                    failures.join(",")
+                },
+            );
+            return out;
+        }
+        if c.output == Output::Json {
             let mut failures = Json::object();
             for (reason, n) in &s.failures {
                 failures = failures.raw(reason, n);
@@ -908,6 +1056,11 @@ impl Loadgen {
                 .raw("client_timeout_ms", c.client_timeout.as_millis())
                 .raw("drop_pct", c.drop_pct)
                 .raw("seed", c.seed)
+                .raw("rcvbuf", c.rcvbuf)
+                .opt(
+                    "time_limit_s",
+                    c.time_limit.map(|d| fixed3(d.as_secs_f64())),
+                )
                 .raw("transfers_ok", s.ok)
                 .raw("transfers_failed", s.failed)
                 .raw("elapsed_s", format!("{:.6}", wall.as_secs_f64()))
@@ -915,13 +1068,16 @@ impl Loadgen {
                 .raw("sessions_per_s", fixed3(sessions_per_s))
                 .raw("payload_bytes", s.payload_bytes)
                 .raw("payload_mb_per_s", fixed3(mb_per_s))
+                .raw("delivered_mb_per_s", fixed3(delivered_mb_per_s))
+                .raw("partial_bytes", s.partial_bytes)
                 .raw("latency_ms", latency.end())
                 .raw("client_retransmits", s.retransmits)
                 .raw("gap_acks", s.gap_acks)
                 .raw("dropped_packets", s.dropped)
                 .raw("foreign_packets", s.foreign)
                 .raw("failures", failures.end())
-                .str("windowsize_acknowledged", &ws_acked)
+                .str("windowsize_acknowledged", &ws_acked.text())
+                .str("blksize_acknowledged", &bs_acked.text())
                 .opt("negotiated_blksize", s.negotiated_blksize)
                 .opt("negotiated_windowsize", s.negotiated_windowsize)
                 .cpu(cpu, cpu_pct)
@@ -932,7 +1088,7 @@ impl Loadgen {
             out,
             "config: server {} files {} verify {verification} concurrency {} count {} \
              duration {} blksize {} windowsize {} tsize {} timeout {} client-timeout {} ms \
-             drop {}% seed {}",
+             drop {}% seed {} rcvbuf {} time-limit {}",
             c.server,
             c.files.join(","),
             c.concurrency,
@@ -945,6 +1101,8 @@ impl Loadgen {
             c.client_timeout.as_millis(),
             c.drop_pct,
             c.seed,
+            c.rcvbuf,
+            opt(c.time_limit.map(|d| format!("{}s", d.as_secs_f64()))),
         );
         let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
         let _ = writeln!(out, "transfers ok/failed: {}/{}", s.ok, s.failed);
@@ -958,6 +1116,13 @@ impl Loadgen {
         out.push('\n');
         let _ = writeln!(out, "sessions/s: {sessions_per_s:.1}");
         let _ = writeln!(out, "payload MB/s: {mb_per_s:.2}");
+        if s.partial_bytes > 0 {
+            let _ = writeln!(
+                out,
+                "delivered MB/s (with the verified part of failed transfers): \
+                 {delivered_mb_per_s:.2}"
+            );
+        }
         let _ = writeln!(
             out,
             "latency ms p50/p90/p99/max: {}/{}/{}/{}",
@@ -979,7 +1144,8 @@ impl Loadgen {
                 let _ = writeln!(out, "  {n:>8}  {reason}");
             }
         }
-        let _ = writeln!(out, "windowsize acknowledged: {ws_acked}");
+        let _ = writeln!(out, "windowsize acknowledged: {}", ws_acked.text());
+        let _ = writeln!(out, "blksize acknowledged: {}", bs_acked.text());
         let _ = writeln!(
             out,
             "negotiated: blksize {} windowsize {}",
@@ -995,6 +1161,83 @@ impl Loadgen {
         );
         let _ = writeln!(out, "result: {}", if pass { "PASS" } else { "FAIL" });
         out
+    }
+}
+
+/// Whether the server acknowledged a requested option in its OACK, over all transfers.
+enum Acked {
+    NotRequested,
+    /// No transfer got an OACK or DATA 1.
+    Unknown,
+    Yes,
+    No,
+    Partial {
+        yes: u64,
+        no: u64,
+    },
+}
+
+impl Acked {
+    fn new(requested: bool, yes: u64, no: u64) -> Acked {
+        match (requested, yes, no) {
+            (false, _, _) => Acked::NotRequested,
+            (true, 0, 0) => Acked::Unknown,
+            (true, _, 0) => Acked::Yes,
+            (true, 0, _) => Acked::No,
+            (true, yes, no) => Acked::Partial { yes, no },
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Acked::NotRequested => "not requested".into(),
+            Acked::Unknown => "unknown (no reply)".into(),
+            Acked::Yes => "yes".into(),
+            Acked::No => "no".into(),
+            Acked::Partial { yes, no } => format!("partial ({yes} of {})", yes + no),
+        }
+    }
+
+    /// The same as one word, for `--kv`.
+    fn token(&self) -> &'static str {
+        match self {
+            Acked::NotRequested => "not-requested",
+            Acked::Unknown => "unknown",
+            Acked::Yes => "yes",
+            Acked::No => "no",
+            Acked::Partial { .. } => "partial",
+        }
+    }
+}
+
+/// `text` as one `--kv` value: whitespace, `=`, `,` and `:` become `_`.
+fn kv_token(text: &str) -> String {
+    text.chars()
+        .map(|ch| {
+            if ch.is_whitespace() || ch.is_control() || matches!(ch, '=' | ',' | ':') {
+                '_'
+            } else {
+                ch
+            }
+        })
+        .collect()
+}
+
+/// Asks for a receive buffer of `bytes` on `socket`. Best effort: the kernel caps the
+/// value at `net.core.rmem_max`, and a refusal leaves the default.
+fn set_rcvbuf(socket: &UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is open for the duration of the call, and `value` is a valid
+    // `c_int` whose size is passed as the option length.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -1196,7 +1439,15 @@ fn run_raw(config: &RawConfig) -> io::Result<()> {
         1.0 - received as f64 / sent as f64
     };
     let cpu_pct = cpu.total() / secs * 100.0;
-    if config.json {
+    if config.output == Output::Kv {
+        println!(
+            "mode=raw size={size} seconds={secs:.3} sent={sent} send_errors={send_errors} \
+             received={received} sent_per_s={sent_per_s:.1} datagrams_per_s={per_s:.1} \
+             payload_mb_per_s={mb_per_s:.3} loss_ratio={loss:.6} cpu_s={:.3} \
+             cpu_pct={cpu_pct:.1}",
+            cpu.total()
+        );
+    } else if config.output == Output::Json {
         let json = Json::object()
             .str("mode", "raw")
             .raw("size", size)
