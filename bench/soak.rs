@@ -160,23 +160,7 @@ impl Handler for Recorder {
 
     fn server_stats(&mut self, stats: &ServerStats) {
         let mut r = self.reports.lock().unwrap();
-        let t = &mut r.totals;
-        t.requests += stats.requests;
-        t.sessions_started += stats.sessions_started;
-        for (name, n) in &stats.sessions_finished {
-            *t.sessions_finished.entry(name).or_default() += n;
-        }
-        t.malformed += stats.malformed;
-        t.stray_datagrams += stats.stray_datagrams;
-        t.datagrams_sent += stats.datagrams_sent;
-        t.bytes_sent += stats.bytes_sent;
-        t.retransmits += stats.retransmits;
-        t.send_errors += stats.send_errors;
-        t.panics += stats.panics;
-        t.duplicate_requests += stats.duplicate_requests;
-        for (code, n) in &stats.rejected {
-            *t.rejected.entry(*code).or_default() += n;
-        }
+        r.totals.merge(stats);
         r.reports += 1;
         r.last_active = stats.active_sessions;
     }

@@ -532,23 +532,9 @@ impl Session {
         }
         let first = self.next;
         let start = self.slot(first) * slot_len;
-        let mut bytes_len = 0;
-        for block in first..first + count {
-            let slot = self.slot(block);
-            let len = self.lens[slot];
-            bytes_len += len;
-            let payload = (len - DATA_HEADER_LEN) as u64;
-            self.stats.packets_sent += 1;
-            self.stats.bytes_sent += payload;
-            if block <= self.high_sent {
-                self.stats.packets_resent += 1;
-                self.stats.bytes_resent += payload;
-                self.sent_at[slot].1 = true;
-            } else {
-                self.high_sent = block;
-                self.sent_at[slot] = (self.now, false);
-            }
-        }
+        let bytes_len = (first..first + count)
+            .map(|b| self.account_send(b))
+            .sum::<usize>();
         self.next += count;
         self.arm_retransmit();
         Some(DataRun {
@@ -580,6 +566,16 @@ impl Session {
     fn transmit_next(&mut self) -> Output<'_> {
         let block = self.next;
         self.next += 1;
+        let len = self.account_send(block);
+        // The timer runs from the last packet sent.
+        self.arm_retransmit();
+        let start = self.slot(block) * self.slot_len();
+        Output::Transmit(&self.ring[start..start + len])
+    }
+
+    /// Counts block `block` as sent now (first send or resend, for the round-trip
+    /// samples too); returns its packet length.
+    fn account_send(&mut self, block: u64) -> usize {
         let slot = self.slot(block);
         let len = self.lens[slot];
         let payload = (len - DATA_HEADER_LEN) as u64;
@@ -593,10 +589,7 @@ impl Session {
             self.high_sent = block;
             self.sent_at[slot] = (self.now, false);
         }
-        // The timer runs from the last packet sent.
-        self.arm_retransmit();
-        let start = slot * self.slot_len();
-        Output::Transmit(&self.ring[start..start + len])
+        len
     }
 
     /// Reads block `filled + 1` into its slot. `Ok(false)` means the source would block.

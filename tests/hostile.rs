@@ -65,23 +65,6 @@ fn assert_still_serves(server: &mut ServerGuard, case: &str) {
     assert_eq!(stats.outcome, Outcome::Completed, "{case}");
 }
 
-/// The next finished session of `peer` (sessions of other peers reported before it are
-/// passed over: they are the normal fetches of earlier checks).
-#[track_caller]
-fn session_of(server: &mut ServerGuard, peer: SocketAddr) -> dyntftp::SessionStats {
-    for _ in 0..1000 {
-        let stats = server.next_session();
-        if stats.peer == peer {
-            return stats;
-        }
-        assert_eq!(
-            stats.filename, "small.txt",
-            "an unexpected session: {stats:?}"
-        );
-    }
-    panic!("no session of {peer}");
-}
-
 /// What a datagram sent to the listener must get.
 #[derive(Clone, Copy, Debug)]
 enum Answer {

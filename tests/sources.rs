@@ -225,23 +225,6 @@ fn spawn_liars(configure: impl FnOnce(Builder) -> Builder + Send + 'static) -> L
     Liarsrv { server, reads, cpu }
 }
 
-/// The next finished session of `peer` (sessions of other peers are the `small.txt`
-/// fetches of earlier checks).
-#[track_caller]
-fn session_of(server: &mut ServerGuard, peer: std::net::SocketAddr) -> SessionStats {
-    for _ in 0..1000 {
-        let stats = server.next_session();
-        if stats.peer == peer {
-            return stats;
-        }
-        assert_eq!(
-            stats.filename, "small.txt",
-            "an unexpected session: {stats:?}"
-        );
-    }
-    panic!("no session of {peer}");
-}
-
 #[track_caller]
 fn assert_still_serves(server: &mut ServerGuard, case: &str) {
     let client = Client::new(server.addr);

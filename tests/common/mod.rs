@@ -400,6 +400,24 @@ impl Drop for ServerGuard {
     }
 }
 
+/// The next finished session of `peer`; sessions of other peers reported before it are
+/// passed over, as long as they are the `small.txt` fetches tests use to check that the
+/// server still serves.
+#[track_caller]
+pub fn session_of(server: &mut ServerGuard, peer: SocketAddr) -> SessionStats {
+    for _ in 0..1000 {
+        let stats = server.next_session();
+        if stats.peer == peer {
+            return stats;
+        }
+        assert_eq!(
+            stats.filename, "small.txt",
+            "an unexpected session: {stats:?}"
+        );
+    }
+    panic!("no session of {peer}");
+}
+
 /// Sums counters of several reports (gauges and intervals are not summed).
 pub fn sum_reports(reports: &[ServerStats]) -> ServerStats {
     let mut total = ServerStats::default();
