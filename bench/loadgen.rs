@@ -45,6 +45,11 @@
 //! kernel buffer (the kernel caps the value at `net.core.rmem_max`). A client connects
 //! its socket to the server's transfer ID once a transfer passes its first block.
 //!
+//! `--bind 127.0.0.2` puts the clients on their own loopback address: on a machine
+//! where other programs use loopback too, a late datagram of theirs sent to a port this
+//! run has just reused (for 127.0.0.1) then cannot reach a client and pass for its
+//! server's first reply.
+//!
 //! A run is bounded by `--count` transfers and/or `--duration` seconds, whichever comes
 //! first (default count: one transfer per client). After the duration no transfer is
 //! started and those in flight finish (and are verified), but the rates of such a run
@@ -181,6 +186,8 @@ struct Config {
     rcvbuf_given: bool,
     /// Transfers still in flight this long after the start are abandoned.
     time_limit: Option<Duration>,
+    /// Local address of the client sockets (default: the unspecified address).
+    bind: Option<IpAddr>,
     output: Output,
 }
 
@@ -253,6 +260,11 @@ const VALUE_FLAGS: &[(&str, &str, &str)] = &[
         "rcvbuf",
         "BYTES",
         "client socket receive buffer (default 4 MiB when a window may exceed 32 KiB)",
+    ),
+    (
+        "bind",
+        "ADDR",
+        "client source address, e.g. 127.0.0.2 (default: any)",
     ),
     (
         "time-limit",
@@ -394,6 +406,7 @@ fn parse_args(opts: &Options, args: &[String]) -> Result<Mode, String> {
         rcvbuf_given: rcvbuf.is_some(),
         time_limit: parse_opt(&m, "time-limit", |s: &f64| *s > 0.0 && *s <= 86_400.0)?
             .map(Duration::from_secs_f64),
+        bind: parse_opt(&m, "bind", |_: &IpAddr| true)?,
         output,
     }))
 }
@@ -699,8 +712,9 @@ impl Loadgen {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
+        let local = self.config.bind.unwrap_or(unspecified);
         let mut socket =
-            UdpSocket::bind(SocketAddr::new(unspecified, 0)).map_err(|e| format!("bind: {e}"))?;
+            UdpSocket::bind(SocketAddr::new(local, 0)).map_err(|e| format!("bind: {e}"))?;
         if self.config.rcvbuf_needed() {
             set_rcvbuf(&socket, self.config.rcvbuf);
         }
