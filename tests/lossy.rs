@@ -359,7 +359,10 @@ fn lossy_fetch(
             Err(e) => return Err(e.to_string()),
         };
         if from != relay.tid {
-            return Err(format!("datagram from {from}, not the relay's TID"));
+            // Not from the relay: a stray from some other program on this machine that
+            // sent to a port which is ours now. A client ignores it (RFC 1350 would
+            // answer ERROR 5; the relay never sees it either way).
+            continue;
         }
         silent = 0;
         match Packet::parse(&buf[..len]) {
