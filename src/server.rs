@@ -469,6 +469,10 @@ impl<H> Prepared<H> {
                 // Every session's ACKs and DATA share these buffers.
                 let _ = sys::set_recv_buffer(&socket, SINGLE_PORT_BUFFER);
                 let _ = sys::set_send_buffer(&socket, SINGLE_PORT_BUFFER);
+            } else {
+                // A boot storm's requests arrive in one burst: room for thousands of them
+                // (a small datagram takes about 1 KiB of buffer).
+                let _ = sys::set_recv_buffer(&socket, LISTENER_BUFFER);
             }
             listeners.push(Listener {
                 socket,
@@ -637,6 +641,8 @@ impl ReadySink for ReadyQueue {
 /// Socket buffer sizes asked for in single-port mode (the kernel caps them at
 /// `net.core.rmem_max` / `wmem_max`).
 const SINGLE_PORT_BUFFER: usize = 8 << 20;
+/// Receive buffer asked for on a listener (same cap).
+const LISTENER_BUFFER: usize = 8 << 20;
 
 struct Listener {
     socket: UdpSocket,

@@ -256,10 +256,14 @@ pub fn send_segments(
     }
 }
 
-/// Sets the socket's receive buffer size (the kernel may clamp it).
+/// Sets the socket's receive buffer size: beyond `net.core.rmem_max` when the process may
+/// (SO_RCVBUFFORCE, with CAP_NET_ADMIN: dyntftpd binds before dropping privileges), else
+/// as much as that limit allows.
 pub fn set_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
-    let bytes = bytes.min(i32::MAX as usize) as libc::c_int;
-    setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)
+    let bytes = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+    let fd = socket.as_raw_fd();
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+        .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes))
 }
 
 /// The soft limit on open file descriptors, raised to the hard limit first when possible.
