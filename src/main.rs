@@ -157,6 +157,7 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
         .max_sessions_per_client((config.max_per_client > 0).then_some(config.max_per_client))
         .adaptive_timeout(config.adaptive_timeout)
         .udp_gso(config.udp_gso)
+        .busy_poll(std::time::Duration::from_micros(config.busy_poll))
         .single_port(config.single_port)
         .stats_interval(config.stats_interval);
     if let Some(max) = config.max_sessions {

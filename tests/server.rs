@@ -1286,3 +1286,16 @@ fn an_unacknowledged_first_packet_waits_the_full_timeout() {
     assert_eq!(raw.expect_data().0, 1);
     assert_eq!(raw.recv_within(Duration::from_millis(300)), None);
 }
+
+#[test]
+fn busy_polling_serves_the_same_bytes() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.busy_poll(Duration::from_micros(200))
+    });
+    for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")][..]] {
+        let got = fetch(server.addr, "big.bin", "octet", options).unwrap();
+        assert_same(&got.data, big(), "big.bin");
+        assert_eq!(server.next_session().outcome, Outcome::Completed);
+    }
+}

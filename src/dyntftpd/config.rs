@@ -45,6 +45,8 @@ pub struct Config {
     pub max_per_client: u32,
     pub adaptive_timeout: bool,
     pub udp_gso: bool,
+    /// Microseconds to poll without sleeping while sessions run.
+    pub busy_poll: u64,
     pub single_port: bool,
     pub workers: usize,
     pub ignore_case: bool,
@@ -77,6 +79,7 @@ impl Default for Config {
             max_per_client: dyntftp::server::DEFAULT_MAX_SESSIONS_PER_CLIENT,
             adaptive_timeout: true,
             udp_gso: true,
+            busy_poll: 0,
             single_port: false,
             workers: 1,
             ignore_case: false,
@@ -129,6 +132,7 @@ impl Config {
             if self.adaptive_timeout { "on" } else { "off" }
         );
         let _ = writeln!(out, "udp-gso = {}", if self.udp_gso { "on" } else { "off" });
+        let _ = writeln!(out, "busy-poll = {}", self.busy_poll);
         let _ = writeln!(out, "single-port = {}", self.single_port);
         let _ = writeln!(out, "workers = {}", self.workers);
         let _ = writeln!(out, "ignore-case = {}", self.ignore_case);
@@ -217,6 +221,7 @@ impl Config {
                 }
             }
             "strip-prefix" if !text.is_empty() => self.strip_prefix.push(text.to_string()),
+            "busy-poll" => self.busy_poll = number(text, |n: &u64| *n <= 10_000).ok_or_else(bad)?,
             "workers" => {
                 self.workers = number(text, |n: &usize| (1..=1024).contains(n)).ok_or_else(bad)?
             }
@@ -292,7 +297,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 26] = [
+pub const FILE_KEYS: [&str; 27] = [
     "listen",
     "root",
     "timeout",
@@ -305,6 +310,7 @@ pub const FILE_KEYS: [&str; 26] = [
     "max-per-client",
     "adaptive-timeout",
     "udp-gso",
+    "busy-poll",
     "single-port",
     "workers",
     "ignore-case",
@@ -413,6 +419,12 @@ pub fn options() -> Options {
         "udp-gso",
         "on (default): send each window's DATA with UDP segmentation offload, many datagrams per system call (automatic fallback); off: one per call",
         "on|off",
+    );
+    opts.optopt(
+        "",
+        "busy-poll",
+        "while transfers run, poll this many microseconds without sleeping before blocking: faster lock-step transfers for CPU time (0..10000, default 0: off)",
+        "USECS",
     );
     opts.optflag(
         "",
@@ -722,6 +734,9 @@ mod tests {
         assert!(config(&["--single-port"]).single_port);
         assert_eq!(c.workers, 1);
         assert!(c.udp_gso);
+        assert_eq!(c.busy_poll, 0);
+        assert_eq!(config(&["--busy-poll", "50"]).busy_poll, 50);
+        assert!(parse_args(&args(&["--busy-poll", "20000"])).is_err());
         assert!(!config(&["--udp-gso", "off"]).udp_gso);
         assert_eq!(config(&["--workers", "2"]).workers, 2);
         for bad in ["0", "1025", "two"] {
