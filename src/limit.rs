@@ -64,6 +64,8 @@ struct Bucket {
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: Rate,
+    /// Time for an empty bucket to refill (how often pruning is worth it).
+    refill: Duration,
     buckets: HashMap<ClientKey, Bucket>,
     max_clients: usize,
     last_prune: Option<Instant>,
@@ -72,8 +74,14 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// A limiter allowing `rate` per client, tracking at most `max_clients` clients.
     pub fn new(rate: Rate, max_clients: usize) -> RateLimiter {
+        let refill = if rate.per_second > 0.0 {
+            Duration::from_secs_f64((f64::from(rate.burst.max(1)) / rate.per_second).min(1e6))
+        } else {
+            Duration::MAX
+        };
         RateLimiter {
             rate,
+            refill,
             buckets: HashMap::new(),
             max_clients: max_clients.max(1),
             last_prune: None,
@@ -109,10 +117,9 @@ impl RateLimiter {
     /// Forgets buckets that have refilled by `now`; cheap to call often (it does the work
     /// at most once per refill period).
     pub fn prune(&mut self, now: Instant) {
-        let refill = self.refill_time();
         if self
             .last_prune
-            .is_some_and(|last| now.saturating_duration_since(last) < refill / 4)
+            .is_some_and(|last| now.saturating_duration_since(last) < self.refill / 4)
         {
             return;
         }
@@ -128,14 +135,6 @@ impl RateLimiter {
     /// Clients currently tracked.
     pub fn tracked(&self) -> usize {
         self.buckets.len()
-    }
-
-    /// Time for an empty bucket to refill.
-    fn refill_time(&self) -> Duration {
-        if self.rate.per_second <= 0.0 {
-            return Duration::MAX;
-        }
-        Duration::from_secs_f64((f64::from(self.rate.burst.max(1)) / self.rate.per_second).min(1e6))
     }
 }
 

@@ -760,7 +760,7 @@ pub struct Server<H> {
     /// Send runs of DATA with UDP GSO (turned off for good at the first failure).
     gso: bool,
     /// How long to poll without sleeping while sessions run.
-    settings_busy_poll: Duration,
+    busy_poll: Duration,
     /// Worker 0 of several: the other workers' statistics, added to its reports.
     stats_from_workers: Option<mpsc::Receiver<ServerStats>>,
     /// Another worker: its statistics go to worker 0 instead of the handler.
@@ -903,7 +903,7 @@ impl<H: Handler> Server<H> {
             pending: VecDeque::new(),
             descriptors_paused_until: None,
             gso: settings.udp_gso,
-            settings_busy_poll: settings.busy_poll,
+            busy_poll: settings.busy_poll,
             stats_from_workers,
             stats_to_worker_0,
         }
@@ -967,7 +967,7 @@ impl<H: Handler> Server<H> {
             return Ok(false);
         }
         let timeout = self.poll_timeout(max_wait);
-        if !self.busy_poll(timeout)? {
+        if !self.spin_for_events(timeout)? {
             match self.poll.poll(&mut self.events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1028,8 +1028,8 @@ impl<H: Handler> Server<H> {
 
     /// With [`ServerBuilder::busy_poll`] and sessions running, polls without sleeping for
     /// up to that long (never past `timeout`). True when events came.
-    fn busy_poll(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
-        let spin = self.settings_busy_poll;
+    fn spin_for_events(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        let spin = self.busy_poll;
         if spin.is_zero() || self.sessions.is_empty() || timeout == Some(Duration::ZERO) {
             return Ok(false);
         }
@@ -1164,9 +1164,12 @@ impl<H: Handler> Server<H> {
         let request = matches!(parsed, Ok(Packet::Rrq(_) | Packet::Wrq(_)));
         let session = self.by_peer.get(&peer).copied();
         if let (Some(key), false) = (session, request) {
-            self.sessions[key]
-                .session
-                .handle_datagram(self.now, datagram);
+            let session = &mut self.sessions[key].session;
+            match parsed {
+                Ok(packet) => session.handle_packet(self.now, packet),
+                // Counted as malformed by the session.
+                Err(_) => session.handle_datagram(self.now, datagram),
+            }
             self.drive(key);
             return;
         }
@@ -1708,22 +1711,12 @@ impl<H: Handler> Server<H> {
             }));
             match output {
                 Ok(Output::Transmit(datagram)) => {
-                    match transmit(&self.listeners, transport, datagram, *peer) {
-                        Ok(_) => {
-                            self.stats.datagrams_sent += 1;
-                            if let [0, 3, _, _, payload @ ..] = datagram {
-                                self.stats.bytes_sent += payload.len() as u64;
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            // The retransmission timer recovers the packet.
-                            self.stats.send_would_block += 1;
-                        }
-                        Err(e) => {
-                            self.stats.send_errors += 1;
-                            debug!("{peer}: send failed: {e}");
-                        }
-                    }
+                    let sent = transmit(&self.listeners, transport, datagram, *peer);
+                    let payload = match datagram {
+                        [0, 3, _, _, payload @ ..] => payload.len(),
+                        _ => 0,
+                    };
+                    count_send(&mut self.stats, sent, 1, payload as u64, *peer);
                 }
                 Ok(Output::Wait(deadline)) => {
                     match entry.timer {
@@ -1759,7 +1752,8 @@ impl<H: Handler> Server<H> {
         };
         let segment = session.params().blksize as usize + DATA_HEADER_LEN;
         let max = (GSO_MAX_BYTES / segment).min(GSO_MAX_SEGMENTS);
-        if max < 2 {
+        // Lock step never has two packets to send at once.
+        if max < 2 || session.params().window < 2 {
             return false;
         }
         let run = catch_unwind(AssertUnwindSafe(move || {
@@ -1776,31 +1770,17 @@ impl<H: Handler> Server<H> {
         };
         let payload = (run.bytes.len() - run.packets * DATA_HEADER_LEN) as u64;
         match sys::send_segments(&*socket, run.bytes, run.segment as u16, *peer) {
-            Ok(_) => {
-                self.stats.datagrams_sent += run.packets as u64;
-                self.stats.bytes_sent += payload;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The retransmission timer recovers the packets.
-                self.stats.send_would_block += run.packets as u64;
-            }
-            Err(e) => {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
                 // No GSO here: never again, and these packets one by one.
                 info!("UDP segmentation offload unavailable ({e}); sending one datagram per call");
                 self.gso = false;
                 for datagram in run.bytes.chunks(run.segment) {
-                    match socket.send_to(datagram, *peer) {
-                        Ok(_) => {
-                            self.stats.datagrams_sent += 1;
-                            self.stats.bytes_sent += (datagram.len() - DATA_HEADER_LEN) as u64;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.stats.send_would_block += 1;
-                        }
-                        Err(_) => self.stats.send_errors += 1,
-                    }
+                    let sent = socket.send_to(datagram, *peer);
+                    let payload = (datagram.len() - DATA_HEADER_LEN) as u64;
+                    count_send(&mut self.stats, sent, 1, payload, *peer);
                 }
             }
+            sent => count_send(&mut self.stats, sent, run.packets as u64, payload, *peer),
         }
         true
     }
@@ -1939,6 +1919,28 @@ impl<H: Handler> Server<H> {
                 log::Level::Error,
                 format_args!("the handler panicked in server_stats"),
             );
+        }
+    }
+}
+
+/// Counts one send of `packets` datagrams carrying `payload` DATA bytes. A send dropped
+/// for a full buffer is recovered by the retransmission timer.
+fn count_send(
+    stats: &mut ServerStats,
+    sent: io::Result<usize>,
+    packets: u64,
+    payload: u64,
+    peer: SocketAddr,
+) {
+    match sent {
+        Ok(_) => {
+            stats.datagrams_sent += packets;
+            stats.bytes_sent += payload;
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => stats.send_would_block += packets,
+        Err(e) => {
+            stats.send_errors += packets;
+            debug!("{peer}: send failed: {e}");
         }
     }
 }

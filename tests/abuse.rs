@@ -21,15 +21,6 @@ fn raw_on(ip: [u8; 4]) -> Raw {
     Raw { socket }
 }
 
-/// Whether 127.0.0.2 is a local address (Linux routes all of 127/8 to loopback).
-fn second_loopback(test: &str) -> bool {
-    let ok = UdpSocket::bind("127.0.0.2:0").is_ok();
-    if !ok {
-        eprintln!("SKIPPED: {test}: 127.0.0.2 is not a local address here");
-    }
-    ok
-}
-
 fn is_data_1(datagram: &[u8]) -> bool {
     matches!(Packet::parse(datagram), Ok(Packet::Data { block: 1, .. }))
 }
@@ -52,7 +43,7 @@ fn fetch_small(server: &mut ServerGuard, raw: &Raw) {
 
 #[test]
 fn requests_over_the_rate_are_dropped_unanswered() {
-    if !second_loopback("requests_over_the_rate_are_dropped_unanswered") {
+    if !loopback_127_0_0_2("requests_over_the_rate_are_dropped_unanswered") {
         return;
     }
     let root = standard_root();
@@ -107,7 +98,7 @@ fn loopback_clients_are_exempt_by_default() {
 
 #[test]
 fn sessions_per_client_are_capped() {
-    if !second_loopback("sessions_per_client_are_capped") {
+    if !loopback_127_0_0_2("sessions_per_client_are_capped") {
         return;
     }
     let root = standard_root();
@@ -222,7 +213,7 @@ fn captured() -> &'static Capture {
 
 #[test]
 fn a_flood_writes_a_bounded_number_of_warnings() {
-    if !second_loopback("a_flood_writes_a_bounded_number_of_warnings") {
+    if !loopback_127_0_0_2("a_flood_writes_a_bounded_number_of_warnings") {
         return;
     }
     let capture = captured();

@@ -4,7 +4,7 @@
 mod common;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -861,15 +861,6 @@ fn via_wildcard(server: &mut ServerGuard, target: SocketAddr) {
     let (code, _, from) = raw.expect_error();
     assert_eq!(code, 1);
     assert_eq!(from.ip(), target.ip());
-}
-
-/// Whether this host routes 127.0.0.2 to loopback (Linux does for all of 127/8).
-fn loopback_127_0_0_2(test: &str) -> bool {
-    let ok = UdpSocket::bind("127.0.0.2:0").is_ok();
-    if !ok {
-        eprintln!("SKIPPED: {test}: 127.0.0.2 is not a local address here");
-    }
-    ok
 }
 
 #[test]

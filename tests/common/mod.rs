@@ -441,6 +441,16 @@ pub fn loopback_like(server: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Whether this host routes 127.0.0.2 to loopback (Linux does for all of 127/8); says
+/// the test is skipped when it does not.
+pub fn loopback_127_0_0_2(test: &str) -> bool {
+    let ok = UdpSocket::bind("127.0.0.2:0").is_ok();
+    if !ok {
+        eprintln!("SKIPPED: {test}: 127.0.0.2 is not a local address here");
+    }
+    ok
+}
+
 /// A UDP socket with the test read timeout.
 pub fn socket_for(server: SocketAddr) -> UdpSocket {
     let socket = UdpSocket::bind(loopback_like(server)).expect("bind client socket");
