@@ -1206,17 +1206,13 @@ impl<H: Handler> Server<H> {
         let Some((listener, source)) = self.arrival else {
             return;
         };
-        self.scratch.clear();
-        write_error(
+        answer_stray(
+            &self.listeners,
+            &Transport::Shared { listener, source },
             &mut self.scratch,
-            ErrorCode::UnknownTransferId,
-            "unknown transfer id",
+            &mut self.stats,
+            peer,
         );
-        let listener = &self.listeners[listener];
-        match sys::send_from(&listener.socket, listener.v6, &self.scratch, peer, source) {
-            Ok(_) => self.stats.datagrams_sent += 1,
-            Err(_) => self.stats.send_errors += 1,
-        }
     }
 
     /// Single-port mode with `max_sessions` running: keeps a request until a session ends
@@ -1628,16 +1624,13 @@ impl<H: Handler> Server<H> {
                 debug!("{from}: datagram for {}'s session, ERROR 5", entry.peer);
                 // Never answer an ERROR, not even a stray one.
                 if !matches!(Packet::parse(&self.buf[..len]), Ok(Packet::Error { .. })) {
-                    self.scratch.clear();
-                    write_error(
+                    answer_stray(
+                        &self.listeners,
+                        &entry.transport,
                         &mut self.scratch,
-                        ErrorCode::UnknownTransferId,
-                        "unknown transfer id",
+                        &mut self.stats,
+                        from,
                     );
-                    match socket.send_to(&self.scratch, from) {
-                        Ok(_) => self.stats.datagrams_sent += 1,
-                        Err(_) => self.stats.send_errors += 1,
-                    }
                 }
                 continue;
             }
@@ -1921,6 +1914,21 @@ impl<H: Handler> Server<H> {
             );
         }
     }
+}
+
+/// Answers a datagram from a stranger with ERROR 5 "unknown transfer id", from the
+/// session's (or, in single-port mode, the listener's) address and port.
+fn answer_stray(
+    listeners: &[Listener],
+    transport: &Transport,
+    scratch: &mut Vec<u8>,
+    stats: &mut ServerStats,
+    to: SocketAddr,
+) {
+    scratch.clear();
+    write_error(scratch, ErrorCode::UnknownTransferId, "unknown transfer id");
+    let sent = transmit(listeners, transport, scratch, to);
+    count_send(stats, sent, 1, 0, to);
 }
 
 /// Counts one send of `packets` datagrams carrying `payload` DATA bytes. A send dropped
