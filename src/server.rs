@@ -69,6 +69,8 @@ pub enum Error {
     Config(String),
     /// The event loop failed.
     Io(io::Error),
+    /// A worker's thread panicked (outside the user code the loop contains).
+    WorkerPanicked,
 }
 
 impl fmt::Display for Error {
@@ -77,6 +79,7 @@ impl fmt::Display for Error {
             Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             Error::Config(why) => write!(f, "invalid setting: {why}"),
             Error::Io(e) => write!(f, "event loop failed: {e}"),
+            Error::WorkerPanicked => write!(f, "a worker thread panicked"),
         }
     }
 }
@@ -86,7 +89,7 @@ impl std::error::Error for Error {
         match self {
             Error::Bind { source, .. } => Some(source),
             Error::Io(e) => Some(e),
-            Error::Config(_) => None,
+            Error::Config(_) | Error::WorkerPanicked => None,
         }
     }
 }
@@ -616,9 +619,7 @@ impl<H: Handler + Send + 'static> Workers<H> {
             stop.shutdown();
         }
         for thread in threads {
-            let joined = thread
-                .join()
-                .unwrap_or_else(|_| Err(Error::Config("a worker thread panicked".into())));
+            let joined = thread.join().unwrap_or(Err(Error::WorkerPanicked));
             if result.is_ok() {
                 result = joined;
             }
