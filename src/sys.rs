@@ -146,70 +146,45 @@ pub fn send_from(
         }
         (_, peer) => peer,
     };
-    let (mut storage, name_len) = std_to_sockaddr(peer);
-    let mut iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    let mut control = [MaybeUninit::<u64>::uninit(); 8]; // 64 bytes, 8-aligned
-                                                         // SAFETY: all-zero is a valid msghdr.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
-    msg.msg_namelen = name_len;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some((ip, ifindex)) = source {
-        msg.msg_control = control.as_mut_ptr().cast();
-        // SAFETY: the control buffer is 64 bytes, more than one cmsghdr with an
-        // in6_pktinfo; CMSG_FIRSTHDR points into it, and the data is written unaligned
-        // with the size CMSG_LEN announced.
-        unsafe {
-            if v6_socket {
-                let ip6 = match ip {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                };
-                msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
-                (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
-                let info = libc::in6_pktinfo {
-                    ipi6_addr: libc::in6_addr {
-                        s6_addr: ip6.octets(),
-                    },
-                    ipi6_ifindex: if ip.is_ipv4() { 0 } else { ifindex },
-                };
-                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
-            } else {
-                let IpAddr::V4(v4) = ip else {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "IPv6 source on an IPv4 socket",
-                    ));
-                };
-                msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::IPPROTO_IP;
-                (*cmsg).cmsg_type = libc::IP_PKTINFO;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
-                let info = libc::in_pktinfo {
-                    ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr {
-                        s_addr: u32::from(v4).to_be(),
-                    },
-                    ipi_addr: libc::in_addr { s_addr: 0 },
-                };
-                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
-            }
+    match (source, v6_socket) {
+        (None, _) => send_msg::<u8>(socket, buf, peer, None),
+        (Some((ip, ifindex)), true) => {
+            let ip6 = match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip6.octets(),
+                },
+                ipi6_ifindex: if ip.is_ipv4() { 0 } else { ifindex },
+            };
+            send_msg(
+                socket,
+                buf,
+                peer,
+                Some((libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info)),
+            )
         }
-    }
-    // SAFETY: every pointer in `msg` points to a live buffer of the length given with it.
-    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+        (Some((IpAddr::V4(v4), _)), false) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            send_msg(
+                socket,
+                buf,
+                peer,
+                Some((libc::IPPROTO_IP, libc::IP_PKTINFO, info)),
+            )
+        }
+        (Some((IpAddr::V6(_), _)), false) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "IPv6 source on an IPv4 socket",
+        )),
     }
 }
 
@@ -224,28 +199,50 @@ pub fn send_segments(
     segment: u16,
     peer: SocketAddr,
 ) -> io::Result<usize> {
+    send_msg(
+        socket,
+        buf,
+        peer,
+        Some((libc::SOL_UDP, libc::UDP_SEGMENT, segment)),
+    )
+}
+
+/// `sendmsg` of `buf` to `peer` with at most one control message: `(level, type, data)`.
+fn send_msg<T: Copy>(
+    socket: &impl AsRawFd,
+    buf: &[u8],
+    peer: SocketAddr,
+    cmsg: Option<(libc::c_int, libc::c_int, T)>,
+) -> io::Result<usize> {
+    let mut control = [MaybeUninit::<u64>::uninit(); 8]; // 64 bytes, 8-aligned
     let (mut storage, name_len) = std_to_sockaddr(peer);
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
-    let mut control = [MaybeUninit::<u64>::uninit(); 4]; // 32 bytes, 8-aligned
-                                                         // SAFETY: all-zero is a valid msghdr.
+    // SAFETY: all-zero is a valid msghdr.
     let mut msg: libc::msghdr = unsafe { zeroed() };
     msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
     msg.msg_namelen = name_len;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: the control buffer (32 bytes) holds one cmsghdr with a u16; CMSG_FIRSTHDR
-    // points into it and the data is written unaligned with the size CMSG_LEN announced.
-    unsafe {
-        msg.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_UDP;
-        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+    if let Some((level, kind, data)) = cmsg {
+        let len = size_of::<T>() as u32;
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(len) } as usize;
+        assert!(space <= size_of_val(&control), "control message too large");
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer holds `space` bytes (checked above), room for one
+        // cmsghdr and `T`; CMSG_FIRSTHDR points into it, and the data is written unaligned
+        // with the size CMSG_LEN announces.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&msg);
+            (*header).cmsg_level = level;
+            (*header).cmsg_type = kind;
+            (*header).cmsg_len = libc::CMSG_LEN(len) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<T>(), data);
+        }
     }
     // SAFETY: every pointer in `msg` points to a live buffer of the length given with it.
     let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) };
