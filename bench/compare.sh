@@ -17,6 +17,8 @@
 # enough concurrency for 256 clients, no per-transfer logging, default timeouts of 1 s):
 #   dyntftpd   target/release/dyntftpd -l 127.0.0.1:PORT -r ROOT -q --max-window 64
 #              (max blksize 65464 and max sessions from the fd limit are its defaults)
+#   dyntftpd-tuned  the same with --single-port --cache 64M: every transfer served from
+#              the listening socket (no socket per transfer) and files kept in memory
 #   tftpd-hpa  in.tftpd -L -a 127.0.0.1:PORT -s -B 65464 -u nobody ROOT
 #              (-L foreground, -s chroot into ROOT: needs root; one process per transfer;
 #              no -v, so nothing is logged per transfer; it does not know windowsize)
@@ -59,13 +61,16 @@
 #     its OACK is shown as "ignores ws"; a smaller blksize than asked as "bs=N".
 #   64 clients fetching 1 KiB files for 5 s: sessions/s
 #   256 clients fetching 1 MiB at blksize 1428, 512 transfers: aggregate MB/s
+#   (these two with the load generator's --shared-socket: one client socket, a loopback
+#   address per transfer, batched system calls, so that the clients cost less CPU than
+#   the server they measure)
 #   32 MiB, blksize 1428, windowsize 16 asked, with 0 %, 1 % and 5 % of the DATA/OACK
 #     packets dropped by the client: one transfer, verified MB/s; a transfer still
 #     running after --loss-limit seconds (default 20) is cut, and its row shows the
 #     verified bytes per second up to the cut, marked "(cut)".
 #   Raw UDP ceiling, 1432- and 8196-byte datagrams (blksize 1428 and 8192 + 4), 3 s each.
 # Every case also reports the load generator's own CPU (max over servers and runs) and
-# dyntftpd's CPU over the same time (median), so one can see which side was the limit.
+# each server's CPU over the same time (median), so one can see which side was the limit.
 #
 # Needs bash, awk, cargo, taskset (optional), ss (optional, for readiness checks).
 # `bash -n bench/compare.sh` checks its syntax.
@@ -75,7 +80,7 @@ set -euo pipefail
 runs=3
 quick=0
 markdown=0
-servers_wanted="dyntftpd,tftpd-hpa,atftpd,dnsmasq"
+servers_wanted="dyntftpd,dyntftpd-tuned,tftpd-hpa,atftpd,dnsmasq"
 loss_limit=20
 port_base=17300
 cmdline="bench/compare.sh${*:+ $*}"
@@ -195,7 +200,7 @@ port_in_use() {
 # Prints why server $1 cannot run here, or nothing when it can.
 unavailable() {
     case "$1" in
-        dyntftpd) ;;
+        dyntftpd|dyntftpd-tuned) ;;
         tftpd-hpa)
             if [ -z "$in_tftpd" ]; then echo "in.tftpd not installed"
             elif [ "$is_root" = 0 ]; then echo "in.tftpd -s needs root (chroot)"
@@ -215,6 +220,7 @@ unavailable() {
 version_of() {
     case "$1" in
         dyntftpd) "$dyntftpd" --version 2>&1 | head -n 1 ;;
+        dyntftpd-tuned) echo "$("$dyntftpd" --version 2>&1 | head -n 1) --single-port --cache 64M" ;;
         tftpd-hpa) "$in_tftpd" -V 2>&1 | head -n 1 ;;
         atftpd) "$atftpd" -V 2>&1 | head -n 1 ;;
         dnsmasq) "$dnsmasq" --version 2>&1 | head -n 1 | sed 's/ *Copyright.*//' ;;
@@ -227,6 +233,7 @@ port_of() {
         tftpd-hpa) echo $((port_base + 1)) ;;
         atftpd) echo $((port_base + 2)) ;;
         dnsmasq) echo 69 ;;
+        dyntftpd-tuned) echo $((port_base + 3)) ;;
     esac
 }
 
@@ -243,6 +250,10 @@ start_server() {
         dyntftpd)
             "${pin_server[@]}" "$dyntftpd" -l "127.0.0.1:$port" -r "$root" -q \
                 --max-window 64 >"$log" 2>&1 &
+            ;;
+        dyntftpd-tuned)
+            "${pin_server[@]}" "$dyntftpd" -l "127.0.0.1:$port" -r "$root" -q \
+                --max-window 64 --single-port --cache 64M >"$log" 2>&1 &
             ;;
         tftpd-hpa)
             "${pin_server[@]}" "$in_tftpd" -L -a "127.0.0.1:$port" -s -B 65464 -u nobody \
@@ -320,10 +331,10 @@ cases() {
         done
     done
     printf '%s\t%s\t%s\t%s\n' small64 sessions/s "64 clients, 1 KiB files, ${small_secs} s" \
-        "--file small --concurrency 64 --duration $small_secs"
+        "--file small --concurrency 64 --duration $small_secs --shared-socket"
     printf '%s\t%s\t%s\t%s\n' many256 MB/s \
         "256 clients, 1 MiB, blksize 1428 ($many_count transfers)" \
-        "--file medium --concurrency 256 --count $many_count --blksize 1428"
+        "--file medium --concurrency 256 --count $many_count --blksize 1428 --shared-socket"
     local d
     for d in 0 1 5; do
         printf '%s\t%s\t%s\t%s\n' "loss$d" MB/s \
@@ -355,14 +366,22 @@ results="$tmp/results" # lines: server case run value flag loadgen_cpu_pct serve
 : >"$results"
 
 hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
-# CPU time (ns) used so far by process $1, or nothing when /proc does not have it. Only
-# dyntftpd's is reported, and it is single-threaded: /proc/PID/schedstat counts its
-# time on CPU in nanoseconds; /proc/PID/stat (clock ticks) is the fallback.
+# CPU time (ns) used so far by server $1's process $2, or nothing when /proc does not
+# have it. dyntftpd and dnsmasq are single-threaded: /proc/PID/schedstat counts their
+# time on CPU in nanoseconds. tftpd-hpa's transfers run in child processes and atftpd's
+# in threads: /proc/PID/stat's user and system time of the process and of its ended
+# (reaped) children, in clock ticks, counts them; it is also the fallback.
 cpu_ns() {
-    if [ -r "/proc/$1/schedstat" ]; then
-        awk '{ print $1 }' "/proc/$1/schedstat"
-    elif [ -r "/proc/$1/stat" ]; then
-        sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$hz" '{ printf "%.0f\n", ($12 + $13) * 1e9 / hz }'
+    case "$1" in
+        dyntftpd|dyntftpd-tuned|dnsmasq)
+            if [ -r "/proc/$2/schedstat" ]; then
+                awk '{ print $1 }' "/proc/$2/schedstat"
+                return
+            fi ;;
+    esac
+    if [ -r "/proc/$2/stat" ]; then
+        sed 's/^.*) //' "/proc/$2/stat" |
+            awk -v hz="$hz" '{ printf "%.0f\n", ($12 + $13 + $14 + $15) * 1e9 / hz }'
     fi
 }
 
@@ -373,16 +392,19 @@ run_case() {
     local limit=()
     case "$args" in *--time-limit*) ;; *) limit=(--time-limit 300) ;; esac
     local cpu0="" ns0 cpu1="" ns1 server_cpu=-
-    [ "$server" = dyntftpd ] && cpu0=$(cpu_ns "${pid_of[$server]}")
+    # Clients on 127.0.0.2: late datagrams of other programs on this machine, sent to a
+    # 127.0.0.1 port a client has just reused, cannot pass for its server's reply. (The
+    # shared socket picks its own addresses, from 127.1.0.1.)
+    local bind=(--bind 127.0.0.2)
+    case "$args" in *--shared-socket*) bind=() ;; esac
+    cpu0=$(cpu_ns "$server" "${pid_of[$server]}")
     ns0=$(date +%s%N)
     # shellcheck disable=SC2086 # $args is a list of words by design
-    # Clients on 127.0.0.2: late datagrams of other programs on this machine, sent to a
-    # 127.0.0.1 port a client has just reused, cannot pass for its server's reply.
-    line=$("${pin_loadgen[@]}" "$loadgen" --server "127.0.0.1:$port" --bind 127.0.0.2 \
+    line=$("${pin_loadgen[@]}" "$loadgen" --server "127.0.0.1:$port" "${bind[@]}" \
         --verify-dir "$root" \
         $args "${limit[@]}" --kv 2>"$tmp/loadgen.err") || status=$?
     ns1=$(date +%s%N)
-    [ "$server" = dyntftpd ] && cpu1=$(cpu_ns "${pid_of[$server]}")
+    cpu1=$(cpu_ns "$server" "${pid_of[$server]}")
     if [ -n "$cpu0" ] && [ -n "$cpu1" ]; then
         server_cpu=$(awk -v c="$((cpu1 - cpu0))" -v ns="$((ns1 - ns0))" \
             'BEGIN { printf "%.1f", (ns > 0 ? c / ns * 100 : 0) }')
@@ -425,7 +447,7 @@ run_case() {
 # ---------------------------------------------------------------------------------------
 servers=()
 skipped=()
-for s in dyntftpd tftpd-hpa atftpd dnsmasq; do
+for s in dyntftpd dyntftpd-tuned tftpd-hpa atftpd dnsmasq; do
     case ",$servers_wanted," in *",$s,"*) ;; *) [ "$s" = dyntftpd ] || continue ;; esac
     why=$(unavailable "$s")
     if [ -n "$why" ]; then
@@ -499,7 +521,7 @@ echo
 {
     printf 'case\tunit'
     for s in "${servers[@]}"; do printf '\t%s' "$s"; done
-    printf '\tloadgen CPU\tdyntftpd CPU\n'
+    printf '\tloadgen CPU\tserver CPU\n'
     cases | cut -f1-3
     printf 'raw1432\tMB/s\traw UDP ceiling, 1432-byte datagrams\n'
     printf 'raw8196\tMB/s\traw UDP ceiling, 8196-byte datagrams\n'
@@ -533,7 +555,7 @@ echo
                     flag[key] = flag[key] (flag[key] == "" ? "" : ",") t[k]
             next_line = 0
             if (f[6] != "-" && f[6] + 0 > cpu[f[2]] + 0) cpu[f[2]] = f[6]
-            if (f[1] == "dyntftpd" && f[7] != "-") scpu[f[2]] = scpu[f[2]] " " f[7]
+            if (f[7] != "-") scpu[f[1] SUBSEP f[2]] = scpu[f[1] SUBSEP f[2]] " " f[7]
         }
     }
     NR == 1 {
@@ -542,7 +564,7 @@ echo
         nrows = 0
         header = "case" OFS "unit"
         for (i = 1; i <= nservers; i++) header = header OFS server[i]
-        header = header OFS "loadgen CPU" OFS "dyntftpd CPU"
+        header = header OFS "loadgen CPU" OFS "server CPU"
         row[++nrows] = header
         next
     }
@@ -577,8 +599,12 @@ echo
             }
         }
         line = line OFS (id in cpu ? sprintf("%.0f %%", cpu[id]) : "-")
-        m = median(scpu[id])
-        line = line OFS (m == "" ? "-" : sprintf("%.0f %%", m))
+        cpus = ""
+        for (i = 1; i <= nservers; i++) {
+            m = median(scpu[server[i] SUBSEP id])
+            cpus = cpus (i > 1 ? " / " : "") (m == "" ? "-" : sprintf("%.0f", m))
+        }
+        line = line OFS (id ~ /^raw/ ? "-" : cpus " %")
         row[++nrows] = line
     }
     END {
@@ -610,9 +636,9 @@ echo
         print "blksize. (cut): the lossy transfer was still running after " limit " s; the figure is"
         print "its verified bytes per second until then. loadgen CPU: the load generator'"'"'s own"
         print "CPU time as a share of wall time (max over servers and runs; two threads for the"
-        print "raw ceiling); near 100 % it, not the server, would be the limit. dyntftpd CPU: the"
-        print "server process'"'"'s CPU time over the same wall time (median); near 100 % the server is"
-        print "the limit. [N failed]: N runs of that cell failed (reasons below); the median is"
-        print "over the others."
+        print "raw ceiling); near 100 % it, not the server, would be the limit. server CPU: each"
+        print "server'"'"'s CPU time over the same wall time (median, in the order of the columns;"
+        print "with its child processes or threads); near 100 % the server is the limit."
+        print "[N failed]: N runs of that cell failed (reasons below); the median is over the others."
         for (k = 1; k <= nnotes; k++) print "Failure: " notes[k]
     }'

@@ -42,8 +42,18 @@
 //! sides. When a requested window may exceed 32 KiB of payload, every client socket asks
 //! for a 4 MiB receive buffer (`--rcvbuf` sets the size and applies it always), so that a
 //! window of large blocks arriving at loopback speed is not dropped by the client's own
-//! kernel buffer (the kernel caps the value at `net.core.rmem_max`). A client connects
-//! its socket to the server's transfer ID once a transfer passes its first block.
+//! kernel buffer (with `SO_RCVBUFFORCE` when privileged; otherwise the kernel caps the
+//! value at `net.core.rmem_max`). A client connects its socket to the server's transfer
+//! ID once a transfer passes its first block.
+//!
+//! `--shared-socket` makes the clients cheaper, for loads of many short transfers where
+//! a socket per transfer would make the load generator the bottleneck: one socket on
+//! the IPv4 wildcard address carries every client, each transfer sends from its own
+//! loopback address (127.1.0.1, 127.1.0.2, … chosen per datagram with `IP_PKTINFO`, so
+//! the server still sees a distinct client per transfer, as from distinct machines),
+//! replies are told apart by the address they were sent to, and datagrams move in
+//! batches of up to 64 per `recvmmsg`/`sendmmsg`. It needs an IPv4 loopback server and
+//! excludes `--bind`.
 //!
 //! `--bind 127.0.0.2` puts the clients on their own loopback address: on a machine
 //! where other programs use loopback too, a late datagram of theirs sent to a port this
@@ -74,17 +84,17 @@
 //! another), and no send is ever throttled by the receive side.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::fmt::Write as _;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dyntftp::packet::{write_ack, write_rrq, Packet, MAX_DATAGRAM};
+use dyntftp::packet::{write_rrq, Packet, MAX_DATAGRAM};
 use getopts::Options;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
@@ -188,6 +198,8 @@ struct Config {
     time_limit: Option<Duration>,
     /// Local address of the client sockets (default: the unspecified address).
     bind: Option<IpAddr>,
+    /// `--shared-socket`: one socket for all clients, a loopback address per transfer.
+    shared_socket: bool,
     output: Output,
 }
 
@@ -282,6 +294,12 @@ fn options() -> Options {
         o.optopt("", name, help, hint);
     }
     o.optflag("", "tsize", "request tsize and check it (RFC 2349)");
+    o.optflag(
+        "",
+        "shared-socket",
+        "one client socket, each transfer from its own 127.x.y.z address, batched \
+         sends and receives (IPv4 loopback servers only)",
+    );
     o.optflag("", "json", "print one JSON object instead of text");
     o.optflag("", "kv", "print one line of key=value fields instead");
     o.optflag("h", "help", "print this help");
@@ -386,6 +404,18 @@ fn parse_args(opts: &Options, args: &[String]) -> Result<Mode, String> {
         (None, None) => Some(concurrency as u64),
         (count, _) => count,
     };
+    let bind = parse_opt(&m, "bind", |_: &IpAddr| true)?;
+    let shared_socket = m.opt_present("shared-socket");
+    if shared_socket {
+        if bind.is_some() {
+            return Err("--shared-socket picks the client addresses: drop --bind".into());
+        }
+        if !matches!(server.ip(), IpAddr::V4(ip) if ip.is_loopback()) {
+            return Err(format!(
+                "--shared-socket needs an IPv4 loopback server, not {server}"
+            ));
+        }
+    }
     Ok(Mode::Tftp(Config {
         server,
         files,
@@ -406,7 +436,8 @@ fn parse_args(opts: &Options, args: &[String]) -> Result<Mode, String> {
         rcvbuf_given: rcvbuf.is_some(),
         time_limit: parse_opt(&m, "time-limit", |s: &f64| *s > 0.0 && *s <= 86_400.0)?
             .map(Duration::from_secs_f64),
-        bind: parse_opt(&m, "bind", |_: &IpAddr| true)?,
+        bind,
+        shared_socket,
         output,
     }))
 }
@@ -421,10 +452,20 @@ fn read_expected(path: PathBuf) -> Result<Arc<[u8]>, String> {
 // TFTP mode
 // ---------------------------------------------------------------------------------------
 
-/// One client slot. A slot runs one transfer at a time, each on a fresh socket.
+/// How a client slot's current transfer reaches the network.
+enum Link {
+    /// No transfer in flight.
+    Idle,
+    /// The transfer's own socket (the default).
+    Own(UdpSocket),
+    /// `--shared-socket`: the loopback address the transfer uses on the shared socket.
+    Shared(Ipv4Addr),
+}
+
+/// One client slot. A slot runs one transfer at a time, each on a fresh socket (or a
+/// fresh loopback address of the shared socket).
 struct Client {
-    /// The current transfer's socket; `None` when the slot is idle.
-    socket: Option<UdpSocket>,
+    link: Link,
     /// Unique number of the current transfer; stale timer entries carry an older one.
     transfer: u64,
     /// Index into `Config::files`.
@@ -455,7 +496,7 @@ struct Client {
 impl Client {
     fn idle(now: Instant) -> Client {
         Client {
-            socket: None,
+            link: Link::Idle,
             transfer: 0,
             file: 0,
             peer: None,
@@ -485,16 +526,22 @@ impl Client {
     /// is longer than one block, so that a one-block transfer (the small-file load) does
     /// not pay a `connect` it would not use.
     fn connect_peer(&mut self) {
-        if let (Some(socket), Some(peer), false) = (&self.socket, self.peer, self.connected) {
+        if let (Link::Own(socket), Some(peer), false) = (&self.link, self.peer, self.connected) {
             self.connected = socket.connect(peer).is_ok();
         }
     }
 
-    /// Sends `datagram` to the server's TID (or its request port before the first reply).
-    /// A full socket buffer loses the datagram, as the network would; the timers recover.
-    fn send(&self, datagram: &[u8], server: SocketAddr) -> Result<(), String> {
-        let Some(socket) = &self.socket else {
-            return Ok(());
+    /// Sends `datagram` to the server's TID (or its request port before the first reply),
+    /// or queues it in `out` for the shared socket's next batch. A full socket buffer
+    /// loses the datagram, as the network would; the timers recover.
+    fn send(&self, datagram: &[u8], server: SocketAddr, out: &mut Outbox) -> Result<(), String> {
+        let socket = match &self.link {
+            Link::Idle => return Ok(()),
+            Link::Own(socket) => socket,
+            Link::Shared(from) => {
+                out.queue(datagram, *from, self.peer.unwrap_or(server));
+                return Ok(());
+            }
         };
         let sent = if self.connected {
             socket.send(datagram)
@@ -525,6 +572,8 @@ struct Stats {
     gap_acks: u64,
     dropped: u64,
     foreign: u64,
+    /// Datagrams of shared-socket clients the kernel refused to send (no buffer space).
+    send_drops: u64,
     failures: BTreeMap<String, u64>,
     ws_acked: u64,
     ws_not_acked: u64,
@@ -572,7 +621,11 @@ struct Loadgen {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     stats: Stats,
     rng: Rng,
-    scratch: Vec<u8>,
+    /// Datagrams on their way out (queued for the shared socket's next batch).
+    out: Outbox,
+    /// `--shared-socket`: the one socket of every client.
+    shared: Option<SharedSocket>,
+    /// Receive buffer of the per-transfer sockets.
     buf: Vec<u8>,
     started: u64,
     in_flight: usize,
@@ -603,14 +656,21 @@ fn run_tftp(config: Config) -> io::Result<bool> {
         .collect();
     let cpu_before = cpu_times();
     let now = Instant::now();
+    let poll = Poll::new()?;
+    let shared = if config.shared_socket {
+        Some(SharedSocket::open(&poll, config.rcvbuf.max(SHARED_RCVBUF))?)
+    } else {
+        None
+    };
     let mut lg = Loadgen {
         rrqs,
-        poll: Poll::new()?,
+        poll,
         clients: (0..config.concurrency).map(|_| Client::idle(now)).collect(),
         timers: BinaryHeap::new(),
         stats: Stats::default(),
         rng: Rng::new(config.seed),
-        scratch: Vec::with_capacity(4),
+        out: Outbox::default(),
+        shared,
         buf: vec![0; MAX_DATAGRAM],
         started: 0,
         in_flight: 0,
@@ -654,6 +714,7 @@ impl Loadgen {
         for id in 0..self.clients.len() {
             self.refill(id, Instant::now());
         }
+        self.flush()?;
         while self.in_flight > 0 {
             let now = Instant::now();
             if self.limit_time.is_some_and(|limit| now >= limit) {
@@ -673,11 +734,26 @@ impl Loadgen {
                 return Err(e);
             }
             for event in events.iter() {
-                self.on_readable(event.token().0);
+                match event.token() {
+                    SHARED_TOKEN => self.on_shared_readable()?,
+                    Token(id) => self.on_readable(id),
+                }
             }
             self.fire_timers(Instant::now());
+            self.flush()?;
         }
         Ok(())
+    }
+
+    /// Sends what the shared socket's clients queued (nothing to do without one).
+    fn flush(&mut self) -> io::Result<()> {
+        match &self.shared {
+            Some(shared) => {
+                self.stats.send_drops += self.out.send_all(&shared.socket)?;
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Whether another transfer may start.
@@ -708,32 +784,38 @@ impl Loadgen {
 
     fn start(&mut self, id: usize, now: Instant) -> Result<(), String> {
         let server = self.config.server;
-        let unspecified = match server.ip() {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        let link = match &mut self.shared {
+            Some(shared) => Link::Shared(shared.claim(id)),
+            None => {
+                let unspecified = match server.ip() {
+                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                };
+                let local = self.config.bind.unwrap_or(unspecified);
+                let mut socket =
+                    UdpSocket::bind(SocketAddr::new(local, 0)).map_err(|e| format!("bind: {e}"))?;
+                if self.config.rcvbuf_needed() {
+                    set_rcvbuf(&socket, self.config.rcvbuf);
+                }
+                self.poll
+                    .registry()
+                    .register(&mut socket, Token(id), Interest::READABLE)
+                    .map_err(|e| format!("register: {e}"))?;
+                Link::Own(socket)
+            }
         };
-        let local = self.config.bind.unwrap_or(unspecified);
-        let mut socket =
-            UdpSocket::bind(SocketAddr::new(local, 0)).map_err(|e| format!("bind: {e}"))?;
-        if self.config.rcvbuf_needed() {
-            set_rcvbuf(&socket, self.config.rcvbuf);
-        }
-        self.poll
-            .registry()
-            .register(&mut socket, Token(id), Interest::READABLE)
-            .map_err(|e| format!("register: {e}"))?;
         let file = (self.started - 1) as usize % self.config.files.len();
         let transfer = self.next_transfer;
         self.next_transfer += 1;
         let client = &mut self.clients[id];
         *client = Client::idle(now);
-        client.socket = Some(socket);
+        client.link = link;
         client.transfer = transfer;
         client.file = file;
         client.tries = 1;
         client.deadline = now + self.config.client_timeout;
-        if let Err(e) = client.send(&self.rrqs[file], server) {
-            client.socket = None;
+        if let Err(e) = client.send(&self.rrqs[file], server, &mut self.out) {
+            client.link = Link::Idle;
             return Err(e);
         }
         self.timers.push(Reverse((client.deadline, id, transfer)));
@@ -743,37 +825,77 @@ impl Loadgen {
 
     /// Drains slot `id`'s socket. Spurious events are harmless.
     fn on_readable(&mut self, id: usize) {
-        loop {
-            let Some(socket) = &self.clients[id].socket else {
-                return;
-            };
-            let (len, from) = match socket.recv_from(&mut self.buf) {
+        let mut buf = std::mem::take(&mut self.buf);
+        while let Link::Own(socket) = &self.clients[id].link {
+            let (len, from) = match socket.recv_from(&mut buf) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // An ICMP error queued on the socket (e.g. the server's port closed).
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => {
                     self.finish(id, Err(format!("recv: {e}")), Instant::now());
-                    return;
+                    break;
                 }
             };
             let now = Instant::now();
-            if let Step::Done(result) = self.on_datagram(id, len, from, now) {
+            if let Step::Done(result) = self.on_datagram(id, &buf[..len], from, now) {
                 self.finish(id, result, now);
-                return;
+                break;
             }
         }
+        self.buf = buf;
     }
 
-    fn on_datagram(&mut self, id: usize, len: usize, from: SocketAddr, now: Instant) -> Step {
+    /// Drains the shared socket a batch at a time, each datagram to the client whose
+    /// address it was sent to, and sends the batch's answers before reading the next.
+    fn on_shared_readable(&mut self) -> io::Result<()> {
+        let mut batch = match &mut self.shared {
+            Some(shared) => std::mem::take(&mut shared.batch),
+            None => return Ok(()),
+        };
+        let result = loop {
+            let Some(shared) = &self.shared else {
+                break Ok(());
+            };
+            let received = batch.recv(&shared.socket);
+            let n = match received {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(e),
+            };
+            let now = Instant::now();
+            for i in 0..n {
+                let (data, from, to) = batch.datagram(i);
+                let by_addr = self.shared.as_ref().map(|shared| &shared.by_addr);
+                let Some(id) = to.and_then(|to| by_addr?.get(&to).copied()) else {
+                    // For a transfer that has ended (or for nobody).
+                    self.stats.foreign += 1;
+                    continue;
+                };
+                if let Step::Done(result) = self.on_datagram(id, data, from, now) {
+                    self.finish(id, result, now);
+                }
+            }
+            if let Err(e) = self.flush() {
+                break Err(e);
+            }
+        };
+        if let Some(shared) = &mut self.shared {
+            shared.batch = batch;
+        }
+        result
+    }
+
+    fn on_datagram(&mut self, id: usize, data: &[u8], from: SocketAddr, now: Instant) -> Step {
         let server = self.config.server;
         let c = &mut self.clients[id];
         if c.peer.is_some_and(|peer| peer != from) {
             self.stats.foreign += 1;
             return Step::Continue;
         }
-        let packet = match Packet::parse(&self.buf[..len]) {
+        let packet = match Packet::parse(data) {
             Ok(packet) => packet,
             Err(e) => return Step::Done(Err(format!("malformed packet: {e}"))),
         };
@@ -825,7 +947,7 @@ impl Loadgen {
                 }
                 c.tries = 1;
                 c.deadline = now + self.config.client_timeout;
-                send_ack(c, &mut self.scratch, 0, server)
+                send_ack(c, &mut self.out, 0, server)
             }
             Packet::Data { block, data } => {
                 if !c.responded {
@@ -850,7 +972,7 @@ impl Loadgen {
                     c.gap_acked = true;
                     c.since_ack = 0;
                     self.stats.gap_acks += 1;
-                    return send_ack(c, &mut self.scratch, (c.next - 1) as u16, server);
+                    return send_ack(c, &mut self.out, (c.next - 1) as u16, server);
                 }
                 if data.len() > c.blksize {
                     return Step::Done(Err("oversize block".into()));
@@ -879,7 +1001,7 @@ impl Loadgen {
                 c.tries = 1;
                 c.deadline = now + self.config.client_timeout;
                 if data.len() < c.blksize {
-                    if let Step::Done(Err(e)) = send_ack(c, &mut self.scratch, block, server) {
+                    if let Step::Done(Err(e)) = send_ack(c, &mut self.out, block, server) {
                         return Step::Done(Err(e));
                     }
                     if c.offset != expected.len() {
@@ -889,7 +1011,7 @@ impl Loadgen {
                 }
                 if c.since_ack >= c.window {
                     c.since_ack = 0;
-                    return send_ack(c, &mut self.scratch, block, server);
+                    return send_ack(c, &mut self.out, block, server);
                 }
                 Step::Continue
             }
@@ -908,7 +1030,7 @@ impl Loadgen {
             }
             self.timers.pop();
             let c = &mut self.clients[id];
-            if c.socket.is_none() || c.transfer != transfer {
+            if matches!(c.link, Link::Idle) || c.transfer != transfer {
                 continue;
             }
             if c.deadline > now {
@@ -926,9 +1048,9 @@ impl Loadgen {
             self.stats.retransmits += 1;
             let sent = if c.responded {
                 let block = (c.next - 1) as u16;
-                send_ack(c, &mut self.scratch, block, self.config.server)
+                send_ack(c, &mut self.out, block, self.config.server)
             } else {
-                match c.send(&self.rrqs[c.file], self.config.server) {
+                match c.send(&self.rrqs[c.file], self.config.server, &mut self.out) {
                     Ok(()) => Step::Continue,
                     Err(e) => Step::Done(Err(e)),
                 }
@@ -946,8 +1068,14 @@ impl Loadgen {
         let c = &mut self.clients[id];
         // Closing the socket removes it from the epoll set: no deregister syscall needed
         // (a stale event for the slot only finds the next socket empty).
-        if c.socket.take().is_none() {
-            return;
+        match std::mem::replace(&mut c.link, Link::Idle) {
+            Link::Idle => return,
+            Link::Own(_) => {}
+            Link::Shared(addr) => {
+                if let Some(shared) = &mut self.shared {
+                    shared.by_addr.remove(&addr);
+                }
+            }
         }
         self.in_flight -= 1;
         let (started, bytes) = (c.started, c.offset);
@@ -1001,6 +1129,7 @@ impl Loadgen {
             _ => "bytes",
         };
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let sockets = if c.shared_socket { "shared" } else { "own" };
         let mut out = String::new();
         if c.output == Output::Kv {
             // Failure reasons become `reason:count` pairs, spaces and commas replaced.
@@ -1015,9 +1144,9 @@ impl Loadgen {
                 "mode=tftp ok={} failed={} elapsed_s={:.6} sessions_per_s={:.3} \
                  payload_mb_per_s={:.3} delivered_mb_per_s={delivered_mb_per_s:.3} \
                  p50_ms={} p90_ms={} p99_ms={} max_ms={} client_retransmits={} gap_acks={} \
-                 dropped={} partial_bytes={} windowsize_acknowledged={} \
+                 dropped={} send_drops={} partial_bytes={} windowsize_acknowledged={} \
                  blksize_acknowledged={} negotiated_blksize={} negotiated_windowsize={} \
-                 cpu_s={:.3} cpu_pct={cpu_pct:.1} failures={} pass={pass}",
+                 cpu_s={:.3} cpu_pct={cpu_pct:.1} client_sockets={} failures={} pass={pass}",
                 s.ok,
                 s.failed,
                 wall.as_secs_f64(),
@@ -1030,12 +1159,14 @@ impl Loadgen {
                 s.retransmits,
                 s.gap_acks,
                 s.dropped,
+                s.send_drops,
                 s.partial_bytes,
                 ws_acked.token(),
                 bs_acked.token(),
                 num(s.negotiated_blksize.map(|n| n.to_string())),
                 num(s.negotiated_windowsize.map(|n| n.to_string())),
                 cpu.total(),
+                sockets,
                 if failures.is_empty() {
                     "-".to_string()
                 } else {
@@ -1071,6 +1202,7 @@ impl Loadgen {
                 .raw("drop_pct", c.drop_pct)
                 .raw("seed", c.seed)
                 .raw("rcvbuf", c.rcvbuf)
+                .str("client_sockets", sockets)
                 .opt(
                     "time_limit_s",
                     c.time_limit.map(|d| fixed3(d.as_secs_f64())),
@@ -1089,6 +1221,7 @@ impl Loadgen {
                 .raw("gap_acks", s.gap_acks)
                 .raw("dropped_packets", s.dropped)
                 .raw("foreign_packets", s.foreign)
+                .raw("send_drops", s.send_drops)
                 .raw("failures", failures.end())
                 .str("windowsize_acknowledged", &ws_acked.text())
                 .str("blksize_acknowledged", &bs_acked.text())
@@ -1102,7 +1235,7 @@ impl Loadgen {
             out,
             "config: server {} files {} verify {verification} concurrency {} count {} \
              duration {} blksize {} windowsize {} tsize {} timeout {} client-timeout {} ms \
-             drop {}% seed {} rcvbuf {} time-limit {}",
+             drop {}% seed {} rcvbuf {} time-limit {} client sockets {sockets}",
             c.server,
             c.files.join(","),
             c.concurrency,
@@ -1147,8 +1280,9 @@ impl Loadgen {
         );
         let _ = writeln!(
             out,
-            "client retransmits: {} (gap acks {}, dropped packets {}, foreign packets {})",
-            s.retransmits, s.gap_acks, s.dropped, s.foreign
+            "client retransmits: {} (gap acks {}, dropped packets {}, foreign packets {}, \
+             send drops {})",
+            s.retransmits, s.gap_acks, s.dropped, s.foreign, s.send_drops
         );
         if s.failures.is_empty() {
             let _ = writeln!(out, "failures: none");
@@ -1237,22 +1371,39 @@ fn kv_token(text: &str) -> String {
         .collect()
 }
 
-/// Asks for a receive buffer of `bytes` on `socket`. Best effort: the kernel caps the
-/// value at `net.core.rmem_max`, and a refusal leaves the default.
+/// Asks for a receive buffer of `bytes` on `socket`: past `net.core.rmem_max` when
+/// privileged (`SO_RCVBUFFORCE`), else capped at it. Best effort: a refusal leaves the
+/// default.
 fn set_rcvbuf(socket: &UdpSocket, bytes: usize) {
+    if set_int_option(socket, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes).is_err() {
+        let _ = set_int_option(socket, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes);
+    }
+}
+
+/// Sets an integer socket option (values beyond `c_int` are capped).
+fn set_int_option(
+    socket: &UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: usize,
+) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
     // SAFETY: the descriptor is open for the duration of the call, and `value` is a valid
     // `c_int` whose size is passed as the option length.
-    unsafe {
+    let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            level,
+            name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// Checks an OACK against what was requested and applies it to `c`.
@@ -1294,10 +1445,10 @@ fn check_oack(
     Ok(())
 }
 
-fn send_ack(c: &Client, scratch: &mut Vec<u8>, block: u16, server: SocketAddr) -> Step {
-    scratch.clear();
-    write_ack(scratch, block);
-    match c.send(scratch, server) {
+fn send_ack(c: &Client, out: &mut Outbox, block: u16, server: SocketAddr) -> Step {
+    // Opcode 4 (ACK) and the block number: no buffer to borrow beside `out`.
+    let [hi, lo] = block.to_be_bytes();
+    match c.send(&[0, 4, hi, lo], server, out) {
         Ok(()) => Step::Continue,
         Err(e) => Step::Done(Err(e)),
     }
@@ -1377,6 +1528,292 @@ fn json_str(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+// ---------------------------------------------------------------------------------------
+// The shared socket (`--shared-socket`)
+// ---------------------------------------------------------------------------------------
+
+/// Poll token of the shared socket (client slots use their index).
+const SHARED_TOKEN: Token = Token(usize::MAX);
+
+/// Receive buffer asked for on the shared socket (at least): it holds every client's
+/// replies.
+const SHARED_RCVBUF: usize = 16 << 20;
+
+/// Datagrams one `recvmmsg` or `sendmmsg` moves at most.
+const BATCH: usize = 64;
+
+/// First and last loopback addresses handed to transfers: 127.1.0.1 to 127.254.255.254,
+/// skipping every address that ends in .0 or .255.
+const SHARED_FIRST: u32 = 0x7F01_0001;
+const SHARED_LAST: u32 = 0x7FFE_FFFE;
+
+/// One socket on the IPv4 wildcard address carries every client: each transfer sends
+/// from its own loopback address (chosen per datagram with `IP_PKTINFO`), so the server
+/// sees a distinct client per transfer, as it would from distinct machines, and the
+/// replies are told apart by the address they were sent to. Datagrams move in batches
+/// (`recvmmsg`, `sendmmsg`): a client that costs few system calls per transfer.
+struct SharedSocket {
+    socket: UdpSocket,
+    /// Client slots by the address of their current transfer.
+    by_addr: HashMap<Ipv4Addr, usize>,
+    /// The next address to hand out.
+    next_addr: u32,
+    batch: RxBatch,
+}
+
+impl SharedSocket {
+    fn open(poll: &Poll, rcvbuf: usize) -> io::Result<SharedSocket> {
+        let mut socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+        set_rcvbuf(&socket, rcvbuf);
+        set_int_option(&socket, libc::SOL_SOCKET, libc::SO_SNDBUF, SHARED_RCVBUF)?;
+        set_int_option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+        poll.registry()
+            .register(&mut socket, SHARED_TOKEN, Interest::READABLE)?;
+        Ok(SharedSocket {
+            socket,
+            by_addr: HashMap::new(),
+            next_addr: SHARED_FIRST,
+            batch: RxBatch::new(),
+        })
+    }
+
+    /// A loopback address no running transfer uses, now slot `id`'s. Addresses are used
+    /// in turn (16 million of them), so a late datagram for an ended transfer finds no
+    /// client rather than the next transfer.
+    fn claim(&mut self, id: usize) -> Ipv4Addr {
+        loop {
+            let addr = self.next_addr;
+            self.next_addr = if addr >= SHARED_LAST {
+                SHARED_FIRST
+            } else {
+                addr + 1
+            };
+            let ip = Ipv4Addr::from(addr);
+            if matches!(addr & 0xFF, 0 | 0xFF) || self.by_addr.contains_key(&ip) {
+                continue;
+            }
+            self.by_addr.insert(ip, id);
+            return ip;
+        }
+    }
+}
+
+/// Space for one control message carrying an `in_pktinfo` (aligned for `cmsghdr`).
+type PktinfoCmsg = [u64; 4];
+
+/// Buffers of one `recvmmsg` call. The default is empty (taken out of the shared socket
+/// while its datagrams are handled); [`RxBatch::new`] allocates.
+#[derive(Default)]
+struct RxBatch {
+    /// `BATCH` datagrams of up to `MAX_DATAGRAM` bytes, back to back.
+    bufs: Vec<u8>,
+    names: Vec<libc::sockaddr_in>,
+    controls: Vec<PktinfoCmsg>,
+    iovs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+impl RxBatch {
+    fn new() -> RxBatch {
+        RxBatch {
+            bufs: vec![0; BATCH * MAX_DATAGRAM],
+            // SAFETY: `sockaddr_in` is plain data for which all-zero bytes are valid.
+            names: vec![unsafe { std::mem::zeroed() }; BATCH],
+            controls: vec![[0; 4]; BATCH],
+            iovs: Vec::with_capacity(BATCH),
+            headers: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Receives up to `BATCH` datagrams without blocking; `WouldBlock` when none.
+    fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        self.iovs.clear();
+        self.headers.clear();
+        for chunk in self.bufs.chunks_exact_mut(MAX_DATAGRAM) {
+            self.iovs.push(libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: chunk.len(),
+            });
+        }
+        for i in 0..BATCH {
+            // SAFETY: `msghdr` is plain data for which all-zero bytes are valid.
+            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+            hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_in).cast();
+            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            hdr.msg_iov = &mut self.iovs[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+            hdr.msg_controllen = std::mem::size_of::<PktinfoCmsg>();
+            self.headers.push(libc::mmsghdr {
+                msg_hdr: hdr,
+                msg_len: 0,
+            });
+        }
+        // SAFETY: every header points into `names`, `iovs`, `controls` and `bufs`, which
+        // are neither moved nor resized until the call returns; the lengths given are
+        // those of the buffers.
+        let n = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Datagram `i` of the last batch: its bytes, its source and the address it was sent
+    /// to (from `IP_PKTINFO`).
+    fn datagram(&self, i: usize) -> (&[u8], SocketAddr, Option<Ipv4Addr>) {
+        let hdr = &self.headers[i];
+        let len = (hdr.msg_len as usize).min(MAX_DATAGRAM);
+        let data = &self.bufs[i * MAX_DATAGRAM..][..len];
+        let name = &self.names[i];
+        let from = SocketAddr::from((
+            Ipv4Addr::from(u32::from_be(name.sin_addr.s_addr)),
+            u16::from_be(name.sin_port),
+        ));
+        let mut to = None;
+        // SAFETY: the header's control fields describe `controls[i]`, as filled in by the
+        // kernel; CMSG_FIRSTHDR/NXTHDR stay within `msg_controllen`.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&hdr.msg_hdr);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
+                    let info: libc::in_pktinfo =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                    to = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+                }
+                cmsg = libc::CMSG_NXTHDR(&hdr.msg_hdr, cmsg);
+            }
+        }
+        (data, from, to)
+    }
+}
+
+/// Datagrams queued by shared-socket clients, sent in batches.
+#[derive(Default)]
+struct Outbox {
+    /// Destination, source address and the range of the datagram in `bytes`.
+    queued: Vec<(SocketAddrV4, Ipv4Addr, std::ops::Range<usize>)>,
+    bytes: Vec<u8>,
+    names: Vec<libc::sockaddr_in>,
+    controls: Vec<PktinfoCmsg>,
+    iovs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+impl Outbox {
+    /// Queues `datagram` from `from` (a loopback address) to `to`. Only IPv4 servers reach
+    /// here (checked with the flags).
+    fn queue(&mut self, datagram: &[u8], from: Ipv4Addr, to: SocketAddr) {
+        let SocketAddr::V4(to) = to else {
+            return;
+        };
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(datagram);
+        self.queued.push((to, from, start..self.bytes.len()));
+    }
+
+    /// Sends everything queued, `BATCH` datagrams per `sendmmsg`. A datagram the kernel
+    /// refuses for want of buffer space is lost, as on a real link (the timers recover):
+    /// returns how many were. Other errors end the run.
+    fn send_all(&mut self, socket: &UdpSocket) -> io::Result<u64> {
+        use std::os::fd::AsRawFd;
+        let mut lost = 0;
+        let mut next = 0;
+        while next < self.queued.len() {
+            let chunk = &self.queued[next..self.queued.len().min(next + BATCH)];
+            self.names.clear();
+            self.controls.clear();
+            self.iovs.clear();
+            self.headers.clear();
+            for (to, from, range) in chunk {
+                // SAFETY: `sockaddr_in` is plain data for which all-zero bytes are valid.
+                let mut name: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                name.sin_family = libc::AF_INET as libc::sa_family_t;
+                name.sin_port = to.port().to_be();
+                name.sin_addr.s_addr = u32::from(*to.ip()).to_be();
+                self.names.push(name);
+                let mut control: PktinfoCmsg = [0; 4];
+                // SAFETY: `control` is aligned for `cmsghdr` and large enough for one
+                // header and an `in_pktinfo` (CMSG_SPACE(12) = 32 bytes on Linux).
+                unsafe {
+                    let cmsg = control.as_mut_ptr().cast::<libc::cmsghdr>();
+                    (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                    (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                    (*cmsg).cmsg_len =
+                        libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as _;
+                    let info = libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(*from).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+                }
+                self.controls.push(control);
+                self.iovs.push(libc::iovec {
+                    iov_base: self.bytes[range.clone()].as_ptr() as *mut libc::c_void,
+                    iov_len: range.len(),
+                });
+            }
+            for i in 0..chunk.len() {
+                // SAFETY: `msghdr` is plain data for which all-zero bytes are valid.
+                let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+                hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_in).cast();
+                hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                hdr.msg_iov = &mut self.iovs[i];
+                hdr.msg_iovlen = 1;
+                hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+                // SAFETY: pure arithmetic on a length.
+                hdr.msg_controllen =
+                    unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) }
+                        as usize;
+                self.headers.push(libc::mmsghdr {
+                    msg_hdr: hdr,
+                    msg_len: 0,
+                });
+            }
+            // SAFETY: every header points into `names`, `iovs`, `controls` and `bytes`,
+            // which are neither moved nor resized until the call returns; the datagram
+            // bytes are only read.
+            let sent = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    self.headers.as_mut_ptr(),
+                    self.headers.len() as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if sent < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN | libc::ENOBUFS) => {
+                        // The first datagram of the chunk is lost; go on after it.
+                        lost += 1;
+                        next += 1;
+                    }
+                    Some(libc::EINTR) => {}
+                    _ => return Err(e),
+                }
+            } else {
+                next += sent as usize;
+            }
+        }
+        self.queued.clear();
+        self.bytes.clear();
+        Ok(lost)
+    }
 }
 
 // ---------------------------------------------------------------------------------------

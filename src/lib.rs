@@ -139,6 +139,7 @@ pub mod remap;
 pub mod response;
 pub mod server;
 pub mod session;
+mod spin;
 pub mod stats;
 pub mod stream;
 mod sys;

@@ -122,6 +122,7 @@ impl Metrics {
     /// | `dyntftp_send_would_block_total` | counter | |
     /// | `dyntftp_send_errors_total` | counter | |
     /// | `dyntftp_panics_total` | counter | |
+    /// | `dyntftp_busy_poll_seconds_total` | counter | |
     /// | `dyntftp_stats_seconds_total` | counter | |
     /// | `dyntftp_sessions_active` | gauge | |
     /// | `dyntftp_session_duration_seconds` | histogram | `le` |
@@ -265,6 +266,17 @@ impl Metrics {
             "dyntftp_panics_total",
             "Panics caught in handler or source code.",
             t.panics,
+        );
+        header(
+            &mut out,
+            "dyntftp_busy_poll_seconds_total",
+            "Time the event loop spent polling without sleeping (adaptive busy polling).",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "dyntftp_busy_poll_seconds_total {}",
+            seconds(t.busy_poll)
         );
         header(
             &mut out,

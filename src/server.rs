@@ -43,6 +43,7 @@ use crate::limit::{ClientCounts, ClientKey, LogDecision, LogLimiter, Rate, RateL
 use crate::options::{Limits, MAX_BLKSIZE, MIN_BLKSIZE};
 use crate::packet::{write_error, ErrorCode, Mode, Packet, DATA_HEADER_LEN, MAX_DATAGRAM};
 use crate::session::{Outcome, Output, Session, SessionConfig};
+use crate::spin::Spinner;
 use crate::stats::{ServerStats, SessionStats};
 use crate::sys;
 use crate::timer::{TimerKey, TimerWheel};
@@ -140,6 +141,10 @@ struct Settings {
 /// Default cap on the sessions one client (IPv4 address or IPv6 /64) runs at once.
 pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: u32 = 64;
 
+/// Default limit of [`ServerBuilder::busy_poll`]: a lock-step client on a fast network
+/// answers well within it.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+
 impl<H: Handler> ServerBuilder<H> {
     /// A builder serving requests through `handler`, with the defaults: timeout 1 s,
     /// 5 retries, max blksize 65464, max window 64 blocks and 1 MiB, stats every 60 s,
@@ -161,7 +166,7 @@ impl<H: Handler> ServerBuilder<H> {
                 limit_loopback: false,
                 single_port: false,
                 udp_gso: true,
-                busy_poll: Duration::ZERO,
+                busy_poll: DEFAULT_BUSY_POLL,
             },
         }
     }
@@ -276,11 +281,15 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
-    /// After handling events, while sessions run, keep polling without sleeping for up
-    /// to this long before blocking (default zero: off). On a fast network a lock-step
-    /// client's ACK usually comes within tens of microseconds, and not sleeping saves the
-    /// wake-up, most of a lock-step block's cost on the server; the price is CPU time
-    /// spent spinning while transfers run.
+    /// Adaptive busy polling: after handling events, while sessions run, the loop may
+    /// poll without sleeping for up to this long before it blocks (default
+    /// [`DEFAULT_BUSY_POLL`], 50 µs; zero turns it off). On a fast network a lock-step
+    /// client's ACK comes within tens of microseconds, and not sleeping saves the
+    /// wake-up, most of a lock-step block's cost on the server. The loop spins only while
+    /// spinning finds datagrams: after a spin that found nothing it sleeps, and spins
+    /// again only after waits shorter than the limit, a number that doubles with every
+    /// fruitless spin (up to 64). An idle server does not spin; the time spent spinning
+    /// is reported in [`ServerStats::busy_poll`].
     pub fn busy_poll(mut self, spin: Duration) -> Self {
         self.settings.busy_poll = spin;
         self
@@ -760,8 +769,8 @@ pub struct Server<H> {
     descriptors_paused_until: Option<Instant>,
     /// Send runs of DATA with UDP GSO (turned off for good at the first failure).
     gso: bool,
-    /// How long to poll without sleeping while sessions run.
-    busy_poll: Duration,
+    /// Whether to poll without sleeping before a wait, and for how long.
+    spinner: Spinner,
     /// Worker 0 of several: the other workers' statistics, added to its reports.
     stats_from_workers: Option<mpsc::Receiver<ServerStats>>,
     /// Another worker: its statistics go to worker 0 instead of the handler.
@@ -904,7 +913,7 @@ impl<H: Handler> Server<H> {
             pending: VecDeque::new(),
             descriptors_paused_until: None,
             gso: settings.udp_gso,
-            busy_poll: settings.busy_poll,
+            spinner: Spinner::new(settings.busy_poll),
             stats_from_workers,
             stats_to_worker_0,
         }
@@ -968,14 +977,22 @@ impl<H: Handler> Server<H> {
             return Ok(false);
         }
         let timeout = self.poll_timeout(max_wait);
-        if !self.spin_for_events(timeout)? {
+        if self.spin_for_events(timeout)? {
+            self.now = Instant::now();
+        } else {
+            let before = self.now;
             match self.poll.poll(&mut self.events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
+            self.now = Instant::now();
+            if !self.events.is_empty() {
+                // From the end of the previous wait: includes the handling since, which
+                // only makes a wait look longer (less spinning).
+                self.spinner.blocked(self.now - before);
+            }
         }
-        self.now = Instant::now();
         self.ready.clear();
         self.woken = false;
         for event in self.events.iter() {
@@ -1027,14 +1044,16 @@ impl<H: Handler> Server<H> {
         Ok(!(self.grace_deadline.is_some() && self.sessions.is_empty()))
     }
 
-    /// With [`ServerBuilder::busy_poll`] and sessions running, polls without sleeping for
-    /// up to that long (never past `timeout`). True when events came.
+    /// With sessions running and the [`Spinner`] for it, polls without sleeping for up
+    /// to its budget (never past `timeout`). True when events came.
     fn spin_for_events(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
-        let spin = self.busy_poll;
-        if spin.is_zero() || self.sessions.is_empty() || timeout == Some(Duration::ZERO) {
+        let budget = self.spinner.budget();
+        if budget.is_zero() || self.sessions.is_empty() || timeout == Some(Duration::ZERO) {
             return Ok(false);
         }
-        let until = Instant::now() + timeout.map_or(spin, |t| t.min(spin));
+        let start = Instant::now();
+        let until = start + timeout.map_or(budget, |t| t.min(budget));
+        let mut empty_polls = 0;
         loop {
             match self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
                 Ok(()) => {}
@@ -1042,11 +1061,19 @@ impl<H: Handler> Server<H> {
                 Err(e) => return Err(e.into()),
             }
             if !self.events.is_empty() {
+                self.spinner.found(empty_polls);
+                if empty_polls > 0 {
+                    self.stats.busy_poll += start.elapsed();
+                }
                 return Ok(true);
             }
-            if Instant::now() >= until {
+            let now = Instant::now();
+            if now >= until {
+                self.spinner.missed();
+                self.stats.busy_poll += now - start;
                 return Ok(false);
             }
+            empty_polls += 1;
             std::hint::spin_loop();
         }
     }

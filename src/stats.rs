@@ -198,6 +198,10 @@ pub struct ServerStats {
     pub busy: u64,
     /// Times the server ran out of file descriptors and paused taking requests.
     pub descriptor_pauses: u64,
+    /// Time the loop spent polling without sleeping ([`ServerBuilder::busy_poll`]).
+    ///
+    /// [`ServerBuilder::busy_poll`]: crate::server::ServerBuilder::busy_poll
+    pub busy_poll: Duration,
     /// Gauge: sessions running at the time of the report.
     pub active_sessions: u64,
     /// How long the sessions that ended in this interval lasted.
@@ -233,6 +237,7 @@ impl ServerStats {
         self.client_limited += other.client_limited;
         self.busy += other.busy;
         self.descriptor_pauses += other.descriptor_pauses;
+        self.busy_poll += other.busy_poll;
         self.active_sessions += other.active_sessions;
         self.session_durations.merge(&other.session_durations);
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use dyntftp::server::DEFAULT_BUSY_POLL;
 use getopts::{Matches, Options};
 use log::LevelFilter;
 
@@ -79,7 +80,7 @@ impl Default for Config {
             max_per_client: dyntftp::server::DEFAULT_MAX_SESSIONS_PER_CLIENT,
             adaptive_timeout: true,
             udp_gso: true,
-            busy_poll: 0,
+            busy_poll: DEFAULT_BUSY_POLL.as_micros() as u64,
             single_port: false,
             workers: 1,
             ignore_case: false,
@@ -423,7 +424,7 @@ pub fn options() -> Options {
     opts.optopt(
         "",
         "busy-poll",
-        "while transfers run, poll this many microseconds without sleeping before blocking: faster lock-step transfers for CPU time (0..10000, default 0: off)",
+        "adaptive busy polling: while transfers run and datagrams keep coming within USECS, poll that long without sleeping before blocking (faster lock-step transfers for CPU time; 0..10000, default 50, 0: off)",
         "USECS",
     );
     opts.optflag(
@@ -734,7 +735,8 @@ mod tests {
         assert!(config(&["--single-port"]).single_port);
         assert_eq!(c.workers, 1);
         assert!(c.udp_gso);
-        assert_eq!(c.busy_poll, 0);
+        assert_eq!(c.busy_poll, 50);
+        assert_eq!(config(&["--busy-poll", "0"]).busy_poll, 0);
         assert_eq!(config(&["--busy-poll", "50"]).busy_poll, 50);
         assert!(parse_args(&args(&["--busy-poll", "20000"])).is_err());
         assert!(!config(&["--udp-gso", "off"]).udp_gso);
