@@ -366,13 +366,15 @@ results="$tmp/results" # lines: server case run value flag loadgen_cpu_pct serve
 : >"$results"
 
 hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
-# CPU time (ns) used so far by server $1's process $2, or nothing when /proc does not
-# have it. dyntftpd and dnsmasq are single-threaded: /proc/PID/schedstat counts their
-# time on CPU in nanoseconds. tftpd-hpa's transfers run in child processes and atftpd's
-# in threads: /proc/PID/stat's user and system time of the process and of its ended
-# (reaped) children, in clock ticks, counts them; it is also the fallback.
+# CPU time (ns) used so far by server $1's process $2, or nothing when it cannot be
+# known. dyntftpd and dnsmasq are single-threaded: /proc/PID/schedstat counts their
+# time on CPU in nanoseconds. atftpd's transfers run in threads: /proc/PID/stat's user
+# and system time (clock ticks) counts them all; it is also the fallback. tftpd-hpa's
+# run in child processes that it lets the kernel reap (SIGCHLD ignored), which adds
+# their time nowhere: not measured.
 cpu_ns() {
     case "$1" in
+        tftpd-hpa) return ;;
         dyntftpd|dyntftpd-tuned|dnsmasq)
             if [ -r "/proc/$2/schedstat" ]; then
                 awk '{ print $1 }' "/proc/$2/schedstat"
@@ -381,7 +383,7 @@ cpu_ns() {
     esac
     if [ -r "/proc/$2/stat" ]; then
         sed 's/^.*) //' "/proc/$2/stat" |
-            awk -v hz="$hz" '{ printf "%.0f\n", ($12 + $13 + $14 + $15) * 1e9 / hz }'
+            awk -v hz="$hz" '{ printf "%.0f\n", ($12 + $13) * 1e9 / hz }'
     fi
 }
 
@@ -638,7 +640,7 @@ echo
         print "CPU time as a share of wall time (max over servers and runs; two threads for the"
         print "raw ceiling); near 100 % it, not the server, would be the limit. server CPU: each"
         print "server'"'"'s CPU time over the same wall time (median, in the order of the columns;"
-        print "with its child processes or threads); near 100 % the server is the limit."
+        print "with its threads; - when unknown); near 100 % the server is the limit."
         print "[N failed]: N runs of that cell failed (reasons below); the median is over the others."
         for (k = 1; k <= nnotes; k++) print "Failure: " notes[k]
     }'

@@ -1631,27 +1631,19 @@ impl RxBatch {
     fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         self.iovs.clear();
-        self.headers.clear();
         for chunk in self.bufs.chunks_exact_mut(MAX_DATAGRAM) {
             self.iovs.push(libc::iovec {
                 iov_base: chunk.as_mut_ptr().cast(),
                 iov_len: chunk.len(),
             });
         }
-        for i in 0..BATCH {
-            // SAFETY: `msghdr` is plain data for which all-zero bytes are valid.
-            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-            hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_in).cast();
-            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            hdr.msg_iov = &mut self.iovs[i];
-            hdr.msg_iovlen = 1;
-            hdr.msg_control = self.controls[i].as_mut_ptr().cast();
-            hdr.msg_controllen = std::mem::size_of::<PktinfoCmsg>();
-            self.headers.push(libc::mmsghdr {
-                msg_hdr: hdr,
-                msg_len: 0,
-            });
-        }
+        mmsg_headers(
+            &mut self.headers,
+            &mut self.names,
+            &mut self.iovs,
+            &mut self.controls,
+            std::mem::size_of::<PktinfoCmsg>(),
+        );
         // SAFETY: every header points into `names`, `iovs`, `controls` and `bufs`, which
         // are neither moved nor resized until the call returns; the lengths given are
         // those of the buffers.
@@ -1699,6 +1691,33 @@ impl RxBatch {
     }
 }
 
+/// Fills `headers` with one `mmsghdr` per entry of `names`, `iovs` and `controls` (of
+/// equal lengths), each with one buffer and `control_len` bytes of control data. The
+/// headers point into the slices: those must stay in place until the system call.
+fn mmsg_headers(
+    headers: &mut Vec<libc::mmsghdr>,
+    names: &mut [libc::sockaddr_in],
+    iovs: &mut [libc::iovec],
+    controls: &mut [PktinfoCmsg],
+    control_len: usize,
+) {
+    headers.clear();
+    for ((name, iov), control) in names.iter_mut().zip(iovs).zip(controls) {
+        // SAFETY: `msghdr` is plain data for which all-zero bytes are valid.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_name = (name as *mut libc::sockaddr_in).cast();
+        hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        hdr.msg_iov = iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = control_len;
+        headers.push(libc::mmsghdr {
+            msg_hdr: hdr,
+            msg_len: 0,
+        });
+    }
+}
+
 /// Datagrams queued by shared-socket clients, sent in batches.
 #[derive(Default)]
 struct Outbox {
@@ -1735,7 +1754,6 @@ impl Outbox {
             self.names.clear();
             self.controls.clear();
             self.iovs.clear();
-            self.headers.clear();
             for (to, from, range) in chunk {
                 // SAFETY: `sockaddr_in` is plain data for which all-zero bytes are valid.
                 let mut name: libc::sockaddr_in = unsafe { std::mem::zeroed() };
@@ -1767,23 +1785,16 @@ impl Outbox {
                     iov_len: range.len(),
                 });
             }
-            for i in 0..chunk.len() {
-                // SAFETY: `msghdr` is plain data for which all-zero bytes are valid.
-                let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-                hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_in).cast();
-                hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                hdr.msg_iov = &mut self.iovs[i];
-                hdr.msg_iovlen = 1;
-                hdr.msg_control = self.controls[i].as_mut_ptr().cast();
-                // SAFETY: pure arithmetic on a length.
-                hdr.msg_controllen =
-                    unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) }
-                        as usize;
-                self.headers.push(libc::mmsghdr {
-                    msg_hdr: hdr,
-                    msg_len: 0,
-                });
-            }
+            // SAFETY: pure arithmetic on a length.
+            let control_len =
+                unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) };
+            mmsg_headers(
+                &mut self.headers,
+                &mut self.names,
+                &mut self.iovs,
+                &mut self.controls,
+                control_len as usize,
+            );
             // SAFETY: every header points into `names`, `iovs`, `controls` and `bytes`,
             // which are neither moved nor resized until the call returns; the datagram
             // bytes are only read.
