@@ -274,8 +274,8 @@ impl<H: Handler> ServerBuilder<H> {
 
     /// Whether windows of DATA are sent with UDP generic segmentation offload, several
     /// datagrams per system call (default true; falls back to one datagram per call, for
-    /// good, at the first failure, e.g. on kernels older than 4.18). Single-port mode
-    /// always sends one datagram per call.
+    /// good, at the first failure, e.g. on kernels older than 4.18), in single-port mode
+    /// too (with the source address as a second control message).
     pub fn udp_gso(mut self, gso: bool) -> Self {
         self.settings.udp_gso = gso;
         self
@@ -698,7 +698,7 @@ fn transmit(
         Transport::Own(socket) => socket.send_to(datagram, peer),
         Transport::Shared { listener, source } => {
             let listener = &listeners[*listener];
-            sys::send_from(&listener.socket, listener.v6, datagram, peer, *source)
+            sys::send_from(&listener.socket, listener.v6, datagram, peer, *source, None)
         }
     }
 }
@@ -1602,7 +1602,14 @@ impl<H: Handler> Server<H> {
             // Single-port mode: from the port the request came to.
             Some((listener, source)) => {
                 let listener = &self.listeners[listener];
-                sys::send_from(&listener.socket, listener.v6, &self.scratch, peer, source)
+                sys::send_from(
+                    &listener.socket,
+                    listener.v6,
+                    &self.scratch,
+                    peer,
+                    source,
+                    None,
+                )
             }
             None => sys::bind_ephemeral(SocketAddr::new(local.ip(), 0).with_scope_of(local))
                 .and_then(|socket| socket.send_to(&self.scratch, peer)),
@@ -1764,13 +1771,10 @@ impl<H: Handler> Server<H> {
         let entry = &mut self.sessions[key];
         let Entry {
             session,
-            transport: Transport::Own(socket),
+            transport,
             peer,
             ..
-        } = entry
-        else {
-            return false;
-        };
+        } = entry;
         let segment = session.params().blksize as usize + DATA_HEADER_LEN;
         let max = (GSO_MAX_BYTES / segment).min(GSO_MAX_SEGMENTS);
         // Lock step never has two packets to send at once.
@@ -1790,13 +1794,24 @@ impl<H: Handler> Server<H> {
             }
         };
         let payload = (run.bytes.len() - run.packets * DATA_HEADER_LEN) as u64;
-        match sys::send_segments(&*socket, run.bytes, run.segment as u16, *peer) {
+        let segment = Some(run.segment as u16);
+        let sent = match transport {
+            Transport::Own(socket) => {
+                sys::send_segments(&*socket, run.bytes, run.segment as u16, *peer)
+            }
+            Transport::Shared { listener, source } => {
+                let listener = &self.listeners[*listener];
+                let (socket, v6) = (&listener.socket, listener.v6);
+                sys::send_from(socket, v6, run.bytes, *peer, *source, segment)
+            }
+        };
+        match sent {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
                 // No GSO here: never again, and these packets one by one.
                 info!("UDP segmentation offload unavailable ({e}); sending one datagram per call");
                 self.gso = false;
                 for datagram in run.bytes.chunks(run.segment) {
-                    let sent = socket.send_to(datagram, *peer);
+                    let sent = transmit(&self.listeners, transport, datagram, *peer);
                     let payload = (datagram.len() - DATA_HEADER_LEN) as u64;
                     count_send(&mut self.stats, sent, 1, payload, *peer);
                 }

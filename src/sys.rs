@@ -132,13 +132,15 @@ pub fn recv_with_destination(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Resul
 /// Sends `buf` to `peer` from `socket`, with source address `source` (and its interface)
 /// when given: how a listener bound to a wildcard address answers from the address a
 /// client sent to (IP_PKTINFO / IPV6_PKTINFO). On an IPv6 socket an IPv4 peer and source
-/// are sent as IPv4-mapped addresses (a dual-stack socket).
+/// are sent as IPv4-mapped addresses (a dual-stack socket). With `segment`, `buf` goes
+/// out as datagrams of that many bytes, as with [`send_segments`].
 pub fn send_from(
     socket: &impl AsRawFd,
     v6_socket: bool,
     buf: &[u8],
     peer: SocketAddr,
     source: Option<(IpAddr, u32)>,
+    segment: Option<u16>,
 ) -> io::Result<usize> {
     let peer = match (v6_socket, peer) {
         (true, SocketAddr::V4(v4)) => {
@@ -147,7 +149,7 @@ pub fn send_from(
         (_, peer) => peer,
     };
     match (source, v6_socket) {
-        (None, _) => send_msg::<u8>(socket, buf, peer, None),
+        (None, _) => send_msg::<u8>(socket, buf, peer, None, segment),
         (Some((ip, ifindex)), true) => {
             let ip6 = match ip {
                 IpAddr::V4(v4) => v4.to_ipv6_mapped(),
@@ -164,6 +166,7 @@ pub fn send_from(
                 buf,
                 peer,
                 Some((libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info)),
+                segment,
             )
         }
         (Some((IpAddr::V4(v4), _)), false) => {
@@ -179,6 +182,7 @@ pub fn send_from(
                 buf,
                 peer,
                 Some((libc::IPPROTO_IP, libc::IP_PKTINFO, info)),
+                segment,
             )
         }
         (Some((IpAddr::V6(_), _)), false) => Err(io::Error::new(
@@ -199,22 +203,19 @@ pub fn send_segments(
     segment: u16,
     peer: SocketAddr,
 ) -> io::Result<usize> {
-    send_msg(
-        socket,
-        buf,
-        peer,
-        Some((libc::SOL_UDP, libc::UDP_SEGMENT, segment)),
-    )
+    send_msg::<u8>(socket, buf, peer, None, Some(segment))
 }
 
-/// `sendmsg` of `buf` to `peer` with at most one control message: `(level, type, data)`.
+/// `sendmsg` of `buf` to `peer` with at most one control message `(level, type, data)`
+/// and, with `segment`, a UDP_SEGMENT one.
 fn send_msg<T: Copy>(
     socket: &impl AsRawFd,
     buf: &[u8],
     peer: SocketAddr,
     cmsg: Option<(libc::c_int, libc::c_int, T)>,
+    segment: Option<u16>,
 ) -> io::Result<usize> {
-    let mut control = [MaybeUninit::<u64>::uninit(); 8]; // 64 bytes, 8-aligned
+    let mut control = [MaybeUninit::<u64>::uninit(); 10]; // 80 bytes, 8-aligned
     let (mut storage, name_len) = std_to_sockaddr(peer);
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
@@ -226,22 +227,36 @@ fn send_msg<T: Copy>(
     msg.msg_namelen = name_len;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    if let Some((level, kind, data)) = cmsg {
-        let len = size_of::<T>() as u32;
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(len) } as usize;
-        assert!(space <= size_of_val(&control), "control message too large");
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = |len: usize| unsafe { libc::CMSG_SPACE(len as u32) } as usize;
+    let first = cmsg.map_or(0, |_| space(size_of::<T>()));
+    let total = first + segment.map_or(0, |_| space(size_of::<u16>()));
+    if total > 0 {
+        assert!(total <= size_of_val(&control), "control messages too large");
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer holds `space` bytes (checked above), room for one
-        // cmsghdr and `T`; CMSG_FIRSTHDR points into it, and the data is written unaligned
-        // with the size CMSG_LEN announces.
+        msg.msg_controllen = total as _;
+        // Zeroed, so that CMSG_NXTHDR reads a defined length in the second header.
+        // SAFETY: the buffer holds at least `total` bytes.
+        unsafe { std::ptr::write_bytes(control.as_mut_ptr().cast::<u8>(), 0, total) };
+        // SAFETY: the control buffer holds `total` bytes (checked above), room for the
+        // cmsghdrs and their data; CMSG_FIRSTHDR and CMSG_NXTHDR stay within
+        // `msg_controllen`, and each header is filled before the next is looked up. The
+        // data is written unaligned with the size CMSG_LEN announces.
         unsafe {
-            let header = libc::CMSG_FIRSTHDR(&msg);
-            (*header).cmsg_level = level;
-            (*header).cmsg_type = kind;
-            (*header).cmsg_len = libc::CMSG_LEN(len) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<T>(), data);
+            let mut header = libc::CMSG_FIRSTHDR(&msg);
+            if let Some((level, kind, data)) = cmsg {
+                (*header).cmsg_level = level;
+                (*header).cmsg_type = kind;
+                (*header).cmsg_len = libc::CMSG_LEN(size_of::<T>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<T>(), data);
+                header = libc::CMSG_NXTHDR(&msg, header);
+            }
+            if let Some(segment) = segment {
+                (*header).cmsg_level = libc::SOL_UDP;
+                (*header).cmsg_type = libc::UDP_SEGMENT;
+                (*header).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<u16>(), segment);
+            }
         }
     }
     // SAFETY: every pointer in `msg` points to a live buffer of the length given with it.
@@ -491,6 +506,32 @@ mod tests {
             let n = receiver.recv(&mut got).unwrap();
             let want = if i == 4 { 30 } else { 100 };
             assert_eq!(&got[..n], vec![i; want].as_slice(), "datagram {i}");
+        }
+    }
+
+    #[test]
+    fn segments_from_a_chosen_source_address() {
+        let listener = bind_listener("0.0.0.0:0".parse().unwrap(), false).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let buf: Vec<u8> = (0..250u32).map(|i| (i / 100) as u8).collect();
+        let source = Some(("127.0.0.2".parse().unwrap(), 0));
+        let to = receiver.local_addr().unwrap();
+        match send_from(&listener, false, &buf, to, source, Some(100)) {
+            Ok(n) => assert_eq!(n, buf.len()),
+            Err(e) => {
+                eprintln!("SKIPPED: no UDP GSO here: {e}");
+                return;
+            }
+        }
+        let mut got = [0u8; 200];
+        for (i, want) in [100, 100, 50].into_iter().enumerate() {
+            let (n, from) = receiver.recv_from(&mut got).unwrap();
+            assert_eq!(from, SocketAddr::from(([127, 0, 0, 2], port)));
+            assert_eq!(&got[..n], vec![i as u8; want].as_slice(), "datagram {i}");
         }
     }
 
