@@ -101,7 +101,7 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -258,12 +258,17 @@ impl FsHandler {
     /// Usable by other handlers that serve some names from disk.
     pub fn open_file(&self, filename: &[u8]) -> Result<File, Reject> {
         let parts = components(filename)?;
-        self.open_components(&parts, filename)
+        self.open_components(&parts, filename).map(|(file, _)| file)
     }
 
     /// Like [`open_file`](FsHandler::open_file), for a request from `client`: with
     /// [`unique_root`](FsHandler::unique_root) on, `<root>/<client>/<name>` is tried first.
     pub fn open_file_for(&self, client: IpAddr, filename: &[u8]) -> Result<File, Reject> {
+        self.open_checked(client, filename).map(|(file, _)| file)
+    }
+
+    /// [`open_file_for`](FsHandler::open_file_for) with the metadata it checked.
+    fn open_checked(&self, client: IpAddr, filename: &[u8]) -> Result<(File, Metadata), Reject> {
         let parts = components(filename)?;
         if self.unique_root {
             let dir = client.to_canonical().to_string();
@@ -285,8 +290,13 @@ impl FsHandler {
         self.open_components(&parts, filename)
     }
 
-    /// Opens normalised `parts` (see [`components`]); `filename` is for the log.
-    fn open_components(&self, parts: &[&[u8]], filename: &[u8]) -> Result<File, Reject> {
+    /// Opens normalised `parts` (see [`components`]) and checks that it is a regular file;
+    /// `filename` is for the log.
+    fn open_components(
+        &self,
+        parts: &[&[u8]],
+        filename: &[u8],
+    ) -> Result<(File, Metadata), Reject> {
         let name = LogName(filename);
         let mut opened = self.open_path(parts, FILE_FLAGS);
         if self.ignore_case {
@@ -304,7 +314,7 @@ impl FsHandler {
             reject_for(&e)
         })?);
         match file.metadata() {
-            Ok(meta) if meta.is_file() => Ok(file),
+            Ok(meta) if meta.is_file() => Ok((file, meta)),
             Ok(meta) => {
                 debug!(
                     "refused {name}: not a regular file ({:?})",
@@ -371,18 +381,17 @@ impl fmt::Debug for FsHandler {
 
 impl Handler for FsHandler {
     fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
-        let file = self.open_file_for(request.peer.ip(), request.filename)?;
-        let stat_failed = |e: io::Error| {
-            debug!("cannot stat {}: {e}", LogName(request.filename));
-            reject_for(&e)
-        };
+        let (file, meta) = self.open_checked(request.peer.ip(), request.filename)?;
         if let Some(cache) = &mut self.cache {
-            if let Some(bytes) = cache.get(&file).map_err(stat_failed)? {
+            let cached = cache.get(&file, &meta).map_err(|e| {
+                debug!("cannot read {}: {e}", LogName(request.filename));
+                reject_for(&e)
+            })?;
+            if let Some(bytes) = cached {
                 return Ok(Box::new(BytesSource::new(bytes)));
             }
         }
-        let source = FileSource::new(file).map_err(stat_failed)?;
-        Ok(Box::new(source))
+        Ok(Box::new(FileSource::with_size(file, meta.len())))
     }
 }
 
@@ -455,10 +464,10 @@ impl Cache {
         }
     }
 
-    /// The bytes of `file` (just opened), from memory or loaded now; `None` when it is
-    /// not cacheable and must be read from disk.
-    fn get(&mut self, file: &File) -> io::Result<Option<Arc<[u8]>>> {
-        let stamp = Stamp::of(&file.metadata()?);
+    /// The bytes of `file` (just opened, with metadata `meta`), from memory or loaded now;
+    /// `None` when it is not cacheable and must be read from disk.
+    fn get(&mut self, file: &File, meta: &Metadata) -> io::Result<Option<Arc<[u8]>>> {
+        let stamp = Stamp::of(meta);
         let key = (stamp.dev, stamp.ino);
         self.tick += 1;
         if let Some(entry) = self.entries.get_mut(&key) {

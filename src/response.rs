@@ -73,7 +73,13 @@ impl FileSource {
     /// Wraps an open file.
     pub fn new(file: File) -> io::Result<FileSource> {
         let size = file.metadata()?.len();
-        Ok(FileSource { file, size })
+        Ok(FileSource::with_size(file, size))
+    }
+
+    /// Wraps an open file whose size the caller has just read from its metadata (saves
+    /// the `fstat` of [`new`](FileSource::new)).
+    pub fn with_size(file: File, size: u64) -> FileSource {
+        FileSource { file, size }
     }
 }
 
