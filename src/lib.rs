@@ -121,6 +121,7 @@
 //!                  remap     Remap: rewrite names before a handler sees them
 //!                  fs        FsHandler: a root directory, confined with openat2
 //!                  timer     hashed timer wheel keyed by session (no clock reads)
+//!                  spin      adaptive busy polling: when to poll instead of sleeping
 //!                  stats     TransferStats, SessionStats, ServerStats
 //!                  metrics   Metrics: ServerStats totals in the Prometheus text format
 //! ```

@@ -14,6 +14,18 @@ pub trait ResponseData {
     /// data. `Err(WouldBlock)` means "not ready yet, ask again later".
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
 
+    /// Reads into `bufs` in order, as [`read`](Self::read) would into one buffer made of
+    /// them: the first is filled before anything goes into the second. Short reads are
+    /// fine (`Ok(0)` is the end). A session with a window uses it to read several blocks
+    /// with one call, straight into their packets. The default reads into the first
+    /// non-empty buffer only; [`FileSource`] overrides it with one `readv`.
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        match bufs.iter_mut().find(|buf| !buf.is_empty()) {
+            Some(buf) => self.read(buf),
+            None => Ok(0),
+        }
+    }
+
     /// The total size in bytes, when known. It answers the `tsize` option; `None` leaves
     /// `tsize` out of the OACK.
     fn size(&self) -> Option<u64> {
@@ -24,6 +36,9 @@ pub trait ResponseData {
 impl<R: ResponseData + ?Sized> ResponseData for Box<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         (**self).read(buf)
+    }
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        (**self).read_vectored(bufs)
     }
     fn size(&self) -> Option<u64> {
         (**self).size()
@@ -86,6 +101,10 @@ impl FileSource {
 impl ResponseData for FileSource {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.file.read(buf)
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        self.file.read_vectored(bufs)
     }
 
     fn size(&self) -> Option<u64> {

@@ -52,7 +52,7 @@
 //!   [`SessionConfig::source_timeout`]. `Interrupted` is retried at once, but more than a
 //!   few times in a row counts as `WouldBlock`.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::time::{Duration, Instant};
 
 use crate::options::{negotiate, Limits, Negotiated};
@@ -69,6 +69,9 @@ const MIN_RTT_SAMPLES: u32 = 3;
 /// `Interrupted` errors in a row after which a source counts as not ready (`WouldBlock`),
 /// so that a source that returns `Interrupted` forever cannot hang the event loop.
 const MAX_INTERRUPTED: u32 = 16;
+
+/// Most blocks read with one vectored read (a window's worth for the usual windows).
+const MAX_VECTORED: usize = 64;
 
 /// Server policy for sessions. Clients never change it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -498,7 +501,22 @@ impl Session {
         if let Some(last) = self.last {
             end = end.min(last + 1);
         }
-        // Read ahead what the run needs, stopping at anything unusual.
+        // Read ahead what the run needs, stopping at anything unusual: several blocks
+        // with one vectored read first, then block by block.
+        if self.partial == 0 && self.filled + 2 < end && self.last.is_none() && !self.source_blocked
+        {
+            match self.read_blocks(end - self.filled - 1) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.source_blocked = true;
+                    self.stalled_since.get_or_insert(self.now);
+                }
+                Err(e) => {
+                    self.fail_read(&e);
+                    return None;
+                }
+            }
+        }
         while self.filled + 1 < end && self.last.is_none() && !self.source_blocked {
             match self.read_block() {
                 Ok(true) => {}
@@ -592,12 +610,41 @@ impl Session {
         len
     }
 
+    /// Reads up to `count` blocks from `filled + 1` on (slots that do not wrap) with one
+    /// [`ResponseData::read_vectored`], each straight into its packet. Full blocks are
+    /// stored; what the source gave of the next one stays as `partial`, for
+    /// [`read_block`](Self::read_block) to finish (it also sees the end, and retries
+    /// `Interrupted`). `Ok(false)` means the source would block.
+    fn read_blocks(&mut self, count: u64) -> io::Result<bool> {
+        let count = (count as usize).min(MAX_VECTORED);
+        let slot_len = self.slot_len();
+        let blksize = slot_len - DATA_HEADER_LEN;
+        let start = self.slot(self.filled + 1) * slot_len;
+        let Some(region) = self.ring.get_mut(start..start + count * slot_len) else {
+            return Ok(true);
+        };
+        let mut bufs: [IoSliceMut<'_>; MAX_VECTORED] =
+            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+        for (buf, packet) in bufs.iter_mut().zip(region.chunks_exact_mut(slot_len)) {
+            *buf = IoSliceMut::new(&mut packet[DATA_HEADER_LEN..]);
+        }
+        let n = match self.source.read_vectored(&mut bufs[..count]) {
+            Ok(n) => n.min(count * blksize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        for _ in 0..n / blksize {
+            self.store_block(blksize, false);
+        }
+        self.partial = n % blksize;
+        Ok(true)
+    }
+
     /// Reads block `filled + 1` into its slot. `Ok(false)` means the source would block.
     fn read_block(&mut self) -> io::Result<bool> {
-        let block = self.filled + 1;
-        let slot = self.slot(block);
         let slot_len = self.slot_len();
-        let start = slot * slot_len;
+        let start = self.slot(self.filled + 1) * slot_len;
         let packet = &mut self.ring[start..start + slot_len];
         let blksize = slot_len - DATA_HEADER_LEN;
         let mut eof = false;
@@ -632,9 +679,20 @@ impl Session {
                 Err(e) => return Err(e),
             }
         }
+        self.store_block(self.partial, eof);
+        Ok(true)
+    }
+
+    /// Block `filled + 1` holds `payload` bytes in its slot: writes its header and counts
+    /// it read (the last block when the source reached its end).
+    fn store_block(&mut self, payload: usize, eof: bool) {
+        let block = self.filled + 1;
+        let slot = self.slot(block);
+        let slot_len = self.slot_len();
+        let packet = &mut self.ring[slot * slot_len..(slot + 1) * slot_len];
         write_data_header(packet, block as u16).expect("slot holds a header");
-        self.lens[slot] = DATA_HEADER_LEN + self.partial;
-        self.stats.bytes_read += self.partial as u64;
+        self.lens[slot] = DATA_HEADER_LEN + payload;
+        self.stats.bytes_read += payload as u64;
         if eof {
             self.last = Some(block);
             if self
@@ -647,7 +705,6 @@ impl Session {
         self.partial = 0;
         self.filled = block;
         self.stalled_since = None;
-        Ok(true)
     }
 
     fn on_ack(&mut self, block: u16) {
@@ -811,8 +868,11 @@ impl Session {
         DATA_HEADER_LEN + self.params.blksize as usize
     }
 
+    /// The ring slot of `block` (blocks count from 1): a window that starts after a
+    /// whole window was acknowledged fills the ring from slot 0, so that it is read
+    /// with one vectored read and sent as one run.
     fn slot(&self, block: u64) -> usize {
-        (block % self.params.window.max(1) as u64) as usize
+        (block.saturating_sub(1) % self.params.window.max(1) as u64) as usize
     }
 }
 
@@ -1249,39 +1309,63 @@ mod tests {
         }
     }
 
-    /// Reads in pieces of a fixed size and says WouldBlock every `block_every` calls.
+    /// Reads in pieces of a fixed size and says WouldBlock every `block_every` calls;
+    /// with `vectored`, a vectored read spreads its piece over the buffers.
     struct Choppy {
         data: Vec<u8>,
         pos: usize,
         calls: usize,
         piece: usize,
         block_every: usize,
+        vectored: bool,
+    }
+
+    impl Choppy {
+        fn new(data: Vec<u8>, piece: usize, block_every: usize, vectored: bool) -> Choppy {
+            Choppy {
+                data,
+                pos: 0,
+                calls: 0,
+                piece,
+                block_every,
+                vectored,
+            }
+        }
     }
 
     impl ResponseData for Choppy {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.read_vectored(&mut [IoSliceMut::new(buf)])
+        }
+
+        fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
             self.calls += 1;
             if self.block_every > 0 && self.calls % self.block_every == 0 {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            let n = buf.len().min(self.piece).min(self.data.len() - self.pos);
-            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
-            self.pos += n;
-            Ok(n)
+            let bufs = if self.vectored { bufs } else { &mut bufs[..1] };
+            let mut budget = self.piece.min(self.data.len() - self.pos);
+            let mut total = 0;
+            for buf in bufs {
+                let n = buf.len().min(budget);
+                buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+                self.pos += n;
+                total += n;
+                budget -= n;
+            }
+            Ok(total)
         }
     }
 
     #[test]
     fn data_runs_send_exactly_what_poll_output_sends() {
-        for (size, blksize, window, runs, lose_every, piece, block_every) in [
-            (100_000, 512, 16, 64, 0, 4096, 0),
-            (100_000, 512, 16, 5, 7, 1000, 5),
-            (65_536, 512, 64, 45, 0, 65_536, 0),
-            (10_000, 8, 7, 3, 5, 300, 3),
-            (10_000, 8, 7, 3, 5, 300, 0),
-            (4096, 512, 4, 64, 3, 512, 0),
-            (0, 512, 8, 64, 0, 512, 0),
-            (700, 512, 1, 64, 0, 100, 2),
+        for (size, blksize, window, runs, lose_every, piece, block_every, vectored) in [
+            (100_000, 512, 16, 64, 0, 1 << 20, 0, true),
+            (100_000, 512, 16, 64, 7, 1300, 0, true),
+            (10_000, 8, 7, 3, 5, 300, 0, true),
+            (5_000, 512, 16, 64, 0, 1 << 20, 0, true),
+            (8192, 512, 16, 64, 0, 1 << 20, 0, true),
+            (200_000, 512, 200, 64, 3, 1 << 20, 0, true),
         ] {
             let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
             let options = format!("blksize\0{blksize}\0windowsize\0{window}\0");
@@ -1292,13 +1376,7 @@ mod tests {
                         now,
                         Options::parse(options.as_bytes()).unwrap(),
                         Mode::Octet,
-                        Box::new(Choppy {
-                            data: data.clone(),
-                            pos: 0,
-                            calls: 0,
-                            piece,
-                            block_every,
-                        }),
+                        Box::new(Choppy::new(data.clone(), piece, block_every, vectored)),
                         &SessionConfig::default(),
                     )
                 })
@@ -1314,7 +1392,7 @@ mod tests {
                 let b = drain_with(&mut batched, runs, &mut used);
                 assert_eq!(
                     a, b,
-                    "size {size} blksize {blksize} window {window} step {step}"
+                    "size {size} blksize {blksize} window {window} piece {piece} vectored {vectored} step {step}"
                 );
                 if let Output::Done(_) = a.1 {
                     break;
@@ -1372,6 +1450,55 @@ mod tests {
                 window > 1 && size >= 2 * blksize,
                 "size {size} window {window}"
             );
+        }
+    }
+
+    #[test]
+    fn a_vectored_source_is_read_once_per_window() {
+        let data: Vec<u8> = (0..512 * 16 * 20).map(|i| (i % 253) as u8).collect();
+        let now = Instant::now();
+        let options = Options::parse(b"windowsize\x0016\x00").unwrap();
+        let calls = std::rc::Rc::new(std::cell::Cell::new(0));
+        let source = Box::new(Counted(
+            Choppy::new(data.clone(), usize::MAX, 0, true),
+            calls.clone(),
+        ));
+        let mut s = Session::new(now, options, Mode::Octet, source, &SessionConfig::default());
+        let mut got = Vec::new();
+        let mut used = 0;
+        loop {
+            let (sent, out) = drain_with(&mut s, 64, &mut used);
+            let mut last = 0;
+            for p in &sent {
+                if let Ok(Packet::Data { block, data }) = Packet::parse(p) {
+                    got.extend_from_slice(data);
+                    last = block;
+                }
+            }
+            if matches!(out, Output::Done(_)) {
+                break;
+            }
+            s.handle_packet(now, Packet::Ack { block: last });
+        }
+        assert_eq!(got, data);
+        assert_eq!(s.stats().outcome, Some(Outcome::Completed));
+        // 20 windows of 16 full blocks, then the empty last block: one vectored read per
+        // window and the reads that find the end.
+        assert!(calls.get() <= 20 + 2, "{} source calls", calls.get());
+    }
+
+    /// Counts the calls into its source.
+    struct Counted<R>(R, std::rc::Rc<std::cell::Cell<usize>>);
+
+    impl<R: ResponseData> ResponseData for Counted<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.1.set(self.1.get() + 1);
+            self.0.read(buf)
+        }
+
+        fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+            self.1.set(self.1.get() + 1);
+            self.0.read_vectored(bufs)
         }
     }
 

@@ -172,6 +172,21 @@ impl ResponseData for Scripted {
         Ok(claim)
     }
 
+    /// The same script step over all the buffers at once (what a window's read-ahead
+    /// asks for): the bytes a plain read of their total length would give, spread.
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        let total = bufs.iter().map(|b| b.len()).sum();
+        let mut tmp = vec![0u8; total];
+        let claim = self.read(&mut tmp)?;
+        let mut left = &tmp[..claim.min(total)];
+        for buf in bufs {
+            let n = buf.len().min(left.len());
+            buf[..n].copy_from_slice(&left[..n]);
+            left = &left[n..];
+        }
+        Ok(claim)
+    }
+
     fn size(&self) -> Option<u64> {
         self.known_size.then_some(self.data.len() as u64)
     }
