@@ -687,6 +687,17 @@ enum Transport {
     },
 }
 
+/// How a spin before a wait ended (see [`Server::spin_for_events`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Spin {
+    /// No spin: the spinner said no, nothing runs, or the wait is zero anyway.
+    Skipped,
+    /// Events came.
+    Found,
+    /// Nothing came for the whole budget.
+    Missed,
+}
+
 /// Sends `datagram` to `peer` over `transport`.
 fn transmit(
     listeners: &[Listener],
@@ -976,11 +987,16 @@ impl<H: Handler> Server<H> {
         if self.grace_deadline.is_some() && self.sessions.is_empty() {
             return Ok(false);
         }
-        let timeout = self.poll_timeout(max_wait);
-        if self.spin_for_events(timeout)? {
+        let mut timeout = self.poll_timeout(max_wait);
+        let spin = self.spin_for_events(timeout)?;
+        if spin == Spin::Found {
             self.now = Instant::now();
         } else {
             let before = self.now;
+            if spin == Spin::Missed {
+                // The spin used some of the time to the next deadline.
+                timeout = self.poll_timeout(max_wait);
+            }
             match self.poll.poll(&mut self.events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1045,11 +1061,11 @@ impl<H: Handler> Server<H> {
     }
 
     /// With sessions running and the [`Spinner`] for it, polls without sleeping for up
-    /// to its budget (never past `timeout`). True when events came.
-    fn spin_for_events(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+    /// to its budget (never past `timeout`).
+    fn spin_for_events(&mut self, timeout: Option<Duration>) -> Result<Spin, Error> {
         let budget = self.spinner.budget();
         if budget.is_zero() || self.sessions.is_empty() || timeout == Some(Duration::ZERO) {
-            return Ok(false);
+            return Ok(Spin::Skipped);
         }
         let start = Instant::now();
         let until = start + timeout.map_or(budget, |t| t.min(budget));
@@ -1065,13 +1081,13 @@ impl<H: Handler> Server<H> {
                 if empty_polls > 0 {
                     self.stats.busy_poll += start.elapsed();
                 }
-                return Ok(true);
+                return Ok(Spin::Found);
             }
             let now = Instant::now();
             if now >= until {
                 self.spinner.missed();
                 self.stats.busy_poll += now - start;
-                return Ok(false);
+                return Ok(Spin::Missed);
             }
             empty_polls += 1;
             std::hint::spin_loop();

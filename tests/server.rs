@@ -1279,6 +1279,22 @@ fn an_unacknowledged_first_packet_waits_the_full_timeout() {
 }
 
 #[test]
+fn busy_polling_off_never_spins() {
+    let root = standard_root();
+    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+        b.busy_poll(Duration::ZERO)
+            .stats_interval(Duration::from_millis(50))
+    });
+    for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")][..]] {
+        let got = fetch(server.addr, "big.bin", "octet", options).unwrap();
+        assert_same(&got.data, big(), "big.bin");
+        assert_eq!(server.next_session().outcome, Outcome::Completed);
+    }
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.busy_poll, Duration::ZERO);
+}
+
+#[test]
 fn busy_polling_serves_the_same_bytes() {
     let root = standard_root();
     let mut server = spawn_fs_with(v4(), root.path(), |b| {
