@@ -1609,48 +1609,41 @@ type PktinfoCmsg = [u64; 4];
 struct RxBatch {
     /// `BATCH` datagrams of up to `MAX_DATAGRAM` bytes, back to back.
     bufs: Vec<u8>,
-    names: Vec<libc::sockaddr_in>,
-    controls: Vec<PktinfoCmsg>,
-    iovs: Vec<libc::iovec>,
-    headers: Vec<libc::mmsghdr>,
+    m: Mmsg,
 }
 
 impl RxBatch {
     fn new() -> RxBatch {
         RxBatch {
             bufs: vec![0; BATCH * MAX_DATAGRAM],
-            // SAFETY: `sockaddr_in` is plain data for which all-zero bytes are valid.
-            names: vec![unsafe { std::mem::zeroed() }; BATCH],
-            controls: vec![[0; 4]; BATCH],
-            iovs: Vec::with_capacity(BATCH),
-            headers: Vec::with_capacity(BATCH),
+            m: Mmsg {
+                // SAFETY: `sockaddr_in` is plain data for which all-zero bytes are valid.
+                names: vec![unsafe { std::mem::zeroed() }; BATCH],
+                controls: vec![[0; 4]; BATCH],
+                iovs: Vec::with_capacity(BATCH),
+                headers: Vec::with_capacity(BATCH),
+            },
         }
     }
 
     /// Receives up to `BATCH` datagrams without blocking; `WouldBlock` when none.
     fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
-        self.iovs.clear();
+        self.m.iovs.clear();
         for chunk in self.bufs.chunks_exact_mut(MAX_DATAGRAM) {
-            self.iovs.push(libc::iovec {
+            self.m.iovs.push(libc::iovec {
                 iov_base: chunk.as_mut_ptr().cast(),
                 iov_len: chunk.len(),
             });
         }
-        mmsg_headers(
-            &mut self.headers,
-            &mut self.names,
-            &mut self.iovs,
-            &mut self.controls,
-            std::mem::size_of::<PktinfoCmsg>(),
-        );
+        self.m.fill_headers(std::mem::size_of::<PktinfoCmsg>());
         // SAFETY: every header points into `names`, `iovs`, `controls` and `bufs`, which
         // are neither moved nor resized until the call returns; the lengths given are
         // those of the buffers.
         let n = unsafe {
             libc::recvmmsg(
                 socket.as_raw_fd(),
-                self.headers.as_mut_ptr(),
+                self.m.headers.as_mut_ptr(),
                 BATCH as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
@@ -1665,10 +1658,10 @@ impl RxBatch {
     /// Datagram `i` of the last batch: its bytes, its source and the address it was sent
     /// to (from `IP_PKTINFO`).
     fn datagram(&self, i: usize) -> (&[u8], SocketAddr, Option<Ipv4Addr>) {
-        let hdr = &self.headers[i];
+        let hdr = &self.m.headers[i];
         let len = (hdr.msg_len as usize).min(MAX_DATAGRAM);
         let data = &self.bufs[i * MAX_DATAGRAM..][..len];
-        let name = &self.names[i];
+        let name = &self.m.names[i];
         let from = SocketAddr::from((
             Ipv4Addr::from(u32::from_be(name.sin_addr.s_addr)),
             u16::from_be(name.sin_port),
@@ -1691,30 +1684,41 @@ impl RxBatch {
     }
 }
 
-/// Fills `headers` with one `mmsghdr` per entry of `names`, `iovs` and `controls` (of
-/// equal lengths), each with one buffer and `control_len` bytes of control data. The
-/// headers point into the slices: those must stay in place until the system call.
-fn mmsg_headers(
-    headers: &mut Vec<libc::mmsghdr>,
-    names: &mut [libc::sockaddr_in],
-    iovs: &mut [libc::iovec],
-    controls: &mut [PktinfoCmsg],
-    control_len: usize,
-) {
-    headers.clear();
-    for ((name, iov), control) in names.iter_mut().zip(iovs).zip(controls) {
-        // SAFETY: `msghdr` is plain data for which all-zero bytes are valid.
-        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        hdr.msg_name = (name as *mut libc::sockaddr_in).cast();
-        hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        hdr.msg_iov = iov;
-        hdr.msg_iovlen = 1;
-        hdr.msg_control = control.as_mut_ptr().cast();
-        hdr.msg_controllen = control_len;
-        headers.push(libc::mmsghdr {
-            msg_hdr: hdr,
-            msg_len: 0,
-        });
+/// The arrays behind one `recvmmsg` or `sendmmsg` call: an address, a control buffer,
+/// one `iovec` and a header per datagram.
+#[derive(Default)]
+struct Mmsg {
+    names: Vec<libc::sockaddr_in>,
+    controls: Vec<PktinfoCmsg>,
+    iovs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+impl Mmsg {
+    /// Sets `headers` to one `mmsghdr` per entry of `names`, `iovs` and `controls` (of
+    /// equal lengths), each with one buffer and `control_len` bytes of control data. The
+    /// headers point into the other arrays: those must not change until the system call.
+    fn fill_headers(&mut self, control_len: usize) {
+        self.headers.clear();
+        let entries = self
+            .names
+            .iter_mut()
+            .zip(&mut self.iovs)
+            .zip(&mut self.controls);
+        for ((name, iov), control) in entries {
+            // SAFETY: `msghdr` is plain data for which all-zero bytes are valid.
+            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+            hdr.msg_name = (name as *mut libc::sockaddr_in).cast();
+            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            hdr.msg_iov = iov;
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = control.as_mut_ptr().cast();
+            hdr.msg_controllen = control_len;
+            self.headers.push(libc::mmsghdr {
+                msg_hdr: hdr,
+                msg_len: 0,
+            });
+        }
     }
 }
 
@@ -1724,10 +1728,7 @@ struct Outbox {
     /// Destination, source address and the range of the datagram in `bytes`.
     queued: Vec<(SocketAddrV4, Ipv4Addr, std::ops::Range<usize>)>,
     bytes: Vec<u8>,
-    names: Vec<libc::sockaddr_in>,
-    controls: Vec<PktinfoCmsg>,
-    iovs: Vec<libc::iovec>,
-    headers: Vec<libc::mmsghdr>,
+    m: Mmsg,
 }
 
 impl Outbox {
@@ -1751,16 +1752,16 @@ impl Outbox {
         let mut next = 0;
         while next < self.queued.len() {
             let chunk = &self.queued[next..self.queued.len().min(next + BATCH)];
-            self.names.clear();
-            self.controls.clear();
-            self.iovs.clear();
+            self.m.names.clear();
+            self.m.controls.clear();
+            self.m.iovs.clear();
             for (to, from, range) in chunk {
                 // SAFETY: `sockaddr_in` is plain data for which all-zero bytes are valid.
                 let mut name: libc::sockaddr_in = unsafe { std::mem::zeroed() };
                 name.sin_family = libc::AF_INET as libc::sa_family_t;
                 name.sin_port = to.port().to_be();
                 name.sin_addr.s_addr = u32::from(*to.ip()).to_be();
-                self.names.push(name);
+                self.m.names.push(name);
                 let mut control: PktinfoCmsg = [0; 4];
                 // SAFETY: `control` is aligned for `cmsghdr` and large enough for one
                 // header and an `in_pktinfo` (CMSG_SPACE(12) = 32 bytes on Linux).
@@ -1779,8 +1780,8 @@ impl Outbox {
                     };
                     std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
                 }
-                self.controls.push(control);
-                self.iovs.push(libc::iovec {
+                self.m.controls.push(control);
+                self.m.iovs.push(libc::iovec {
                     iov_base: self.bytes[range.clone()].as_ptr() as *mut libc::c_void,
                     iov_len: range.len(),
                 });
@@ -1788,21 +1789,15 @@ impl Outbox {
             // SAFETY: pure arithmetic on a length.
             let control_len =
                 unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) };
-            mmsg_headers(
-                &mut self.headers,
-                &mut self.names,
-                &mut self.iovs,
-                &mut self.controls,
-                control_len as usize,
-            );
+            self.m.fill_headers(control_len as usize);
             // SAFETY: every header points into `names`, `iovs`, `controls` and `bytes`,
             // which are neither moved nor resized until the call returns; the datagram
             // bytes are only read.
             let sent = unsafe {
                 libc::sendmmsg(
                     socket.as_raw_fd(),
-                    self.headers.as_mut_ptr(),
-                    self.headers.len() as libc::c_uint,
+                    self.m.headers.as_mut_ptr(),
+                    self.m.headers.len() as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
             };
