@@ -41,7 +41,9 @@ use slab::Slab;
 use crate::handler::{Handler, Notifier, ReadRequest, ReadySink, Reject};
 use crate::limit::{ClientCounts, ClientKey, LogDecision, LogLimiter, Rate, RateLimiter};
 use crate::options::{Limits, MAX_BLKSIZE, MIN_BLKSIZE};
-use crate::packet::{write_error, ErrorCode, Mode, Packet, DATA_HEADER_LEN, MAX_DATAGRAM};
+use crate::packet::{
+    write_error, ErrorCode, Mode, Packet, ParseError, DATA_HEADER_LEN, MAX_DATAGRAM,
+};
 use crate::session::{Outcome, Output, Session, SessionConfig};
 use crate::spin::Spinner;
 use crate::stats::{ServerStats, SessionStats};
@@ -743,7 +745,8 @@ pub struct Server<H> {
     woken: bool,
     shutdown: Arc<AtomicBool>,
     handler: H,
-    config: SessionConfig,
+    /// The builder's settings (what every worker shares).
+    settings: Settings,
     max_sessions: usize,
     sessions: Slab<Entry>,
     by_peer: HashMap<SocketAddr, usize>,
@@ -760,17 +763,12 @@ pub struct Server<H> {
     ready: Vec<Token>,
     now: Instant,
     stats: ServerStats,
-    stats_interval: Duration,
     stats_since: Instant,
-    shutdown_grace: Duration,
     /// Set once shutdown started: when remaining sessions are aborted.
     grace_deadline: Option<Instant>,
     rate_limiter: Option<RateLimiter>,
-    max_sessions_per_client: Option<u32>,
     per_client: ClientCounts,
-    limit_loopback: bool,
     logs: LogLimits,
-    single_port: bool,
     /// In single-port mode, the listener and destination of the datagram being handled
     /// (replies to it go out the same way).
     arrival: Option<(usize, Option<(IpAddr, u32)>)>,
@@ -896,7 +894,7 @@ impl<H: Handler> Server<H> {
             waker,
             shutdown,
             handler,
-            config: settings.config,
+            settings,
             max_sessions,
             sessions: Slab::new(),
             by_peer: HashMap::new(),
@@ -908,18 +906,13 @@ impl<H: Handler> Server<H> {
             ready: Vec::new(),
             now,
             stats: ServerStats::default(),
-            stats_interval: settings.stats_interval,
             stats_since: now,
-            shutdown_grace: settings.shutdown_grace,
             grace_deadline: None,
             rate_limiter: settings
                 .request_rate
                 .map(|rate| RateLimiter::new(rate, RATE_LIMITER_CLIENTS)),
-            max_sessions_per_client: settings.max_sessions_per_client,
             per_client: ClientCounts::default(),
-            limit_loopback: settings.limit_loopback,
             logs: LogLimits::default(),
-            single_port: settings.single_port,
             arrival: None,
             pending: VecDeque::new(),
             descriptors_paused_until: None,
@@ -1025,7 +1018,7 @@ impl<H: Handler> Server<H> {
         }
         // Requests first: a request that repeats a running session's must be judged on
         // what that session had received before it, not on what a fast client sent since.
-        if self.grace_deadline.is_none() || self.single_port {
+        if self.grace_deadline.is_none() || self.settings.single_port {
             self.read_listeners();
         }
         for i in 0..self.ready.len() {
@@ -1049,7 +1042,7 @@ impl<H: Handler> Server<H> {
         if let Some(limiter) = self.rate_limiter.as_mut() {
             limiter.prune(self.now);
         }
-        if self.now >= self.stats_since + self.stats_interval {
+        if self.now >= self.stats_since + self.settings.stats_interval {
             self.report_stats();
         }
         if let Some(deadline) = self.grace_deadline {
@@ -1096,14 +1089,14 @@ impl<H: Handler> Server<H> {
 
     fn poll_timeout(&self, max_wait: Option<Duration>) -> Option<Duration> {
         let accepting = self.grace_deadline.is_none()
-            && (self.single_port
+            && (self.settings.single_port
                 || (self.sessions.len() < self.max_sessions
                     && self.descriptors_paused_until.is_none()));
         if accepting && self.listeners.iter().any(|l| l.readable) {
             // Requests are queued (readiness is edge-triggered: no event will come).
             return Some(Duration::ZERO);
         }
-        let mut wake = self.stats_since + self.stats_interval;
+        let mut wake = self.stats_since + self.settings.stats_interval;
         if let Some(until) = self.descriptors_paused_until {
             wake = wake.min(until);
         }
@@ -1122,17 +1115,17 @@ impl<H: Handler> Server<H> {
         info!(
             "shutting down: no new requests; {} session(s) get {:?} to finish",
             self.sessions.len(),
-            self.shutdown_grace
+            self.settings.shutdown_grace
         );
         // In single-port mode the listeners carry the running sessions' ACKs: they stay
         // open, and requests are dropped instead.
-        if !self.single_port {
+        if !self.settings.single_port {
             for listener in &mut self.listeners {
                 self.poll.registry().deregister(&mut listener.socket)?;
             }
         }
-        self.grace_deadline = Some(self.now + self.shutdown_grace);
-        if self.shutdown_grace.is_zero() {
+        self.grace_deadline = Some(self.now + self.settings.shutdown_grace);
+        if self.settings.shutdown_grace.is_zero() {
             self.abort_all();
         }
         Ok(())
@@ -1156,7 +1149,7 @@ impl<H: Handler> Server<H> {
     fn read_listeners(&mut self) {
         for i in 0..self.listeners.len() {
             while self.listeners[i].readable
-                && (self.single_port
+                && (self.settings.single_port
                     || (self.sessions.len() < self.max_sessions
                         && self.descriptors_paused_until.is_none()))
             {
@@ -1189,7 +1182,7 @@ impl<H: Handler> Server<H> {
         }
         // Temporarily take the buffer so the packet can borrow it while `self` changes.
         let buf = std::mem::take(&mut self.request_buf);
-        if self.single_port {
+        if self.settings.single_port {
             self.arrival = Some((listener, received.destination));
             self.on_single_port_datagram(peer, local, &buf[..received.len]);
             self.arrival = None;
@@ -1241,7 +1234,7 @@ impl<H: Handler> Server<H> {
             {
                 self.queue_request(peer, local, datagram);
             }
-            _ => self.on_listener_datagram(peer, local, datagram),
+            parsed => self.on_listener_packet(peer, local, parsed, datagram),
         }
     }
 
@@ -1328,7 +1321,18 @@ impl<H: Handler> Server<H> {
 
     /// Handles a datagram sent to a listener.
     fn on_listener_datagram(&mut self, peer: SocketAddr, local: SocketAddr, datagram: &[u8]) {
-        match Packet::parse(datagram) {
+        self.on_listener_packet(peer, local, Packet::parse(datagram), datagram);
+    }
+
+    /// Handles a datagram sent to a listener, parsed as `parsed`.
+    fn on_listener_packet(
+        &mut self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        parsed: Result<Packet<'_>, ParseError>,
+        datagram: &[u8],
+    ) {
+        match parsed {
             Ok(Packet::Rrq(request)) => self.on_rrq(peer, local, request, datagram),
             Ok(Packet::Wrq(_)) => {
                 self.stats.write_requests += 1;
@@ -1379,7 +1383,7 @@ impl<H: Handler> Server<H> {
         let Some(limiter) = self.rate_limiter.as_mut() else {
             return true;
         };
-        if peer.ip().is_loopback() && !self.limit_loopback {
+        if peer.ip().is_loopback() && !self.settings.limit_loopback {
             return true;
         }
         if limiter.allow(ClientKey::from(peer.ip()), self.now) {
@@ -1397,8 +1401,8 @@ impl<H: Handler> Server<H> {
 
     /// The per-client key a session counts under, when the per-client cap applies.
     fn capped_client(&self, peer: SocketAddr) -> Option<ClientKey> {
-        self.max_sessions_per_client?;
-        if peer.ip().is_loopback() && !self.limit_loopback {
+        self.settings.max_sessions_per_client?;
+        if peer.ip().is_loopback() && !self.settings.limit_loopback {
             return None;
         }
         Some(ClientKey::from(peer.ip()))
@@ -1427,7 +1431,7 @@ impl<H: Handler> Server<H> {
             return;
         }
         let client = self.capped_client(peer);
-        if let (Some(client), Some(max)) = (client, self.max_sessions_per_client) {
+        if let (Some(client), Some(max)) = (client, self.settings.max_sessions_per_client) {
             if self.per_client.get(client) >= max {
                 self.stats.client_limited += 1;
                 log_limited(
@@ -1535,7 +1539,7 @@ impl<H: Handler> Server<H> {
                 );
             }
         };
-        let config = self.config;
+        let config = self.settings.config;
         let now = self.now;
         let created = catch_unwind(AssertUnwindSafe(|| {
             Session::new(now, request.options, mode, source, &config)
