@@ -46,7 +46,7 @@ use crate::packet::{
 };
 use crate::session::{Outcome, Output, Session, SessionConfig};
 use crate::spin::Spinner;
-use crate::stats::{ServerStats, SessionStats};
+use crate::stats::{ServerStats, SessionStats, SESSION_LOG_TARGET, STATS_LOG_TARGET};
 use crate::sys;
 use crate::timer::{TimerKey, TimerWheel};
 
@@ -1897,6 +1897,7 @@ impl<H: Handler> Server<H> {
         };
         self.stats.session_durations.record(stats.duration);
         info!(
+            target: SESSION_LOG_TARGET,
             "{} {:?} {}: {} bytes in {:.3} s ({:.1} MB/s), outcome {}{}, {} retransmits",
             stats.peer,
             stats.filename,
@@ -1953,6 +1954,7 @@ impl<H: Handler> Server<H> {
             }
         }
         info!(
+            target: STATS_LOG_TARGET,
             "stats: {} requests, {} sessions started, {} finished ({} failed), {} active, \
              {} datagrams / {} bytes sent, {} retransmits, {} malformed, {} stray",
             stats.requests,

@@ -9,6 +9,13 @@ use crate::options::Negotiated;
 use crate::packet::{ErrorCode, Mode};
 use crate::session::Outcome;
 
+/// The `log` target of the line the server writes for each finished session (at `info`).
+/// Stable, so that a logger can route or replace these lines without matching their text.
+pub const SESSION_LOG_TARGET: &str = "dyntftp::session";
+
+/// The `log` target of the line the server writes for each statistics report (at `info`).
+pub const STATS_LOG_TARGET: &str = "dyntftp::stats";
+
 /// What one transfer did, kept by its [`Session`](crate::session::Session).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransferStats {

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dyntftp::stats::{SESSION_LOG_TARGET, STATS_LOG_TARGET};
 use dyntftp::{ServerStats, SessionStats};
 use log::{LevelFilter, Log, Metadata, Record};
 
@@ -108,10 +109,10 @@ impl Log for JsonLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let message = record.args().to_string();
-        if is_text_report(record, &message) {
+        if is_text_report(record) {
             return;
         }
+        let message = record.args().to_string();
         let mut members = String::from("\"target\":");
         string(&mut members, record.target());
         members.push_str(",\"message\":");
@@ -128,11 +129,8 @@ impl Log for JsonLogger {
 
 /// True for the server's own human-readable session and statistics lines, which the JSON
 /// format replaces with its `session` and `stats` objects.
-fn is_text_report(record: &Record<'_>, message: &str) -> bool {
-    record.level() == log::Level::Info
-        && record.target() == "dyntftp::server"
-        && (message.starts_with("stats: ")
-            || (message.contains(" bytes in ") && message.contains(", outcome ")))
+fn is_text_report(record: &Record<'_>) -> bool {
+    matches!(record.target(), SESSION_LOG_TARGET | STATS_LOG_TARGET)
 }
 
 /// Installs the logger for `format`; for JSON, returns the sink the session and statistics
