@@ -29,9 +29,9 @@ fn transfer(data: &std::sync::Arc<[u8]>, options: &[u8], now: Instant) -> u64 {
     loop {
         let mut last_block = None;
         loop {
-            match session.poll_output() {
-                Output::Transmit(datagram) => {
-                    black_box(datagram);
+            match session.poll_output(1) {
+                Output::Transmit(transmit) => {
+                    let datagram = black_box(transmit.contents);
                     if let [0, 3, hi, lo, ..] = *datagram {
                         packets += 1;
                         last_block = Some(u16::from_be_bytes([hi, lo]));

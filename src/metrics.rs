@@ -41,23 +41,8 @@ use std::io::{self, Write as _};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::packet::ErrorCode;
 use crate::session::Outcome;
 use crate::stats::ServerStats;
-
-/// Every outcome a session can have, so each `outcome` series exists from the start.
-const OUTCOMES: [Outcome; 10] = [
-    Outcome::Completed,
-    Outcome::FinalAckMissing,
-    Outcome::Probe,
-    Outcome::TimedOut,
-    Outcome::PeerError(ErrorCode::NotDefined),
-    Outcome::IllegalOperation,
-    Outcome::ReadFailed,
-    Outcome::SourceStalled,
-    Outcome::Panicked,
-    Outcome::ShutDown,
-];
 
 /// Totals of every [`ServerStats`] report added, rendered in the Prometheus text format.
 ///
@@ -171,7 +156,8 @@ impl Metrics {
             "Transfer sessions started.",
             t.sessions_started,
         );
-        let mut sessions: BTreeMap<&str, u64> = OUTCOMES.iter().map(|o| (o.as_str(), 0)).collect();
+        let mut sessions: BTreeMap<&str, u64> =
+            Outcome::ALL.iter().map(|o| (o.as_str(), 0)).collect();
         for (outcome, n) in &t.sessions_finished {
             *sessions.entry(outcome).or_default() += n;
         }
@@ -445,7 +431,7 @@ mod tests {
     #[test]
     fn every_series_is_present_at_zero_with_help_and_type() {
         let text = Metrics::new().render();
-        for outcome in OUTCOMES {
+        for outcome in Outcome::ALL {
             let series = format!("dyntftp_sessions_total{{outcome=\"{}\"}}", outcome.as_str());
             assert_eq!(sample(&text, &series).as_deref(), Some("0"), "{series}");
         }

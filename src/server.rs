@@ -44,7 +44,7 @@ use crate::options::{Limits, MAX_BLKSIZE, MIN_BLKSIZE};
 use crate::packet::{
     write_error, ErrorCode, Mode, Packet, ParseError, DATA_HEADER_LEN, MAX_DATAGRAM,
 };
-use crate::session::{Outcome, Output, Session, SessionConfig};
+use crate::session::{Outcome, Output, Retransmission, Session, SessionConfig};
 use crate::spin::Spinner;
 use crate::stats::{ServerStats, SessionStats, SESSION_LOG_TARGET, STATS_LOG_TARGET};
 use crate::sys;
@@ -700,18 +700,30 @@ enum Spin {
     Missed,
 }
 
-/// Sends `datagram` to `peer` over `transport`.
-fn transmit(
+/// Sends `datagrams` to `peer` over `transport`: one datagram, or with `segment` several
+/// of that size back to back in one UDP GSO send.
+fn send(
     listeners: &[Listener],
     transport: &Transport,
-    datagram: &[u8],
+    datagrams: &[u8],
     peer: SocketAddr,
+    segment: Option<u16>,
 ) -> io::Result<usize> {
-    match transport {
-        Transport::Own(socket) => socket.send_to(datagram, peer),
-        Transport::Shared { listener, source } => {
+    match (transport, segment) {
+        (Transport::Own(socket), None) => socket.send_to(datagrams, peer),
+        (Transport::Own(socket), Some(segment)) => {
+            sys::send_segments(socket, datagrams, segment, peer)
+        }
+        (Transport::Shared { listener, source }, segment) => {
             let listener = &listeners[*listener];
-            sys::send_from(&listener.socket, listener.v6, datagram, peer, *source, None)
+            sys::send_from(
+                &listener.socket,
+                listener.v6,
+                datagrams,
+                peer,
+                *source,
+                segment,
+            )
         }
     }
 }
@@ -1729,21 +1741,13 @@ impl<H: Handler> Server<H> {
             return;
         }
         entry.timer = None;
-        let before = entry.session.stats();
-        let (retransmits, early) = (before.retransmits, before.early_retransmits);
         entry.session.handle_timeout(self.now);
-        let after = entry.session.stats();
-        self.stats.retransmits += after.retransmits - retransmits;
-        self.stats.early_retransmits += after.early_retransmits - early;
         self.drive(key);
     }
 
     /// Drains a session's output: sends, re-arms its timer, or finishes it.
     fn drive(&mut self, key: usize) {
         loop {
-            if self.gso && self.send_data_run(key) {
-                continue;
-            }
             let entry = &mut self.sessions[key];
             let Entry {
                 session,
@@ -1751,20 +1755,56 @@ impl<H: Handler> Server<H> {
                 peer,
                 ..
             } = entry;
+            let max_datagrams = if self.gso {
+                let segment = session.params().blksize as usize + DATA_HEADER_LEN;
+                (GSO_MAX_BYTES / segment).clamp(1, GSO_MAX_SEGMENTS)
+            } else {
+                1
+            };
             // Moving the borrow into the closure makes it FnOnce, so the output may borrow the
             // session beyond the call.
             let output = catch_unwind(AssertUnwindSafe(move || {
                 let session = session;
-                session.poll_output()
+                session.poll_output(max_datagrams)
             }));
             match output {
-                Ok(Output::Transmit(datagram)) => {
-                    let sent = transmit(&self.listeners, transport, datagram, *peer);
-                    let payload = match datagram {
-                        [0, 3, _, _, payload @ ..] => payload.len(),
-                        _ => 0,
-                    };
-                    count_send(&mut self.stats, sent, 1, payload as u64, *peer);
+                Ok(Output::Transmit(transmit)) => {
+                    match transmit.retransmission {
+                        Some(Retransmission::Timeout) => self.stats.retransmits += 1,
+                        Some(Retransmission::Early) => self.stats.early_retransmits += 1,
+                        None => {}
+                    }
+                    if transmit.datagrams == 1 {
+                        let sent = send(&self.listeners, transport, transmit.contents, *peer, None);
+                        count_send(&mut self.stats, sent, 1, transmit.payload, *peer);
+                        continue;
+                    }
+                    let segment = Some(transmit.segment_size as u16);
+                    match send(
+                        &self.listeners,
+                        transport,
+                        transmit.contents,
+                        *peer,
+                        segment,
+                    ) {
+                        Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                            // No GSO here: never again, and these packets one by one.
+                            info!(
+                                "UDP segmentation offload unavailable ({e}); sending one \
+                                 datagram per call"
+                            );
+                            self.gso = false;
+                            for datagram in transmit.datagrams() {
+                                let sent = send(&self.listeners, transport, datagram, *peer, None);
+                                let payload = (datagram.len() - DATA_HEADER_LEN) as u64;
+                                count_send(&mut self.stats, sent, 1, payload, *peer);
+                            }
+                        }
+                        sent => {
+                            let datagrams = transmit.datagrams as u64;
+                            count_send(&mut self.stats, sent, datagrams, transmit.payload, *peer);
+                        }
+                    }
                 }
                 Ok(Output::Wait(deadline)) => {
                     match entry.timer {
@@ -1783,62 +1823,6 @@ impl<H: Handler> Server<H> {
                 Err(_) => self.source_panicked(key),
             }
         }
-    }
-
-    /// Sends the session's next run of DATA packets with one UDP GSO send, if it has two
-    /// or more ready. True when something was handed out (sent or not).
-    fn send_data_run(&mut self, key: usize) -> bool {
-        let entry = &mut self.sessions[key];
-        let Entry {
-            session,
-            transport,
-            peer,
-            ..
-        } = entry;
-        let segment = session.params().blksize as usize + DATA_HEADER_LEN;
-        let max = (GSO_MAX_BYTES / segment).min(GSO_MAX_SEGMENTS);
-        // Lock step never has two packets to send at once.
-        if max < 2 || session.params().window < 2 {
-            return false;
-        }
-        let run = catch_unwind(AssertUnwindSafe(move || {
-            let session = session;
-            session.poll_data_run(max)
-        }));
-        let run = match run {
-            Ok(Some(run)) => run,
-            Ok(None) => return false,
-            Err(_) => {
-                self.source_panicked(key);
-                return true;
-            }
-        };
-        let payload = (run.bytes.len() - run.packets * DATA_HEADER_LEN) as u64;
-        let segment = Some(run.segment as u16);
-        let sent = match transport {
-            Transport::Own(socket) => {
-                sys::send_segments(&*socket, run.bytes, run.segment as u16, *peer)
-            }
-            Transport::Shared { listener, source } => {
-                let listener = &self.listeners[*listener];
-                let (socket, v6) = (&listener.socket, listener.v6);
-                sys::send_from(socket, v6, run.bytes, *peer, *source, segment)
-            }
-        };
-        match sent {
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
-                // No GSO here: never again, and these packets one by one.
-                info!("UDP segmentation offload unavailable ({e}); sending one datagram per call");
-                self.gso = false;
-                for datagram in run.bytes.chunks(run.segment) {
-                    let sent = transmit(&self.listeners, transport, datagram, *peer);
-                    let payload = (datagram.len() - DATA_HEADER_LEN) as u64;
-                    count_send(&mut self.stats, sent, 1, payload, *peer);
-                }
-            }
-            sent => count_send(&mut self.stats, sent, run.packets as u64, payload, *peer),
-        }
-        true
     }
 
     /// User code panicked while the session read its source: it ends with ERROR 0.
@@ -1992,7 +1976,7 @@ fn answer_stray(
 ) {
     scratch.clear();
     write_error(scratch, ErrorCode::UnknownTransferId, "unknown transfer id");
-    let sent = transmit(listeners, transport, scratch, to);
+    let sent = send(listeners, transport, scratch, to, None);
     count_send(stats, sent, 1, 0, to);
 }
 

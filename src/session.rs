@@ -8,6 +8,9 @@
 //!    [`handle_source_ready`](Session::handle_source_ready), [`abort`](Session::abort) — the
 //!    driver calls [`poll_output`](Session::poll_output) until it returns
 //!    [`Output::Wait`] or [`Output::Done`], sending every [`Output::Transmit`] to the peer.
+//!    `poll_output` takes the most datagrams the driver can send with one system call: a
+//!    driver with UDP generic segmentation offload asks for many and gets a window's DATA
+//!    packets back to back ([`Transmit::segment_size`] apart); any other asks for one.
 //! 3. When the wait deadline passes, the driver calls `handle_timeout(now)`. Calling it early
 //!    is harmless: nothing happens.
 //!
@@ -136,6 +139,27 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, one of each kind ([`PeerError`](Outcome::PeerError) with code 0):
+    /// what a metrics exporter lists so that each series exists from the start.
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Completed,
+        Outcome::FinalAckMissing,
+        Outcome::Probe,
+        Outcome::TimedOut,
+        Outcome::PeerError(ErrorCode::NotDefined),
+        Outcome::IllegalOperation,
+        Outcome::ReadFailed,
+        Outcome::SourceStalled,
+        Outcome::Panicked,
+        Outcome::ShutDown,
+    ];
+
+    /// The outcome named `name` by [`as_str`](Self::as_str) (`peer_error` gives
+    /// `PeerError` with code 0).
+    pub fn from_name(name: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == name)
+    }
+
     /// True for outcomes that are not failures: completed, final ACK missing, probe.
     pub fn is_success(self) -> bool {
         matches!(
@@ -161,22 +185,58 @@ impl Outcome {
     }
 }
 
-/// Several DATA packets back to back (see [`Session::poll_data_run`]).
-#[derive(Debug, PartialEq, Eq)]
-pub struct DataRun<'a> {
-    /// The packets, each `segment` bytes long but the last.
-    pub bytes: &'a [u8],
-    /// The length of every packet but the last.
-    pub segment: usize,
-    /// How many packets there are (at least 2).
-    pub packets: usize,
+/// Datagrams to send to the peer: one, or several DATA packets back to back for one UDP
+/// GSO send (when the driver allowed more than one, see [`Session::poll_output`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit<'a> {
+    /// The datagrams, back to back: each [`segment_size`](Self::segment_size) bytes long
+    /// but the last, which may be shorter.
+    pub contents: &'a [u8],
+    /// The length of every datagram but the last (the whole of `contents` when there is
+    /// one datagram).
+    pub segment_size: usize,
+    /// How many datagrams `contents` holds (at least 1).
+    pub datagrams: usize,
+    /// DATA payload bytes they carry, headers excluded (0 for an OACK or an ERROR).
+    pub payload: u64,
+    /// Set on the first transmission after a retransmission timer fired: these datagrams
+    /// start the resend it caused (counted in [`TransferStats::retransmits`] or
+    /// [`TransferStats::early_retransmits`]).
+    pub retransmission: Option<Retransmission>,
+}
+
+impl<'a> Transmit<'a> {
+    /// A transmit of one datagram.
+    fn single(contents: &'a [u8], payload: u64, retransmission: Option<Retransmission>) -> Self {
+        Transmit {
+            contents,
+            segment_size: contents.len(),
+            datagrams: 1,
+            payload,
+            retransmission,
+        }
+    }
+
+    /// The datagrams one by one (for a driver that cannot send them in one call).
+    pub fn datagrams(&self) -> impl Iterator<Item = &'a [u8]> {
+        self.contents.chunks(self.segment_size.max(1))
+    }
+}
+
+/// Which retransmission timer caused a resend (see [`SessionConfig::adaptive`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retransmission {
+    /// The full timeout: one retry spent.
+    Timeout,
+    /// An early, adaptive one: no retry spent.
+    Early,
 }
 
 /// What the driver must do next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Output<'a> {
-    /// Send this datagram to the peer, then call `poll_output` again.
-    Transmit(&'a [u8]),
+    /// Send these datagrams to the peer, then call `poll_output` again.
+    Transmit(Transmit<'a>),
     /// Nothing to send; call `handle_timeout` at this instant (or earlier input).
     Wait(Instant),
     /// The session is over.
@@ -225,6 +285,8 @@ pub struct Session {
     high_sent: u64,
 
     retries: u32,
+    /// A retransmission timer fired; the next transmission is the resend it caused.
+    retransmission: Option<Retransmission>,
     /// Early (adaptive) retransmissions since the last progress.
     early: u32,
     /// The armed deadline is an early one.
@@ -293,6 +355,7 @@ impl Session {
             last: None,
             high_sent: 0,
             retries: 0,
+            retransmission: None,
             early: 0,
             deadline_early: false,
             sent_at: vec![(now, true); window],
@@ -423,7 +486,14 @@ impl Session {
     }
 
     /// The next thing to do. Call until it returns `Wait` or `Done`.
-    pub fn poll_output(&mut self) -> Output<'_> {
+    ///
+    /// `max_datagrams` is the most datagrams one [`Transmit`] may carry. With more than
+    /// one, consecutive DATA packets that are already read or can be read now without
+    /// blocking come out together, stored back to back — every one
+    /// [`segment_size`](Transmit::segment_size) bytes long but the last — for one UDP GSO
+    /// send; OACKs, ERRORs and a lone DATA packet still come one at a time. Accounting
+    /// and timers are exactly as if the packets had come out one by one.
+    pub fn poll_output(&mut self, max_datagrams: usize) -> Output<'_> {
         loop {
             match self.state {
                 State::Done(outcome) => return Output::Done(outcome),
@@ -431,7 +501,7 @@ impl Session {
                     if self.control_pending {
                         self.control_pending = false;
                         self.stats.errors_sent += 1;
-                        return Output::Transmit(&self.control);
+                        return Output::Transmit(Transmit::single(&self.control, 0, None));
                     }
                     self.finish(outcome);
                 }
@@ -444,11 +514,32 @@ impl Session {
                             Some((at, _)) => Some((at, true)),
                         };
                         self.arm_retransmit();
-                        return Output::Transmit(&self.control);
+                        let retransmission = self.retransmission.take();
+                        return Output::Transmit(Transmit::single(
+                            &self.control,
+                            0,
+                            retransmission,
+                        ));
                     }
                     return self.wait();
                 }
                 State::Transfer => {
+                    if max_datagrams > 1 && self.params.window > 1 {
+                        if let Some((start, len, datagrams)) = self.data_run(max_datagrams) {
+                            let retransmission = self.retransmission.take();
+                            return Output::Transmit(Transmit {
+                                contents: &self.ring[start..start + len],
+                                segment_size: self.slot_len(),
+                                datagrams,
+                                payload: (len - datagrams * DATA_HEADER_LEN) as u64,
+                                retransmission,
+                            });
+                        }
+                        if self.state != State::Transfer {
+                            // Reading ahead failed: the ERROR goes out next.
+                            continue;
+                        }
+                    }
                     let window_end = self.base + self.params.window as u64;
                     let more =
                         self.next < window_end && self.last.is_none_or(|last| self.next <= last);
@@ -481,15 +572,13 @@ impl Session {
         }
     }
 
-    /// Hands out several DATA packets at once, for a driver that can send them with one
-    /// system call (UDP GSO): up to `max_packets` consecutive blocks that are already read
-    /// or can be read now without blocking, stored back to back in the ring — every one
-    /// `segment` bytes long but the last, which may be shorter. Returns `None` when fewer
-    /// than two such packets are ready now; the driver then goes on with
-    /// [`poll_output`](Self::poll_output), which handles everything else (OACK, errors,
-    /// a blocked source, the end). Accounting and timers are exactly as if the packets
-    /// had come one by one from `poll_output`.
-    pub fn poll_data_run(&mut self, max_packets: usize) -> Option<DataRun<'_>> {
+    /// Hands out the next DATA packets together when two or more are ready (see
+    /// [`poll_output`](Self::poll_output)): up to `max_packets` consecutive blocks that
+    /// are already read or can be read now without blocking, back to back in the ring.
+    /// `None` when fewer than two are ready; the single-packet path then handles the
+    /// rest (a blocked source, the end, a read that failed here). Returns where the
+    /// packets start in the ring, their total length and how many there are.
+    fn data_run(&mut self, max_packets: usize) -> Option<(usize, usize, usize)> {
         if self.state != State::Transfer || max_packets < 2 {
             return None;
         }
@@ -555,11 +644,7 @@ impl Session {
             .sum::<usize>();
         self.next += count;
         self.arm_retransmit();
-        Some(DataRun {
-            bytes: &self.ring[start..start + bytes_len],
-            segment: slot_len,
-            packets: count as usize,
-        })
+        Some((start, bytes_len, count as usize))
     }
 
     /// With nothing in flight, a blocked source is waited for until the source timeout.
@@ -588,7 +673,13 @@ impl Session {
         // The timer runs from the last packet sent.
         self.arm_retransmit();
         let start = self.slot(block) * self.slot_len();
-        Output::Transmit(&self.ring[start..start + len])
+        let payload = (len - DATA_HEADER_LEN) as u64;
+        let retransmission = self.retransmission.take();
+        Output::Transmit(Transmit::single(
+            &self.ring[start..start + len],
+            payload,
+            retransmission,
+        ))
     }
 
     /// Counts block `block` as sent now (first send or resend, for the round-trip
@@ -809,6 +900,7 @@ impl Session {
         if self.deadline_early {
             self.early += 1;
             self.stats.early_retransmits += 1;
+            self.retransmission = Some(Retransmission::Early);
             return true;
         }
         if self.retries >= self.config.retries {
@@ -823,6 +915,7 @@ impl Session {
         }
         self.retries += 1;
         self.stats.retransmits += 1;
+        self.retransmission = Some(Retransmission::Timeout);
         true
     }
 
@@ -856,6 +949,7 @@ impl Session {
         self.control_pending = true;
         self.state = State::Error(outcome);
         self.deadline = None;
+        self.retransmission = None;
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -920,8 +1014,8 @@ mod tests {
         fn drain(&mut self) -> (Vec<Vec<u8>>, Output<'static>) {
             let mut sent = Vec::new();
             loop {
-                match self.session.poll_output() {
-                    Output::Transmit(bytes) => sent.push(bytes.to_vec()),
+                match self.session.poll_output(1) {
+                    Output::Transmit(transmit) => sent.push(transmit.contents.to_vec()),
                     Output::Wait(t) => return (sent, Output::Wait(t)),
                     Output::Done(o) => return (sent, Output::Done(o)),
                 }
@@ -957,13 +1051,37 @@ mod tests {
     }
 
     #[test]
+    fn outcome_all_lists_every_kind_once_and_names_map_back() {
+        let names: std::collections::BTreeSet<_> =
+            Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(names.len(), Outcome::ALL.len());
+        for outcome in Outcome::ALL {
+            // Exhaustive: a new variant must be added to ALL (and here).
+            match outcome {
+                Outcome::Completed
+                | Outcome::FinalAckMissing
+                | Outcome::TimedOut
+                | Outcome::Probe
+                | Outcome::PeerError(_)
+                | Outcome::IllegalOperation
+                | Outcome::ReadFailed
+                | Outcome::SourceStalled
+                | Outcome::Panicked
+                | Outcome::ShutDown => {}
+            }
+            assert_eq!(Outcome::from_name(outcome.as_str()), Some(outcome));
+        }
+        assert_eq!(Outcome::from_name("nonsense"), None);
+    }
+
+    #[test]
     fn lock_step_without_options() {
         let mut h = Harness::new(b"", b"abc".to_vec(), SessionConfig::default());
         let (sent, wait) = h.drain();
         assert_eq!(sent, vec![data(1, b"abc")]);
         assert_eq!(wait, Output::Wait(h.now + Duration::from_secs(1)));
         assert!(h.ack(1).is_empty());
-        assert_eq!(h.session.poll_output(), Output::Done(Outcome::Completed));
+        assert_eq!(h.session.poll_output(1), Output::Done(Outcome::Completed));
         assert_eq!(h.session.stats().outcome, Some(Outcome::Completed));
         assert_eq!(h.session.deadline(), None);
     }
@@ -995,7 +1113,7 @@ mod tests {
         assert_eq!(h.ack(1), vec![data(2, &[1; 8])]);
         assert_eq!(h.ack(2), vec![data(3, b"")]);
         h.ack(3);
-        assert_eq!(h.session.poll_output(), Output::Done(Outcome::Completed));
+        assert_eq!(h.session.poll_output(1), Output::Done(Outcome::Completed));
 
         let mut h = Harness::new(b"", Vec::new(), SessionConfig::default());
         assert_eq!(h.drain().0, vec![data(1, b"")]);
@@ -1024,7 +1142,7 @@ mod tests {
         assert_eq!(blocks(&h.ack(6)), vec![7, 8, 9, 10]);
         assert_eq!(blocks(&h.ack(10)), vec![11]); // 80 bytes = 10 full blocks + empty 11
         h.ack(11);
-        assert_eq!(h.session.poll_output(), Output::Done(Outcome::Completed));
+        assert_eq!(h.session.poll_output(1), Output::Done(Outcome::Completed));
     }
 
     #[test]
@@ -1206,7 +1324,7 @@ mod tests {
         assert_eq!(h.advance(Duration::from_secs(1)).len(), 1);
         h.advance(Duration::from_secs(2));
         assert_eq!(
-            h.session.poll_output(),
+            h.session.poll_output(1),
             Output::Done(Outcome::FinalAckMissing)
         );
     }
@@ -1262,6 +1380,73 @@ mod tests {
         }
     }
 
+    /// Drains a session, keeping what each transmit says about itself:
+    /// (datagrams, payload bytes, retransmission).
+    fn transmits(s: &mut Session, max: usize) -> Vec<(usize, u64, Option<Retransmission>)> {
+        let mut out = Vec::new();
+        while let Output::Transmit(t) = s.poll_output(max) {
+            out.push((t.datagrams, t.payload, t.retransmission));
+        }
+        out
+    }
+
+    #[test]
+    fn the_first_transmit_after_a_timer_says_which_timer_fired() {
+        let mut now = Instant::now();
+        let options = Options::parse(b"blksize\x008\x00windowsize\x004\x00").unwrap();
+        let config = SessionConfig::default();
+        let source = Box::new(BytesSource::new(vec![5; 100]));
+        let mut s = Session::new(now, options, Mode::Octet, source, &config);
+        // The OACK, then its resend after the full timeout.
+        assert_eq!(transmits(&mut s, 64), vec![(1, 0, None)]);
+        now += Duration::from_secs(1);
+        s.handle_timeout(now);
+        assert_eq!(
+            transmits(&mut s, 64),
+            vec![(1, 0, Some(Retransmission::Timeout))]
+        );
+        // A window of four blocks in one transmit, then its resend.
+        s.handle_packet(now, Packet::Ack { block: 0 });
+        assert_eq!(transmits(&mut s, 64), vec![(4, 32, None)]);
+        now += Duration::from_secs(1);
+        s.handle_timeout(now);
+        assert_eq!(
+            transmits(&mut s, 64),
+            vec![(4, 32, Some(Retransmission::Timeout))]
+        );
+        // One at a time, only the first carries the mark.
+        now += Duration::from_secs(2);
+        s.handle_timeout(now);
+        assert_eq!(
+            transmits(&mut s, 1),
+            vec![
+                (1, 8, Some(Retransmission::Timeout)),
+                (1, 8, None),
+                (1, 8, None),
+                (1, 8, None)
+            ]
+        );
+        assert_eq!(s.stats().retransmits, 3);
+
+        // Lock step with fast ACKs: three samples, then an early resend.
+        let mut now = Instant::now();
+        let source = Box::new(BytesSource::new(vec![5; 5000]));
+        let mut s = Session::new(now, Options::EMPTY, Mode::Octet, source, &config);
+        for block in 1..=3 {
+            assert_eq!(transmits(&mut s, 64), vec![(1, 512, None)]);
+            now += Duration::from_millis(1);
+            s.handle_packet(now, Packet::Ack { block });
+        }
+        assert_eq!(transmits(&mut s, 64), vec![(1, 512, None)]);
+        now += Duration::from_millis(50);
+        s.handle_timeout(now);
+        assert_eq!(
+            transmits(&mut s, 64),
+            vec![(1, 512, Some(Retransmission::Early))]
+        );
+        assert_eq!((s.stats().early_retransmits, s.stats().retransmits), (1, 0));
+    }
+
     #[test]
     fn read_error_sends_generic_error_0() {
         let now = Instant::now();
@@ -1272,18 +1457,18 @@ mod tests {
             Box::new(FailAfter(512)),
             &SessionConfig::default(),
         );
-        assert!(matches!(s.poll_output(), Output::Transmit(_)));
+        assert!(matches!(s.poll_output(1), Output::Transmit(_)));
         s.handle_packet(now, Packet::Ack { block: 1 });
-        let Output::Transmit(err) = s.poll_output() else {
+        let Output::Transmit(err) = s.poll_output(1) else {
             panic!()
         };
-        assert_eq!(err, b"\x00\x05\x00\x00error reading file\x00");
-        assert_eq!(s.poll_output(), Output::Done(Outcome::ReadFailed));
+        assert_eq!(err.contents, b"\x00\x05\x00\x00error reading file\x00");
+        assert_eq!(s.poll_output(1), Output::Done(Outcome::ReadFailed));
         assert_eq!(s.stats().errors_sent, 1);
     }
 
-    /// Drains a session: with `runs`, through `poll_data_run` first (runs split into
-    /// their packets), else through `poll_output` only.
+    /// Drains a session: with `runs`, up to that many datagrams per transmit (runs split
+    /// into their packets), else one at a time.
     fn drain_with(
         s: &mut Session,
         runs: usize,
@@ -1291,18 +1476,20 @@ mod tests {
     ) -> (Vec<Vec<u8>>, Output<'static>) {
         let mut sent = Vec::new();
         loop {
-            if runs > 0 {
-                if let Some(run) = s.poll_data_run(runs) {
+            match s.poll_output(runs.max(1)) {
+                Output::Transmit(run) if run.datagrams > 1 => {
                     *used += 1;
-                    assert!(run.packets >= 2 && run.packets <= runs);
-                    let chunks: Vec<_> = run.bytes.chunks(run.segment).collect();
-                    assert_eq!(chunks.len(), run.packets);
+                    assert!(run.datagrams <= runs);
+                    let chunks: Vec<_> = run.datagrams().collect();
+                    assert_eq!(chunks.len(), run.datagrams);
+                    assert!(chunks[..run.datagrams - 1]
+                        .iter()
+                        .all(|c| c.len() == run.segment_size));
+                    let payload: usize = chunks.iter().map(|c| c.len() - DATA_HEADER_LEN).sum();
+                    assert_eq!(run.payload, payload as u64);
                     sent.extend(chunks.into_iter().map(<[u8]>::to_vec));
-                    continue;
                 }
-            }
-            match s.poll_output() {
-                Output::Transmit(bytes) => sent.push(bytes.to_vec()),
+                Output::Transmit(one) => sent.push(one.contents.to_vec()),
                 Output::Wait(t) => return (sent, Output::Wait(t)),
                 Output::Done(o) => return (sent, Output::Done(o)),
             }
@@ -1533,11 +1720,11 @@ mod tests {
                 Box::new(FailWith(kind)),
                 &SessionConfig::default(),
             );
-            let Output::Transmit(err) = s.poll_output() else {
+            let Output::Transmit(err) = s.poll_output(1) else {
                 panic!()
             };
-            assert_eq!(err, want, "{kind:?}");
-            assert_eq!(s.poll_output(), Output::Done(Outcome::ReadFailed));
+            assert_eq!(err.contents, want, "{kind:?}");
+            assert_eq!(s.poll_output(1), Output::Done(Outcome::ReadFailed));
         }
     }
 
@@ -1572,13 +1759,16 @@ mod tests {
             }),
             &config,
         );
-        assert_eq!(s.poll_output(), Output::Wait(now + config.source_timeout));
+        assert_eq!(s.poll_output(1), Output::Wait(now + config.source_timeout));
         // Input without readiness does not re-read or send.
         s.handle_packet(now, Packet::Ack { block: 0 });
-        assert_eq!(s.poll_output(), Output::Wait(now + config.source_timeout));
+        assert_eq!(s.poll_output(1), Output::Wait(now + config.source_timeout));
         ready.set(true);
         s.handle_source_ready(now);
-        assert_eq!(s.poll_output(), Output::Transmit(&data(1, &[9; 3])[..]));
+        let Output::Transmit(first) = s.poll_output(1) else {
+            panic!("no DATA 1")
+        };
+        assert_eq!(first.contents, data(1, &[9; 3]));
 
         ready.set(false);
         let mut s = Session::new(
@@ -1591,15 +1781,15 @@ mod tests {
             }),
             &config,
         );
-        let Output::Wait(deadline) = s.poll_output() else {
+        let Output::Wait(deadline) = s.poll_output(1) else {
             panic!()
         };
         s.handle_timeout(deadline);
-        let Output::Transmit(err) = s.poll_output() else {
+        let Output::Transmit(err) = s.poll_output(1) else {
             panic!()
         };
-        assert_eq!(err[..4], *b"\x00\x05\x00\x00");
-        assert_eq!(s.poll_output(), Output::Done(Outcome::SourceStalled));
+        assert_eq!(err.contents[..4], *b"\x00\x05\x00\x00");
+        assert_eq!(s.poll_output(1), Output::Done(Outcome::SourceStalled));
     }
 
     #[test]

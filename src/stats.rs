@@ -253,7 +253,7 @@ impl ServerStats {
     pub fn sessions_failed(&self) -> u64 {
         self.sessions_finished
             .iter()
-            .filter(|(name, _)| !matches!(**name, "completed" | "final_ack_missing" | "probe"))
+            .filter(|(name, _)| !Outcome::from_name(name).is_some_and(Outcome::is_success))
             .map(|(_, n)| n)
             .sum()
     }

@@ -118,6 +118,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 const CLIENT_MAX_TIMEOUTS: u32 = 12;
 /// How many retransmitted final blocks a finished client still answers with the final ACK.
 const LINGER_REPLIES: u32 = 2;
+/// The most datagrams the simulated driver takes from the session at once (as with GSO).
+const GSO_SEGMENTS: usize = 64;
 
 /// What the client asks for in its RRQ. `None` options are not requested.
 #[derive(Clone, Debug)]
@@ -875,8 +877,9 @@ impl Sim {
     fn drain_session(&mut self) -> u64 {
         let mut sent = 0;
         loop {
-            let bytes = match self.session.poll_output() {
-                Output::Transmit(bytes) => bytes.to_vec(),
+            // As a driver with UDP GSO asks: a window's packets may come out together.
+            let datagrams: Vec<Vec<u8>> = match self.session.poll_output(GSO_SEGMENTS) {
+                Output::Transmit(transmit) => transmit.datagrams().map(<[u8]>::to_vec).collect(),
                 Output::Wait(deadline) => {
                     self.session_wait = Some(deadline);
                     return sent;
@@ -887,12 +890,14 @@ impl Sim {
                     return sent;
                 }
             };
-            sent += 1;
-            if let Ok(Packet::Data { block, .. }) = Packet::parse(&bytes) {
-                let block = unwrap_block(self.oracle.sent_high, block);
-                self.oracle.sent_high = self.oracle.sent_high.max(block);
+            for bytes in datagrams {
+                sent += 1;
+                if let Ok(Packet::Data { block, .. }) = Packet::parse(&bytes) {
+                    let block = unwrap_block(self.oracle.sent_high, block);
+                    self.oracle.sent_high = self.oracle.sent_high.max(block);
+                }
+                self.send(Dir::ToClient, Datagram { bytes, ack: None });
             }
-            self.send(Dir::ToClient, Datagram { bytes, ack: None });
         }
     }
 
