@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::packet::{ErrorCode, Mode, Options};
 use crate::response::ResponseData;
+use crate::server::SessionId;
 use crate::stats::{ServerStats, SessionStats};
 
 /// A read request as the handler sees it.
@@ -53,13 +54,13 @@ impl ReadRequest<'_> {
 /// session that has ended, or one that is not blocked, does nothing.
 #[derive(Clone)]
 pub struct Notifier {
-    target: Option<(Arc<dyn ReadySink>, usize, u32)>,
+    target: Option<(Arc<dyn ReadySink>, SessionId)>,
 }
 
 /// Where notifications go: the server's queue of sessions to resume.
 pub(crate) trait ReadySink: Send + Sync {
-    /// Queues session `key` of `generation` and wakes the loop.
-    fn ready(&self, key: usize, generation: u32);
+    /// Queues `session` and wakes the loop.
+    fn ready(&self, session: SessionId);
 }
 
 impl Notifier {
@@ -69,16 +70,16 @@ impl Notifier {
         Notifier { target: None }
     }
 
-    pub(crate) fn new(sink: Arc<dyn ReadySink>, key: usize, generation: u32) -> Notifier {
+    pub(crate) fn new(sink: Arc<dyn ReadySink>, session: SessionId) -> Notifier {
         Notifier {
-            target: Some((sink, key, generation)),
+            target: Some((sink, session)),
         }
     }
 
     /// Asks the loop to try the session's source again.
     pub fn notify(&self) {
-        if let Some((sink, key, generation)) = &self.target {
-            sink.ready(*key, *generation);
+        if let Some((sink, session)) = &self.target {
+            sink.ready(*session);
         }
     }
 }
@@ -86,7 +87,7 @@ impl Notifier {
 impl fmt::Debug for Notifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.target {
-            Some((_, key, generation)) => write!(f, "Notifier(session {key}/{generation})"),
+            Some((_, session)) => write!(f, "Notifier({session:?})"),
             None => f.write_str("Notifier(detached)"),
         }
     }

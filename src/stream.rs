@@ -507,14 +507,14 @@ mod tests {
     struct Counter(AtomicUsize);
 
     impl ReadySink for Counter {
-        fn ready(&self, _key: usize, _generation: u32) {
+        fn ready(&self, _session: crate::server::SessionId) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
 
     fn counted(capacity: usize) -> (Arc<Counter>, StreamWriter, StreamSource) {
         let counter = Arc::new(Counter::default());
-        let notifier = Notifier::new(counter.clone(), 3, 7);
+        let notifier = Notifier::new(counter.clone(), crate::server::SessionId::new(3, 7));
         let (writer, source) = channel(&notifier, capacity);
         (counter, writer, source)
     }

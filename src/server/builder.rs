@@ -1,0 +1,363 @@
+//! Building a server: [`ServerBuilder`] collects the addresses and settings, checks them
+//! and binds the listeners; [`Error`] is what building and running can fail with.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::time::Duration;
+
+use log::debug;
+
+use crate::handler::Handler;
+use crate::limit::Rate;
+use crate::options::{Limits, MAX_BLKSIZE, MIN_BLKSIZE};
+use crate::session::SessionConfig;
+use crate::sys;
+
+use super::admission::Policy;
+use super::workers::PreparedLoop;
+use super::Server;
+
+/// Errors from building or running a server.
+#[non_exhaustive]
+#[derive(Debug)]
+pub enum Error {
+    /// A listening address could not be bound.
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// A setting is out of range.
+    Config(String),
+    /// The event loop failed.
+    Io(io::Error),
+    /// A worker's thread panicked (outside the user code the loop contains).
+    WorkerPanicked,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Error::Config(why) => write!(f, "invalid setting: {why}"),
+            Error::Io(e) => write!(f, "event loop failed: {e}"),
+            Error::WorkerPanicked => write!(f, "a worker thread panicked"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Bind { source, .. } => Some(source),
+            Error::Io(e) => Some(e),
+            Error::Config(_) | Error::WorkerPanicked => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        Error::Io(e)
+    }
+}
+
+/// Configures and builds a [`Server`].
+///
+/// ```no_run
+/// use dyntftp::{FsHandler, ServerBuilder};
+/// use std::time::Duration;
+///
+/// let mut server = ServerBuilder::new(FsHandler::new("/srv/tftp")?)
+///     .bind("0.0.0.0:69".parse()?)
+///     .timeout(Duration::from_secs(1))
+///     .retries(5)
+///     .build()?;
+/// server.run()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct ServerBuilder<H> {
+    pub(super) handler: H,
+    pub(super) addrs: Vec<SocketAddr>,
+    pub(super) sockets: Vec<StdUdpSocket>,
+    pub(super) max_sessions: Option<usize>,
+    pub(super) settings: Settings,
+}
+
+/// What every worker of a server shares: the builder's settings but addresses, handler
+/// and `max_sessions`.
+#[derive(Clone, Copy)]
+pub(super) struct Settings {
+    pub(super) config: SessionConfig,
+    pub(super) stats_interval: Duration,
+    pub(super) shutdown_grace: Duration,
+    pub(super) request_rate: Option<Rate>,
+    pub(super) max_sessions_per_client: Option<u32>,
+    pub(super) limit_loopback: bool,
+    pub(super) single_port: bool,
+    pub(super) udp_gso: bool,
+    pub(super) busy_poll: Duration,
+}
+
+impl Settings {
+    /// What admission enforces with these settings and `max_sessions`.
+    pub(super) fn policy(&self, max_sessions: usize) -> Policy {
+        Policy {
+            single_port: self.single_port,
+            max_sessions,
+            max_sessions_per_client: self.max_sessions_per_client,
+            request_rate: self.request_rate,
+            limit_loopback: self.limit_loopback,
+        }
+    }
+}
+
+/// Default cap on the sessions one client (IPv4 address or IPv6 /64) runs at once.
+pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: u32 = 64;
+
+/// Default limit of [`ServerBuilder::busy_poll`]: a lock-step client on a fast network
+/// answers well within it.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+
+impl<H: Handler> ServerBuilder<H> {
+    /// A builder serving requests through `handler`, with the defaults: timeout 1 s,
+    /// 5 retries, max blksize 65464, max window 64 blocks and 1 MiB, stats every 60 s,
+    /// `max_sessions` from the file-descriptor limit, 5 s shutdown grace, and the abuse
+    /// limits [`Rate::DEFAULT`] and [`DEFAULT_MAX_SESSIONS_PER_CLIENT`] per client
+    /// (loopback clients exempt).
+    pub fn new(handler: H) -> ServerBuilder<H> {
+        ServerBuilder {
+            handler,
+            addrs: Vec::new(),
+            sockets: Vec::new(),
+            max_sessions: None,
+            settings: Settings {
+                config: SessionConfig::default(),
+                stats_interval: Duration::from_secs(60),
+                shutdown_grace: Duration::from_secs(5),
+                request_rate: Some(Rate::DEFAULT),
+                max_sessions_per_client: Some(DEFAULT_MAX_SESSIONS_PER_CLIENT),
+                limit_loopback: false,
+                single_port: false,
+                udp_gso: true,
+                busy_poll: DEFAULT_BUSY_POLL,
+            },
+        }
+    }
+
+    /// Listens on `addr` (repeatable). `[::]` listens dual-stack on IPv6 and IPv4.
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.addrs.push(addr);
+        self
+    }
+
+    /// Listens on an already bound socket (repeatable), e.g. one inherited from systemd.
+    pub fn socket(mut self, socket: StdUdpSocket) -> Self {
+        self.sockets.push(socket);
+        self
+    }
+
+    /// Base retransmission interval when the client does not choose one.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.settings.config.timeout = timeout;
+        self
+    }
+
+    /// Retransmissions after the last progress before a session gives up.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.settings.config.retries = retries;
+        self
+    }
+
+    /// Largest block size granted (8..=65464).
+    pub fn max_blksize(mut self, max: u16) -> Self {
+        self.settings.config.limits.max_blksize = max;
+        self
+    }
+
+    /// Largest window granted, in blocks (at least 1).
+    pub fn max_window(mut self, max: u16) -> Self {
+        self.settings.config.limits.max_window = max;
+        self
+    }
+
+    /// Largest window granted, in payload bytes.
+    pub fn max_window_bytes(mut self, max: usize) -> Self {
+        self.settings.config.limits.max_window_bytes = max;
+        self
+    }
+
+    /// How long a source may stay not ready before its session ends.
+    pub fn source_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.config.source_timeout = timeout;
+        self
+    }
+
+    /// Most sessions at once; further requests wait in the socket queue.
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.max_sessions = Some(max);
+        self
+    }
+
+    /// Whether sessions retransmit early when the measured round-trip time is far below
+    /// the timeout (default true; see [`SessionConfig::adaptive`]).
+    pub fn adaptive_timeout(mut self, adaptive: bool) -> Self {
+        self.settings.config.adaptive = adaptive;
+        self
+    }
+
+    /// The shortest adaptive retransmission interval (default 2 ms).
+    pub fn min_rto(mut self, min: Duration) -> Self {
+        self.settings.config.min_rto = min;
+        self
+    }
+
+    /// The request rate each client may send to the listeners, as a token bucket;
+    /// `None` for no limit. Datagrams over the rate are dropped without an answer (an
+    /// answer is what a reflection attack wants) and counted in
+    /// [`ServerStats::rate_limited`](crate::stats::ServerStats::rate_limited). A client is an IPv4 address or an IPv6 /64.
+    pub fn request_rate(mut self, rate: Option<Rate>) -> Self {
+        self.settings.request_rate = rate;
+        self
+    }
+
+    /// The most sessions one client may run at once; `None` for no limit. A request over
+    /// the cap gets ERROR 0 and is counted in [`ServerStats::client_limited`](crate::stats::ServerStats::client_limited).
+    pub fn max_sessions_per_client(mut self, max: Option<u32>) -> Self {
+        self.settings.max_sessions_per_client = max;
+        self
+    }
+
+    /// Whether the per-client limits apply to loopback clients too (default false: local
+    /// processes cannot be spoofed from the network, and benchmarks run over loopback).
+    pub fn limit_loopback(mut self, limit: bool) -> Self {
+        self.settings.limit_loopback = limit;
+        self
+    }
+
+    /// Serves every session from the listening socket that received its request, told
+    /// apart by the client's address and port, instead of from a new socket (a new port)
+    /// per session: for NAT, firewalls and containers that forward only the listening
+    /// port (dnsmasq's `--tftp-single-port`). The protocol is the same; the listener is
+    /// then always read, so with `max_sessions` running, new requests are dropped (the
+    /// client resends them) and counted in [`ServerStats::busy`](crate::stats::ServerStats::busy).
+    pub fn single_port(mut self, single: bool) -> Self {
+        self.settings.single_port = single;
+        self
+    }
+
+    /// Whether windows of DATA are sent with UDP generic segmentation offload, several
+    /// datagrams per system call (default true; falls back to one datagram per call, for
+    /// good, at the first failure, e.g. on kernels older than 4.18), in single-port mode
+    /// too (with the source address as a second control message).
+    pub fn udp_gso(mut self, gso: bool) -> Self {
+        self.settings.udp_gso = gso;
+        self
+    }
+
+    /// Adaptive busy polling: after handling events, while sessions run, the loop may
+    /// poll without sleeping for up to this long before it blocks (default
+    /// [`DEFAULT_BUSY_POLL`], 50 µs; zero turns it off). On a fast network a lock-step
+    /// client's ACK comes within tens of microseconds, and not sleeping saves the
+    /// wake-up, most of a lock-step block's cost on the server. The loop spins only while
+    /// spinning finds datagrams: after a spin that found nothing it sleeps, and spins
+    /// again only after waits shorter than the limit, a number that doubles with every
+    /// fruitless spin (up to 64). An idle server does not spin; the time spent spinning
+    /// is reported in [`ServerStats::busy_poll`](crate::stats::ServerStats::busy_poll).
+    pub fn busy_poll(mut self, spin: Duration) -> Self {
+        self.settings.busy_poll = spin;
+        self
+    }
+
+    /// How often [`Handler::server_stats`] is called.
+    pub fn stats_interval(mut self, interval: Duration) -> Self {
+        self.settings.stats_interval = interval;
+        self
+    }
+
+    /// How long running sessions may go on after a shutdown request before they are
+    /// aborted.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.settings.shutdown_grace = grace;
+        self
+    }
+
+    /// Checks the settings, binds the listeners and builds the server.
+    pub fn build(mut self) -> Result<Server<H>, Error> {
+        self.validate()?;
+        let std_sockets = self.bind_all(false)?;
+        let max_sessions = self.max_sessions.unwrap_or_else(default_max_sessions);
+        let prepared = PreparedLoop::new(self.handler, std_sockets, self.settings, max_sessions)?;
+        Ok(Server::start(prepared))
+    }
+
+    /// Binds the addresses and takes the inherited sockets, in that order.
+    pub(super) fn bind_all(&mut self, reuse_port: bool) -> Result<Vec<StdUdpSocket>, Error> {
+        let mut std_sockets = Vec::new();
+        for addr in &self.addrs {
+            let socket = sys::bind_listener(*addr, reuse_port).map_err(|source| Error::Bind {
+                addr: *addr,
+                source,
+            })?;
+            std_sockets.push(socket);
+        }
+        for socket in self.sockets.drain(..) {
+            socket.set_nonblocking(true)?;
+            if let Err(e) = sys::enable_pktinfo(&socket) {
+                debug!("no destination-address reporting on an inherited socket: {e}");
+            }
+            std_sockets.push(socket);
+        }
+        Ok(std_sockets)
+    }
+
+    pub(super) fn validate(&self) -> Result<(), Error> {
+        let limits: Limits = self.settings.config.limits;
+        if !(MIN_BLKSIZE..=MAX_BLKSIZE).contains(&limits.max_blksize) {
+            return Err(Error::Config(format!(
+                "max blksize must be {MIN_BLKSIZE}..={MAX_BLKSIZE}, not {}",
+                limits.max_blksize
+            )));
+        }
+        if limits.max_window == 0 {
+            return Err(Error::Config("max window must be at least 1".into()));
+        }
+        if self.settings.config.timeout.is_zero() {
+            return Err(Error::Config("timeout must be more than zero".into()));
+        }
+        if self.settings.stats_interval.is_zero() {
+            return Err(Error::Config(
+                "stats interval must be more than zero".into(),
+            ));
+        }
+        if self.max_sessions == Some(0) {
+            return Err(Error::Config("max sessions must be at least 1".into()));
+        }
+        if self.settings.max_sessions_per_client == Some(0) {
+            return Err(Error::Config(
+                "max sessions per client must be at least 1".into(),
+            ));
+        }
+        if let Some(rate) = self.settings.request_rate {
+            if !(rate.per_second >= 0.0 && rate.per_second.is_finite()) || rate.burst == 0 {
+                return Err(Error::Config(format!(
+                    "request rate must be a finite rate >= 0 with a burst of at least 1, \
+                     not {} per second with burst {}",
+                    rate.per_second, rate.burst
+                )));
+            }
+        }
+        if self.addrs.is_empty() && self.sockets.is_empty() {
+            return Err(Error::Config("no address to listen on".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The most sessions by default: each holds a socket and usually an open file; some
+/// descriptors are kept spare. Raises the soft descriptor limit to the hard one.
+pub(super) fn default_max_sessions() -> usize {
+    (sys::raise_fd_limit().unwrap_or(1024).saturating_sub(64) / 2).max(1) as usize
+}

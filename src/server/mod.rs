@@ -1,0 +1,804 @@
+//! The driver: one `mio::Poll` multiplexing the listening sockets, every session socket and
+//! a [`Waker`], on one thread. Together with `sys` (the system calls) it is the only part
+//! of the library that touches sockets or reads the clock.
+//!
+//! # The parts
+//!
+//! - this file: [`Server`] and its loop — poll (after a busy-poll spin), dispatch, timers,
+//!   shutdown — and the I/O half of starting a session;
+//! - `admission`: what to do with each datagram that reaches a listener (rate and
+//!   per-client limits, repeats, single-port routing, the queue of waiting requests):
+//!   socket-free, unit-tested with explicit times;
+//! - `table`: the running sessions by `SessionId` (slot and generation), their timers, and
+//!   the queue through which sources say they are ready again;
+//! - `transport`: how datagrams leave (a session's own socket, or a listener with an
+//!   explicit source address; UDP GSO);
+//! - `report`: finished sessions, periodic statistics, rate-limited warnings, the guard
+//!   around user code;
+//! - `builder` and `workers`: [`ServerBuilder`], and [`Workers`] (several loops on one
+//!   address).
+//!
+//! # One loop iteration ([`Server::run_once`])
+//!
+//! 1. While sessions run, spin for up to the busy-poll budget polling without sleeping
+//!    (see [`ServerBuilder::busy_poll`]); if nothing came, sleep in `poll` until a socket
+//!    is readable, the waker fires, or the earliest deadline (timer wheel, statistics
+//!    report, descriptor pause, shutdown grace) passes.
+//! 2. Read the clock once.
+//! 3. Drain the listeners while admission says so: in the normal mode not while
+//!    `max_sessions` run (the requests wait in the kernel's queue until a session ends,
+//!    backpressure as dnsmasq does); in single-port mode always, since the listeners carry
+//!    the sessions' ACKs (requests then wait in admission's queue). Each datagram gets a
+//!    verdict from admission, which the loop carries out.
+//! 4. Drain every readable session socket until `WouldBlock`: datagrams from the session's
+//!    peer go to its [`Session`]; datagrams from anyone else get ERROR 5 and the session
+//!    goes on.
+//! 5. If the waker fired, resume the sessions whose sources signalled readiness through
+//!    their [`Notifier`] (a source that returned `WouldBlock` is not read again before).
+//! 6. Fire due timers; start waiting requests while there is room; report statistics when
+//!    the interval is up; end the grace period of a shutdown.
+//!
+//! After every input a session is *driven*: its output is drained and sent (a window as
+//! one GSO send when it can), its next deadline is put in the timer wheel (at most one live
+//! entry per session; an entry that fires early is harmless), and a finished session is
+//! reported and removed.
+
+mod admission;
+mod builder;
+mod report;
+mod table;
+mod transport;
+mod workers;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use log::{debug, info};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::handler::{Handler, Notifier, ReadRequest, Reject};
+use crate::packet::{ErrorCode, Mode, Packet, Request, MAX_DATAGRAM};
+use crate::session::{Outcome, Output, Retransmission, Session};
+use crate::spin::Spinner;
+use crate::stats::ServerStats;
+use crate::sys;
+
+pub(crate) use self::table::SessionId;
+pub use builder::{Error, ServerBuilder, DEFAULT_BUSY_POLL, DEFAULT_MAX_SESSIONS_PER_CLIENT};
+pub use workers::{ShutdownHandle, Workers};
+
+use admission::{Admission, Verdict};
+use builder::Settings;
+use report::UserCode;
+use table::{ReadyQueue, RequestInfo, SessionEntry, SessionTable};
+use transport::{Arrival, Listener, ReplyPath, Sender, Transport};
+use workers::PreparedLoop;
+
+const WAKER: Token = Token(usize::MAX);
+/// Listener `i` has token `LISTENER_BASE - i`.
+const LISTENER_BASE: usize = usize::MAX - 1;
+
+/// A session socket's default send buffer is about this large; a window larger than it
+/// gets a bigger one, so that a whole window fits.
+const DEFAULT_SEND_BUFFER: usize = 200_000;
+/// Per-datagram overhead counted when sizing a session's send buffer.
+const DATAGRAM_OVERHEAD: usize = 32;
+
+/// How a spin before a wait ended (see [`Server::spin_for_events`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Spin {
+    /// No spin: the spinner said no, nothing runs, or the wait is zero anyway.
+    Skipped,
+    /// Events came.
+    Found,
+    /// Nothing came for the whole budget.
+    Missed,
+}
+
+/// How reading a session's own socket went (see [`Server::receive`]).
+enum Received {
+    /// A datagram from the peer went to the session.
+    Fed,
+    /// A datagram from someone else was answered with ERROR 5.
+    Stray,
+    /// Nothing more to read.
+    Empty,
+    /// The session is gone, or has no socket of its own.
+    Gone,
+}
+
+/// A TFTP server: listeners, sessions and the handler, on one thread.
+pub struct Server<H> {
+    poll: Poll,
+    events: Events,
+    listeners: Vec<Listener>,
+    waker: Arc<Waker>,
+    /// Sources that signalled readiness through their [`Notifier`].
+    source_ready: Arc<ReadyQueue>,
+    /// Sessions taken out of `source_ready`, handled after the lock is released.
+    resumed: Vec<SessionId>,
+    /// The waker fired in the last poll.
+    woken: bool,
+    shutdown: Arc<AtomicBool>,
+    handler: H,
+    /// The builder's settings (what every worker shares).
+    settings: Settings,
+    max_sessions: usize,
+    table: SessionTable,
+    admission: Admission,
+    sender: Sender,
+    user_code: UserCode,
+    /// Receive buffer for session sockets, large enough for any datagram.
+    buf: Vec<u8>,
+    /// Receive buffer for the listeners (separate: a request may make the driver read a
+    /// session socket while the request is still borrowed).
+    request_buf: Vec<u8>,
+    /// Session sockets readable in the last poll.
+    readable_sessions: Vec<SessionId>,
+    now: Instant,
+    stats: ServerStats,
+    stats_since: Instant,
+    /// Set once shutdown started: when remaining sessions are aborted.
+    grace_deadline: Option<Instant>,
+    /// Rate-limited warnings about session sockets.
+    socket_log: crate::limit::LogLimiter,
+    /// Whether to poll without sleeping before a wait, and for how long.
+    spinner: Spinner,
+    /// Worker 0 of several: the other workers' statistics, added to its reports.
+    stats_from_workers: Option<mpsc::Receiver<ServerStats>>,
+    /// Another worker: its statistics go to worker 0 instead of the handler.
+    stats_to_worker_0: Option<mpsc::Sender<ServerStats>>,
+}
+
+impl<H: Handler> Server<H> {
+    /// The server for a prepared loop (on the thread that will run it).
+    fn start(prepared: PreparedLoop<H>) -> Server<H> {
+        let PreparedLoop {
+            poll,
+            listeners,
+            waker,
+            shutdown,
+            handler,
+            settings,
+            max_sessions,
+            stats_from_workers,
+            stats_to_worker_0,
+        } = prepared;
+        let now = Instant::now();
+        Server {
+            poll,
+            events: Events::with_capacity(1024),
+            listeners,
+            source_ready: Arc::new(ReadyQueue::new(waker.clone())),
+            resumed: Vec::new(),
+            woken: false,
+            waker,
+            shutdown,
+            handler,
+            settings,
+            max_sessions,
+            table: SessionTable::new(now),
+            admission: Admission::new(settings.policy(max_sessions)),
+            sender: Sender::new(settings.udp_gso),
+            user_code: UserCode::new(),
+            buf: vec![0; MAX_DATAGRAM],
+            request_buf: vec![0; MAX_DATAGRAM],
+            readable_sessions: Vec::new(),
+            now,
+            stats: ServerStats::default(),
+            stats_since: now,
+            grace_deadline: None,
+            socket_log: crate::limit::LogLimiter::new(Duration::from_secs(60), 10),
+            spinner: Spinner::new(settings.busy_poll),
+            stats_from_workers,
+            stats_to_worker_0,
+        }
+    }
+
+    /// The address of the first listener (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listeners[0].local
+    }
+
+    /// The addresses of all listeners.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.local).collect()
+    }
+
+    /// A handle that stops the server from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            loops: Arc::new([(self.shutdown.clone(), self.waker.clone())]),
+        }
+    }
+
+    /// Sessions running now.
+    pub fn active_sessions(&self) -> usize {
+        self.table.len()
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// The handler, mutably.
+    pub fn handler_mut(&mut self) -> &mut H {
+        &mut self.handler
+    }
+
+    /// The most sessions run at once.
+    pub fn max_sessions(&self) -> usize {
+        self.max_sessions
+    }
+
+    /// Runs until shut down (see [`ShutdownHandle`]) and every session has ended, then
+    /// makes a last statistics report covering the time since the previous one.
+    pub fn run(&mut self) -> Result<(), Error> {
+        self.run_loop()?;
+        self.report_stats();
+        Ok(())
+    }
+
+    fn run_loop(&mut self) -> Result<(), Error> {
+        while self.run_once(None)? {}
+        Ok(())
+    }
+
+    /// Runs one loop iteration, waiting at most `max_wait` (or until the next deadline)
+    /// for something to happen. Returns false once the server has shut down and every
+    /// session has ended.
+    pub fn run_once(&mut self, max_wait: Option<Duration>) -> Result<bool, Error> {
+        if self.grace_deadline.is_some() && self.table.is_empty() {
+            return Ok(false);
+        }
+        self.wait_for_events(max_wait)?;
+        self.readable_sessions.clear();
+        self.woken = false;
+        for event in self.events.iter() {
+            match event.token() {
+                WAKER => self.woken = true,
+                Token(t) if t > LISTENER_BASE - self.listeners.len() => {
+                    self.listeners[LISTENER_BASE - t].readable = true;
+                }
+                token => self.readable_sessions.push(SessionId::from_token(token)),
+            }
+        }
+        if self.shutdown.load(Ordering::SeqCst) && self.grace_deadline.is_none() {
+            self.begin_shutdown()?;
+        }
+        // Requests first: a request that repeats a running session's must be judged on
+        // what that session had received before it, not on what a fast client sent since.
+        self.read_listeners();
+        let readable = std::mem::take(&mut self.readable_sessions);
+        for &id in &readable {
+            self.on_session_readable(id);
+        }
+        self.readable_sessions = readable;
+        if self.woken {
+            self.resume_ready_sources();
+        }
+        while let Some(id) = self.table.expired(self.now) {
+            if let Some(entry) = self.table.get_mut(id) {
+                entry.session.handle_timeout(self.now);
+                self.drive(id);
+            }
+        }
+        self.admission.tick(self.now);
+        self.start_waiting();
+        if self.now >= self.stats_since + self.settings.stats_interval {
+            self.report_stats();
+        }
+        if self
+            .grace_deadline
+            .is_some_and(|deadline| self.now >= deadline)
+        {
+            self.abort_all();
+        }
+        debug_assert_eq!(self.admission.running(), self.table.len());
+        Ok(!(self.grace_deadline.is_some() && self.table.is_empty()))
+    }
+
+    /// Steps 1 and 2 of the loop: spin, else poll, then read the clock.
+    fn wait_for_events(&mut self, max_wait: Option<Duration>) -> Result<(), Error> {
+        let mut timeout = self.poll_timeout(max_wait);
+        let spin = self.spin_for_events(timeout)?;
+        if spin == Spin::Found {
+            self.now = Instant::now();
+            return Ok(());
+        }
+        let before = self.now;
+        if spin == Spin::Missed {
+            // The spin used some of the time to the next deadline.
+            timeout = self.poll_timeout(max_wait);
+        }
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.now = Instant::now();
+        if !self.events.is_empty() {
+            // From the end of the previous wait: includes the handling since, which only
+            // makes a wait look longer (less spinning).
+            self.spinner.blocked(self.now - before);
+        }
+        Ok(())
+    }
+
+    /// With sessions running and the [`Spinner`] for it, polls without sleeping for up
+    /// to its budget (never past `timeout`).
+    fn spin_for_events(&mut self, timeout: Option<Duration>) -> Result<Spin, Error> {
+        let budget = self.spinner.budget();
+        if budget.is_zero() || self.table.is_empty() || timeout == Some(Duration::ZERO) {
+            return Ok(Spin::Skipped);
+        }
+        let start = Instant::now();
+        let until = start + timeout.map_or(budget, |t| t.min(budget));
+        let mut empty_polls = 0;
+        loop {
+            match self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+            if !self.events.is_empty() {
+                self.spinner.found(empty_polls);
+                if empty_polls > 0 {
+                    self.stats.busy_poll += start.elapsed();
+                }
+                return Ok(Spin::Found);
+            }
+            let now = Instant::now();
+            if now >= until {
+                self.spinner.missed();
+                self.stats.busy_poll += now - start;
+                return Ok(Spin::Missed);
+            }
+            empty_polls += 1;
+            std::hint::spin_loop();
+        }
+    }
+
+    fn poll_timeout(&self, max_wait: Option<Duration>) -> Option<Duration> {
+        if self.admission.reads_listeners() && self.listeners.iter().any(|l| l.readable) {
+            // Requests are queued (readiness is edge-triggered: no event will come).
+            return Some(Duration::ZERO);
+        }
+        let wake = [
+            self.admission.wake_at(),
+            self.table.next_deadline(),
+            self.grace_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .fold(
+            self.stats_since + self.settings.stats_interval,
+            Instant::min,
+        );
+        // The clock moved since `self.now` was read; that only makes the wait shorter.
+        let until = wake.saturating_duration_since(Instant::now());
+        Some(max_wait.map_or(until, |max| max.min(until)))
+    }
+
+    fn begin_shutdown(&mut self) -> Result<(), Error> {
+        info!(
+            "shutting down: no new requests; {} session(s) get {:?} to finish",
+            self.table.len(),
+            self.settings.shutdown_grace
+        );
+        self.admission.begin_shutdown();
+        // In single-port mode the listeners carry the running sessions' ACKs: they stay
+        // open, and admission drops new requests instead.
+        if !self.settings.single_port {
+            for listener in &mut self.listeners {
+                self.poll.registry().deregister(&mut listener.socket)?;
+            }
+        }
+        self.grace_deadline = Some(self.now + self.settings.shutdown_grace);
+        if self.settings.shutdown_grace.is_zero() {
+            self.abort_all();
+        }
+        Ok(())
+    }
+
+    fn abort_all(&mut self) {
+        for id in self.table.ids() {
+            if let Some(entry) = self.table.get_mut(id) {
+                entry.session.abort(
+                    self.now,
+                    ErrorCode::NotDefined,
+                    "server shutting down",
+                    Outcome::ShutDown,
+                );
+                self.drive(id);
+            }
+        }
+    }
+
+    /// Reads requests from every readable listener while admission takes them.
+    fn read_listeners(&mut self) {
+        for i in 0..self.listeners.len() {
+            while self.listeners[i].readable && self.admission.reads_listeners() {
+                let listener = &self.listeners[i];
+                match sys::recv_with_destination(&listener.socket, &mut self.request_buf) {
+                    Ok(received) => self.on_listener_datagram(i, received),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.listeners[i].readable = false;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // ICMP errors and the like: nothing to do with this datagram.
+                        debug!("listener {}: receive failed: {e}", listener.local);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_listener_datagram(&mut self, listener: usize, received: sys::Received) {
+        let arrival = Arrival {
+            peer: received.peer,
+            local: transport::destination(self.listeners[listener].local, received.destination),
+            reply: ReplyPath {
+                listener,
+                source: received.destination,
+            },
+        };
+        if received.truncated {
+            self.stats.malformed += 1;
+            debug!(
+                "{}: datagram longer than 65535 bytes, ignored",
+                arrival.peer
+            );
+            return;
+        }
+        // Taken out so that the verdict can borrow it while `self` changes.
+        let buf = std::mem::take(&mut self.request_buf);
+        let datagram = &buf[..received.len];
+        let verdict = self
+            .admission
+            .on_datagram(self.now, &arrival, datagram, &mut self.stats);
+        self.carry_out(&arrival, datagram, verdict);
+        self.request_buf = buf;
+    }
+
+    /// Starts waiting requests while there is room.
+    fn start_waiting(&mut self) {
+        while let Some(waiting) = self.admission.next_waiting() {
+            let verdict = self
+                .admission
+                .on_waiting(self.now, &waiting, &mut self.stats);
+            self.carry_out(&waiting.arrival, &waiting.datagram, verdict);
+        }
+    }
+
+    /// Does what admission decided about `datagram`.
+    fn carry_out(&mut self, arrival: &Arrival, datagram: &[u8], verdict: Verdict<'_>) {
+        match verdict {
+            Verdict::Start(request, mode) => self.start_session(arrival, datagram, request, mode),
+            Verdict::ToSession(id, parsed) => {
+                if let Some(entry) = self.table.get_mut(id) {
+                    match parsed {
+                        Ok(packet) => entry.session.handle_packet(self.now, packet),
+                        // Counted as malformed by the session.
+                        Err(_) => entry.session.handle_datagram(self.now, datagram),
+                    }
+                    self.drive(id);
+                }
+            }
+            Verdict::CatchUp(id, request) => {
+                self.catch_up(id);
+                let verdict =
+                    self.admission
+                        .after_catch_up(self.now, arrival, request, &mut self.stats);
+                self.carry_out(arrival, datagram, verdict);
+            }
+            Verdict::Refuse(reject) => self.refuse(arrival, &reject),
+            Verdict::Stray => {
+                let transport = Transport::Shared(arrival.reply);
+                self.sender.answer_stray(
+                    &self.listeners,
+                    &transport,
+                    arrival.peer,
+                    &mut self.stats,
+                );
+            }
+            Verdict::Queued | Verdict::Ignore => {}
+        }
+    }
+
+    fn refuse(&mut self, arrival: &Arrival, reject: &Reject) {
+        self.sender.refuse(
+            &self.listeners,
+            self.settings.single_port,
+            arrival,
+            reject,
+            &mut self.stats,
+        );
+    }
+
+    /// Starts a session for an admitted request: its transport, the handler's source,
+    /// the [`Session`], its registration. Out of descriptors, the request goes back to
+    /// admission to wait; refused by the handler, the client gets the ERROR.
+    fn start_session(
+        &mut self,
+        arrival: &Arrival,
+        datagram: &[u8],
+        request: Request<'_>,
+        mode: Mode,
+    ) {
+        let peer = arrival.peer;
+        // The session's socket comes first: when descriptors run out, the request waits
+        // before the handler has done anything.
+        let mut transport =
+            match Transport::open(self.settings.single_port, arrival.reply, arrival.local) {
+                Ok(transport) => transport,
+                Err(e) if out_of_descriptors(&e) => {
+                    return self.admission.wait_for_descriptors(
+                        self.now,
+                        arrival,
+                        datagram,
+                        &mut self.stats,
+                    );
+                }
+                Err(e) => {
+                    report::log_limited(
+                        &mut self.socket_log,
+                        self.now,
+                        log::Level::Warn,
+                        format_args!(
+                            "{peer}: cannot open a session socket on {}: {e}",
+                            arrival.local.ip()
+                        ),
+                    );
+                    self.stats.send_errors += 1;
+                    return;
+                }
+            };
+        let id = self.table.next_id();
+        let notifier = Notifier::new(self.source_ready.clone(), id);
+        let read_request = ReadRequest {
+            peer,
+            local: arrival.local,
+            filename: request.filename,
+            mode,
+            options: request.options,
+            notifier: &notifier,
+        };
+        let filename = read_request.filename_lossy().into_owned();
+        let handler = &mut self.handler;
+        let opened = self.user_code.run(
+            &mut self.stats,
+            self.now,
+            format_args!("{peer}: the handler opening {filename:?}"),
+            || handler.open(&read_request),
+        );
+        let source = match opened {
+            Some(Ok(source)) => source,
+            Some(Err(reject)) if reject.retry_later => {
+                // The handler is short of a resource that running sessions hold (its own
+                // file descriptors): the request waits as if the server had none.
+                drop(transport);
+                return self.admission.wait_for_descriptors(
+                    self.now,
+                    arrival,
+                    datagram,
+                    &mut self.stats,
+                );
+            }
+            Some(Err(reject)) => {
+                debug!("{peer}: {filename:?} refused: {reject}");
+                return self.refuse(arrival, &reject);
+            }
+            None => return self.refuse(arrival, &internal_error()),
+        };
+        let (now, config) = (self.now, self.settings.config);
+        let created = self.user_code.run(
+            &mut self.stats,
+            self.now,
+            format_args!("{peer}: the source of {filename:?}"),
+            || Session::new(now, request.options, mode, source, &config),
+        );
+        let Some(session) = created else {
+            return self.refuse(arrival, &internal_error());
+        };
+        if let Transport::Own(socket) = &mut transport {
+            let registered = self
+                .poll
+                .registry()
+                .register(socket, id.token(), Interest::READABLE);
+            if let Err(e) = registered {
+                report::log_limited(
+                    &mut self.socket_log,
+                    self.now,
+                    log::Level::Warn,
+                    format_args!("{peer}: cannot register a session socket: {e}"),
+                );
+                let what = format_args!("{peer}: dropping the source of {filename:?}");
+                return self.user_code.drop(&mut self.stats, now, what, session);
+            }
+            let params = session.params();
+            let window_bytes =
+                params.window as usize * (params.blksize as usize + DATAGRAM_OVERHEAD);
+            if window_bytes > DEFAULT_SEND_BUFFER {
+                // Let a whole window sit in the socket buffer.
+                let _ = sys::set_send_buffer(socket, window_bytes * 2);
+            }
+        }
+        let info = RequestInfo {
+            peer,
+            local: arrival.local,
+            filename,
+            mode,
+            options: request
+                .options
+                .iter()
+                .map(|o| {
+                    (
+                        String::from_utf8_lossy(o.name).into_owned(),
+                        String::from_utf8_lossy(o.value).into_owned(),
+                    )
+                })
+                .collect(),
+            start_time: std::time::SystemTime::now(),
+        };
+        self.table
+            .insert(id, SessionEntry::new(id, transport, session, info));
+        self.admission.session_started(peer, id);
+        self.stats.sessions_started += 1;
+        self.drive(id);
+    }
+
+    /// Reads the session's own socket until it is empty, driving the session after every
+    /// datagram.
+    fn on_session_readable(&mut self, id: SessionId) {
+        loop {
+            match self.receive(id) {
+                Received::Fed => self.drive(id),
+                Received::Stray => {}
+                Received::Empty | Received::Gone => return,
+            }
+        }
+    }
+
+    /// Feeds the session what its socket holds without sending anything until the socket
+    /// is empty, so that nothing read can answer something sent meanwhile (see
+    /// [`Verdict::CatchUp`]); a session that ends on the way ends at once.
+    fn catch_up(&mut self, id: SessionId) {
+        loop {
+            match self.receive(id) {
+                Received::Fed | Received::Stray => {
+                    if self.table.get_mut(id).is_some_and(|e| e.session.is_done()) {
+                        return self.drive(id);
+                    }
+                }
+                Received::Empty => return self.drive(id),
+                Received::Gone => return,
+            }
+        }
+    }
+
+    /// Reads one datagram from the session's own socket and hands it to the session; a
+    /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though).
+    fn receive(&mut self, id: SessionId) -> Received {
+        loop {
+            let Some(entry) = self.table.get_mut(id) else {
+                return Received::Gone;
+            };
+            let Transport::Own(socket) = &entry.transport else {
+                return Received::Gone;
+            };
+            let (len, from) = match socket.recv_from(&mut self.buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Received::Empty,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("{}: session receive failed: {e}", entry.request.peer);
+                    continue;
+                }
+            };
+            let from = sys::unmap_socket(from);
+            if from == entry.request.peer {
+                entry.session.handle_datagram(self.now, &self.buf[..len]);
+                return Received::Fed;
+            }
+            self.stats.stray_datagrams += 1;
+            debug!(
+                "{from}: datagram for {}'s session, ERROR 5",
+                entry.request.peer
+            );
+            if !matches!(Packet::parse(&self.buf[..len]), Ok(Packet::Error { .. })) {
+                self.sender
+                    .answer_stray(&self.listeners, &entry.transport, from, &mut self.stats);
+            }
+            return Received::Stray;
+        }
+    }
+
+    /// Resumes the sessions whose sources notified readiness.
+    fn resume_ready_sources(&mut self) {
+        let mut resumed = std::mem::take(&mut self.resumed);
+        self.source_ready.take(&mut resumed);
+        for &id in &resumed {
+            let Some(entry) = self.table.get_mut(id) else {
+                continue;
+            };
+            if entry.session.is_done() {
+                continue;
+            }
+            entry.session.handle_source_ready(self.now);
+            self.drive(id);
+        }
+        resumed.clear();
+        self.resumed = resumed;
+    }
+
+    /// Drains a session's output: sends, re-arms its timer, or finishes it.
+    fn drive(&mut self, id: SessionId) {
+        loop {
+            let Some(entry) = self.table.get_mut(id) else {
+                return;
+            };
+            let SessionEntry {
+                session,
+                transport,
+                request,
+                ..
+            } = entry;
+            let max_datagrams = self.sender.max_datagrams(session.params().blksize);
+            let output = self.user_code.run(
+                &mut self.stats,
+                self.now,
+                format_args!("{}: the source of {:?}", request.peer, request.filename),
+                // Moving the borrow into the closure makes it FnOnce, so the output may
+                // borrow the session beyond the call.
+                move || {
+                    let session = session;
+                    session.poll_output(max_datagrams)
+                },
+            );
+            match output {
+                Some(Output::Transmit(transmit)) => {
+                    match transmit.retransmission {
+                        Some(Retransmission::Timeout) => self.stats.retransmits += 1,
+                        Some(Retransmission::Early) => self.stats.early_retransmits += 1,
+                        None => {}
+                    }
+                    let peer = request.peer;
+                    self.sender.transmit(
+                        &self.listeners,
+                        transport,
+                        peer,
+                        &transmit,
+                        &mut self.stats,
+                    );
+                }
+                Some(Output::Wait(deadline)) => return self.table.arm(id, deadline),
+                Some(Output::Done(outcome)) => return self.finish(id, outcome),
+                None => {
+                    // User code panicked while the session read its source.
+                    entry.session.abort(
+                        self.now,
+                        ErrorCode::NotDefined,
+                        "internal error",
+                        Outcome::Panicked,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Whether an error means the process or system is out of file descriptors.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// What a client is told when user code failed on its request.
+fn internal_error() -> Reject {
+    Reject::new(ErrorCode::NotDefined, "internal error")
+}

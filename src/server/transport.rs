@@ -1,0 +1,297 @@
+//! How datagrams leave: a session sends from its own socket (a new port, its transfer ID)
+//! or, in single-port mode, from the listener that received its request, with the address
+//! the client sent to as the source. Windows of DATA go out with UDP GSO, several
+//! datagrams per system call, until the kernel says it cannot. Every send is counted in
+//! [`ServerStats`].
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+
+use log::{debug, info};
+use mio::net::UdpSocket;
+
+use crate::handler::Reject;
+use crate::packet::{write_error, ErrorCode, DATA_HEADER_LEN};
+use crate::session::Transmit;
+use crate::stats::ServerStats;
+use crate::sys;
+
+/// The most bytes and datagrams one UDP GSO send may carry (Linux: 64 KiB minus
+/// headers, and `UDP_MAX_SEGMENTS`).
+const GSO_MAX_BYTES: usize = 65_000;
+const GSO_MAX_SEGMENTS: usize = 64;
+
+/// A listening socket.
+pub(super) struct Listener {
+    pub(super) socket: UdpSocket,
+    /// An IPv6 socket (dual-stack when bound to `[::]`): IPv4 peers are mapped.
+    pub(super) v6: bool,
+    pub(super) local: SocketAddr,
+    /// True when the socket may hold datagrams not read yet (edge-triggered readiness).
+    pub(super) readable: bool,
+}
+
+/// The way back to a client through the listener that received its datagram: the
+/// listener, and the address (with its interface) the client sent to, used as the source
+/// of every reply when the kernel reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ReplyPath {
+    pub(crate) listener: usize,
+    pub(crate) source: Option<(IpAddr, u32)>,
+}
+
+/// Where a datagram to a listener came from, where it went, and the way back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    /// The sender's address and port.
+    pub(crate) peer: SocketAddr,
+    /// The address it was sent to, with the listener's port (see [`destination`]).
+    pub(crate) local: SocketAddr,
+    /// The listener it came through.
+    pub(crate) reply: ReplyPath,
+}
+
+/// Where a session sends from and receives on.
+pub(super) enum Transport {
+    /// Its own socket, on a new port (its transfer ID).
+    Own(UdpSocket),
+    /// A listener, in single-port mode.
+    Shared(ReplyPath),
+}
+
+impl Transport {
+    /// The transport of a new session that asked through `reply` and sent to `local`:
+    /// in single-port mode the listener, else a new socket on the address the client
+    /// sent to.
+    pub(super) fn open(
+        single_port: bool,
+        reply: ReplyPath,
+        local: SocketAddr,
+    ) -> io::Result<Transport> {
+        if single_port {
+            return Ok(Transport::Shared(reply));
+        }
+        let socket = sys::bind_ephemeral(with_scope_of(SocketAddr::new(local.ip(), 0), local))?;
+        Ok(Transport::Own(UdpSocket::from_std(socket)))
+    }
+}
+
+/// Sends what sessions and refusals have to send.
+pub(super) struct Sender {
+    /// Send runs of DATA with UDP GSO (turned off for good at the first failure).
+    gso: bool,
+    /// Encoding buffer for ERROR packets.
+    scratch: Vec<u8>,
+}
+
+impl Sender {
+    /// A sender that tries UDP GSO when `gso`.
+    pub(super) fn new(gso: bool) -> Sender {
+        Sender {
+            gso,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The most datagrams worth asking a session for at once (see
+    /// [`Session::poll_output`](crate::session::Session::poll_output)).
+    pub(super) fn max_datagrams(&self, blksize: u16) -> usize {
+        if !self.gso {
+            return 1;
+        }
+        let segment = blksize as usize + DATA_HEADER_LEN;
+        (GSO_MAX_BYTES / segment).clamp(1, GSO_MAX_SEGMENTS)
+    }
+
+    /// Sends a session's transmit to `peer`: one datagram, or a run with one GSO send
+    /// (one by one if the kernel refuses GSO, and never GSO again).
+    pub(super) fn transmit(
+        &mut self,
+        listeners: &[Listener],
+        transport: &Transport,
+        peer: SocketAddr,
+        transmit: &Transmit<'_>,
+        stats: &mut ServerStats,
+    ) {
+        if transmit.datagrams == 1 {
+            let sent = send(listeners, transport, transmit.contents, peer, None);
+            return count_send(stats, sent, 1, transmit.payload, peer);
+        }
+        let segment = Some(transmit.segment_size as u16);
+        match send(listeners, transport, transmit.contents, peer, segment) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                info!("UDP segmentation offload unavailable ({e}); sending one datagram per call");
+                self.gso = false;
+                for datagram in transmit.datagrams() {
+                    let sent = send(listeners, transport, datagram, peer, None);
+                    let payload = (datagram.len() - DATA_HEADER_LEN) as u64;
+                    count_send(stats, sent, 1, payload, peer);
+                }
+            }
+            sent => {
+                let datagrams = transmit.datagrams as u64;
+                count_send(stats, sent, datagrams, transmit.payload, peer);
+            }
+        }
+    }
+
+    /// Answers a datagram from a stranger with ERROR 5 "unknown transfer id", from the
+    /// session's (or, in single-port mode, the listener's) address and port.
+    pub(super) fn answer_stray(
+        &mut self,
+        listeners: &[Listener],
+        transport: &Transport,
+        to: SocketAddr,
+        stats: &mut ServerStats,
+    ) {
+        self.scratch.clear();
+        write_error(
+            &mut self.scratch,
+            ErrorCode::UnknownTransferId,
+            "unknown transfer id",
+        );
+        let sent = send(listeners, transport, &self.scratch, to, None);
+        count_send(stats, sent, 1, 0, to);
+    }
+
+    /// Sends the ERROR of a refused request as a session would: from a new socket on the
+    /// address the client sent to or, in single-port mode, from the listener.
+    pub(super) fn refuse(
+        &mut self,
+        listeners: &[Listener],
+        single_port: bool,
+        arrival: &Arrival,
+        reject: &Reject,
+        stats: &mut ServerStats,
+    ) {
+        let peer = arrival.peer;
+        *stats.rejected.entry(reject.code.to_u16()).or_default() += 1;
+        self.scratch.clear();
+        write_error(&mut self.scratch, reject.code, &reject.message);
+        let sent = Transport::open(single_port, arrival.reply, arrival.local)
+            .and_then(|transport| send(listeners, &transport, &self.scratch, peer, None));
+        match sent {
+            Ok(_) => stats.datagrams_sent += 1,
+            Err(e) => {
+                stats.send_errors += 1;
+                debug!("{peer}: cannot send ERROR: {e}");
+            }
+        }
+    }
+}
+
+/// Sends `datagrams` to `peer` over `transport`: one datagram, or with `segment` several
+/// of that size back to back in one UDP GSO send.
+fn send(
+    listeners: &[Listener],
+    transport: &Transport,
+    datagrams: &[u8],
+    peer: SocketAddr,
+    segment: Option<u16>,
+) -> io::Result<usize> {
+    match (transport, segment) {
+        (Transport::Own(socket), None) => socket.send_to(datagrams, peer),
+        (Transport::Own(socket), Some(segment)) => {
+            sys::send_segments(socket, datagrams, segment, peer)
+        }
+        (Transport::Shared(reply), segment) => {
+            let listener = &listeners[reply.listener];
+            let (socket, v6) = (&listener.socket, listener.v6);
+            sys::send_from(socket, v6, datagrams, peer, reply.source, segment)
+        }
+    }
+}
+
+/// Counts one send of `datagrams` carrying `payload` DATA bytes. A send dropped for a
+/// full buffer is recovered by the retransmission timer.
+fn count_send(
+    stats: &mut ServerStats,
+    sent: io::Result<usize>,
+    datagrams: u64,
+    payload: u64,
+    peer: SocketAddr,
+) {
+    match sent {
+        Ok(_) => {
+            stats.datagrams_sent += datagrams;
+            stats.bytes_sent += payload;
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => stats.send_would_block += datagrams,
+        Err(e) => {
+            stats.send_errors += datagrams;
+            debug!("{peer}: send failed: {e}");
+        }
+    }
+}
+
+/// The address a datagram was sent to: the destination the kernel reported (with the
+/// interface as scope for an IPv6 link-local address, which needs it to be bound), else
+/// the listener's own address.
+pub(super) fn destination(listener: SocketAddr, reported: Option<(IpAddr, u32)>) -> SocketAddr {
+    match reported {
+        Some((IpAddr::V6(v6), ifindex)) if v6.is_unicast_link_local() => {
+            SocketAddr::V6(SocketAddrV6::new(v6, listener.port(), 0, ifindex))
+        }
+        Some((ip, _)) => SocketAddr::new(ip, listener.port()),
+        None => SocketAddr::new(sys::unmap(listener.ip()), listener.port()),
+    }
+}
+
+/// `addr` with the IPv6 scope of `other`.
+fn with_scope_of(addr: SocketAddr, other: SocketAddr) -> SocketAddr {
+    match (addr, other) {
+        (SocketAddr::V6(mut mine), SocketAddr::V6(theirs)) => {
+            mine.set_scope_id(theirs.scope_id());
+            SocketAddr::V6(mine)
+        }
+        (mine, _) => mine,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn gso_runs_fit_the_kernel_limits() {
+        let sender = Sender::new(true);
+        assert_eq!(sender.max_datagrams(512), 64);
+        assert_eq!(sender.max_datagrams(1428), 45);
+        assert_eq!(sender.max_datagrams(8192), 7);
+        assert_eq!(sender.max_datagrams(65464), 1);
+        assert_eq!(Sender::new(false).max_datagrams(512), 1);
+    }
+
+    #[test]
+    fn destination_keeps_the_scope_of_link_local_addresses_only() {
+        let listener: SocketAddr = "[::]:69".parse().unwrap();
+        let link_local: Ipv6Addr = "fe80::1".parse().unwrap();
+        assert_eq!(
+            destination(listener, Some((IpAddr::V6(link_local), 3))),
+            SocketAddr::V6(SocketAddrV6::new(link_local, 69, 0, 3))
+        );
+        let global: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(
+            destination(listener, Some((IpAddr::V6(global), 3))),
+            SocketAddr::new(IpAddr::V6(global), 69)
+        );
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:69".parse().unwrap();
+        assert_eq!(
+            destination(mapped, None),
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 69)
+        );
+    }
+
+    #[test]
+    fn with_scope_of_copies_only_between_ipv6_addresses() {
+        let scoped = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 69, 0, 7));
+        let bare: SocketAddr = "[fe80::1]:0".parse().unwrap();
+        let SocketAddr::V6(v6) = with_scope_of(bare, scoped) else {
+            panic!("not IPv6")
+        };
+        assert_eq!(v6.scope_id(), 7);
+        let v4: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(with_scope_of(v4, scoped), v4);
+    }
+}
