@@ -99,12 +99,12 @@
 //! `debug` level only.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fmt;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -115,6 +115,7 @@ use log::debug;
 use crate::handler::{Handler, ReadRequest, Reject};
 use crate::packet::ErrorCode;
 use crate::response::{BytesSource, FileSource, ResponseData};
+use crate::sys;
 
 /// Flags of every file open: read-only, never a controlling terminal, never blocking (a FIFO
 /// must not stall the event loop).
@@ -197,7 +198,12 @@ impl FsHandler {
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("TFTP root {}: {e}", path.display())))?;
         let root = Arc::new(OwnedFd::from(dir));
-        let resolver = match openat2(root.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY) {
+        let resolver = match sys::openat2(
+            root.as_fd(),
+            c".",
+            libc::O_PATH | libc::O_DIRECTORY,
+            RESOLVE_FLAGS,
+        ) {
             Ok(_) => Resolver::Openat2,
             Err(e) => {
                 // Once per handler and without request data, so at info: operators should
@@ -333,7 +339,7 @@ impl FsHandler {
     /// itself when `parts` is empty).
     fn open_path(&self, parts: &[&[u8]], flags: libc::c_int) -> io::Result<OwnedFd> {
         if parts.is_empty() {
-            return openat(self.root.as_fd(), b".", flags);
+            return sys::openat(self.root.as_fd(), b".", flags);
         }
         match self.resolver {
             Resolver::Openat2 => open_beneath(self.root.as_fd(), parts, flags),
@@ -350,7 +356,7 @@ impl FsHandler {
         for part in parts {
             let prefix: Vec<&[u8]> = found.iter().map(Vec::as_slice).collect();
             let dir = self.open_path(&prefix, DIR_FLAGS)?;
-            if lstat_at(dir.as_fd(), part).is_ok() {
+            if sys::lstat_at(dir.as_fd(), part).is_ok() {
                 found.push(part.to_vec());
                 continue;
             }
@@ -617,7 +623,7 @@ fn open_beneath(
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut tries = 0;
     loop {
-        match openat2(root, &path, flags) {
+        match sys::openat2(root, &path, flags, RESOLVE_FLAGS) {
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < EAGAIN_RETRIES => {
                 tries += 1;
             }
@@ -641,7 +647,7 @@ fn open_walk(
         let parent = dir.as_ref().map_or(root, |fd| fd.as_fd());
         // O_PATH | O_NOFOLLOW opens a symlink itself rather than failing with ENOTDIR, so
         // the fstat below can tell "symlink" (refused) from "not a directory" (not found).
-        let fd = openat(
+        let fd = sys::openat(
             parent,
             component,
             libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
@@ -657,152 +663,29 @@ fn open_walk(
         dir = Some(OwnedFd::from(step));
     }
     let parent = dir.as_ref().map_or(root, |fd| fd.as_fd());
-    openat(parent, last, flags)
-}
-
-/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`: the entry itself, never a link's target.
-fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<libc::stat64> {
-    let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut st = std::mem::MaybeUninit::<libc::stat64>::uninit();
-    // SAFETY: `name` is NUL-terminated and outlives the call; `st` is valid for writes of a
-    // `stat64`; `dir` is an open descriptor borrowed for the call.
-    let ret = unsafe {
-        libc::fstatat64(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstatat returned 0, so it filled `st`.
-    Ok(unsafe { st.assume_init() })
+    sys::openat(parent, last, flags)
 }
 
 /// The entry of directory `dir` whose name equals `name` ignoring ASCII case and that is
 /// not a symbolic link; the bytewise smallest if several match.
 fn find_ignoring_case(dir: OwnedFd, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
-    let raw = dir.into_raw_fd();
-    // SAFETY: `raw` is an open directory descriptor we own; on success fdopendir takes
-    // ownership of it (closedir closes it), on failure we close it.
-    let dirp = unsafe { libc::fdopendir(raw) };
-    if dirp.is_null() {
-        let e = io::Error::last_os_error();
-        // SAFETY: fdopendir failed, so `raw` is still ours to close.
-        unsafe { libc::close(raw) };
-        return Err(e);
-    }
     let mut best: Option<Vec<u8>> = None;
-    let mut result = Ok(());
-    loop {
-        // SAFETY: errno is thread-local; clearing it tells the end of the directory (NULL,
-        // errno 0) from an error (NULL, errno set).
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: `dirp` is a valid open directory stream, used by this thread only.
-        let entry = unsafe { libc::readdir64(dirp) };
-        if entry.is_null() {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error().is_some_and(|n| n != 0) {
-                result = Err(e);
-            }
-            break;
+    sys::for_each_entry(dir, |dir, entry, d_type| {
+        if !entry.eq_ignore_ascii_case(name) || d_type == libc::DT_LNK {
+            return;
         }
-        // SAFETY: readdir returned a valid entry whose d_name is NUL-terminated; it stays
-        // valid until the next readdir/closedir on `dirp`, and we copy what we keep.
-        let (entry_name, d_type) = unsafe {
-            (
-                CStr::from_ptr((*entry).d_name.as_ptr()).to_bytes(),
-                (*entry).d_type,
-            )
-        };
-        if !entry_name.eq_ignore_ascii_case(name) || d_type == libc::DT_LNK {
-            continue;
+        if best.as_deref().is_some_and(|b| b <= entry) {
+            return;
         }
-        if best.as_deref().is_some_and(|b| b <= entry_name) {
-            continue;
-        }
-        // SAFETY: `dirp` is valid; the descriptor is borrowed only for the fstatat below,
-        // while `dirp` (which owns it) is still open.
-        let fd = unsafe { BorrowedFd::borrow_raw(libc::dirfd(dirp)) };
         // d_type may be DT_UNKNOWN: ask the file system whether it is a link.
-        let is_link = lstat_at(fd, entry_name)
+        let is_link = sys::lstat_at(dir, entry)
             .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
             .unwrap_or(true);
         if !is_link {
-            best = Some(entry_name.to_vec());
+            best = Some(entry.to_vec());
         }
-    }
-    // SAFETY: `dirp` is valid and closed exactly once.
-    unsafe { libc::closedir(dirp) };
-    result.map(|()| best)
-}
-
-/// The `open_how` of `linux/openat2.h` (version 0, 24 bytes). libc's own is
-/// `#[non_exhaustive]` and so cannot be built outside libc without `unsafe`.
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-/// `openat2(dir, path, {flags, resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS})`,
-/// retried on `EINTR`.
-fn openat2(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let how = OpenHow {
-        flags: flags as u64,
-        mode: 0,
-        resolve: RESOLVE_FLAGS,
-    };
-    loop {
-        // SAFETY: `path` is NUL-terminated and `how` is a valid `open_how` whose exact size
-        // is passed; both outlive the call, which only reads them. `dir` is an open
-        // descriptor borrowed for the duration of the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if let Some(fd) = owned_fd(ret as RawFd)? {
-            return Ok(fd);
-        }
-    }
-}
-
-/// `openat(dir, name, flags)` for one path component, retried on `EINTR`.
-fn openat(dir: BorrowedFd<'_>, name: &[u8], flags: libc::c_int) -> io::Result<OwnedFd> {
-    let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    loop {
-        // SAFETY: `name` is NUL-terminated and outlives the call; `dir` is an open
-        // descriptor borrowed for the duration of the call; no mode is needed without
-        // O_CREAT.
-        let ret = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
-        if let Some(fd) = owned_fd(ret)? {
-            return Ok(fd);
-        }
-    }
-}
-
-/// Takes ownership of the descriptor an open call returned: `Ok(None)` on `EINTR` (call
-/// again), the OS error on any other failure.
-fn owned_fd(ret: RawFd) -> io::Result<Option<OwnedFd>> {
-    if ret >= 0 {
-        // SAFETY: a non-negative return of open/openat/openat2 is a new descriptor that
-        // nothing else owns.
-        return Ok(Some(unsafe { OwnedFd::from_raw_fd(ret) }));
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EINTR) {
-        Ok(None)
-    } else {
-        Err(e)
-    }
+    })?;
+    Ok(best)
 }
 
 /// The TFTP error for an OS error while opening (see the table in the module docs).
@@ -931,11 +814,6 @@ mod tests {
                 h.resolver
             );
         }
-    }
-
-    fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        unsafe { libc::geteuid() == 0 }
     }
 
     #[test]
@@ -1102,9 +980,7 @@ mod tests {
     #[test]
     fn fifo_is_refused_without_blocking() {
         let tree = Tree::new();
-        let fifo = CString::new(tree.root().join("fifo").into_os_string().into_vec()).unwrap();
-        // SAFETY: `fifo` is a NUL-terminated path that outlives the call.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        sys::mkfifo(&tree.root().join("fifo")).unwrap();
         for h in tree.handlers() {
             let resolver = h.resolver;
             let (tx, rx) = mpsc::channel();
@@ -1123,18 +999,10 @@ mod tests {
         fs::create_dir(tree.root().join("dir")).unwrap();
         let _socket = std::os::unix::net::UnixListener::bind(tree.root().join("sock")).unwrap();
         let mut names: Vec<&[u8]> = vec![b"dir", b"dir/", b"/dir/.", b"sock"];
-        if is_root() {
-            let dev = CString::new(tree.root().join("null").into_os_string().into_vec()).unwrap();
-            // SAFETY: `dev` is a NUL-terminated path that outlives the call.
-            let made =
-                unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
-            if made == 0 {
-                names.push(b"null");
-            } else {
-                eprintln!(
-                    "skipping the device case: mknod failed: {}",
-                    io::Error::last_os_error()
-                );
+        if sys::running_as_root() {
+            match sys::mknod_char(&tree.root().join("null"), 1, 3) {
+                Ok(()) => names.push(b"null"),
+                Err(e) => eprintln!("skipping the device case: mknod failed: {e}"),
             }
         } else {
             eprintln!("skipping the device case: mknod needs root");
@@ -1153,7 +1021,7 @@ mod tests {
         let path = tree.root().join("secret");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o000)).unwrap();
         for h in tree.handlers() {
-            if is_root() {
+            if sys::running_as_root() {
                 eprintln!("running as root: chmod 000 does not stop reading; assertion skipped");
             } else {
                 assert_eq!(code(read(&h, b"secret")), ACCESS, "{:?}", h.resolver);

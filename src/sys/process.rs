@@ -1,4 +1,4 @@
-//! The process's resource limits.
+//! The process: its descriptor limit, and (for tests) its user.
 
 use std::io;
 use std::mem::zeroed;
@@ -22,6 +22,14 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         }
         Ok(limit.rlim_cur)
     }
+}
+
+/// Whether the process runs as root (effective user ID 0), which some tests need and
+/// some checks (file permissions) do not apply to.
+#[cfg(test)]
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 #[cfg(test)]
