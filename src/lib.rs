@@ -132,7 +132,7 @@
 
 pub mod fs;
 pub mod handler;
-pub mod limit;
+mod limit;
 pub mod metrics;
 pub mod options;
 pub mod packet;
@@ -144,7 +144,7 @@ mod spin;
 pub mod stats;
 pub mod stream;
 mod sys;
-pub mod timer;
+mod timer;
 
 pub use fs::{CacheStats, FsHandler};
 pub use handler::{Handler, Notifier, ReadRequest, Reject};
