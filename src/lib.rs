@@ -120,19 +120,28 @@
 //!                  handler   Handler trait: per-request factory + stats hooks
 //!                  remap     Remap: rewrite names before a handler sees them
 //!                  fs        FsHandler: a root directory, confined with openat2
-//!                  timer     hashed timer wheel keyed by session (no clock reads)
-//!                  spin      adaptive busy polling: when to poll instead of sleeping
+//!                   ├ resolve   names to open files beneath the root: the two resolvers, case
+//!                   └ cache     hot files held in memory, shared by the sessions sending them
 //!                  stats     TransferStats, SessionStats, ServerStats
 //!                  metrics   Metrics: ServerStats totals in the Prometheus text format
+//!
+//!  internal to the crate:
+//!                  timer     hashed timer wheel keyed by session (no clock reads)
+//!                  limit     per-client request rate and session counts; log-line limits
+//!                  spin      adaptive busy polling: when to poll instead of sleeping
+//!                  sys       the system calls std lacks (sockets, openat2, fd limit): all unsafe
 //! ```
 //!
-//! Only [`server`] touches mio, sockets or the clock. Everything below it takes
-//! `now: Instant` as a parameter and returns what to do, so a [`Session`] can be driven by
-//! a virtual clock and a simulated lossy network (see `tests/sim.rs`).
+//! [`server`] is the driver: the only module that uses mio or reads the clock. Everything
+//! below it takes `now: Instant` as a parameter and returns what to do, so a [`Session`]
+//! can be driven by a virtual clock and a simulated lossy network (see `tests/sim.rs`).
+//! The system calls std does not offer (socket options, PKTINFO and GSO sends, `openat2`
+//! and directory listings, the descriptor limit) are in `sys`, behind safe functions that
+//! `server` and `fs` call: it is the only module with `unsafe`.
 
 pub mod fs;
 pub mod handler;
-pub mod limit;
+mod limit;
 pub mod metrics;
 pub mod options;
 pub mod packet;
@@ -144,7 +153,7 @@ mod spin;
 pub mod stats;
 pub mod stream;
 mod sys;
-pub mod timer;
+mod timer;
 
 pub use fs::{CacheStats, FsHandler};
 pub use handler::{Handler, Notifier, ReadRequest, Reject};

@@ -133,6 +133,7 @@ impl RateLimiter {
     }
 
     /// Clients currently tracked.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.buckets.len()
     }
@@ -166,6 +167,7 @@ impl ClientCounts {
     }
 
     /// Clients with at least one session.
+    #[cfg(test)]
     pub fn clients(&self) -> usize {
         self.counts.len()
     }
@@ -226,6 +228,7 @@ impl LogLimiter {
     }
 
     /// Lines held back and not yet reported.
+    #[cfg(test)]
     pub fn pending_suppressed(&self) -> u64 {
         self.suppressed
     }

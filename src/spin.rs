@@ -49,8 +49,9 @@ impl Spinner {
         }
     }
 
-    /// A spin found events after `polls` empty polls. Events waiting already at the
-    /// first poll say nothing about spinning; events found by spinning reset the back-off.
+    /// A spin found events after `empty_polls` empty polls. Events waiting already at
+    /// the first poll say nothing about spinning; events found by spinning reset the
+    /// back-off.
     pub(crate) fn found(&mut self, empty_polls: u64) {
         if empty_polls > 0 {
             self.backoff = 1;

@@ -187,14 +187,19 @@ impl Shared {
         // update is a few plain assignments), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Unlocks `state` and, if the reader was parked, notifies it (once: the parked flag
+    /// is taken under the lock, the notification sent after unlocking).
+    fn unlock_and_wake(&self, mut state: MutexGuard<'_, State>) {
+        let parked = std::mem::take(&mut state.reader_parked);
+        drop(state);
+        if parked {
+            self.notifier.notify();
+        }
+    }
 }
 
 impl State {
-    /// Takes the parked flag: true when the reader must be notified (after unlocking).
-    fn wake_reader(&mut self) -> bool {
-        std::mem::take(&mut self.reader_parked)
-    }
-
     /// Whether `len` more bytes fit (a chunk of any size fits an empty buffer).
     fn fits(&self, len: usize, capacity: usize) -> bool {
         self.buffered == 0 || self.buffered + len <= capacity
@@ -262,11 +267,7 @@ impl StreamWriter {
                 .unwrap_or_else(|e| e.into_inner());
         }
         state.push(chunk);
-        let wake = state.wake_reader();
-        drop(state);
-        if wake {
-            self.shared.notifier.notify();
-        }
+        self.shared.unlock_and_wake(state);
         Ok(())
     }
 
@@ -283,11 +284,7 @@ impl StreamWriter {
             // The producer broke its own promise: end the stream as failed.
             state.end = Some(End::Failed(Some(e)));
             self.ended = true;
-            let wake = state.wake_reader();
-            drop(state);
-            if wake {
-                self.shared.notifier.notify();
-            }
+            self.shared.unlock_and_wake(state);
             return Err(TrySendError::Closed(chunk));
         }
         if !state.fits(chunk.len(), self.shared.capacity) {
@@ -296,11 +293,7 @@ impl StreamWriter {
         if !chunk.is_empty() {
             state.push(chunk);
         }
-        let wake = state.wake_reader();
-        drop(state);
-        if wake {
-            self.shared.notifier.notify();
-        }
+        self.shared.unlock_and_wake(state);
         Ok(())
     }
 
@@ -347,11 +340,7 @@ impl StreamWriter {
         if state.end.is_none() {
             state.end = Some(make(&state));
         }
-        let wake = state.wake_reader();
-        drop(state);
-        if wake {
-            self.shared.notifier.notify();
-        }
+        self.shared.unlock_and_wake(state);
     }
 }
 
@@ -384,11 +373,7 @@ impl io::Write for StreamWriter {
         let n = room.min(buf.len());
         state.check_size(n)?;
         state.push(buf[..n].to_vec());
-        let wake = state.wake_reader();
-        drop(state);
-        if wake {
-            self.shared.notifier.notify();
-        }
+        self.shared.unlock_and_wake(state);
         Ok(n)
     }
 

@@ -194,11 +194,13 @@ impl<T> TimerWheel<T> {
     }
 
     /// Returns the number of pending (not yet returned) timers.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Returns `true` if no timers are pending.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

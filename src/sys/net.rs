@@ -1,8 +1,7 @@
-//! The few socket and process calls std does not offer, over libc: a UDP socket with
-//! options set before `bind` (dual stack, destination-address reporting), `recvmsg` that
-//! reports the address a datagram was sent to, and the file-descriptor limit.
-//!
-//! No mio and no clock here: the driver (`server.rs`) wraps these sockets.
+//! UDP sockets beyond std: options set before `bind` (dual stack, SO_REUSEPORT,
+//! destination-address reporting), buffer sizes, `recvmsg` that reports the address a
+//! datagram was sent to, `sendmsg` from a chosen source address (PKTINFO) and with UDP
+//! generic segmentation offload, and the conversions between std and C socket addresses.
 
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
@@ -278,27 +277,6 @@ pub fn set_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
         .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes))
 }
 
-/// The soft limit on open file descriptors, raised to the hard limit first when possible.
-pub fn raise_fd_limit() -> io::Result<u64> {
-    // SAFETY: rlimit is a plain C struct; getrlimit/setrlimit only read/write it.
-    unsafe {
-        let mut limit: libc::rlimit = zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-        Ok(limit.rlim_cur)
-    }
-}
-
 /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as IPv4; anything else unchanged.
 pub fn unmap(ip: IpAddr) -> IpAddr {
     match ip {
@@ -544,10 +522,5 @@ mod tests {
             .unwrap();
         let mut buf = [0u8; 10];
         assert!(wait_recv(&listener, &mut buf).truncated);
-    }
-
-    #[test]
-    fn fd_limit_is_positive() {
-        assert!(raise_fd_limit().unwrap() > 0);
     }
 }

@@ -1,0 +1,30 @@
+//! The system calls std does not offer, over libc, each behind a safe function: every
+//! `unsafe` block of the library is in this module, next to its `// SAFETY:` comment.
+//!
+//! - [`net`]: UDP sockets with options set before `bind` (dual stack, SO_REUSEPORT,
+//!   IP_PKTINFO / IPV6_RECVPKTINFO), buffer sizes, `recvmsg` that reports the address a
+//!   datagram was sent to, `sendmsg` from a chosen source address and with UDP generic
+//!   segmentation offload (UDP_SEGMENT).
+//! - [`fs`]: `openat`, `openat2`, `fstatat` and `fdopendir`/`readdir` relative to a
+//!   directory descriptor, for the confinement in `crate::fs`.
+//! - [`process`]: the file-descriptor limit.
+//!
+//! No policy, no mio and no clock here: the driver (`server`) wraps these sockets, and
+//! `crate::fs` decides what may be opened. Everything is re-exported at this level, so
+//! callers write `sys::bind_listener` or `sys::openat2`.
+
+mod fs;
+mod net;
+mod process;
+
+pub use fs::{for_each_entry, lstat_at, openat, openat2};
+pub use net::{
+    bind_ephemeral, bind_listener, enable_pktinfo, recv_with_destination, send_from, send_segments,
+    set_recv_buffer, set_send_buffer, unmap, unmap_socket, Received,
+};
+pub use process::raise_fd_limit;
+
+#[cfg(test)]
+pub use fs::{mkfifo, mknod_char};
+#[cfg(test)]
+pub use process::running_as_root;
