@@ -103,7 +103,13 @@
 //! # Layout
 //!
 //! ```text
-//!  UDP datagrams ─▶ server   the driver: mio Poll, sockets, slab, timer wheel, clock
+//!  UDP datagrams ─▶ server   the driver: one mio Poll loop, the clock, sockets
+//!                   ├ admission what each datagram to a listener gets: limits, repeats,
+//!                   │           single-port routing, waiting requests (socket-free)
+//!                   ├ table     running sessions by SessionId, their timers
+//!                   ├ transport how datagrams leave: own socket or listener, UDP GSO
+//!                   ├ report    session and server statistics, logs, panic guard
+//!                   └ builder, workers   ServerBuilder; several loops on one address
 //!                      │ parse ▲ bytes to send
 //!                      ▼       │
 //!                  packet    wire format: borrowed views, encode/parse, never panics
