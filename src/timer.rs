@@ -41,9 +41,10 @@ pub struct TimerKey {
     generation: u32,
 }
 
-/// One slab entry; `value` is `None` while the entry is on the free list.
+/// One timer: a node of the intrusive lists (a slot's, the due list, or the free list);
+/// `value` is `None` while it is on the free list.
 #[derive(Debug)]
-struct Entry<T> {
+struct Node<T> {
     value: Option<T>,
     tick: u64,
     generation: u32,
@@ -63,7 +64,7 @@ pub struct TimerWheel<T> {
     heads: Vec<u32>,
     due_tail: u32,
     bitmap: Vec<u64>,
-    entries: Vec<Entry<T>>,
+    entries: Vec<Node<T>>,
     free: u32,
     /// Next tick to process; every entry still in a slot has `tick >= cursor`.
     cursor: u64,
@@ -117,7 +118,7 @@ impl<T> TimerWheel<T> {
                 .ok()
                 .filter(|&i| i != NIL)
                 .expect("TimerWheel: too many pending timers");
-            self.entries.push(Entry {
+            self.entries.push(Node {
                 value: Some(value),
                 tick,
                 generation: 0,
