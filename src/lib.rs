@@ -119,6 +119,7 @@
 //!                      │
 //!                      ▼
 //!                  session   one read transfer as a pure state machine (no I/O, no clock)
+//!                   └ rtt       the round-trip estimate and the early retransmission interval
 //!                      │ read blocks
 //!                      ▼
 //!                  response  ResponseData trait + file/bytes/reader sources, netascii

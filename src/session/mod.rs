@@ -55,6 +55,8 @@
 //!   [`SessionConfig::source_timeout`]. `Interrupted` is retried at once, but more than a
 //!   few times in a row counts as `WouldBlock`.
 
+mod rtt;
+
 use std::io::{self, IoSliceMut};
 use std::time::{Duration, Instant};
 
@@ -65,9 +67,7 @@ use crate::packet::{
 use crate::response::{Netascii, ResponseData};
 use crate::stats::TransferStats;
 
-/// Round-trip samples needed before retransmitting early: one sample says little about
-/// how much the round trip varies.
-const MIN_RTT_SAMPLES: u32 = 3;
+use rtt::RttEstimator;
 
 /// `Interrupted` errors in a row after which a source counts as not ready (`WouldBlock`),
 /// so that a source that returns `Interrupted` forever cannot hang the event loop.
@@ -295,11 +295,7 @@ pub struct Session {
     sent_at: Vec<(Instant, bool)>,
     /// When the OACK was first sent, and whether it was sent again since.
     oack_sent_at: Option<(Instant, bool)>,
-    /// Smoothed round-trip time and its mean deviation, once measured.
-    rtt: Option<(Duration, Duration)>,
-    /// Round-trip samples taken, and the largest.
-    rtt_samples: u32,
-    rtt_max: Duration,
+    rtt: RttEstimator,
     deadline: Option<Instant>,
     /// When the source first said `WouldBlock` for the block being read.
     stalled_since: Option<Instant>,
@@ -360,9 +356,7 @@ impl Session {
             deadline_early: false,
             sent_at: vec![(now, true); window],
             oack_sent_at: None,
-            rtt: None,
-            rtt_samples: 0,
-            rtt_max: Duration::ZERO,
+            rtt: RttEstimator::default(),
             deadline: None,
             stalled_since: None,
             source_blocked: false,
@@ -854,37 +848,18 @@ impl Session {
         self.deadline = None;
     }
 
-    /// Feeds one round-trip sample (RFC 6298 §2).
+    /// Feeds the round trip of a packet sent once at `sent` and acknowledged now.
     fn sample_rtt(&mut self, sent: Instant) {
-        let r = self.now.saturating_duration_since(sent);
-        let (srtt, rttvar) = match self.rtt {
-            None => (r, r / 2),
-            Some((srtt, rttvar)) => {
-                let delta = srtt.abs_diff(r);
-                ((srtt * 7 + r) / 8, (rttvar * 3 + delta) / 4)
-            }
-        };
-        self.rtt = Some((srtt, rttvar));
-        self.rtt_samples = self.rtt_samples.saturating_add(1);
-        self.rtt_max = self.rtt_max.max(r);
-        self.stats.srtt = Some(srtt);
+        self.rtt.sample(self.now.saturating_duration_since(sent));
+        self.stats.srtt = self.rtt.srtt();
     }
 
     /// Arms the retransmission timer for a packet sent now: early when the measured
     /// round-trip time allows it and the early intervals have not reached the timeout.
     fn arm_retransmit(&mut self) {
         let full = self.rto();
-        let early = match self.rtt {
-            Some((srtt, rttvar))
-                if self.config.adaptive
-                    && self.retries == 0
-                    && self.rtt_samples >= MIN_RTT_SAMPLES =>
-            {
-                // Never below 1.5 × the slowest round trip seen: a client whose answers
-                // vary a lot is not resent to while it is merely slow.
-                let estimate = (srtt + rttvar * 4)
-                    .max(self.rtt_max + self.rtt_max / 2)
-                    .max(self.config.min_rto);
+        let early = match self.rtt.rto(self.config.min_rto) {
+            Some(estimate) if self.config.adaptive && self.retries == 0 => {
                 let interval = estimate.saturating_mul(1 << self.early.min(20));
                 (interval < full).then_some(interval)
             }
