@@ -2,6 +2,7 @@
 //! file, JSON and text log files, the configuration file, the man page, the systemd units
 //! and the README's operations section.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,7 +19,8 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dyntftpd");
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// The repository root (this crate is its `dyntftpd/` directory).
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 fn repo_file(path: &str) -> String {
     std::fs::read_to_string(Path::new(REPO).join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -978,7 +980,7 @@ fn readme_operations_section_matches_the_repository() {
         .and_then(|s| s.split("\n## ").next())
         .expect("an Operations section");
     for needle in [
-        "cargo install --path . --root /usr/local",
+        "cargo install --path dyntftpd --root /usr/local",
         "cp systemd/dyntftpd.service systemd/dyntftpd.socket /etc/systemd/system/",
         "systemctl enable --now dyntftpd.socket",
         "--metrics-file",

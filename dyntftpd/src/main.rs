@@ -1,10 +1,7 @@
 //! `dyntftpd`: serves a directory over TFTP (read requests only) with the dyntftp event loop.
 
-#[path = "dyntftpd/config.rs"]
 mod config;
-#[path = "dyntftpd/logging.rs"]
 mod logging;
-#[path = "dyntftpd/systemd.rs"]
 mod systemd;
 
 use std::ffi::CString;

@@ -17,7 +17,7 @@ use dyntftp::stats::{SESSION_LOG_TARGET, STATS_LOG_TARGET};
 use dyntftp::{ServerStats, SessionStats};
 use log::{LevelFilter, Log, Metadata, Record};
 
-use super::config::LogFormat;
+use crate::config::LogFormat;
 
 /// Where log lines go.
 enum Target {
