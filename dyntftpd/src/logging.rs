@@ -3,8 +3,8 @@
 //!
 //! In JSON, every line is one object with `time` (RFC 3339, UTC), `level` and `type`:
 //! `"log"` for ordinary messages (with `target` and `message`), `"session"` for a finished
-//! session (every [`SessionStats`] field) and `"stats"` for a statistics report (every
-//! [`ServerStats`] field).
+//! session (every [`SessionStats`] field, with every [`TransferStats`] counter under
+//! `transfer`) and `"stats"` for a statistics report (every [`ServerStats`] field).
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dyntftp::stats::{SESSION_LOG_TARGET, STATS_LOG_TARGET};
-use dyntftp::{ServerStats, SessionStats};
+use dyntftp::{Negotiated, ServerStats, SessionStats, TransferStats};
 use log::{LevelFilter, Log, Metadata, Record};
 
 use crate::config::LogFormat;
@@ -172,100 +172,184 @@ pub fn init(
     }
 }
 
-/// The members of a `session` object.
+/// The members of a `session` object: every field of [`SessionStats`], its
+/// [`TransferStats`] and their [`Negotiated`] parameters. The structs are taken apart
+/// without `..`, so a field added to one of them does not compile until it is written here
+/// (or explicitly left out).
 pub fn session_members(s: &SessionStats) -> String {
+    let SessionStats {
+        peer,
+        local,
+        filename,
+        mode,
+        requested,
+        start_time,
+        duration,
+        outcome,
+        transfer,
+    } = s;
     let mut o = Members::default();
-    o.string("peer", &s.peer.to_string());
-    o.string("local", &s.local.to_string());
-    o.string("filename", &s.filename);
-    o.string("mode", s.mode.as_str());
-    let mut requested = String::from("[");
-    for (i, (name, value)) in s.requested.iter().enumerate() {
+    o.string("peer", &peer.to_string());
+    o.string("local", &local.to_string());
+    o.string("filename", filename);
+    o.string("mode", mode.as_str());
+    let mut list = String::from("[");
+    for (i, (name, value)) in requested.iter().enumerate() {
         if i > 0 {
-            requested.push(',');
+            list.push(',');
         }
-        requested.push('[');
-        string(&mut requested, name);
-        requested.push(',');
-        string(&mut requested, value);
-        requested.push(']');
+        list.push('[');
+        string(&mut list, name);
+        list.push(',');
+        string(&mut list, value);
+        list.push(']');
     }
-    requested.push(']');
-    o.raw("requested", &requested);
-    o.string("start_time", &rfc3339(s.start_time));
-    o.raw("duration", &seconds(s.duration));
-    o.string("outcome", s.outcome.as_str());
+    list.push(']');
+    o.raw("requested", &list);
+    o.string("start_time", &rfc3339(*start_time));
+    o.raw("duration", &seconds(*duration));
+    o.string("outcome", outcome.as_str());
     o.raw("error", &error(s.error()));
     o.raw("rate", &format!("{:.0}", s.rate()));
-    let t = &s.transfer;
-    let n = &t.negotiated;
-    let mut negotiated = Members::default();
-    negotiated.raw("blksize", &n.blksize.to_string());
-    negotiated.raw("window", &n.window.to_string());
-    negotiated.raw("timeout", &n.timeout.map_or("null".into(), seconds));
-    negotiated.raw("tsize", &n.tsize.map_or("null".into(), |v| v.to_string()));
-    let mut acked = Members::default();
-    for (kind, value) in &n.acked {
-        acked.raw(kind.name(), &value.to_string());
+    let TransferStats {
+        // The session's own start_time, duration and outcome above say the same in
+        // wall-clock terms.
+        started: _,
+        finished: _,
+        outcome: _,
+        negotiated,
+        packets_sent,
+        bytes_sent,
+        packets_resent,
+        bytes_resent,
+        bytes_read,
+        size_mismatch,
+        errors_sent,
+        acks,
+        blocks_acked,
+        duplicate_acks,
+        unexpected_acks,
+        retransmits,
+        early_retransmits,
+        srtt,
+        malformed,
+        peer_error,
+        error_sent,
+    } = transfer;
+    let Negotiated {
+        blksize,
+        window,
+        timeout,
+        tsize,
+        acked,
+    } = negotiated;
+    let mut n = Members::default();
+    n.raw("blksize", &blksize.to_string());
+    n.raw("window", &window.to_string());
+    n.raw("timeout", &timeout.map_or("null".into(), seconds));
+    n.raw("tsize", &number(*tsize));
+    let mut acked_members = Members::default();
+    for (kind, value) in acked {
+        acked_members.raw(kind.name(), &value.to_string());
     }
-    negotiated.raw("acked", &acked.object());
-    let mut transfer = Members::default();
-    transfer.raw("negotiated", &negotiated.object());
+    n.raw("acked", &acked_members.object());
+    let mut t = Members::default();
+    t.raw("negotiated", &n.object());
     for (name, value) in [
-        ("packets_sent", t.packets_sent),
-        ("bytes_sent", t.bytes_sent),
-        ("packets_resent", t.packets_resent),
-        ("bytes_resent", t.bytes_resent),
-        ("bytes_read", t.bytes_read),
-        ("errors_sent", t.errors_sent),
-        ("acks", t.acks),
-        ("blocks_acked", t.blocks_acked),
-        ("duplicate_acks", t.duplicate_acks),
-        ("unexpected_acks", t.unexpected_acks),
-        ("retransmits", t.retransmits),
-        ("malformed", t.malformed),
+        ("packets_sent", packets_sent),
+        ("bytes_sent", bytes_sent),
+        ("packets_resent", packets_resent),
+        ("bytes_resent", bytes_resent),
+        ("bytes_read", bytes_read),
     ] {
-        transfer.raw(name, &value.to_string());
+        t.raw(name, &value.to_string());
     }
-    transfer.raw("peer_error", &error(t.peer_error.as_ref()));
-    transfer.raw("error_sent", &error(t.error_sent.as_ref()));
-    o.raw("transfer", &transfer.object());
+    t.raw("size_mismatch", &number(*size_mismatch));
+    for (name, value) in [
+        ("errors_sent", errors_sent),
+        ("acks", acks),
+        ("blocks_acked", blocks_acked),
+        ("duplicate_acks", duplicate_acks),
+        ("unexpected_acks", unexpected_acks),
+        ("retransmits", retransmits),
+        ("early_retransmits", early_retransmits),
+    ] {
+        t.raw(name, &value.to_string());
+    }
+    t.raw("srtt", &srtt.map_or("null".into(), seconds));
+    t.raw("malformed", &malformed.to_string());
+    t.raw("peer_error", &error(peer_error.as_ref()));
+    t.raw("error_sent", &error(error_sent.as_ref()));
+    o.raw("transfer", &t.object());
     o.0
 }
 
-/// The members of a `stats` object.
+/// The members of a `stats` object: every field of [`ServerStats`], plus
+/// `sessions_failed`. The struct is taken apart without `..`, so a field added to it does
+/// not compile until it is written here.
 pub fn stats_members(s: &ServerStats) -> String {
+    let ServerStats {
+        interval,
+        requests,
+        rejected,
+        write_requests,
+        duplicate_requests,
+        sessions_started,
+        sessions_finished,
+        malformed,
+        stray_datagrams,
+        datagrams_sent,
+        bytes_sent,
+        retransmits,
+        early_retransmits,
+        send_would_block,
+        send_errors,
+        panics,
+        rate_limited,
+        client_limited,
+        busy,
+        descriptor_pauses,
+        busy_poll,
+        active_sessions,
+        session_durations,
+    } = s;
     let mut o = Members::default();
-    o.raw("interval", &seconds(s.interval));
-    o.raw("requests", &s.requests.to_string());
-    let mut rejected = Members::default();
-    for (code, n) in &s.rejected {
-        rejected.raw(&code.to_string(), &n.to_string());
+    o.raw("interval", &seconds(*interval));
+    o.raw("requests", &requests.to_string());
+    let mut by_code = Members::default();
+    for (code, n) in rejected {
+        by_code.raw(&code.to_string(), &n.to_string());
     }
-    o.raw("rejected", &rejected.object());
-    o.raw("write_requests", &s.write_requests.to_string());
-    o.raw("duplicate_requests", &s.duplicate_requests.to_string());
-    o.raw("sessions_started", &s.sessions_started.to_string());
-    let mut finished = Members::default();
-    for (outcome, n) in &s.sessions_finished {
-        finished.raw(outcome, &n.to_string());
+    o.raw("rejected", &by_code.object());
+    o.raw("write_requests", &write_requests.to_string());
+    o.raw("duplicate_requests", &duplicate_requests.to_string());
+    o.raw("sessions_started", &sessions_started.to_string());
+    let mut by_outcome = Members::default();
+    for (outcome, n) in sessions_finished {
+        by_outcome.raw(outcome, &n.to_string());
     }
-    o.raw("sessions_finished", &finished.object());
+    o.raw("sessions_finished", &by_outcome.object());
     o.raw("sessions_failed", &s.sessions_failed().to_string());
     for (name, value) in [
-        ("malformed", s.malformed),
-        ("stray_datagrams", s.stray_datagrams),
-        ("datagrams_sent", s.datagrams_sent),
-        ("bytes_sent", s.bytes_sent),
-        ("retransmits", s.retransmits),
-        ("send_would_block", s.send_would_block),
-        ("send_errors", s.send_errors),
-        ("panics", s.panics),
-        ("active_sessions", s.active_sessions),
+        ("malformed", malformed),
+        ("stray_datagrams", stray_datagrams),
+        ("datagrams_sent", datagrams_sent),
+        ("bytes_sent", bytes_sent),
+        ("retransmits", retransmits),
+        ("early_retransmits", early_retransmits),
+        ("send_would_block", send_would_block),
+        ("send_errors", send_errors),
+        ("panics", panics),
+        ("rate_limited", rate_limited),
+        ("client_limited", client_limited),
+        ("busy", busy),
+        ("descriptor_pauses", descriptor_pauses),
     ] {
         o.raw(name, &value.to_string());
     }
-    let h = &s.session_durations;
+    o.raw("busy_poll", &seconds(*busy_poll));
+    o.raw("active_sessions", &active_sessions.to_string());
+    let h = session_durations;
     let mut durations = Members::default();
     durations.raw("count", &h.count().to_string());
     durations.raw("sum", &seconds(h.sum()));
@@ -317,6 +401,11 @@ fn error(error: Option<&(dyntftp::ErrorCode, String)>) -> String {
             out
         }
     }
+}
+
+/// A number, or `null`.
+fn number(value: Option<u64>) -> String {
+    value.map_or_else(|| "null".into(), |v| v.to_string())
 }
 
 /// Seconds as a JSON number.
@@ -408,27 +497,207 @@ mod tests {
         assert_eq!(rfc3339(t), "2024-12-31T23:59:59.000Z");
     }
 
+    /// A report with every field set, each counter to a different value: built without
+    /// `..`, so a field added to [`ServerStats`] breaks this test until it is set here
+    /// (and [`stats_members`] no longer compiles until it writes it).
+    fn full_report() -> ServerStats {
+        let mut session_durations = dyntftp::DurationHistogram::default();
+        session_durations.record(Duration::from_micros(31_250));
+        session_durations.record(Duration::from_secs(2));
+        ServerStats {
+            interval: Duration::from_secs(10),
+            requests: 1,
+            rejected: [(1, 2), (2, 3)].into(),
+            write_requests: 4,
+            duplicate_requests: 5,
+            sessions_started: 6,
+            sessions_finished: [("completed", 7), ("timed_out", 8)].into(),
+            malformed: 9,
+            stray_datagrams: 10,
+            datagrams_sent: 11,
+            bytes_sent: 12,
+            retransmits: 13,
+            early_retransmits: 14,
+            send_would_block: 15,
+            send_errors: 16,
+            panics: 17,
+            rate_limited: 18,
+            client_limited: 19,
+            busy: 20,
+            descriptor_pauses: 21,
+            busy_poll: Duration::from_millis(500),
+            active_sessions: 22,
+            session_durations,
+        }
+    }
+
+    fn parse(members: &str) -> serde_json::Value {
+        value(&format!("{{{members}}}"))
+    }
+
+    fn value(text: &str) -> serde_json::Value {
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
+    /// Every field of the report is in the object, with its value, and nothing else is.
     #[test]
     fn stats_members_hold_every_counter() {
-        let mut s = ServerStats {
-            requests: 4,
-            active_sessions: 2,
-            ..ServerStats::default()
-        };
-        s.rejected.insert(1, 3);
-        s.sessions_finished.insert("completed", 1);
-        s.session_durations.record(Duration::from_millis(20));
-        let text = stats_members(&s);
-        for needle in [
-            "\"requests\":4",
-            "\"rejected\":{\"1\":3}",
-            "\"sessions_finished\":{\"completed\":1}",
-            "\"active_sessions\":2",
-            "\"count\":1",
-            "\"0.05\":1",
-            "\"+Inf\":1",
-        ] {
-            assert!(text.contains(needle), "{needle} missing: {text}");
+        let got = parse(&stats_members(&full_report()));
+        let want = value(
+            r#"{
+            "interval": 10,
+            "requests": 1,
+            "rejected": {"1": 2, "2": 3},
+            "write_requests": 4,
+            "duplicate_requests": 5,
+            "sessions_started": 6,
+            "sessions_finished": {"completed": 7, "timed_out": 8},
+            "sessions_failed": 8,
+            "malformed": 9,
+            "stray_datagrams": 10,
+            "datagrams_sent": 11,
+            "bytes_sent": 12,
+            "retransmits": 13,
+            "early_retransmits": 14,
+            "send_would_block": 15,
+            "send_errors": 16,
+            "panics": 17,
+            "rate_limited": 18,
+            "client_limited": 19,
+            "busy": 20,
+            "descriptor_pauses": 21,
+            "busy_poll": 0.5,
+            "active_sessions": 22,
+            "session_durations": {
+                "count": 2,
+                "sum": 2.03125,
+                "buckets": {
+                    "0.01": 0, "0.05": 1, "0.1": 1, "0.25": 1, "0.5": 1, "1": 1, "2.5": 2,
+                    "5": 2, "10": 2, "30": 2, "60": 2, "120": 2, "300": 2, "600": 2,
+                    "+Inf": 2
+                }
+            }
+            }"#,
+        );
+        assert_eq!(got, want);
+    }
+
+    /// A session with every field set, built without `..` (see [`full_report`]).
+    fn full_session() -> SessionStats {
+        use dyntftp::options::OptionKind;
+        use dyntftp::{ErrorCode, Mode, Outcome};
+        let started = std::time::Instant::now();
+        SessionStats {
+            peer: "192.0.2.7:1234".parse().unwrap(),
+            local: "192.0.2.1:69".parse().unwrap(),
+            filename: "boot/pxelinux.0".into(),
+            mode: Mode::Octet,
+            requested: vec![
+                ("blksize".into(), "1428".into()),
+                ("tsize".into(), "0".into()),
+            ],
+            start_time: UNIX_EPOCH + Duration::from_millis(951_782_400_123),
+            duration: Duration::from_millis(500),
+            outcome: Outcome::PeerError(ErrorCode::DiskFull),
+            transfer: TransferStats {
+                started,
+                finished: Some(started + Duration::from_millis(500)),
+                outcome: Some(Outcome::PeerError(ErrorCode::DiskFull)),
+                negotiated: Negotiated {
+                    blksize: 1428,
+                    window: 16,
+                    timeout: Some(Duration::from_secs(2)),
+                    tsize: Some(1000),
+                    acked: vec![(OptionKind::Blksize, 1428), (OptionKind::Tsize, 1000)],
+                },
+                packets_sent: 1,
+                bytes_sent: 2,
+                packets_resent: 3,
+                bytes_resent: 4,
+                bytes_read: 1000,
+                size_mismatch: Some(999),
+                errors_sent: 5,
+                acks: 6,
+                blocks_acked: 7,
+                duplicate_acks: 8,
+                unexpected_acks: 9,
+                retransmits: 10,
+                early_retransmits: 11,
+                srtt: Some(Duration::from_nanos(15_625_000)),
+                malformed: 12,
+                peer_error: Some((ErrorCode::DiskFull, "disk full".into())),
+                error_sent: Some((ErrorCode::NotDefined, "sent".into())),
+            },
         }
+    }
+
+    /// Every field of the session and of its transfer counters is in the object, with its
+    /// value, and nothing else is; the optional ones are `null` when unset.
+    #[test]
+    fn session_members_hold_every_field() {
+        let got = parse(&session_members(&full_session()));
+        let want = value(
+            r#"{
+            "peer": "192.0.2.7:1234",
+            "local": "192.0.2.1:69",
+            "filename": "boot/pxelinux.0",
+            "mode": "octet",
+            "requested": [["blksize", "1428"], ["tsize", "0"]],
+            "start_time": "2000-02-29T00:00:00.123Z",
+            "duration": 0.5,
+            "outcome": "peer_error",
+            "error": {"code": 3, "message": "disk full"},
+            "rate": 2000,
+            "transfer": {
+                "negotiated": {
+                    "blksize": 1428,
+                    "window": 16,
+                    "timeout": 2,
+                    "tsize": 1000,
+                    "acked": {"blksize": 1428, "tsize": 1000}
+                },
+                "packets_sent": 1,
+                "bytes_sent": 2,
+                "packets_resent": 3,
+                "bytes_resent": 4,
+                "bytes_read": 1000,
+                "size_mismatch": 999,
+                "errors_sent": 5,
+                "acks": 6,
+                "blocks_acked": 7,
+                "duplicate_acks": 8,
+                "unexpected_acks": 9,
+                "retransmits": 10,
+                "early_retransmits": 11,
+                "srtt": 0.015625,
+                "malformed": 12,
+                "peer_error": {"code": 3, "message": "disk full"},
+                "error_sent": {"code": 0, "message": "sent"}
+            }
+            }"#,
+        );
+        assert_eq!(got, want);
+
+        let mut bare = full_session();
+        let t = &mut bare.transfer;
+        t.negotiated.timeout = None;
+        t.negotiated.tsize = None;
+        t.negotiated.acked.clear();
+        t.size_mismatch = None;
+        t.srtt = None;
+        t.peer_error = None;
+        t.error_sent = None;
+        let got = parse(&session_members(&bare));
+        assert_eq!(got["error"], serde_json::Value::Null);
+        let t = &got["transfer"];
+        for field in ["size_mismatch", "srtt", "peer_error", "error_sent"] {
+            assert_eq!(t[field], serde_json::Value::Null, "{field}: {got}");
+        }
+        let n = &t["negotiated"];
+        assert_eq!(
+            (&n["timeout"], &n["tsize"]),
+            (&serde_json::Value::Null, &serde_json::Value::Null)
+        );
+        assert_eq!(n["acked"], serde_json::json!({}));
     }
 }

@@ -700,13 +700,52 @@ fn json_log_has_one_object_per_session_and_per_report() {
         "duplicate_acks",
         "unexpected_acks",
         "retransmits",
+        "early_retransmits",
         "malformed",
     ] {
         assert!(t[field].is_u64(), "transfer.{field} missing: {s}");
     }
+    // The file is as long as its source said, and the round-trip time is a number of
+    // seconds once an ACK was timed (null otherwise).
+    assert!(t["size_mismatch"].is_null(), "{s}");
+    let srtt = t
+        .get("srtt")
+        .unwrap_or_else(|| panic!("transfer.srtt missing: {s}"));
+    assert!(srtt.is_number() || srtt.is_null(), "{s}");
     assert_eq!(sessions[1]["mode"], "netascii");
     // The stats reports add up to the workload.
     let stats: Vec<_> = records.iter().filter(|r| r["type"] == "stats").collect();
+    for r in &stats {
+        for field in [
+            "requests",
+            "write_requests",
+            "duplicate_requests",
+            "sessions_started",
+            "sessions_failed",
+            "malformed",
+            "stray_datagrams",
+            "datagrams_sent",
+            "bytes_sent",
+            "retransmits",
+            "early_retransmits",
+            "send_would_block",
+            "send_errors",
+            "panics",
+            "rate_limited",
+            "client_limited",
+            "busy",
+            "descriptor_pauses",
+            "active_sessions",
+        ] {
+            assert!(r[field].is_u64(), "stats.{field} missing: {r}");
+        }
+        for field in ["interval", "busy_poll"] {
+            assert!(r[field].is_number(), "stats.{field} missing: {r}");
+        }
+        for field in ["rejected", "sessions_finished", "session_durations"] {
+            assert!(r[field].is_object(), "stats.{field} missing: {r}");
+        }
+    }
     let sum = |field: &str| -> u64 { stats.iter().filter_map(|r| r[field].as_u64()).sum() };
     assert_eq!(sum("requests"), 3);
     assert_eq!(sum("sessions_started"), 2);
