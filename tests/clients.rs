@@ -5,35 +5,15 @@
 //! A client that is not installed is skipped with a loud `SKIPPED:` line, unless
 //! `DYNTFTP_REQUIRE_CLIENTS=1`, which turns a missing client into a failure.
 
-mod common;
-
-use std::fs::{self, File};
+use std::fs;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
 use dyntftp::{Outcome, SessionStats};
+use testkit::*;
 
-/// Every client run is killed after this long.
-const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
-
-/// 512 × 1428: an exact multiple of both block sizes the tests use.
-const MULT_LEN: usize = 512 * 1428;
-
-/// The files every client fetches: a small one, an exact multiple, the 3 MiB one, an
-/// empty one.
-fn client_files() -> Vec<(&'static str, Vec<u8>)> {
-    vec![
-        ("small.txt", SMALL.to_vec()),
-        ("mult.bin", pseudo_random(MULT_LEN, 11)),
-        ("big.bin", big().to_vec()),
-        ("empty.bin", Vec::new()),
-    ]
-}
-
-/// A root with the client files, an output directory, and a server on 127.0.0.1:0.
+/// A root with the client files, an output directory, and a server in `mode` on
+/// 127.0.0.1:0.
 struct Bed {
     // Fields drop in order: the server stops before its root is removed.
     server: ServerGuard,
@@ -41,7 +21,7 @@ struct Bed {
     _root: TempDir,
 }
 
-fn bed() -> Bed {
+fn bed(mode: Mode) -> Bed {
     let root = standard_root();
     for (name, data) in client_files() {
         root.write(name, &data);
@@ -50,7 +30,7 @@ fn bed() -> Bed {
     // Short retransmission settings: a client that never sends its final ACK shows up as
     // FinalAckMissing within a couple of seconds rather than half a minute.
     // Adaptive retransmission on, as dyntftpd runs it.
-    let server = spawn_fs_with(v4(), root.path(), |b| {
+    let server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.timeout(Duration::from_millis(250))
             .retries(3)
             .adaptive_timeout(true)
@@ -59,59 +39,6 @@ fn bed() -> Bed {
         server,
         out,
         _root: root,
-    }
-}
-
-/// A finished client process.
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn describe(&self) -> String {
-        format!(
-            "status {}\nstdout: {}\nstderr: {}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `program` with `args` in `dir`, killing it after [`CLIENT_DEADLINE`].
-fn run(program: &Path, args: &[&str], dir: &Path) -> Run {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let out_path = dir.join(format!(".stdout-{n}"));
-    let err_path = dir.join(format!(".stderr-{n}"));
-    let mut child = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
-    let deadline = Instant::now() + CLIENT_DEADLINE;
-    let status = loop {
-        match child.try_wait().expect("try_wait") {
-            Some(status) => break status,
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{} {args:?} still running after {CLIENT_DEADLINE:?}; killed\nstderr: {}",
-                    program.display(),
-                    fs::read_to_string(&err_path).unwrap_or_default()
-                );
-            }
-            None => thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    Run {
-        status,
-        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
     }
 }
 
@@ -164,11 +91,11 @@ fn check(
 // curl
 // ---------------------------------------------------------------------------------------
 
-fn curl(test: &str, blksize: Option<u16>) {
+fn curl(mode: Mode, test: &str, blksize: Option<u16>) {
     let Some(curl) = client_or_skip("curl", test) else {
         return;
     };
-    let mut bed = bed();
+    let mut bed = bed(mode);
     let port = bed.server.port();
     for (name, want) in client_files() {
         let out = bed.out.path().join(format!("curl-{name}"));
@@ -192,33 +119,33 @@ fn curl(test: &str, blksize: Option<u16>) {
     }
 }
 
-#[test]
-fn curl_default() {
-    curl("curl_default", None);
+both_modes!(curl_default);
+fn curl_default(mode: Mode) {
+    curl(mode, "curl_default", None);
 }
 
-#[test]
-fn curl_blksize_1428() {
-    curl("curl_blksize_1428", Some(1428));
+both_modes!(curl_blksize_1428);
+fn curl_blksize_1428(mode: Mode) {
+    curl(mode, "curl_blksize_1428", Some(1428));
 }
 
-#[test]
-fn curl_blksize_65464() {
-    curl("curl_blksize_65464", Some(65464));
+both_modes!(curl_blksize_65464);
+fn curl_blksize_65464(mode: Mode) {
+    curl(mode, "curl_blksize_65464", Some(65464));
 }
 
 // ---------------------------------------------------------------------------------------
 // tftp-hpa
 // ---------------------------------------------------------------------------------------
 
+both_modes!(tftp_hpa_binary);
 /// tftp-hpa 5.2 has no blksize on its command line (nor a `blksize` command): plain
 /// RFC 1350 transfers only.
-#[test]
-fn tftp_hpa_binary() {
+fn tftp_hpa_binary(mode: Mode) {
     let Some(tftp) = client_or_skip("tftp", "tftp_hpa_binary") else {
         return;
     };
-    let mut bed = bed();
+    let mut bed = bed(mode);
     let port = bed.server.port().to_string();
     for (name, want) in client_files() {
         let out = bed.out.path().join(format!("tftp-{name}"));
@@ -242,12 +169,12 @@ fn tftp_hpa_binary() {
     }
 }
 
-#[test]
-fn tftp_hpa_netascii_round_trip() {
+both_modes!(tftp_hpa_netascii_round_trip);
+fn tftp_hpa_netascii_round_trip(mode: Mode) {
     let Some(tftp) = client_or_skip("tftp", "tftp_hpa_netascii_round_trip") else {
         return;
     };
-    let mut bed = bed();
+    let mut bed = bed(mode);
     let port = bed.server.port().to_string();
     let out = bed.out.path().join("text.txt");
     let out_arg = out.to_string_lossy().into_owned();
@@ -273,11 +200,11 @@ fn tftp_hpa_netascii_round_trip() {
 // atftp
 // ---------------------------------------------------------------------------------------
 
-fn atftp(test: &str, options: &[&str], blksize: Option<u16>, window: u16) {
+fn atftp(mode: Mode, test: &str, options: &[&str], blksize: Option<u16>, window: u16) {
     let Some(atftp) = client_or_skip("atftp", test) else {
         return;
     };
-    let mut bed = bed();
+    let mut bed = bed(mode);
     let port = bed.server.port().to_string();
     for (name, want) in client_files() {
         let out = bed.out.path().join(format!("atftp-{name}"));
@@ -300,14 +227,15 @@ fn atftp(test: &str, options: &[&str], blksize: Option<u16>, window: u16) {
     }
 }
 
-#[test]
-fn atftp_default() {
-    atftp("atftp_default", &[], Some(512), 1);
+both_modes!(atftp_default);
+fn atftp_default(mode: Mode) {
+    atftp(mode, "atftp_default", &[], Some(512), 1);
 }
 
-#[test]
-fn atftp_blksize_1428_tsize_windowsize_16() {
+both_modes!(atftp_blksize_1428_tsize_windowsize_16);
+fn atftp_blksize_1428_tsize_windowsize_16(mode: Mode) {
     atftp(
+        mode,
         "atftp_blksize_1428_tsize_windowsize_16",
         &["blksize 1428", "tsize 0", "windowsize 16"],
         Some(1428),
@@ -315,7 +243,13 @@ fn atftp_blksize_1428_tsize_windowsize_16() {
     );
 }
 
-#[test]
-fn atftp_blksize_65464() {
-    atftp("atftp_blksize_65464", &["blksize 65464"], Some(65464), 1);
+both_modes!(atftp_blksize_65464);
+fn atftp_blksize_65464(mode: Mode) {
+    atftp(
+        mode,
+        "atftp_blksize_65464",
+        &["blksize 65464"],
+        Some(65464),
+        1,
+    );
 }

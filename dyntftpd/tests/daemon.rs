@@ -1,12 +1,9 @@
 //! The `dyntftpd` binary serving over loopback: our own client and curl against it, name
 //! rewriting, per-client roots, case-insensitive lookup with the cache, two workers, and a
-//! clean exit on SIGTERM.
+//! clean exit on SIGTERM. Each test runs twice, with and without `--single-port`.
 //!
 //! curl is skipped with a loud `SKIPPED:` line where it is not installed, unless
 //! `DYNTFTP_REQUIRE_CLIENTS=1`, which turns a missing client into a failure.
-
-#[path = "../../tests/common/mod.rs"]
-mod common;
 
 use std::fs::{self, File};
 use std::net::{SocketAddr, UdpSocket};
@@ -15,78 +12,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
 use dyntftp::Packet;
-
-/// Every client run is killed after this long.
-const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
-
-/// 512 × 1428: an exact multiple of both block sizes the tests use.
-const MULT_LEN: usize = 512 * 1428;
-
-/// The files the daemon serves: a small one, an exact multiple, the 3 MiB one, an empty
-/// one.
-fn client_files() -> Vec<(&'static str, Vec<u8>)> {
-    vec![
-        ("small.txt", SMALL.to_vec()),
-        ("mult.bin", pseudo_random(MULT_LEN, 11)),
-        ("big.bin", big().to_vec()),
-        ("empty.bin", Vec::new()),
-    ]
-}
-
-/// A finished client process.
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn describe(&self) -> String {
-        format!(
-            "status {}\nstdout: {}\nstderr: {}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `program` with `args` in `dir`, killing it after [`CLIENT_DEADLINE`].
-fn run(program: &Path, args: &[&str], dir: &Path) -> Run {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let out_path = dir.join(format!(".stdout-{n}"));
-    let err_path = dir.join(format!(".stderr-{n}"));
-    let mut child = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
-    let deadline = Instant::now() + CLIENT_DEADLINE;
-    let status = loop {
-        match child.try_wait().expect("try_wait") {
-            Some(status) => break status,
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{} {args:?} still running after {CLIENT_DEADLINE:?}; killed\nstderr: {}",
-                    program.display(),
-                    fs::read_to_string(&err_path).unwrap_or_default()
-                );
-            }
-            None => thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    Run {
-        status,
-        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
-    }
-}
+use testkit::*;
 
 /// A running `dyntftpd`, killed (by its own PID) and reaped on drop.
 struct Daemon {
@@ -105,13 +32,14 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    /// Starts dyntftpd on a free 127.0.0.1 port serving `root`, and waits until it answers.
-    fn start(root: &Path, logs: &Path) -> Daemon {
-        Daemon::start_with(root, logs, &[])
+    /// Starts dyntftpd in `mode` on a free 127.0.0.1 port serving `root`, and waits until
+    /// it answers.
+    fn start(mode: Mode, root: &Path, logs: &Path) -> Daemon {
+        Daemon::start_with(mode, root, logs, &[])
     }
 
     /// [`Daemon::start`] with extra flags.
-    fn start_with(root: &Path, logs: &Path, flags: &[&str]) -> Daemon {
+    fn start_with(mode: Mode, root: &Path, logs: &Path, flags: &[&str]) -> Daemon {
         // Pick a free port: bind port 0, read it, release it.
         let port = UdpSocket::bind("127.0.0.1:0")
             .unwrap()
@@ -124,7 +52,7 @@ impl Daemon {
             .args(["-l", &addr.to_string(), "-r"])
             .arg(root)
             .args(["--timeout", "0.25", "--retries", "3"])
-            .args(single_port().then_some("--single-port"))
+            .args(mode.is_single_port().then_some("--single-port"))
             .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -193,14 +121,14 @@ fn daemon_root() -> TempDir {
     root
 }
 
-#[test]
-fn dyntftpd_serves_files() {
+both_modes!(dyntftpd_serves_files);
+fn dyntftpd_serves_files(mode: Mode) {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");
-    let daemon = Daemon::start(root.path(), out.path());
+    let daemon = Daemon::start(mode, root.path(), out.path());
     for (name, want) in client_files() {
         for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")]] {
-            let got = fetch(daemon.addr, name, "octet", options)
+            let got = fetch(mode, daemon.addr, name, "octet", options)
                 .unwrap_or_else(|e| panic!("{name} {options:?}: {e:?}\n{}", daemon.log()));
             assert!(got.data == want, "{name} {options:?}: content differs");
         }
@@ -221,14 +149,15 @@ fn dyntftpd_serves_files() {
     // Dropping the daemon kills it by PID and reaps it.
 }
 
-#[test]
-fn dyntftpd_rewrites_names_and_serves_per_client_roots() {
+both_modes!(dyntftpd_rewrites_names_and_serves_per_client_roots);
+fn dyntftpd_rewrites_names_and_serves_per_client_roots(mode: Mode) {
     let root = TempDir::new("daemon-remap");
     root.write("boot/pxelinux.0", b"loader");
     root.write("host.cfg", b"shared config");
     root.write("127.0.0.1/host.cfg", b"config of 127.0.0.1");
     let out = TempDir::new("daemon-out");
     let daemon = Daemon::start_with(
+        mode,
         root.path(),
         out.path(),
         &[
@@ -244,46 +173,58 @@ fn dyntftpd_rewrites_names_and_serves_per_client_roots() {
         "\\tftpboot\\boot\\pxelinux.0",
         "boot/pxelinux.0",
     ] {
-        let got = fetch(daemon.addr, name, "octet", &[])
+        let got = fetch(mode, daemon.addr, name, "octet", &[])
             .unwrap_or_else(|e| panic!("{name}: {e:?}\n{}", daemon.log()));
         assert_eq!(got.data, b"loader", "{name}");
     }
     // The client's own directory comes first.
-    let got = fetch(daemon.addr, "host.cfg", "octet", &[]).unwrap();
+    let got = fetch(mode, daemon.addr, "host.cfg", "octet", &[]).unwrap();
     assert_eq!(got.data, b"config of 127.0.0.1");
     // A prefix is stripped only as a whole directory.
-    let err = fetch(daemon.addr, "/tftpbootx/boot/pxelinux.0", "octet", &[]).unwrap_err();
+    let err = fetch(
+        mode,
+        daemon.addr,
+        "/tftpbootx/boot/pxelinux.0",
+        "octet",
+        &[],
+    )
+    .unwrap_err();
     assert_eq!(err.code(), Some(1), "{err:?}");
 }
 
-#[test]
-fn dyntftpd_looks_names_up_ignoring_case_and_caches_files() {
+both_modes!(dyntftpd_looks_names_up_ignoring_case_and_caches_files);
+fn dyntftpd_looks_names_up_ignoring_case_and_caches_files(mode: Mode) {
     let root = TempDir::new("daemon-case");
     root.write("Boot/PxeLinux.0", &pseudo_random(100_000, 5));
     let out = TempDir::new("daemon-out");
-    let daemon = Daemon::start_with(root.path(), out.path(), &["--ignore-case", "--cache", "1M"]);
+    let daemon = Daemon::start_with(
+        mode,
+        root.path(),
+        out.path(),
+        &["--ignore-case", "--cache", "1M"],
+    );
     for _ in 0..3 {
-        let got = fetch(daemon.addr, "boot/pxelinux.0", "octet", &[])
+        let got = fetch(mode, daemon.addr, "boot/pxelinux.0", "octet", &[])
             .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
         assert!(got.data == pseudo_random(100_000, 5), "content differs");
     }
     // Without --ignore-case the same name is not found.
-    let strict = Daemon::start(root.path(), out.path());
-    let err = fetch(strict.addr, "boot/pxelinux.0", "octet", &[]).unwrap_err();
+    let strict = Daemon::start(mode, root.path(), out.path());
+    let err = fetch(mode, strict.addr, "boot/pxelinux.0", "octet", &[]).unwrap_err();
     assert_eq!(err.code(), Some(1), "{err:?}");
 }
 
-#[test]
-fn dyntftpd_with_two_workers_serves_and_stops() {
+both_modes!(dyntftpd_with_two_workers_serves_and_stops);
+fn dyntftpd_with_two_workers_serves_and_stops(mode: Mode) {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");
-    let mut daemon = Daemon::start_with(root.path(), out.path(), &["--workers", "2"]);
+    let mut daemon = Daemon::start_with(mode, root.path(), out.path(), &["--workers", "2"]);
     // Twenty clients on twenty ports: both loops take some.
     let handles: Vec<_> = (0..20)
         .map(|i| {
             let addr = daemon.addr;
             thread::spawn(move || {
-                let got = fetch(addr, "mult.bin", "octet", &[("blksize", "1428")])
+                let got = fetch(mode, addr, "mult.bin", "octet", &[("blksize", "1428")])
                     .unwrap_or_else(|e| panic!("client {i}: {e:?}"));
                 assert!(got.data == pseudo_random(MULT_LEN, 11), "client {i}");
             })
@@ -298,12 +239,12 @@ fn dyntftpd_with_two_workers_serves_and_stops() {
     assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.log());
 }
 
-#[test]
-fn dyntftpd_exits_0_on_sigterm() {
+both_modes!(dyntftpd_exits_0_on_sigterm);
+fn dyntftpd_exits_0_on_sigterm(mode: Mode) {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");
-    let mut daemon = Daemon::start(root.path(), out.path());
-    let got = fetch(daemon.addr, "small.txt", "octet", &[]).unwrap();
+    let mut daemon = Daemon::start(mode, root.path(), out.path());
+    let got = fetch(mode, daemon.addr, "small.txt", "octet", &[]).unwrap();
     assert_eq!(got.data, SMALL);
     daemon.signal(libc::SIGTERM);
     let status = daemon.wait_exit(Duration::from_secs(10));

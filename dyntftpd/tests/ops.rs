@@ -2,9 +2,6 @@
 //! file, JSON and text log files, the configuration file, the man page, the systemd units
 //! and the README's operations section.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -16,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dyntftpd");
 /// The repository root (this crate is its `dyntftpd/` directory).
@@ -243,7 +240,7 @@ fn socket_activation_serves_the_inherited_socket_and_notifies() {
         status,
         format!("serving {} on {}", root.path().display(), daemon.addr)
     );
-    let got = Client::new(daemon.addr)
+    let got = Client::new(Mode::OwnPort, daemon.addr)
         .fetch(
             daemon.addr,
             "dir/nested.bin",
@@ -260,7 +257,7 @@ fn abstract_notify_socket_gets_ready_and_stopping() {
     let root = standard_root();
     let mut daemon = Daemon::start(&["-r", root_arg(&root), "-q"], ListenPid::Child, true);
     daemon.ready();
-    let got = Client::new(daemon.addr)
+    let got = Client::new(Mode::OwnPort, daemon.addr)
         .fetch(daemon.addr, "small.txt", "octet", &[])
         .expect("download");
     assert_eq!(got.data, SMALL);
@@ -338,7 +335,7 @@ fn systemd_socket_activate_starts_dyntftpd() {
     };
     let line = listening.recv_timeout(WAIT).expect("the tool listens");
     assert!(line.starts_with(&format!("Listening on {addr}")), "{line}");
-    let got = Client::new(addr)
+    let got = Client::new(Mode::OwnPort, addr)
         .fetch(addr, "512.bin", "octet", &[])
         .expect("download");
     assert_eq!(got.data, content("512.bin"));
@@ -516,7 +513,7 @@ fn metrics_file_counts_a_known_workload() {
     assert_eq!(first["dyntftp_requests_total"], 0.0);
     assert_eq!(first["dyntftp_sessions_total{outcome=\"completed\"}"], 0.0);
 
-    let client = Client::new(daemon.addr);
+    let client = Client::new(Mode::OwnPort, daemon.addr);
     for _ in 0..3 {
         let got = client.fetch(daemon.addr, "a.bin", "octet", &[]).unwrap();
         assert_eq!(got.data, file);
@@ -619,7 +616,7 @@ fn json_log_has_one_object_per_session_and_per_report() {
         false,
     );
     daemon.ready();
-    let client = Client::new(daemon.addr);
+    let client = Client::new(Mode::OwnPort, daemon.addr);
     let got = client
         .fetch_with(
             daemon.addr,
@@ -790,7 +787,7 @@ fn text_log_goes_to_the_log_file() {
         false,
     );
     daemon.ready();
-    Client::new(daemon.addr)
+    Client::new(Mode::OwnPort, daemon.addr)
         .fetch(daemon.addr, "small.txt", "octet", &[])
         .unwrap();
     let text = eventually("the session line", || {
@@ -831,7 +828,7 @@ fn config_file_settings_apply_and_flags_override_them() {
         false,
     );
     daemon.ready();
-    let got = Client::new(daemon.addr)
+    let got = Client::new(Mode::OwnPort, daemon.addr)
         .fetch(daemon.addr, "1024.bin", "octet", &[("blksize", "1400")])
         .unwrap();
     // The flag's 700, not the file's 600.
