@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use dyntftp::packet::{write_ack, write_rrq};
 use dyntftp::{CacheStats, FsHandler, Packet, ServerBuilder};
+use testkit::{pseudo_random, sys};
 
 struct Config {
     clients: usize,
@@ -65,19 +66,6 @@ fn parse_args() -> Config {
         }
     }
     config
-}
-
-/// Deterministic bytes.
-fn contents(len: usize) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
 }
 
 /// Fetches `name` and checks it equals `want`.
@@ -144,17 +132,6 @@ fn fetch(server: SocketAddr, name: &str, want: &[u8], config: &Config) -> io::Re
     Ok(())
 }
 
-/// CPU time of the calling thread.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 struct Run {
     wall: Duration,
     server_cpu: Duration,
@@ -174,11 +151,11 @@ fn run(root: &Path, cache_bytes: u64, want: &Arc<Vec<u8>>, config: &Config) -> R
                 .build()
                 .unwrap();
             ready_tx.send(server.local_addr()).unwrap();
-            let start = thread_cpu();
+            let start = sys::thread_cpu();
             while !stop.load(Ordering::SeqCst) {
                 server.run_once(Some(Duration::from_millis(20))).unwrap();
             }
-            (thread_cpu() - start, server.handler().cache_stats())
+            (sys::thread_cpu() - start, server.handler().cache_stats())
         })
     };
     let addr = ready_rx.recv().unwrap();
@@ -211,7 +188,7 @@ fn main() {
     let config = parse_args();
     let root = std::env::temp_dir().join(format!("dyntftp-hotfiles-{}", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
-    let want = Arc::new(contents(config.size));
+    let want = Arc::new(pseudo_random(config.size, 1));
     std::fs::write(root.join("vmlinuz"), want.as_slice()).unwrap();
     let total = (config.size * config.clients * config.rounds) as f64;
     println!(

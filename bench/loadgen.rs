@@ -98,6 +98,7 @@ use dyntftp::packet::{write_rrq, Packet, MAX_DATAGRAM};
 use getopts::Options;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
+use testkit::{sys, Rng};
 
 /// Timer expiries without progress before a transfer fails with `timeout`: the RRQ or
 /// last ACK is sent at most this many times.
@@ -585,25 +586,6 @@ struct Stats {
     negotiated_windowsize: Option<u64>,
 }
 
-/// Tiny xorshift64* generator for the drop decisions.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng((seed ^ 0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    /// A uniform value in [0, 1).
-    fn unit(&mut self) -> f64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// What a datagram or timeout did to a transfer.
 enum Step {
     Continue,
@@ -638,7 +620,8 @@ struct Loadgen {
 }
 
 fn run_tftp(config: Config) -> io::Result<bool> {
-    raise_fd_limit((config.concurrency as libc::rlim_t).saturating_add(64));
+    // One socket per client; sockets that cannot be opened count as failures.
+    sys::raise_fd_limit((config.concurrency as u64).saturating_add(64));
     let options = requested_options(&config);
     let rrqs = config
         .files
@@ -1981,23 +1964,4 @@ fn cpu_times() -> Cpu {
         user: seconds(usage.ru_utime),
         sys: seconds(usage.ru_stime),
     }
-}
-
-/// Raises the soft limit on open files towards `wanted` (one socket per client), up to the
-/// hard limit. Failure is not fatal: sockets that cannot be opened count as failures.
-fn raise_fd_limit(wanted: libc::rlim_t) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid, writable `rlimit` that outlives the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    if limit.rlim_cur >= wanted {
-        return;
-    }
-    limit.rlim_cur = wanted.min(limit.rlim_max);
-    // SAFETY: `limit` is a valid `rlimit` that outlives the call.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
 }

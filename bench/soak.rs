@@ -51,6 +51,7 @@ use dyntftp::{
     ServerStats,
 };
 use getopts::Options;
+use testkit::sys;
 
 const SIZES: [usize; 8] = [0, 100, 512, 1500, 8000, 40_000, 100_000, 262_144];
 
@@ -182,23 +183,6 @@ fn wait_idle(reports: &Arc<Mutex<Reports>>, within: Duration) -> Result<(), Stri
         }
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn fd_count() -> usize {
-    fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-fn rss_kib() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -478,20 +462,20 @@ fn run(config: &Config) -> Result<bool, String> {
         };
 
     let t0 = Instant::now();
-    let (fd_boot, rss_boot) = (fd_count(), rss_kib());
+    let (fd_boot, rss_boot) = (sys::open_fds(), sys::rss_kib());
     let (warm_failures, warm_kinds) = run_clients(0, warmup, None);
     wait_idle(&reports, settle)?;
-    let (fd_start, rss_start) = (fd_count(), rss_kib());
+    let (fd_start, rss_start) = (sys::open_fds(), sys::rss_kib());
     let t1 = Instant::now();
     let mid_sample = Mutex::new((0, 0));
     let (failures, kinds) = run_clients(
         warmup,
         config.sessions,
-        Some(&|| *mid_sample.lock().unwrap() = (fd_count(), rss_kib())),
+        Some(&|| *mid_sample.lock().unwrap() = (sys::open_fds(), sys::rss_kib())),
     );
     let elapsed = t1.elapsed();
     wait_idle(&reports, settle)?;
-    let (fd_end, rss_end) = (fd_count(), rss_kib());
+    let (fd_end, rss_end) = (sys::open_fds(), sys::rss_kib());
     // A few clients that stop ACKing: exactly `retries` retransmissions, then released.
     let quiet = config.timeout * 8 * 3;
     let unanswered: Vec<Result<u32, String>> = (0..5).map(|_| unanswered(addr, quiet)).collect();

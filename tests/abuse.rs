@@ -3,14 +3,12 @@
 //! rate limit on warnings. Loopback is exempt by default, so these servers opt in with
 //! `limit_loopback(true)`; 127.0.0.1 and 127.0.0.2 are two different clients.
 
-mod common;
-
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::*;
 use dyntftp::{Outcome, Packet, Rate};
+use testkit::*;
 
 /// How long silence is awaited where silence is the expected answer.
 const SILENCE: Duration = Duration::from_millis(300);
@@ -41,13 +39,13 @@ fn fetch_small(server: &mut ServerGuard, raw: &Raw) {
     }
 }
 
-#[test]
-fn requests_over_the_rate_are_dropped_unanswered() {
+both_modes!(requests_over_the_rate_are_dropped_unanswered);
+fn requests_over_the_rate_are_dropped_unanswered(mode: Mode) {
     if !loopback_127_0_0_2("requests_over_the_rate_are_dropped_unanswered") {
         return;
     }
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.limit_loopback(true)
             .request_rate(Some(Rate {
                 per_second: 0.0,
@@ -77,10 +75,10 @@ fn requests_over_the_rate_are_dropped_unanswered() {
     assert_eq!(total.requests, 6, "dropped datagrams are not even parsed");
 }
 
-#[test]
-fn loopback_clients_are_exempt_by_default() {
+both_modes!(loopback_clients_are_exempt_by_default);
+fn loopback_clients_are_exempt_by_default(mode: Mode) {
     let root = standard_root();
-    let server = spawn_fs_with(v4(), root.path(), |b| {
+    let server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.request_rate(Some(Rate {
             per_second: 0.0,
             burst: 1,
@@ -96,13 +94,13 @@ fn loopback_clients_are_exempt_by_default() {
     }
 }
 
-#[test]
-fn sessions_per_client_are_capped() {
+both_modes!(sessions_per_client_are_capped);
+fn sessions_per_client_are_capped(mode: Mode) {
     if !loopback_127_0_0_2("sessions_per_client_are_capped") {
         return;
     }
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.limit_loopback(true)
             .request_rate(None)
             .max_sessions_per_client(Some(2))
@@ -147,9 +145,9 @@ fn sessions_per_client_are_capped() {
 
 /// What a spoofed request costs: the first packet and exactly `retries` resends, then
 /// the session ends.
-fn unanswered_first_packet(options: &[(&str, &str)], want_oack: bool) {
+fn unanswered_first_packet(mode: Mode, options: &[(&str, &str)], want_oack: bool) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.timeout(Duration::from_millis(40)).retries(3)
     });
     let victim = Raw::new(server.addr);
@@ -172,14 +170,14 @@ fn unanswered_first_packet(options: &[(&str, &str)], want_oack: bool) {
     }
 }
 
-#[test]
-fn an_unanswered_first_data_is_resent_exactly_the_retry_budget() {
-    unanswered_first_packet(&[], false);
+both_modes!(an_unanswered_first_data_is_resent_exactly_the_retry_budget);
+fn an_unanswered_first_data_is_resent_exactly_the_retry_budget(mode: Mode) {
+    unanswered_first_packet(mode, &[], false);
 }
 
-#[test]
-fn an_unanswered_oack_is_resent_exactly_the_retry_budget() {
-    unanswered_first_packet(&[("blksize", "1428"), ("windowsize", "16")], true);
+both_modes!(an_unanswered_oack_is_resent_exactly_the_retry_budget);
+fn an_unanswered_oack_is_resent_exactly_the_retry_budget(mode: Mode) {
+    unanswered_first_packet(mode, &[("blksize", "1428"), ("windowsize", "16")], true);
 }
 
 /// Warnings captured from the server threads of this test binary.
@@ -211,14 +209,14 @@ fn captured() -> &'static Capture {
     })
 }
 
-#[test]
-fn a_flood_writes_a_bounded_number_of_warnings() {
+both_modes!(a_flood_writes_a_bounded_number_of_warnings);
+fn a_flood_writes_a_bounded_number_of_warnings(mode: Mode) {
     if !loopback_127_0_0_2("a_flood_writes_a_bounded_number_of_warnings") {
         return;
     }
     let capture = captured();
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.limit_loopback(true)
             .request_rate(Some(Rate {
                 per_second: 0.0,

@@ -14,8 +14,6 @@
 //! drops the file-system capabilities of that thread only, and the server then reads
 //! files exactly as an unprivileged process would.
 
-mod common;
-
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -24,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
-use common::*;
 use dyntftp::{FsHandler, Handler, ResponseData};
+use testkit::*;
 
 /// Which resolver the handler must use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +132,7 @@ fn handler_in_this_thread(root: &Path, resolver: Resolver, as_nobody: bool) -> F
 fn spawn_confined(root: &Path, resolver: Resolver, as_nobody: bool) -> ServerGuard {
     let root = root.to_path_buf();
     spawn_server(
+        Mode::OwnPort,
         v4(),
         move || Box::new(handler_in_this_thread(&root, resolver, as_nobody)),
         |b| b,
@@ -142,7 +141,13 @@ fn spawn_confined(root: &Path, resolver: Resolver, as_nobody: bool) -> ServerGua
 
 /// A request through the server.
 fn via_server(server: &ServerGuard, name: &[u8]) -> Served {
-    match Client::new(server.addr).fetch_with(server.addr, name, "octet", &[], &mut |_| {}) {
+    match Client::new(server.mode, server.addr).fetch_with(
+        server.addr,
+        name,
+        "octet",
+        &[],
+        &mut |_| {},
+    ) {
         Ok(got) => Served::Data(got.data),
         Err(ClientError::Error { code, message, .. }) => {
             assert!(
@@ -606,7 +611,7 @@ fn a_link_swapped_mid_transfer_changes_nothing_already_open() {
         let link = tree.root.join("current");
         let tmp = tree.root.join(".current.tmp");
         let mut swapped = false;
-        let got = Client::new(server.addr)
+        let got = Client::new(server.mode, server.addr)
             .fetch_with(server.addr, b"current", "octet", &[], &mut |p| {
                 if p.block == 10 {
                     symlink(target, &tmp).unwrap();

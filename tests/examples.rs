@@ -4,8 +4,6 @@
 //! The example binaries are built by `cargo build --example` from the test itself (cheap
 //! when they are up to date), into the same target directory and profile as this test.
 
-mod common;
-
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,7 +15,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 /// How long a client process may run before it is killed and the test fails.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(60);
@@ -412,11 +410,11 @@ fn http_proxy_maps_http_answers_to_tftp() {
     let addr = proxy.addr;
 
     // First request for a name: the size is not known when the OACK is built.
-    let first = fetch(addr, "sized.bin", "octet", &[("tsize", "0")]).unwrap();
+    let first = fetch(Mode::OwnPort, addr, "sized.bin", "octet", &[("tsize", "0")]).unwrap();
     assert!(first.data == sized);
     assert_eq!(first.oack, None, "nothing to acknowledge without a size");
     // The next one gets tsize from the Content-Length the first GET saw.
-    let second = fetch(addr, "sized.bin", "octet", &[("tsize", "0")]).unwrap();
+    let second = fetch(Mode::OwnPort, addr, "sized.bin", "octet", &[("tsize", "0")]).unwrap();
     assert_eq!(second.oack_value("tsize"), Some("100000"));
     assert!(second.data == sized);
     // And a real client gets the same bytes (with tsize answered).
@@ -430,20 +428,35 @@ fn http_proxy_maps_http_answers_to_tftp() {
     let (status, _) = curl_fetch(&curl, &proxy.url("unsized.bin"), &got, &[]);
     assert!(status.success(), "curl unsized.bin: {status}");
     assert!(fs::read(&got).unwrap() == no_length);
-    let again = fetch(addr, "unsized.bin", "octet", &[("tsize", "0")]).unwrap();
+    let again = fetch(
+        Mode::OwnPort,
+        addr,
+        "unsized.bin",
+        "octet",
+        &[("tsize", "0")],
+    )
+    .unwrap();
     assert_eq!(again.oack, None);
 
     // Names are confined and percent-encoded; backslashes separate.
-    let spaced = fetch(addr, "\\dir\\with space.bin", "octet", &[]).unwrap();
+    let spaced = fetch(Mode::OwnPort, addr, "\\dir\\with space.bin", "octet", &[]).unwrap();
     assert_eq!(spaced.data, b"spaced");
-    let escape = fetch(addr, "../secret", "octet", &[]).unwrap_err();
+    let escape = fetch(Mode::OwnPort, addr, "../secret", "octet", &[]).unwrap_err();
     assert_eq!(escape.code(), Some(2), "{escape:?}");
 
     // 404: ERROR 1 either way; the first time from the stream (the session learns it
     // from the source's NotFound error), within the TTL at open time, without asking
     // HTTP again.
     for (round, want) in [(1, (1, "file not found")), (2, (1, "file not found"))] {
-        match fetch(addr, "missing.bin", "octet", &[("tsize", "0")]).unwrap_err() {
+        match fetch(
+            Mode::OwnPort,
+            addr,
+            "missing.bin",
+            "octet",
+            &[("tsize", "0")],
+        )
+        .unwrap_err()
+        {
             ClientError::Error { code, message, .. } => {
                 assert_eq!((code, message.as_str()), want, "round {round}")
             }
@@ -454,7 +467,7 @@ fn http_proxy_maps_http_answers_to_tftp() {
     assert!(!status.success(), "curl must fail on a missing file");
     // Any other status: ERROR 0, and asked again next time.
     for _ in 0..2 {
-        let err = fetch(addr, "broken.bin", "octet", &[]).unwrap_err();
+        let err = fetch(Mode::OwnPort, addr, "broken.bin", "octet", &[]).unwrap_err();
         assert_eq!(err.code(), Some(0), "{err:?}");
     }
 
@@ -480,7 +493,7 @@ fn client_from(ip: &str) -> Client {
     Client {
         socket,
         pace: None,
-        single_port: false,
+        mode: Mode::OwnPort,
     }
 }
 

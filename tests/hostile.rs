@@ -19,19 +19,17 @@
 //! | RRQ in mode `mail` or an unknown mode | ERROR 4 |
 //! | RRQ with invalid option values | the transfer, the invalid options left out of the OACK |
 
-mod common;
-
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
-use common::*;
 use dyntftp::packet::write_error;
-use dyntftp::{ErrorCode, Outcome, Packet};
+use dyntftp::{ErrorCode, Outcome, Packet, SessionStats};
+use testkit::*;
 
-/// A server on a standard root with frequent statistics reports.
-fn spawn(root: &TempDir) -> ServerGuard {
-    spawn_fs_with(v4(), root.path(), |b| {
+/// A server in `mode` on a standard root with frequent statistics reports.
+fn spawn(mode: Mode, root: &TempDir) -> ServerGuard {
+    spawn_fs_with(mode, v4(), root.path(), |b| {
         b.stats_interval(Duration::from_millis(50))
             // Long enough that no timer fires while a case looks at the packet sequence.
             .timeout(Duration::from_secs(3))
@@ -56,13 +54,26 @@ fn assert_nothing_before_probe(server: &ServerGuard, raw: &Raw, case: &str) {
 /// A normal client still gets a normal file, and its session is reported as completed.
 #[track_caller]
 fn assert_still_serves(server: &mut ServerGuard, case: &str) {
-    let client = Client::new(server.addr);
+    let client = Client::new(server.mode, server.addr);
     match client.fetch(server.addr, "small.txt", "octet", &[]) {
         Ok(got) => assert_eq!(got.data, SMALL, "{case}: normal fetch afterwards"),
         Err(e) => panic!("{case}: the server no longer serves a normal client: {e:?}"),
     }
     let stats = session_of(server, client.local_addr());
     assert_eq!(stats.outcome, Outcome::Completed, "{case}");
+}
+
+/// The next finished session of `peer`. The only other sessions a case leaves behind are
+/// the `small.txt` fetches of [`assert_still_serves`], which may be reported first; any
+/// other is a failure.
+#[track_caller]
+fn session_of(server: &mut ServerGuard, peer: SocketAddr) -> SessionStats {
+    server.session_of(peer, |other| {
+        assert_eq!(
+            other.filename, "small.txt",
+            "an unexpected session: {other:?}"
+        )
+    })
 }
 
 /// What a datagram sent to the listener must get.
@@ -87,7 +98,7 @@ fn listener_case(server: &mut ServerGuard, case: &str, datagram: &[u8], want: An
             assert_eq!(from.ip(), server.addr.ip(), "{case}");
             assert_eq!(
                 from.port() == server.addr.port(),
-                single_port(),
+                server.mode.is_single_port(),
                 "{case}: ERROR from a new TID (the listening port in single-port mode)"
             );
             // Exactly one answer.
@@ -103,10 +114,10 @@ fn rrq_bytes(filename: &[u8], mode: &str, options: &[(&str, &str)]) -> Vec<u8> {
     rrq
 }
 
-#[test]
-fn malformed_and_misdirected_datagrams_on_the_listener() {
+both_modes!(malformed_and_misdirected_datagrams_on_the_listener);
+fn malformed_and_misdirected_datagrams_on_the_listener(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn(&root);
+    let mut server = spawn(mode, &root);
     let mut error_datagram = Vec::new();
     write_error(&mut error_datagram, ErrorCode::NotDefined, "hello listener");
     let long_mode_missing = {
@@ -334,7 +345,7 @@ fn malformed_and_misdirected_datagrams_on_the_listener() {
         malformed += u64::from(*counted);
     }
     let total = sum_reports(&server.reports_until_next());
-    if single_port() {
+    if mode.is_single_port() {
         // There, DATA, ACK, OACK and ERROR from a peer without a session are strays.
         assert_eq!(
             total.malformed + total.stray_datagrams,
@@ -349,8 +360,8 @@ fn malformed_and_misdirected_datagrams_on_the_listener() {
     assert_eq!(total.panics, 0);
 }
 
-#[test]
-fn hostile_filenames() {
+both_modes!(hostile_filenames);
+fn hostile_filenames(mode: Mode) {
     let root = standard_root();
     // A file whose name is not UTF-8.
     let non_utf8: &[u8] = b"caf\xe9-\xff\xfe.bin";
@@ -359,7 +370,7 @@ fn hostile_filenames() {
         b"latin-1 name",
     )
     .unwrap();
-    let mut server = spawn(&root);
+    let mut server = spawn(mode, &root);
 
     // 60,000 bytes: longer than PATH_MAX, so no such file (ERROR 1), never a crash.
     let long = vec![b'a'; 60_000];
@@ -384,7 +395,7 @@ fn hostile_filenames() {
     assert_still_serves(&mut server, "largest datagram");
 
     // Non-UTF-8 bytes: passed through as bytes (Linux names are bytes).
-    let client = Client::new(server.addr);
+    let client = Client::new(mode, server.addr);
     let got = client
         .fetch_with(server.addr, non_utf8, "octet", &[], &mut |_| {})
         .expect("non-UTF-8 name that exists");
@@ -431,7 +442,7 @@ fn fetch_with_options(
     blksize: usize,
 ) -> Option<Vec<(String, String)>> {
     let case = format!("{options:?}");
-    let client = Client::new(server.addr);
+    let client = Client::new(server.mode, server.addr);
     let got = client
         .fetch(server.addr, "1024.bin", "octet", options)
         .unwrap_or_else(|e| panic!("{case}: {e:?}"));
@@ -448,10 +459,10 @@ fn fetch_with_options(
     got.oack
 }
 
-#[test]
-fn invalid_option_values_are_ignored() {
+both_modes!(invalid_option_values_are_ignored);
+fn invalid_option_values_are_ignored(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn(&root);
+    let mut server = spawn(mode, &root);
     let ignored: &[(&str, &str)] = &[
         ("blksize", "0"),
         ("blksize", "7"),
@@ -508,10 +519,10 @@ fn invalid_option_values_are_ignored() {
     assert_eq!(total.malformed, 0);
 }
 
-#[test]
-fn a_thousand_options() {
+both_modes!(a_thousand_options);
+fn a_thousand_options(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn(&root);
+    let mut server = spawn(mode, &root);
     // 999 unknown options, then tsize: only tsize is acknowledged.
     let names: Vec<String> = (0..999).map(|i| format!("x-opt-{i}")).collect();
     let values: Vec<String> = (0..999).map(|i| i.to_string()).collect();
@@ -554,10 +565,10 @@ fn start(server: &ServerGuard, raw: &Raw, name: &[u8], options: &[(&str, &str)])
     tid
 }
 
-#[test]
-fn ack_for_a_block_not_yet_sent_is_ignored() {
+both_modes!(ack_for_a_block_not_yet_sent_is_ignored);
+fn ack_for_a_block_not_yet_sent_is_ignored(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn(&root);
+    let mut server = spawn(mode, &root);
     let raw = Raw::new(server.addr);
     let tid = start(&server, &raw, b"1024.bin", &[]);
     // Blocks 5, 2 and 65535 were never sent: no answer, no progress.
@@ -579,10 +590,10 @@ fn ack_for_a_block_not_yet_sent_is_ignored() {
     assert_still_serves(&mut server, "ACK for a block not yet sent");
 }
 
-#[test]
-fn ack_0_repeated_100_times_causes_no_resend() {
+both_modes!(ack_0_repeated_100_times_causes_no_resend);
+fn ack_0_repeated_100_times_causes_no_resend(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn(&root);
+    let mut server = spawn(mode, &root);
     // After an OACK: the first ACK 0 starts the transfer, 99 more are duplicates.
     let raw = Raw::new(server.addr);
     let tid = start(&server, &raw, b"1024.bin", &[("tsize", "0")]);
@@ -620,10 +631,10 @@ fn ack_0_repeated_100_times_causes_no_resend() {
     assert_still_serves(&mut server, "ACK 0 × 100");
 }
 
-#[test]
-fn error_from_the_client_mid_transfer_ends_the_session_without_a_reply() {
+both_modes!(error_from_the_client_mid_transfer_ends_the_session_without_a_reply);
+fn error_from_the_client_mid_transfer_ends_the_session_without_a_reply(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn(&root);
+    let mut server = spawn(mode, &root);
     for code in [
         ErrorCode::NotDefined,
         ErrorCode::DiskFull,
@@ -643,7 +654,7 @@ fn error_from_the_client_mid_transfer_ends_the_session_without_a_reply() {
         // the ERROR. (In single-port mode its port is the listener's, where a datagram
         // from a peer without a session is a stray: ERROR 5.)
         raw.ack(tid, 2);
-        if single_port() {
+        if mode.is_single_port() {
             assert_eq!(raw.expect_error().0, 5);
         }
         assert_nothing_before_probe(&server, &raw, "ERROR mid-transfer");
@@ -651,10 +662,10 @@ fn error_from_the_client_mid_transfer_ends_the_session_without_a_reply() {
     assert_still_serves(&mut server, "ERROR mid-transfer");
 }
 
-#[test]
-fn packets_out_of_place_from_the_peer() {
+both_modes!(packets_out_of_place_from_the_peer);
+fn packets_out_of_place_from_the_peer(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn(&root);
+    let mut server = spawn(mode, &root);
     // Garbage from the peer is ignored; the transfer goes on.
     let raw = Raw::new(server.addr);
     let tid = start(&server, &raw, b"1024.bin", &[]);
@@ -684,7 +695,7 @@ fn packets_out_of_place_from_the_peer() {
         ("DATA", b"\x00\x03\x00\x01xyz".to_vec()),
         ("OACK", b"\x00\x06blksize\x00512\x00".to_vec()),
     ];
-    if !single_port() {
+    if !mode.is_single_port() {
         cases.push(("RRQ", rrq_bytes(b"small.txt", "octet", &[])));
         cases.push(("WRQ", b"\x00\x02small.txt\x00octet\x00".to_vec()));
     } else {
@@ -712,11 +723,11 @@ fn packets_out_of_place_from_the_peer() {
     assert_still_serves(&mut server, "packets out of place");
 }
 
-#[test]
-fn stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes() {
+both_modes!(stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes);
+fn stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn(&root);
-    let client = Client::new(server.addr);
+    let mut server = spawn(mode, &root);
+    let client = Client::new(mode, server.addr);
     let strays: Vec<Raw> = (0..5).map(|_| Raw::new(server.addr)).collect();
     let mut flooded = 0u64;
     let mut answered = 0u64;
@@ -752,7 +763,11 @@ fn stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes() {
                     // that is not a packet at all is a malformed request: ERROR 4.
                     for i in 0..4 {
                         let (code, message, from) = stray.expect_error();
-                        let want = if single_port() && i == 3 { 4 } else { 5 };
+                        let want = if mode.is_single_port() && i == 3 {
+                            4
+                        } else {
+                            5
+                        };
                         assert_eq!((code, from), (want, p.server), "{message}");
                         answered += 1;
                     }
@@ -769,7 +784,7 @@ fn stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes() {
     assert_eq!(stats.transfer.unexpected_acks, 0);
     assert_eq!(stats.transfer.packets_resent, 0);
     let total = sum_reports(&server.reports_until_next());
-    if single_port() {
+    if mode.is_single_port() {
         // The unparseable fifth of the flood counts as malformed there.
         assert_eq!(total.stray_datagrams, flooded / 5 * 4);
         assert_eq!(total.malformed, flooded / 5);

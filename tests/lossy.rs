@@ -10,8 +10,6 @@
 //! a given sequence of datagrams; which datagrams exist depends on timing, so runs differ
 //! in detail, not in what they must achieve.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -21,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
 use dyntftp::packet::{write_ack, write_rrq};
 use dyntftp::{Outcome, Packet, SessionStats};
+use testkit::*;
 
 /// Probability that a datagram is dropped, in each direction.
 const LOSS: f64 = 0.20;
@@ -42,27 +40,6 @@ const CLIENT_TIMEOUT: Duration = Duration::from_millis(30);
 /// After its final ACK, the client answers retransmissions until the server has been
 /// quiet this long (longer than the server's longest retransmission interval, 8 × 20 ms).
 const DALLY: Duration = Duration::from_millis(250);
-
-/// xorshift64*: tiny, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 #[derive(Clone, Copy, Debug, Default)]
 struct LinkStats {
@@ -484,7 +461,7 @@ fn transfers_survive_a_lossy_network() {
     for &size in &SIZES {
         root.write(&format!("f{size}.bin"), &pseudo_random(size, size as u64));
     }
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(Mode::OwnPort, v4(), root.path(), |b| {
         b.timeout(SERVER_TIMEOUT)
             .retries(SERVER_RETRIES)
             .stats_interval(Duration::from_millis(100))

@@ -1,19 +1,17 @@
 //! Black-box tests of the library server over loopback: our own blocking client and hand-made
 //! datagrams against a [`ServerBuilder`] server on `127.0.0.1:0` / `[::1]:0`.
 
-mod common;
-
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
 use dyntftp::{
-    BytesSource, ErrorCode, FsHandler, Handler, Mode, Outcome, Packet, ReadRequest, Reject,
-    ResponseData, SessionStats,
+    BytesSource, ErrorCode, FsHandler, Handler, Outcome, Packet, ReadRequest, Reject, ResponseData,
+    SessionStats,
 };
+use testkit::*;
 
 /// Asserts two byte strings are equal without printing megabytes on failure.
 #[track_caller]
@@ -32,16 +30,22 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
-/// Downloads `name` from a fresh FsHandler server on `bind` and checks the bytes and the
-/// session's outcome.
-fn download(bind: SocketAddr, name: &str, mode: &str, options: &[(&str, &str)]) -> Fetched {
+/// Downloads `name` from a fresh FsHandler server in `mode` on `bind` and checks the bytes
+/// and the session's outcome.
+fn download(
+    mode: Mode,
+    bind: SocketAddr,
+    name: &str,
+    transfer_mode: &str,
+    options: &[(&str, &str)],
+) -> Fetched {
     let root = standard_root();
-    let mut server = spawn_fs(bind, root.path());
-    let client = Client::new(server.addr);
+    let mut server = spawn_fs(mode, bind, root.path());
+    let client = Client::new(mode, server.addr);
     let got = client
-        .fetch(server.addr, name, mode, options)
+        .fetch(server.addr, name, transfer_mode, options)
         .unwrap_or_else(|e| panic!("{name} from {}: {e:?}", server.addr));
-    let want = if mode.eq_ignore_ascii_case("octet") {
+    let want = if transfer_mode.eq_ignore_ascii_case("octet") {
         content(name)
     } else {
         to_netascii(&content(name))
@@ -63,17 +67,19 @@ fn expected_lens(len: usize, blksize: usize) -> Vec<usize> {
     lens
 }
 
+/// A test over IPv4 and one over IPv6 (skipped where `::1` cannot be bound), each in
+/// both modes: `$body` is called with the address to bind and the mode.
 macro_rules! both_families {
     ($v4:ident, $v6:ident, $body:expr) => {
-        #[test]
-        fn $v4() {
-            $body(v4());
+        both_modes!($v4, $v6);
+
+        fn $v4(mode: Mode) {
+            $body(v4(), mode);
         }
 
-        #[test]
-        fn $v6() {
+        fn $v6(mode: Mode) {
             if ipv6_or_skip(stringify!($v6)) {
-                $body(v6());
+                $body(v6(), mode);
             }
         }
     };
@@ -83,8 +89,8 @@ macro_rules! both_families {
 // Downloads
 // ---------------------------------------------------------------------------------------
 
-both_families!(small_file_v4, small_file_v6, |bind| {
-    let got = download(bind, "small.txt", "octet", &[]);
+both_families!(small_file_v4, small_file_v6, |bind, mode| {
+    let got = download(mode, bind, "small.txt", "octet", &[]);
     assert_eq!(got.oack, None);
     assert_eq!(got.data_lens(), vec![SMALL.len()]);
 });
@@ -92,8 +98,8 @@ both_families!(small_file_v4, small_file_v6, |bind| {
 both_families!(
     empty_file_is_one_empty_data_v4,
     empty_file_is_one_empty_data_v6,
-    |bind| {
-        let got = download(bind, "empty.bin", "octet", &[]);
+    |bind, mode| {
+        let got = download(mode, bind, "empty.bin", "octet", &[]);
         assert_eq!(
             got.packets,
             vec![Received {
@@ -104,27 +110,36 @@ both_families!(
     }
 );
 
-both_families!(exact_multiple_512_v4, exact_multiple_512_v6, |bind| {
-    let got = download(bind, "512.bin", "octet", &[]);
-    assert_eq!(got.data_lens(), vec![512, 0]);
-});
+both_families!(
+    exact_multiple_512_v4,
+    exact_multiple_512_v6,
+    |bind, mode| {
+        let got = download(mode, bind, "512.bin", "octet", &[]);
+        assert_eq!(got.data_lens(), vec![512, 0]);
+    }
+);
 
-both_families!(exact_multiple_1024_v4, exact_multiple_1024_v6, |bind| {
-    let got = download(bind, "1024.bin", "octet", &[]);
-    assert_eq!(got.data_lens(), vec![512, 512, 0]);
-});
+both_families!(
+    exact_multiple_1024_v4,
+    exact_multiple_1024_v6,
+    |bind, mode| {
+        let got = download(mode, bind, "1024.bin", "octet", &[]);
+        assert_eq!(got.data_lens(), vec![512, 512, 0]);
+    }
+);
 
-both_families!(big_file_v4, big_file_v6, |bind| {
-    let got = download(bind, "big.bin", "octet", &[]);
+both_families!(big_file_v4, big_file_v6, |bind, mode| {
+    let got = download(mode, bind, "big.bin", "octet", &[]);
     assert_eq!(got.data_lens(), expected_lens(3 << 20, 512));
 });
 
-both_families!(nested_file_v4, nested_file_v6, |bind| {
-    download(bind, "dir/nested.bin", "octet", &[]);
+both_families!(nested_file_v4, nested_file_v6, |bind, mode| {
+    download(mode, bind, "dir/nested.bin", "octet", &[]);
 });
 
-both_families!(options_together_v4, options_together_v6, |bind| {
+both_families!(options_together_v4, options_together_v6, |bind, mode| {
     let got = download(
+        mode,
         bind,
         "big.bin",
         "octet",
@@ -144,51 +159,58 @@ both_families!(options_together_v4, options_together_v6, |bind| {
 // Options
 // ---------------------------------------------------------------------------------------
 
-fn blksize(size: usize) {
+fn blksize(mode: Mode, size: usize) {
     let value = size.to_string();
-    let got = download(v4(), "big.bin", "octet", &[("blksize", &value)]);
+    let got = download(mode, v4(), "big.bin", "octet", &[("blksize", &value)]);
     assert_eq!(got.oack_value("blksize"), Some(value.as_str()));
     assert_eq!(got.blksize, size);
     assert_eq!(got.data_lens(), expected_lens(3 << 20, size));
 }
 
-#[test]
-fn blksize_512() {
-    blksize(512);
+both_modes!(blksize_512);
+fn blksize_512(mode: Mode) {
+    blksize(mode, 512);
 }
 
-#[test]
-fn blksize_1428() {
-    blksize(1428);
+both_modes!(blksize_1428);
+fn blksize_1428(mode: Mode) {
+    blksize(mode, 1428);
 }
 
-#[test]
-fn blksize_8192() {
-    blksize(8192);
+both_modes!(blksize_8192);
+fn blksize_8192(mode: Mode) {
+    blksize(mode, 8192);
 }
 
-#[test]
-fn blksize_65464() {
-    blksize(65464);
+both_modes!(blksize_65464);
+fn blksize_65464(mode: Mode) {
+    blksize(mode, 65464);
 }
 
-#[test]
-fn blksize_is_clamped_to_the_server_maximum() {
+both_modes!(blksize_is_clamped_to_the_server_maximum);
+fn blksize_is_clamped_to_the_server_maximum(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| b.max_blksize(1428));
-    let got = fetch(server.addr, "big.bin", "octet", &[("blksize", "8192")]).unwrap();
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| b.max_blksize(1428));
+    let got = fetch(
+        mode,
+        server.addr,
+        "big.bin",
+        "octet",
+        &[("blksize", "8192")],
+    )
+    .unwrap();
     assert_eq!(got.oack_value("blksize"), Some("1428"));
     assert_same(&got.data, big(), "big.bin");
     assert_eq!(server.next_session().transfer.negotiated.blksize, 1428);
 }
 
-#[test]
-fn tsize_is_answered_with_the_real_size() {
+both_modes!(tsize_is_answered_with_the_real_size);
+fn tsize_is_answered_with_the_real_size(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs(v4(), root.path());
+    let mut server = spawn_fs(mode, v4(), root.path());
     for name in ["small.txt", "empty.bin", "1024.bin", "big.bin"] {
         let want = content(name);
-        let got = fetch(server.addr, name, "octet", &[("tsize", "0")]).unwrap();
+        let got = fetch(mode, server.addr, name, "octet", &[("tsize", "0")]).unwrap();
         assert_eq!(
             got.oack,
             Some(vec![("tsize".into(), want.len().to_string())]),
@@ -201,43 +223,51 @@ fn tsize_is_answered_with_the_real_size() {
     }
 }
 
-#[test]
-fn tsize_is_omitted_when_the_size_is_unknown() {
+both_modes!(tsize_is_omitted_when_the_size_is_unknown);
+fn tsize_is_omitted_when_the_size_is_unknown(mode: Mode) {
     // A netascii transfer's size is not known in advance: no tsize, so no OACK at all.
-    let got = download(v4(), "text.txt", "netascii", &[("tsize", "0")]);
+    let got = download(mode, v4(), "text.txt", "netascii", &[("tsize", "0")]);
     assert_eq!(got.oack_value("tsize"), None);
 }
 
-fn windowsize(window: usize) {
+fn windowsize(mode: Mode, window: usize) {
     let value = window.to_string();
-    let got = download(v4(), "big.bin", "octet", &[("windowsize", &value)]);
+    let got = download(mode, v4(), "big.bin", "octet", &[("windowsize", &value)]);
     assert_eq!(got.oack_value("windowsize"), Some(value.as_str()));
     assert_eq!(got.window, window);
 }
 
-#[test]
-fn windowsize_16() {
-    windowsize(16);
+both_modes!(windowsize_16);
+fn windowsize_16(mode: Mode) {
+    windowsize(mode, 16);
 }
 
-#[test]
-fn windowsize_64() {
-    windowsize(64);
+both_modes!(windowsize_64);
+fn windowsize_64(mode: Mode) {
+    windowsize(mode, 64);
 }
 
-#[test]
-fn windowsize_is_capped_by_the_server() {
+both_modes!(windowsize_is_capped_by_the_server);
+fn windowsize_is_capped_by_the_server(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| b.max_window(8));
-    let got = fetch(server.addr, "big.bin", "octet", &[("windowsize", "64")]).unwrap();
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| b.max_window(8));
+    let got = fetch(
+        mode,
+        server.addr,
+        "big.bin",
+        "octet",
+        &[("windowsize", "64")],
+    )
+    .unwrap();
     assert_eq!(got.oack_value("windowsize"), Some("8"));
     assert_same(&got.data, big(), "big.bin");
     assert_eq!(server.next_session().transfer.negotiated.window, 8);
 }
 
-#[test]
-fn unknown_and_invalid_options_are_ignored() {
+both_modes!(unknown_and_invalid_options_are_ignored);
+fn unknown_and_invalid_options_are_ignored(mode: Mode) {
     let got = download(
+        mode,
         v4(),
         "1024.bin",
         "octet",
@@ -247,14 +277,15 @@ fn unknown_and_invalid_options_are_ignored() {
     assert_eq!(got.data_lens(), vec![512, 512, 0]);
 }
 
-#[test]
-fn block_numbers_wrap_around() {
+both_modes!(block_numbers_wrap_around);
+fn block_numbers_wrap_around(mode: Mode) {
     // 8-byte blocks: more than 65535 blocks, so block numbers go 65535 → 0 → 1.
     let data = pseudo_random(65_536 * 8 + 100, 7);
     let root = TempDir::new("wrap");
     root.write("wrap.bin", &data);
-    let mut server = spawn_fs(v4(), root.path());
+    let mut server = spawn_fs(mode, v4(), root.path());
     let got = fetch(
+        mode,
         server.addr,
         "wrap.bin",
         "octet",
@@ -278,19 +309,19 @@ fn block_numbers_wrap_around() {
 // Netascii
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn netascii_translates_line_ends() {
-    let got = download(v4(), "text.txt", "netascii", &[]);
+both_modes!(netascii_translates_line_ends);
+fn netascii_translates_line_ends(mode: Mode) {
+    let got = download(mode, v4(), "text.txt", "netascii", &[]);
     // The raw file has 511 plain bytes then CR: the CR ends block 1, its NUL opens block 2.
     assert_eq!(got.data[511], b'\r');
     assert_eq!(got.data[512], 0);
     assert_eq!(got.data_lens()[0], 512);
 }
 
-#[test]
-fn netascii_mode_name_is_case_insensitive() {
-    download(v4(), "text.txt", "NetASCII", &[]);
-    let got = download(v4(), "small.txt", "OCTET", &[]);
+both_modes!(netascii_mode_name_is_case_insensitive);
+fn netascii_mode_name_is_case_insensitive(mode: Mode) {
+    download(mode, v4(), "text.txt", "NetASCII", &[]);
+    let got = download(mode, v4(), "small.txt", "OCTET", &[]);
     assert_eq!(got.data, SMALL);
 }
 
@@ -298,10 +329,10 @@ fn netascii_mode_name_is_case_insensitive() {
 // Concurrency
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn fifty_concurrent_clients() {
+both_modes!(fifty_concurrent_clients);
+fn fifty_concurrent_clients(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs(v4(), root.path());
+    let mut server = spawn_fs(mode, v4(), root.path());
     let addr = server.addr;
     let plans: Vec<(&str, &[(&str, &str)])> = vec![
         ("big.bin", &[]),
@@ -319,7 +350,7 @@ fn fifty_concurrent_clients() {
         .map(|i| {
             let (name, options) = plans[i % plans.len()];
             thread::spawn(move || {
-                let client = Client::new(addr);
+                let client = Client::new(mode, addr);
                 let got = client.fetch(addr, name, "octet", options);
                 (i, name, client.local_addr(), got)
             })
@@ -345,10 +376,10 @@ fn fifty_concurrent_clients() {
 // Refusals
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn missing_file_is_error_1() {
+both_modes!(missing_file_is_error_1);
+fn missing_file_is_error_1(mode: Mode) {
     let root = standard_root();
-    let server = spawn_fs(v4(), root.path());
+    let server = spawn_fs(mode, v4(), root.path());
     let raw = Raw::new(server.addr);
     raw.rrq(server.addr, b"no-such-file.bin", "octet", &[]);
     let (code, message, from) = raw.expect_error();
@@ -356,7 +387,7 @@ fn missing_file_is_error_1() {
     assert_eq!(from.ip(), server.addr.ip());
     assert_eq!(
         from.port() == server.addr.port(),
-        single_port(),
+        mode.is_single_port(),
         "ERROR from a new TID (from the listening port in single-port mode)"
     );
     let root_text = root.path().to_string_lossy();
@@ -365,10 +396,10 @@ fn missing_file_is_error_1() {
     assert_eq!(raw.recv_within(Duration::from_millis(200)), None);
 }
 
-#[test]
-fn write_request_is_error_4_mentioning_write() {
+both_modes!(write_request_is_error_4_mentioning_write);
+fn write_request_is_error_4_mentioning_write(mode: Mode) {
     let root = standard_root();
-    let server = spawn_fs(v4(), root.path());
+    let server = spawn_fs(mode, v4(), root.path());
     let raw = Raw::new(server.addr);
     raw.wrq(server.addr, b"upload.bin", "octet");
     let (code, message, _) = raw.expect_error();
@@ -377,8 +408,8 @@ fn write_request_is_error_4_mentioning_write() {
     assert!(!root.path().join("upload.bin").exists());
 }
 
-#[test]
-fn traversal_attempts_are_refused() {
+both_modes!(traversal_attempts_are_refused);
+fn traversal_attempts_are_refused(mode: Mode) {
     let outer = TempDir::new("traversal");
     outer.write("secret.txt", b"TOP SECRET");
     let root = outer.subdir("root");
@@ -386,7 +417,7 @@ fn traversal_attempts_are_refused() {
     std::fs::write(root.join("a/inside.txt"), b"inside").unwrap();
     std::os::unix::fs::symlink("../secret.txt", root.join("uplink")).unwrap();
     std::os::unix::fs::symlink(outer.path().join("secret.txt"), root.join("abslink")).unwrap();
-    let server = spawn_fs(v4(), &root);
+    let server = spawn_fs(mode, v4(), &root);
     let secret_path = outer.path().join("secret.txt");
     let secret = secret_path.to_string_lossy().into_owned();
     let attempts = [
@@ -405,7 +436,7 @@ fn traversal_attempts_are_refused() {
         "bad\x01name",
     ];
     for name in attempts {
-        match fetch(server.addr, name, "octet", &[]) {
+        match fetch(mode, server.addr, name, "octet", &[]) {
             Err(ClientError::Error { code, message, .. }) => {
                 assert!(code == 1 || code == 2, "{name:?}: ERROR {code} {message}");
                 assert!(!message.contains("SECRET") && !message.contains(secret.as_str()));
@@ -414,26 +445,26 @@ fn traversal_attempts_are_refused() {
         }
     }
     // Inside the root, `..` that stays beneath it is fine.
-    let got = fetch(server.addr, "a/../a/inside.txt", "octet", &[]).unwrap();
+    let got = fetch(mode, server.addr, "a/../a/inside.txt", "octet", &[]).unwrap();
     assert_eq!(got.data, b"inside");
 }
 
-#[test]
-fn mail_mode_is_error_4() {
+both_modes!(mail_mode_is_error_4);
+fn mail_mode_is_error_4(mode: Mode) {
     let root = standard_root();
-    let server = spawn_fs(v4(), root.path());
-    for mode in ["mail", "MAIL", "bogus"] {
-        match fetch(server.addr, "small.txt", mode, &[]) {
-            Err(e) => assert_eq!(e.code(), Some(4), "{mode}: {e:?}"),
-            Ok(_) => panic!("{mode}: served"),
+    let server = spawn_fs(mode, v4(), root.path());
+    for transfer_mode in ["mail", "MAIL", "bogus"] {
+        match fetch(mode, server.addr, "small.txt", transfer_mode, &[]) {
+            Err(e) => assert_eq!(e.code(), Some(4), "{transfer_mode}: {e:?}"),
+            Ok(_) => panic!("{transfer_mode}: served"),
         }
     }
 }
 
-#[test]
-fn garbage_to_the_listener_does_not_disturb_the_server() {
+both_modes!(garbage_to_the_listener_does_not_disturb_the_server);
+fn garbage_to_the_listener_does_not_disturb_the_server(mode: Mode) {
     let root = standard_root();
-    let server = spawn_fs(v4(), root.path());
+    let server = spawn_fs(mode, v4(), root.path());
     let raw = Raw::new(server.addr);
     for datagram in [
         &b""[..],
@@ -448,7 +479,7 @@ fn garbage_to_the_listener_does_not_disturb_the_server() {
         raw.send(server.addr, datagram);
     }
     // Whatever the answers, a normal request is still served.
-    let got = fetch(server.addr, "small.txt", "octet", &[]).unwrap();
+    let got = fetch(mode, server.addr, "small.txt", "octet", &[]).unwrap();
     assert_eq!(got.data, SMALL);
 }
 
@@ -456,13 +487,13 @@ fn garbage_to_the_listener_does_not_disturb_the_server() {
 // Transfer IDs
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn stray_tid_gets_error_5_and_the_transfer_goes_on() {
+both_modes!(stray_tid_gets_error_5_and_the_transfer_goes_on);
+fn stray_tid_gets_error_5_and_the_transfer_goes_on(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.stats_interval(Duration::from_millis(50))
     });
-    let client = Client::new(server.addr);
+    let client = Client::new(mode, server.addr);
     let stray = Raw::new(server.addr);
     let mut answered = None;
     let got = client
@@ -491,10 +522,10 @@ fn stray_tid_gets_error_5_and_the_transfer_goes_on() {
     assert_eq!(stray.recv_within(Duration::from_millis(100)), None);
 }
 
-#[test]
-fn repeated_rrq_from_the_same_port_starts_one_session() {
+both_modes!(repeated_rrq_from_the_same_port_starts_one_session);
+fn repeated_rrq_from_the_same_port_starts_one_session(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.stats_interval(Duration::from_millis(50))
     });
     let raw = Raw::new(server.addr);
@@ -525,8 +556,8 @@ fn repeated_rrq_from_the_same_port_starts_one_session() {
     assert!(rest.is_empty(), "{rest:?}");
 }
 
-#[test]
-fn clients_reusing_their_port_are_served_when_the_next_request_follows_the_last_ack() {
+both_modes!(clients_reusing_their_port_are_served_when_the_next_request_follows_the_last_ack);
+fn clients_reusing_their_port_are_served_when_the_next_request_follows_the_last_ack(mode: Mode) {
     // A client that keeps its port sends the next RRQ right after the final ACK of the
     // previous transfer. On a busy server the RRQ may be read before that ACK: it must
     // still start a new session, not be taken for a repeat of the old one (which leaves
@@ -535,7 +566,7 @@ fn clients_reusing_their_port_are_served_when_the_next_request_follows_the_last_
     const CLIENTS: usize = 32;
     const ROUNDS: usize = 50;
     let root = standard_root();
-    let server = spawn_fs(v4(), root.path());
+    let server = spawn_fs(mode, v4(), root.path());
     let addr = server.addr;
     let want = content("small.txt");
     let threads: Vec<_> = (0..CLIENTS)
@@ -603,9 +634,10 @@ impl Handler for Booby {
     }
 }
 
-fn spawn_booby(root: &TempDir) -> ServerGuard {
+fn spawn_booby(mode: Mode, root: &TempDir) -> ServerGuard {
     let path = root.path().to_path_buf();
     spawn_server(
+        mode,
         v4(),
         move || {
             Box::new(Booby {
@@ -616,15 +648,15 @@ fn spawn_booby(root: &TempDir) -> ServerGuard {
     )
 }
 
-#[test]
-fn handler_open_panic_is_error_0_and_the_server_goes_on() {
+both_modes!(handler_open_panic_is_error_0_and_the_server_goes_on);
+fn handler_open_panic_is_error_0_and_the_server_goes_on(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_booby(&root);
-    let err = fetch(server.addr, "boom", "octet", &[]).unwrap_err();
+    let mut server = spawn_booby(mode, &root);
+    let err = fetch(mode, server.addr, "boom", "octet", &[]).unwrap_err();
     assert_eq!(err.code(), Some(0), "{err:?}");
-    let got = fetch(server.addr, "small.txt", "octet", &[]).unwrap();
+    let got = fetch(mode, server.addr, "small.txt", "octet", &[]).unwrap();
     assert_eq!(got.data, SMALL);
-    let client = Client::new(server.addr);
+    let client = Client::new(mode, server.addr);
     let got = client
         .fetch(server.addr, "generated", "octet", &[])
         .unwrap();
@@ -642,11 +674,11 @@ fn handler_open_panic_is_error_0_and_the_server_goes_on() {
     );
 }
 
-#[test]
-fn source_read_panic_is_error_0_and_outcome_panicked() {
+both_modes!(source_read_panic_is_error_0_and_outcome_panicked);
+fn source_read_panic_is_error_0_and_outcome_panicked(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_booby(&root);
-    let client = Client::new(server.addr);
+    let mut server = spawn_booby(mode, &root);
+    let client = Client::new(mode, server.addr);
     let err = client
         .fetch(server.addr, "explode.bin", "octet", &[])
         .unwrap_err();
@@ -661,7 +693,14 @@ fn source_read_panic_is_error_0_and_outcome_panicked() {
         Some(ErrorCode::NotDefined)
     );
     // Still serving.
-    let got = fetch(server.addr, "big.bin", "octet", &[("blksize", "8192")]).unwrap();
+    let got = fetch(
+        mode,
+        server.addr,
+        "big.bin",
+        "octet",
+        &[("blksize", "8192")],
+    )
+    .unwrap();
     assert_same(&got.data, big(), "big.bin");
     assert_eq!(server.next_session().outcome, Outcome::Completed);
     let total = sum_reports(&server.reports_until_next());
@@ -672,14 +711,14 @@ fn source_read_panic_is_error_0_and_outcome_panicked() {
 // Shutdown
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn shutdown_aborts_running_sessions_after_the_grace_period() {
+both_modes!(shutdown_aborts_running_sessions_after_the_grace_period);
+fn shutdown_aborts_running_sessions_after_the_grace_period(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.shutdown_grace(Duration::from_millis(200))
     });
     let handle = server.handle.clone();
-    let mut client = Client::new(server.addr);
+    let mut client = Client::new(mode, server.addr);
     client.pace = Some(Duration::from_millis(20));
     let mut shutdown_at = None;
     let err = client
@@ -706,10 +745,10 @@ fn shutdown_aborts_running_sessions_after_the_grace_period() {
     assert!(sessions[0].transfer.bytes_read < big().len() as u64);
 }
 
-#[test]
-fn shutdown_lets_short_sessions_finish() {
+both_modes!(shutdown_lets_short_sessions_finish);
+fn shutdown_lets_short_sessions_finish(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.shutdown_grace(Duration::from_secs(5))
     });
     let raw = Raw::new(server.addr);
@@ -744,10 +783,10 @@ fn shutdown_lets_short_sessions_finish() {
 // Statistics
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn statistics_per_session_and_per_server() {
+both_modes!(statistics_per_session_and_per_server);
+fn statistics_per_session_and_per_server(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.stats_interval(Duration::from_millis(100))
     });
     type Plan = (
@@ -770,7 +809,7 @@ fn statistics_per_session_and_per_server() {
     ];
     let mut peers = Vec::new();
     for (name, options, _, _) in plans {
-        let client = Client::new(server.addr);
+        let client = Client::new(mode, server.addr);
         let got = client.fetch(server.addr, name, "octet", options).unwrap();
         assert_same(&got.data, &content(name), name);
         peers.push(client.local_addr());
@@ -790,7 +829,7 @@ fn statistics_per_session_and_per_server() {
         let size = content(name).len() as u64;
         assert_eq!(s.peer, *peer, "{name}");
         assert_eq!(s.local, server.addr, "{name}");
-        assert_eq!(s.mode, Mode::Octet);
+        assert_eq!(s.mode, dyntftp::Mode::Octet);
         assert_eq!(s.outcome, Outcome::Completed, "{name}");
         assert_eq!(s.transfer.outcome, Some(Outcome::Completed));
         assert_eq!(s.transfer.bytes_read, size, "{name}");
@@ -846,7 +885,7 @@ fn statistics_per_session_and_per_server() {
 /// Fetches through a wildcard listener at `target` (same port) and checks every reply comes
 /// from `target`'s address.
 fn via_wildcard(server: &mut ServerGuard, target: SocketAddr) {
-    let client = Client::new(target);
+    let client = Client::new(server.mode, target);
     let got = client
         .fetch(target, "small.txt", "octet", &[])
         .unwrap_or_else(|e| panic!("via {target}: {e:?}"));
@@ -863,27 +902,31 @@ fn via_wildcard(server: &mut ServerGuard, target: SocketAddr) {
     assert_eq!(from.ip(), target.ip());
 }
 
-#[test]
-fn reply_source_is_the_address_the_client_sent_to() {
+both_modes!(reply_source_is_the_address_the_client_sent_to);
+fn reply_source_is_the_address_the_client_sent_to(mode: Mode) {
     if !loopback_127_0_0_2("reply_source_is_the_address_the_client_sent_to") {
         return;
     }
     let root = standard_root();
-    let mut server = spawn_fs(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), root.path());
+    let mut server = spawn_fs(
+        mode,
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        root.path(),
+    );
     let port = server.port();
     via_wildcard(&mut server, SocketAddr::from(([127, 0, 0, 2], port)));
     via_wildcard(&mut server, SocketAddr::from(([127, 0, 0, 1], port)));
 }
 
-#[test]
-fn reply_source_on_a_dual_stack_listener() {
+both_modes!(reply_source_on_a_dual_stack_listener);
+fn reply_source_on_a_dual_stack_listener(mode: Mode) {
     if !ipv6_or_skip("reply_source_on_a_dual_stack_listener")
         || !loopback_127_0_0_2("reply_source_on_a_dual_stack_listener")
     {
         return;
     }
     let root = standard_root();
-    let mut server = spawn_fs("[::]:0".parse().unwrap(), root.path());
+    let mut server = spawn_fs(mode, "[::]:0".parse().unwrap(), root.path());
     let port = server.port();
     via_wildcard(&mut server, SocketAddr::from(([127, 0, 0, 2], port)));
     via_wildcard(
@@ -896,10 +939,10 @@ fn reply_source_on_a_dual_stack_listener() {
 // max_sessions
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn max_sessions_queues_requests_until_a_session_finishes() {
+both_modes!(max_sessions_queues_requests_until_a_session_finishes);
+fn max_sessions_queues_requests_until_a_session_finishes(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| b.max_sessions(2));
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| b.max_sessions(2));
     let (a, b, c) = (
         Raw::new(server.addr),
         Raw::new(server.addr),
@@ -934,11 +977,11 @@ fn max_sessions_queues_requests_until_a_session_finishes() {
     assert_eq!(rest[0].outcome, Outcome::ShutDown);
 }
 
-#[test]
-fn max_sessions_frees_a_slot_when_a_session_times_out() {
+both_modes!(max_sessions_frees_a_slot_when_a_session_times_out);
+fn max_sessions_frees_a_slot_when_a_session_times_out(mode: Mode) {
     let root = standard_root();
     // Sessions that get no ACK end 100 + 200 + 400 ms after they start.
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.max_sessions(2)
             .timeout(Duration::from_millis(100))
             .retries(2)
@@ -982,11 +1025,13 @@ fn send_error(raw: &Raw, to: SocketAddr, code: ErrorCode, message: &str) {
     raw.send(to, &datagram);
 }
 
-#[test]
-fn duplicate_ack_never_triggers_a_send() {
+both_modes!(duplicate_ack_never_triggers_a_send);
+fn duplicate_ack_never_triggers_a_send(mode: Mode) {
     let root = standard_root();
     // A long timeout: nothing may come but what an ACK causes.
-    let mut server = spawn_fs_with(v4(), root.path(), |b| b.timeout(Duration::from_secs(3)));
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.timeout(Duration::from_secs(3))
+    });
     let raw = Raw::new(server.addr);
     raw.rrq(server.addr, b"1024.bin", "octet", &[]);
     let (block, _, tid) = raw.expect_data();
@@ -1005,10 +1050,12 @@ fn duplicate_ack_never_triggers_a_send() {
     assert_eq!(stats.transfer.packets_resent, 0);
 }
 
-#[test]
-fn ack_inside_the_window_resends_from_there() {
+both_modes!(ack_inside_the_window_resends_from_there);
+fn ack_inside_the_window_resends_from_there(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| b.timeout(Duration::from_secs(3)));
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.timeout(Duration::from_secs(3))
+    });
     let raw = Raw::new(server.addr);
     raw.rrq(server.addr, b"big.bin", "octet", &[("windowsize", "4")]);
     let (oack, tid) = raw.recv();
@@ -1037,10 +1084,10 @@ fn ack_inside_the_window_resends_from_there() {
     assert_eq!(raw.recv_within(Duration::from_millis(200)), None);
 }
 
-#[test]
-fn error_8_after_the_oack_is_a_size_probe() {
+both_modes!(error_8_after_the_oack_is_a_size_probe);
+fn error_8_after_the_oack_is_a_size_probe(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs(v4(), root.path());
+    let mut server = spawn_fs(mode, v4(), root.path());
     let raw = Raw::new(server.addr);
     raw.rrq(server.addr, b"big.bin", "octet", &[("tsize", "0")]);
     let (oack, tid) = raw.recv();
@@ -1063,10 +1110,10 @@ fn error_8_after_the_oack_is_a_size_probe() {
     assert_eq!(raw.recv_within(Duration::from_millis(200)), None);
 }
 
-#[test]
-fn retransmits_exactly_the_configured_number_of_times() {
+both_modes!(retransmits_exactly_the_configured_number_of_times);
+fn retransmits_exactly_the_configured_number_of_times(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.timeout(Duration::from_millis(50)).retries(2)
     });
     let raw = Raw::new(server.addr);
@@ -1178,8 +1225,15 @@ impl Handler for FedHandler {
     }
 }
 
-fn spawn_fed(data: Vec<u8>, chunk: usize, notify: bool, source_timeout: Duration) -> ServerGuard {
+fn spawn_fed(
+    mode: Mode,
+    data: Vec<u8>,
+    chunk: usize,
+    notify: bool,
+    source_timeout: Duration,
+) -> ServerGuard {
     spawn_server(
+        mode,
         v4(),
         move || {
             Box::new(FedHandler {
@@ -1197,13 +1251,13 @@ fn spawn_fed(data: Vec<u8>, chunk: usize, notify: bool, source_timeout: Duration
     )
 }
 
-#[test]
-fn a_parked_session_resumes_when_its_source_notifies() {
+both_modes!(a_parked_session_resumes_when_its_source_notifies);
+fn a_parked_session_resumes_when_its_source_notifies(mode: Mode) {
     let data = pseudo_random(300_000, 41);
     // Chunks that do not line up with blocks: reads end mid-block and resume.
-    let mut server = spawn_fed(data.clone(), 7_000, true, Duration::from_secs(60));
+    let mut server = spawn_fed(mode, data.clone(), 7_000, true, Duration::from_secs(60));
     for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")][..]] {
-        let got = fetch(server.addr, "streamed", "octet", options).unwrap();
+        let got = fetch(mode, server.addr, "streamed", "octet", options).unwrap();
         assert_same(&got.data, &data, "streamed");
         let stats = server.next_session();
         assert_eq!(stats.outcome, Outcome::Completed);
@@ -1211,18 +1265,18 @@ fn a_parked_session_resumes_when_its_source_notifies() {
     }
 }
 
-#[test]
-fn a_source_that_never_becomes_ready_ends_the_session_as_stalled() {
+both_modes!(a_source_that_never_becomes_ready_ends_the_session_as_stalled);
+fn a_source_that_never_becomes_ready_ends_the_session_as_stalled(mode: Mode) {
     // Without notifications nothing resumes the source: with nothing in flight after
     // OACK/ACK 0, the session waits for the source timeout and ends as stalled.
-    let mut server = spawn_fed(vec![7; 5000], 1000, false, Duration::from_millis(300));
-    let err = fetch(server.addr, "stuck", "octet", &[("tsize", "0")]).unwrap_err();
+    let mut server = spawn_fed(mode, vec![7; 5000], 1000, false, Duration::from_millis(300));
+    let err = fetch(mode, server.addr, "stuck", "octet", &[("tsize", "0")]).unwrap_err();
     assert_eq!(err.code(), Some(0), "{err:?}");
     let stats = server.next_session();
     assert_eq!(stats.outcome, Outcome::SourceStalled);
     assert_eq!(stats.transfer.bytes_read, 0);
     // The server goes on serving (and stalling) the next request.
-    let again = fetch(server.addr, "stuck", "octet", &[("tsize", "0")]).unwrap_err();
+    let again = fetch(mode, server.addr, "stuck", "octet", &[("tsize", "0")]).unwrap_err();
     assert_eq!(again.code(), Some(0));
     assert_eq!(server.next_session().outcome, Outcome::SourceStalled);
 }
@@ -1231,11 +1285,11 @@ fn a_source_that_never_becomes_ready_ends_the_session_as_stalled() {
 // Adaptive retransmission
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn a_lost_window_is_resent_after_a_few_round_trips_not_the_timeout() {
+both_modes!(a_lost_window_is_resent_after_a_few_round_trips_not_the_timeout);
+fn a_lost_window_is_resent_after_a_few_round_trips_not_the_timeout(mode: Mode) {
     let root = standard_root();
     // A 60 s timeout: within the test's wait only an early retransmission can come.
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.timeout(Duration::from_secs(60)).adaptive_timeout(true)
     });
     let raw = Raw::new(server.addr);
@@ -1265,11 +1319,11 @@ fn a_lost_window_is_resent_after_a_few_round_trips_not_the_timeout() {
     assert!(stats.transfer.srtt.is_some());
 }
 
-#[test]
-fn an_unacknowledged_first_packet_waits_the_full_timeout() {
+both_modes!(an_unacknowledged_first_packet_waits_the_full_timeout);
+fn an_unacknowledged_first_packet_waits_the_full_timeout(mode: Mode) {
     // No round trip measured yet (a spoofed request looks like this): no early resend.
     let root = standard_root();
-    let _server = spawn_fs_with(v4(), root.path(), |b| {
+    let _server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.timeout(Duration::from_secs(60)).adaptive_timeout(true)
     });
     let raw = Raw::new(_server.addr);
@@ -1278,15 +1332,15 @@ fn an_unacknowledged_first_packet_waits_the_full_timeout() {
     assert_eq!(raw.recv_within(Duration::from_millis(300)), None);
 }
 
-#[test]
-fn busy_polling_off_never_spins() {
+both_modes!(busy_polling_off_never_spins);
+fn busy_polling_off_never_spins(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.busy_poll(Duration::ZERO)
             .stats_interval(Duration::from_millis(50))
     });
     for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")][..]] {
-        let got = fetch(server.addr, "big.bin", "octet", options).unwrap();
+        let got = fetch(mode, server.addr, "big.bin", "octet", options).unwrap();
         assert_same(&got.data, big(), "big.bin");
         assert_eq!(server.next_session().outcome, Outcome::Completed);
     }
@@ -1294,14 +1348,14 @@ fn busy_polling_off_never_spins() {
     assert_eq!(total.busy_poll, Duration::ZERO);
 }
 
-#[test]
-fn busy_polling_serves_the_same_bytes() {
+both_modes!(busy_polling_serves_the_same_bytes);
+fn busy_polling_serves_the_same_bytes(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(v4(), root.path(), |b| {
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.busy_poll(Duration::from_micros(200))
     });
     for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")][..]] {
-        let got = fetch(server.addr, "big.bin", "octet", options).unwrap();
+        let got = fetch(mode, server.addr, "big.bin", "octet", options).unwrap();
         assert_same(&got.data, big(), "big.bin");
         assert_eq!(server.next_session().outcome, Outcome::Completed);
     }

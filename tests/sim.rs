@@ -42,46 +42,11 @@ use dyntftp::packet::{write_ack, write_error, write_rrq};
 use dyntftp::{
     BytesSource, ErrorCode, Mode, Outcome, Output, Packet, ResponseData, Session, SessionConfig,
 };
+use testkit::Rng;
 
 // ---------------------------------------------------------------------------------------
 // Randomness and block numbers
 // ---------------------------------------------------------------------------------------
-
-/// xorshift64* (Vigna), seeded through splitmix64 so that any seed, 0 included, works.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        Rng(z.max(1))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// True with probability `p`.
-    fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| (self.next_u64() >> 56) as u8).collect()
-    }
-}
 
 /// The 64-bit block number congruent to `wire` modulo 65536 that is closest to `reference`.
 fn unwrap_block(reference: u64, wire: u16) -> u64 {

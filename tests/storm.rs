@@ -4,19 +4,17 @@
 //! must be reported, and nothing may be left running. The 10,000-client version with
 //! figures is `bench/storm.sh`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use dyntftp::packet::{write_ack, write_rrq};
 use dyntftp::{BytesSource, Handler, Outcome, Packet, ReadRequest, Reject, ResponseData};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
+use testkit::*;
 
 const CLIENTS: usize = 1000;
 const SIZE: usize = 64 * 1024;
@@ -44,24 +42,9 @@ struct Transfer {
     last_ack: Vec<u8>,
 }
 
-fn raise_fd_limit(wanted: u64) -> u64 {
-    // SAFETY: rlimit is a plain C struct; getrlimit/setrlimit only read/write it.
-    unsafe {
-        let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        if limit.rlim_cur < wanted {
-            limit.rlim_cur = wanted.min(limit.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-        limit.rlim_cur
-    }
-}
-
 fn storm(window: u16) {
     // Client sockets, server sockets and spare descriptors.
-    let limit = raise_fd_limit(3 * CLIENTS as u64 + 256);
+    let limit = sys::raise_fd_limit(3 * CLIENTS as u64 + 256);
     let clients = CLIENTS.min((limit.saturating_sub(256) / 2) as usize);
     if clients < CLIENTS {
         eprintln!("descriptor limit {limit}: {clients} clients instead of {CLIENTS}");
@@ -69,6 +52,7 @@ fn storm(window: u16) {
     let data: Arc<[u8]> = pseudo_random(SIZE, u64::from(window)).into();
     let expected = data.clone();
     let mut server = spawn_server(
+        Mode::OwnPort,
         v4(),
         move || Box::new(Same(data)),
         move |b| {

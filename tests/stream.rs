@@ -1,15 +1,13 @@
 //! The streaming source over loopback: a handler that feeds each session from a producer
 //! thread through `stream::channel`, with a buffer much smaller than the files.
 
-mod common;
-
 use std::io::{self, Write};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use common::*;
 use dyntftp::{stream, Handler, Outcome, Packet, ReadRequest, Reject, ResponseData};
+use testkit::*;
 
 /// The buffer between producer and session: a few blocks, so the producer is throttled by
 /// the client all along.
@@ -75,6 +73,7 @@ impl Handler for StreamHandler {
 fn spawn_stream(data: Vec<u8>) -> (ServerGuard, mpsc::Receiver<Report>) {
     let (tx, rx) = mpsc::channel();
     let server = spawn_server(
+        Mode::OwnPort,
         v4(),
         move || Box::new(StreamHandler { data, reports: tx }),
         |b| {
@@ -100,7 +99,7 @@ fn a_stream_is_served_whole_through_a_small_buffer() {
         &[("blksize", "1428"), ("windowsize", "8"), ("tsize", "0")],
     ];
     for options in cases {
-        let got = fetch(server.addr, "plain", "octet", options).unwrap();
+        let got = fetch(Mode::OwnPort, server.addr, "plain", "octet", options).unwrap();
         assert!(got.data == data, "{options:?}: wrong bytes");
         // The size was never announced: no tsize in the OACK.
         assert_eq!(got.oack_value("tsize"), None, "{options:?}");
@@ -118,6 +117,7 @@ fn a_size_announced_in_open_answers_tsize() {
     let data = pseudo_random(100_000, 62);
     let (mut server, reports) = spawn_stream(data.clone());
     let got = fetch(
+        Mode::OwnPort,
         server.addr,
         "sized",
         "octet",
@@ -130,7 +130,14 @@ fn a_size_announced_in_open_answers_tsize() {
     report(&reports).1.unwrap();
     // In netascii the translated size is unknown: tsize is left out, the stream still
     // flows (its raw bytes are checked against the announced size).
-    let got = fetch(server.addr, "sized", "netascii", &[("tsize", "0")]).unwrap();
+    let got = fetch(
+        Mode::OwnPort,
+        server.addr,
+        "sized",
+        "netascii",
+        &[("tsize", "0")],
+    )
+    .unwrap();
     assert_eq!(got.oack, None);
     assert!(got.data == to_netascii(&data));
     assert_eq!(server.next_session().outcome, Outcome::Completed);
@@ -142,7 +149,7 @@ fn a_failed_or_abandoned_stream_ends_with_error_0_after_its_data() {
     let data = pseudo_random(50_000, 63);
     let (mut server, reports) = spawn_stream(data.clone());
     for name in ["fail", "drop"] {
-        let client = Client::new(server.addr);
+        let client = Client::new(server.mode, server.addr);
         let mut received = 0;
         let err = client
             .fetch_with(server.addr, name.as_bytes(), "octet", &[], &mut |p| {
@@ -196,9 +203,15 @@ fn streams_run_side_by_side() {
         .map(|i| {
             thread::spawn(move || {
                 let name = if i % 2 == 0 { "plain" } else { "sized" };
-                fetch(addr, name, "octet", &[("blksize", "1428"), ("tsize", "0")])
-                    .map(|f| f.data)
-                    .map_err(|e| format!("{e:?}"))
+                fetch(
+                    Mode::OwnPort,
+                    addr,
+                    name,
+                    "octet",
+                    &[("blksize", "1428"), ("tsize", "0")],
+                )
+                .map(|f| f.data)
+                .map_err(|e| format!("{e:?}"))
             })
         })
         .collect();

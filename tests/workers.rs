@@ -3,18 +3,16 @@
 //! request reaches the worker that has its session, the statistics of all workers reach
 //! worker 0's handler added up, and one handle stops them all.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use common::*;
 use dyntftp::{
     FsHandler, Handler, Outcome, ReadRequest, Reject, ResponseData, ServerBuilder, ServerStats,
     SessionStats, ShutdownHandle,
 };
+use testkit::*;
 
 /// Serves files and reports, with the name of the thread each callback ran on.
 #[derive(Clone)]
@@ -49,7 +47,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(root: &TempDir, workers: usize, single_port: bool) -> Pool {
+    fn start(root: &TempDir, workers: usize, mode: Mode) -> Pool {
         let (sessions_tx, sessions) = mpsc::channel();
         let (reports_tx, reports) = mpsc::channel();
         let handler = Recorder {
@@ -59,7 +57,7 @@ impl Pool {
         };
         let pool = ServerBuilder::new(handler)
             .bind(v4())
-            .single_port(single_port)
+            .single_port(mode.is_single_port())
             .stats_interval(Duration::from_millis(50))
             .shutdown_grace(Duration::from_millis(300))
             .build_workers(workers)
@@ -108,18 +106,16 @@ impl Drop for Pool {
     }
 }
 
-fn serve_many(single_port: bool) {
+fn serve_many(mode: Mode) {
     let root = standard_root();
-    let pool = Pool::start(&root, 2, single_port);
+    let pool = Pool::start(&root, 2, mode);
     // Forty clients, each on its own port: the kernel spreads them over the workers.
     let handles: Vec<_> = (0..40)
         .map(|i| {
             let addr = pool.addr;
             thread::spawn(move || {
                 let name = if i % 2 == 0 { "big.bin" } else { "small.txt" };
-                let mut client = Client::new(addr);
-                client.single_port = single_port;
-                let got = client
+                let got = Client::new(mode, addr)
                     .fetch(addr, name, "octet", &[("blksize", "1428")])
                     .unwrap_or_else(|e| panic!("client {i}: {e:?}"));
                 assert!(got.data == content(name), "client {i}: {name} differs");
@@ -150,18 +146,18 @@ fn serve_many(single_port: bool) {
 
 #[test]
 fn two_workers_serve_every_client() {
-    serve_many(false);
+    serve_many(Mode::OwnPort);
 }
 
 #[test]
 fn two_workers_in_single_port_mode() {
-    serve_many(true);
+    serve_many(Mode::SinglePort);
 }
 
 #[test]
 fn a_repeated_request_reaches_the_worker_with_the_session() {
     let root = standard_root();
-    let pool = Pool::start(&root, 2, false);
+    let pool = Pool::start(&root, 2, Mode::OwnPort);
     let clients: Vec<Raw> = (0..20).map(|_| Raw::new(pool.addr)).collect();
     for raw in &clients {
         raw.rrq(pool.addr, b"small.txt", "octet", &[]);

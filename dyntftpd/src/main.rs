@@ -1,10 +1,7 @@
 //! `dyntftpd`: serves a directory over TFTP (read requests only) with the dyntftp event loop.
 
-#[path = "dyntftpd/config.rs"]
 mod config;
-#[path = "dyntftpd/logging.rs"]
 mod logging;
-#[path = "dyntftpd/systemd.rs"]
 mod systemd;
 
 use std::ffi::CString;
@@ -22,7 +19,7 @@ use log::{error, info, warn};
 
 use config::{Command, Config};
 use logging::JsonSink;
-use systemd::Notifier;
+use systemd::ServiceManager;
 
 /// Exit code for a bad command line.
 const EXIT_USAGE: u8 = 2;
@@ -114,7 +111,7 @@ impl Handler for Ops {
 fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String> {
     // Both change the environment: before any thread starts.
     let inherited = systemd::listen_fds()?;
-    let notifier = Notifier::from_env().unwrap_or_else(|why| {
+    let service_manager = ServiceManager::from_env().unwrap_or_else(|why| {
         warn!("{why}: the service manager will not be notified");
         None
     });
@@ -201,19 +198,19 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
             String::new()
         }
     );
-    if let Some(notifier) = &notifier {
+    if let Some(service_manager) = &service_manager {
         let status = format!(
             "READY=1\nSTATUS=serving {} on {addrs}",
             config.root.display()
         );
-        if let Err(e) = notifier.notify(&status) {
+        if let Err(e) = service_manager.notify(&status) {
             warn!("cannot notify the service manager: {e}");
         }
     }
     let handle = server.shutdown_handle();
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || wait_for_signals(signals, handle, notifier))
+        .spawn(move || wait_for_signals(signals, handle, service_manager))
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     server.run().map_err(|e| e.to_string())?;
     info!("stopped");
@@ -241,7 +238,7 @@ fn block_signals() -> Result<libc::sigset_t, String> {
 fn wait_for_signals(
     set: libc::sigset_t,
     handle: dyntftp::ShutdownHandle,
-    notifier: Option<Notifier>,
+    service_manager: Option<ServiceManager>,
 ) {
     let mut first = true;
     loop {
@@ -253,8 +250,8 @@ fn wait_for_signals(
         }
         if first {
             info!("signal {signal}: finishing running sessions (send it again to exit now)");
-            if let Some(notifier) = &notifier {
-                if let Err(e) = notifier.notify("STOPPING=1") {
+            if let Some(service_manager) = &service_manager {
+                if let Err(e) = service_manager.notify("STOPPING=1") {
                     warn!("cannot notify the service manager: {e}");
                 }
             }

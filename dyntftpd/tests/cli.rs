@@ -110,7 +110,7 @@ fn help_and_version_exit_0() {
         assert!(text.contains(flag), "help lacks {flag}");
     }
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     assert!(
         readme.contains(text.trim_end()),
         "README's usage block differs from --help"

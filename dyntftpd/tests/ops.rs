@@ -2,8 +2,6 @@
 //! file, JSON and text log files, the configuration file, the man page, the systemd units
 //! and the README's operations section.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -15,10 +13,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dyntftpd");
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// The repository root (this crate is its `dyntftpd/` directory).
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 fn repo_file(path: &str) -> String {
     std::fs::read_to_string(Path::new(REPO).join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -241,7 +240,7 @@ fn socket_activation_serves_the_inherited_socket_and_notifies() {
         status,
         format!("serving {} on {}", root.path().display(), daemon.addr)
     );
-    let got = Client::new(daemon.addr)
+    let got = Client::new(Mode::OwnPort, daemon.addr)
         .fetch(
             daemon.addr,
             "dir/nested.bin",
@@ -258,7 +257,7 @@ fn abstract_notify_socket_gets_ready_and_stopping() {
     let root = standard_root();
     let mut daemon = Daemon::start(&["-r", root_arg(&root), "-q"], ListenPid::Child, true);
     daemon.ready();
-    let got = Client::new(daemon.addr)
+    let got = Client::new(Mode::OwnPort, daemon.addr)
         .fetch(daemon.addr, "small.txt", "octet", &[])
         .expect("download");
     assert_eq!(got.data, SMALL);
@@ -336,7 +335,7 @@ fn systemd_socket_activate_starts_dyntftpd() {
     };
     let line = listening.recv_timeout(WAIT).expect("the tool listens");
     assert!(line.starts_with(&format!("Listening on {addr}")), "{line}");
-    let got = Client::new(addr)
+    let got = Client::new(Mode::OwnPort, addr)
         .fetch(addr, "512.bin", "octet", &[])
         .expect("download");
     assert_eq!(got.data, content("512.bin"));
@@ -514,7 +513,7 @@ fn metrics_file_counts_a_known_workload() {
     assert_eq!(first["dyntftp_requests_total"], 0.0);
     assert_eq!(first["dyntftp_sessions_total{outcome=\"completed\"}"], 0.0);
 
-    let client = Client::new(daemon.addr);
+    let client = Client::new(Mode::OwnPort, daemon.addr);
     for _ in 0..3 {
         let got = client.fetch(daemon.addr, "a.bin", "octet", &[]).unwrap();
         assert_eq!(got.data, file);
@@ -617,7 +616,7 @@ fn json_log_has_one_object_per_session_and_per_report() {
         false,
     );
     daemon.ready();
-    let client = Client::new(daemon.addr);
+    let client = Client::new(Mode::OwnPort, daemon.addr);
     let got = client
         .fetch_with(
             daemon.addr,
@@ -698,13 +697,52 @@ fn json_log_has_one_object_per_session_and_per_report() {
         "duplicate_acks",
         "unexpected_acks",
         "retransmits",
+        "early_retransmits",
         "malformed",
     ] {
         assert!(t[field].is_u64(), "transfer.{field} missing: {s}");
     }
+    // The file is as long as its source said, and the round-trip time is a number of
+    // seconds once an ACK was timed (null otherwise).
+    assert!(t["size_mismatch"].is_null(), "{s}");
+    let srtt = t
+        .get("srtt")
+        .unwrap_or_else(|| panic!("transfer.srtt missing: {s}"));
+    assert!(srtt.is_number() || srtt.is_null(), "{s}");
     assert_eq!(sessions[1]["mode"], "netascii");
     // The stats reports add up to the workload.
     let stats: Vec<_> = records.iter().filter(|r| r["type"] == "stats").collect();
+    for r in &stats {
+        for field in [
+            "requests",
+            "write_requests",
+            "duplicate_requests",
+            "sessions_started",
+            "sessions_failed",
+            "malformed",
+            "stray_datagrams",
+            "datagrams_sent",
+            "bytes_sent",
+            "retransmits",
+            "early_retransmits",
+            "send_would_block",
+            "send_errors",
+            "panics",
+            "rate_limited",
+            "client_limited",
+            "busy",
+            "descriptor_pauses",
+            "active_sessions",
+        ] {
+            assert!(r[field].is_u64(), "stats.{field} missing: {r}");
+        }
+        for field in ["interval", "busy_poll"] {
+            assert!(r[field].is_number(), "stats.{field} missing: {r}");
+        }
+        for field in ["rejected", "sessions_finished", "session_durations"] {
+            assert!(r[field].is_object(), "stats.{field} missing: {r}");
+        }
+    }
     let sum = |field: &str| -> u64 { stats.iter().filter_map(|r| r[field].as_u64()).sum() };
     assert_eq!(sum("requests"), 3);
     assert_eq!(sum("sessions_started"), 2);
@@ -749,7 +787,7 @@ fn text_log_goes_to_the_log_file() {
         false,
     );
     daemon.ready();
-    Client::new(daemon.addr)
+    Client::new(Mode::OwnPort, daemon.addr)
         .fetch(daemon.addr, "small.txt", "octet", &[])
         .unwrap();
     let text = eventually("the session line", || {
@@ -790,7 +828,7 @@ fn config_file_settings_apply_and_flags_override_them() {
         false,
     );
     daemon.ready();
-    let got = Client::new(daemon.addr)
+    let got = Client::new(Mode::OwnPort, daemon.addr)
         .fetch(daemon.addr, "1024.bin", "octet", &[("blksize", "1400")])
         .unwrap();
     // The flag's 700, not the file's 600.
@@ -978,7 +1016,7 @@ fn readme_operations_section_matches_the_repository() {
         .and_then(|s| s.split("\n## ").next())
         .expect("an Operations section");
     for needle in [
-        "cargo install --path . --root /usr/local",
+        "cargo install --path dyntftpd --root /usr/local",
         "cp systemd/dyntftpd.service systemd/dyntftpd.socket /etc/systemd/system/",
         "systemctl enable --now dyntftpd.socket",
         "--metrics-file",

@@ -94,17 +94,18 @@ fn check_udp(fd: RawFd) -> Result<(), String> {
     Ok(())
 }
 
-/// Sends state changes to the service manager over `NOTIFY_SOCKET`.
-pub struct Notifier {
+/// Sends state changes to the service manager over `NOTIFY_SOCKET` (sd_notify(3)). Not to
+/// be confused with [`dyntftp::Notifier`], which wakes the event loop for a source.
+pub struct ServiceManager {
     socket: UnixDatagram,
     addr: UnixAddr,
 }
 
-impl Notifier {
-    /// A notifier for the socket `NOTIFY_SOCKET` names (a path, or `@name` in the abstract
-    /// namespace), or `None` when it is unset. The variable is removed from the
-    /// environment. Call it before any thread starts.
-    pub fn from_env() -> Result<Option<Notifier>, String> {
+impl ServiceManager {
+    /// The service manager listening on the socket `NOTIFY_SOCKET` names (a path, or
+    /// `@name` in the abstract namespace), or `None` when it is unset. The variable is
+    /// removed from the environment. Call it before any thread starts.
+    pub fn from_env() -> Result<Option<ServiceManager>, String> {
         let Some(value) = std::env::var_os("NOTIFY_SOCKET") else {
             return Ok(None);
         };
@@ -120,7 +121,7 @@ impl Notifier {
         .map_err(|e| format!("invalid NOTIFY_SOCKET {text:?}: {e}"))?;
         let socket = UnixDatagram::unbound()
             .map_err(|e| format!("cannot create a notification socket: {e}"))?;
-        Ok(Some(Notifier { socket, addr }))
+        Ok(Some(ServiceManager { socket, addr }))
     }
 
     /// Sends `state`, newline-separated `KEY=value` assignments such as `READY=1`.
@@ -158,11 +159,11 @@ mod tests {
             socket
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .unwrap();
-            let notifier = Notifier {
+            let service_manager = ServiceManager {
                 socket: UnixDatagram::unbound().unwrap(),
                 addr,
             };
-            notifier.notify("READY=1\nSTATUS=serving").unwrap();
+            service_manager.notify("READY=1\nSTATUS=serving").unwrap();
             let mut buf = [0u8; 64];
             let n = socket.recv(&mut buf).unwrap();
             assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving");

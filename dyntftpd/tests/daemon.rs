@@ -1,0 +1,252 @@
+//! The `dyntftpd` binary serving over loopback: our own client and curl against it, name
+//! rewriting, per-client roots, case-insensitive lookup with the cache, two workers, and a
+//! clean exit on SIGTERM. Each test runs twice, with and without `--single-port`.
+//!
+//! curl is skipped with a loud `SKIPPED:` line where it is not installed, unless
+//! `DYNTFTP_REQUIRE_CLIENTS=1`, which turns a missing client into a failure.
+
+use std::fs::{self, File};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dyntftp::Packet;
+use testkit::*;
+
+/// A running `dyntftpd`, killed (by its own PID) and reaped on drop.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    stderr: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts dyntftpd in `mode` on a free 127.0.0.1 port serving `root`, and waits until
+    /// it answers.
+    fn start(mode: Mode, root: &Path, logs: &Path) -> Daemon {
+        Daemon::start_with(mode, root, logs, &[])
+    }
+
+    /// [`Daemon::start`] with extra flags.
+    fn start_with(mode: Mode, root: &Path, logs: &Path, flags: &[&str]) -> Daemon {
+        // Pick a free port: bind port 0, read it, release it.
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let stderr = logs.join(format!("dyntftpd-{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_dyntftpd"))
+            .args(["-l", &addr.to_string(), "-r"])
+            .arg(root)
+            .args(["--timeout", "0.25", "--retries", "3"])
+            .args(mode.is_single_port().then_some("--single-port"))
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start dyntftpd");
+        let mut daemon = Daemon {
+            child,
+            addr,
+            stderr,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Sends a probe RRQ for a missing file until ERROR 1 comes back (bounded).
+    fn wait_ready(&mut self) {
+        let probe = Raw::new(self.addr);
+        for _ in 0..100 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("dyntftpd exited early: {status}\n{}", self.log());
+            }
+            probe.rrq(self.addr, b"readiness-probe-missing", "octet", &[]);
+            if let Some((reply, _)) = probe.recv_within(Duration::from_millis(100)) {
+                match Packet::parse(&reply) {
+                    Ok(Packet::Error { code, .. }) if code.to_u16() == 1 => return,
+                    other => panic!("unexpected probe reply {other:?}"),
+                }
+            }
+        }
+        panic!("dyntftpd did not answer within 10 s\n{}", self.log());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("dyntftpd did not exit within {within:?}\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: kill(2) with the PID of our own child, which has not been reaped yet
+        // (Daemon owns the Child and only waits for it here or on drop).
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn daemon_root() -> TempDir {
+    let root = TempDir::new("daemon-root");
+    for (name, data) in client_files() {
+        root.write(name, &data);
+    }
+    root
+}
+
+both_modes!(dyntftpd_serves_files);
+fn dyntftpd_serves_files(mode: Mode) {
+    let root = daemon_root();
+    let out = TempDir::new("daemon-out");
+    let daemon = Daemon::start(mode, root.path(), out.path());
+    for (name, want) in client_files() {
+        for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")]] {
+            let got = fetch(mode, daemon.addr, name, "octet", options)
+                .unwrap_or_else(|e| panic!("{name} {options:?}: {e:?}\n{}", daemon.log()));
+            assert!(got.data == want, "{name} {options:?}: content differs");
+        }
+    }
+    // And a real client, when there is one.
+    if let Some(curl) = client_or_skip("curl", "dyntftpd_serves_files (curl part)") {
+        let target = out.path().join("curl-big.bin");
+        let target_arg = target.to_string_lossy().into_owned();
+        let url = format!("tftp://{}/big.bin", daemon.addr);
+        let result = run(
+            &curl,
+            &["-s", "-S", "--max-time", "20", "-o", &target_arg, &url],
+            out.path(),
+        );
+        assert!(result.status.success(), "{}", result.describe());
+        assert!(fs::read(&target).unwrap() == big(), "curl big.bin differs");
+    }
+    // Dropping the daemon kills it by PID and reaps it.
+}
+
+both_modes!(dyntftpd_rewrites_names_and_serves_per_client_roots);
+fn dyntftpd_rewrites_names_and_serves_per_client_roots(mode: Mode) {
+    let root = TempDir::new("daemon-remap");
+    root.write("boot/pxelinux.0", b"loader");
+    root.write("host.cfg", b"shared config");
+    root.write("127.0.0.1/host.cfg", b"config of 127.0.0.1");
+    let out = TempDir::new("daemon-out");
+    let daemon = Daemon::start_with(
+        mode,
+        root.path(),
+        out.path(),
+        &[
+            "--strip-prefix",
+            "/tftpboot",
+            "--lowercase",
+            "--unique-root",
+        ],
+    );
+    for name in [
+        "/tftpboot/boot/pxelinux.0",
+        "/TFTPBOOT/Boot/PXELINUX.0",
+        "\\tftpboot\\boot\\pxelinux.0",
+        "boot/pxelinux.0",
+    ] {
+        let got = fetch(mode, daemon.addr, name, "octet", &[])
+            .unwrap_or_else(|e| panic!("{name}: {e:?}\n{}", daemon.log()));
+        assert_eq!(got.data, b"loader", "{name}");
+    }
+    // The client's own directory comes first.
+    let got = fetch(mode, daemon.addr, "host.cfg", "octet", &[]).unwrap();
+    assert_eq!(got.data, b"config of 127.0.0.1");
+    // A prefix is stripped only as a whole directory.
+    let err = fetch(
+        mode,
+        daemon.addr,
+        "/tftpbootx/boot/pxelinux.0",
+        "octet",
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), Some(1), "{err:?}");
+}
+
+both_modes!(dyntftpd_looks_names_up_ignoring_case_and_caches_files);
+fn dyntftpd_looks_names_up_ignoring_case_and_caches_files(mode: Mode) {
+    let root = TempDir::new("daemon-case");
+    root.write("Boot/PxeLinux.0", &pseudo_random(100_000, 5));
+    let out = TempDir::new("daemon-out");
+    let daemon = Daemon::start_with(
+        mode,
+        root.path(),
+        out.path(),
+        &["--ignore-case", "--cache", "1M"],
+    );
+    for _ in 0..3 {
+        let got = fetch(mode, daemon.addr, "boot/pxelinux.0", "octet", &[])
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", daemon.log()));
+        assert!(got.data == pseudo_random(100_000, 5), "content differs");
+    }
+    // Without --ignore-case the same name is not found.
+    let strict = Daemon::start(mode, root.path(), out.path());
+    let err = fetch(mode, strict.addr, "boot/pxelinux.0", "octet", &[]).unwrap_err();
+    assert_eq!(err.code(), Some(1), "{err:?}");
+}
+
+both_modes!(dyntftpd_with_two_workers_serves_and_stops);
+fn dyntftpd_with_two_workers_serves_and_stops(mode: Mode) {
+    let root = daemon_root();
+    let out = TempDir::new("daemon-out");
+    let mut daemon = Daemon::start_with(mode, root.path(), out.path(), &["--workers", "2"]);
+    // Twenty clients on twenty ports: both loops take some.
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let addr = daemon.addr;
+            thread::spawn(move || {
+                let got = fetch(mode, addr, "mult.bin", "octet", &[("blksize", "1428")])
+                    .unwrap_or_else(|e| panic!("client {i}: {e:?}"));
+                assert!(got.data == pseudo_random(MULT_LEN, 11), "client {i}");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(daemon.log().contains("2 workers"), "{}", daemon.log());
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.log());
+}
+
+both_modes!(dyntftpd_exits_0_on_sigterm);
+fn dyntftpd_exits_0_on_sigterm(mode: Mode) {
+    let root = daemon_root();
+    let out = TempDir::new("daemon-out");
+    let mut daemon = Daemon::start(mode, root.path(), out.path());
+    let got = fetch(mode, daemon.addr, "small.txt", "octet", &[]).unwrap();
+    assert_eq!(got.data, SMALL);
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.log());
+}
