@@ -606,28 +606,15 @@ impl<H: Handler> Server<H> {
         let Some(session) = created else {
             return self.refuse(arrival, &internal_error());
         };
-        if let Transport::Own(socket) = &mut transport {
-            let registered = self
-                .poll
-                .registry()
-                .register(socket, id.token(), Interest::READABLE);
-            if let Err(e) = registered {
-                report::log_limited(
-                    &mut self.socket_log,
-                    self.now,
-                    log::Level::Warn,
-                    format_args!("{peer}: cannot register a session socket: {e}"),
-                );
-                let what = format_args!("{peer}: dropping the source of {filename:?}");
-                return self.user_code.drop(&mut self.stats, now, what, session);
-            }
-            let params = session.params();
-            let window_bytes =
-                params.window as usize * (params.blksize as usize + DATAGRAM_OVERHEAD);
-            if window_bytes > DEFAULT_SEND_BUFFER {
-                // Let a whole window sit in the socket buffer.
-                let _ = sys::set_send_buffer(socket, window_bytes * 2);
-            }
+        if let Err(e) = self.register(&mut transport, id, &session) {
+            report::log_limited(
+                &mut self.socket_log,
+                self.now,
+                log::Level::Warn,
+                format_args!("{peer}: cannot register a session socket: {e}"),
+            );
+            let what = format_args!("{peer}: dropping the source of {filename:?}");
+            return self.user_code.drop(&mut self.stats, now, what, session);
         }
         let info = RequestInfo {
             peer,
@@ -637,12 +624,7 @@ impl<H: Handler> Server<H> {
             options: request
                 .options
                 .iter()
-                .map(|o| {
-                    (
-                        String::from_utf8_lossy(o.name).into_owned(),
-                        String::from_utf8_lossy(o.value).into_owned(),
-                    )
-                })
+                .map(|o| (lossy(o.name), lossy(o.value)))
                 .collect(),
             start_time: std::time::SystemTime::now(),
         };
@@ -651,6 +633,29 @@ impl<H: Handler> Server<H> {
         self.admission.session_started(peer, id);
         self.stats.sessions_started += 1;
         self.drive(id);
+    }
+
+    /// Registers a session's own socket with the poll, with room in its send buffer for a
+    /// whole window. Nothing to do for a listener.
+    fn register(
+        &mut self,
+        transport: &mut Transport,
+        id: SessionId,
+        session: &Session,
+    ) -> io::Result<()> {
+        let Transport::Own(socket) = transport else {
+            return Ok(());
+        };
+        self.poll
+            .registry()
+            .register(socket, id.token(), Interest::READABLE)?;
+        let params = session.params();
+        let window_bytes = params.window as usize * (params.blksize as usize + DATAGRAM_OVERHEAD);
+        if window_bytes > DEFAULT_SEND_BUFFER {
+            // Best effort: a smaller buffer only drops sends, which retransmission recovers.
+            let _ = sys::set_send_buffer(socket, window_bytes * 2);
+        }
+        Ok(())
     }
 
     /// Reads the session's own socket until it is empty, driving the session after every
@@ -796,6 +801,11 @@ impl<H: Handler> Server<H> {
 /// Whether an error means the process or system is out of file descriptors.
 fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Bytes from the wire as text, invalid UTF-8 replaced.
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// What a client is told when user code failed on its request.
