@@ -124,12 +124,17 @@
 //!                  spin      adaptive busy polling: when to poll instead of sleeping
 //!                  stats     TransferStats, SessionStats, ServerStats
 //!                  metrics   Metrics: ServerStats totals in the Prometheus text format
+//!
+//!                  client    ReadTransfer: the client side of a read, a pure state machine
+//!                            (tests, the simulator, load generators)
 //! ```
 //!
 //! Only [`server`] touches mio, sockets or the clock. Everything below it takes
 //! `now: Instant` as a parameter and returns what to do, so a [`Session`] can be driven by
-//! a virtual clock and a simulated lossy network (see `tests/sim.rs`).
+//! a virtual clock and a simulated lossy network (see `tests/sim.rs`), against the
+//! sans-IO client in [`client`].
 
+pub mod client;
 pub mod fs;
 pub mod handler;
 pub mod limit;
