@@ -51,9 +51,9 @@
 //! - An ERROR from the server ends the transfer ([`ClientError::Server`]) without a reply.
 //!   A server that breaks the protocol ends it with [`ClientError::Protocol`]; the client
 //!   then sends ERROR 8 for an unacceptable OACK (RFC 2347), ERROR 4 otherwise.
-//! - The driver may end a transfer itself with an ERROR at any point
-//!   ([`abort`](ReadTransfer::abort)). A UEFI-style size probe asks for `tsize`, reads it
-//!   from the OACK and aborts with ERROR 8 instead of sending ACK 0.
+//! - The driver may end a transfer itself with an ERROR at any point, up to refusing the
+//!   final block ([`abort`](ReadTransfer::abort)). A UEFI-style size probe asks for
+//!   `tsize`, reads it from the OACK and aborts with ERROR 8 instead of sending ACK 0.
 //! - The payload is kept ([`data`](ReadTransfer::data)) unless [`Settings::keep_payload`]
 //!   is off; either way [`handle_datagram`](ReadTransfer::handle_datagram) returns each new
 //!   block's payload in order ([`Event::Data`]), to check or store without a copy. A
@@ -556,10 +556,14 @@ impl ReadTransfer {
 
     /// Ends the transfer with an ERROR to the server (`code`, `message`), in place of
     /// anything not yet taken from [`poll_transmit`](Self::poll_transmit); nothing is sent
-    /// when the server has not answered yet. Does nothing once the transfer is over.
+    /// when the server has not answered yet. A transfer that just completed can still be
+    /// aborted while its final ACK was not taken (the driver refuses the last block).
+    /// Does nothing once the transfer failed, or completed and its final ACK was taken.
     pub fn abort(&mut self, code: ErrorCode, message: &str) {
-        if matches!(self.state, State::Done(_)) {
-            return;
+        match self.state {
+            State::Requesting | State::Receiving => {}
+            State::Done(Ok(())) if self.pending == Pending::Ack => {}
+            State::Done(_) => return,
         }
         self.queue_error(code, message);
         self.end(Err(ClientError::Aborted(code)));
@@ -1313,6 +1317,26 @@ mod tests {
         // Over is over.
         client.abort(ErrorCode::DiskFull, "again");
         assert_eq!(sent(&mut client), None);
+
+        // The final block can be refused while its ACK was not taken; not after.
+        let mut client = started(now, &octet(), Settings::default());
+        client.handle_datagram(now, TID, &data(1, b"last"));
+        assert_eq!(client.outcome(), Some(Ok(4)));
+        client.abort(ErrorCode::DiskFull, "no room");
+        assert_eq!(
+            sent(&mut client),
+            Some((TID, error(ErrorCode::DiskFull, "no room")))
+        );
+        assert_eq!(
+            client.outcome(),
+            Some(Err(&ClientError::Aborted(ErrorCode::DiskFull)))
+        );
+        let mut client = started(now, &octet(), Settings::default());
+        client.handle_datagram(now, TID, &data(1, b"last"));
+        assert_eq!(sent(&mut client), Some((TID, ack(1))));
+        client.abort(ErrorCode::DiskFull, "too late");
+        assert_eq!(sent(&mut client), None);
+        assert_eq!(client.outcome(), Some(Ok(4)));
 
         // Before any reply there is nobody to tell.
         let mut client = ReadTransfer::new(now, SERVER, &octet(), Settings::default());

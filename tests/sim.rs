@@ -157,8 +157,7 @@ fn asks(request: &Request, name: &str) -> bool {
 enum Abort {
     /// Answer the OACK with this ERROR (code 8 = a UEFI-style size probe).
     AfterOack(ErrorCode),
-    /// Answer this block (1-based, unwrapped, not the final one) with this ERROR instead
-    /// of an ACK.
+    /// Answer this block (1-based, unwrapped) with this ERROR instead of an ACK.
     AfterBlock(u64, ErrorCode),
 }
 
