@@ -409,14 +409,16 @@ impl fmt::Display for Violation {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// The RRQ is out; waiting for the OACK (or DATA 1).
     Requesting,
     /// Receiving DATA.
     Receiving,
-    /// Over: complete (lingering) or failed.
-    Done(Result<(), ClientError>),
+    /// Got the final block (and lingers).
+    Complete,
+    /// Failed: why is in `failure`.
+    Failed,
 }
 
 /// The datagram waiting for [`ReadTransfer::poll_transmit`].
@@ -436,6 +438,7 @@ pub struct ReadTransfer {
     rrq: Request,
     settings: Settings,
     state: State,
+    failure: Option<ClientError>,
     /// The server's transfer ID, fixed by its first reply.
     peer: Option<SocketAddr>,
     oack: Option<Acknowledged>,
@@ -461,12 +464,14 @@ pub struct ReadTransfer {
 
 impl ReadTransfer {
     /// Starts a transfer of `request` from the server at `server`: the RRQ is queued.
+    #[inline]
     pub fn new(now: Instant, server: SocketAddr, request: &Request, settings: Settings) -> Self {
         ReadTransfer {
             server,
             rrq: request.clone(),
             settings,
             state: State::Requesting,
+            failure: None,
             peer: None,
             oack: None,
             blksize: DEFAULT_BLKSIZE,
@@ -488,6 +493,7 @@ impl ReadTransfer {
 
     /// Feeds a datagram that came from `from`. Returns what it brought that the driver may
     /// want to look at: the accepted OACK, or the payload of the next block in order.
+    #[inline]
     pub fn handle_datagram<'d>(
         &mut self,
         now: Instant,
@@ -496,32 +502,35 @@ impl ReadTransfer {
     ) -> Option<Event<'d>> {
         match self.peer {
             Some(peer) if peer == from => {}
-            None if from.ip().to_canonical() == self.server.ip().to_canonical() => {}
+            None if from.ip().to_canonical() == self.server.ip().to_canonical() => {
+                if self.state == State::Requesting {
+                    self.peer = Some(from);
+                }
+            }
             _ => {
                 self.stats.foreign += 1;
                 return None;
             }
         }
-        match &self.state {
-            State::Done(Ok(())) => {
+        match self.state {
+            State::Requesting | State::Receiving => {}
+            State::Complete => {
                 if let Ok(Packet::Data { block, .. }) = Packet::parse(datagram) {
                     self.linger(block);
                 }
                 return None;
             }
-            State::Done(Err(_)) => return None,
-            State::Requesting | State::Receiving => {}
+            State::Failed => return None,
         }
-        self.peer = Some(from);
         match Packet::parse(datagram) {
             Ok(Packet::Oack(options)) => self.on_oack(now, options),
             Ok(Packet::Data { block, data }) => self.on_data(now, block, data),
             Ok(Packet::Error { code, message }) => {
                 self.pending = Pending::Nothing;
-                self.end(Err(ClientError::Server {
+                self.fail(ClientError::Server {
                     code,
                     message: String::from_utf8_lossy(message).into_owned(),
-                }));
+                });
                 None
             }
             Ok(other) => self.violation(Violation::Unexpected(other.opcode())),
@@ -540,7 +549,7 @@ impl ReadTransfer {
         }
         if self.resends >= self.settings.retries {
             self.pending = Pending::Nothing;
-            self.end(Err(ClientError::TimedOut));
+            self.fail(ClientError::TimedOut);
             return;
         }
         self.resends += 1;
@@ -562,14 +571,15 @@ impl ReadTransfer {
     pub fn abort(&mut self, code: ErrorCode, message: &str) {
         match self.state {
             State::Requesting | State::Receiving => {}
-            State::Done(Ok(())) if self.pending == Pending::Ack => {}
-            State::Done(_) => return,
+            State::Complete if self.pending == Pending::Ack => {}
+            State::Complete | State::Failed => return,
         }
         self.queue_error(code, message);
-        self.end(Err(ClientError::Aborted(code)));
+        self.fail(ClientError::Aborted(code));
     }
 
     /// The datagram to send now, if any. Call after every input.
+    #[inline]
     pub fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
         let pending = std::mem::replace(&mut self.pending, Pending::Nothing);
         let (destination, contents): (SocketAddr, &[u8]) = match pending {
@@ -586,17 +596,19 @@ impl ReadTransfer {
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next; `None` once the
     /// transfer is over.
+    #[inline]
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
     }
 
     /// How the transfer ended: the payload bytes received, or what failed. `None` while it
     /// runs.
+    #[inline]
     pub fn outcome(&self) -> Option<Result<u64, &ClientError>> {
-        match &self.state {
-            State::Done(Ok(())) => Some(Ok(self.bytes)),
-            State::Done(Err(e)) => Some(Err(e)),
+        match self.state {
             State::Requesting | State::Receiving => None,
+            State::Complete => Some(Ok(self.bytes)),
+            State::Failed => self.failure.as_ref().map(Err),
         }
     }
 
@@ -606,32 +618,38 @@ impl ReadTransfer {
     }
 
     /// The server's transfer ID, once it answered.
+    #[inline]
     pub fn peer(&self) -> Option<SocketAddr> {
         self.peer
     }
 
     /// What the server's OACK acknowledged; `None` before it, or when the server answered
     /// with DATA directly.
+    #[inline]
     pub fn oack(&self) -> Option<Acknowledged> {
         self.oack
     }
 
     /// The block size in effect.
+    #[inline]
     pub fn blksize(&self) -> u16 {
         self.blksize
     }
 
     /// The window in effect, in blocks.
+    #[inline]
     pub fn window(&self) -> u16 {
         self.window
     }
 
     /// Blocks received in order so far (not wrapped).
+    #[inline]
     pub fn blocks(&self) -> u64 {
         self.blocks
     }
 
     /// Payload bytes received in order so far.
+    #[inline]
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -647,6 +665,7 @@ impl ReadTransfer {
     }
 
     /// The counters.
+    #[inline]
     pub fn stats(&self) -> &ClientStats {
         &self.stats
     }
@@ -714,9 +733,12 @@ impl ReadTransfer {
         }
     }
 
+    #[inline]
     fn on_data<'d>(&mut self, now: Instant, wire: u16, payload: &'d [u8]) -> Option<Event<'d>> {
-        // DATA 1 without an OACK: no options were asked for, or the server ignored them.
-        self.state = State::Receiving;
+        if self.state == State::Requesting {
+            // DATA 1 without an OACK: no options were asked for, or the server ignored them.
+            self.state = State::Receiving;
+        }
         let expected = self.blocks + 1;
         let block = unwrap_block(expected, wire);
         if payload.len() > usize::from(self.blksize) {
@@ -754,7 +776,8 @@ impl ReadTransfer {
         if payload.len() < usize::from(self.blksize) {
             self.queue_ack(block);
             self.linger_left = self.settings.linger;
-            self.end(Ok(()));
+            self.state = State::Complete;
+            self.deadline = None;
         } else if self.since_ack >= u64::from(self.window) {
             self.queue_ack(block);
         }
@@ -777,16 +800,18 @@ impl ReadTransfer {
             _ => (ErrorCode::IllegalOperation, "illegal TFTP operation"),
         };
         self.queue_error(code, message);
-        self.end(Err(ClientError::Protocol(violation)));
+        self.fail(ClientError::Protocol(violation));
         None
     }
 
     /// Something new arrived: the timer and the retry budget start over.
+    #[inline]
     fn progress(&mut self, now: Instant) {
         self.resends = 0;
         self.deadline = Some(now + self.settings.timeout);
     }
 
+    #[inline]
     fn queue_ack(&mut self, block: u64) {
         self.ack = ack_packet(block as u16);
         self.pending = Pending::Ack;
@@ -802,8 +827,9 @@ impl ReadTransfer {
         }
     }
 
-    fn end(&mut self, result: Result<(), ClientError>) {
-        self.state = State::Done(result);
+    fn fail(&mut self, failure: ClientError) {
+        self.state = State::Failed;
+        self.failure = Some(failure);
         self.deadline = None;
     }
 }
@@ -812,6 +838,7 @@ impl fmt::Debug for ReadTransfer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReadTransfer")
             .field("state", &self.state)
+            .field("failure", &self.failure)
             .field("peer", &self.peer)
             .field("blksize", &self.blksize)
             .field("window", &self.window)
