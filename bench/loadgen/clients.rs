@@ -1,4 +1,6 @@
-//! TFTP mode: the client slots and the `mio` loop that drives them.
+//! TFTP mode: the client slots and the `mio` loop that drives them. The protocol of each
+//! transfer is `dyntftp::client::ReadTransfer`; this file is its socket layer and the
+//! measurement around it.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -6,7 +8,9 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
-use dyntftp::packet::{write_rrq, Packet, MAX_DATAGRAM};
+use dyntftp::client::{ClientError, Event, ReadTransfer, Request, Settings, Violation};
+use dyntftp::packet::MAX_DATAGRAM;
+use dyntftp::Mode;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 
@@ -15,109 +19,74 @@ use crate::mmsg::{Outbox, SharedSocket, SHARED_RCVBUF, SHARED_TOKEN};
 use crate::report::{self, Stats};
 use crate::sys::{cpu_times, raise_fd_limit, set_rcvbuf};
 
-/// Timer expiries without progress before a transfer fails with `timeout`: the RRQ or
-/// last ACK is sent at most this many times.
-const MAX_TRIES: u32 = 5;
+/// Timer resends without progress before a transfer fails with `timeout`: the RRQ or the
+/// last ACK is sent at most five times.
+const RETRIES: u32 = 4;
 
+/// How a slot's transfer reaches the network.
 enum Link {
     /// No transfer in flight.
     Idle,
-    /// The transfer's own socket (the default).
-    Own(UdpSocket),
-    /// `--shared-socket`: the loopback address the transfer uses on the shared socket.
+    /// Its own socket (the default), connected to the server's transfer ID once the
+    /// transfer passes its first block.
+    Own { socket: UdpSocket, connected: bool },
+    /// `--shared-socket`: its loopback address on the shared socket.
     Shared(Ipv4Addr),
 }
 
-/// One client slot. A slot runs one transfer at a time, each on a fresh socket (or a
-/// fresh loopback address of the shared socket).
+/// One client slot. A slot runs one transfer at a time, each on a fresh socket (or a fresh
+/// loopback address of the shared socket). The transfer's state stays in the slot and is
+/// overwritten in place by the next one: it is a few hundred bytes, not worth a copy per
+/// transfer.
 struct Client {
     link: Link,
     /// Unique number of the current transfer; stale timer entries carry an older one.
-    transfer: u64,
+    id: u64,
     /// Index into `Config::files`.
     file: usize,
-    /// The server's transfer ID, locked by the first accepted packet.
-    peer: Option<SocketAddr>,
-    /// The socket is connected to `peer`.
-    connected: bool,
-    /// Whether any OACK or DATA was accepted (else a timeout resends the RRQ).
-    responded: bool,
-    oack_seen: bool,
-    blksize: usize,
-    window: u64,
-    /// Next expected block, unwrapped (the wire carries it modulo 65536).
-    next: u64,
-    /// Bytes received and verified so far.
-    offset: u64,
-    /// In-order blocks since the last ACK.
-    since_ack: u64,
-    /// An out-of-order block was answered since the last in-order block.
-    gap_acked: bool,
     started: Instant,
-    deadline: Instant,
-    /// Timer periods without progress, counting the current one.
-    tries: u32,
+    /// Payload bytes received and verified.
+    verified: u64,
+    tftp: ReadTransfer,
 }
 
 impl Client {
-    fn idle(now: Instant) -> Client {
-        Client {
-            link: Link::Idle,
-            transfer: 0,
-            file: 0,
-            peer: None,
-            connected: false,
-            responded: false,
-            oack_seen: false,
-            blksize: 512,
-            window: 1,
-            next: 1,
-            offset: 0,
-            since_ack: 0,
-            gap_acked: false,
-            started: now,
-            deadline: now,
-            tries: 0,
-        }
-    }
-
-    /// Locks the server's transfer ID. Datagrams from anyone else are then counted as
-    /// foreign and ignored.
-    fn lock_peer(&mut self, peer: SocketAddr) {
-        self.peer = Some(peer);
-    }
-
-    /// Connects the socket to the locked peer, as real clients do: the kernel then drops
-    /// datagrams from anyone else, and sends skip the route lookup. Done once the transfer
-    /// is longer than one block, so that a one-block transfer (the small-file load) does
-    /// not pay a `connect` it would not use.
-    fn connect_peer(&mut self) {
-        if let (Link::Own(socket), Some(peer), false) = (&self.link, self.peer, self.connected) {
-            self.connected = socket.connect(peer).is_ok();
-        }
-    }
-
-    /// Sends `datagram` to the server's TID (or its request port before the first reply),
-    /// or queues it in `out` for the shared socket's next batch. A full socket buffer
-    /// loses the datagram, as the network would; the timers recover.
-    fn send(&self, datagram: &[u8], server: SocketAddr, out: &mut Outbox) -> Result<(), String> {
-        let socket = match &self.link {
+    /// Sends what the transfer queued, if anything, on its socket, or queues it in `out`
+    /// for the shared socket's next batch. A full socket buffer loses the datagram, as the
+    /// network would; the timers recover. Called for every datagram: always inlined.
+    #[inline(always)]
+    fn flush(&mut self, out: &mut Outbox) -> Result<(), String> {
+        let Some(transmit) = self.tftp.poll_transmit() else {
+            return Ok(());
+        };
+        let sent = match &self.link {
             Link::Idle => return Ok(()),
-            Link::Own(socket) => socket,
             Link::Shared(from) => {
-                out.queue(datagram, *from, self.peer.unwrap_or(server));
+                out.queue(transmit.contents, *from, transmit.destination);
                 return Ok(());
             }
-        };
-        let sent = if self.connected {
-            socket.send(datagram)
-        } else {
-            socket.send_to(datagram, self.peer.unwrap_or(server))
+            Link::Own {
+                socket,
+                connected: true,
+            } => socket.send(transmit.contents),
+            Link::Own { socket, .. } => socket.send_to(transmit.contents, transmit.destination),
         };
         match sent {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(format!("send: {e}")),
+        }
+    }
+
+    /// Connects the socket to the server's transfer ID, as real clients do: the kernel then
+    /// drops datagrams from anyone else, and sends skip the route lookup. Done once the
+    /// transfer is longer than one block, so that a one-block transfer (the small-file
+    /// load) does not pay a `connect` it would not use.
+    fn connect_peer(&mut self) {
+        if let (Link::Own { socket, connected }, Some(peer)) = (&mut self.link, self.tftp.peer()) {
+            if !*connected {
+                *connected = socket.connect(peer).is_ok();
+            }
         }
     }
 }
@@ -149,9 +118,11 @@ enum Step {
 
 struct Loadgen {
     config: Config,
-    /// The RRQ of each file, built once.
-    rrqs: Vec<Vec<u8>>,
+    /// The request of each file, built once.
+    requests: Vec<Request>,
+    settings: Settings,
     poll: Poll,
+    /// The client slots; a slot's index is its poll token.
     clients: Vec<Client>,
     /// Deadlines as (when, slot, transfer). Lazy: a transfer has at most one entry, which
     /// may be earlier than its deadline (then it is re-pushed) but never later.
@@ -176,21 +147,13 @@ struct Loadgen {
 
 pub fn run_tftp(config: Config) -> io::Result<bool> {
     raise_fd_limit((config.concurrency as libc::rlim_t).saturating_add(64));
-    let options = requested_options(&config);
-    let rrqs = config
-        .files
-        .iter()
-        .map(|f| {
-            let mut rrq = Vec::new();
-            write_rrq(
-                &mut rrq,
-                f.as_bytes(),
-                "octet",
-                options.iter().map(|(n, v)| (*n, v.as_str())),
-            );
-            rrq
-        })
-        .collect();
+    let requests: Vec<Request> = config.files.iter().map(|f| request(&config, f)).collect();
+    let settings = Settings {
+        timeout: config.client_timeout,
+        retries: RETRIES,
+        linger: 0,
+        keep_payload: false,
+    };
     let cpu_before = cpu_times();
     let now = Instant::now();
     let poll = Poll::new()?;
@@ -199,10 +162,20 @@ pub fn run_tftp(config: Config) -> io::Result<bool> {
     } else {
         None
     };
+    let idle = |_| Client {
+        link: Link::Idle,
+        id: 0,
+        file: 0,
+        started: now,
+        verified: 0,
+        tftp: ReadTransfer::new(now, config.server, &requests[0], settings),
+    };
+    let clients = (0..config.concurrency).map(idle).collect();
     let mut lg = Loadgen {
-        rrqs,
+        requests,
+        settings,
         poll,
-        clients: (0..config.concurrency).map(|_| Client::idle(now)).collect(),
+        clients,
         timers: BinaryHeap::new(),
         stats: Stats::default(),
         rng: Rng::new(config.seed),
@@ -227,22 +200,22 @@ pub fn run_tftp(config: Config) -> io::Result<bool> {
     Ok(pass)
 }
 
-/// The options every RRQ carries, in wire order.
-fn requested_options(config: &Config) -> Vec<(&'static str, String)> {
-    let mut options = Vec::new();
-    if let Some(b) = config.blksize {
-        options.push(("blksize", b.to_string()));
+/// The request for `file`: the options asked for, in wire order.
+fn request(config: &Config, file: &str) -> Request {
+    let mut request = Request::new(file, Mode::Octet);
+    if let Some(blksize) = config.blksize {
+        request = request.blksize(blksize);
     }
-    if let Some(w) = config.windowsize {
-        options.push(("windowsize", w.to_string()));
+    if let Some(window) = config.windowsize {
+        request = request.windowsize(window);
     }
     if config.tsize {
-        options.push(("tsize", "0".to_string()));
+        request = request.tsize();
     }
-    if let Some(t) = config.timeout {
-        options.push(("timeout", t.to_string()));
+    if let Some(seconds) = config.timeout {
+        request = request.timeout(seconds);
     }
-    options
+    request
 }
 
 impl Loadgen {
@@ -338,24 +311,32 @@ impl Loadgen {
                     .registry()
                     .register(&mut socket, Token(id), Interest::READABLE)
                     .map_err(|e| format!("register: {e}"))?;
-                Link::Own(socket)
+                Link::Own {
+                    socket,
+                    connected: false,
+                }
             }
         };
         let file = (self.started - 1) as usize % self.config.files.len();
         let transfer = self.next_transfer;
         self.next_transfer += 1;
-        let client = &mut self.clients[id];
-        *client = Client::idle(now);
-        client.link = link;
-        client.transfer = transfer;
-        client.file = file;
-        client.tries = 1;
-        client.deadline = now + self.config.client_timeout;
-        if let Err(e) = client.send(&self.rrqs[file], server, &mut self.out) {
-            client.link = Link::Idle;
+        let c = &mut self.clients[id];
+        c.link = link;
+        c.id = transfer;
+        c.file = file;
+        c.started = now;
+        c.verified = 0;
+        c.tftp = ReadTransfer::new(now, server, &self.requests[file], self.settings);
+        if let Err(e) = c.flush(&mut self.out) {
+            if let (Link::Shared(addr), Some(shared)) = (&c.link, &mut self.shared) {
+                shared.by_addr.remove(addr);
+            }
+            c.link = Link::Idle;
             return Err(e);
         }
-        self.timers.push(Reverse((client.deadline, id, transfer)));
+        if let Some(deadline) = c.tftp.deadline() {
+            self.timers.push(Reverse((deadline, id, transfer)));
+        }
         self.in_flight += 1;
         Ok(())
     }
@@ -363,7 +344,7 @@ impl Loadgen {
     /// Drains slot `id`'s socket. Spurious events are harmless.
     fn on_readable(&mut self, id: usize) {
         let mut buf = std::mem::take(&mut self.buf);
-        while let Link::Own(socket) = &self.clients[id].link {
+        while let Link::Own { socket, .. } = &self.clients[id].link {
             let (len, from) = match socket.recv_from(&mut buf) {
                 Ok(received) => received,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -425,72 +406,44 @@ impl Loadgen {
         result
     }
 
+    /// Feeds a datagram to slot `id`'s transfer, checks what it brought against the
+    /// expected bytes and sends the answer.
     fn on_datagram(&mut self, id: usize, data: &[u8], from: SocketAddr, now: Instant) -> Step {
-        let server = self.config.server;
-        let c = &mut self.clients[id];
-        if c.peer.is_some_and(|peer| peer != from) {
-            self.stats.foreign += 1;
-            return Step::Continue;
-        }
-        let packet = match Packet::parse(data) {
-            Ok(packet) => packet,
-            Err(e) => return Step::Done(Err(format!("malformed packet: {e}"))),
-        };
-        let is_payload = matches!(packet, Packet::Data { .. } | Packet::Oack(_));
-        if is_payload
-            && self.config.drop_pct > 0.0
+        let t = &mut self.clients[id];
+        // `--drop`: DATA and OACK from the server, before the transfer sees them.
+        if self.config.drop_pct > 0.0
+            && matches!(data, [0, 3 | 6, ..])
+            && t.tftp.peer().is_none_or(|peer| peer == from)
             && self.rng.unit() * 100.0 < self.config.drop_pct
         {
             self.stats.dropped += 1;
             return Step::Continue;
         }
-        let expected = &self.config.expected[c.file];
-        match packet {
-            Packet::Error { code, message } => Step::Done(Err(format!(
-                "error {}: {}",
-                code.to_u16(),
-                String::from_utf8_lossy(message)
-            ))),
-            Packet::Oack(options) => {
-                if c.next > 1 {
-                    return Step::Continue; // a late duplicate; the transfer has moved on
+        let expected = &self.config.expected[t.file];
+        match t.tftp.handle_datagram(now, from, data) {
+            Some(Event::Oack(_)) => {
+                let oack = t.tftp.oack().unwrap_or_default();
+                if self.config.windowsize.is_some() {
+                    match oack.windowsize {
+                        Some(_) => self.stats.ws_acked += 1,
+                        None => self.stats.ws_not_acked += 1,
+                    }
                 }
-                if !c.oack_seen {
-                    if let Err(e) = check_oack(&self.config, expected, options, c) {
-                        return Step::Done(Err(e));
+                if self.config.blksize.is_some() {
+                    match oack.blksize {
+                        Some(_) => self.stats.bs_acked += 1,
+                        None => self.stats.bs_not_acked += 1,
                     }
-                    c.oack_seen = true;
-                    c.responded = true;
-                    c.lock_peer(from);
-                    if self.config.windowsize.is_some() {
-                        if options.iter().any(|o| o.is("windowsize")) {
-                            self.stats.ws_acked += 1;
-                        } else {
-                            self.stats.ws_not_acked += 1;
-                        }
-                    }
-                    if self.config.blksize.is_some() {
-                        if options.iter().any(|o| o.is("blksize")) {
-                            self.stats.bs_acked += 1;
-                        } else {
-                            self.stats.bs_not_acked += 1;
-                        }
-                    }
-                    self.stats.negotiated_blksize = Some(c.blksize);
-                    self.stats.negotiated_windowsize = Some(c.window);
-                } else {
-                    // The server resent its OACK: our ACK 0 was lost or is late.
-                    self.stats.retransmits += 1;
                 }
-                c.tries = 1;
-                c.deadline = now + self.config.client_timeout;
-                send_ack(c, &mut self.out, 0, server)
+                self.stats.negotiated_blksize = Some(usize::from(t.tftp.blksize()));
+                self.stats.negotiated_windowsize = Some(u64::from(t.tftp.window()));
+                if oack.tsize.is_some_and(|size| size != expected.len()) {
+                    return Step::Done(Err("tsize mismatch".into()));
+                }
             }
-            Packet::Data { block, data } => {
-                if !c.responded {
+            Some(Event::Data(payload)) => {
+                if t.tftp.blocks() == 1 && t.tftp.oack().is_none() {
                     // DATA 1 without an OACK: the server ignored every option.
-                    c.responded = true;
-                    c.lock_peer(from);
                     if self.config.windowsize.is_some() {
                         self.stats.ws_not_acked += 1;
                     }
@@ -500,61 +453,37 @@ impl Loadgen {
                     self.stats.negotiated_blksize = Some(512);
                     self.stats.negotiated_windowsize = Some(1);
                 }
-                if block != c.next as u16 {
-                    // A gap or an old duplicate: ask once for a resend from the last
-                    // in-order block, then wait for it.
-                    if c.gap_acked {
-                        return Step::Continue;
-                    }
-                    c.gap_acked = true;
-                    c.since_ack = 0;
-                    self.stats.gap_acks += 1;
-                    return send_ack(c, &mut self.out, (c.next - 1) as u16, server);
-                }
-                if data.len() > c.blksize {
-                    return Step::Done(Err("oversize block".into()));
-                }
-                let end = c.offset + data.len() as u64;
+                let end = t.tftp.bytes();
                 let matches = match expected {
                     Expected::Bytes(bytes) => {
-                        bytes.get(c.offset as usize..end as usize) == Some(data)
+                        let start = (end - payload.len() as u64) as usize;
+                        bytes.get(start..end as usize) == Some(payload)
                     }
                     Expected::Size(size) => end <= *size,
                 };
                 if !matches {
+                    // Refused: its ACK is not sent.
                     return Step::Done(Err(if end > expected.len() {
                         "size mismatch".into()
                     } else {
                         "data mismatch".into()
                     }));
                 }
-                c.offset = end;
-                c.next += 1;
-                if c.next == 3 {
-                    c.connect_peer();
+                t.verified = end;
+                if t.tftp.blocks() == 2 {
+                    t.connect_peer();
                 }
-                c.since_ack += 1;
-                c.gap_acked = false;
-                c.tries = 1;
-                c.deadline = now + self.config.client_timeout;
-                if data.len() < c.blksize {
-                    if let Step::Done(Err(e)) = send_ack(c, &mut self.out, block, server) {
-                        return Step::Done(Err(e));
-                    }
-                    if c.offset != expected.len() {
-                        return Step::Done(Err("size mismatch".into()));
-                    }
-                    return Step::Done(Ok(()));
-                }
-                if c.since_ack >= c.window {
-                    c.since_ack = 0;
-                    return send_ack(c, &mut self.out, block, server);
-                }
-                Step::Continue
             }
-            Packet::Ack { .. } | Packet::Rrq(_) | Packet::Wrq(_) => {
-                Step::Done(Err("unexpected packet".into()))
-            }
+            None => {}
+        }
+        if let Err(e) = t.flush(&mut self.out) {
+            return Step::Done(Err(e));
+        }
+        match t.tftp.outcome() {
+            None => Step::Continue,
+            Some(Ok(bytes)) if bytes != expected.len() => Step::Done(Err("size mismatch".into())),
+            Some(Ok(_)) => Step::Done(Ok(())),
+            Some(Err(e)) => Step::Done(Err(failure(e))),
         }
     }
 
@@ -566,37 +495,27 @@ impl Loadgen {
                 return;
             }
             self.timers.pop();
-            let c = &mut self.clients[id];
-            if matches!(c.link, Link::Idle) || c.transfer != transfer {
+            let t = &mut self.clients[id];
+            if matches!(t.link, Link::Idle) || t.id != transfer {
                 continue;
             }
-            if c.deadline > now {
-                self.timers.push(Reverse((c.deadline, id, transfer)));
+            let Some(deadline) = t.tftp.deadline() else {
                 continue;
-            }
-            if c.tries >= MAX_TRIES {
-                self.finish(id, Err("timeout".into()), now);
-                continue;
-            }
-            c.tries += 1;
-            c.since_ack = 0;
-            c.gap_acked = false;
-            c.deadline = now + self.config.client_timeout;
-            self.stats.retransmits += 1;
-            let sent = if c.responded {
-                let block = (c.next - 1) as u16;
-                send_ack(c, &mut self.out, block, self.config.server)
-            } else {
-                match c.send(&self.rrqs[c.file], self.config.server, &mut self.out) {
-                    Ok(()) => Step::Continue,
-                    Err(e) => Step::Done(Err(e)),
-                }
             };
-            if let Step::Done(result) = sent {
-                self.finish(id, result, now);
+            if deadline > now {
+                self.timers.push(Reverse((deadline, id, transfer)));
                 continue;
             }
-            self.timers.push(Reverse((c.deadline, id, transfer)));
+            t.tftp.handle_timeout(now);
+            let result = match (t.flush(&mut self.out), t.tftp.outcome()) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Some(Err(e))) => Err(failure(e)),
+                (Ok(()), _) => Ok(()),
+            };
+            match (result, t.tftp.deadline()) {
+                (Ok(()), Some(deadline)) => self.timers.push(Reverse((deadline, id, transfer))),
+                (result, _) => self.finish(id, result, now),
+            }
         }
     }
 
@@ -607,16 +526,19 @@ impl Loadgen {
         // (a stale event for the slot only finds the next socket empty).
         match std::mem::replace(&mut c.link, Link::Idle) {
             Link::Idle => return,
-            Link::Own(_) => {}
+            Link::Own { .. } => {}
             Link::Shared(addr) => {
                 if let Some(shared) = &mut self.shared {
                     shared.by_addr.remove(&addr);
                 }
             }
         }
+        let (started, verified, counters) = (c.started, c.verified, *c.tftp.stats());
         self.in_flight -= 1;
-        let (started, bytes) = (c.started, c.offset);
-        self.record(result, started, bytes, now);
+        self.stats.retransmits += counters.timer_resends;
+        self.stats.gap_acks += counters.gap_acks + counters.repeat_acks;
+        self.stats.foreign += counters.foreign;
+        self.record(result, started, verified, now);
         self.refill(id, now);
     }
 
@@ -645,50 +567,17 @@ impl Loadgen {
     }
 }
 
-/// Checks an OACK against what was requested and applies it to `c`.
-fn check_oack(
-    config: &Config,
-    expected: &Expected,
-    options: dyntftp::packet::Options<'_>,
-    c: &mut Client,
-) -> Result<(), String> {
-    let number = |value: &[u8]| -> Option<u64> { std::str::from_utf8(value).ok()?.parse().ok() };
-    for o in options.iter() {
-        let value = number(o.value);
-        let name = String::from_utf8_lossy(o.name).to_ascii_lowercase();
-        match (name.as_str(), value) {
-            ("blksize", Some(v)) if config.blksize.is_some_and(|b| (8..=b as u64).contains(&v)) => {
-                c.blksize = v as usize;
-            }
-            ("windowsize", Some(v))
-                if config
-                    .windowsize
-                    .is_some_and(|w| (1..=w as u64).contains(&v)) =>
-            {
-                c.window = v;
-            }
-            ("tsize", Some(v)) if config.tsize => {
-                if v != expected.len() {
-                    return Err("tsize mismatch".into());
-                }
-            }
-            ("timeout", Some(v)) if config.timeout.is_some_and(|t| t as u64 == v) => {}
-            _ => {
-                return Err(format!(
-                    "bad oack: {name}={}",
-                    String::from_utf8_lossy(o.value)
-                ))
-            }
+/// A failed transfer's reason in the report.
+fn failure(error: &ClientError) -> String {
+    match error {
+        ClientError::Server { code, message } => format!("error {}: {message}", code.to_u16()),
+        ClientError::TimedOut => "timeout".into(),
+        ClientError::Protocol(Violation::Malformed(e)) => format!("malformed packet: {e}"),
+        ClientError::Protocol(Violation::Option { name, value }) => {
+            format!("bad oack: {}={value}", name.to_ascii_lowercase())
         }
-    }
-    Ok(())
-}
-
-fn send_ack(c: &Client, out: &mut Outbox, block: u16, server: SocketAddr) -> Step {
-    // Opcode 4 (ACK) and the block number: no buffer to borrow beside `out`.
-    let [hi, lo] = block.to_be_bytes();
-    match c.send(&[0, 4, hi, lo], server, out) {
-        Ok(()) => Step::Continue,
-        Err(e) => Step::Done(Err(e)),
+        ClientError::Protocol(Violation::Oversize { .. }) => "oversize block".into(),
+        ClientError::Protocol(Violation::Unexpected(_)) => "unexpected packet".into(),
+        other => other.to_string(),
     }
 }

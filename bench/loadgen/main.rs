@@ -29,15 +29,17 @@
 //! # TFTP mode
 //!
 //! One thread and one `mio` poll drive `--concurrency` clients. Each transfer gets its own
-//! socket on a new ephemeral port, like a real client, sends an RRQ with the requested
-//! options, answers an OACK with ACK 0 (or takes DATA 1 when the server ignores options),
-//! and acknowledges every `windowsize` in-order blocks and the final short block (RFC 7440).
-//! An out-of-order block makes the client acknowledge its last in-order block once (the
-//! server resends from there). When its own timer (`--client-timeout`, default 1000 ms)
-//! expires it resends the RRQ or that ACK (a *client retransmit*); five expiries without
-//! progress (the RRQ or ACK sent five times) end the transfer with failure `timeout`.
-//! Each payload is compared, as it arrives, with the expected bytes at the same offset,
-//! so no transfer is buffered. `--drop PCT` ignores that share of received DATA and OACK
+//! socket on a new ephemeral port, like a real client; its protocol is the library's
+//! `dyntftp::client::ReadTransfer`. It sends an RRQ with the requested options, checks the
+//! OACK against them and answers it with ACK 0 (or takes DATA 1 when the server ignores
+//! options), and acknowledges every `windowsize` in-order blocks and the final short block
+//! (RFC 7440). A block beyond the next one makes the client acknowledge its last in-order
+//! block, once per gap (the server resends from there), and a repeat of that block is
+//! acknowledged again (*gap acks* counts both). When its own timer (`--client-timeout`,
+//! default 1000 ms) expires it resends the RRQ or that ACK (a *client retransmit*); five
+//! expiries without progress (the RRQ or ACK sent five times) end the transfer with
+//! failure `timeout`. Each payload is compared, as it arrives, with the expected bytes at
+//! the same offset, so no transfer is buffered. `--drop PCT` ignores that share of received DATA and OACK
 //! packets (seeded xorshift), leaving the recovery to the gap ACK and the timers of both
 //! sides. When a requested window may exceed 32 KiB of payload, every client socket asks
 //! for a 4 MiB receive buffer (`--rcvbuf` sets the size and applies it always), so that a
