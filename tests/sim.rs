@@ -1,10 +1,10 @@
 //! Deterministic simulation of the session state machine.
 //!
 //! A [`Session`] is driven by a virtual clock against the library's sans-IO TFTP read
-//! client ([`ReadTransfer`]) over a seeded lossy link (one [`Lane`] per direction) that drops, duplicates,
-//! delays and reorders datagrams. Nothing here reads the wall clock except once per test for the origin, and
-//! nothing sleeps: a step jumps straight to the next event (a delivery, the session's
-//! deadline or the client's deadline).
+//! client ([`ReadTransfer`]) over a seeded lossy link (one [`Lane`] per direction) that
+//! drops, duplicates, delays and reorders datagrams. Nothing here reads the wall clock
+//! except once per test for the origin, and nothing sleeps: a step jumps straight to the
+//! next event (a delivery, the session's deadline or the client's deadline).
 //!
 //! Besides "the client got exactly the source bytes or the session ended with a legitimate
 //! outcome", the driver keeps an independent view of the transfer (the [`Oracle`]) and checks
