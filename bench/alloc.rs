@@ -1,6 +1,6 @@
 //! Heap allocations on the packet path, counted by a global allocator: a real server and a
-//! minimal client (fixed buffers, no allocation of its own per packet) in one process, over
-//! loopback.
+//! client (the library's `ReadTransfer` over a blocking socket, with fixed buffers: no
+//! allocation of its own per packet or per transfer) in one process, over loopback.
 //!
 //! ```text
 //! cargo bench --bench alloc
@@ -13,12 +13,16 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use dyntftp::packet::{write_ack, write_rrq};
-use dyntftp::{BytesSource, Handler, ReadRequest, Reject, ResponseData, ServerBuilder};
+use dyntftp::client::{ReadTransfer, Request, Settings};
+use dyntftp::{BytesSource, Handler, Mode, ReadRequest, Reject, ResponseData, ServerBuilder};
+
+#[path = "common/blocking.rs"]
+mod blocking;
 
 struct Counting;
 
@@ -55,53 +59,36 @@ impl Handler for Shared {
     }
 }
 
-/// Downloads from `server` with `options`, acknowledging each window's last block;
-/// returns the DATA packets received. Fixed buffers only.
-fn download(socket: &UdpSocket, server: SocketAddr, rrq: &[u8], window: u16) -> u64 {
-    let mut buf = vec![0u8; 65_536];
-    let mut ack = Vec::with_capacity(4);
-    socket.send_to(rrq, server).expect("send RRQ");
-    let mut expected: u16 = 1;
-    let mut packets = 0u64;
-    let mut in_window = 0;
-    loop {
-        let (len, from) = socket
-            .recv_from(&mut buf)
-            .expect("reply within the timeout");
-        match u16::from_be_bytes([buf[0], buf[1]]) {
-            6 => {
-                ack.clear();
-                write_ack(&mut ack, 0);
-                socket.send_to(&ack, from).unwrap();
-            }
-            3 => {
-                let block = u16::from_be_bytes([buf[2], buf[3]]);
-                if block != expected {
-                    continue;
-                }
-                packets += 1;
-                in_window += 1;
-                expected = expected.wrapping_add(1);
-                let last = len < 4 + 1428;
-                if last || in_window == window {
-                    in_window = 0;
-                    ack.clear();
-                    write_ack(&mut ack, block);
-                    socket.send_to(&ack, from).unwrap();
-                }
-                if last {
-                    return packets;
-                }
-            }
-            other => panic!("unexpected opcode {other}"),
-        }
-    }
+/// The client's settings: the payload is counted, not kept (nothing allocated per
+/// transfer).
+const CLIENT: Settings = Settings {
+    timeout: std::time::Duration::from_secs(1),
+    retries: 5,
+    linger: 0,
+    keep_payload: false,
+};
+
+/// Downloads `request` from `server` and checks it got `len` bytes; returns the DATA
+/// packets received in order. Fixed buffers only.
+fn download(
+    socket: &UdpSocket,
+    server: SocketAddr,
+    request: &Request,
+    len: usize,
+    buf: &mut [u8],
+) -> u64 {
+    let mut transfer = ReadTransfer::new(Instant::now(), server, request, CLIENT);
+    blocking::drive(socket, &mut transfer, buf, |_, _| ControlFlow::Continue(())).expect("I/O");
+    assert_eq!(transfer.outcome(), Some(Ok(len as u64)), "{transfer:?}");
+    transfer.blocks()
 }
 
 fn main() {
     let data: std::sync::Arc<[u8]> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
     let small: std::sync::Arc<[u8]> = vec![7u8; 1000].into();
+    let mut buf = vec![0u8; 65_536];
     for (name, data) in [("big", data), ("small", small)] {
+        let len = data.len();
         // The server is built on its own thread (a running server is not Send).
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let thread = thread::spawn(move || {
@@ -116,22 +103,14 @@ fn main() {
         });
         let (addr, stop) = ready.recv().expect("server started");
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut rrq = Vec::new();
-        write_rrq(
-            &mut rrq,
-            name.as_bytes(),
-            "octet",
-            [("blksize", "1428"), ("windowsize", "16")],
-        );
+        socket.set_read_timeout(Some(CLIENT.timeout)).unwrap();
+        let request = Request::new(name, Mode::Octet).blksize(1428).windowsize(16);
         // Warm up (first-time allocations in the server: slab, wheel, buffers).
-        download(&socket, addr, &rrq, 16);
+        download(&socket, addr, &request, len, &mut buf);
         if name == "big" {
             let before = ALLOCATIONS.load(Ordering::Relaxed);
             let started = Instant::now();
-            let packets = download(&socket, addr, &rrq, 16);
+            let packets = download(&socket, addr, &request, len, &mut buf);
             let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
             println!(
                 "one 32 MiB transfer (blksize 1428, windowsize 16): {packets} DATA packets, \
@@ -143,7 +122,7 @@ fn main() {
             let sessions = 2000;
             let before = ALLOCATIONS.load(Ordering::Relaxed);
             for _ in 0..sessions {
-                download(&socket, addr, &rrq, 16);
+                download(&socket, addr, &request, len, &mut buf);
             }
             let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
             println!(

@@ -4,7 +4,7 @@
 #   bench/compare.sh [--runs N] [--quick] [--markdown] [--servers LIST] [--loss-limit SECS]
 #                    [--port-base PORT]
 #
-# It builds dyntftpd (release) and the load generator (bench/loadgen.rs), generates the
+# It builds dyntftpd (release) and the load generator (bench/loadgen/), generates the
 # files in a temporary root, starts every server on its own loopback port serving that
 # root, runs one fixed matrix with every transfer verified byte for byte (each case
 # against every server back to back, so that a row compares servers measured within
@@ -137,7 +137,7 @@ build_log=$(cargo bench --bench loadgen --no-run 2>&1) || {
     echo "$build_log" >&2
     exit 1
 }
-loadgen=$(sed -n 's/.*Executable bench\/loadgen\.rs (\(.*\)).*/\1/p' <<<"$build_log" | tail -n 1)
+loadgen=$(sed -n 's/.*Executable bench\/loadgen\/main\.rs (\(.*\)).*/\1/p' <<<"$build_log" | tail -n 1)
 case "$loadgen" in
     /*) ;;
     ?*) loadgen="$repo/$loadgen" ;;

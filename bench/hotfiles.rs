@@ -15,15 +15,21 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dyntftp::packet::{write_ack, write_rrq};
-use dyntftp::{CacheStats, FsHandler, Packet, ServerBuilder};
+use dyntftp::client::{Event, ReadTransfer, Request, Settings};
+use dyntftp::{CacheStats, FsHandler, Mode, ServerBuilder};
 use testkit::{pseudo_random, sys};
+
+#[path = "common/args.rs"]
+mod args;
+#[path = "common/blocking.rs"]
+mod blocking;
 
 struct Config {
     clients: usize,
@@ -41,7 +47,7 @@ fn parse_args() -> Config {
         blksize: 1428,
         window: 16,
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = args::args().into_iter();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| -> usize {
             args.next()
@@ -53,8 +59,7 @@ fn parse_args() -> Config {
             "--rounds" => config.rounds = value("--rounds").max(1),
             "--size" => config.size = value("--size") << 20,
             "--blksize" => config.blksize = value("--blksize").clamp(8, 65464),
-            "--window" => config.window = value("--window").max(1),
-            "--bench" => {} // passed by `cargo bench`
+            "--window" => config.window = value("--window").clamp(1, 65535),
             "-h" | "--help" => {
                 println!(
                     "cargo bench --bench hotfiles -- [--clients N] [--rounds R] [--size MIB] \
@@ -68,68 +73,34 @@ fn parse_args() -> Config {
     config
 }
 
-/// Fetches `name` and checks it equals `want`.
-fn fetch(server: SocketAddr, name: &str, want: &[u8], config: &Config) -> io::Result<()> {
+/// The clients' settings: each block is compared as it arrives, nothing is kept.
+const CLIENT: Settings = Settings {
+    timeout: Duration::from_secs(1),
+    retries: 5,
+    linger: 0,
+    keep_payload: false,
+};
+
+/// Fetches `request` and checks it equals `want`.
+fn fetch(server: SocketAddr, request: &Request, want: &[u8]) -> io::Result<()> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
-    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let (blksize, window) = (config.blksize.to_string(), config.window.to_string());
-    let mut packet = Vec::new();
-    write_rrq(
-        &mut packet,
-        name.as_bytes(),
-        "octet",
-        [
-            ("blksize", blksize.as_str()),
-            ("windowsize", window.as_str()),
-        ],
-    );
-    socket.send_to(&packet, server)?;
+    socket.set_read_timeout(Some(CLIENT.timeout))?;
+    let mut transfer = ReadTransfer::new(Instant::now(), server, request, CLIENT);
     let mut buf = vec![0u8; 65536];
-    let mut got: Vec<u8> = Vec::with_capacity(want.len());
-    let mut expected: u16 = 1;
-    let mut in_window = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if Instant::now() > deadline {
-            return Err(io::Error::other("transfer took over 120 s"));
+    let mut same = true;
+    blocking::drive(&socket, &mut transfer, &mut buf, |transfer, event| {
+        if let Event::Data(payload) = event {
+            let offset = (transfer.bytes() - payload.len() as u64) as usize;
+            same &= want.get(offset..offset + payload.len()) == Some(payload);
         }
-        let (len, from) = socket.recv_from(&mut buf)?;
-        let ack = |block: u16| {
-            let mut ack = Vec::new();
-            write_ack(&mut ack, block);
-            socket.send_to(&ack, from).map(|_| ())
-        };
-        match Packet::parse(&buf[..len]) {
-            Ok(Packet::Oack(_)) => ack(0)?,
-            Ok(Packet::Data { block, data }) if block == expected => {
-                got.extend_from_slice(data);
-                let last = data.len() < config.blksize;
-                in_window += 1;
-                if last || in_window == config.window {
-                    ack(block)?;
-                    in_window = 0;
-                }
-                if last {
-                    break;
-                }
-                expected = expected.wrapping_add(1);
-            }
-            Ok(Packet::Data { .. }) => {
-                ack(expected.wrapping_sub(1))?;
-                in_window = 0;
-            }
-            Ok(Packet::Error { message, .. }) => {
-                return Err(io::Error::other(
-                    String::from_utf8_lossy(message).into_owned(),
-                ))
-            }
-            _ => return Err(io::Error::other("unexpected packet")),
-        }
+        ControlFlow::Continue(())
+    })?;
+    match transfer.outcome() {
+        Some(Ok(len)) if same && len == want.len() as u64 => Ok(()),
+        Some(Ok(_)) => Err(io::Error::other("wrong bytes")),
+        Some(Err(e)) => Err(io::Error::other(e.to_string())),
+        None => Err(io::Error::other("the transfer did not end")),
     }
-    if got != want {
-        return Err(io::Error::other("wrong bytes"));
-    }
-    Ok(())
 }
 
 struct Run {
@@ -160,13 +131,16 @@ fn run(root: &Path, cache_bytes: u64, want: &Arc<Vec<u8>>, config: &Config) -> R
     };
     let addr = ready_rx.recv().unwrap();
     let start = Instant::now();
-    let config = Arc::new(Config { ..*config });
+    let request = Request::new("vmlinuz", Mode::Octet)
+        .blksize(config.blksize as u16)
+        .windowsize(config.window as u16);
+    let rounds = config.rounds;
     let clients: Vec<_> = (0..config.clients)
         .map(|_| {
-            let (want, config) = (Arc::clone(want), Arc::clone(&config));
+            let (want, request) = (Arc::clone(want), request.clone());
             thread::spawn(move || {
-                for _ in 0..config.rounds {
-                    fetch(addr, "vmlinuz", &want, &config).expect("fetch");
+                for _ in 0..rounds {
+                    fetch(addr, &request, &want).expect("fetch");
                 }
             })
         })

@@ -39,19 +39,25 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::ControlFlow;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dyntftp::packet::{write_ack, write_error, write_rrq};
+use dyntftp::client::{write_ack, ClientError, Event, ReadTransfer, Request, Settings};
 use dyntftp::{
-    ErrorCode, FsHandler, Handler, Packet, ReadRequest, Reject, ResponseData, ServerBuilder,
+    ErrorCode, FsHandler, Handler, Mode, Packet, ReadRequest, Reject, ResponseData, ServerBuilder,
     ServerStats,
 };
 use getopts::Options;
 use testkit::sys;
+
+#[path = "common/args.rs"]
+mod args;
+#[path = "common/blocking.rs"]
+mod blocking;
 
 const SIZES: [usize; 8] = [0, 100, 512, 1500, 8000, 40_000, 100_000, 262_144];
 
@@ -78,10 +84,7 @@ fn options() -> Options {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args = args::args();
     let opts = options();
     let usage = opts.usage("Usage: cargo bench --bench soak -- --sessions N [options]");
     if args.is_empty() {
@@ -232,106 +235,68 @@ fn client(i: usize, server: SocketAddr, files: &[Vec<u8>]) -> Result<Option<UdpS
     client_io(i, server, files).map_err(|e| format!("client {i} ({:?}): {e}", kind(i)))?
 }
 
+/// The clients' settings: a client that gets no reply for 6 s gives up.
+const CLIENT: Settings = Settings {
+    timeout: Duration::from_secs(1),
+    retries: 5,
+    linger: 0,
+    keep_payload: true,
+};
+
 fn client_io(
     i: usize,
     server: SocketAddr,
     files: &[Vec<u8>],
 ) -> io::Result<Result<Option<UdpSocket>, String>> {
     let socket = UdpSocket::bind("127.0.0.1:0")?;
-    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.set_read_timeout(Some(CLIENT.timeout))?;
     let size_index = (i / 7) % SIZES.len();
     let size = SIZES[size_index];
     let want = &files[size_index];
-    let options = options_for(i);
     let kind = kind(i);
-    let mut rrq = Vec::new();
-    write_rrq(
-        &mut rrq,
-        format!("f{size}").as_bytes(),
-        "octet",
-        options.iter().copied(),
+    let request = options_for(i).into_iter().fold(
+        Request::new(format!("f{size}"), Mode::Octet),
+        |r, (name, value)| r.option(name, value),
     );
-    socket.send_to(&rrq, server)?;
+    let mut transfer = ReadTransfer::new(Instant::now(), server, &request, CLIENT);
     let mut buf = vec![0u8; 65_536];
-    let mut out = Vec::new();
-    let (mut blksize, mut window) = (512usize, 1usize);
-    let mut expected: u16 = 1;
-    let mut in_window = 0;
     let mut datas = 0;
-    let mut scratch = Vec::new();
-    loop {
-        let (len, from) = socket.recv_from(&mut buf)?;
-        match Packet::parse(&buf[..len]) {
-            Ok(Packet::Oack(opts)) => {
-                match kind {
-                    Kind::VanishEarly => return Ok(Ok(Some(socket))),
-                    Kind::Probe => {
-                        scratch.clear();
-                        write_error(&mut scratch, ErrorCode::OptionNegotiation, "size only");
-                        socket.send_to(&scratch, from)?;
-                        return Ok(Ok(None));
-                    }
-                    _ => {}
-                }
-                for o in opts.iter() {
-                    let v: usize = std::str::from_utf8(o.value)
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    if o.is("blksize") {
-                        blksize = v;
-                    } else if o.is("windowsize") {
-                        window = v;
-                    }
-                }
-                scratch.clear();
-                write_ack(&mut scratch, 0);
-                socket.send_to(&scratch, from)?;
+    let mut vanished = false;
+    blocking::drive(&socket, &mut transfer, &mut buf, |transfer, event| {
+        match (kind, event) {
+            (Kind::VanishEarly, _) => vanished = true,
+            (Kind::Probe, Event::Oack(_)) => {
+                transfer.abort(ErrorCode::OptionNegotiation, "size only");
             }
-            Ok(Packet::Data { block, data }) => {
+            (_, Event::Data(_)) => {
                 datas += 1;
                 match kind {
-                    Kind::VanishEarly => return Ok(Ok(Some(socket))),
-                    Kind::VanishMidway if datas == 3 => return Ok(Ok(Some(socket))),
-                    Kind::GiveUp => {
-                        scratch.clear();
-                        write_error(&mut scratch, ErrorCode::NotDefined, "giving up");
-                        socket.send_to(&scratch, from)?;
-                        return Ok(Ok(None));
-                    }
+                    Kind::VanishMidway if datas == 3 => vanished = true,
+                    Kind::GiveUp => transfer.abort(ErrorCode::NotDefined, "giving up"),
                     _ => {}
                 }
-                if block != expected {
-                    // A retransmission (a slow client missed the timeout) or a gap: say
-                    // what we have, the server resends from there.
-                    scratch.clear();
-                    write_ack(&mut scratch, expected.wrapping_sub(1));
-                    socket.send_to(&scratch, from)?;
-                    in_window = 0;
-                    continue;
-                }
-                out.extend_from_slice(data);
-                expected = expected.wrapping_add(1);
-                in_window += 1;
-                let last = data.len() < blksize;
-                if last || in_window == window {
-                    scratch.clear();
-                    write_ack(&mut scratch, block);
-                    socket.send_to(&scratch, from)?;
-                    in_window = 0;
-                }
-                if last {
-                    // A vanish-midway client of a short file just completes.
-                    return Ok(if out == *want {
-                        Ok(None)
-                    } else {
-                        Err(format!("{} bytes that differ from the file", out.len()))
-                    });
-                }
             }
-            other => return Ok(Err(format!("unexpected {other:?}"))),
+            _ => {}
         }
+        if vanished {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    if vanished {
+        return Ok(Ok(Some(socket)));
     }
+    Ok(match transfer.outcome() {
+        // A vanish-midway client of a short file just completes.
+        Some(Ok(_)) if transfer.data() == want.as_slice() => Ok(None),
+        Some(Ok(len)) => Err(format!("{len} bytes that differ from the file")),
+        Some(Err(ClientError::Aborted(_))) if matches!(kind, Kind::Probe | Kind::GiveUp) => {
+            Ok(None)
+        }
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("the transfer did not end".into()),
+    })
 }
 
 /// A client that never ACKs DATA 1: counts the retransmissions it gets, then checks that
@@ -341,9 +306,10 @@ fn unanswered(server: SocketAddr, quiet: Duration) -> Result<u32, String> {
     socket
         .set_read_timeout(Some(quiet))
         .map_err(|e| e.to_string())?;
-    let mut rrq = Vec::new();
-    write_rrq(&mut rrq, b"f1500", "octet", []);
-    socket.send_to(&rrq, server).map_err(|e| e.to_string())?;
+    let rrq = Request::new("f1500", Mode::Octet);
+    socket
+        .send_to(rrq.as_bytes(), server)
+        .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 2048];
     let (_, tid) = socket
         .recv_from(&mut buf)

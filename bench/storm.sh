@@ -49,7 +49,7 @@ cd "$repo"
 echo "building (release)..." >&2
 cargo build --release --quiet --bin dyntftpd
 build_log=$(cargo bench --bench loadgen --no-run 2>&1) || { echo "$build_log" >&2; exit 1; }
-loadgen=$(sed -n 's/.*Executable bench\/loadgen\.rs (\(.*\)).*/\1/p' <<<"$build_log" | tail -n 1)
+loadgen=$(sed -n 's/.*Executable bench\/loadgen\/main\.rs (\(.*\)).*/\1/p' <<<"$build_log" | tail -n 1)
 case "$loadgen" in
     /*) ;;
     ?*) loadgen="$repo/$loadgen" ;;

@@ -131,6 +131,8 @@
 //!                   └ cache     hot files held in memory, shared by the sessions sending them
 //!                  stats     TransferStats, SessionStats, ServerStats
 //!                  metrics   Metrics: ServerStats totals in the Prometheus text format
+//!                  client    ReadTransfer: the client side of a read, a pure state machine
+//!                            (tests, the simulator, load generators)
 //!
 //!  internal to the crate:
 //!                  timer     hashed timer wheel keyed by session (no clock reads)
@@ -141,11 +143,13 @@
 //!
 //! [`server`] is the driver: the only module that uses mio or reads the clock. Everything
 //! below it takes `now: Instant` as a parameter and returns what to do, so a [`Session`]
-//! can be driven by a virtual clock and a simulated lossy network (see `tests/sim.rs`).
+//! can be driven by a virtual clock and a simulated lossy network (see `tests/sim.rs`),
+//! against the sans-IO client in [`client`].
 //! The system calls std does not offer (socket options, PKTINFO and GSO sends, `openat2`
 //! and directory listings, the descriptor limit) are in `sys`, behind safe functions that
 //! `server` and `fs` call: it is the only module with `unsafe`.
 
+pub mod client;
 pub mod fs;
 pub mod handler;
 mod limit;

@@ -6,7 +6,8 @@
 //!
 //! Encoding goes the other way: [`Packet::encode`] appends a packet to a `Vec<u8>`, and the
 //! `write_*` helpers build the packets the server sends on its hot path without any
-//! intermediate value.
+//! intermediate value. The client's packets (RRQ, ACK) are written by
+//! [`client`](crate::client).
 
 use std::fmt;
 
@@ -494,7 +495,7 @@ fn parse_request(body: &[u8]) -> Result<Request<'_>, ParseError> {
 }
 
 /// Appends `text` up to its first NUL, then a NUL.
-fn push_cstr(out: &mut Vec<u8>, text: &[u8]) {
+pub(crate) fn push_cstr(out: &mut Vec<u8>, text: &[u8]) {
     let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
     out.extend_from_slice(&text[..end]);
     out.push(0);
@@ -509,11 +510,6 @@ pub fn write_data_header(buf: &mut [u8], block: u16) -> Option<()> {
     header[..2].copy_from_slice(&Opcode::Data.to_u16().to_be_bytes());
     header[2..].copy_from_slice(&block.to_be_bytes());
     Some(())
-}
-
-/// Appends an ACK for `block` to `out`.
-pub fn write_ack(out: &mut Vec<u8>, block: u16) {
-    Packet::Ack { block }.encode(out);
 }
 
 /// Appends an ERROR packet to `out`; a NUL inside `message` cuts it short.
@@ -531,20 +527,6 @@ where
     I: IntoIterator<Item = (&'o str, &'o str)>,
 {
     out.extend_from_slice(&Opcode::Oack.to_u16().to_be_bytes());
-    for (name, value) in options {
-        push_cstr(out, name.as_bytes());
-        push_cstr(out, value.as_bytes());
-    }
-}
-
-/// Appends a read request to `out` (used by test clients and the load generator).
-pub fn write_rrq<'o, I>(out: &mut Vec<u8>, filename: &[u8], mode: &str, options: I)
-where
-    I: IntoIterator<Item = (&'o str, &'o str)>,
-{
-    out.extend_from_slice(&Opcode::Rrq.to_u16().to_be_bytes());
-    push_cstr(out, filename);
-    push_cstr(out, mode.as_bytes());
     for (name, value) in options {
         push_cstr(out, name.as_bytes());
         push_cstr(out, value.as_bytes());
@@ -724,12 +706,6 @@ mod tests {
         out.clear();
         write_oack(&mut out, [("blksize", "1428"), ("tsize", "99")]);
         assert_eq!(out, b"\x00\x06blksize\x001428\x00tsize\x0099\x00");
-        out.clear();
-        write_rrq(&mut out, b"a/b", "octet", [("windowsize", "16")]);
-        assert_eq!(out, b"\x00\x01a/b\x00octet\x00windowsize\x0016\x00");
-        out.clear();
-        write_ack(&mut out, 7);
-        assert_eq!(out, b"\x00\x04\x00\x07");
         let mut buf = [0u8; 6];
         write_data_header(&mut buf, 258).unwrap();
         assert_eq!(&buf[..4], b"\x00\x03\x01\x02");

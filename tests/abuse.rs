@@ -227,7 +227,7 @@ fn a_flood_writes_a_bounded_number_of_warnings(mode: Mode) {
     let flood = Raw::new(server.addr);
     let port = flood.local_addr().port();
     let mut rrq = Vec::new();
-    dyntftp::packet::write_rrq(&mut rrq, b"small.txt", "octet", []);
+    dyntftp::client::write_rrq(&mut rrq, b"small.txt", "octet", []);
     // In batches small enough for the listener's receive buffer, each followed by a
     // request from another client (its own bucket) whose session orders the counters.
     for batch in 0..10u8 {

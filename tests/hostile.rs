@@ -110,7 +110,7 @@ fn listener_case(server: &mut ServerGuard, case: &str, datagram: &[u8], want: An
 
 fn rrq_bytes(filename: &[u8], mode: &str, options: &[(&str, &str)]) -> Vec<u8> {
     let mut rrq = Vec::new();
-    dyntftp::packet::write_rrq(&mut rrq, filename, mode, options.iter().copied());
+    dyntftp::client::write_rrq(&mut rrq, filename, mode, options.iter().copied());
     rrq
 }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dyntftp::packet::{write_ack, write_rrq};
+use dyntftp::client::{write_ack, write_rrq};
 use dyntftp::{Outcome, Packet, SessionStats};
 use testkit::*;
 

@@ -1,10 +1,10 @@
 //! Deterministic simulation of the session state machine.
 //!
-//! A [`Session`] is driven by a virtual clock against a sans-IO TFTP read client
-//! ([`Client`]) over a seeded lossy link (one [`Lane`] per direction) that drops, duplicates,
-//! delays and reorders datagrams. Nothing here reads the wall clock except once per test for the origin, and
-//! nothing sleeps: a step jumps straight to the next event (a delivery, the session's
-//! deadline or the client's deadline).
+//! A [`Session`] is driven by a virtual clock against the library's sans-IO TFTP read
+//! client ([`ReadTransfer`]) over a seeded lossy link (one [`Lane`] per direction) that
+//! drops, duplicates, delays and reorders datagrams. Nothing here reads the wall clock
+//! except once per test for the origin, and nothing sleeps: a step jumps straight to the
+//! next event (a delivery, the session's deadline or the client's deadline).
 //!
 //! Besides "the client got exactly the source bytes or the session ended with a legitimate
 //! outcome", the driver keeps an independent view of the transfer (the [`Oracle`]) and checks
@@ -33,12 +33,12 @@
 //!   retransmission, and early ones (spurious when delays vary) resend under 5 % of packets.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap};
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use dyntftp::options::parse_decimal;
-use dyntftp::packet::{write_ack, write_error, write_rrq};
+use dyntftp::client::{write_ack, ClientError, Event, ReadTransfer, Request, Settings};
 use dyntftp::{
     BytesSource, ErrorCode, Mode, Outcome, Output, Packet, ResponseData, Session, SessionConfig,
 };
@@ -73,84 +73,51 @@ fn describe(bytes: &[u8]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// The client model
+// The client
 // ---------------------------------------------------------------------------------------
 
-/// The client's retransmission interval (twice the server's default base timeout).
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Consecutive client timeouts without progress before it gives up (24 s: longer than the
-/// server's default 1+2+4+8+8 s retry schedule, so the session normally gives up first).
-const CLIENT_MAX_TIMEOUTS: u32 = 12;
-/// How many retransmitted final blocks a finished client still answers with the final ACK.
-const LINGER_REPLIES: u32 = 2;
+/// Where the client sends its RRQ: the server's request port.
+const SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 69);
+/// The session's own port (its transfer ID), where every reply comes from.
+const TID: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 50_000);
+/// The file every request names.
+const FILE: &str = "sim/file.bin";
 /// The most datagrams the simulated driver takes from the session at once (as with GSO).
 const GSO_SEGMENTS: usize = 64;
 
-/// What the client asks for in its RRQ. `None` options are not requested.
-#[derive(Clone, Debug)]
-struct Request {
-    mode: Mode,
-    blksize: Option<u16>,
-    window: Option<u16>,
-    tsize: bool,
-    /// The `timeout` option, in seconds.
-    timeout: Option<u8>,
-}
-
-impl Request {
-    fn octet(blksize: u16, window: u16) -> Request {
-        Request {
-            mode: Mode::Octet,
-            blksize: Some(blksize),
-            window: Some(window),
-            tsize: false,
-            timeout: None,
-        }
-    }
-
-    /// A plain RFC 1350 request: no options at all.
-    fn plain() -> Request {
-        Request {
-            mode: Mode::Octet,
-            blksize: None,
-            window: None,
-            tsize: false,
-            timeout: None,
-        }
-    }
-
-    fn with_tsize(mut self) -> Request {
-        self.tsize = true;
-        self
-    }
-
-    fn has_options(&self) -> bool {
-        self.blksize.is_some() || self.window.is_some() || self.tsize || self.timeout.is_some()
-    }
-
-    /// The RRQ datagram the client would send.
-    fn rrq(&self) -> Vec<u8> {
-        let values: Vec<(&str, String)> = [
-            self.blksize.map(|v| ("blksize", v.to_string())),
-            self.tsize.then(|| ("tsize", "0".to_owned())),
-            self.timeout.map(|v| ("timeout", v.to_string())),
-            self.window.map(|v| ("windowsize", v.to_string())),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let mut out = Vec::new();
-        write_rrq(
-            &mut out,
-            b"sim/file.bin",
-            self.mode.as_str(),
-            values.iter().map(|(name, value)| (*name, value.as_str())),
-        );
-        out
+/// The client's settings: a retransmission interval of twice the server's default base
+/// timeout, and 12 resends without progress before it gives up (26 s: longer than the
+/// server's default 1+2+4+8+8 s retry schedule, so the session normally gives up first).
+/// After the final block it answers up to 2 retransmissions of it.
+fn client_settings() -> Settings {
+    Settings {
+        timeout: Duration::from_secs(2),
+        retries: 12,
+        linger: 2,
+        keep_payload: true,
     }
 }
 
-/// A scripted way for the client to end the transfer itself with an ERROR.
+/// An octet request for `blksize` and `window`.
+fn octet(blksize: u16, window: u16) -> Request {
+    Request::new(FILE, Mode::Octet)
+        .blksize(blksize)
+        .windowsize(window)
+}
+
+/// A plain RFC 1350 request: no options at all.
+fn plain() -> Request {
+    Request::new(FILE, Mode::Octet)
+}
+
+/// Whether `request` carries option `name`.
+fn asks(request: &Request, name: &str) -> bool {
+    matches!(Packet::parse(request.as_bytes()),
+        Ok(Packet::Rrq(rrq)) if rrq.options.iter().any(|o| o.is(name)))
+}
+
+/// A scripted way for the client to end the transfer itself with an ERROR
+/// ([`ReadTransfer::abort`]).
 #[derive(Clone, Copy, Debug)]
 enum Abort {
     /// Answer the OACK with this ERROR (code 8 = a UEFI-style size probe).
@@ -159,309 +126,12 @@ enum Abort {
     AfterBlock(u64, ErrorCode),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ClientState {
-    /// The RRQ is out; waiting for the OACK (or DATA 1 when no options were requested).
-    AwaitFirst,
-    /// Receiving DATA.
-    Receiving,
-    /// Got the final block and sent its ACK; answers a few retransmissions of it.
-    Finished,
-    /// Too many timeouts without progress.
-    GaveUp,
-    /// The server sent an ERROR with this code.
-    Failed(ErrorCode),
-    /// The client itself sent an ERROR (see [`Abort`]).
-    Aborted,
-}
-
 /// A datagram on the link. `ack` is the simulator's god view of an ACK: the 64-bit block
 /// number the client meant (the wire only carries its low 16 bits).
 #[derive(Clone, Debug)]
 struct Datagram {
     bytes: Vec<u8>,
     ack: Option<u64>,
-}
-
-/// A sans-IO TFTP read client (RFC 1350, 2347, 2348, 2349, 7440).
-///
-/// - It starts with its RRQ already "sent" (the session exists). It accepts an OACK (checks
-///   it against the request, then sends ACK 0) or, when it requested no options, DATA 1.
-/// - It keeps the blocks received in order, tracking block numbers as `u64` so that the
-///   wrap 65535 → 0 is seamless.
-/// - ACKs: after `window` consecutive in-order blocks since its last ACK, and for the final
-///   (short) block. On a block beyond the next expected one (a gap) it ACKs the last
-///   in-order block, once per gap, and drops the block (RFC 7440 §4).
-/// - Duplicates of blocks it already has are dropped, except a duplicate of the last block
-///   it holds in order: the server resent it, so it has not seen the ACK for it; the client
-///   ACKs it (again). In lock-step this is the classic RFC 1350 client, which ACKs every
-///   copy of a DATA (and makes a naive server's traffic double: the Sorcerer's Apprentice).
-///   A duplicate OACK before any DATA likewise re-sends ACK 0.
-/// - Its own timer ([`CLIENT_TIMEOUT`]) ACKs the last block held in order (RFC 7440: the
-///   window restarts after it); before the first answer it would re-send the RRQ, which the
-///   server ignores for a live session, so nothing is modelled. After
-///   [`CLIENT_MAX_TIMEOUTS`] consecutive timeouts without an in-order block it gives up
-///   silently.
-/// - After the final block it lingers and answers up to [`LINGER_REPLIES`] retransmissions
-///   of the final block with the final ACK.
-struct Client {
-    request: Request,
-    abort: Option<Abort>,
-    state: ClientState,
-    blksize: usize,
-    window: u64,
-    /// The `tsize` the OACK announced.
-    tsize: Option<u64>,
-    /// The payload received, in order.
-    data: Vec<u8>,
-    /// Next in-order block.
-    expected: u64,
-    final_block: Option<u64>,
-    /// In-order blocks received since the last ACK sent.
-    since_ack: u64,
-    gap_reported: bool,
-    last_ack: Option<u64>,
-    deadline: Option<Instant>,
-    timeouts: u32,
-    linger_left: u32,
-    outbox: VecDeque<Datagram>,
-    /// Protocol violations by the server as seen by the client.
-    violations: Vec<String>,
-    // Counters, for targeted assertions and the sweep summary.
-    reacks: u64,
-    gap_acks: u64,
-    timer_acks: u64,
-    linger_replies: u64,
-    dups_dropped: u64,
-}
-
-impl Client {
-    fn new(now: Instant, request: Request, abort: Option<Abort>) -> Client {
-        Client {
-            request,
-            abort,
-            state: ClientState::AwaitFirst,
-            blksize: 512,
-            window: 1,
-            tsize: None,
-            data: Vec::new(),
-            expected: 1,
-            final_block: None,
-            since_ack: 0,
-            gap_reported: false,
-            last_ack: None,
-            deadline: Some(now + CLIENT_TIMEOUT),
-            timeouts: 0,
-            linger_left: 0,
-            outbox: VecDeque::new(),
-            violations: Vec::new(),
-            reacks: 0,
-            gap_acks: 0,
-            timer_acks: 0,
-            linger_replies: 0,
-            dups_dropped: 0,
-        }
-    }
-
-    /// True while the client still expects something from the server.
-    fn active(&self) -> bool {
-        matches!(self.state, ClientState::AwaitFirst | ClientState::Receiving)
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        self.deadline
-    }
-
-    fn poll_transmit(&mut self) -> Option<Datagram> {
-        self.outbox.pop_front()
-    }
-
-    fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
-        match Packet::parse(bytes) {
-            Ok(Packet::Oack(options)) => self.on_oack(now, options),
-            Ok(Packet::Data { block, data }) => self.on_data(now, block, data),
-            Ok(Packet::Error { code, .. }) => {
-                if self.active() {
-                    self.state = ClientState::Failed(code);
-                    self.deadline = None;
-                }
-            }
-            Ok(other) => self
-                .violations
-                .push(format!("server sent {:?}", other.opcode())),
-            Err(e) => self
-                .violations
-                .push(format!("server sent a datagram that does not parse: {e}")),
-        }
-    }
-
-    fn handle_timeout(&mut self, now: Instant) {
-        let Some(deadline) = self.deadline else {
-            return;
-        };
-        if now < deadline {
-            return;
-        }
-        self.timeouts += 1;
-        if self.timeouts > CLIENT_MAX_TIMEOUTS {
-            self.state = ClientState::GaveUp;
-            self.deadline = None;
-            return;
-        }
-        if self.state == ClientState::Receiving {
-            self.timer_acks += 1;
-            self.send_ack(self.expected - 1);
-        }
-        self.deadline = Some(now + CLIENT_TIMEOUT);
-    }
-
-    fn on_oack(&mut self, now: Instant, options: dyntftp::packet::Options<'_>) {
-        match self.state {
-            ClientState::AwaitFirst => {}
-            // Our ACK 0 was lost and the server resent its OACK.
-            ClientState::Receiving if self.expected == 1 && self.last_ack == Some(0) => {
-                self.reacks += 1;
-                self.send_ack(0);
-                return;
-            }
-            _ => return, // A late duplicate.
-        }
-        if !self.request.has_options() {
-            self.violations
-                .push("OACK to a request without options".into());
-        }
-        for option in options {
-            let value = parse_decimal(option.value);
-            let name = String::from_utf8_lossy(option.name).into_owned();
-            match (name.as_str(), value, &self.request) {
-                (
-                    "blksize",
-                    Some(v),
-                    Request {
-                        blksize: Some(asked),
-                        ..
-                    },
-                ) if (8..=*asked as u64).contains(&v) => self.blksize = v as usize,
-                (
-                    "windowsize",
-                    Some(v),
-                    Request {
-                        window: Some(asked),
-                        ..
-                    },
-                ) if (1..=*asked as u64).contains(&v) => self.window = v,
-                ("tsize", Some(v), Request { tsize: true, .. }) => self.tsize = Some(v),
-                (
-                    "timeout",
-                    Some(v),
-                    Request {
-                        timeout: Some(asked),
-                        ..
-                    },
-                ) if v == *asked as u64 => {}
-                _ => self
-                    .violations
-                    .push(format!("bad OACK option {option:?} for {:?}", self.request)),
-            }
-        }
-        if let Some(Abort::AfterOack(code)) = self.abort {
-            self.send_error(code, "tsize probe");
-            return;
-        }
-        self.state = ClientState::Receiving;
-        self.timeouts = 0;
-        self.send_ack(0);
-        self.deadline = Some(now + CLIENT_TIMEOUT);
-    }
-
-    fn on_data(&mut self, now: Instant, wire_block: u16, payload: &[u8]) {
-        if self.state == ClientState::AwaitFirst {
-            if self.request.has_options() {
-                self.violations
-                    .push("DATA without OACK although options were requested".into());
-            }
-            self.state = ClientState::Receiving;
-        }
-        let block = unwrap_block(self.expected, wire_block);
-        match self.state {
-            ClientState::Receiving => {}
-            ClientState::Finished => {
-                if Some(block) == self.final_block && self.linger_left > 0 {
-                    self.linger_left -= 1;
-                    self.linger_replies += 1;
-                    self.send_ack(block);
-                }
-                return;
-            }
-            _ => return,
-        }
-        if payload.len() > self.blksize {
-            self.violations.push(format!(
-                "DATA {block} carries {} bytes, blksize is {}",
-                payload.len(),
-                self.blksize
-            ));
-            return;
-        }
-        if block > self.expected {
-            if !self.gap_reported {
-                self.gap_reported = true;
-                self.gap_acks += 1;
-                self.send_ack(self.expected - 1);
-            }
-            return;
-        }
-        if block < self.expected {
-            if block == self.expected - 1 {
-                self.reacks += 1;
-                self.send_ack(block);
-            } else {
-                self.dups_dropped += 1;
-            }
-            return;
-        }
-        // The next block in order.
-        self.gap_reported = false;
-        self.data.extend_from_slice(payload);
-        self.expected += 1;
-        self.since_ack += 1;
-        self.timeouts = 0;
-        self.deadline = Some(now + CLIENT_TIMEOUT);
-        if let Some(Abort::AfterBlock(after, code)) = self.abort {
-            if after == block {
-                self.send_error(code, "disk full");
-                return;
-            }
-        }
-        if payload.len() < self.blksize {
-            self.final_block = Some(block);
-            self.send_ack(block);
-            self.state = ClientState::Finished;
-            self.deadline = None;
-            self.linger_left = LINGER_REPLIES;
-        } else if self.since_ack >= self.window {
-            self.send_ack(block);
-        }
-    }
-
-    fn send_ack(&mut self, block: u64) {
-        let mut bytes = Vec::with_capacity(4);
-        write_ack(&mut bytes, block as u16);
-        self.outbox.push_back(Datagram {
-            bytes,
-            ack: Some(block),
-        });
-        self.last_ack = Some(block);
-        self.since_ack = 0;
-    }
-
-    fn send_error(&mut self, code: ErrorCode, message: &str) {
-        let mut bytes = Vec::new();
-        write_error(&mut bytes, code, message);
-        self.outbox.push_back(Datagram { bytes, ack: None });
-        self.state = ClientState::Aborted;
-        self.deadline = None;
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -646,7 +316,12 @@ struct Sim {
     /// The deadline of the last `Output::Wait`.
     session_wait: Option<Instant>,
     outcome: Option<Outcome>,
-    client: Client,
+    client: ReadTransfer,
+    /// The request asked for options (then DATA must follow an OACK).
+    asks_options: bool,
+    abort: Option<Abort>,
+    /// What the client saw that the library client accepts but this server must not do.
+    client_violations: Vec<String>,
     lanes: [Lane; 2],
     queue: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
@@ -665,11 +340,16 @@ impl Sim {
         config: SessionConfig,
         profile: LinkProfile,
     ) -> Sim {
-        let rrq = request.rrq();
-        let Ok(Packet::Rrq(rrq_view)) = Packet::parse(&rrq) else {
+        // The client's first datagram, its RRQ, starts the session.
+        let mut client = ReadTransfer::new(origin, SERVER, &request, client_settings());
+        let rrq = client.poll_transmit().expect("the RRQ");
+        assert_eq!(rrq.destination, SERVER);
+        let Ok(Packet::Rrq(rrq)) = Packet::parse(rrq.contents) else {
             panic!("the client's RRQ does not parse");
         };
-        let session = Session::new(origin, rrq_view.options, request.mode, source, &config);
+        let mode = rrq.mode().expect("a known mode");
+        let asks_options = !rrq.options.is_empty();
+        let session = Session::new(origin, rrq.options, mode, source, &config);
         let lane = |salt: u64| Lane {
             profile,
             rng: Rng::new(seed ^ salt),
@@ -682,7 +362,10 @@ impl Sim {
             session,
             session_wait: None,
             outcome: None,
-            client: Client::new(origin, request, None),
+            client,
+            asks_options,
+            abort: None,
+            client_violations: Vec::new(),
             lanes: [lane(0x5e5e_0001), lane(0xc1c1_0002)],
             queue: BinaryHeap::new(),
             seq: 0,
@@ -713,7 +396,7 @@ impl Sim {
     }
 
     fn with_abort(mut self, abort: Abort) -> Sim {
-        self.client.abort = Some(abort);
+        self.abort = Some(abort);
         self
     }
 
@@ -733,7 +416,7 @@ impl Sim {
     fn run(&mut self) {
         self.drain_session();
         loop {
-            if self.outcome.is_some() && self.queue.is_empty() && !self.client.active() {
+            if self.outcome.is_some() && self.queue.is_empty() && self.client.outcome().is_some() {
                 return;
             }
             let packet_at = self.queue.peek().map(|Reverse(p)| p.at);
@@ -779,8 +462,26 @@ impl Sim {
                         self.oracle.final_deliveries += 1;
                     }
                 }
-                self.client
-                    .handle_datagram(self.now, &packet.datagram.bytes);
+                let event = self
+                    .client
+                    .handle_datagram(self.now, TID, &packet.datagram.bytes);
+                if let Some(Event::Data(_)) = event {
+                    if self.asks_options && self.client.oack().is_none() {
+                        self.client_violations
+                            .push("DATA without OACK although options were requested".into());
+                    }
+                }
+                match (self.abort, event) {
+                    (Some(Abort::AfterOack(code)), Some(Event::Oack(_))) => {
+                        self.client.abort(code, "tsize probe");
+                    }
+                    (Some(Abort::AfterBlock(after, code)), Some(Event::Data(_)))
+                        if self.client.blocks() == after =>
+                    {
+                        self.client.abort(code, "disk full");
+                    }
+                    _ => {}
+                }
                 self.flush_client();
             }
             Dir::ToServer => self.server_input(packet.datagram),
@@ -788,8 +489,30 @@ impl Sim {
     }
 
     fn flush_client(&mut self) {
-        while let Some(datagram) = self.client.poll_transmit() {
-            self.send(Dir::ToServer, datagram);
+        while let Some(transmit) = self.client.poll_transmit() {
+            let bytes = transmit.contents.to_vec();
+            if transmit.destination == SERVER {
+                // The RRQ again, to the request port: the session from this port already
+                // runs, so the server starts nothing (DESIGN.md §4). Traced only.
+                self.trace(Dir::ToServer, &bytes, false);
+                continue;
+            }
+            let ack = match Packet::parse(&bytes) {
+                Ok(Packet::Ack { block }) => Some(unwrap_block(self.client.blocks(), block)),
+                _ => None,
+            };
+            self.send(Dir::ToServer, Datagram { bytes, ack });
+        }
+    }
+
+    fn trace(&mut self, dir: Dir, bytes: &[u8], dropped: bool) {
+        if let Some(trace) = &mut self.trace {
+            trace.push(Sent {
+                at: self.now - self.origin,
+                dir,
+                what: describe(bytes),
+                dropped,
+            });
         }
     }
 
@@ -808,14 +531,7 @@ impl Sim {
         } else {
             lane.schedule(self.now)
         };
-        if let Some(trace) = &mut self.trace {
-            trace.push(Sent {
-                at: self.now - self.origin,
-                dir,
-                what: describe(&datagram.bytes),
-                dropped: times.is_empty(),
-            });
-        }
+        self.trace(dir, &datagram.bytes, times.is_empty());
         for at in times {
             self.seq += 1;
             self.queue.push(Reverse(InFlight {
@@ -982,13 +698,34 @@ impl Sim {
             .collect()
     }
 
+    /// Protocol violations by the server as the client saw them: those the library
+    /// client ended the transfer for, and those only this simulator checks.
+    fn client_violations(&self) -> Vec<String> {
+        let mut violations = self.client_violations.clone();
+        if let Some(Err(ClientError::Protocol(violation))) = self.client.outcome() {
+            violations.push(violation.to_string());
+        }
+        violations
+    }
+
+    /// True when the client got the final block.
+    fn client_finished(&self) -> bool {
+        matches!(self.client.outcome(), Some(Ok(_)))
+    }
+
+    /// The `tsize` the OACK announced.
+    fn client_tsize(&self) -> Option<u64> {
+        self.client.oack().and_then(|oack| oack.tsize)
+    }
+
     /// Panics with the session, the client and the trace when any invariant was broken.
     fn assert_clean(&self) {
+        let client_violations = self.client_violations();
         assert!(
-            self.oracle.violations.is_empty() && self.client.violations.is_empty(),
+            self.oracle.violations.is_empty() && client_violations.is_empty(),
             "oracle: {:#?}\nclient: {:#?}\nsession: {:?}\ntrace: {:#?}",
             self.oracle.violations,
-            self.client.violations,
+            client_violations,
             self.session,
             self.trace
         );
@@ -1031,10 +768,10 @@ struct Counts {
     packets_sent: u64,
     resent: u64,
     stale_acks: u64,
-    client_reacks: u64,
+    client_repeat_acks: u64,
     client_gap_acks: u64,
-    client_timer_acks: u64,
-    client_dups_dropped: u64,
+    client_timer_resends: u64,
+    client_duplicates: u64,
     virtual_time: Duration,
 }
 
@@ -1043,10 +780,10 @@ impl Counts {
         self.packets_sent += other.packets_sent;
         self.resent += other.resent;
         self.stale_acks += other.stale_acks;
-        self.client_reacks += other.client_reacks;
+        self.client_repeat_acks += other.client_repeat_acks;
         self.client_gap_acks += other.client_gap_acks;
-        self.client_timer_acks += other.client_timer_acks;
-        self.client_dups_dropped += other.client_dups_dropped;
+        self.client_timer_resends += other.client_timer_resends;
+        self.client_duplicates += other.client_duplicates;
         self.virtual_time += other.virtual_time;
     }
 }
@@ -1055,15 +792,16 @@ impl Counts {
 fn request_for(spec: &RunSpec) -> Request {
     let variant = spec.seed % 4;
     if variant == 3 && spec.blksize == 512 && spec.window == 1 {
-        return Request::plain();
+        return plain();
     }
-    Request {
-        mode: Mode::Octet,
-        blksize: Some(spec.blksize),
-        window: Some(spec.window),
-        tsize: variant >= 1,
-        timeout: (variant == 2).then_some(1),
+    let mut request = Request::new(FILE, Mode::Octet).blksize(spec.blksize);
+    if variant >= 1 {
+        request = request.tsize();
     }
+    if variant == 2 {
+        request = request.timeout(1);
+    }
+    request.windowsize(spec.window)
 }
 
 fn run_one(origin: Instant, spec: RunSpec) -> Result<RunReport, String> {
@@ -1085,10 +823,10 @@ fn run_one(origin: Instant, spec: RunSpec) -> Result<RunReport, String> {
             packets_sent: stats.packets_sent,
             resent: stats.packets_resent,
             stale_acks: sim.oracle.stale_acks,
-            client_reacks: sim.client.reacks,
-            client_gap_acks: sim.client.gap_acks,
-            client_timer_acks: sim.client.timer_acks,
-            client_dups_dropped: sim.client.dups_dropped,
+            client_repeat_acks: sim.client.stats().repeat_acks,
+            client_gap_acks: sim.client.stats().gap_acks,
+            client_timer_resends: sim.client.stats().timer_resends,
+            client_duplicates: sim.client.stats().duplicates,
             virtual_time: sim.now - origin,
         };
         RunReport { outcome, counts }
@@ -1099,19 +837,19 @@ fn run_one(origin: Instant, spec: RunSpec) -> Result<RunReport, String> {
 fn check_run(sim: &Sim, request: &Request, source: &[u8], loss: f64) -> Result<Outcome, String> {
     let fail = |what: String| {
         Err(format!(
-            "{what}\n  request {request:?}\n  session {:?}\n  client {:?} expected {} has {} of {} bytes\n  stats {:?}",
+            "{what}\n  request {request:?}\n  session {:?}\n  client {:?} has {} of {} bytes\n  stats {:?}",
             sim.session,
-            sim.client.state,
-            sim.client.expected,
-            sim.client.data.len(),
+            sim.client,
+            sim.client.data().len(),
             source.len(),
             sim.session.stats()
         ))
     };
-    if !sim.oracle.violations.is_empty() || !sim.client.violations.is_empty() {
+    let client_violations = sim.client_violations();
+    if !sim.oracle.violations.is_empty() || !client_violations.is_empty() {
         return fail(format!(
-            "violations: oracle {:?} client {:?}",
-            sim.oracle.violations, sim.client.violations
+            "violations: oracle {:?} client {client_violations:?}",
+            sim.oracle.violations
         ));
     }
     if sim.oracle.apprentice_replies > 0 {
@@ -1128,15 +866,14 @@ fn check_run(sim: &Sim, request: &Request, source: &[u8], loss: f64) -> Result<O
         return fail(format!("stats outcome {:?} != {outcome:?}", stats.outcome));
     }
     // Whatever happened, the client never holds a byte that is not the source's.
-    if !source.starts_with(&sim.client.data) {
+    if !source.starts_with(sim.client.data()) {
         return fail("the client's bytes are not a prefix of the source".into());
     }
-    if request.tsize && sim.client.tsize != Some(source.len() as u64) {
-        return fail(format!("tsize answered {:?}", sim.client.tsize));
+    if asks(request, "tsize") && sim.client_tsize() != Some(source.len() as u64) {
+        return fail(format!("tsize answered {:?}", sim.client_tsize()));
     }
     let blksize = sim.session.params().blksize as usize;
-    let client_has_all =
-        sim.client.state == ClientState::Finished && sim.client.data.as_slice() == source;
+    let client_has_all = sim.client_finished() && sim.client.data() == source;
     let total_blocks = (source.len() / blksize + 1) as u64;
     let every_block_sent = sim.oracle.sent_high == total_blocks;
     match outcome {
@@ -1305,15 +1042,15 @@ fn assert_starts(sends: &[String], expected: &[&str]) {
 fn assert_completed(sim: &Sim, data: &[u8]) {
     sim.assert_clean();
     assert_eq!(sim.outcome, Some(Outcome::Completed));
-    assert_eq!(sim.client.state, ClientState::Finished);
-    assert!(sim.client.data == data, "the client's bytes differ");
+    assert!(sim.client_finished(), "{:?}", sim.client);
+    assert!(sim.client.data() == data, "the client's bytes differ");
 }
 
 #[test]
 fn lost_oack_is_resent_on_timeout() {
     let origin = Instant::now();
     let data = bytes(2000);
-    let mut sim = Sim::scripted(origin, Request::octet(512, 4).with_tsize(), source(&data))
+    let mut sim = Sim::scripted(origin, octet(512, 4).tsize(), source(&data))
         .with_drops(drop_first(Dir::ToClient, "OACK"));
     sim.run();
     assert_completed(&sim, &data);
@@ -1328,14 +1065,14 @@ fn lost_oack_is_resent_on_timeout() {
     );
     assert_eq!(sim.session.stats().retransmits, 1);
     assert_eq!(sim.session.stats().packets_resent, 0);
-    assert_eq!(sim.client.tsize, Some(2000));
+    assert_eq!(sim.client_tsize(), Some(2000));
 }
 
 #[test]
 fn lost_ack0_is_recovered_by_the_resent_oack() {
     let origin = Instant::now();
     let data = bytes(2000);
-    let mut sim = Sim::scripted(origin, Request::octet(512, 4), source(&data))
+    let mut sim = Sim::scripted(origin, octet(512, 4), source(&data))
         .with_drops(drop_first(Dir::ToServer, "ACK 0"));
     sim.run();
     assert_completed(&sim, &data);
@@ -1345,14 +1082,14 @@ fn lost_ack0_is_recovered_by_the_resent_oack() {
     );
     assert_starts(&sim.client_sends(), &["5 ACK 0 (lost)", "1005 ACK 0"]);
     assert_eq!(sim.session.stats().retransmits, 1);
-    assert_eq!(sim.client.reacks, 1);
+    assert_eq!(sim.client.stats().repeat_acks, 1);
 }
 
 #[test]
 fn lost_data_mid_window_resumes_after_the_last_in_order_block() {
     let origin = Instant::now();
     let data = bytes(10 * 512 + 100);
-    let mut sim = Sim::scripted(origin, Request::octet(512, 4), source(&data))
+    let mut sim = Sim::scripted(origin, octet(512, 4), source(&data))
         .with_drops(drop_first(Dir::ToClient, "DATA 2:512"));
     sim.run();
     assert_completed(&sim, &data);
@@ -1376,7 +1113,7 @@ fn lost_data_mid_window_resumes_after_the_last_in_order_block() {
     );
     let stats = sim.session.stats();
     assert_eq!((stats.retransmits, stats.packets_resent), (0, 3));
-    assert_eq!(sim.client.gap_acks, 1);
+    assert_eq!(sim.client.stats().gap_acks, 1);
 }
 
 #[test]
@@ -1384,7 +1121,7 @@ fn lost_final_ack_is_answered_again_by_the_lingering_client() {
     let origin = Instant::now();
     // Blocks 1..=4, then 5 and the short final block 6.
     let data = bytes(5 * 512 + 7);
-    let mut sim = Sim::scripted(origin, Request::octet(512, 4), source(&data))
+    let mut sim = Sim::scripted(origin, octet(512, 4), source(&data))
         .with_drops(drop_first(Dir::ToServer, "ACK 6"));
     sim.run();
     assert_completed(&sim, &data);
@@ -1411,13 +1148,13 @@ fn lost_final_ack_is_answered_again_by_the_lingering_client() {
         ),
         (1, 0, 2)
     );
-    assert_eq!(sim.client.linger_replies, 1);
+    assert_eq!(sim.client.stats().linger_acks, 1);
 }
 
 #[test]
 fn client_vanishing_after_the_oack_times_out_after_exactly_the_retries() {
     let origin = Instant::now();
-    let mut sim = Sim::scripted(origin, Request::octet(512, 4), source(&bytes(5000)))
+    let mut sim = Sim::scripted(origin, octet(512, 4), source(&bytes(5000)))
         .with_drops(Box::new(|dir, _| dir == Dir::ToServer));
     sim.run();
     sim.assert_clean();
@@ -1441,24 +1178,20 @@ fn client_vanishing_after_the_oack_times_out_after_exactly_the_retries() {
     );
     assert_eq!(sim.oracle.streak, SessionConfig::default().retries);
     assert_eq!(stats.finished, Some(origin + Duration::from_secs(31)));
-    assert_eq!(sim.client.state, ClientState::GaveUp);
+    assert_eq!(sim.client.outcome(), Some(Err(&ClientError::TimedOut)));
 }
 
 #[test]
 fn error_8_after_the_oack_is_a_probe_and_gets_no_reply() {
     let origin = Instant::now();
-    let mut sim = Sim::scripted(
-        origin,
-        Request::octet(1468, 1).with_tsize(),
-        source(&bytes(9000)),
-    )
-    .with_abort(Abort::AfterOack(ErrorCode::OptionNegotiation));
+    let mut sim = Sim::scripted(origin, octet(1468, 1).tsize(), source(&bytes(9000)))
+        .with_abort(Abort::AfterOack(ErrorCode::OptionNegotiation));
     sim.run();
     sim.assert_clean();
     assert_eq!(sim.outcome, Some(Outcome::Probe));
     assert_eq!(sim.server_sends(), ["0 OACK"]);
     assert_eq!(sim.client_sends(), ["5 ERROR 8"]);
-    assert_eq!(sim.client.tsize, Some(9000));
+    assert_eq!(sim.client_tsize(), Some(9000));
     let stats = sim.session.stats();
     assert_eq!(
         stats.peer_error,
@@ -1470,7 +1203,7 @@ fn error_8_after_the_oack_is_a_probe_and_gets_no_reply() {
 #[test]
 fn error_mid_transfer_ends_the_session_without_reply() {
     let origin = Instant::now();
-    let mut sim = Sim::scripted(origin, Request::octet(512, 4), source(&bytes(20 * 512)))
+    let mut sim = Sim::scripted(origin, octet(512, 4), source(&bytes(20 * 512)))
         .with_abort(Abort::AfterBlock(6, ErrorCode::DiskFull));
     sim.run();
     sim.assert_clean();
@@ -1479,14 +1212,14 @@ fn error_mid_transfer_ends_the_session_without_reply() {
     // The second window (5..=8) went out at 20 ms; nothing after the ERROR.
     assert_eq!(sim.server_sends().last().unwrap(), "20 DATA 8:512");
     assert_eq!(sim.session.stats().errors_sent, 0);
-    assert_eq!(sim.client.data.len(), 6 * 512);
+    assert_eq!(sim.client.data().len(), 6 * 512);
 }
 
 #[test]
 fn repeated_ack0_is_never_answered() {
     let origin = Instant::now();
     let data = bytes(20 * 512 + 1);
-    let mut sim = Sim::scripted(origin, Request::octet(512, 4), source(&data));
+    let mut sim = Sim::scripted(origin, octet(512, 4), source(&data));
     // The genuine ACK 0 reaches the session at 10 ms; 100 copies follow, 1 ms apart, while
     // the transfer runs (its windows go out at 10, 20, ... 60 ms).
     for i in 0..100 {
@@ -1518,7 +1251,7 @@ fn duplicated_data_in_lock_step_does_not_start_the_apprentice() {
     // every second ACK, or each block would double the traffic from then on.
     let origin = Instant::now();
     let data = bytes(40 * 512 + 3);
-    let mut sim = Sim::scripted(origin, Request::plain(), source(&data));
+    let mut sim = Sim::scripted(origin, plain(), source(&data));
     sim.lanes[1].profile.dup = 1.0;
     sim.run();
     assert_completed(&sim, &data);
@@ -1529,8 +1262,8 @@ fn duplicated_data_in_lock_step_does_not_start_the_apprentice() {
         "the final block's duplicate ACK comes too late"
     );
     assert_eq!(sim.oracle.stale_acks, 40);
-    assert_eq!(sim.client.reacks, 40);
-    assert_eq!(sim.client.linger_replies, 1);
+    assert_eq!(sim.client.stats().repeat_acks, 40);
+    assert_eq!(sim.client.stats().linger_acks, 1);
 }
 
 /// Fails with an `io::Error` after `ok` bytes.
@@ -1559,7 +1292,7 @@ fn source_read_error_sends_error_0_and_ends() {
         data: data.clone(),
         pos: 0,
     });
-    let mut sim = Sim::scripted(origin, Request::plain(), failing);
+    let mut sim = Sim::scripted(origin, plain(), failing);
     sim.run();
     sim.assert_clean();
     assert_eq!(sim.outcome, Some(Outcome::ReadFailed));
@@ -1567,8 +1300,18 @@ fn source_read_error_sends_error_0_and_ends() {
         sim.server_sends(),
         ["0 DATA 1:512", "10 DATA 2:512", "20 ERROR 0"]
     );
-    assert_eq!(sim.client.state, ClientState::Failed(ErrorCode::NotDefined));
-    assert!(sim.client.data == data[..1024]);
+    assert!(
+        matches!(
+            sim.client.outcome(),
+            Some(Err(ClientError::Server {
+                code: ErrorCode::NotDefined,
+                ..
+            }))
+        ),
+        "{:?}",
+        sim.client
+    );
+    assert!(sim.client.data() == &data[..1024]);
     let stats = sim.session.stats();
     assert_eq!(stats.errors_sent, 1);
     // The message is generic: no path, no io::Error text.
@@ -1583,7 +1326,7 @@ fn exact_multiple_of_blksize_ends_with_an_empty_data() {
     let origin = Instant::now();
     for window in [1, 4] {
         let data = bytes(3 * 512);
-        let mut sim = Sim::scripted(origin, Request::octet(512, window), source(&data));
+        let mut sim = Sim::scripted(origin, octet(512, window), source(&data));
         sim.run();
         assert_completed(&sim, &data);
         let sends = sim.server_sends();
@@ -1595,17 +1338,17 @@ fn exact_multiple_of_blksize_ends_with_an_empty_data() {
 #[test]
 fn empty_file_is_one_empty_data_1() {
     let origin = Instant::now();
-    let mut sim = Sim::scripted(origin, Request::plain(), source(b""));
+    let mut sim = Sim::scripted(origin, plain(), source(b""));
     sim.run();
     assert_completed(&sim, b"");
     assert_eq!(sim.server_sends(), ["0 DATA 1:0"]);
     assert_eq!(sim.client_sends(), ["5 ACK 1"]);
 
-    let mut sim = Sim::scripted(origin, Request::octet(1024, 8).with_tsize(), source(b""));
+    let mut sim = Sim::scripted(origin, octet(1024, 8).tsize(), source(b""));
     sim.run();
     assert_completed(&sim, b"");
     assert_eq!(sim.server_sends(), ["0 OACK", "10 DATA 1:0"]);
-    assert_eq!(sim.client.tsize, Some(0));
+    assert_eq!(sim.client_tsize(), Some(0));
 }
 
 /// LF → CR LF, CR → CR NUL (every source byte is translated, as in tftpd-hpa).
@@ -1649,15 +1392,17 @@ fn netascii_translates_end_to_end() {
     text.extend(vec![b'b'; 510]);
     text.push(b'\n');
     text.extend(b"line\r\nnext\nlast\rend\n".repeat(40));
-    let mut request = Request::octet(512, 4).with_tsize();
-    request.mode = Mode::Netascii;
+    let request = Request::new(FILE, Mode::Netascii)
+        .blksize(512)
+        .windowsize(4)
+        .tsize();
     let mut sim = Sim::scripted(origin, request, source(&text));
     sim.run();
     let wire = to_netascii(&text);
     assert_completed(&sim, &wire);
-    assert_eq!(from_netascii(&sim.client.data), text);
+    assert_eq!(from_netascii(sim.client.data()), text);
     // The translated size is unknown in advance, so tsize is not answered.
-    assert_eq!(sim.client.tsize, None);
+    assert_eq!(sim.client_tsize(), None);
     assert_eq!(sim.session.params().tsize, None);
 }
 
@@ -1665,7 +1410,7 @@ fn netascii_translates_end_to_end() {
 fn stray_malformed_datagrams_mid_transfer_are_ignored() {
     let origin = Instant::now();
     let data = bytes(30 * 512 + 77);
-    let mut sim = Sim::scripted(origin, Request::octet(512, 2), source(&data));
+    let mut sim = Sim::scripted(origin, octet(512, 2), source(&data));
     let garbage: [&[u8]; 6] = [
         b"",
         b"\x00",
@@ -1716,13 +1461,14 @@ fn lost_final_window_ack_is_final_ack_missing() {
     // but the ACK of the last one never came" is `FinalAckMissing`.
     let origin = Instant::now();
     let data = bytes(5 * 512 + 7);
-    let mut sim = Sim::scripted(origin, Request::octet(512, 4), source(&data)).with_drops(
-        Box::new(|dir, bytes| dir == Dir::ToServer && describe(bytes) == "ACK 6"),
-    );
+    let mut sim =
+        Sim::scripted(origin, octet(512, 4), source(&data)).with_drops(Box::new(|dir, bytes| {
+            dir == Dir::ToServer && describe(bytes) == "ACK 6"
+        }));
     sim.run();
     sim.assert_clean();
-    assert_eq!(sim.client.state, ClientState::Finished);
-    assert!(sim.client.data == data);
+    assert!(sim.client_finished(), "{:?}", sim.client);
+    assert!(sim.client.data() == data);
     assert_eq!(sim.oracle.streak, SessionConfig::default().retries);
     assert_eq!(
         sim.outcome,

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dyntftp::packet::{write_ack, write_rrq};
+use dyntftp::client::{write_ack, write_rrq};
 use dyntftp::{BytesSource, Handler, Outcome, Packet, ReadRequest, Reject, ResponseData};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};

@@ -130,7 +130,7 @@ fn ask(port: u16, filename: &str) -> Option<[u8; 4]> {
         .set_read_timeout(Some(std::time::Duration::from_millis(500)))
         .unwrap();
     let mut rrq = Vec::new();
-    dyntftp::packet::write_rrq(&mut rrq, filename.as_bytes(), "octet", []);
+    dyntftp::client::write_rrq(&mut rrq, filename.as_bytes(), "octet", []);
     socket.send_to(&rrq, ("127.0.0.1", port)).unwrap();
     let mut buf = [0u8; 600];
     let (n, _) = socket.recv_from(&mut buf).ok()?;

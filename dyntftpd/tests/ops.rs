@@ -369,7 +369,7 @@ fn second_signal_exits_at_once_with_status_1() {
     // A session that never ACKs keeps the server in its shutdown grace period.
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut rrq = Vec::new();
-    dyntftp::packet::write_rrq(&mut rrq, b"big.bin", "octet", []);
+    dyntftp::client::write_rrq(&mut rrq, b"big.bin", "octet", []);
     client.send_to(&rrq, daemon.addr).unwrap();
     client.set_read_timeout(Some(WAIT)).unwrap();
     let mut buf = [0u8; 600];

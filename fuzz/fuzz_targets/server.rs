@@ -36,7 +36,8 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use dyntftp::packet::{write_ack, write_rrq, Packet};
+use dyntftp::client::{write_ack, write_rrq};
+use dyntftp::packet::Packet;
 use dyntftp::{BytesSource, Handler, ReadRequest, Reject, ResponseData, Server, ServerBuilder};
 use libfuzzer_sys::fuzz_target;
 

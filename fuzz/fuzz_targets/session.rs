@@ -75,8 +75,9 @@ use std::io;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use dyntftp::client::{write_ack, write_rrq};
 use dyntftp::options::Limits;
-use dyntftp::packet::{write_ack, write_error, write_rrq, ErrorCode, Mode, Packet};
+use dyntftp::packet::{write_error, ErrorCode, Mode, Packet};
 use dyntftp::response::{BytesSource, ResponseData};
 use dyntftp::session::{Outcome, Output, Session, SessionConfig};
 use libfuzzer_sys::fuzz_target;

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dyntftp::packet::{write_ack, write_rrq};
+use dyntftp::client::{write_ack, write_rrq};
 use dyntftp::Packet;
 
 use crate::net::loopback_like;
