@@ -23,7 +23,7 @@ fn transfer(data: &std::sync::Arc<[u8]>, options: &[u8], now: Instant) -> u64 {
         options,
         Mode::Octet,
         Box::new(BytesSource::new(data.clone())),
-        &SessionConfig::default(),
+        SessionConfig::default(),
     );
     let mut packets = 0u64;
     loop {

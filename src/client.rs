@@ -79,7 +79,7 @@
 //! let rrq = client.poll_transmit().expect("the RRQ");
 //! let Ok(Packet::Rrq(rrq)) = Packet::parse(rrq.contents) else { unreachable!() };
 //! let source = Box::new(BytesSource::new(b"hello, sans-IO world".to_vec()));
-//! let mut session = Session::new(now, rrq.options, Mode::Octet, source, &SessionConfig::default());
+//! let mut session = Session::new(now, rrq.options, Mode::Octet, source, SessionConfig::default());
 //!
 //! while client.outcome().is_none() {
 //!     match session.poll_output(1) {
@@ -1416,7 +1416,7 @@ mod tests {
         };
         let mode = rrq.mode().expect("a mode");
         let source = Box::new(BytesSource::new(source.to_vec()));
-        let mut session = Session::new(now, rrq.options, mode, source, &SessionConfig::default());
+        let mut session = Session::new(now, rrq.options, mode, source, SessionConfig::default());
         let mut to_server: Vec<Vec<u8>> = Vec::new();
         for _ in 0..10_000_000 {
             let mut to_client = Vec::new();

@@ -349,7 +349,7 @@ impl Sim {
         };
         let mode = rrq.mode().expect("a known mode");
         let asks_options = !rrq.options.is_empty();
-        let session = Session::new(origin, rrq.options, mode, source, &config);
+        let session = Session::new(origin, rrq.options, mode, source, config);
         let lane = |salt: u64| Lane {
             profile,
             rng: Rng::new(seed ^ salt),

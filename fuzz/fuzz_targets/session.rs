@@ -572,7 +572,7 @@ fn run(data: &[u8]) {
         len,
         expected.len()
     );
-    let session = Session::new(start, request.options, mode, source, &config);
+    let session = Session::new(start, request.options, mode, source, config);
     let params = session.params().clone();
     trace!("negotiated {params:?}");
     assert!((8..=65464).contains(&params.blksize), "{params:?}");

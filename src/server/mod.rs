@@ -601,7 +601,7 @@ impl<H: Handler> Server<H> {
             &mut self.stats,
             self.now,
             format_args!("{peer}: the source of {filename:?}"),
-            || Session::new(now, request.options, mode, source, &config),
+            || Session::new(now, request.options, mode, source, config),
         );
         let Some(session) = created else {
             return self.refuse(arrival, &internal_error());

@@ -255,7 +255,7 @@ mod tests {
             Options::EMPTY,
             Mode::Octet,
             Box::new(BytesSource::new(b"x".to_vec())),
-            &SessionConfig::default(),
+            SessionConfig::default(),
         );
         let peer: SocketAddr = ([127, 0, 0, 1], port).into();
         let transport = Transport::Shared(ReplyPath {

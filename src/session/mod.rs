@@ -319,7 +319,7 @@ impl Session {
         options: Options<'_>,
         mode: Mode,
         source: Box<dyn ResponseData>,
-        config: &SessionConfig,
+        config: SessionConfig,
     ) -> Session {
         let source: Box<dyn ResponseData> = match mode {
             Mode::Netascii => Box::new(Netascii::new(source)),
@@ -339,7 +339,7 @@ impl Session {
         Session {
             state,
             source,
-            config: *config,
+            config,
             control_pending: !control.is_empty(),
             control,
             ring: vec![0; slot * window],
@@ -980,7 +980,7 @@ mod tests {
                 options,
                 Mode::Octet,
                 Box::new(BytesSource::new(data)),
-                &config,
+                config,
             );
             Harness { now, session }
         }
@@ -1371,7 +1371,7 @@ mod tests {
         let options = Options::parse(b"blksize\x008\x00windowsize\x004\x00").unwrap();
         let config = SessionConfig::default();
         let source = Box::new(BytesSource::new(vec![5; 100]));
-        let mut s = Session::new(now, options, Mode::Octet, source, &config);
+        let mut s = Session::new(now, options, Mode::Octet, source, config);
         // The OACK, then its resend after the full timeout.
         assert_eq!(transmits(&mut s, 64), vec![(1, 0, None)]);
         now += Duration::from_secs(1);
@@ -1406,7 +1406,7 @@ mod tests {
         // Lock step with fast ACKs: three samples, then an early resend.
         let mut now = Instant::now();
         let source = Box::new(BytesSource::new(vec![5; 5000]));
-        let mut s = Session::new(now, Options::EMPTY, Mode::Octet, source, &config);
+        let mut s = Session::new(now, Options::EMPTY, Mode::Octet, source, config);
         for block in 1..=3 {
             assert_eq!(transmits(&mut s, 64), vec![(1, 512, None)]);
             now += Duration::from_millis(1);
@@ -1430,7 +1430,7 @@ mod tests {
             Options::EMPTY,
             Mode::Octet,
             Box::new(FailAfter(512)),
-            &SessionConfig::default(),
+            SessionConfig::default(),
         );
         assert!(matches!(s.poll_output(1), Output::Transmit(_)));
         s.handle_packet(now, Packet::Ack { block: 1 });
@@ -1539,7 +1539,7 @@ mod tests {
                         Options::parse(options.as_bytes()).unwrap(),
                         Mode::Octet,
                         Box::new(Choppy::new(data.clone(), piece, block_every, vectored)),
-                        &SessionConfig::default(),
+                        SessionConfig::default(),
                     )
                 })
                 .collect();
@@ -1625,7 +1625,7 @@ mod tests {
             Choppy::new(data.clone(), usize::MAX, 0, true),
             calls.clone(),
         ));
-        let mut s = Session::new(now, options, Mode::Octet, source, &SessionConfig::default());
+        let mut s = Session::new(now, options, Mode::Octet, source, SessionConfig::default());
         let mut got = Vec::new();
         let mut used = 0;
         loop {
@@ -1693,7 +1693,7 @@ mod tests {
                 Options::EMPTY,
                 Mode::Octet,
                 Box::new(FailWith(kind)),
-                &SessionConfig::default(),
+                SessionConfig::default(),
             );
             let Output::Transmit(err) = s.poll_output(1) else {
                 panic!()
@@ -1732,7 +1732,7 @@ mod tests {
                 ready: ready.clone(),
                 inner: BytesSource::new(vec![9; 3]),
             }),
-            &config,
+            config,
         );
         assert_eq!(s.poll_output(1), Output::Wait(now + config.source_timeout));
         // Input without readiness does not re-read or send.
@@ -1754,7 +1754,7 @@ mod tests {
                 ready,
                 inner: BytesSource::new(vec![9; 3]),
             }),
-            &config,
+            config,
         );
         let Output::Wait(deadline) = s.poll_output(1) else {
             panic!()
@@ -1824,7 +1824,7 @@ mod tests {
                     options,
                     mode,
                     Box::new(source),
-                    &SessionConfig::default(),
+                    SessionConfig::default(),
                 ),
             };
             let mut sent = h.drain().0;
@@ -1885,7 +1885,7 @@ mod tests {
             let now = Instant::now();
             Harness {
                 now,
-                session: Session::new(now, Options::EMPTY, Mode::Octet, Box::new(source), &config),
+                session: Session::new(now, Options::EMPTY, Mode::Octet, Box::new(source), config),
             }
         };
         // A few interruptions in a row are retried at once.
