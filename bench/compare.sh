@@ -17,6 +17,10 @@
 # enough concurrency for 256 clients, no per-transfer logging, default timeouts of 1 s):
 #   dyntftpd   target/release/dyntftpd -l 127.0.0.1:PORT -r ROOT -q --max-window 64
 #              (max blksize 65464 and max sessions from the fd limit are its defaults)
+#   dyntftpd-baseline  another build of dyntftpd with the same flags as dyntftpd, named
+#              by the DYNTFTPD_BASELINE environment variable (e.g. one built from an older
+#              commit): compares two builds within one run. Only when asked for with
+#              --servers.
 #   dyntftpd-tuned  the same with --single-port --cache 64M: every transfer served from
 #              the listening socket (no socket per transfer) and files kept in memory
 #   tftpd-hpa  in.tftpd -L -a 127.0.0.1:PORT -s -B 65464 -u nobody ROOT
@@ -90,7 +94,7 @@ usage() {
     echo "  --runs N          repeat the matrix N times and print medians (default 3)"
     echo "  --quick           smoke run: 8 MiB files, short runs, --runs 1 unless given"
     echo "  --markdown        print the table as Markdown (for the README)"
-    echo "  --servers LIST    comma-separated subset of: $servers_wanted"
+    echo "  --servers LIST    comma-separated subset of: $servers_wanted,dyntftpd-baseline"
     echo "  --loss-limit SECS cut the lossy transfers after SECS (default 20)"
     echo "  --port-base PORT  first loopback port used (default 17300; dnsmasq uses 69)"
 }
@@ -201,6 +205,10 @@ port_in_use() {
 unavailable() {
     case "$1" in
         dyntftpd|dyntftpd-tuned) ;;
+        dyntftpd-baseline)
+            if [ -z "${DYNTFTPD_BASELINE:-}" ]; then echo "DYNTFTPD_BASELINE is not set"
+            elif [ ! -x "$DYNTFTPD_BASELINE" ]; then echo "$DYNTFTPD_BASELINE is not executable"
+            fi ;;
         tftpd-hpa)
             if [ -z "$in_tftpd" ]; then echo "in.tftpd not installed"
             elif [ "$is_root" = 0 ]; then echo "in.tftpd -s needs root (chroot)"
@@ -220,6 +228,7 @@ unavailable() {
 version_of() {
     case "$1" in
         dyntftpd) "$dyntftpd" --version 2>&1 | head -n 1 ;;
+        dyntftpd-baseline) echo "$("$DYNTFTPD_BASELINE" --version 2>&1 | head -n 1) ($DYNTFTPD_BASELINE)" ;;
         dyntftpd-tuned) echo "$("$dyntftpd" --version 2>&1 | head -n 1) --single-port --cache 64M" ;;
         tftpd-hpa) "$in_tftpd" -V 2>&1 | head -n 1 ;;
         atftpd) "$atftpd" -V 2>&1 | head -n 1 ;;
@@ -234,6 +243,7 @@ port_of() {
         atftpd) echo $((port_base + 2)) ;;
         dnsmasq) echo 69 ;;
         dyntftpd-tuned) echo $((port_base + 3)) ;;
+        dyntftpd-baseline) echo $((port_base + 4)) ;;
     esac
 }
 
@@ -249,6 +259,10 @@ start_server() {
     case "$name" in
         dyntftpd)
             "${pin_server[@]}" "$dyntftpd" -l "127.0.0.1:$port" -r "$root" -q \
+                --max-window 64 >"$log" 2>&1 &
+            ;;
+        dyntftpd-baseline)
+            "${pin_server[@]}" "$DYNTFTPD_BASELINE" -l "127.0.0.1:$port" -r "$root" -q \
                 --max-window 64 >"$log" 2>&1 &
             ;;
         dyntftpd-tuned)
@@ -375,7 +389,7 @@ hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
 cpu_ns() {
     case "$1" in
         tftpd-hpa) return ;;
-        dyntftpd|dyntftpd-tuned|dnsmasq)
+        dyntftpd|dyntftpd-tuned|dyntftpd-baseline|dnsmasq)
             if [ -r "/proc/$2/schedstat" ]; then
                 awk '{ print $1 }' "/proc/$2/schedstat"
                 return
@@ -449,7 +463,7 @@ run_case() {
 # ---------------------------------------------------------------------------------------
 servers=()
 skipped=()
-for s in dyntftpd dyntftpd-tuned tftpd-hpa atftpd dnsmasq; do
+for s in dyntftpd dyntftpd-baseline dyntftpd-tuned tftpd-hpa atftpd dnsmasq; do
     case ",$servers_wanted," in *",$s,"*) ;; *) [ "$s" = dyntftpd ] || continue ;; esac
     why=$(unavailable "$s")
     if [ -n "$why" ]; then
