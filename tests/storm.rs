@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dyntftp::client::{write_ack, write_rrq};
-use dyntftp::{BytesSource, Handler, Outcome, Packet, ReadRequest, Reject, ResponseData};
+use dyntftp::{Outcome, Packet};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use testkit::*;
@@ -21,15 +21,6 @@ const SIZE: usize = 64 * 1024;
 /// The whole storm must be over within this (a bound, not a speed assertion: on a loaded
 /// machine it takes a few seconds).
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// Serves the same bytes under every name.
-struct Same(Arc<[u8]>);
-
-impl Handler for Same {
-    fn open(&mut self, _: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
-        Ok(Box::new(BytesSource::new(self.0.clone())))
-    }
-}
 
 struct Transfer {
     socket: UdpSocket,
@@ -54,7 +45,7 @@ fn storm(window: u16) {
     let mut server = spawn_server(
         Mode::OwnPort,
         v4(),
-        move || Box::new(Same(data)),
+        move || Box::new(SharedBytes(data)),
         move |b| {
             b.max_sessions(clients + 10)
                 .timeout(Duration::from_millis(500))
