@@ -20,10 +20,7 @@ use std::time::Instant;
 
 use dyntftp::client::{ReadTransfer, Request, Settings};
 use dyntftp::{Mode, ServerBuilder};
-use testkit::SharedBytes;
-
-#[path = "common/blocking.rs"]
-mod blocking;
+use testkit::{client::drive, SharedBytes};
 
 struct Counting;
 
@@ -70,7 +67,7 @@ fn download(
     buf: &mut [u8],
 ) -> u64 {
     let mut transfer = ReadTransfer::new(Instant::now(), server, request, CLIENT);
-    blocking::drive(socket, &mut transfer, buf, |_, _| ControlFlow::Continue(())).expect("I/O");
+    drive(socket, &mut transfer, buf, |_, _| ControlFlow::Continue(())).expect("I/O");
     assert_eq!(transfer.outcome(), Some(Ok(len as u64)), "{transfer:?}");
     transfer.blocks()
 }

@@ -1,12 +1,15 @@
-//! A small blocking TFTP read client over a std [`UdpSocket`], and [`Raw`] for hand-made
-//! datagrams. Every socket has the read timeout [`WAIT`].
+//! TFTP read clients over blocking std sockets: [`drive`] and [`drive_with`], the
+//! library's sans-IO [`ReadTransfer`] with a socket around it; [`Client`] and [`fetch`],
+//! the test client; and [`Raw`] for hand-made datagrams. Every socket here has a read
+//! timeout ([`WAIT`] unless told otherwise).
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::ControlFlow;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dyntftp::client::{write_ack, write_rrq};
+use dyntftp::client::{write_ack, write_rrq, Event, ReadTransfer, Transmit};
 use dyntftp::Packet;
 
 use crate::net::loopback_like;
@@ -18,6 +21,124 @@ pub fn socket_for(server: SocketAddr) -> UdpSocket {
     socket.set_read_timeout(Some(WAIT)).expect("set timeout");
     socket
 }
+
+// ---------------------------------------------------------------------------------------
+// The loop
+// ---------------------------------------------------------------------------------------
+
+/// What to do with a datagram that arrived, before the transfer sees it
+/// ([`Observer::received`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Hand it to the transfer.
+    Deliver,
+    /// Drop it; the transfer never sees it.
+    Ignore,
+    /// Stop driving at once, without handing it over or sending anything more.
+    Stop,
+}
+
+/// What a driver of [`drive_with`] wants to see besides the transfer's events. Only
+/// [`event`](Self::event) must be written.
+pub trait Observer {
+    /// A datagram arrived from `from`; `transfer` has not seen it yet. Default: deliver it.
+    fn received(&mut self, transfer: &ReadTransfer, from: SocketAddr, datagram: &[u8]) -> Verdict {
+        let _ = (transfer, from, datagram);
+        Verdict::Deliver
+    }
+
+    /// What the transfer made of a datagram ([`ReadTransfer::handle_datagram`]). It may
+    /// [`abort`](ReadTransfer::abort) the transfer, or return `Break` to vanish: stop at
+    /// once and send nothing more.
+    fn event(&mut self, transfer: &mut ReadTransfer, event: Event<'_>) -> ControlFlow<()>;
+
+    /// The transfer is about to send `transmit`. Default: nothing.
+    fn sending(&mut self, transmit: &Transmit<'_>) {
+        let _ = transmit;
+    }
+}
+
+/// Runs `transfer` over `socket` until it ends (see [`ReadTransfer::outcome`]), receiving
+/// into `buf` (65,536 bytes hold any datagram). `on_event` sees every event as it comes
+/// and may [`abort`](ReadTransfer::abort) the transfer, or return `Break` to vanish: stop
+/// at once and send nothing more. [`drive_with`] also shows every datagram before the
+/// transfer sees it, and every datagram before it is sent.
+///
+/// The socket's read timeout is how long a silent server is waited for before the
+/// transfer's timer is looked at: set it to about the client's timeout. Nothing here
+/// allocates.
+pub fn drive(
+    socket: &UdpSocket,
+    transfer: &mut ReadTransfer,
+    buf: &mut [u8],
+    on_event: impl FnMut(&mut ReadTransfer, Event<'_>) -> ControlFlow<()>,
+) -> io::Result<()> {
+    struct Events<F>(F);
+    impl<F: FnMut(&mut ReadTransfer, Event<'_>) -> ControlFlow<()>> Observer for Events<F> {
+        fn event(&mut self, transfer: &mut ReadTransfer, event: Event<'_>) -> ControlFlow<()> {
+            (self.0)(transfer, event)
+        }
+    }
+    drive_with(socket, transfer, buf, &mut Events(on_event))
+}
+
+/// [`drive`], with an [`Observer`] that also sees each datagram that arrives (and may drop
+/// it or stop there) and each one the transfer sends.
+///
+/// The loop: send what the transfer has to send; return once it is over; receive (up to
+/// the socket's read timeout); show the datagram to the observer, hand it over, show the
+/// event; call [`handle_timeout`](ReadTransfer::handle_timeout) when the deadline has
+/// passed. It returns `Ok` when the transfer ended or the observer stopped it, `Err` on a
+/// socket error other than a timeout or an interruption.
+pub fn drive_with(
+    socket: &UdpSocket,
+    transfer: &mut ReadTransfer,
+    buf: &mut [u8],
+    observer: &mut impl Observer,
+) -> io::Result<()> {
+    loop {
+        if let Some(transmit) = transfer.poll_transmit() {
+            observer.sending(&transmit);
+            socket.send_to(transmit.contents, transmit.destination)?;
+        }
+        if transfer.outcome().is_some() {
+            return Ok(());
+        }
+        let received = socket.recv_from(buf);
+        let now = Instant::now();
+        match received {
+            Ok((len, from)) => {
+                let datagram = &buf[..len];
+                match observer.received(transfer, from, datagram) {
+                    Verdict::Deliver => {
+                        if let Some(event) = transfer.handle_datagram(now, from, datagram) {
+                            if observer.event(transfer, event).is_break() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Verdict::Ignore => {}
+                    Verdict::Stop => return Ok(()),
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        if transfer.deadline().is_some_and(|deadline| now >= deadline) {
+            transfer.handle_timeout(now);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The test client
+// ---------------------------------------------------------------------------------------
 
 /// What the client received, one entry per datagram.
 #[derive(Clone, Debug, PartialEq, Eq)]
