@@ -19,10 +19,8 @@ use std::thread;
 use std::time::Instant;
 
 use dyntftp::client::{ReadTransfer, Request, Settings};
-use dyntftp::{BytesSource, Handler, Mode, ReadRequest, Reject, ResponseData, ServerBuilder};
-
-#[path = "common/blocking.rs"]
-mod blocking;
+use dyntftp::{Mode, ServerBuilder};
+use testkit::{client::drive, SharedBytes};
 
 struct Counting;
 
@@ -50,15 +48,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Serves every name from one shared buffer.
-struct Shared(std::sync::Arc<[u8]>);
-
-impl Handler for Shared {
-    fn open(&mut self, _: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
-        Ok(Box::new(BytesSource::new(self.0.clone())))
-    }
-}
-
 /// The client's settings: the payload is counted, not kept (nothing allocated per
 /// transfer).
 const CLIENT: Settings = Settings {
@@ -78,7 +67,7 @@ fn download(
     buf: &mut [u8],
 ) -> u64 {
     let mut transfer = ReadTransfer::new(Instant::now(), server, request, CLIENT);
-    blocking::drive(socket, &mut transfer, buf, |_, _| ControlFlow::Continue(())).expect("I/O");
+    drive(socket, &mut transfer, buf, |_, _| ControlFlow::Continue(())).expect("I/O");
     assert_eq!(transfer.outcome(), Some(Ok(len as u64)), "{transfer:?}");
     transfer.blocks()
 }
@@ -92,7 +81,7 @@ fn main() {
         // The server is built on its own thread (a running server is not Send).
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let thread = thread::spawn(move || {
-            let mut server = ServerBuilder::new(Shared(data))
+            let mut server = ServerBuilder::new(SharedBytes(data))
                 .bind("127.0.0.1:0".parse().unwrap())
                 .build()
                 .expect("server");

@@ -24,12 +24,10 @@ use std::time::{Duration, Instant};
 
 use dyntftp::client::{Event, ReadTransfer, Request, Settings};
 use dyntftp::{CacheStats, FsHandler, Mode, ServerBuilder};
-use testkit::{pseudo_random, sys};
+use testkit::{client::drive, pseudo_random, sys};
 
 #[path = "common/args.rs"]
 mod args;
-#[path = "common/blocking.rs"]
-mod blocking;
 
 struct Config {
     clients: usize,
@@ -88,7 +86,7 @@ fn fetch(server: SocketAddr, request: &Request, want: &[u8]) -> io::Result<()> {
     let mut transfer = ReadTransfer::new(Instant::now(), server, request, CLIENT);
     let mut buf = vec![0u8; 65536];
     let mut same = true;
-    blocking::drive(&socket, &mut transfer, &mut buf, |transfer, event| {
+    drive(&socket, &mut transfer, &mut buf, |transfer, event| {
         if let Event::Data(payload) = event {
             let offset = (transfer.bytes() - payload.len() as u64) as usize;
             same &= want.get(offset..offset + payload.len()) == Some(payload);

@@ -52,12 +52,10 @@ use dyntftp::{
     ServerStats,
 };
 use getopts::Options;
-use testkit::sys;
+use testkit::{client::drive, sys};
 
 #[path = "common/args.rs"]
 mod args;
-#[path = "common/blocking.rs"]
-mod blocking;
 
 const SIZES: [usize; 8] = [0, 100, 512, 1500, 8000, 40_000, 100_000, 262_144];
 
@@ -262,7 +260,7 @@ fn client_io(
     let mut buf = vec![0u8; 65_536];
     let mut datas = 0;
     let mut vanished = false;
-    blocking::drive(&socket, &mut transfer, &mut buf, |transfer, event| {
+    drive(&socket, &mut transfer, &mut buf, |transfer, event| {
         match (kind, event) {
             (Kind::VanishEarly, _) => vanished = true,
             (Kind::Probe, Event::Oack(_)) => {

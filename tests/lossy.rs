@@ -3,7 +3,9 @@
 //! seeded deterministic RNG. Every transfer must end with byte-identical data, every
 //! session must end completed (or with only the final ACK missing, which a client that
 //! already has everything cannot fix), and no session may retransmit beyond its retry
-//! budget.
+//! budget. The client is the library's `ReadTransfer` over a blocking socket (testkit's
+//! `drive_with`), with its own timer; after the end the test keeps listening a while to
+//! answer a resent final block.
 //!
 //! By default 100 transfers run (CI); `DYNTFTP_LOSSY_FULL=1` runs 1,000.
 //! `DYNTFTP_LOSSY_SEED=N` changes the seed. The relay's decisions are deterministic for
@@ -13,14 +15,15 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dyntftp::client::{write_ack, write_rrq};
-use dyntftp::{Outcome, Packet, SessionStats};
+use dyntftp::client::{ClientStats, Event, ReadTransfer, Request, Settings};
+use dyntftp::{Outcome, SessionStats};
 use testkit::*;
 
 /// Probability that a datagram is dropped, in each direction.
@@ -35,7 +38,7 @@ const MAX_DELAY: Duration = Duration::from_millis(4);
 /// Server retransmission timeout and retry budget.
 const SERVER_TIMEOUT: Duration = Duration::from_millis(20);
 const SERVER_RETRIES: u32 = 12;
-/// The client resends its last packet after this long without news.
+/// The client resends its request or last ACK after this long without progress.
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(30);
 /// After its final ACK, the client answers retransmissions until the server has been
 /// quiet this long (longer than the server's longest retransmission interval, 8 × 20 ms).
@@ -255,15 +258,38 @@ fn relay_loop(
     (up.stats, down.stats)
 }
 
-/// What the client saw.
-#[derive(Debug, Default)]
-struct ClientStats {
-    resends: u64,
-    duplicates: u64,
+/// The client: it resends its request or its last ACK after `CLIENT_TIMEOUT` without
+/// progress, gives up after 60 such resends in a row, and answers every resent final block
+/// for as long as it dallies after the end.
+const CLIENT: Settings = Settings {
+    timeout: CLIENT_TIMEOUT,
+    retries: 60,
+    linger: u32::MAX,
+    keep_payload: true,
+};
+
+/// Hears only the relay's "server TID" socket. Anything else is a stray from some other
+/// program on this machine that sent to a port which is ours now: ignored, also before
+/// the first reply (the transfer alone would take any port of the relay's address then).
+struct FromRelay(SocketAddr);
+
+impl Observer for FromRelay {
+    fn received(&mut self, _: &ReadTransfer, from: SocketAddr, _: &[u8]) -> Verdict {
+        if from == self.0 {
+            Verdict::Deliver
+        } else {
+            Verdict::Ignore
+        }
+    }
+
+    fn event(&mut self, _: &mut ReadTransfer, _: Event<'_>) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
 }
 
-/// Downloads `name` through `relay`, resending its last packet on timeout, answering a
-/// repeated OACK or last DATA, and acknowledging the last in-order block on a gap.
+/// Downloads `name` through `relay` with the library's client over a blocking socket
+/// (testkit's `drive_with`), then dallies: answers the server's resent final block until
+/// it has been quiet for `DALLY`.
 fn lossy_fetch(
     relay: &Relay,
     name: &str,
@@ -274,150 +300,49 @@ fn lossy_fetch(
     socket
         .set_read_timeout(Some(CLIENT_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    let blksize_s = blksize.map(|b| b.to_string());
-    let window_s = window.map(|w| w.to_string());
-    let mut options = Vec::new();
-    if let Some(b) = &blksize_s {
-        options.push(("blksize", b.as_str()));
+    let mut request = Request::new(name, dyntftp::Mode::Octet);
+    if let Some(blksize) = blksize {
+        request = request.blksize(blksize);
     }
-    if let Some(w) = &window_s {
-        options.push(("windowsize", w.as_str()));
+    if let Some(window) = window {
+        request = request.windowsize(window);
     }
-    let mut rrq = Vec::new();
-    write_rrq(&mut rrq, name.as_bytes(), "octet", options.iter().copied());
-    let ack = |block: u16| {
-        let mut a = Vec::new();
-        write_ack(&mut a, block);
-        a
-    };
-    let mut stats = ClientStats::default();
-    let mut last_sent = rrq.clone();
-    let mut last_to = relay.listen;
-    socket
-        .send_to(&rrq, relay.listen)
-        .map_err(|e| e.to_string())?;
-    let (mut size, mut win) = (512usize, 1usize);
-    let mut started = false;
-    let mut data = Vec::new();
-    let mut expected: u64 = 1;
-    let mut in_window = 0usize;
-    let mut silent = 0u32;
+    let mut transfer = ReadTransfer::new(Instant::now(), relay.listen, &request, CLIENT);
     let mut buf = vec![0u8; 65_536];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut done_at: Option<Instant> = None;
-    loop {
-        if Instant::now() > deadline {
-            return Err(format!("no end after 60 s ({} bytes)", data.len()));
+    drive_with(&socket, &mut transfer, &mut buf, &mut FromRelay(relay.tid))
+        .map_err(|e| e.to_string())?;
+    match transfer.outcome() {
+        Some(Ok(_)) => {}
+        Some(Err(dyntftp::client::ClientError::Server { code, message })) => {
+            return Err(format!("ERROR {} {message}", code.to_u16()))
         }
-        if done_at.is_some_and(|t| t.elapsed() >= DALLY) {
-            return Ok((data, stats));
-        }
-        let (len, from) = match socket.recv_from(&mut buf) {
-            Ok(r) => r,
+        Some(Err(e)) => return Err(format!("{e} ({} bytes so far)", transfer.bytes())),
+        None => return Err(format!("no end ({} bytes so far)", transfer.bytes())),
+    }
+    // Our final ACK may be lost: the transfer answers the resent last block again.
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < DALLY {
+        match socket.recv_from(&mut buf) {
+            Ok((len, from)) if from == relay.tid => {
+                quiet_since = Instant::now();
+                transfer.handle_datagram(quiet_since, from, &buf[..len]);
+                if let Some(transmit) = transfer.poll_transmit() {
+                    socket
+                        .send_to(transmit.contents, transmit.destination)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(_) => {}
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if done_at.is_some() {
-                    continue;
-                }
-                silent += 1;
-                if silent > 60 {
-                    return Err(format!("server silent ({} bytes so far)", data.len()));
-                }
-                stats.resends += 1;
-                socket
-                    .send_to(&last_sent, last_to)
-                    .map_err(|e| e.to_string())?;
-                continue;
-            }
+                ) => {}
             Err(e) => return Err(e.to_string()),
-        };
-        if from != relay.tid {
-            // Not from the relay: a stray from some other program on this machine that
-            // sent to a port which is ours now. A client ignores it (RFC 1350 would
-            // answer ERROR 5; the relay never sees it either way).
-            continue;
-        }
-        silent = 0;
-        match Packet::parse(&buf[..len]) {
-            Ok(Packet::Oack(opts)) if data.is_empty() && !options.is_empty() => {
-                if !started {
-                    for o in opts.iter() {
-                        let value: usize = std::str::from_utf8(o.value)
-                            .ok()
-                            .and_then(|v| v.parse().ok())
-                            .ok_or("bad OACK value")?;
-                        if o.is("blksize") {
-                            size = value;
-                        } else if o.is("windowsize") {
-                            win = value;
-                        }
-                    }
-                    started = true;
-                } else {
-                    stats.duplicates += 1;
-                }
-                last_sent = ack(0);
-                last_to = relay.tid;
-                socket
-                    .send_to(&last_sent, relay.tid)
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(Packet::Data {
-                block,
-                data: payload,
-            }) => {
-                started = true;
-                if done_at.is_some() {
-                    // Our final ACK was lost: the server resends the last block.
-                    stats.duplicates += 1;
-                    done_at = Some(Instant::now());
-                    socket
-                        .send_to(&last_sent, relay.tid)
-                        .map_err(|e| e.to_string())?;
-                    continue;
-                }
-                if block == expected as u16 {
-                    data.extend_from_slice(payload);
-                    expected += 1;
-                    in_window += 1;
-                    let last = payload.len() < size;
-                    if last || in_window == win {
-                        last_sent = ack(block);
-                        last_to = relay.tid;
-                        socket
-                            .send_to(&last_sent, relay.tid)
-                            .map_err(|e| e.to_string())?;
-                        in_window = 0;
-                    }
-                    if last {
-                        done_at = Some(Instant::now());
-                    }
-                } else {
-                    // A duplicate or a gap: say what we have (RFC 7440).
-                    stats.duplicates += 1;
-                    last_sent = ack((expected - 1) as u16);
-                    last_to = relay.tid;
-                    socket
-                        .send_to(&last_sent, relay.tid)
-                        .map_err(|e| e.to_string())?;
-                    in_window = 0;
-                }
-            }
-            Ok(Packet::Oack(_)) => stats.duplicates += 1,
-            Ok(Packet::Error { code, message }) => {
-                return Err(format!(
-                    "ERROR {} {}",
-                    code.to_u16(),
-                    String::from_utf8_lossy(message)
-                ))
-            }
-            other => return Err(format!("unexpected {other:?}")),
         }
     }
+    let stats = *transfer.stats();
+    Ok((transfer.into_data(), stats))
 }
 
 const SIZES: [usize; 10] = [0, 1, 511, 512, 513, 1024, 4000, 8192, 20_000, 50_000];
@@ -543,7 +468,7 @@ fn transfers_survive_a_lossy_network() {
     }
     let (mut outcomes, mut retransmits, mut max_retransmits) = (BTreeMap::new(), 0, 0);
     let (mut up, mut down) = (LinkStats::default(), LinkStats::default());
-    let (mut client_resends, mut client_duplicates) = (0, 0);
+    let mut client = ClientStats::default();
     for d in &done {
         let s = sessions
             .get(&d.index)
@@ -571,8 +496,11 @@ fn transfers_survive_a_lossy_network() {
         max_retransmits = max_retransmits.max(s.transfer.retransmits);
         up.add(&d.up);
         down.add(&d.down);
-        client_resends += d.client.resends;
-        client_duplicates += d.client.duplicates;
+        client.timer_resends += d.client.timer_resends;
+        client.gap_acks += d.client.gap_acks;
+        client.repeat_acks += d.client.repeat_acks;
+        client.linger_acks += d.client.linger_acks;
+        client.duplicates += d.client.duplicates;
     }
     let total = sum_reports(&server.reports_until_next());
     assert_eq!(total.sessions_started, transfers as u64);
@@ -585,8 +513,13 @@ fn transfers_survive_a_lossy_network() {
         "lossy: {transfers} transfers in {elapsed:.1?} with {workers} clients at once; \
          outcomes {outcomes:?}; loss {:.1} %; client→server {up:?}; server→client {down:?}; \
          server retransmits {retransmits} (max {max_retransmits} in one session, budget \
-         {SERVER_RETRIES} per progress); client resends {client_resends}, duplicates or \
-         gaps seen {client_duplicates}",
-        loss * 100.0
+         {SERVER_RETRIES} per progress); client: {} timer resends, {} gap ACKs, {} repeat \
+         ACKs, {} final ACKs again, {} duplicates dropped",
+        loss * 100.0,
+        client.timer_resends,
+        client.gap_acks,
+        client.repeat_acks,
+        client.linger_acks,
+        client.duplicates,
     );
 }

@@ -1,17 +1,18 @@
 //! A boot storm in miniature, as a correctness test (no timing assertions): 1,000 clients
 //! start at once against one server loop and each fetches a 64 KiB file, in lock step and
-//! with windowsize 16. Every transfer must complete with the exact bytes, every session
-//! must be reported, and nothing may be left running. The 10,000-client version with
-//! figures is `bench/storm.sh`.
+//! with windowsize 16. Each client is the library's `ReadTransfer`; all of them share one
+//! thread and one mio poll over their 1,000 sockets. Every transfer must complete with the
+//! exact bytes, from a port of its session's own, every session must be reported, and
+//! nothing may be left running. The 10,000-client version with figures is
+//! `bench/storm.sh`.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dyntftp::client::{write_ack, write_rrq};
-use dyntftp::{BytesSource, Handler, Outcome, Packet, ReadRequest, Reject, ResponseData};
+use dyntftp::client::{ReadTransfer, Request, Settings};
+use dyntftp::Outcome;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use testkit::*;
@@ -22,24 +23,43 @@ const SIZE: usize = 64 * 1024;
 /// machine it takes a few seconds).
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// Serves the same bytes under every name.
-struct Same(Arc<[u8]>);
+/// The clients' settings: a client resends its request or its last ACK after 1 s without
+/// news, and gives up only after a minute of it (the storm's own limit comes first).
+const CLIENT: Settings = Settings {
+    timeout: Duration::from_secs(1),
+    retries: 60,
+    linger: 2,
+    keep_payload: true,
+};
 
-impl Handler for Same {
-    fn open(&mut self, _: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
-        Ok(Box::new(BytesSource::new(self.0.clone())))
-    }
+/// One client: its non-blocking socket, registered with the poll, and its transfer.
+struct StormClient {
+    socket: UdpSocket,
+    transfer: ReadTransfer,
+    done: bool,
 }
 
-struct Transfer {
-    socket: UdpSocket,
-    received: Vec<u8>,
-    next: u16,
-    done: bool,
-    last_sent: Instant,
-    rrq: Vec<u8>,
-    server: Option<SocketAddr>,
-    last_ack: Vec<u8>,
+impl StormClient {
+    /// Sends what the transfer has to send, if anything (a send that fails is a lost
+    /// datagram: the timers repair it).
+    fn transmit(&mut self) {
+        if let Some(transmit) = self.transfer.poll_transmit() {
+            let _ = self.socket.send_to(transmit.contents, transmit.destination);
+        }
+    }
+
+    /// Marks the client done when its transfer just ended; panics if it failed.
+    fn just_ended(&mut self, i: usize) -> bool {
+        match self.transfer.outcome() {
+            None => false,
+            Some(_) if self.done => false,
+            Some(Ok(_)) => {
+                self.done = true;
+                true
+            }
+            Some(Err(e)) => panic!("client {i}: {e} ({:?})", self.transfer),
+        }
+    }
 }
 
 fn storm(window: u16) {
@@ -54,7 +74,7 @@ fn storm(window: u16) {
     let mut server = spawn_server(
         Mode::OwnPort,
         v4(),
-        move || Box::new(Same(data)),
+        move || Box::new(SharedBytes(data)),
         move |b| {
             b.max_sessions(clients + 10)
                 .timeout(Duration::from_millis(500))
@@ -63,116 +83,98 @@ fn storm(window: u16) {
         },
     );
     let mut poll = Poll::new().unwrap();
-    let mut transfers = Vec::with_capacity(clients);
-    let options: Vec<(&str, String)> = if window > 1 {
-        vec![("windowsize", window.to_string())]
-    } else {
-        Vec::new()
+    let request = match window {
+        1 => Request::new("kernel", dyntftp::Mode::Octet),
+        _ => Request::new("kernel", dyntftp::Mode::Octet).windowsize(window),
     };
-    for i in 0..clients {
-        let mut socket = UdpSocket::bind(v4()).unwrap();
-        poll.registry()
-            .register(&mut socket, Token(i), Interest::READABLE)
-            .unwrap();
-        let mut rrq = Vec::new();
-        write_rrq(
-            &mut rrq,
-            b"kernel",
-            "octet",
-            options.iter().map(|(n, v)| (*n, v.as_str())),
-        );
-        transfers.push(Transfer {
-            socket,
-            received: Vec::with_capacity(SIZE),
-            next: 1,
-            done: false,
-            last_sent: Instant::now(),
-            rrq,
-            server: None,
-            last_ack: Vec::new(),
-        });
-    }
+    let now = Instant::now();
+    let mut clients: Vec<StormClient> = (0..clients)
+        .map(|i| {
+            let mut socket = UdpSocket::bind(v4()).unwrap();
+            poll.registry()
+                .register(&mut socket, Token(i), Interest::READABLE)
+                .unwrap();
+            StormClient {
+                socket,
+                transfer: ReadTransfer::new(now, server.addr, &request, CLIENT),
+                done: false,
+            }
+        })
+        .collect();
     // Everyone asks at once.
-    for t in &mut transfers {
-        t.socket.send_to(&t.rrq, server.addr).unwrap();
-        t.last_sent = Instant::now();
+    for client in &mut clients {
+        client.transmit();
     }
     let started = Instant::now();
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 65_536];
-    let mut remaining = clients;
+    let mut remaining = clients.len();
     while remaining > 0 {
         assert!(
             started.elapsed() < LIMIT,
-            "{remaining} of {clients} transfers unfinished after {LIMIT:?}"
+            "{remaining} of {} transfers unfinished after {LIMIT:?}",
+            clients.len()
         );
         poll.poll(&mut events, Some(Duration::from_millis(100)))
             .unwrap();
+        let now = Instant::now();
         for event in events.iter() {
-            let t = &mut transfers[event.token().0];
+            let i = event.token().0;
+            let client = &mut clients[i];
             loop {
-                let (len, from) = match t.socket.recv_from(&mut buf) {
+                let (len, from) = match client.socket.recv_from(&mut buf) {
                     Ok(r) => r,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => panic!("client receive: {e}"),
                 };
-                // Only the session's TID counts once known (anything else is a stray from
-                // another program that sent to a port which is ours now).
-                if t.done || t.server.is_some_and(|tid| tid != from) {
-                    continue;
-                }
-                let reply = match Packet::parse(&buf[..len]) {
-                    Ok(Packet::Oack(_)) => Some(0),
-                    Ok(Packet::Data { block, data }) if block == t.next => {
-                        t.received.extend_from_slice(data);
-                        t.next = t.next.wrapping_add(1);
-                        let last = data.len() < 512;
-                        if last {
-                            t.done = true;
-                            remaining -= 1;
-                        }
-                        (last || block % window == 0).then_some(block)
-                    }
-                    // Out of order or repeated: acknowledge what we have, once.
-                    Ok(Packet::Data { .. }) => Some(t.next.wrapping_sub(1)),
-                    other => panic!("client got {other:?}"),
-                };
-                t.server = Some(from);
-                if let Some(block) = reply {
-                    t.last_ack.clear();
-                    write_ack(&mut t.last_ack, block);
-                    let _ = t.socket.send_to(&t.last_ack, from);
-                    t.last_sent = Instant::now();
-                }
+                // The transfer takes the first reply from the server's address as the
+                // session's TID and ignores anything else (a stray from another program
+                // that sent to a port which is ours now). After the end it still answers
+                // a resent final block.
+                client.transfer.handle_datagram(now, from, &buf[..len]);
+                client.transmit();
+            }
+            if client.just_ended(i) {
+                remaining -= 1;
             }
         }
-        // A client's own retransmission: its request or its last ACK, after 1 s of silence.
-        let now = Instant::now();
-        for t in transfers.iter_mut().filter(|t| !t.done) {
-            if now.duration_since(t.last_sent) >= Duration::from_secs(1) {
-                match t.server {
-                    None => drop(t.socket.send_to(&t.rrq, server.addr)),
-                    Some(to) => drop(t.socket.send_to(&t.last_ack, to)),
+        // The clients' own retransmissions: the request or the last ACK.
+        for (i, client) in clients.iter_mut().enumerate() {
+            if client
+                .transfer
+                .deadline()
+                .is_some_and(|deadline| now >= deadline)
+            {
+                client.transfer.handle_timeout(now);
+                client.transmit();
+                if client.just_ended(i) {
+                    remaining -= 1;
                 }
-                t.last_sent = now;
             }
         }
     }
-    for (i, t) in transfers.iter().enumerate() {
-        if t.received != *expected {
-            let first = t
-                .received
+    for (i, client) in clients.iter().enumerate() {
+        let (received, tid) = (client.transfer.data(), client.transfer.peer());
+        if *received != *expected {
+            let first = received
                 .iter()
                 .zip(expected.iter())
                 .position(|(a, b)| a != b);
             panic!(
-                "client {i}: content differs: {} bytes received, {} expected, first difference at {first:?}, server {:?}",
-                t.received.len(),
+                "client {i}: content differs: {} bytes received, {} expected, first difference at {first:?}, server {tid:?}",
+                received.len(),
                 expected.len(),
-                t.server
             );
         }
+        // Each session answered from a port of its own.
+        let tid = tid.expect("the server answered");
+        assert!(
+            tid.ip() == server.addr.ip() && tid.port() != server.addr.port(),
+            "client {i}: served from {tid}, the listener is {}",
+            server.addr
+        );
     }
+    let clients = clients.len();
     let sessions = server.sessions(clients);
     let mut outcomes: HashMap<Outcome, usize> = HashMap::new();
     for s in &sessions {

@@ -2,8 +2,11 @@
 //! `dyntftpd/tests/` as a dev-dependency.
 //!
 //! - [`files`]: temporary roots with the standard test files, deterministic contents.
-//! - [`server`]: a server on its own thread, its statistics forwarded over a channel.
-//! - [`client`]: a small blocking TFTP read client and hand-made datagrams.
+//! - [`server`]: a server on its own thread, its statistics forwarded over a channel; a
+//!   handler that serves one buffer under every name ([`SharedBytes`]).
+//! - [`client`]: the library's sans-IO read client ([`dyntftp::client::ReadTransfer`])
+//!   over a blocking socket: the loop ([`drive`]), the test client built on it ([`Client`],
+//!   [`fetch`]), and hand-made datagrams ([`Raw`]).
 //! - [`real`]: real client programs (curl, tftp-hpa, atftp), run with a deadline.
 //! - [`rng`]: the one seeded pseudo-random generator.
 //! - [`sys`]: the descriptor limit, descriptor count, CPU time, resident memory.

@@ -1,13 +1,15 @@
-//! A server on its own thread, with its statistics forwarded over a channel.
+//! A server on its own thread, with its statistics forwarded over a channel, and
+//! [`SharedBytes`], a handler for tests and benches that need no files.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use dyntftp::{
-    FsHandler, Handler, ReadRequest, Reject, ResponseData, ServerBuilder, ServerStats,
+    BytesSource, FsHandler, Handler, ReadRequest, Reject, ResponseData, ServerBuilder, ServerStats,
     SessionStats, ShutdownHandle,
 };
 
@@ -41,6 +43,16 @@ impl Handler for Forward {
     fn server_stats(&mut self, stats: &ServerStats) {
         self.inner.server_stats(stats);
         let _ = self.events.send(Event::Server(Box::new(stats.clone())));
+    }
+}
+
+/// A handler that serves the same bytes under every name, without copying them: each
+/// session gets a [`BytesSource`] on a clone of the `Arc`.
+pub struct SharedBytes(pub Arc<[u8]>);
+
+impl Handler for SharedBytes {
+    fn open(&mut self, _: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+        Ok(Box::new(BytesSource::new(self.0.clone())))
     }
 }
 
