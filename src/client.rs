@@ -158,8 +158,15 @@ pub struct Request {
 impl Request {
     /// A request for `filename` in `mode`, without options.
     pub fn new(filename: impl AsRef<[u8]>, mode: Mode) -> Request {
+        Request::with_mode_name(filename, mode.as_str())
+    }
+
+    /// A request for `filename` with the mode spelled as given: in any case, or a mode
+    /// the server may not know (for testing servers). The client treats the data the same
+    /// whatever the mode: it keeps the bytes as they come.
+    pub fn with_mode_name(filename: impl AsRef<[u8]>, mode: &str) -> Request {
         let mut rrq = Vec::new();
-        write_rrq(&mut rrq, filename.as_ref(), mode.as_str(), []);
+        write_rrq(&mut rrq, filename.as_ref(), mode, []);
         Request::from_rrq(rrq)
     }
 
@@ -930,6 +937,19 @@ mod tests {
         write_ack(&mut out, 7);
         assert_eq!(out, b"\x00\x04\x00\x07");
         assert_eq!(Packet::parse(&out), Ok(Packet::Ack { block: 7 }));
+    }
+
+    #[test]
+    fn a_mode_is_sent_as_spelled() {
+        let request = Request::with_mode_name("f", "NetASCII").blksize(8);
+        assert_eq!(
+            request.as_bytes(),
+            b"\x00\x01f\x00NetASCII\x00blksize\x008\x00"
+        );
+        assert_eq!(
+            Request::new("f", Mode::Octet),
+            Request::with_mode_name("f", "octet")
+        );
     }
 
     #[test]

@@ -339,20 +339,11 @@ impl Client {
         options: &[(&str, &str)],
         hook: &mut dyn FnMut(&Progress),
     ) -> Result<Fetched, ClientError> {
-        // The transfer's request carries the options it checks the OACK against. The RRQ
-        // itself is written here, because `Request` only spells the modes it knows, in
-        // lower case; the transfer never resends it (no retries).
         let request = options.iter().fold(
-            Request::new(filename, dyntftp::Mode::Octet),
+            Request::with_mode_name(filename, mode),
             |request, (name, value)| request.option(name, value),
         );
-        let mut rrq = Vec::new();
-        write_rrq(&mut rrq, filename, mode, options.iter().copied());
         let mut transfer = ReadTransfer::new(Instant::now(), server, &request, SETTINGS);
-        transfer
-            .poll_transmit()
-            .expect("a new transfer sends its RRQ");
-        self.socket.send_to(&rrq, server)?;
 
         let mut fetching = Fetching {
             server,
