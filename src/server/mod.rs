@@ -50,6 +50,7 @@ mod table;
 mod transport;
 mod workers;
 
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -574,7 +575,7 @@ impl<H: Handler> Server<H> {
         let opened = self.user_code.run(
             &mut self.stats,
             self.now,
-            format_args!("{peer}: the handler opening {filename:?}"),
+            |f| write!(f, "{peer}: the handler opening {filename:?}"),
             || handler.open(&read_request),
         );
         let source = match opened {
@@ -600,7 +601,7 @@ impl<H: Handler> Server<H> {
         let created = self.user_code.run(
             &mut self.stats,
             self.now,
-            format_args!("{peer}: the source of {filename:?}"),
+            |f| write!(f, "{peer}: the source of {filename:?}"),
             || Session::new(now, request.options, mode, source, config),
         );
         let Some(session) = created else {
@@ -613,7 +614,9 @@ impl<H: Handler> Server<H> {
                 log::Level::Warn,
                 format_args!("{peer}: cannot register a session socket: {e}"),
             );
-            let what = format_args!("{peer}: dropping the source of {filename:?}");
+            let what = |f: &mut fmt::Formatter<'_>| {
+                write!(f, "{peer}: dropping the source of {filename:?}")
+            };
             return self.user_code.drop(&mut self.stats, now, what, session);
         }
         let info = RequestInfo {
@@ -689,6 +692,7 @@ impl<H: Handler> Server<H> {
 
     /// Reads one datagram from the session's own socket and hands it to the session; a
     /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though).
+    #[inline(always)]
     fn receive(&mut self, id: SessionId) -> Received {
         loop {
             let Some(entry) = self.table.get_mut(id) else {
@@ -758,7 +762,7 @@ impl<H: Handler> Server<H> {
             let output = self.user_code.run(
                 &mut self.stats,
                 self.now,
-                format_args!("{}: the source of {:?}", request.peer, request.filename),
+                |f| write!(f, "{}: the source of {:?}", request.peer, request.filename),
                 // Moving the borrow into the closure makes it FnOnce, so the output may
                 // borrow the session beyond the call.
                 move || {

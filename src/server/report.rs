@@ -39,6 +39,21 @@ pub(super) struct UserCode {
     log: LogLimiter,
 }
 
+/// Writes what panicked, for the log line; called only when something did, so that the
+/// loop formats nothing on its way.
+pub(super) trait Describe: Fn(&mut fmt::Formatter<'_>) -> fmt::Result {}
+
+impl<F: Fn(&mut fmt::Formatter<'_>) -> fmt::Result> Describe for F {}
+
+/// A [`Describe`] as `Display`.
+struct Described<D>(D);
+
+impl<D: Describe> fmt::Display for Described<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        (self.0)(f)
+    }
+}
+
 impl UserCode {
     pub(super) fn new() -> UserCode {
         // Ten lines a minute at most: enough to see what happens.
@@ -52,7 +67,7 @@ impl UserCode {
         &mut self,
         stats: &mut ServerStats,
         now: Instant,
-        what: fmt::Arguments<'_>,
+        what: impl Describe,
         f: impl FnOnce() -> T,
     ) -> Option<T> {
         match catch_unwind(AssertUnwindSafe(f)) {
@@ -63,7 +78,7 @@ impl UserCode {
                     &mut self.log,
                     now,
                     log::Level::Error,
-                    format_args!("{what} panicked"),
+                    format_args!("{} panicked", Described(what)),
                 );
                 None
             }
@@ -75,7 +90,7 @@ impl UserCode {
         &mut self,
         stats: &mut ServerStats,
         now: Instant,
-        what: fmt::Arguments<'_>,
+        what: impl Describe,
         value: T,
     ) {
         self.run(stats, now, what, move || drop(value));
@@ -102,10 +117,10 @@ impl<H: Handler> Server<H> {
         self.user_code.drop(
             &mut self.stats,
             self.now,
-            format_args!(
-                "{}: dropping the source of {:?}",
-                request.peer, request.filename
-            ),
+            |f| {
+                let (peer, filename) = (request.peer, &request.filename);
+                write!(f, "{peer}: dropping the source of {filename:?}")
+            },
             entry.session,
         );
         let stats = SessionStats {
@@ -125,7 +140,7 @@ impl<H: Handler> Server<H> {
         self.user_code.run(
             &mut self.stats,
             self.now,
-            format_args!("the handler's session_finished"),
+            |f| f.write_str("the handler's session_finished"),
             || handler.session_finished(&stats),
         );
     }
@@ -151,7 +166,7 @@ impl<H: Handler> Server<H> {
         self.user_code.run(
             &mut self.stats,
             self.now,
-            format_args!("the handler's server_stats"),
+            |f| f.write_str("the handler's server_stats"),
             || handler.server_stats(&stats),
         );
     }
@@ -206,13 +221,16 @@ mod tests {
         let mut stats = ServerStats::default();
         let now = Instant::now();
         assert_eq!(
-            guard.run(&mut stats, now, format_args!("ok"), || 7),
+            guard.run(&mut stats, now, |f| f.write_str("ok"), || 7),
             Some(7)
         );
         assert_eq!(stats.panics, 0);
-        let panicked: Option<u8> = guard.run(&mut stats, now, format_args!("boom"), || {
-            panic!("user code failed")
-        });
+        let panicked: Option<u8> = guard.run(
+            &mut stats,
+            now,
+            |f| f.write_str("boom"),
+            || panic!("user code failed"),
+        );
         assert_eq!(panicked, None);
         struct PanicsOnDrop;
         impl Drop for PanicsOnDrop {
@@ -220,7 +238,7 @@ mod tests {
                 panic!("drop failed");
             }
         }
-        guard.drop(&mut stats, now, format_args!("a value"), PanicsOnDrop);
+        guard.drop(&mut stats, now, |f| f.write_str("a value"), PanicsOnDrop);
         assert_eq!(stats.panics, 2);
     }
 }

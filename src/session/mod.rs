@@ -678,6 +678,7 @@ impl Session {
 
     /// Counts block `block` as sent now (first send or resend, for the round-trip
     /// samples too); returns its packet length.
+    #[inline]
     fn account_send(&mut self, block: u64) -> usize {
         let slot = self.slot(block);
         let len = self.lens[slot];
