@@ -1442,7 +1442,7 @@ mod tests {
             let mut to_client = Vec::new();
             let session_done = loop {
                 match session.poll_output(64) {
-                    Output::Transmit(t) => to_client.extend(t.datagrams().map(<[u8]>::to_vec)),
+                    Output::Transmit(t) => to_client.extend(t.segments().map(<[u8]>::to_vec)),
                     Output::Wait(_) => break false,
                     Output::Done(_) => break true,
                 }

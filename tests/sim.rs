@@ -560,7 +560,7 @@ impl Sim {
         loop {
             // As a driver with UDP GSO asks: a window's packets may come out together.
             let datagrams: Vec<Vec<u8>> = match self.session.poll_output(GSO_SEGMENTS) {
-                Output::Transmit(transmit) => transmit.datagrams().map(<[u8]>::to_vec).collect(),
+                Output::Transmit(transmit) => transmit.segments().map(<[u8]>::to_vec).collect(),
                 Output::Wait(deadline) => {
                     self.session_wait = Some(deadline);
                     return sent;

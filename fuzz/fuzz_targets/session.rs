@@ -352,7 +352,7 @@ impl Harness {
             match self.session.poll_output(max) {
                 Output::Transmit(transmit) => {
                     assert!(transmit.datagrams >= 1 && transmit.datagrams <= max);
-                    let packets: Vec<Vec<u8>> = transmit.datagrams().map(<[u8]>::to_vec).collect();
+                    let packets: Vec<Vec<u8>> = transmit.segments().map(<[u8]>::to_vec).collect();
                     assert_eq!(packets.len(), transmit.datagrams);
                     let mut payload = 0;
                     for (i, packet) in packets.iter().enumerate() {

@@ -61,6 +61,7 @@ use log::{debug, info};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::handler::{Handler, Notifier, ReadRequest, Reject};
+use crate::limit::LogLimiter;
 use crate::packet::{ErrorCode, Mode, Packet, Request, MAX_DATAGRAM};
 use crate::session::{Outcome, Output, Retransmission, Session};
 use crate::spin::Spinner;
@@ -145,7 +146,7 @@ pub struct Server<H> {
     /// Set once shutdown started: when remaining sessions are aborted.
     grace_deadline: Option<Instant>,
     /// Rate-limited warnings about session sockets.
-    socket_log: crate::limit::LogLimiter,
+    socket_log: LogLimiter,
     /// Whether to poll without sleeping before a wait, and for how long.
     spinner: Spinner,
     /// Worker 0 of several: the other workers' statistics, added to its reports.
@@ -192,7 +193,7 @@ impl<H: Handler> Server<H> {
             stats: ServerStats::default(),
             stats_since: now,
             grace_deadline: None,
-            socket_log: crate::limit::LogLimiter::new(Duration::from_secs(60), 10),
+            socket_log: LogLimiter::new(Duration::from_secs(60), 10),
             spinner: Spinner::new(settings.busy_poll),
             stats_from_workers,
             stats_to_worker_0,

@@ -172,7 +172,11 @@ impl SessionTable {
     /// no later is kept (firing early is harmless: the session then does nothing and the
     /// driver re-arms), so an ACK that moves the deadline later costs no wheel operation.
     pub(super) fn arm(&mut self, id: SessionId, deadline: Instant) {
-        let Some(entry) = self.slab.get_mut(id.key as usize) else {
+        let Some(entry) = self
+            .slab
+            .get_mut(id.key as usize)
+            .filter(|entry| entry.generation == id.generation)
+        else {
             return;
         };
         match entry.timer {
@@ -300,6 +304,9 @@ mod tests {
             Some(1001)
         );
         assert_eq!(table.ids(), vec![new]);
+        // Nor does its timer: arming the old id arms nothing.
+        table.arm(old, now);
+        assert_eq!(table.next_deadline(), None);
     }
 
     #[test]

@@ -122,7 +122,7 @@ impl Sender {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
                 info!("UDP segmentation offload unavailable ({e}); sending one datagram per call");
                 self.gso = false;
-                for datagram in transmit.datagrams() {
+                for datagram in transmit.segments() {
                     let sent = send(listeners, transport, datagram, peer, None);
                     let payload = (datagram.len() - DATA_HEADER_LEN) as u64;
                     count_send(stats, sent, 1, payload, peer);

@@ -217,8 +217,9 @@ impl<'a> Transmit<'a> {
         }
     }
 
-    /// The datagrams one by one (for a driver that cannot send them in one call).
-    pub fn datagrams(&self) -> impl Iterator<Item = &'a [u8]> {
+    /// The datagrams one by one, cut at `segment_size` (for a driver that cannot send
+    /// them in one call).
+    pub fn segments(&self) -> impl Iterator<Item = &'a [u8]> {
         self.contents.chunks(self.segment_size.max(1))
     }
 }
@@ -1456,7 +1457,7 @@ mod tests {
                 Output::Transmit(run) if run.datagrams > 1 => {
                     *used += 1;
                     assert!(run.datagrams <= runs);
-                    let chunks: Vec<_> = run.datagrams().collect();
+                    let chunks: Vec<_> = run.segments().collect();
                     assert_eq!(chunks.len(), run.datagrams);
                     assert!(chunks[..run.datagrams - 1]
                         .iter()
