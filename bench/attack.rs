@@ -363,8 +363,11 @@ fn answered(socket: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
         .map(|(len, from)| (buf[..len].to_vec(), from))
 }
 
+/// What one client of a memory case does; true when its session is in place.
+type Hold = Box<dyn Fn(&Server, &UdpSocket) -> bool>;
+
 /// The memory cases: a name, and what each of the `HELD` clients does.
-fn memory_case(case: usize) -> (&'static str, Box<dyn Fn(&Server, &UdpSocket) -> bool>) {
+fn memory_case(case: usize) -> (&'static str, Hold) {
     let big_ask = rrq(
         "big",
         &[
