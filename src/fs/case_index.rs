@@ -6,11 +6,11 @@
 //! - **Freshness.** An index is keyed by the directory's device and inode and stamped
 //!   with its modification and change times (nanoseconds): adding, removing or renaming
 //!   an entry moves both, and the next lookup lists the directory again. Two changes can
-//!   share one timestamp tick (the kernel's coarse clock, 1 or 2 s on some file systems),
-//!   so an index built within [`SETTLE`] of the directory's last change is *unsettled*:
-//!   what it finds is used, but a name it does not find is looked for again by listing the
-//!   directory, at most once per [`UNSETTLED_RELIST`]. A file created in the same tick as
-//!   an earlier change is therefore found at most that much later.
+//!   share one timestamp tick (the kernel's coarse clock, or whole seconds on some file
+//!   systems), so an index built less than [`SETTLE_FINE`] after the directory's last
+//!   change ([`SETTLE_COARSE`] when its timestamps are whole seconds) is *unsettled*: what
+//!   it finds is used, but a name it does not find is looked for again by listing the
+//!   directory. A file created in the same tick as an earlier change is therefore found.
 //! - **Every answer is checked.** A name found in the index is used only if it still
 //!   exists and is not a symbolic link (`fstatat` without following), so a file removed
 //!   since the listing is never served, whatever the timestamps say.
@@ -31,12 +31,15 @@ use log::warn;
 
 use crate::sys;
 
-/// An index built less than this after its directory last changed is unsettled. It covers
-/// the coarsest common timestamp granularity (FAT's 2 s) plus the coarse clock's tick.
-pub(super) const SETTLE: Duration = Duration::from_millis(2100);
+/// An index built less than this after its directory last changed is unsettled, when the
+/// directory's timestamps have a fraction of a second (a file system with fine
+/// timestamps): it covers the kernel's coarse clock tick (at most 10 ms) and timestamp
+/// granularities down to exFAT's 10 ms.
+pub(super) const SETTLE_FINE: Duration = Duration::from_millis(50);
 
-/// How often an unsettled index may be rebuilt by names it does not find.
-pub(super) const UNSETTLED_RELIST: Duration = Duration::from_millis(50);
+/// The same for timestamps in whole seconds (ext3 or FAT's 2 s granularity, or a
+/// fine-grained one that happened to land on a whole second).
+pub(super) const SETTLE_COARSE: Duration = Duration::from_millis(2100);
 
 /// The memory the indexes may take together (estimated).
 pub(super) const MAX_BYTES: usize = 32 << 20;
@@ -102,6 +105,11 @@ impl DirStamp {
         (self.dev, self.ino)
     }
 
+    /// Whether either timestamp has a fraction of a second.
+    fn fine(&self) -> bool {
+        self.mtime.1 != 0 || self.ctime.1 != 0
+    }
+
     /// The directory's last change, as a time.
     fn changed(&self) -> SystemTime {
         let at = |(secs, nanos): (i64, i64)| {
@@ -117,19 +125,23 @@ impl DirStamp {
     }
 }
 
-/// Whether an index built at `built` of a directory last changed at `changed` is complete
-/// for good: any later change then moves the directory's timestamps.
-fn settled(changed: SystemTime, built: SystemTime) -> bool {
+/// Whether an index of a directory stamped `stamp`, built at `built`, is complete for
+/// good: any later change then moves the directory's timestamps.
+fn settled(stamp: &DirStamp, built: SystemTime) -> bool {
+    let margin = if stamp.fine() {
+        SETTLE_FINE
+    } else {
+        SETTLE_COARSE
+    };
     built
-        .duration_since(changed)
-        .is_ok_and(|since| since >= SETTLE)
+        .duration_since(stamp.changed())
+        .is_ok_and(|since| since >= margin)
 }
 
 /// One directory's names.
 struct DirIndex {
     stamp: DirStamp,
-    /// When the listing started.
-    built: SystemTime,
+    /// Whether a name it lacks is missing (else the directory is listed again).
     settled: bool,
     /// Each group of names equal ignoring case: the smallest, and the others in order.
     /// `None`: too many names to index (exact names only).
@@ -148,16 +160,6 @@ impl DirIndex {
             Some((first, others)) => std::iter::once(&first.0).chain(others).cloned().collect(),
             None => Vec::new(),
         }
-    }
-
-    /// Whether a name it does not hold may be taken as missing at `now`, without
-    /// listing the directory again.
-    fn trusted_miss(&self, now: SystemTime) -> bool {
-        self.settled
-            || self.names.is_none()
-            || now
-                .duration_since(self.built)
-                .is_ok_and(|age| age < UNSETTLED_RELIST)
     }
 }
 
@@ -216,7 +218,7 @@ impl CaseIndex {
                 if index.stamp == stamp {
                     index.last_used = tick;
                     let candidates = index.candidates(name);
-                    let trusted_miss = index.trusted_miss(now);
+                    let trusted_miss = index.settled || index.names.is_none();
                     drop(indexes);
                     if let Some(found) = first_usable(dir, candidates) {
                         return Ok(Some(found));
@@ -322,8 +324,7 @@ fn list(dir: &OwnedFd, stamp: DirStamp, now: SystemTime) -> io::Result<DirIndex>
     }
     Ok(DirIndex {
         stamp,
-        built: now,
-        settled: settled(stamp.changed(), now),
+        settled: settled(&stamp, now),
         names: (!too_large).then_some(names),
         bytes,
         last_used: 0,
@@ -377,13 +378,26 @@ mod tests {
 
     #[test]
     fn settling() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        assert!(settled(t, t + SETTLE));
-        assert!(settled(t, t + Duration::from_secs(60)));
-        assert!(!settled(t, t));
-        assert!(!settled(t, t + SETTLE - Duration::from_millis(1)));
+        let stamp = |secs: i64, nanos: i64| DirStamp {
+            dev: 1,
+            ino: 2,
+            mtime: (secs - 10, 0),
+            ctime: (secs, nanos),
+        };
+        let at = |secs: u64, millis: u64| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+        };
+        // Fine timestamps: 50 ms after the last change (the ctime here).
+        let fine = stamp(1_000_000, 500_000_000);
+        assert!(!settled(&fine, at(1_000_000, 500)));
+        assert!(!settled(&fine, at(1_000_000, 549)));
+        assert!(settled(&fine, at(1_000_000, 550)));
+        // Whole seconds: 2.1 s.
+        let coarse = stamp(1_000_000, 0);
+        assert!(!settled(&coarse, at(1_000_002, 0)));
+        assert!(settled(&coarse, at(1_000_002, 100)));
         // A change time in the future (a clock set back, a skewed file server).
-        assert!(!settled(t, t - Duration::from_secs(60)));
+        assert!(!settled(&fine, at(999_000, 0)));
     }
 
     #[test]
@@ -426,31 +440,24 @@ mod tests {
         indexes.dirs.get_mut(&stamp.key()).unwrap().stamp = stamp;
     }
 
-    /// The same indexes, read with another clock.
-    fn with_clock(index: &CaseIndex, clock: fn() -> SystemTime) -> CaseIndex {
-        CaseIndex {
-            inner: Arc::clone(&index.inner),
-            clock,
-        }
-    }
-
     #[test]
     fn a_file_created_in_the_same_tick_is_found() {
         let tree = Tree::new();
         tree.file("dir/a", b"a");
         let dir = tree.root().join("dir");
-        // Built "a second ago" of a directory changed just now: unsettled.
-        let index = with_clock(&CaseIndex::new(), || {
-            SystemTime::now() - Duration::from_secs(1)
-        });
+        // A clock a second behind: the directory changed "after" the index was built, so
+        // it is unsettled (as when built within the settling time of the change).
+        let index = CaseIndex {
+            clock: || SystemTime::now() - Duration::from_secs(1),
+            ..CaseIndex::new()
+        };
         assert_eq!(find(&index, &dir, b"B"), None);
         assert!(!index.lock().dirs.values().next().unwrap().settled);
-        let index = with_clock(&index, SystemTime::now);
         // Found names are used without listing.
         assert_eq!(find(&index, &dir, b"A"), Some(b"a".to_vec()));
         assert_eq!(index.usage().0, 1);
         // Created within the same tick: the stamp says nothing changed, but a miss in an
-        // unsettled index (built more than UNSETTLED_RELIST ago) lists again.
+        // unsettled index lists again.
         tree.file("dir/b", b"b");
         pretend_same_tick(&index, &dir);
         assert_eq!(find(&index, &dir, b"B"), Some(b"b".to_vec()));

@@ -56,9 +56,9 @@
 //! directory open, two `fstatat` calls and a hash lookup: each directory is listed once
 //! into an index of its names by case, reused until the directory changes (its
 //! modification or change time moves). Names the index finds are checked to still exist
-//! and not be links before they are used; for about 2 s after a directory changed (two
-//! changes can share a timestamp tick) a name its index lacks is looked for again by
-//! listing it, at most every 50 ms. The indexes take at most 32 MiB (estimated) over at
+//! and not be links before they are used. Two changes can share a timestamp tick, so for
+//! 50 ms after a directory changed (2.1 s where its timestamps are whole seconds) a name
+//! its index lacks is looked for again by listing the directory. The indexes take at most 32 MiB (estimated) over at
 //! most 1,024 directories, least recently used dropped first; in a directory whose index
 //! alone would exceed 8 MiB (about 100,000 names), only exact names are found (a warning
 //! is logged). Only ASCII letters fold (names are bytes, not text).
