@@ -34,7 +34,7 @@ use crate::sys;
 /// An index built less than this after its directory last changed is unsettled, when the
 /// directory's timestamps have a fraction of a second (a file system with fine
 /// timestamps): it covers the kernel's coarse clock tick (at most 10 ms) and timestamp
-/// granularities down to exFAT's 10 ms.
+/// granularities as coarse as exFAT's 10 ms.
 pub(super) const SETTLE_FINE: Duration = Duration::from_millis(50);
 
 /// The same for timestamps in whole seconds (ext3 or FAT's 2 s granularity, or a
@@ -44,7 +44,7 @@ pub(super) const SETTLE_COARSE: Duration = Duration::from_millis(2100);
 /// The memory the indexes may take together (estimated).
 pub(super) const MAX_BYTES: usize = 32 << 20;
 
-/// The memory one directory's index may take (estimated): about 100,000 names of 20 bytes.
+/// The memory one directory's index may take (estimated): about 80,000 names of 20 bytes.
 pub(super) const DIR_MAX_BYTES: usize = 8 << 20;
 
 /// The most directories indexed at once.
@@ -295,19 +295,20 @@ fn list(dir: &OwnedFd, stamp: DirStamp, now: SystemTime) -> io::Result<DirIndex>
             names = HashMap::new();
             return;
         }
-        let entry: Box<[u8]> = entry.into();
-        match names.remove_entry(&Folded(entry.clone())) {
+        let entry = Folded(entry.into());
+        match names.remove_entry(&entry) {
             None => {
-                names.insert(Folded(entry), Vec::new());
+                names.insert(entry, Vec::new());
             }
+            // Another name equal ignoring case (rare): the smaller one is the key.
             Some((first, mut others)) => {
-                let (smallest, other) = if entry < first.0 {
-                    (entry, first.0)
+                let (smallest, other) = if entry.0 < first.0 {
+                    (entry, first)
                 } else {
-                    (first.0, entry)
+                    (first, entry)
                 };
-                others.push(other);
-                names.insert(Folded(smallest), others);
+                others.push(other.0);
+                names.insert(smallest, others);
             }
         }
     })?;
@@ -486,6 +487,23 @@ mod tests {
         pretend_same_tick(&index, &dir);
         assert_eq!(find(&index, &dir, b"REAL"), None);
         assert_eq!(index.usage().0, 1, "settled: misses were trusted");
+    }
+
+    #[test]
+    fn the_smallest_name_that_is_not_a_link_wins() {
+        let tree = Tree::new();
+        tree.file("d/bcd", b"lower");
+        tree.file("d/Bcd", b"mixed");
+        symlink("bcd", tree.root().join("d/BCD")).unwrap();
+        let dir = tree.root().join("d");
+        let index = CaseIndex {
+            clock: later,
+            ..CaseIndex::new()
+        };
+        // "BCD" < "Bcd" < "bcd", but "BCD" is a link.
+        assert_eq!(find(&index, &dir, b"bCD"), Some(b"Bcd".to_vec()));
+        fs::remove_file(dir.join("Bcd")).unwrap();
+        assert_eq!(find(&index, &dir, b"bCD"), Some(b"bcd".to_vec()));
     }
 
     #[test]

@@ -53,15 +53,16 @@
 //! - the corrected path is then opened exactly as a normal request is.
 //!
 //! Exact names take the normal path unchanged. A name that misses costs, per level, one
-//! directory open, two `fstatat` calls and a hash lookup: each directory is listed once
-//! into an index of its names by case, reused until the directory changes (its
-//! modification or change time moves). Names the index finds are checked to still exist
-//! and not be links before they are used. Two changes can share a timestamp tick, so for
-//! 50 ms after a directory changed (2.1 s where its timestamps are whole seconds) a name
-//! its index lacks is looked for again by listing the directory. The indexes take at most 32 MiB (estimated) over at
-//! most 1,024 directories, least recently used dropped first; in a directory whose index
-//! alone would exceed 8 MiB (about 100,000 names), only exact names are found (a warning
-//! is logged). Only ASCII letters fold (names are bytes, not text).
+//! directory open, up to three `fstatat` calls and a hash lookup: each directory is
+//! listed once into an index of its names by case, reused until the directory changes
+//! (its modification or change time moves). A name the index finds is checked to still
+//! exist and not be a link before it is used. Two changes can share a timestamp tick, so
+//! for 50 ms after a directory changed (2.1 s where its timestamps are whole seconds) a
+//! name its index lacks is looked for again by listing the directory. The indexes take
+//! at most 32 MiB (estimated) over at most 1,024 directories, least recently used
+//! dropped first; in a directory whose index alone would exceed 8 MiB (about 80,000
+//! names), only exact names are found (a warning is logged). Only ASCII letters fold
+//! (names are bytes, not text).
 //!
 //! # Per-client roots
 //!
