@@ -673,3 +673,71 @@ fn handler_open_confines_like_open_file() {
         }
     }
 }
+
+fn spawn_ignoring_case(root: &Path, resolver: Resolver) -> ServerGuard {
+    let root = root.to_path_buf();
+    spawn_server(
+        Mode::OwnPort,
+        v4(),
+        move || Box::new(handler_in_this_thread(&root, resolver, false).ignore_case(true)),
+        |b| b,
+    )
+}
+
+/// With `ignore_case`, the whole matrix holds; names matched only by case reach files and
+/// directories but never a symbolic link; and the per-directory index follows changes: a
+/// file created after its directory was indexed is found, a removed one is not served, a
+/// link put in its place is not followed.
+#[test]
+fn ignore_case_stays_confined_and_follows_changes() {
+    use Served::{Data, Error};
+    let tree = Tree::new();
+    tree.file("Boot/BCD", b"bcd");
+    for resolver in RESOLVERS {
+        let server = spawn_ignoring_case(&tree.root, resolver);
+        let ask = |name: &[u8]| via_server(&server, name);
+        check_matrix(resolver, &mut |name| ask(name), "server, ignore-case");
+        assert_eq!(ask(b"SMALL.TXT"), Data(SMALL.to_vec()));
+        assert_eq!(ask(b"A/INSIDE.TXT"), Data(b"inside".to_vec()));
+        assert_eq!(ask(b"\\boot\\bcd"), Data(b"bcd".to_vec()));
+        for name in [
+            &b"UP-FILE"[..],
+            b"Up-Dir/secret.txt",
+            b"ABS-FILE",
+            b"ABS-DIR/secret.txt",
+            b"ABS-INSIDE",
+            b"REL-INSIDE",
+            b"REL-DIR-INSIDE/inside.txt",
+            b"MAGIC",
+            b"ETC-LINK",
+            b"Loop",
+        ] {
+            assert_eq!(ask(name), Error(1), "{}", name.escape_ascii());
+        }
+
+        let new = format!("Boot/New-{resolver:?}.cfg");
+        let asked = new.to_uppercase();
+        assert_eq!(ask(asked.as_bytes()), Error(1));
+        tree.file(&new, b"new");
+        assert_eq!(ask(asked.as_bytes()), Data(b"new".to_vec()), "created");
+        fs::remove_file(tree.root.join(&new)).unwrap();
+        assert_eq!(ask(asked.as_bytes()), Error(1), "removed");
+        symlink("../../secret.txt", tree.root.join(&new)).unwrap();
+        assert_eq!(ask(asked.as_bytes()), Error(1), "replaced by a link");
+        fs::remove_file(tree.root.join(&new)).unwrap();
+        // The same in the root directory, and for a directory on the way.
+        tree.file("Late/File", b"late");
+        assert_eq!(ask(b"late/file"), Data(b"late".to_vec()));
+        fs::remove_dir_all(tree.root.join("Late")).unwrap();
+        assert_eq!(ask(b"late/file"), Error(1));
+        symlink("a", tree.root.join("Late")).unwrap();
+        tree.file("a/file", b"through a link");
+        assert_eq!(
+            ask(b"late/file"),
+            Error(1),
+            "a directory link matched by case"
+        );
+        fs::remove_file(tree.root.join("Late")).unwrap();
+        fs::remove_file(tree.root.join("a/file")).unwrap();
+    }
+}

@@ -1,6 +1,7 @@
 //! Misbehaving sources over loopback: a `ResponseData` that fails midway, lies about its
 //! size, panics, or never becomes ready. Each ends its own session the documented way and
-//! the server goes on serving everyone else.
+//! the server goes on serving everyone else. Also `FsHandler`'s hot-file cache under a
+//! flood of requests whose sessions stay alive: its memory stays within its budget.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dyntftp::{Handler, Outcome, ReadRequest, Reject, ResponseData, SessionStats};
+use dyntftp::{FsHandler, Handler, Outcome, ReadRequest, Reject, ResponseData, SessionStats};
 use testkit::*;
 
 /// How a [`Liar`] misbehaves.
@@ -443,4 +444,59 @@ fn source_interrupted_forever_stalls_instead_of_hanging_the_loop(mode: Mode) {
 both_modes!(source_interrupted_forever_midway_stalls_instead_of_hanging_the_loop);
 fn source_interrupted_forever_midway_stalls_instead_of_hanging_the_loop(mode: Mode) {
     stalled(mode, "interrupted-midway", 1024);
+}
+
+both_modes!(cache_stays_within_its_budget_while_sessions_hold_copies);
+/// The review's F3 scenario, scaled down (a 64 KiB budget, two 40 KiB files): requests
+/// alternate between the files and none is ever acknowledged, so every session keeps its
+/// copy. The cache shares one copy of the first file and serves the second from disk;
+/// the bytes alive never exceed the budget, and every transfer is right.
+fn cache_stays_within_its_budget_while_sessions_hold_copies(mode: Mode) {
+    const BUDGET: u64 = 64 << 10;
+    let dir = TempDir::new("cache-budget");
+    let a = pseudo_random(40 << 10, 21);
+    let b = pseudo_random(40 << 10, 22);
+    dir.write("a", &a);
+    dir.write("b", &b);
+    // Clones share the cache: this one reads the server's counters.
+    let files = FsHandler::new(dir.path()).unwrap().cache(BUDGET);
+    let in_server = files.clone();
+    let server = spawn_server(
+        mode,
+        v4(),
+        move || Box::new(in_server),
+        |b| {
+            b.timeout(Duration::from_secs(30))
+                .request_rate(None)
+                .max_sessions_per_client(None)
+        },
+    );
+    let mut silent = Vec::new();
+    for i in 0..10 {
+        let (name, want) = if i % 2 == 0 { ("a", &a) } else { ("b", &b) };
+        let raw = Raw::new(server.addr);
+        raw.rrq(server.addr, name.as_bytes(), "octet", &[]);
+        let (block, data, _) = raw.expect_data();
+        assert_eq!(
+            (block, &data[..]),
+            (1, &want[..512]),
+            "request {i} for {name}"
+        );
+        // Never acknowledged: the session stays alive with its copy.
+        silent.push(raw);
+        let stats = files.cache_stats();
+        assert!(stats.bytes_in_use <= BUDGET, "{stats:?}");
+    }
+    for (name, want) in [("a", &a), ("b", &b)] {
+        let got = Client::new(mode, server.addr)
+            .fetch(server.addr, name, "octet", &[])
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_eq!(&got.data, want, "{name}");
+    }
+    let stats = files.cache_stats();
+    assert!(stats.peak_bytes_in_use <= BUDGET, "{stats:?}");
+    assert_eq!(stats.loads, 1, "one copy of a, shared: {stats:?}");
+    assert_eq!(stats.hits, 5, "{stats:?}");
+    assert_eq!(stats.over_budget, 6, "b, from disk: {stats:?}");
+    assert_eq!(stats.bytes_in_use, 40 << 10, "{stats:?}");
 }

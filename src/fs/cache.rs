@@ -1,11 +1,28 @@
 //! The [hot-file cache](crate::fs#hot-file-cache): whole files in memory, shared by the
-//! sessions that send them, checked against the file's metadata on every open.
+//! sessions that send them, checked against the file's metadata on every open, and never
+//! more bytes alive than the budget, counting the copies that running sessions still hold.
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+
+use log::debug;
+
+use crate::response::ResponseData;
+
+/// Files up to this size are read on the caller's thread (the event loop) when they miss:
+/// from the page cache that is tens of microseconds, about what the session's first
+/// window costs anyway. Larger ones are read by a background thread while the first
+/// sessions are served from disk, so no miss stalls the loop for a whole large file.
+pub(super) const SYNC_LOAD_MAX: u64 = 256 << 10;
+
+/// At most this many background loads at once (per cache, shared by handler clones);
+/// a miss beyond it is served from disk without starting one.
+const MAX_BACKGROUND_LOADS: usize = 2;
 
 /// Counters of the [hot-file cache](crate::fs#hot-file-cache), from
 /// [`FsHandler::cache_stats`](crate::FsHandler::cache_stats).
@@ -21,11 +38,23 @@ pub struct CacheStats {
     pub bytes_loaded: u64,
     /// Files dropped to make room.
     pub evictions: u64,
-    /// Files served from disk because they are larger than the cache, or changed while
-    /// they were being loaded.
+    /// Files served from disk because they are larger than the cache, or changed (or
+    /// could not be read) while they were being loaded.
     pub uncached: u64,
-    /// Bytes held now.
+    /// Opens served from disk because the copies that running sessions still hold (and
+    /// loads in progress) leave no room for this file: loading it would exceed the budget.
+    pub over_budget: u64,
+    /// Opens served from disk while their file was being loaded by a background thread
+    /// (or because the background loaders were all busy).
+    pub loading: u64,
+    /// Bytes of the files the cache holds now.
     pub bytes_held: u64,
+    /// Bytes of every cached copy still in memory now: those the cache holds, those only
+    /// running sessions hold (dropped from the cache, or an older version of a changed
+    /// file), and loads in progress. Never more than the cache's budget.
+    pub bytes_in_use: u64,
+    /// The most [`bytes_in_use`](CacheStats::bytes_in_use) has been.
+    pub peak_bytes_in_use: u64,
 }
 
 /// What identifies one version of a file: if any of these differ, the cached bytes are
@@ -49,110 +78,367 @@ impl Stamp {
             ctime: (meta.ctime(), meta.ctime_nsec()),
         }
     }
+
+    fn key(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
 }
 
-struct CacheEntry {
+/// One version of a file in memory. It counts itself in the cache's bytes in use from
+/// its creation until the last holder (the cache or a session) drops it, on whatever
+/// thread that happens.
+struct Loaded {
+    bytes: Box<[u8]>,
+    in_use: Arc<AtomicU64>,
+}
+
+impl Loaded {
+    /// Wraps `bytes`, counting them in `in_use`.
+    fn new(bytes: Box<[u8]>, in_use: &Arc<AtomicU64>) -> Loaded {
+        in_use.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Loaded {
+            bytes,
+            in_use: Arc::clone(in_use),
+        }
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        self.in_use
+            .fetch_sub(self.bytes.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A session's copy of a cached file: shared bytes, read from the start.
+pub(super) struct CachedSource {
+    file: Arc<Loaded>,
+    pos: usize,
+}
+
+impl ResponseData for CachedSource {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let rest = self.file.bytes.get(self.pos..).unwrap_or_default();
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+
+    fn size(&self) -> Option<u64> {
+        Some(self.file.bytes.len() as u64)
+    }
+}
+
+/// A file version known to the cache.
+enum Slot {
+    /// In memory: the cache holds one reference, each session sending it another.
+    Ready(Arc<Loaded>),
+    /// Being read by a background thread; its bytes are reserved in `pending_bytes`.
+    Loading,
+}
+
+struct Entry {
     stamp: Stamp,
-    data: Arc<[u8]>,
+    slot: Slot,
     last_used: u64,
 }
 
-/// Whole files by (device, inode), least recently used evicted first.
-pub(super) struct Cache {
-    max_bytes: u64,
+/// What the lock protects.
+struct State {
+    entries: HashMap<(u64, u64), Entry>,
+    /// Orders `last_used`.
     tick: u64,
-    entries: HashMap<(u64, u64), CacheEntry>,
+    /// Bytes reserved by loads in progress (not yet counted in `in_use`).
+    pending_bytes: u64,
+    background_loads: usize,
     stats: CacheStats,
+}
+
+/// What the handler's clones and the background loaders share.
+struct Shared {
+    max_bytes: u64,
+    sync_load_max: u64,
+    /// Bytes of every [`Loaded`] alive, wherever it is held.
+    in_use: Arc<AtomicU64>,
+    state: Mutex<State>,
+    /// Signalled when a background load ends.
+    load_ended: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent at every unlock point; a panic elsewhere while it
+        // was held does not make it unusable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes alive or reserved now (a lower bound can only shrink outside the lock:
+    /// sessions drop copies on any thread, but copies are made only under it).
+    fn committed(&self, state: &State) -> u64 {
+        self.in_use.load(Ordering::Relaxed) + state.pending_bytes
+    }
+}
+
+/// Whole files by (device, inode), least recently used evicted first, within a budget
+/// that counts every copy still alive. Cloning shares it.
+#[derive(Clone)]
+pub(super) struct Cache {
+    shared: Arc<Shared>,
 }
 
 impl Cache {
     pub(super) fn new(max_bytes: u64) -> Cache {
-        Cache {
-            max_bytes,
-            tick: 0,
-            entries: HashMap::new(),
-            stats: CacheStats::default(),
-        }
+        Cache::with_sync_load_max(max_bytes, SYNC_LOAD_MAX)
     }
 
-    /// The most bytes it holds.
-    pub(super) fn max_bytes(&self) -> u64 {
-        self.max_bytes
+    /// A cache that reads files up to `sync_load_max` bytes on the caller's thread and
+    /// larger ones in the background.
+    fn with_sync_load_max(max_bytes: u64, sync_load_max: u64) -> Cache {
+        Cache {
+            shared: Arc::new(Shared {
+                max_bytes,
+                sync_load_max,
+                in_use: Arc::new(AtomicU64::new(0)),
+                state: Mutex::new(State {
+                    entries: HashMap::new(),
+                    tick: 0,
+                    pending_bytes: 0,
+                    background_loads: 0,
+                    stats: CacheStats::default(),
+                }),
+                load_ended: Condvar::new(),
+            }),
+        }
     }
 
     /// Its counters so far.
     pub(super) fn stats(&self) -> CacheStats {
-        self.stats
+        let state = self.shared.lock();
+        let mut stats = state.stats;
+        stats.bytes_in_use = self.shared.committed(&state);
+        stats
     }
 
-    /// The bytes of `file` (just opened, with metadata `meta`): from memory when this
-    /// version of the file is held, else read whole now and kept, evicting the least
-    /// recently used files to make room. `None` when it cannot be held (larger than the
-    /// cache, or changed while it was read): the caller serves it from disk.
-    pub(super) fn get_or_load(
-        &mut self,
-        file: &File,
-        meta: &Metadata,
-    ) -> io::Result<Option<Arc<[u8]>>> {
+    /// The bytes of `file` (just opened, with metadata `meta`) when this version is in
+    /// memory, or can be read now within the budget; `None` when the caller should serve
+    /// it from disk: larger than the cache, no room left by the copies sessions hold,
+    /// being loaded in the background (a load is started for a large file that fits),
+    /// changed or unreadable while it was read.
+    pub(super) fn open(&self, file: &File, meta: &Metadata) -> Option<CachedSource> {
+        let shared = &self.shared;
         let stamp = Stamp::of(meta);
-        let key = (stamp.dev, stamp.ino);
-        self.tick += 1;
-        if let Some(entry) = self.entries.get_mut(&key) {
+        let mut state = shared.lock();
+        state.tick += 1;
+        let tick = state.tick;
+        if let Some(entry) = state.entries.get_mut(&stamp.key()) {
             if entry.stamp == stamp {
-                entry.last_used = self.tick;
-                self.stats.hits += 1;
-                return Ok(Some(Arc::clone(&entry.data)));
+                entry.last_used = tick;
+                match &entry.slot {
+                    Slot::Ready(loaded) => {
+                        let file = Arc::clone(loaded);
+                        state.stats.hits += 1;
+                        return Some(CachedSource { file, pos: 0 });
+                    }
+                    Slot::Loading => {
+                        state.stats.loading += 1;
+                        return None;
+                    }
+                }
             }
-            self.remove(key);
+            // An older version: sessions may still hold it (and it stays counted until
+            // they drop it), but no new session gets it.
+            remove(&mut state, stamp.key());
         }
-        self.stats.misses += 1;
-        if stamp.size > self.max_bytes {
-            self.stats.uncached += 1;
-            return Ok(None);
+        state.stats.misses += 1;
+        if stamp.size > shared.max_bytes {
+            state.stats.uncached += 1;
+            return None;
         }
-        while self.stats.bytes_held + stamp.size > self.max_bytes {
-            let Some((&oldest, _)) = self.entries.iter().min_by_key(|(_, e)| e.last_used) else {
-                break;
-            };
-            self.remove(oldest);
-            self.stats.evictions += 1;
+        let background = stamp.size > shared.sync_load_max;
+        if background && state.background_loads >= MAX_BACKGROUND_LOADS {
+            state.stats.loading += 1;
+            return None;
         }
-        // Positioned reads: the file's offset stays at 0 for the FileSource fallback.
-        let mut data = vec![0u8; stamp.size as usize];
-        let mut filled = 0;
-        while filled < data.len() {
-            match file.read_at(&mut data[filled..], filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        if !self.make_room(&mut state, stamp.size) {
+            state.stats.over_budget += 1;
+            return None;
         }
-        self.stats.bytes_loaded += filled as u64;
-        // Changed while we read (or shorter than its size said): serve it from disk.
-        if filled != data.len() || Stamp::of(&file.metadata()?) != stamp {
-            self.stats.uncached += 1;
-            return Ok(None);
-        }
-        let data: Arc<[u8]> = data.into();
-        self.stats.loads += 1;
-        self.stats.bytes_held += stamp.size;
-        self.entries.insert(
-            key,
-            CacheEntry {
+        // Reserve the bytes and mark the version as loading, so that neither another
+        // load nor another version can take the room while the lock is released.
+        state.pending_bytes += stamp.size;
+        let committed = shared.committed(&state);
+        state.stats.peak_bytes_in_use = state.stats.peak_bytes_in_use.max(committed);
+        state.entries.insert(
+            stamp.key(),
+            Entry {
                 stamp,
-                data: Arc::clone(&data),
-                last_used: self.tick,
+                slot: Slot::Loading,
+                last_used: tick,
             },
         );
-        Ok(Some(data))
+        if background {
+            state.background_loads += 1;
+            drop(state);
+            self.spawn_load(file, stamp);
+            return None;
+        }
+        drop(state);
+        let bytes = read_whole(file, stamp);
+        let loaded = self.finish_load(stamp, bytes, false)?;
+        Some(CachedSource {
+            file: loaded,
+            pos: 0,
+        })
     }
 
-    fn remove(&mut self, key: (u64, u64)) {
-        if let Some(entry) = self.entries.remove(&key) {
-            self.stats.bytes_held -= entry.stamp.size;
+    /// Makes room for `size` more bytes within the budget by dropping the least recently
+    /// used files that only the cache holds (dropping one a session holds would free
+    /// nothing). Drops nothing and says `false` when that cannot be enough.
+    fn make_room(&self, state: &mut State, size: u64) -> bool {
+        let max = self.shared.max_bytes;
+        let committed = self.shared.committed(state);
+        if committed + size <= max {
+            return true;
+        }
+        // Copies are made only under the lock, so a count of 1 means the cache's
+        // reference is the last one: dropping it frees the bytes at once.
+        let mut freeable: Vec<(u64, (u64, u64), u64)> = state
+            .entries
+            .iter()
+            .filter_map(|(&key, entry)| match &entry.slot {
+                Slot::Ready(loaded) if Arc::strong_count(loaded) == 1 => {
+                    Some((entry.last_used, key, entry.stamp.size))
+                }
+                _ => None,
+            })
+            .collect();
+        let need = committed + size - max;
+        if freeable.iter().map(|&(_, _, size)| size).sum::<u64>() < need {
+            return false;
+        }
+        freeable.sort_unstable();
+        let mut freed = 0;
+        for (_, key, size) in freeable {
+            if freed >= need {
+                break;
+            }
+            remove(state, key);
+            state.stats.evictions += 1;
+            freed += size;
+        }
+        true
+    }
+
+    /// Reads `file` on a new thread, then files it; the session that asked is served from
+    /// disk meanwhile. If the thread cannot start, the reservation is given back.
+    fn spawn_load(&self, file: &File, stamp: Stamp) {
+        let cache = self.clone();
+        let started = file.try_clone().and_then(|file| {
+            thread::Builder::new()
+                .name("dyntftp-cache".into())
+                .spawn(move || {
+                    let bytes = read_whole(&file, stamp);
+                    cache.finish_load(stamp, bytes, true);
+                })
+        });
+        if let Err(e) = started {
+            debug!("cache: cannot start a background load: {e}");
+            self.finish_load(stamp, None, true);
         }
     }
+
+    /// Files the bytes a load read (`None`: it failed, or the file changed meanwhile) and
+    /// gives back its reservation. The bytes are kept only if this version is still the
+    /// one expected; returns them when kept.
+    fn finish_load(
+        &self,
+        stamp: Stamp,
+        bytes: Option<Box<[u8]>>,
+        background: bool,
+    ) -> Option<Arc<Loaded>> {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        let expected = state
+            .entries
+            .get(&stamp.key())
+            .is_some_and(|e| e.stamp == stamp && matches!(e.slot, Slot::Loading));
+        if let Some(bytes) = &bytes {
+            state.stats.bytes_loaded += bytes.len() as u64;
+        }
+        let kept = match bytes {
+            Some(bytes) if expected => {
+                // The reservation becomes the copy's own count, under the lock: the total
+                // never moves.
+                let loaded = Arc::new(Loaded::new(bytes, &shared.in_use));
+                state.pending_bytes -= stamp.size;
+                state.stats.loads += 1;
+                state.stats.bytes_held += stamp.size;
+                if let Some(entry) = state.entries.get_mut(&stamp.key()) {
+                    entry.slot = Slot::Ready(Arc::clone(&loaded));
+                }
+                Some(loaded)
+            }
+            bytes => {
+                // Freed before the reservation is given back.
+                drop(bytes);
+                state.pending_bytes -= stamp.size;
+                if expected {
+                    state.entries.remove(&stamp.key());
+                    state.stats.uncached += 1;
+                }
+                None
+            }
+        };
+        if background {
+            state.background_loads -= 1;
+            shared.load_ended.notify_all();
+        }
+        kept
+    }
+
+    /// Waits until no background load is running (tests).
+    #[cfg(test)]
+    fn wait_for_loads(&self) {
+        let mut state = self.shared.lock();
+        while state.background_loads > 0 {
+            state = self
+                .shared
+                .load_ended
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Drops the cache's entry for `key` (sessions keep their copies, still counted).
+fn remove(state: &mut State, key: (u64, u64)) {
+    if let Some(entry) = state.entries.remove(&key) {
+        if let Slot::Ready(_) = entry.slot {
+            state.stats.bytes_held -= entry.stamp.size;
+        }
+    }
+}
+
+/// The whole of `file`, which must still match `stamp` once read; `None` if it changed,
+/// was shorter than its size said, or could not be read.
+fn read_whole(file: &File, stamp: Stamp) -> Option<Box<[u8]>> {
+    let mut data = vec![0u8; usize::try_from(stamp.size).ok()?];
+    let mut filled = 0;
+    // Positioned reads: the file's offset stays at 0 for the FileSource fallback.
+    while filled < data.len() {
+        match file.read_at(&mut data[filled..], filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                debug!("cache: cannot read a file to cache: {e}");
+                return None;
+            }
+        }
+    }
+    let unchanged = file.metadata().is_ok_and(|meta| Stamp::of(&meta) == stamp);
+    (filled == data.len() && unchanged).then(|| data.into_boxed_slice())
 }
 
 #[cfg(test)]
@@ -164,6 +450,24 @@ mod tests {
 
     use std::fs;
     use std::time::Duration;
+
+    /// Opens `name` under the tree's root and asks `cache` for it.
+    fn open(cache: &Cache, tree: &Tree, name: &str) -> (Option<CachedSource>, File) {
+        let file = File::open(tree.root().join(name)).unwrap();
+        let meta = file.metadata().unwrap();
+        (cache.open(&file, &meta), file)
+    }
+
+    fn contents(source: &mut dyn ResponseData) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1000];
+        loop {
+            match source.read(&mut buf).unwrap() {
+                0 => return out,
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
 
     #[test]
     fn cache_serves_shared_bytes_and_notices_changes() {
@@ -179,12 +483,14 @@ mod tests {
         let stats = h.cache_stats();
         assert_eq!((stats.misses, stats.hits, stats.loads), (1, 2, 1));
         assert_eq!(stats.bytes_held, 3000);
+        assert_eq!(stats.bytes_in_use, 3000);
         // Sizes are answered from the cached bytes too.
         let notifier = Notifier::detached();
         let source = h
             .open(&request("192.0.2.1:1", b"kernel", &notifier))
             .unwrap();
         assert_eq!(source.size(), Some(3000));
+        drop(source);
 
         // Larger than the cache: served from disk, never held.
         assert_eq!(serve(&mut h, "192.0.2.1:1", b"huge"), Ok(vec![3; 20_000]));
@@ -213,6 +519,7 @@ mod tests {
         }
         let stats = h.cache_stats();
         assert!(stats.bytes_held <= 10_000, "{stats:?}");
+        assert!(stats.peak_bytes_in_use <= 10_000, "{stats:?}");
         assert!(stats.evictions >= 1, "{stats:?}");
         let hits = stats.hits;
         serve(&mut h, "192.0.2.1:1", b"initrd").unwrap();
@@ -223,5 +530,174 @@ mod tests {
         );
         serve(&mut h, "192.0.2.1:1", b"a").unwrap();
         assert_eq!(h.cache_stats().hits, hits + 1, "a was the oldest: evicted");
+    }
+
+    /// The review's F3 scenario, scaled down: a 64 KiB budget, two 40 KiB files, requests
+    /// alternating between them while every session stays alive. The copies alive stay
+    /// within the budget, every request gets the right bytes, and a copy a session holds
+    /// is shared by the next request for that file.
+    #[test]
+    fn copies_held_by_sessions_count_against_the_budget() {
+        const BUDGET: u64 = 64 << 10;
+        let tree = Tree::new();
+        let a: Vec<u8> = (0..40 << 10).map(|i| (i % 251) as u8).collect();
+        let b: Vec<u8> = (0..40 << 10).map(|i| (i % 241) as u8).collect();
+        tree.file("a", &a);
+        tree.file("b", &b);
+        let mut h = FsHandler::new(tree.root()).unwrap().cache(BUDGET);
+        let notifier = Notifier::detached();
+        let mut sessions = Vec::new();
+        for round in 0..10 {
+            let (name, want) = if round % 2 == 0 { ("a", &a) } else { ("b", &b) };
+            let mut source = h
+                .open(&request("192.0.2.1:1", name.as_bytes(), &notifier))
+                .unwrap();
+            assert_eq!(&contents(&mut source), want, "request {round} for {name}");
+            sessions.push(source);
+            let stats = h.cache_stats();
+            assert!(stats.bytes_in_use <= BUDGET, "{stats:?}");
+        }
+        let stats = h.cache_stats();
+        assert_eq!(stats.loads, 1, "{stats:?}");
+        assert_eq!(stats.hits, 4, "a, shared by its sessions: {stats:?}");
+        assert_eq!(stats.over_budget, 5, "b, served from disk: {stats:?}");
+        assert_eq!(stats.bytes_in_use, 40 << 10);
+        assert!(stats.peak_bytes_in_use <= BUDGET, "{stats:?}");
+
+        // Once the sessions end, a's copy is freed to make room for b.
+        sessions.clear();
+        assert_eq!(serve(&mut h, "192.0.2.1:1", b"b"), Ok(b.clone()));
+        let stats = h.cache_stats();
+        assert_eq!((stats.loads, stats.evictions), (2, 1), "{stats:?}");
+        assert_eq!(stats.bytes_in_use, 40 << 10);
+        assert!(stats.peak_bytes_in_use <= BUDGET, "{stats:?}");
+    }
+
+    #[test]
+    fn a_copy_alive_in_a_session_is_reused_not_loaded_again() {
+        let tree = Tree::new();
+        tree.file("a", &[1; 3000]);
+        tree.file("b", &[2; 3000]);
+        let cache = Cache::new(5000);
+        let (first, _) = open(&cache, &tree, "a");
+        let first = first.expect("a fits");
+        // b would need a's room, but a session holds a: b is served from disk and a is
+        // kept, so the next request for a shares the same copy.
+        assert!(open(&cache, &tree, "b").0.is_none());
+        let (again, _) = open(&cache, &tree, "a");
+        assert!(Arc::ptr_eq(&first.file, &again.expect("a is held").file));
+        let stats = cache.stats();
+        assert_eq!((stats.loads, stats.hits, stats.over_budget), (1, 1, 1));
+
+        // A new version of a: the old copy stays counted while its session lives, so the
+        // new one does not fit beside it yet.
+        let path = tree.root().join("a");
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(777))
+            .unwrap();
+        assert!(open(&cache, &tree, "a").0.is_none());
+        assert_eq!(cache.stats().bytes_in_use, 3000);
+        assert_eq!(cache.stats().bytes_held, 0, "the old version is not served");
+        drop(first);
+        assert_eq!(cache.stats().bytes_in_use, 0, "freed by its last session");
+        let (new, _) = open(&cache, &tree, "a");
+        assert_eq!(contents(&mut new.expect("room now")), vec![1; 3000]);
+    }
+
+    #[test]
+    fn large_files_are_loaded_in_the_background() {
+        let tree = Tree::new();
+        let big: Vec<u8> = (0..50_000).map(|i| (i % 253) as u8).collect();
+        tree.file("big", &big);
+        tree.file("small", &[7; 100]);
+        let cache = Cache::with_sync_load_max(100_000, 1000);
+
+        // The first request is served from disk while the file loads.
+        let (none, file) = open(&cache, &tree, "big");
+        assert!(none.is_none());
+        let mut from_disk = crate::response::FileSource::new(file).unwrap();
+        assert_eq!(contents(&mut from_disk), big);
+        cache.wait_for_loads();
+        let (hit, _) = open(&cache, &tree, "big");
+        assert_eq!(contents(&mut hit.expect("loaded")), big);
+        let stats = cache.stats();
+        assert_eq!((stats.loads, stats.hits, stats.misses), (1, 1, 1));
+        assert_eq!(stats.bytes_in_use, 50_000);
+
+        // Small files are loaded at once.
+        let (small, _) = open(&cache, &tree, "small");
+        assert_eq!(contents(&mut small.expect("sync")), vec![7; 100]);
+
+        // A file rewritten while (or after) it loads is never served stale.
+        tree.file("moving", &big);
+        let (none, _) = open(&cache, &tree, "moving");
+        assert!(none.is_none());
+        let changed: Vec<u8> = big.iter().map(|b| b ^ 0xff).collect();
+        fs::write(tree.root().join("moving"), &changed).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(tree.root().join("moving"))
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(999))
+            .unwrap();
+        cache.wait_for_loads();
+        for _ in 0..2 {
+            let (source, file) = open(&cache, &tree, "moving");
+            let got = match source {
+                Some(mut source) => contents(&mut source),
+                None => contents(&mut crate::response::FileSource::new(file).unwrap()),
+            };
+            assert_eq!(got, changed);
+            cache.wait_for_loads();
+        }
+        let stats = cache.stats();
+        assert!(stats.peak_bytes_in_use <= 100_000, "{stats:?}");
+    }
+
+    #[test]
+    fn background_loads_are_bounded_and_reserve_their_bytes() {
+        let tree = Tree::new();
+        for name in ["f0", "f1", "f2", "f3"] {
+            tree.file(name, &[5; 30_000]);
+        }
+        let cache = Cache::with_sync_load_max(70_000, 1000);
+        // Nothing waits between these: whether a load has ended yet or not, the budget
+        // (two files, with the reservations of loads in flight) and the number of loaders
+        // hold.
+        let mut files = Vec::new();
+        for name in ["f0", "f1", "f2", "f3"] {
+            let (source, file) = open(&cache, &tree, name);
+            assert!(source.is_none(), "large: loaded in the background");
+            files.push(file);
+            assert!(cache.stats().bytes_in_use <= 70_000);
+        }
+        cache.wait_for_loads();
+        let stats = cache.stats();
+        // Each miss either started a load or was served from disk (loaders busy, or no
+        // room beside the loads in flight); at most two files fit.
+        assert!(stats.loads >= 2, "{stats:?}");
+        assert_eq!(
+            stats.loads + stats.loading + stats.over_budget,
+            4,
+            "{stats:?}"
+        );
+        assert_eq!(stats.bytes_in_use, 60_000);
+        assert!(stats.peak_bytes_in_use <= 70_000, "{stats:?}");
+    }
+
+    #[test]
+    fn clones_share_one_cache() {
+        let tree = Tree::new();
+        tree.file("kernel", &[1; 3000]);
+        let mut h = FsHandler::new(tree.root()).unwrap().cache(10_000);
+        let mut other = h.clone();
+        serve(&mut h, "192.0.2.1:1", b"kernel").unwrap();
+        serve(&mut other, "192.0.2.1:1", b"kernel").unwrap();
+        let stats = other.cache_stats();
+        assert_eq!((stats.loads, stats.hits), (1, 1));
+        assert_eq!(stats.bytes_in_use, 3000);
     }
 }

@@ -52,8 +52,17 @@
 //!   `Boot/` and `boot/` present, `boot/bcd` looks only in `boot/`);
 //! - the corrected path is then opened exactly as a normal request is.
 //!
-//! The cost, a directory listing per level, is paid only for names that miss; exact names
-//! take the normal path unchanged. Only ASCII letters fold (names are bytes, not text).
+//! Exact names take the normal path unchanged. A name that misses costs, per level, one
+//! directory open, up to three `fstatat` calls and a hash lookup: each directory is
+//! listed once into an index of its names by case, reused until the directory changes
+//! (its modification or change time moves). A name the index finds is checked to still
+//! exist and not be a link before it is used. Two changes can share a timestamp tick, so
+//! for 50 ms after a directory changed (2.1 s where its timestamps are whole seconds) a
+//! name its index lacks is looked for again by listing the directory. The indexes take
+//! at most 32 MiB (estimated) over at most 1,024 directories, least recently used
+//! dropped first; in a directory whose index alone would exceed 8 MiB (about 80,000
+//! names), only exact names are found (a warning is logged). Only ASCII letters fold
+//! (names are bytes, not text).
 //!
 //! # Per-client roots
 //!
@@ -73,15 +82,30 @@
 //! # Hot-file cache
 //!
 //! In a boot storm thousands of clients fetch the same kernel. With
-//! [`FsHandler::cache`]`(max_bytes)`, a file is read whole into memory the first time it is
-//! opened and every later session sends the same shared bytes ([`BytesSource`]) instead
-//! of reading the file again. An entry is used only while the file's device, inode, size,
-//! modification time and change time are all unchanged (checked with `fstat` on every
-//! open), so a replaced or rewritten file is reloaded at its next request; a file that
-//! changes while it is being loaded is served from disk. Files larger than `max_bytes`
-//! are never cached; the least recently used files are dropped to make room. The load
-//! happens on the event loop, like every read of this handler: it costs the first
-//! session of each file version one whole-file read. Counters: [`FsHandler::cache_stats`].
+//! [`FsHandler::cache`]`(max_bytes)`, a file is read whole into memory and every later
+//! session sends the same shared bytes instead of reading the file again. An entry is
+//! used only while the file's device, inode, size, modification time and change time are
+//! all unchanged (checked with `fstat` on every open), so a replaced or rewritten file is
+//! reloaded at its next request; a file that changes while it is being loaded is served
+//! from disk.
+//!
+//! `max_bytes` bounds **every cached copy still in memory**, not only those the cache
+//! holds: a copy that running sessions are sending counts until the last of them ends,
+//! even once the cache has let go of it (an older version of a changed file). So:
+//!
+//! - there is one copy per file version, shared by all its sessions (and by the clones
+//!   of the handler, one cache for all [`Workers`](crate::server::Workers));
+//! - room is made by dropping the least recently used files that no session is sending
+//!   (dropping one a session holds would free nothing, and the next request for it
+//!   shares that copy instead of loading another);
+//! - when the copies sessions hold leave no room, the request is served from disk
+//!   ([`FileSource`]), exactly as without a cache; so is a file larger than `max_bytes`.
+//!
+//! A miss never reads a large file on the event loop: files up to 256 KiB are read at
+//! once (tens of microseconds from the page cache); a larger one is read by a background
+//! thread (at most two at a time, their bytes reserved in the budget from the start)
+//! while the sessions that ask meanwhile are served from disk. Counters, including the
+//! bytes in use and their peak: [`FsHandler::cache_stats`].
 //!
 //! # Errors sent to the client
 //!
@@ -99,6 +123,7 @@
 //! `debug` level only.
 
 mod cache;
+mod case_index;
 mod resolve;
 
 use std::fmt;
@@ -111,12 +136,12 @@ use log::debug;
 
 use crate::handler::{Handler, ReadRequest, Reject};
 use crate::packet::ErrorCode;
-use crate::response::{BytesSource, FileSource, ResponseData};
+use crate::response::{FileSource, ResponseData};
 
 use cache::Cache;
 pub use cache::CacheStats;
 pub use resolve::components;
-use resolve::{reject_for, LogName, Root};
+use resolve::{LogName, Root};
 
 /// Serves regular files from a root directory, confined to it (see the [module
 /// docs](self) for the rules).
@@ -130,8 +155,9 @@ use resolve::{reject_for, LogName, Root};
 /// # Ok::<(), std::io::Error>(())
 /// ```
 ///
-/// Cloning (for [`Workers`](crate::server::Workers)) shares the root descriptor; each clone
-/// keeps its own cache, of the same size.
+/// Cloning (for [`Workers`](crate::server::Workers)) shares the root descriptor, the
+/// case-insensitive index and the cache (one budget for all the clones).
+#[derive(Clone)]
 pub struct FsHandler {
     /// The root directory and how names are resolved beneath it (the confinement, and
     /// the case-insensitive fallback).
@@ -140,16 +166,6 @@ pub struct FsHandler {
     unique_root: bool,
     /// Hot files kept in memory, when enabled.
     cache: Option<Cache>,
-}
-
-impl Clone for FsHandler {
-    fn clone(&self) -> FsHandler {
-        FsHandler {
-            root: self.root.clone(),
-            unique_root: self.unique_root,
-            cache: self.cache.as_ref().map(|c| Cache::new(c.max_bytes())),
-        }
-    }
 }
 
 impl FsHandler {
@@ -182,9 +198,9 @@ impl FsHandler {
         self
     }
 
-    /// Keeps up to `max_bytes` of recently served files in memory, shared by every session
-    /// that sends them (`0` disables the cache, the default). See [Hot-file
-    /// cache](self#hot-file-cache).
+    /// Keeps recently served files in memory, shared by every session that sends them, with
+    /// at most `max_bytes` of copies alive, those still held by running sessions included
+    /// (`0` disables the cache, the default). See [Hot-file cache](self#hot-file-cache).
     pub fn cache(mut self, max_bytes: u64) -> FsHandler {
         self.cache = (max_bytes > 0).then(|| Cache::new(max_bytes));
         self
@@ -271,14 +287,8 @@ impl fmt::Debug for FsHandler {
 impl Handler for FsHandler {
     fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
         let (file, meta) = self.open_unique_root(request.peer.ip(), request.filename)?;
-        if let Some(cache) = &mut self.cache {
-            let cached = cache.get_or_load(&file, &meta).map_err(|e| {
-                debug!("cannot read {}: {e}", LogName(request.filename));
-                reject_for(&e)
-            })?;
-            if let Some(bytes) = cached {
-                return Ok(Box::new(BytesSource::new(bytes)));
-            }
+        if let Some(source) = self.cache.as_ref().and_then(|c| c.open(&file, &meta)) {
+            return Ok(Box::new(source));
         }
         Ok(Box::new(FileSource::with_size(file, meta.len())))
     }

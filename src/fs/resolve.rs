@@ -29,6 +29,8 @@ use crate::handler::Reject;
 use crate::packet::ErrorCode;
 use crate::sys;
 
+use super::case_index::CaseIndex;
+
 /// Flags of every file open: read-only, never a controlling terminal, never blocking (a FIFO
 /// must not stall the event loop).
 const FILE_FLAGS: libc::c_int =
@@ -58,6 +60,8 @@ pub(super) struct Root {
     resolver: Resolver,
     /// Retry a missing name with ASCII case-insensitive matching.
     pub(super) ignore_case: bool,
+    /// The directories listed for that, indexed by case (shared by clones).
+    case_index: CaseIndex,
 }
 
 /// How paths are resolved beneath the root.
@@ -99,6 +103,7 @@ impl Root {
             dir,
             resolver,
             ignore_case: false,
+            case_index: CaseIndex::new(),
         })
     }
 
@@ -168,6 +173,7 @@ impl Root {
     /// time (each directory opened with the root's resolver, so still confined). An
     /// exact name is always preferred; a name that matches only case-insensitively is
     /// never a symbolic link; among several matches the smallest name (bytewise) wins.
+    /// Directories are looked up in their [`CaseIndex`], listed only when they change.
     fn resolve_case(&self, parts: &[&[u8]]) -> io::Result<Vec<Vec<u8>>> {
         let mut found: Vec<Vec<u8>> = Vec::with_capacity(parts.len());
         for part in parts {
@@ -177,7 +183,7 @@ impl Root {
                 found.push(part.to_vec());
                 continue;
             }
-            match find_ignoring_case(dir, part)? {
+            match self.case_index.find(&dir, part)? {
                 Some(name) => found.push(name),
                 None => return Err(io::Error::from_raw_os_error(libc::ENOENT)),
             }
@@ -325,28 +331,6 @@ fn open_by_walk(
     }
     let parent = dir.as_ref().map_or(root, |fd| fd.as_fd());
     sys::openat(parent, last, flags)
-}
-
-/// The entry of directory `dir` whose name equals `name` ignoring ASCII case and that is
-/// not a symbolic link; the bytewise smallest if several match.
-fn find_ignoring_case(dir: OwnedFd, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
-    let mut best: Option<Vec<u8>> = None;
-    sys::for_each_entry(dir, |dir, entry, d_type| {
-        if !entry.eq_ignore_ascii_case(name) || d_type == libc::DT_LNK {
-            return;
-        }
-        if best.as_deref().is_some_and(|b| b <= entry) {
-            return;
-        }
-        // d_type may be DT_UNKNOWN: ask the file system whether it is a link.
-        let is_link = sys::lstat_at(dir, entry)
-            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
-            .unwrap_or(true);
-        if !is_link {
-            best = Some(entry.to_vec());
-        }
-    })?;
-    Ok(best)
 }
 
 /// The TFTP error for an OS error while opening (see the table in the [module
