@@ -434,6 +434,8 @@ impl Admission {
     ) {
         let order = self.next_start;
         self.next_start += 1;
+        // A request of this peer still waiting is outdated now.
+        self.queued.remove(&peer);
         let client = self.counted_client(peer);
         self.unverified.insert(order, peer);
         if let Some(client) = client {
@@ -764,12 +766,18 @@ impl Admission {
         if let Some(id) = gives_way {
             return Verdict::Replace(id, request, mode);
         }
-        if self.has_room() {
-            return Verdict::Start(request, mode);
+        if fresh {
+            // First come, first served: not before the requests that wait.
+            self.drop_stale(now, stats);
         }
-        if let Some(id) = self.evictable(now) {
-            debug!("{peer}: full, the oldest unverified session gives way");
-            return Verdict::Replace(id, request, mode);
+        if !fresh || self.queued.is_empty() {
+            if self.has_room() {
+                return Verdict::Start(request, mode);
+            }
+            if let Some(id) = self.evictable(now) {
+                debug!("{peer}: full, the oldest unverified session gives way");
+                return Verdict::Replace(id, request, mode);
+            }
         }
         let signature = self.signature(&request);
         self.enqueue(now, arrival, datagram, signature, fresh, stats)
@@ -1358,5 +1366,231 @@ mod tests {
         f.now += 400 * MS;
         f.admission.tick(f.now);
         assert_eq!(tracked(&f), 0);
+    }
+
+    #[test]
+    fn a_full_server_gives_the_oldest_unverified_slot_once_its_grace_passed() {
+        let mut f = Fixture::new(Policy {
+            max_sessions: 2,
+            request_rate: None,
+            ..policy()
+        });
+        let a = f.start("192.0.2.1:1000");
+        f.now += 10 * MS;
+        let b = f.start("192.0.2.2:1000");
+        // Both too young to give way: the request waits, and admission wants to be asked
+        // again when the oldest may.
+        let c = from("192.0.2.3:1000");
+        assert_eq!(f.judge(&c, &rrq("c")), Verdict::Queued);
+        assert_eq!(f.admission.wake_at(), Some(f.now - 10 * MS + GRACE));
+        f.now += GRACE - 10 * MS - MS;
+        assert!(f.next_waiting().is_none(), "not yet");
+        f.now += MS;
+        let waiting = f.next_waiting().expect("a may give way now");
+        let verdict = f.admission.on_waiting(f.now, &waiting, &mut f.stats);
+        assert!(matches!(verdict, Verdict::Replace(id, r, _) if id == a && r.filename == b"c"));
+        let (_, c_id) = f.carry_out(&c, &waiting.datagram, verdict);
+        // A fresh request waits until b's grace passed too, then takes b's slot at once;
+        // c's session is too young to give way.
+        let d = from("192.0.2.4:1000");
+        assert_eq!(f.judge(&d, &rrq("d-early")), Verdict::Queued);
+        f.now += 10 * MS;
+        // Its different request takes the first one's place, after e's, which came
+        // between (first come, first served, even with a slot to take).
+        let e = from("192.0.2.5:1000");
+        assert_eq!(f.judge(&e, &rrq("e")), Verdict::Queued);
+        assert_eq!(f.judge(&d, &rrq("d")), Verdict::Queued);
+        let waiting = f.next_waiting().expect("e");
+        assert_eq!(waiting.arrival, e);
+        let verdict = f.admission.on_waiting(f.now, &waiting, &mut f.stats);
+        assert!(matches!(verdict, Verdict::Replace(id, ..) if id == b));
+        f.carry_out(&e, &waiting.datagram, verdict);
+        assert!(f.next_waiting().is_none(), "c's and e's sessions are young");
+        assert_eq!(f.admission.running(), 2);
+        f.admission.session_ended(f.peer_of(c_id));
+        let next = f.next_waiting().unwrap();
+        assert_eq!((next.arrival, &next.datagram), (d, &rrq("d")));
+        f.started(&d, &next.datagram);
+        assert!(f.next_waiting().is_none(), "d's first request is gone");
+    }
+
+    #[test]
+    fn verified_sessions_never_give_way_and_waiting_requests_go_stale() {
+        let mut f = Fixture::new(Policy {
+            max_sessions: 2,
+            request_rate: None,
+            ..policy()
+        });
+        f.start("192.0.2.1:1000");
+        f.start("192.0.2.2:1000");
+        f.verify("192.0.2.1:1000");
+        f.verify("192.0.2.2:1000");
+        let c = from("192.0.2.3:1000");
+        assert_eq!(f.judge(&c, &rrq("c")), Verdict::Queued);
+        assert_eq!(f.admission.wake_at(), None, "nothing will give way");
+        f.now += 10 * GRACE;
+        assert_eq!(f.judge(&from("192.0.2.4:1000"), &rrq("d")), Verdict::Queued);
+        // c waited longer than the bound: a freed slot goes to d, never to c.
+        f.admission.session_ended("192.0.2.1:1000".parse().unwrap());
+        let next = f.next_waiting().expect("d");
+        assert_eq!(next.arrival.peer, "192.0.2.4:1000".parse().unwrap());
+        assert_eq!(f.stats.busy, 1, "c, dropped");
+        // A resend while waiting is a repeat; a different request takes a new place.
+        let e = from("192.0.2.5:1000");
+        f.admission.session_ended("192.0.2.2:1000".parse().unwrap());
+        f.start("192.0.2.6:1000");
+        f.start("192.0.2.7:1000");
+        f.verify("192.0.2.6:1000");
+        f.verify("192.0.2.7:1000");
+        assert_eq!(f.judge(&e, &rrq("e")), Verdict::Queued);
+        assert_eq!(f.judge(&e, &rrq("e")), Verdict::Ignore);
+        assert_eq!(f.stats.duplicate_requests, 1);
+        assert_eq!(f.judge(&from("192.0.2.8:1000"), &rrq("g")), Verdict::Queued);
+        assert_eq!(f.judge(&e, &rrq("f")), Verdict::Queued);
+        f.admission.session_ended("192.0.2.6:1000".parse().unwrap());
+        let next = f.next_waiting().unwrap();
+        assert_eq!(next.arrival.peer, "192.0.2.8:1000".parse().unwrap());
+        f.started(&next.arrival, &next.datagram);
+        f.admission.session_ended("192.0.2.7:1000".parse().unwrap());
+        let next = f.next_waiting().unwrap();
+        assert_eq!((next.arrival, &next.datagram), (e, &rrq("f")));
+        assert!(f.next_waiting().is_none(), "e's first request is gone");
+    }
+
+    #[test]
+    fn unverified_sessions_have_their_own_cap_and_the_oldest_gives_way() {
+        let mut f = Fixture::new(Policy {
+            request_rate: None,
+            ..policy()
+        });
+        // Spoofed requests from the victim's address: at the cap (3) each new one ends the
+        // client's oldest unverified session instead of being refused.
+        let mut ids = Vec::new();
+        for port in 1000..1064 {
+            let peer = from(&format!("192.0.2.7:{port}"));
+            let spoofed = rrq("spoofed");
+            let verdict = f.judge(&peer, &spoofed);
+            let (evicted, id) = f.carry_out(&peer, &spoofed, verdict);
+            if port >= 1003 {
+                assert_eq!(evicted, Some(ids[(port - 1003) as usize]), "{port}");
+            } else {
+                assert_eq!(evicted, None);
+            }
+            ids.push(id);
+        }
+        assert_eq!(f.admission.running(), 3);
+        assert_eq!(f.stats.client_limited, 0);
+        // The victim itself still gets a session.
+        let victim = from("192.0.2.7:2000");
+        let mine = rrq("mine");
+        let verdict = f.judge(&victim, &mine);
+        assert!(matches!(verdict, Verdict::Replace(id, ..) if id == ids[61]));
+        f.carry_out(&victim, &mine, verdict);
+        // Verified sessions count against the per-client cap (2), not unverified ones.
+        f.verify("192.0.2.7:2000");
+        let x = rrq("x");
+        let verdict = f.judge(&from("192.0.2.7:2001"), &x);
+        f.carry_out(&from("192.0.2.7:2001"), &x, verdict);
+        f.verify("192.0.2.7:2001");
+        let y = rrq("y");
+        let verdict = f.judge(&from("192.0.2.7:2002"), &y);
+        assert_eq!(refused_with(&verdict).map(|r| r.0), Some(0));
+        assert_eq!(f.stats.client_limited, 1);
+        // Another client is untouched.
+        f.start("192.0.2.8:1000");
+    }
+
+    #[test]
+    fn a_different_request_replaces_an_unverified_session_an_identical_one_is_a_repeat() {
+        for single_port in [false, true] {
+            let mut f = Fixture::new(Policy {
+                single_port,
+                request_rate: None,
+                ..policy()
+            });
+            let peer = from("192.0.2.7:1000");
+            let id = f.start("192.0.2.7:1000");
+            // The answer to a request from the peer of a running session, after the
+            // catch-up in the normal mode.
+            let ask = |f: &mut Fixture, datagram: &[u8]| -> Option<SessionId> {
+                let verdict = match f.judge(&peer, datagram) {
+                    Verdict::CatchUp(caught_up, request) => {
+                        assert!(!single_port);
+                        assert_eq!(caught_up, f.admission.sessions[&peer.peer].id);
+                        f.admission
+                            .after_catch_up(f.now, &peer, datagram, request, &mut f.stats)
+                    }
+                    other => other,
+                };
+                match verdict {
+                    Verdict::Ignore => None,
+                    replace @ Verdict::Replace(..) => {
+                        Some(f.carry_out(&peer, datagram, replace).1)
+                    }
+                    other => panic!("{other:?}"),
+                }
+            };
+            // The same file, mode (in any case) and options: a repeat.
+            assert_eq!(ask(&mut f, &rrq("file")), None);
+            assert_eq!(ask(&mut f, &request(1, "file", "OCTET")), None);
+            assert_eq!(f.stats.duplicate_requests, 2);
+            // Another file, mode or options: the new request replaces the session.
+            let second = ask(&mut f, &rrq("other")).expect("replaced");
+            assert_ne!(second, id);
+            let third = ask(&mut f, &request(1, "other", "netascii")).expect("replaced");
+            let mut with_option = request(1, "other", "netascii");
+            with_option.extend_from_slice(b"blksize\x001428\x00");
+            let fourth = ask(&mut f, &with_option).expect("replaced");
+            assert_ne!(third, fourth);
+            assert_eq!(f.admission.running(), 1);
+            // Once verified, the session is the peer's: nothing replaces it.
+            f.verify("192.0.2.7:1000");
+            assert_eq!(ask(&mut f, &rrq("again")), None);
+            assert_eq!(f.admission.sessions[&peer.peer].id, fourth);
+        }
+    }
+
+    #[test]
+    fn datagrams_to_a_session_that_make_no_progress_spend_the_request_rate() {
+        let mut f = Fixture::new(Policy {
+            single_port: true,
+            ..policy()
+        });
+        let peer = from("192.0.2.7:1000");
+        f.start("192.0.2.7:1000");
+        // Burst 3: one token went to the request; two duplicate ACKs take the rest.
+        f.admission.charge_no_progress(f.now, peer.peer);
+        f.admission.charge_no_progress(f.now, peer.peer);
+        assert!(matches!(f.judge(&peer, ACK_1), Verdict::ToSession(..)));
+        let file = rrq("file");
+        let verdict = f.judge(&from("192.0.2.7:1001"), &file);
+        assert_eq!(verdict, Verdict::Ignore);
+        assert_eq!(f.stats.rate_limited, 1);
+        // Loopback stays exempt unless asked.
+        let lo = "127.0.0.1:1000".parse().unwrap();
+        for _ in 0..10 {
+            f.admission.charge_no_progress(f.now, lo);
+        }
+        assert!(matches!(f.judge(&from("127.0.0.1:1001"), &rrq("f")), Verdict::Start(..)));
+    }
+
+    #[test]
+    fn answers_are_cut_to_the_size_of_what_caused_them() {
+        let reject = Reject::new(ErrorCode::FileNotFound, "file not found");
+        let full = EMPTY_ERROR_LEN + reject.message.len();
+        assert_eq!(fit_answer(&reject, full), Some(reject.clone()));
+        assert_eq!(
+            fit_answer(&reject, full - 1),
+            Some(Reject::new(ErrorCode::FileNotFound, ""))
+        );
+        assert_eq!(
+            fit_answer(&reject, EMPTY_ERROR_LEN),
+            Some(Reject::new(ErrorCode::FileNotFound, ""))
+        );
+        assert_eq!(fit_answer(&reject, EMPTY_ERROR_LEN - 1), None);
+        assert_eq!(fit_answer(&reject, 0), None);
+        let mut stray = Vec::new();
+        crate::packet::write_error(&mut stray, ErrorCode::UnknownTransferId, "unknown transfer id");
+        assert_eq!(stray.len(), STRAY_ANSWER_LEN);
     }
 }
