@@ -106,14 +106,12 @@ fn sessions_per_client_are_capped(mode: Mode) {
             .max_sessions_per_client(Some(2))
             .stats_interval(Duration::from_millis(50))
     });
-    // Two sessions left waiting for their first ACK.
+    // Two verified sessions (their client acknowledged block 1), left waiting for the
+    // ACK of block 2.
     let first = raw_on([127, 0, 0, 1]);
     let second = raw_on([127, 0, 0, 1]);
-    first.rrq(server.addr, b"big.bin", "octet", &[]);
-    let (block, _, session_tid) = first.expect_data();
-    assert_eq!(block, 1);
-    second.rrq(server.addr, b"big.bin", "octet", &[]);
-    assert_eq!(second.expect_data().0, 1);
+    let session_tid = verified_session(&server, &first);
+    verified_session(&server, &second);
     // The third from the same client is refused with a reason.
     let third = raw_on([127, 0, 0, 1]);
     third.rrq(server.addr, b"big.bin", "octet", &[]);
@@ -141,6 +139,17 @@ fn sessions_per_client_are_capped(mode: Mode) {
     let total = sum_reports(&server.reports_until_next());
     assert_eq!(total.client_limited, 1);
     assert_eq!(total.rejected.get(&0), Some(&1));
+}
+
+/// Starts a `big.bin` session from `raw` and acknowledges block 1, which makes it
+/// verified; returns the session's address once block 2 came.
+fn verified_session(server: &ServerGuard, raw: &Raw) -> SocketAddr {
+    raw.rrq(server.addr, b"big.bin", "octet", &[]);
+    let (block, _, tid) = raw.expect_data();
+    assert_eq!(block, 1);
+    raw.ack(tid, 1);
+    assert_eq!(raw.expect_data().0, 2);
+    tid
 }
 
 /// What a spoofed request costs: the first packet and exactly `retries` resends, then

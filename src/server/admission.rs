@@ -45,7 +45,7 @@
 //!    nothing more) — a spoofed request cannot claim a client's port. A different
 //!    request to a verified session is ignored too.
 //! 8. A client already running `max_sessions_per_client` *verified* sessions gets
-//!    ERROR 0 "too many transfers". Unverified sessions do not count there: they have
+//!    ERROR 0 "too many". Unverified sessions do not count there: they have
 //!    their own, smaller cap (`max_unverified_per_client`), and a request at that cap
 //!    replaces the client's own oldest unverified session instead of being refused, so
 //!    spoofed requests from a victim's address cannot lock it out. With several workers
@@ -752,7 +752,7 @@ impl Admission {
                         "{peer}: already {max} verified sessions from this client, refused"
                     ),
                 );
-                return Verdict::Refuse(Reject::new(ErrorCode::NotDefined, "too many transfers"));
+                return Verdict::Refuse(Reject::new(ErrorCode::NotDefined, "too many"));
             }
         }
         let mode = match request.mode() {
@@ -1085,7 +1085,7 @@ mod tests {
         let verdict = f.judge(&from("192.0.2.7:1002"), &datagram);
         assert_eq!(
             refused_with(&verdict),
-            Some((0, "too many transfers".into()))
+            Some((0, "too many".into()))
         );
         assert_eq!(f.stats.client_limited, 1);
         f.admission.session_ended("192.0.2.7:1000".parse().unwrap());

@@ -31,7 +31,8 @@
 //!    got an ACK, or waits in admission's queue, a few seconds at most.
 //! 4. Drain every readable session socket until `WouldBlock`: datagrams from the session's
 //!    peer go to its [`Session`] (admission hears when its first ACK makes it verified);
-//!    datagrams from anyone else get ERROR 5 and the session goes on.
+//!    datagrams from anyone else get ERROR 5 (if no larger than what they sent) and the
+//!    session goes on.
 //! 5. If the waker fired, resume the sessions whose sources signalled readiness through
 //!    their [`Notifier`] (a source that returned `WouldBlock` is not read again before).
 //! 6. Fire due timers; start waiting requests while there is room; report statistics when
@@ -717,7 +718,8 @@ impl<H: Handler> Server<H> {
     }
 
     /// Reads one datagram from the session's own socket and hands it to the session; a
-    /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though).
+    /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though, nor a
+    /// datagram shorter than the answer).
     #[inline(always)]
     fn receive(&mut self, id: SessionId) -> Received {
         loop {
@@ -750,7 +752,10 @@ impl<H: Handler> Server<H> {
                 "{from}: datagram for {}'s session, ERROR 5",
                 entry.request.peer
             );
-            if !matches!(Packet::parse(&self.buf[..len]), Ok(Packet::Error { .. })) {
+            // Never an answer to an ERROR, nor one larger than what came.
+            if len >= admission::STRAY_ANSWER_LEN
+                && !matches!(Packet::parse(&self.buf[..len]), Ok(Packet::Error { .. }))
+            {
                 self.sender
                     .answer_stray(&self.listeners, &entry.transport, from, &mut self.stats);
             }
