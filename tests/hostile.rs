@@ -18,7 +18,7 @@
 //! | DATA, ACK, OACK of 24 bytes or more | ERROR 5 "unknown transfer id" (24 bytes) (counted as malformed, or stray in single-port mode) |
 //! | DATA, ACK, OACK shorter than that | silence (counted the same) |
 //! | ERROR | silence (counted as malformed, or stray in single-port mode) |
-//! | WRQ | ERROR 4 "read only" |
+//! | WRQ | ERROR 4 "no writes" |
 //! | RRQ in mode `mail` or an unknown mode | ERROR 4 "bad mode" |
 //! | RRQ with invalid option values | the transfer, the invalid options left out of the OACK |
 

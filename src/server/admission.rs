@@ -31,7 +31,7 @@
 //! 5. Single-port mode: an ERROR from a stranger is dropped (never answer an ERROR);
 //!    DATA, ACK or OACK from a stranger gets ERROR 5, as a session socket would answer,
 //!    when that answer ([`STRAY_ANSWER_LEN`] bytes) is no larger than the datagram.
-//! 6. A write request gets ERROR 4 "read only"; an ERROR is dropped; DATA, ACK or OACK
+//! 6. A write request gets ERROR 4 "no writes"; an ERROR is dropped; DATA, ACK or OACK
 //!    get ERROR 5 (normal mode, same size rule as 5); anything that does not parse gets
 //!    ERROR 4 "malformed".
 //! 7. A read request from a peer whose session still runs: in the normal mode the
@@ -673,7 +673,7 @@ impl Admission {
             }
             Ok(Packet::Wrq(_)) => {
                 stats.write_requests += 1;
-                Verdict::Refuse(Reject::new(ErrorCode::IllegalOperation, "read only"))
+                Verdict::Refuse(Reject::new(ErrorCode::IllegalOperation, "no writes"))
             }
             Ok(Packet::Error { .. }) => {
                 // Never answer an ERROR.
@@ -1145,7 +1145,7 @@ mod tests {
         type Expected = Option<(u16, &'static str)>;
         let long_oack = b"\x00\x06blksize\x00512\x00windowsize\x004\x00".to_vec();
         let cases: [(Vec<u8>, Expected); 8] = [
-            (request(2, "f", "octet"), Some((4, "read only"))),
+            (request(2, "f", "octet"), Some((4, "no writes"))),
             (request(1, "f", "mail"), Some((4, "bad mode"))),
             (request(1, "f", "ebcdic"), Some((4, "bad mode"))),
             // Misdirected: ERROR 5 when it is no smaller than the answer.
