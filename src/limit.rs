@@ -298,7 +298,10 @@ impl ClientLimits {
     /// without a rate limit).
     pub fn allow(&mut self, client: ClientKey, now: Instant) -> bool {
         self.with(client, |shard| {
-            shard.rate.as_mut().is_none_or(|rate| rate.allow(client, now))
+            shard
+                .rate
+                .as_mut()
+                .is_none_or(|rate| rate.allow(client, now))
         })
     }
 

@@ -296,14 +296,21 @@ fn a_different_request_from_the_same_port_replaces_an_unacknowledged_session(mod
     assert_eq!(first.outcome, Outcome::Evicted);
     assert_eq!(first.transfer.retransmits, 0);
     let second = server.next_session();
-    assert_eq!((second.filename.as_str(), second.outcome), ("small.txt", Outcome::Completed));
+    assert_eq!(
+        (second.filename.as_str(), second.outcome),
+        ("small.txt", Outcome::Completed)
+    );
     // An identical request is a repeat: one session, one DATA 1 (the next one would come
     // after a timeout of 1 s).
     victim.rrq(server.addr, b"big.bin", "octet", &[]);
     victim.rrq(server.addr, b"big.bin", "octet", &[]);
     let (block, _, tid) = victim.expect_data();
     assert_eq!(block, 1);
-    assert_eq!(victim.recv_within(SILENCE), None, "one DATA 1 for the two copies");
+    assert_eq!(
+        victim.recv_within(SILENCE),
+        None,
+        "one DATA 1 for the two copies"
+    );
     let mut error = Vec::new();
     dyntftp::packet::write_error(&mut error, dyntftp::ErrorCode::NotDefined, "enough");
     victim.send(tid, &error);

@@ -436,6 +436,7 @@ impl Admission {
         self.next_start += 1;
         // A request of this peer still waiting is outdated now.
         self.queued.remove(&peer);
+        self.last_taken = None;
         let client = self.counted_client(peer);
         self.unverified.insert(order, peer);
         if let Some(client) = client {
@@ -611,7 +612,11 @@ impl Admission {
             _ => now,
         };
         if fresh {
-            if self.queued.get(&peer).is_some_and(|q| q.signature == signature) {
+            if self
+                .queued
+                .get(&peer)
+                .is_some_and(|q| q.signature == signature)
+            {
                 stats.duplicate_requests += 1;
                 return Verdict::Ignore;
             }
@@ -1083,10 +1088,7 @@ mod tests {
         f.verify("192.0.2.7:1001");
         let datagram = rrq("file");
         let verdict = f.judge(&from("192.0.2.7:1002"), &datagram);
-        assert_eq!(
-            refused_with(&verdict),
-            Some((0, "too many".into()))
-        );
+        assert_eq!(refused_with(&verdict), Some((0, "too many".into())));
         assert_eq!(f.stats.client_limited, 1);
         f.admission.session_ended("192.0.2.7:1000".parse().unwrap());
         assert!(matches!(
@@ -1303,7 +1305,9 @@ mod tests {
         f.now += WAITING_MAX_AGE;
         f.admission.tick(f.now);
         let busy = f.stats.busy;
-        let next = f.next_waiting().expect("the handed-back request, at the bound");
+        let next = f
+            .next_waiting()
+            .expect("the handed-back request, at the bound");
         assert_eq!(next.arrival, taken.arrival);
         f.admission
             .wait_for_descriptors(f.now, &next.arrival, &next.datagram, &mut f.stats);
@@ -1322,7 +1326,10 @@ mod tests {
         assert!(f.admission.reads_listeners());
         f.start("192.0.2.1:1000");
         f.start("192.0.2.2:1000");
-        assert!(f.admission.reads_listeners(), "requests wait where their age is known");
+        assert!(
+            f.admission.reads_listeners(),
+            "requests wait where their age is known"
+        );
         assert_eq!(f.judge(&from("192.0.2.3:1000"), &rrq("c")), Verdict::Queued);
         assert_eq!(f.admission.running(), 2);
         f.admission.session_ended("192.0.2.1:1000".parse().unwrap());
@@ -1332,7 +1339,10 @@ mod tests {
         f.admission.session_ended("192.0.2.9:1000".parse().unwrap());
         assert_eq!(f.admission.running(), 1);
         f.admission.begin_shutdown();
-        assert!(!f.admission.reads_listeners(), "normal-mode listeners close");
+        assert!(
+            !f.admission.reads_listeners(),
+            "normal-mode listeners close"
+        );
     }
 
     #[test]
@@ -1524,9 +1534,7 @@ mod tests {
                 };
                 match verdict {
                     Verdict::Ignore => None,
-                    replace @ Verdict::Replace(..) => {
-                        Some(f.carry_out(&peer, datagram, replace).1)
-                    }
+                    replace @ Verdict::Replace(..) => Some(f.carry_out(&peer, datagram, replace).1),
                     other => panic!("{other:?}"),
                 }
             };
@@ -1571,7 +1579,10 @@ mod tests {
         for _ in 0..10 {
             f.admission.charge_no_progress(f.now, lo);
         }
-        assert!(matches!(f.judge(&from("127.0.0.1:1001"), &rrq("f")), Verdict::Start(..)));
+        assert!(matches!(
+            f.judge(&from("127.0.0.1:1001"), &rrq("f")),
+            Verdict::Start(..)
+        ));
     }
 
     #[test]
@@ -1590,7 +1601,11 @@ mod tests {
         assert_eq!(fit_answer(&reject, EMPTY_ERROR_LEN - 1), None);
         assert_eq!(fit_answer(&reject, 0), None);
         let mut stray = Vec::new();
-        crate::packet::write_error(&mut stray, ErrorCode::UnknownTransferId, "unknown transfer id");
+        crate::packet::write_error(
+            &mut stray,
+            ErrorCode::UnknownTransferId,
+            "unknown transfer id",
+        );
         assert_eq!(stray.len(), STRAY_ANSWER_LEN);
     }
 }

@@ -493,7 +493,8 @@ impl<H: Handler> Server<H> {
             }
             Verdict::ToSession(id, parsed) => {
                 if let Some(entry) = self.table.get_mut(id) {
-                    let (verified, acks) = (entry.session.is_verified(), entry.session.stats().acks);
+                    let (verified, acks) =
+                        (entry.session.is_verified(), entry.session.stats().acks);
                     match parsed {
                         Ok(packet) => entry.session.handle_packet(self.now, packet),
                         // Counted as malformed by the session.
@@ -659,8 +660,7 @@ impl<H: Handler> Server<H> {
         };
         self.table
             .insert(id, SessionEntry::new(id, transport, session, info));
-        self.admission
-            .session_started(self.now, peer, id, &request);
+        self.admission.session_started(self.now, peer, id, &request);
         self.stats.sessions_started += 1;
         self.drive(id);
     }

@@ -68,7 +68,8 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
         let total = self.max_sessions.unwrap_or_else(default_max_sessions);
         let per_worker = (total / n).max(1);
         let (stats_tx, stats_rx) = mpsc::channel();
-        let client_limits = SharedClientLimits::new(self.settings.request_rate, RATE_LIMITER_CLIENTS);
+        let client_limits =
+            SharedClientLimits::new(self.settings.request_rate, RATE_LIMITER_CLIENTS);
         let mut stats_rx = Some(stats_rx);
         let mut loops = Vec::with_capacity(n);
         // The first worker resolves port 0; the others bind exactly what it got.
