@@ -1,6 +1,8 @@
 //! Abuse limits over loopback: the per-client request rate, the per-client session cap,
-//! the retry budget of an unanswered first packet (what a spoofed request costs), and the
-//! rate limit on warnings. Loopback is exempt by default, so these servers opt in with
+//! the retry budget of an unanswered first packet (what a spoofed request costs), the rate
+//! limit on warnings, and what unacknowledged (possibly spoofed) sessions give way to: a
+//! different request from their address and port, their client's newer requests, a full
+//! server's newcomers. Loopback is exempt by default, so these servers opt in with
 //! `limit_loopback(true)`; 127.0.0.1 and 127.0.0.2 are two different clients.
 
 use std::net::{SocketAddr, UdpSocket};
@@ -392,4 +394,45 @@ fn a_full_server_gives_an_unacknowledged_slot_to_a_new_request(mode: Mode) {
     let (block, data, tid) = late.expect_data();
     assert_eq!((block, &data[..]), (1, SMALL));
     late.ack(tid, 1);
+}
+
+#[test]
+fn single_port_datagrams_that_make_no_progress_spend_the_request_rate() {
+    if !loopback_127_0_0_2("single_port_datagrams_that_make_no_progress_spend_the_request_rate") {
+        return;
+    }
+    let root = standard_root();
+    let mut server = spawn_fs_with(Mode::SinglePort, v4(), root.path(), |b| {
+        b.limit_loopback(true)
+            .request_rate(Some(Rate {
+                per_second: 0.0,
+                burst: 8,
+            }))
+            .stats_interval(Duration::from_millis(50))
+    });
+    // Progress ACKs are free: one token for the request, none for ten ACKs.
+    let client = raw_on([127, 0, 0, 1]);
+    client.rrq(server.addr, b"big.bin", "octet", &[]);
+    for block in 1..=10u16 {
+        let (got, _, tid) = client.expect_data();
+        assert_eq!(got, block);
+        client.ack(tid, block);
+    }
+    assert_eq!(client.expect_data().0, 11);
+    // Duplicate ACKs and junk to the session are not: six of them and one more request
+    // spend the other seven tokens.
+    for _ in 0..3 {
+        client.ack(server.addr, 10);
+        client.send(server.addr, b"\xde\xad");
+    }
+    let second = raw_on([127, 0, 0, 1]);
+    second.rrq(server.addr, b"small.txt", "octet", &[]);
+    assert_eq!(second.expect_data().0, 1);
+    let third = raw_on([127, 0, 0, 1]);
+    third.rrq(server.addr, b"small.txt", "octet", &[]);
+    assert_eq!(third.recv_within(SILENCE), None, "over the rate");
+    // Another client orders the counters.
+    fetch_small(&mut server, &raw_on([127, 0, 0, 2]));
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.rate_limited, 1);
 }
