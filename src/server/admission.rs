@@ -57,12 +57,13 @@
 //!     retransmission timeout (`unverified_grace`) to answer gives way
 //!     ([`Verdict::Replace`]); younger ones are kept, so requests cannot evict one
 //!     another's sessions before an ACK could come back. When none can give way, the
-//!     request waits in a queue (one per peer, at most [`WAITING_REQUESTS`]; beyond,
-//!     dropped and counted as busy), in both modes, and is served first come first served
-//!     when a slot frees or a session becomes evictable. A request that waited longer
-//!     than [`WAITING_MAX_AGE`] is dropped (counted as busy), never served stale: its
-//!     client has resent it, and the copy waits in its place, or given up. An identical
-//!     resend of a waiting request is a repeat; a different one takes a new place.
+//!     request waits in a queue, in both modes (one per peer, at most
+//!     [`WAITING_REQUESTS`] requests and [`WAITING_BYTES`]; beyond, dropped and counted
+//!     as busy), and is served first come, first served when a slot frees or a session
+//!     may give way; meanwhile its client hears nothing. An identical resend of a
+//!     waiting request is a repeat; a different one takes a new place at the back. A
+//!     request that has waited [`WAITING_MAX_AGE`] is dropped (counted as busy), never
+//!     served stale: its client's next copy waits again, at the back.
 //! 11. Anything else starts a session ([`Verdict::Start`]).
 //!
 //! When file descriptors run out, the driver hands the request back
@@ -93,6 +94,10 @@ use super::transport::Arrival;
 
 /// Requests kept at most while no session can start.
 pub(crate) const WAITING_REQUESTS: usize = 1024;
+
+/// Bytes of requests kept at most while no session can start (a request is rarely more
+/// than 512 bytes; a flood of 64 KiB ones cannot hold more than this).
+pub(crate) const WAITING_BYTES: usize = 2 << 20;
 
 /// How long a request may wait for a session before it is dropped. TFTP clients resend
 /// an unanswered request after 1 to 5 s (PXE ROMs from 1 s, doubling; tftp-hpa 5 s):
@@ -215,6 +220,8 @@ pub(crate) struct Admission {
     signatures: RandomState,
     limits: ClientLimits,
     waiting: VecDeque<Waiting>,
+    /// Bytes of the datagrams in `waiting`.
+    waiting_bytes: usize,
     /// The latest waiting request of each peer.
     queued: HashMap<SocketAddr, Queued>,
     next_generation: u64,
@@ -246,6 +253,7 @@ impl Admission {
             signatures: RandomState::new(),
             limits,
             waiting: VecDeque::new(),
+            waiting_bytes: 0,
             queued: HashMap::new(),
             next_generation: 0,
             last_taken: None,
@@ -373,7 +381,7 @@ impl Admission {
         if !self.has_room() && self.evictable(now).is_none() {
             return None;
         }
-        let waiting = self.waiting.pop_front()?;
+        let waiting = self.pop_waiting()?;
         self.queued.remove(&waiting.arrival.peer);
         self.last_taken = Some((waiting.arrival.peer, waiting.arrived));
         Some(waiting)
@@ -590,8 +598,14 @@ impl Admission {
                 stats.busy += 1;
                 debug!("{peer}: request waited too long, dropped");
             }
-            self.waiting.pop_front();
+            self.pop_waiting();
         }
+    }
+
+    fn pop_waiting(&mut self) -> Option<Waiting> {
+        let waiting = self.waiting.pop_front()?;
+        self.waiting_bytes -= waiting.datagram.len();
+        Some(waiting)
     }
 
     /// Keeps a request until a session can start: at the back (`fresh`) or, handed
@@ -612,6 +626,7 @@ impl Admission {
             _ => now,
         };
         if fresh {
+            self.drop_stale(now, stats);
             if self
                 .queued
                 .get(&peer)
@@ -620,10 +635,10 @@ impl Admission {
                 stats.duplicate_requests += 1;
                 return Verdict::Ignore;
             }
-            self.drop_stale(now, stats);
             let full = !self.queued.contains_key(&peer) && self.queued.len() >= WAITING_REQUESTS;
             // Replaced requests stay in the queue until they reach its front.
-            if full || self.waiting.len() >= 2 * WAITING_REQUESTS {
+            let bytes = self.waiting_bytes + datagram.len();
+            if full || self.waiting.len() >= 2 * WAITING_REQUESTS || bytes > WAITING_BYTES {
                 stats.busy += 1;
                 return Verdict::Ignore;
             }
@@ -643,6 +658,7 @@ impl Admission {
             arrived,
             generation,
         };
+        self.waiting_bytes += datagram.len();
         if fresh {
             self.waiting.push_back(waiting);
         } else {
@@ -1258,6 +1274,29 @@ mod tests {
         }
         assert_eq!(f.admission.queued.len(), WAITING_REQUESTS);
         assert_eq!(f.stats.busy, 10);
+        // And in bytes: large requests fill it sooner.
+        let mut f = Fixture::new(Policy {
+            max_sessions: 1,
+            request_rate: None,
+            ..policy()
+        });
+        f.start("192.0.2.1:1000");
+        let large = rrq(&"x".repeat(60_000));
+        for i in 0..100 {
+            f.judge(&from(&format!("10.0.0.{}:69", i + 1)), &large);
+        }
+        assert_eq!(f.admission.queued.len(), WAITING_BYTES / large.len());
+        assert!(f.admission.waiting_bytes <= WAITING_BYTES);
+        assert_eq!(f.stats.busy, 100 - (WAITING_BYTES / large.len()) as u64);
+        // Taking them gives the bytes back.
+        f.admission.session_ended("192.0.2.1:1000".parse().unwrap());
+        while let Some(waiting) = f.next_waiting() {
+            let verdict = f.admission.on_waiting(f.now, &waiting, &mut f.stats);
+            f.carry_out(&waiting.arrival, &waiting.datagram, verdict);
+            let peer = waiting.arrival.peer;
+            f.admission.session_ended(peer);
+        }
+        assert_eq!(f.admission.waiting_bytes, 0);
     }
 
     #[test]
@@ -1457,13 +1496,26 @@ mod tests {
         assert_eq!(f.stats.duplicate_requests, 1);
         assert_eq!(f.judge(&from("192.0.2.8:1000"), &rrq("g")), Verdict::Queued);
         assert_eq!(f.judge(&e, &rrq("f")), Verdict::Queued);
+        // A copy that comes after the bound waits again (at the back).
+        let h = from("192.0.2.9:1000");
+        assert_eq!(f.judge(&h, &rrq("h")), Verdict::Queued);
+        f.now += WAITING_MAX_AGE + MS;
+        assert_eq!(f.judge(&h, &rrq("h")), Verdict::Queued);
+        assert_eq!(f.stats.busy, 4, "c, e's f, g and h's first copy");
+        assert_eq!(f.judge(&e, &rrq("f")), Verdict::Queued);
+        assert_eq!(f.judge(&from("192.0.2.8:1000"), &rrq("g")), Verdict::Queued);
         f.admission.session_ended("192.0.2.6:1000".parse().unwrap());
         let next = f.next_waiting().unwrap();
-        assert_eq!(next.arrival.peer, "192.0.2.8:1000".parse().unwrap());
-        f.started(&next.arrival, &next.datagram);
+        assert_eq!(next.arrival, h);
+        f.started(&h, &next.datagram);
         f.admission.session_ended("192.0.2.7:1000".parse().unwrap());
         let next = f.next_waiting().unwrap();
         assert_eq!((next.arrival, &next.datagram), (e, &rrq("f")));
+        f.started(&e, &next.datagram);
+        f.admission.session_ended(h.peer);
+        let next = f.next_waiting().unwrap();
+        assert_eq!(next.arrival.peer, "192.0.2.8:1000".parse().unwrap());
+        f.admission.session_ended(e.peer);
         assert!(f.next_waiting().is_none(), "e's first request is gone");
     }
 
