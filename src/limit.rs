@@ -6,9 +6,15 @@
 //! address can make the server do, without slowing a boot storm of distinct clients.
 //! A *client* is an IPv4 address, or an IPv6 /64 (one host usually owns a whole /64, so
 //! per-address limits would be free to evade).
+//!
+//! Sessions count per client in two kinds: *verified* (the client has acknowledged data:
+//! it receives at its address) and *unverified* (no ACK yet: the request may have been
+//! spoofed). Several event loops (workers) share one [`SharedClientLimits`], so a client
+//! whose ports SO_REUSEPORT spreads over them meets the same limits as with one loop.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A token-bucket rate: `per_second` requests on average, up to `burst` at once.
@@ -139,28 +145,54 @@ impl RateLimiter {
     }
 }
 
+/// One client's running sessions: verified (the client acknowledged data, so it receives
+/// at its address) and unverified (no ACK yet: the request may have been spoofed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionCounts {
+    /// Sessions that received at least one ACK.
+    pub verified: u32,
+    /// Sessions that have not.
+    pub unverified: u32,
+}
+
 /// Session counts per client.
 #[derive(Debug, Default)]
 pub struct ClientCounts {
-    counts: HashMap<ClientKey, u32>,
+    counts: HashMap<ClientKey, SessionCounts>,
 }
 
 impl ClientCounts {
     /// Sessions `client` has running.
-    pub fn get(&self, client: ClientKey) -> u32 {
-        self.counts.get(&client).copied().unwrap_or(0)
+    pub fn get(&self, client: ClientKey) -> SessionCounts {
+        self.counts.get(&client).copied().unwrap_or_default()
     }
 
-    /// One more session for `client`.
+    /// One more (unverified) session for `client`.
     pub fn add(&mut self, client: ClientKey) {
-        *self.counts.entry(client).or_default() += 1;
+        self.counts.entry(client).or_default().unverified += 1;
     }
 
-    /// One session fewer for `client`; the entry goes when it reaches zero.
-    pub fn remove(&mut self, client: ClientKey) {
+    /// One of `client`'s unverified sessions got its first ACK.
+    pub fn verify(&mut self, client: ClientKey) {
         if let Some(n) = self.counts.get_mut(&client) {
-            *n -= 1;
-            if *n == 0 {
+            if n.unverified > 0 {
+                n.unverified -= 1;
+                n.verified += 1;
+            }
+        }
+    }
+
+    /// One session fewer for `client` (`verified`: which kind); the entry goes when both
+    /// counts reach zero.
+    pub fn remove(&mut self, client: ClientKey, verified: bool) {
+        if let Some(n) = self.counts.get_mut(&client) {
+            let count = if verified {
+                &mut n.verified
+            } else {
+                &mut n.unverified
+            };
+            *count = count.saturating_sub(1);
+            if *n == SessionCounts::default() {
                 self.counts.remove(&client);
             }
         }
@@ -171,6 +203,176 @@ impl ClientCounts {
     pub fn clients(&self) -> usize {
         self.counts.len()
     }
+}
+
+/// What one part of the client space keeps: request-rate buckets and session counts.
+#[derive(Debug)]
+struct Shard {
+    rate: Option<RateLimiter>,
+    counts: ClientCounts,
+}
+
+impl Shard {
+    fn new(rate: Option<Rate>, max_clients: usize) -> Shard {
+        Shard {
+            rate: rate.map(|rate| RateLimiter::new(rate, max_clients)),
+            counts: ClientCounts::default(),
+        }
+    }
+}
+
+/// Shards of [`SharedClientLimits`]: enough that workers rarely wait on one another.
+const SHARDS: usize = 16;
+
+/// Per-client limits shared by several event loops (workers): each client's rate bucket and
+/// session counts live in one of [`SHARDS`] mutexes (chosen by the client), so a client
+/// spread over the workers by SO_REUSEPORT meets the same limits as with one worker.
+#[derive(Clone, Debug)]
+pub struct SharedClientLimits {
+    shards: Arc<[Mutex<Shard>]>,
+}
+
+impl SharedClientLimits {
+    /// Limits allowing `rate` per client (`None`: no rate limit), tracking about
+    /// `max_clients` rate buckets in all.
+    pub fn new(rate: Option<Rate>, max_clients: usize) -> SharedClientLimits {
+        let per_shard = max_clients.div_ceil(SHARDS).max(1);
+        SharedClientLimits {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard::new(rate, per_shard)))
+                .collect(),
+        }
+    }
+}
+
+/// Per-client limits as one event loop sees them: its own (one loop: no lock), or
+/// [`SharedClientLimits`] (several workers).
+#[derive(Debug)]
+pub struct ClientLimits {
+    shards: Shards,
+    /// When the rate buckets were last pruned.
+    pruned: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum Shards {
+    Own(Box<Shard>),
+    Shared(SharedClientLimits),
+}
+
+/// How often [`ClientLimits::prune`] looks at the buckets (each [`RateLimiter`] also
+/// prunes at most once per quarter of its refill time).
+const PRUNE_INTERVAL: Duration = Duration::from_millis(250);
+
+impl ClientLimits {
+    /// Limits of one event loop alone: `rate` per client, at most `max_clients` buckets.
+    pub fn own(rate: Option<Rate>, max_clients: usize) -> ClientLimits {
+        ClientLimits {
+            shards: Shards::Own(Box::new(Shard::new(rate, max_clients))),
+            pruned: None,
+        }
+    }
+
+    /// This loop's view of limits shared with other loops.
+    pub fn shared(shared: SharedClientLimits) -> ClientLimits {
+        ClientLimits {
+            shards: Shards::Shared(shared),
+            pruned: None,
+        }
+    }
+
+    fn with<R>(&mut self, client: ClientKey, f: impl FnOnce(&mut Shard) -> R) -> R {
+        match &mut self.shards {
+            Shards::Own(shard) => f(shard),
+            Shards::Shared(shared) => {
+                let i = shard_of(client, shared.shards.len());
+                let mut shard = shared.shards[i]
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                f(&mut shard)
+            }
+        }
+    }
+
+    /// Takes one token from `client`'s bucket at `now`; false when it is empty (true
+    /// without a rate limit).
+    pub fn allow(&mut self, client: ClientKey, now: Instant) -> bool {
+        self.with(client, |shard| {
+            shard
+                .rate
+                .as_mut()
+                .is_none_or(|rate| rate.allow(client, now))
+        })
+    }
+
+    /// `client`'s running sessions.
+    pub fn counts(&mut self, client: ClientKey) -> SessionCounts {
+        self.with(client, |shard| shard.counts.get(client))
+    }
+
+    /// One more unverified session for `client`.
+    pub fn add(&mut self, client: ClientKey) {
+        self.with(client, |shard| shard.counts.add(client));
+    }
+
+    /// One of `client`'s unverified sessions got its first ACK.
+    pub fn verify(&mut self, client: ClientKey) {
+        self.with(client, |shard| shard.counts.verify(client));
+    }
+
+    /// One session fewer for `client`.
+    pub fn remove(&mut self, client: ClientKey, verified: bool) {
+        self.with(client, |shard| shard.counts.remove(client, verified));
+    }
+
+    /// Forgets rate buckets that have refilled by `now` (at most every
+    /// [`PRUNE_INTERVAL`]).
+    pub fn prune(&mut self, now: Instant) {
+        if self
+            .pruned
+            .is_some_and(|last| now.saturating_duration_since(last) < PRUNE_INTERVAL)
+        {
+            return;
+        }
+        self.pruned = Some(now);
+        let prune = |shard: &mut Shard| {
+            if let Some(rate) = shard.rate.as_mut() {
+                rate.prune(now);
+            }
+        };
+        match &mut self.shards {
+            Shards::Own(shard) => prune(shard),
+            Shards::Shared(shared) => {
+                for shard in shared.shards.iter() {
+                    prune(&mut shard.lock().unwrap_or_else(|p| p.into_inner()));
+                }
+            }
+        }
+    }
+
+    /// Rate buckets tracked, in all shards.
+    #[cfg(test)]
+    pub fn tracked(&self) -> usize {
+        let tracked = |shard: &Shard| shard.rate.as_ref().map_or(0, RateLimiter::tracked);
+        match &self.shards {
+            Shards::Own(shard) => tracked(shard),
+            Shards::Shared(shared) => shared
+                .shards
+                .iter()
+                .map(|s| tracked(&s.lock().unwrap()))
+                .sum(),
+        }
+    }
+}
+
+/// The shard of `client` among `shards`.
+fn shard_of(client: ClientKey, shards: usize) -> usize {
+    let bits = match client {
+        ClientKey::V4(v4) => u64::from(v4),
+        ClientKey::V6(prefix) => prefix ^ (prefix >> 32),
+    };
+    // Fibonacci hashing: neighbouring addresses land in different shards.
+    (bits.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % shards
 }
 
 /// Lets at most `burst` log lines of one kind through per `period`, and says how many
@@ -332,13 +534,66 @@ mod tests {
         let a = key("10.0.0.1");
         counts.add(a);
         counts.add(a);
-        assert_eq!(counts.get(a), 2);
-        counts.remove(a);
-        counts.remove(a);
-        assert_eq!(counts.get(a), 0);
+        counts.verify(a);
+        let both = SessionCounts {
+            verified: 1,
+            unverified: 1,
+        };
+        assert_eq!(counts.get(a), both);
+        counts.remove(a, true);
+        assert_eq!(counts.get(a).verified, 0);
+        counts.remove(a, false);
+        assert_eq!(counts.get(a), SessionCounts::default());
         assert_eq!(counts.clients(), 0);
-        counts.remove(a);
-        assert_eq!(counts.get(a), 0);
+        counts.remove(a, false);
+        counts.verify(a);
+        assert_eq!(counts.get(a), SessionCounts::default());
+    }
+
+    #[test]
+    fn shared_limits_are_one_budget_for_every_loop() {
+        let t0 = Instant::now();
+        let rate = Rate {
+            per_second: 0.0,
+            burst: 4,
+        };
+        let shared = SharedClientLimits::new(Some(rate), 1000);
+        let mut loops: Vec<ClientLimits> = (0..4)
+            .map(|_| ClientLimits::shared(shared.clone()))
+            .collect();
+        let a = key("10.0.0.1");
+        // Four tokens in all, whichever loop takes them.
+        let allowed = (0..16).filter(|i| loops[i % 4].allow(a, t0)).count();
+        assert_eq!(allowed, 4);
+        assert!(loops[0].allow(key("10.0.0.2"), t0), "another client");
+        // Counts added on one loop are seen on another.
+        loops[1].add(a);
+        loops[2].add(a);
+        loops[3].verify(a);
+        assert_eq!(
+            loops[0].counts(a),
+            SessionCounts {
+                verified: 1,
+                unverified: 1
+            }
+        );
+        loops[0].remove(a, true);
+        loops[1].remove(a, false);
+        assert_eq!(loops[2].counts(a), SessionCounts::default());
+        // A loop alone counts the same way.
+        let mut own = ClientLimits::own(Some(rate), 1000);
+        assert_eq!((0..16).filter(|_| own.allow(a, t0)).count(), 4);
+        let mut unlimited = ClientLimits::own(None, 1000);
+        assert!((0..100).all(|_| unlimited.allow(a, t0)));
+    }
+
+    #[test]
+    fn clients_spread_over_the_shards() {
+        let mut used = [false; SHARDS];
+        for host in 0..64u32 {
+            used[shard_of(ClientKey::V4(0x0a00_0000 + host), SHARDS)] = true;
+        }
+        assert!(used.iter().all(|&u| u), "{used:?}");
     }
 
     #[test]

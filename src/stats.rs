@@ -200,8 +200,9 @@ pub struct ServerStats {
     pub rate_limited: u64,
     /// Requests refused because their client already ran the most sessions allowed.
     pub client_limited: u64,
-    /// Single-port mode: requests dropped (the client resends them) because
-    /// `max_sessions` were running and the queue of waiting requests was full.
+    /// Requests dropped (the client resends them) because no session could start for
+    /// them: the queue of waiting requests was full, or they waited longer than its
+    /// bound (3 s).
     pub busy: u64,
     /// Times the server ran out of file descriptors and paused taking requests.
     pub descriptor_pauses: u64,

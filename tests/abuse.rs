@@ -1,6 +1,8 @@
 //! Abuse limits over loopback: the per-client request rate, the per-client session cap,
-//! the retry budget of an unanswered first packet (what a spoofed request costs), and the
-//! rate limit on warnings. Loopback is exempt by default, so these servers opt in with
+//! the retry budget of an unanswered first packet (what a spoofed request costs), the rate
+//! limit on warnings, and what unacknowledged (possibly spoofed) sessions give way to: a
+//! different request from their address and port, their client's newer requests, a full
+//! server's newcomers. Loopback is exempt by default, so these servers opt in with
 //! `limit_loopback(true)`; 127.0.0.1 and 127.0.0.2 are two different clients.
 
 use std::net::{SocketAddr, UdpSocket};
@@ -106,14 +108,12 @@ fn sessions_per_client_are_capped(mode: Mode) {
             .max_sessions_per_client(Some(2))
             .stats_interval(Duration::from_millis(50))
     });
-    // Two sessions left waiting for their first ACK.
+    // Two verified sessions (their client acknowledged block 1), left waiting for the
+    // ACK of block 2.
     let first = raw_on([127, 0, 0, 1]);
     let second = raw_on([127, 0, 0, 1]);
-    first.rrq(server.addr, b"big.bin", "octet", &[]);
-    let (block, _, session_tid) = first.expect_data();
-    assert_eq!(block, 1);
-    second.rrq(server.addr, b"big.bin", "octet", &[]);
-    assert_eq!(second.expect_data().0, 1);
+    let session_tid = verified_session(&server, &first);
+    verified_session(&server, &second);
     // The third from the same client is refused with a reason.
     let third = raw_on([127, 0, 0, 1]);
     third.rrq(server.addr, b"big.bin", "octet", &[]);
@@ -141,6 +141,17 @@ fn sessions_per_client_are_capped(mode: Mode) {
     let total = sum_reports(&server.reports_until_next());
     assert_eq!(total.client_limited, 1);
     assert_eq!(total.rejected.get(&0), Some(&1));
+}
+
+/// Starts a `big.bin` session from `raw` and acknowledges block 1, which makes it
+/// verified; returns the session's address once block 2 came.
+fn verified_session(server: &ServerGuard, raw: &Raw) -> SocketAddr {
+    raw.rrq(server.addr, b"big.bin", "octet", &[]);
+    let (block, _, tid) = raw.expect_data();
+    assert_eq!(block, 1);
+    raw.ack(tid, 1);
+    assert_eq!(raw.expect_data().0, 2);
+    tid
 }
 
 /// What a spoofed request costs: the first packet and exactly `retries` resends, then
@@ -242,4 +253,186 @@ fn a_flood_writes_a_bounded_number_of_warnings(mode: Mode) {
     let lines = capture.lines.lock().unwrap();
     let warnings = lines.iter().filter(|l| l.contains(&mine)).count();
     assert_eq!(warnings, 10, "one burst of the log limiter, then silence");
+}
+
+/// The next finished sessions up to `peer`'s, which must have completed: how many of the
+/// others were evicted.
+fn evicted_before(server: &mut ServerGuard, peer: SocketAddr) -> usize {
+    let mut evicted = 0;
+    loop {
+        let finished = server.next_session();
+        if finished.peer == peer {
+            assert_eq!(finished.outcome, Outcome::Completed);
+            return evicted;
+        }
+        assert_eq!(finished.outcome, Outcome::Evicted, "{finished:?}");
+        evicted += 1;
+    }
+}
+
+/// Receives until DATA 1 carrying `small.txt`, skipping anything else; returns its TID.
+fn small_data_1(raw: &Raw) -> SocketAddr {
+    loop {
+        let (datagram, from) = raw.recv();
+        if let Ok(Packet::Data { block: 1, data }) = Packet::parse(&datagram) {
+            if data == SMALL {
+                return from;
+            }
+        }
+    }
+}
+
+both_modes!(a_different_request_from_the_same_port_replaces_an_unacknowledged_session);
+fn a_different_request_from_the_same_port_replaces_an_unacknowledged_session(mode: Mode) {
+    let root = standard_root();
+    let mut server = spawn_fs(mode, v4(), root.path());
+    let victim = Raw::new(server.addr);
+    // What a spoofer would send in the victim's name (same address and port), first.
+    victim.rrq(server.addr, b"big.bin", "octet", &[]);
+    // The victim's own request names another file: it replaces the session.
+    victim.rrq(server.addr, b"small.txt", "octet", &[]);
+    let tid = small_data_1(&victim);
+    victim.ack(tid, 1);
+    let first = server.next_session();
+    assert_eq!(first.filename, "big.bin");
+    assert_eq!(first.outcome, Outcome::Evicted);
+    assert_eq!(first.transfer.retransmits, 0);
+    let second = server.next_session();
+    assert_eq!(
+        (second.filename.as_str(), second.outcome),
+        ("small.txt", Outcome::Completed)
+    );
+    // An identical request is a repeat: one session, one DATA 1 (the next one would come
+    // after a timeout of 1 s).
+    victim.rrq(server.addr, b"big.bin", "octet", &[]);
+    victim.rrq(server.addr, b"big.bin", "octet", &[]);
+    let (block, _, tid) = victim.expect_data();
+    assert_eq!(block, 1);
+    assert_eq!(
+        victim.recv_within(SILENCE),
+        None,
+        "one DATA 1 for the two copies"
+    );
+    let mut error = Vec::new();
+    dyntftp::packet::write_error(&mut error, dyntftp::ErrorCode::NotDefined, "enough");
+    victim.send(tid, &error);
+    let third = server.next_session();
+    assert_eq!(third.filename, "big.bin");
+    assert!(matches!(third.outcome, Outcome::PeerError(_)), "{third:?}");
+}
+
+both_modes!(spoofed_requests_from_a_clients_address_cannot_lock_it_out);
+fn spoofed_requests_from_a_clients_address_cannot_lock_it_out(mode: Mode) {
+    let root = standard_root();
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.limit_loopback(true)
+            .request_rate(None)
+            .max_sessions_per_client(Some(4))
+            .max_unverified_per_client(Some(4))
+    });
+    // 64 requests from the client's address that are never acknowledged, as spoofed
+    // ones would be: each at the cap of 4 unverified sessions ends the oldest.
+    let spoofed: Vec<Raw> = (0..64).map(|_| raw_on([127, 0, 0, 1])).collect();
+    for raw in &spoofed {
+        raw.rrq(server.addr, b"big.bin", "octet", &[]);
+    }
+    let client = raw_on([127, 0, 0, 1]);
+    fetch_small_quietly(&client, &server);
+    assert_eq!(evicted_before(&mut server, client.local_addr()), 64 - 4 + 1);
+}
+
+/// Fetches `small.txt` without waiting for its report.
+fn fetch_small_quietly(raw: &Raw, server: &ServerGuard) {
+    raw.rrq(server.addr, b"small.txt", "octet", &[]);
+    let (block, data, tid) = raw.expect_data();
+    assert_eq!((block, &data[..]), (1, SMALL));
+    raw.ack(tid, 1);
+}
+
+both_modes!(a_full_server_gives_an_unacknowledged_slot_to_a_new_request);
+fn a_full_server_gives_an_unacknowledged_slot_to_a_new_request(mode: Mode) {
+    let root = standard_root();
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        // Unverified sessions give way after one timeout; they would live much longer.
+        b.max_sessions(2)
+            .timeout(Duration::from_millis(100))
+            .retries(20)
+    });
+    let holders = [Raw::new(server.addr), Raw::new(server.addr)];
+    for raw in &holders {
+        raw.rrq(server.addr, b"big.bin", "octet", &[]);
+        assert_eq!(raw.expect_data().0, 1);
+    }
+    // Both slots are held by sessions that never got an ACK: the newcomer is served
+    // (waiting at most one timeout), and the older of the two gave way.
+    let newcomer = Raw::new(server.addr);
+    fetch_small_quietly(&newcomer, &server);
+    let first = server.next_session();
+    assert_eq!(first.peer, holders[0].local_addr());
+    assert_eq!(first.outcome, Outcome::Evicted);
+    assert_eq!(evicted_before(&mut server, newcomer.local_addr()), 0);
+    // Verified sessions keep their slots: with two of them, a request waits.
+    let verified: Vec<Raw> = (0..2).map(|_| Raw::new(server.addr)).collect();
+    let mut tids = Vec::new();
+    for raw in &verified {
+        raw.rrq(server.addr, b"big.bin", "octet", &[]);
+        let (_, _, tid) = raw.expect_data();
+        raw.ack(tid, 1);
+        assert_eq!(raw.expect_data().0, 2);
+        tids.push(tid);
+    }
+    let evicted = server.next_session();
+    assert_eq!(evicted.peer, holders[1].local_addr());
+    assert_eq!(evicted.outcome, Outcome::Evicted);
+    let late = Raw::new(server.addr);
+    late.rrq(server.addr, b"small.txt", "octet", &[]);
+    assert_eq!(late.recv_within(SILENCE), None, "no slot gives way");
+    // One of them ends: the waiting request gets its slot.
+    let mut error = Vec::new();
+    dyntftp::packet::write_error(&mut error, dyntftp::ErrorCode::NotDefined, "done");
+    verified[0].send(tids[0], &error);
+    let (block, data, tid) = late.expect_data();
+    assert_eq!((block, &data[..]), (1, SMALL));
+    late.ack(tid, 1);
+}
+
+#[test]
+fn single_port_datagrams_that_make_no_progress_spend_the_request_rate() {
+    if !loopback_127_0_0_2("single_port_datagrams_that_make_no_progress_spend_the_request_rate") {
+        return;
+    }
+    let root = standard_root();
+    let mut server = spawn_fs_with(Mode::SinglePort, v4(), root.path(), |b| {
+        b.limit_loopback(true)
+            .request_rate(Some(Rate {
+                per_second: 0.0,
+                burst: 8,
+            }))
+            .stats_interval(Duration::from_millis(50))
+    });
+    // Progress ACKs are free: one token for the request, none for ten ACKs.
+    let client = raw_on([127, 0, 0, 1]);
+    client.rrq(server.addr, b"big.bin", "octet", &[]);
+    for block in 1..=10u16 {
+        let (got, _, tid) = client.expect_data();
+        assert_eq!(got, block);
+        client.ack(tid, block);
+    }
+    assert_eq!(client.expect_data().0, 11);
+    // Duplicate ACKs and junk to the session are not: six of them and one more request
+    // spend the other seven tokens.
+    for _ in 0..3 {
+        client.ack(server.addr, 10);
+        client.send(server.addr, b"\xde\xad");
+    }
+    let second = raw_on([127, 0, 0, 1]);
+    second.rrq(server.addr, b"small.txt", "octet", &[]);
+    assert_eq!(second.expect_data().0, 1);
+    let third = raw_on([127, 0, 0, 1]);
+    third.rrq(server.addr, b"small.txt", "octet", &[]);
+    assert_eq!(third.recv_within(SILENCE), None, "over the rate");
+    // Another client orders the counters.
+    fetch_small(&mut server, &raw_on([127, 0, 0, 2]));
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.rate_limited, 1);
 }

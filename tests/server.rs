@@ -499,8 +499,10 @@ fn stray_tid_gets_error_5_and_the_transfer_goes_on(mode: Mode) {
     let got = client
         .fetch_with(server.addr, b"big.bin", "octet", &[], &mut |p| {
             if p.block == 5 {
-                // The server waits for ACK 5 from the client; a stranger sends it first.
+                // The server waits for ACK 5 from the client; a stranger sends it first
+                // (too short for an answer), then a DATA as large as the ERROR 5.
                 stray.ack(p.server, 5);
+                stray.send(p.server, &[&b"\x00\x03\x00\x01"[..], &[b'x'; 20]].concat());
                 answered = Some(stray.expect_error());
             }
         })
@@ -517,7 +519,7 @@ fn stray_tid_gets_error_5_and_the_transfer_goes_on(mode: Mode) {
         "the stray ACK must not count as the client's"
     );
     let total = sum_reports(&server.reports_until_next());
-    assert_eq!(total.stray_datagrams, 1);
+    assert_eq!(total.stray_datagrams, 2);
     // The stranger hears nothing more.
     assert_eq!(stray.recv_within(Duration::from_millis(100)), None);
 }
@@ -942,7 +944,10 @@ fn reply_source_on_a_dual_stack_listener(mode: Mode) {
 both_modes!(max_sessions_queues_requests_until_a_session_finishes);
 fn max_sessions_queues_requests_until_a_session_finishes(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| b.max_sessions(2));
+    // A long timeout: unverified sessions keep their slots for one timeout.
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.max_sessions(2).timeout(Duration::from_secs(5))
+    });
     let (a, b, c) = (
         Raw::new(server.addr),
         Raw::new(server.addr),
@@ -952,7 +957,8 @@ fn max_sessions_queues_requests_until_a_session_finishes(mode: Mode) {
     let (_, _, a_tid) = a.expect_data();
     b.rrq(server.addr, b"big.bin", "octet", &[]);
     let (_, _, _) = b.expect_data();
-    // Two sessions hold their slots (neither ACKs): the third request waits.
+    // Two sessions hold their slots (neither ACKs, but neither has had a timeout to do
+    // so yet): the third request waits.
     c.rrq(server.addr, b"small.txt", "octet", &[]);
     assert_eq!(
         c.recv_within(Duration::from_millis(300)),
@@ -980,7 +986,7 @@ fn max_sessions_queues_requests_until_a_session_finishes(mode: Mode) {
 both_modes!(max_sessions_frees_a_slot_when_a_session_times_out);
 fn max_sessions_frees_a_slot_when_a_session_times_out(mode: Mode) {
     let root = standard_root();
-    // Sessions that get no ACK end 100 + 200 + 400 ms after they start.
+    // Sessions that get no ACK end 100 + 200 + 400 ms after the last progress.
     let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.max_sessions(2)
             .timeout(Duration::from_millis(100))
@@ -991,10 +997,14 @@ fn max_sessions_frees_a_slot_when_a_session_times_out(mode: Mode) {
         Raw::new(server.addr),
         Raw::new(server.addr),
     );
-    a.rrq(server.addr, b"big.bin", "octet", &[]);
-    a.expect_data();
-    b.rrq(server.addr, b"big.bin", "octet", &[]);
-    b.expect_data();
+    // A and B acknowledge block 1, so they are verified: they keep their slots until
+    // they time out.
+    for raw in [&a, &b] {
+        raw.rrq(server.addr, b"big.bin", "octet", &[]);
+        let (_, _, tid) = raw.expect_data();
+        raw.ack(tid, 1);
+        assert_eq!(raw.expect_data().0, 2);
+    }
     c.rrq(server.addr, b"small.txt", "octet", &[]);
     assert_eq!(
         c.recv_within(Duration::from_millis(150)),

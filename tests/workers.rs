@@ -9,8 +9,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use dyntftp::{
-    FsHandler, Handler, Outcome, ReadRequest, Reject, ResponseData, ServerBuilder, ServerStats,
-    SessionStats, ShutdownHandle,
+    FsHandler, Handler, Outcome, Packet, ReadRequest, Reject, ResponseData, ServerBuilder,
+    ServerStats, SessionStats, ShutdownHandle,
 };
 use testkit::*;
 
@@ -48,6 +48,15 @@ struct Pool {
 
 impl Pool {
     fn start(root: &TempDir, workers: usize, mode: Mode) -> Pool {
+        Pool::start_with(root, workers, mode, |b| b)
+    }
+
+    fn start_with(
+        root: &TempDir,
+        workers: usize,
+        mode: Mode,
+        configure: impl FnOnce(ServerBuilder<Recorder>) -> ServerBuilder<Recorder>,
+    ) -> Pool {
         let (sessions_tx, sessions) = mpsc::channel();
         let (reports_tx, reports) = mpsc::channel();
         let handler = Recorder {
@@ -55,7 +64,7 @@ impl Pool {
             sessions: sessions_tx,
             reports: reports_tx,
         };
-        let pool = ServerBuilder::new(handler)
+        let pool = configure(ServerBuilder::new(handler))
             .bind(v4())
             .single_port(mode.is_single_port())
             .stats_interval(Duration::from_millis(50))
@@ -204,4 +213,39 @@ fn workers_need_addresses_and_at_least_one_worker() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("inherited"), "{err}");
+}
+
+both_modes!(per_client_limits_hold_across_workers);
+fn per_client_limits_hold_across_workers(mode: Mode) {
+    let root = standard_root();
+    let pool = Pool::start_with(&root, 4, mode, |b| {
+        b.limit_loopback(true)
+            .request_rate(None)
+            .max_sessions_per_client(Some(4))
+    });
+    // Forty ports of one address, spread over the four workers by the kernel: each
+    // acknowledges block 1 (a verified session) and holds it.
+    let mut granted = 0;
+    let mut refused = 0;
+    let clients: Vec<Raw> = (0..40).map(|_| Raw::new(pool.addr)).collect();
+    for raw in &clients {
+        raw.rrq(pool.addr, b"big.bin", "octet", &[]);
+        let (datagram, tid) = raw.recv();
+        match Packet::parse(&datagram) {
+            Ok(Packet::Data { block: 1, .. }) => {
+                raw.ack(tid, 1);
+                assert_eq!(raw.expect_data().0, 2);
+                granted += 1;
+            }
+            Ok(Packet::Error { code, .. }) => {
+                assert_eq!(code, dyntftp::ErrorCode::NotDefined);
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((granted, refused), (4, 36));
+    let reports = pool.stop();
+    let limited: u64 = reports.iter().map(|(_, r)| r.client_limited).sum();
+    assert_eq!(limited, 36);
 }

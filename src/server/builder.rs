@@ -96,6 +96,7 @@ pub(super) struct Settings {
     pub(super) request_rate: Option<Rate>,
     pub(super) max_sessions_per_client: Option<u32>,
     pub(super) limit_loopback: bool,
+    pub(super) max_unverified_per_client: Option<u32>,
     pub(super) single_port: bool,
     pub(super) udp_gso: bool,
     pub(super) busy_poll: Duration,
@@ -108,6 +109,8 @@ impl Settings {
             single_port: self.single_port,
             max_sessions,
             max_sessions_per_client: self.max_sessions_per_client,
+            max_unverified_per_client: self.max_unverified_per_client,
+            unverified_grace: self.config.timeout,
             request_rate: self.request_rate,
             limit_loopback: self.limit_loopback,
         }
@@ -116,6 +119,10 @@ impl Settings {
 
 /// Default cap on the sessions one client (IPv4 address or IPv6 /64) runs at once.
 pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: u32 = 64;
+
+/// Default cap on the unverified sessions (no ACK yet) one client runs at once (see
+/// [`ServerBuilder::max_unverified_per_client`]).
+pub const DEFAULT_MAX_UNVERIFIED_PER_CLIENT: u32 = 4;
 
 /// Default limit of [`ServerBuilder::busy_poll`]: a lock-step client on a fast network
 /// answers well within it.
@@ -140,6 +147,7 @@ impl<H: Handler> ServerBuilder<H> {
                 request_rate: Some(Rate::DEFAULT),
                 max_sessions_per_client: Some(DEFAULT_MAX_SESSIONS_PER_CLIENT),
                 limit_loopback: false,
+                max_unverified_per_client: Some(DEFAULT_MAX_UNVERIFIED_PER_CLIENT),
                 single_port: false,
                 udp_gso: true,
                 busy_poll: DEFAULT_BUSY_POLL,
@@ -195,7 +203,9 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
-    /// Most sessions at once; further requests wait in the socket queue.
+    /// Most sessions at once. With all running, a request takes the slot of the oldest
+    /// session that has had no ACK for a retransmission timeout; when there is none, it
+    /// waits (a few seconds at most) for a slot.
     pub fn max_sessions(mut self, max: usize) -> Self {
         self.max_sessions = Some(max);
         self
@@ -223,10 +233,24 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
-    /// The most sessions one client may run at once; `None` for no limit. A request over
-    /// the cap gets ERROR 0 and is counted in [`ServerStats::client_limited`](crate::stats::ServerStats::client_limited).
+    /// The most verified sessions (sessions whose client has ACKed data) one client may
+    /// run at once; `None` for no limit. A request over the cap gets ERROR 0 and is
+    /// counted in [`ServerStats::client_limited`](crate::stats::ServerStats::client_limited).
+    /// Sessions without an ACK yet count under
+    /// [`max_unverified_per_client`](Self::max_unverified_per_client) instead. With
+    /// several workers the count is shared.
     pub fn max_sessions_per_client(mut self, max: Option<u32>) -> Self {
         self.settings.max_sessions_per_client = max;
+        self
+    }
+
+    /// The most unverified sessions (no ACK from the client yet: the request may have
+    /// been spoofed) one client may run at once; `None` for no limit. Default
+    /// [`DEFAULT_MAX_UNVERIFIED_PER_CLIENT`] (4). A request at the cap does not get
+    /// refused: the client's oldest unverified session ends (outcome `evicted`) and the
+    /// new one starts, so spoofed requests from a client's address cannot lock it out.
+    pub fn max_unverified_per_client(mut self, max: Option<u32>) -> Self {
+        self.settings.max_unverified_per_client = max;
         self
     }
 
@@ -240,9 +264,9 @@ impl<H: Handler> ServerBuilder<H> {
     /// Serves every session from the listening socket that received its request, told
     /// apart by the client's address and port, instead of from a new socket (a new port)
     /// per session: for NAT, firewalls and containers that forward only the listening
-    /// port (dnsmasq's `--tftp-single-port`). The protocol is the same; the listener is
-    /// then always read, so with `max_sessions` running, new requests are dropped (the
-    /// client resends them) and counted in [`ServerStats::busy`](crate::stats::ServerStats::busy).
+    /// port (dnsmasq's `--tftp-single-port`). The protocol is the same. Datagrams from a
+    /// client to its session that make no progress (duplicate ACKs, junk) count against
+    /// its request rate.
     pub fn single_port(mut self, single: bool) -> Self {
         self.settings.single_port = single;
         self
@@ -334,6 +358,11 @@ impl<H: Handler> ServerBuilder<H> {
         }
         if self.max_sessions == Some(0) {
             return Err(Error::Config("max sessions must be at least 1".into()));
+        }
+        if self.settings.max_unverified_per_client == Some(0) {
+            return Err(Error::Config(
+                "max unverified sessions per client must be at least 1".into(),
+            ));
         }
         if self.settings.max_sessions_per_client == Some(0) {
             return Err(Error::Config(

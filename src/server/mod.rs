@@ -25,14 +25,14 @@
 //!    is readable, the waker fires, or the earliest deadline (timer wheel, statistics
 //!    report, descriptor pause, shutdown grace) passes.
 //! 2. Read the clock once.
-//! 3. Drain the listeners while admission says so: in the normal mode not while
-//!    `max_sessions` run (the requests wait in the kernel's queue until a session ends,
-//!    backpressure as dnsmasq does); in single-port mode always, since the listeners carry
-//!    the sessions' ACKs (requests then wait in admission's queue). Each datagram gets a
-//!    verdict from admission, which the loop carries out.
+//! 3. Drain the listeners (always, but in the normal mode once shutting down). Each
+//!    datagram gets a verdict from admission, which the loop carries out. With
+//!    `max_sessions` running, a request takes the slot of the oldest session that never
+//!    got an ACK, or waits in admission's queue, a few seconds at most.
 //! 4. Drain every readable session socket until `WouldBlock`: datagrams from the session's
-//!    peer go to its [`Session`]; datagrams from anyone else get ERROR 5 and the session
-//!    goes on.
+//!    peer go to its [`Session`] (admission hears when its first ACK makes it verified);
+//!    datagrams from anyone else get ERROR 5 (if no larger than what they sent) and the
+//!    session goes on.
 //! 5. If the waker fired, resume the sessions whose sources signalled readiness through
 //!    their [`Notifier`] (a source that returned `WouldBlock` is not read again before).
 //! 6. Fire due timers; start waiting requests while there is room; report statistics when
@@ -69,7 +69,10 @@ use crate::stats::ServerStats;
 use crate::sys;
 
 pub(crate) use self::table::SessionId;
-pub use builder::{Error, ServerBuilder, DEFAULT_BUSY_POLL, DEFAULT_MAX_SESSIONS_PER_CLIENT};
+pub use builder::{
+    Error, ServerBuilder, DEFAULT_BUSY_POLL, DEFAULT_MAX_SESSIONS_PER_CLIENT,
+    DEFAULT_MAX_UNVERIFIED_PER_CLIENT,
+};
 pub use workers::{ShutdownHandle, Workers};
 
 use admission::{Admission, Verdict};
@@ -168,6 +171,7 @@ impl<H: Handler> Server<H> {
             max_sessions,
             stats_from_workers,
             stats_to_worker_0,
+            client_limits,
         } = prepared;
         let now = Instant::now();
         Server {
@@ -183,7 +187,7 @@ impl<H: Handler> Server<H> {
             settings,
             max_sessions,
             table: SessionTable::new(now),
-            admission: Admission::new(settings.policy(max_sessions)),
+            admission: Admission::new(settings.policy(max_sessions), client_limits),
             sender: Sender::new(settings.udp_gso),
             user_code: UserCode::new(),
             buf: vec![0; MAX_DATAGRAM],
@@ -470,7 +474,7 @@ impl<H: Handler> Server<H> {
 
     /// Starts waiting requests while there is room.
     fn start_waiting(&mut self) {
-        while let Some(waiting) = self.admission.next_waiting() {
+        while let Some(waiting) = self.admission.next_waiting(self.now, &mut self.stats) {
             let verdict = self
                 .admission
                 .on_waiting(self.now, &waiting, &mut self.stats);
@@ -482,24 +486,40 @@ impl<H: Handler> Server<H> {
     fn carry_out(&mut self, arrival: &Arrival, datagram: &[u8], verdict: Verdict<'_>) {
         match verdict {
             Verdict::Start(request, mode) => self.start_session(arrival, datagram, request, mode),
+            Verdict::Replace(id, request, mode) => {
+                // Ended without a word: it never showed that its peer receives.
+                self.finish(id, Outcome::Evicted);
+                self.start_session(arrival, datagram, request, mode);
+            }
             Verdict::ToSession(id, parsed) => {
                 if let Some(entry) = self.table.get_mut(id) {
+                    let (verified, acks) =
+                        (entry.session.is_verified(), entry.session.stats().acks);
                     match parsed {
                         Ok(packet) => entry.session.handle_packet(self.now, packet),
                         // Counted as malformed by the session.
                         Err(_) => entry.session.handle_datagram(self.now, datagram),
+                    }
+                    if entry.session.stats().acks == acks {
+                        self.admission.charge_no_progress(self.now, arrival.peer);
+                    } else if !verified {
+                        self.admission.session_verified(arrival.peer);
                     }
                     self.drive(id);
                 }
             }
             Verdict::CatchUp(id, request) => {
                 self.catch_up(id);
-                let verdict =
-                    self.admission
-                        .after_catch_up(self.now, arrival, request, &mut self.stats);
+                let verdict = self.admission.after_catch_up(
+                    self.now,
+                    arrival,
+                    datagram,
+                    request,
+                    &mut self.stats,
+                );
                 self.carry_out(arrival, datagram, verdict);
             }
-            Verdict::Refuse(reject) => self.refuse(arrival, &reject),
+            Verdict::Refuse(reject) => self.refuse(arrival, datagram.len(), &reject),
             Verdict::Stray => {
                 let transport = Transport::Shared(arrival.reply);
                 self.sender.answer_stray(
@@ -513,12 +533,18 @@ impl<H: Handler> Server<H> {
         }
     }
 
-    fn refuse(&mut self, arrival: &Arrival, reject: &Reject) {
+    /// Answers a request of `request_len` bytes with `reject`, no larger than the
+    /// request (see [`admission::fit_answer`]).
+    fn refuse(&mut self, arrival: &Arrival, request_len: usize, reject: &Reject) {
+        let Some(reject) = admission::fit_answer(reject, request_len) else {
+            debug!("{}: no answer larger than the request", arrival.peer);
+            return;
+        };
         self.sender.refuse(
             &self.listeners,
             self.settings.single_port,
             arrival,
-            reject,
+            &reject,
             &mut self.stats,
         );
     }
@@ -594,9 +620,9 @@ impl<H: Handler> Server<H> {
             }
             Some(Err(reject)) => {
                 debug!("{peer}: {filename:?} refused: {reject}");
-                return self.refuse(arrival, &reject);
+                return self.refuse(arrival, datagram.len(), &reject);
             }
-            None => return self.refuse(arrival, &internal_error()),
+            None => return self.refuse(arrival, datagram.len(), &internal_error()),
         };
         let (now, config) = (self.now, self.settings.config);
         let created = self.user_code.run(
@@ -606,7 +632,7 @@ impl<H: Handler> Server<H> {
             || Session::new(now, request.options, mode, source, config),
         );
         let Some(session) = created else {
-            return self.refuse(arrival, &internal_error());
+            return self.refuse(arrival, datagram.len(), &internal_error());
         };
         if let Err(e) = self.register(&mut transport, id, &session) {
             report::log_limited(
@@ -634,7 +660,7 @@ impl<H: Handler> Server<H> {
         };
         self.table
             .insert(id, SessionEntry::new(id, transport, session, info));
-        self.admission.session_started(peer, id);
+        self.admission.session_started(self.now, peer, id, &request);
         self.stats.sessions_started += 1;
         self.drive(id);
     }
@@ -692,7 +718,8 @@ impl<H: Handler> Server<H> {
     }
 
     /// Reads one datagram from the session's own socket and hands it to the session; a
-    /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though).
+    /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though, nor a
+    /// datagram shorter than the answer).
     #[inline(always)]
     fn receive(&mut self, id: SessionId) -> Received {
         loop {
@@ -713,7 +740,11 @@ impl<H: Handler> Server<H> {
             };
             let from = sys::unmap_socket(from);
             if from == entry.request.peer {
+                let verified = entry.session.is_verified();
                 entry.session.handle_datagram(self.now, &self.buf[..len]);
+                if !verified && entry.session.is_verified() {
+                    self.admission.session_verified(from);
+                }
                 return Received::Fed;
             }
             self.stats.stray_datagrams += 1;
@@ -721,7 +752,10 @@ impl<H: Handler> Server<H> {
                 "{from}: datagram for {}'s session, ERROR 5",
                 entry.request.peer
             );
-            if !matches!(Packet::parse(&self.buf[..len]), Ok(Packet::Error { .. })) {
+            // Never an answer to an ERROR, nor one larger than what came.
+            if len >= admission::STRAY_ANSWER_LEN
+                && !matches!(Packet::parse(&self.buf[..len]), Ok(Packet::Error { .. }))
+            {
                 self.sender
                     .answer_stray(&self.listeners, &entry.transport, from, &mut self.stats);
             }

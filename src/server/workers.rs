@@ -14,9 +14,11 @@ use mio::net::UdpSocket;
 use mio::{Interest, Poll, Token, Waker};
 
 use crate::handler::Handler;
+use crate::limit::SharedClientLimits;
 use crate::stats::ServerStats;
 use crate::sys;
 
+use super::admission::RATE_LIMITER_CLIENTS;
 use super::builder::{default_max_sessions, Error, ServerBuilder, Settings};
 use super::transport::Listener;
 use super::{Server, LISTENER_BASE, WAKER};
@@ -26,8 +28,10 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
     /// SO_REUSEPORT to the same addresses, and a clone of the handler; run them with
     /// [`Workers::run`], one thread each. The kernel hands all datagrams of one client
     /// address and port to the same worker, so its retransmitted requests and (in
-    /// single-port mode) its ACKs reach the worker that has its session. Nothing is
-    /// shared on the packet path.
+    /// single-port mode) its ACKs reach the worker that has its session. The only state
+    /// shared on the packet path is the per-client limits (request-rate buckets and
+    /// session counts, in sharded mutexes), so that a client spread over the workers
+    /// meets the same limits as with one.
     ///
     /// What a handler must provide: `Clone + Send + 'static`. Each worker calls `open`
     /// and `session_finished` on its own clone; state the clones must share (a cache, a
@@ -64,6 +68,8 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
         let total = self.max_sessions.unwrap_or_else(default_max_sessions);
         let per_worker = (total / n).max(1);
         let (stats_tx, stats_rx) = mpsc::channel();
+        let client_limits =
+            SharedClientLimits::new(self.settings.request_rate, RATE_LIMITER_CLIENTS);
         let mut stats_rx = Some(stats_rx);
         let mut loops = Vec::with_capacity(n);
         // The first worker resolves port 0; the others bind exactly what it got.
@@ -85,6 +91,7 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
             }
             let mut prepared =
                 PreparedLoop::new(self.handler.clone(), sockets, self.settings, per_worker)?;
+            prepared.client_limits = Some(client_limits.clone());
             if worker == 0 {
                 prepared.stats_from_workers = stats_rx.take();
             } else {
@@ -111,6 +118,8 @@ pub(super) struct PreparedLoop<H> {
     pub(super) stats_from_workers: Option<mpsc::Receiver<ServerStats>>,
     /// Another worker: its statistics go to worker 0 instead of the handler.
     pub(super) stats_to_worker_0: Option<mpsc::Sender<ServerStats>>,
+    /// One of several workers: the per-client limits they share.
+    pub(super) client_limits: Option<SharedClientLimits>,
 }
 
 /// Socket buffer sizes asked for in single-port mode (the kernel caps them at
@@ -161,6 +170,7 @@ impl<H> PreparedLoop<H> {
             max_sessions,
             stats_from_workers: None,
             stats_to_worker_0: None,
+            client_limits: None,
         })
     }
 }

@@ -136,12 +136,16 @@ pub enum Outcome {
     Panicked,
     /// The server shut down before the transfer ended; the client got ERROR 0.
     ShutDown,
+    /// The session never got an ACK and gave way to a newer request (a full server, the
+    /// client's cap of unverified sessions, or a different request from the same address
+    /// and port); nothing more was sent.
+    Evicted,
 }
 
 impl Outcome {
     /// Every outcome, one of each kind ([`PeerError`](Outcome::PeerError) with code 0):
     /// what a metrics exporter lists so that each series exists from the start.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Completed,
         Outcome::FinalAckMissing,
         Outcome::Probe,
@@ -152,6 +156,7 @@ impl Outcome {
         Outcome::SourceStalled,
         Outcome::Panicked,
         Outcome::ShutDown,
+        Outcome::Evicted,
     ];
 
     /// The outcome named `name` by [`as_str`](Self::as_str) (`peer_error` gives
@@ -181,6 +186,7 @@ impl Outcome {
             Outcome::SourceStalled => "source_stalled",
             Outcome::Panicked => "panicked",
             Outcome::ShutDown => "shut_down",
+            Outcome::Evicted => "evicted",
         }
     }
 }
@@ -389,6 +395,12 @@ impl Session {
     /// True once the session has ended (the outcome is in [`stats`](Self::stats)).
     pub fn is_done(&self) -> bool {
         matches!(self.state, State::Done(_))
+    }
+
+    /// True once the peer has acknowledged something it was sent (an ACK that made
+    /// progress): proof that it receives at its address, so the request was not spoofed.
+    pub fn is_verified(&self) -> bool {
+        self.stats.acks > 0
     }
 
     /// Feeds a datagram that came from the peer. Datagrams that do not parse are counted
@@ -1044,7 +1056,8 @@ mod tests {
                 | Outcome::ReadFailed
                 | Outcome::SourceStalled
                 | Outcome::Panicked
-                | Outcome::ShutDown => {}
+                | Outcome::ShutDown
+                | Outcome::Evicted => {}
             }
             assert_eq!(Outcome::from_name(outcome.as_str()), Some(outcome));
         }
