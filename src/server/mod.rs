@@ -65,7 +65,7 @@ use crate::limit::LogLimiter;
 use crate::packet::{ErrorCode, Mode, Packet, Request, MAX_DATAGRAM};
 use crate::session::{Outcome, Output, Retransmission, Session};
 use crate::spin::Spinner;
-use crate::stats::ServerStats;
+use crate::stats::{ServerStats, SessionLogLimiter};
 use crate::sys;
 
 pub(crate) use self::table::SessionId;
@@ -147,6 +147,8 @@ pub struct Server<H> {
     grace_deadline: Option<Instant>,
     /// Rate-limited warnings about session sockets.
     socket_log: LogLimiter,
+    /// The rate limit on session lines.
+    session_log: SessionLogLimiter,
     /// Whether to poll without sleeping before a wait, and for how long.
     spinner: Spinner,
     /// Worker 0 of several: the other workers' statistics, added to its reports.
@@ -194,6 +196,7 @@ impl<H: Handler> Server<H> {
             stats_since: now,
             grace_deadline: None,
             socket_log: LogLimiter::new(Duration::from_secs(60), 10),
+            session_log: SessionLogLimiter::new(),
             spinner: Spinner::new(settings.busy_poll),
             stats_from_workers,
             stats_to_worker_0,
