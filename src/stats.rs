@@ -511,9 +511,15 @@ mod tests {
         assert!(shown.chars().all(|c| !c.is_control()), "{shown}");
         for (text, want) in [
             ("plain/file.bin", "\"plain/file.bin\""),
-            ("quote\" back\\ tab\t cr\r", "\"quote\\\" back\\\\ tab\\t cr\\r\""),
+            (
+                "quote\" back\\ tab\t cr\r",
+                "\"quote\\\" back\\\\ tab\\t cr\\r\"",
+            ),
             ("é ünï", "\"é ünï\""),
-            ("\u{202e}gpj.exe \u{2028} \u{85} \u{7f} \0", "\"\\u{202e}gpj.exe \\u{2028} \\u{85} \\u{7f} \\u{0}\""),
+            (
+                "\u{202e}gpj.exe \u{2028} \u{85} \u{7f} \0",
+                "\"\\u{202e}gpj.exe \\u{2028} \\u{85} \\u{7f} \\u{0}\"",
+            ),
         ] {
             assert_eq!(LogText::new(text).to_string(), want, "{text:?}");
         }
@@ -523,15 +529,31 @@ mod tests {
     fn log_text_is_cut_at_the_bound_and_says_so() {
         let long = vec![b'x'; 70_000];
         let shown = LogText(&long).to_string();
-        assert_eq!(shown, format!("\"{}\"…(70000 bytes)", "x".repeat(LOG_TEXT_MAX)));
+        assert_eq!(
+            shown,
+            format!("\"{}\"…(70000 bytes)", "x".repeat(LOG_TEXT_MAX))
+        );
         // Escapes are never cut in half, and the bound holds for escaped text too.
-        for text in [vec![0xffu8; 1000], vec![b'\n'; 1000], "é".repeat(500).into_bytes()] {
+        for text in [
+            vec![0xffu8; 1000],
+            vec![b'\n'; 1000],
+            "é".repeat(500).into_bytes(),
+        ] {
             let shown = LogText(&text).to_string();
             let inner = shown[1..].split('"').next().unwrap();
-            assert!(inner.len() <= LOG_TEXT_MAX && inner.len() > LOG_TEXT_MAX - 4, "{shown}");
-            assert!(shown.ends_with(&format!("…({} bytes)", text.len())), "{shown}");
+            assert!(
+                inner.len() <= LOG_TEXT_MAX && inner.len() > LOG_TEXT_MAX - 4,
+                "{shown}"
+            );
+            assert!(
+                shown.ends_with(&format!("…({} bytes)", text.len())),
+                "{shown}"
+            );
         }
-        assert_eq!(LogText(&[0xff; 50]).to_string(), format!("\"{}\"", "\\xff".repeat(50)));
+        assert_eq!(
+            LogText(&[0xff; 50]).to_string(),
+            format!("\"{}\"", "\\xff".repeat(50))
+        );
         let exactly = "y".repeat(LOG_TEXT_MAX);
         assert_eq!(LogText::new(&exactly).to_string(), format!("\"{exactly}\""));
     }
@@ -560,7 +582,10 @@ mod tests {
         let spoofed = session(Outcome::TimedOut, 0);
         let n = 50_000;
         let written = (0..n).filter(|_| limiter.allow(t0, &spoofed)).count() as u64;
-        assert_eq!(written, u64::from(SessionLogLimiter::UNVERIFIED_FAILURE_LINES));
+        assert_eq!(
+            written,
+            u64::from(SessionLogLimiter::UNVERIFIED_FAILURE_LINES)
+        );
         let held = limiter.take_held_back().unwrap();
         assert_eq!(
             held,
@@ -569,7 +594,11 @@ mod tests {
                 unverified_failures: n - written
             }
         );
-        assert!(held.to_string().starts_with("49900 session lines held back"), "{held}");
+        assert!(
+            held.to_string()
+                .starts_with("49900 session lines held back"),
+            "{held}"
+        );
         assert_eq!(limiter.take_held_back(), None, "said once");
         // Meanwhile, sessions that a client acknowledged are still logged, and failures
         // after an ACK are not unverified.

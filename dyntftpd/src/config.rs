@@ -1026,7 +1026,10 @@ mod tests {
         assert!(c.to_file_text().contains("limit-loopback = true\n"));
         let file = File::new("loopback-bad", "limit-loopback = on\n");
         let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
-        assert!(err.contains(":1: invalid value for limit-loopback"), "{err}");
+        assert!(
+            err.contains(":1: invalid value for limit-loopback"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1089,7 +1092,10 @@ mod tests {
             ("/", "not a regular file"),
         ] {
             let err = parse_args(&args(&["--config", path])).err().unwrap();
-            assert!(err.contains("cannot read") && err.contains(why), "{path}: {err}");
+            assert!(
+                err.contains("cannot read") && err.contains(why),
+                "{path}: {err}"
+            );
         }
         let big = File::new("big", &"# comment\n".repeat(110_000));
         let err = parse_args(&args(&["--config", big.arg()])).err().unwrap();
@@ -1103,9 +1109,15 @@ mod tests {
         use std::os::unix::ffi::OsStringExt;
         let good = utf8_args([OsString::from("-r"), OsString::from("/tmp/é")]).unwrap();
         assert_eq!(good, ["-r", "/tmp/é"]);
-        let bad = utf8_args([OsString::from("-r"), OsString::from_vec(b"/tmp/\xff".to_vec())])
-            .unwrap_err();
-        assert!(bad.contains("not valid UTF-8") && bad.contains("/tmp/\u{fffd}"), "{bad}");
+        let bad = utf8_args([
+            OsString::from("-r"),
+            OsString::from_vec(b"/tmp/\xff".to_vec()),
+        ])
+        .unwrap_err();
+        assert!(
+            bad.contains("not valid UTF-8") && bad.contains("/tmp/\u{fffd}"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -374,9 +374,9 @@ pub fn session_members(s: &SessionStats) -> String {
     // Its message is the session's `error` (the peer's error comes first there).
     t.raw(
         "peer_error",
-        &peer_error
-            .as_ref()
-            .map_or("null".into(), |(code, _)| format!("{{\"code\":{}}}", code.to_u16())),
+        &peer_error.as_ref().map_or("null".into(), |(code, _)| {
+            format!("{{\"code\":{}}}", code.to_u16())
+        }),
     );
     t.raw("error_sent", &error(error_sent.as_ref()));
     o.raw("transfer", &t.object());
@@ -823,7 +823,8 @@ mod tests {
         s.requested = (0..5000)
             .map(|i| (format!("opt{i}-{}", "n".repeat(100)), "é".repeat(100)))
             .collect();
-        let forged = "bye\n<forged line>\n\u{1b}[31mred\u{1b}[0m \u{1b}]0;title\u{7} \u{fffd}\u{fffd} end";
+        let forged =
+            "bye\n<forged line>\n\u{1b}[31mred\u{1b}[0m \u{1b}]0;title\u{7} \u{fffd}\u{fffd} end";
         s.transfer.peer_error = Some((dyntftp::ErrorCode::NotDefined, forged.repeat(1000)));
         let members = session_members(&s);
         let got = parse(&members);
@@ -847,7 +848,10 @@ mod tests {
         let message = got["error"]["message"].as_str().unwrap();
         assert!(message.starts_with(forged) && message.ends_with('…'));
         assert!(message.len() <= LOG_TEXT_MAX + 3);
-        assert_eq!(got["transfer"]["peer_error"], serde_json::json!({"code": 0}));
+        assert_eq!(
+            got["transfer"]["peer_error"],
+            serde_json::json!({"code": 0})
+        );
         assert_eq!(
             members.matches("forged line").count(),
             message.matches("forged line").count(),
@@ -867,8 +871,8 @@ mod tests {
 
     impl Scratch {
         fn new(tag: &str) -> Scratch {
-            let dir = std::env::temp_dir()
-                .join(format!("dyntftpd-logging-{tag}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("dyntftpd-logging-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             Scratch(dir)
@@ -893,7 +897,9 @@ mod tests {
         // Dangling: not created through the link either.
         let dangling = dir.0.join("dangling.log");
         std::os::unix::fs::symlink(dir.0.join("created"), &dangling).unwrap();
-        assert!(open_log_file(&dangling).unwrap_err().contains("symbolic link"));
+        assert!(open_log_file(&dangling)
+            .unwrap_err()
+            .contains("symbolic link"));
         assert!(!dir.0.join("created").exists());
         let hard = dir.0.join("hard.log");
         std::fs::hard_link(&victim, &hard).unwrap();

@@ -288,7 +288,11 @@ mod tests {
         assert_eq!(line.lines().count(), 1);
         // Peer, two fields of at most LOG_TEXT_MAX escaped bytes with their quotes and
         // marks, and the fixed words.
-        assert!(line.len() < 2 * crate::stats::LOG_TEXT_MAX + 200, "{} bytes: {line}", line.len());
+        assert!(
+            line.len() < 2 * crate::stats::LOG_TEXT_MAX + 200,
+            "{} bytes: {line}",
+            line.len()
+        );
         assert!(line.contains("…(65000 bytes)"), "{line}");
     }
 
