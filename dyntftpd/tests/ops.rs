@@ -943,7 +943,7 @@ fn config_file_settings_apply_and_flags_override_them() {
     let conf = out.write(
         "dyntftpd.conf",
         format!(
-            "# settings\nroot = {}\nmax-blksize = 600\nstats-interval = 0.1\n\
+            "# settings\nroot = {}\nmax-blksize = 600\nstats-interval = 1\n\
              metrics-file = {}\nlog-format = json\nlog-file = {}\nquiet = true\n",
             root.path().display(),
             prom.display(),

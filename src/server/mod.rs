@@ -65,7 +65,7 @@ use crate::limit::LogLimiter;
 use crate::packet::{ErrorCode, Mode, Packet, Request, MAX_DATAGRAM};
 use crate::session::{Outcome, Output, Retransmission, Session};
 use crate::spin::Spinner;
-use crate::stats::{ServerStats, SessionLogLimiter};
+use crate::stats::{LogText, ServerStats, SessionLogLimiter};
 use crate::sys;
 
 pub(crate) use self::table::SessionId;
@@ -596,7 +596,7 @@ impl<H: Handler> Server<H> {
                 );
             }
             Some(Err(reject)) => {
-                debug!("{peer}: {filename:?} refused: {reject}");
+                debug!("{peer}: {} refused: {reject}", LogText::new(&filename));
                 return self.refuse(arrival, &reject);
             }
             None => return self.refuse(arrival, &internal_error()),
