@@ -828,12 +828,21 @@ mod tests {
         s.transfer.peer_error = Some((dyntftp::ErrorCode::NotDefined, forged.repeat(1000)));
         let members = session_members(&s);
         let got = parse(&members);
-        assert!(
-            members.len() < 16 * 1024,
-            "{} bytes: {members}",
+        assert!(!members.contains('\n') && !members.contains('\u{1b}'));
+        // The worst case: every byte a control character, escaped as \u00XX (six bytes).
+        let mut worst = full_session();
+        worst.filename = "\u{1}".repeat(65_000);
+        worst.requested = vec![("\u{1}".repeat(1000), "\u{1}".repeat(1000)); 5000];
+        worst.transfer.peer_error = Some((dyntftp::ErrorCode::NotDefined, "\u{1}".repeat(65_000)));
+        worst.transfer.error_sent = None;
+        let worst = session_members(&worst);
+        parse(&worst);
+        assert!(worst.len() < 16 * 1024, "{} bytes: {worst}", worst.len());
+        eprintln!(
+            "JSON session members: {} bytes at worst, {} bytes for printable junk",
+            worst.len(),
             members.len()
         );
-        assert!(!members.contains('\n') && !members.contains('\u{1b}'));
         let filename = got["filename"].as_str().unwrap();
         assert_eq!(filename, format!("{}…", "\u{1b}".repeat(LOG_TEXT_MAX)));
         let requested = got["requested"].as_array().unwrap();

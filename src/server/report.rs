@@ -294,6 +294,7 @@ mod tests {
             line.len()
         );
         assert!(line.contains("…(65000 bytes)"), "{line}");
+        eprintln!("session line: {} bytes at worst", line.len());
     }
 
     #[test]
