@@ -904,6 +904,63 @@ fn json_log_has_one_object_per_session_and_per_report() {
     assert!(!text.contains('\u{1}'));
 }
 
+/// A flood of sessions that fail before any ACK (each client answers DATA 1 with an
+/// ERROR, as a blind attacker's sessions end unacknowledged) writes a bounded number of
+/// JSON session records, and a `"log"` record with the number held back.
+#[test]
+fn json_session_records_of_a_flood_are_bounded_and_counted() {
+    let root = standard_root();
+    let logs = TempDir::new("json-flood");
+    let log = logs.path().join("dyntftpd.log");
+    let log_arg = log.to_str().unwrap().to_string();
+    let mut daemon = Daemon::start(
+        &[
+            "-r",
+            root_arg(&root),
+            "--log-format",
+            "json",
+            "--log-file",
+            &log_arg,
+            "--stats-interval",
+            "1",
+        ],
+        ListenPid::Child,
+        false,
+    );
+    daemon.ready();
+    let started = Instant::now();
+    let n = 300;
+    for _ in 0..n {
+        let raw = Raw::new(daemon.addr);
+        raw.rrq(daemon.addr, b"small.txt", "octet", &[]);
+        let (_, _, tid) = raw.expect_data();
+        raw.send(tid, b"\x00\x05\x00\x00flood\x00");
+    }
+    let elapsed = started.elapsed();
+    let (sessions, held_back) = eventually("every session written or counted", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let sessions = records.iter().filter(|r| r["type"] == "session").count();
+        let held_back: u64 = records
+            .iter()
+            .filter(|r| r["type"] == "log")
+            .filter_map(|r| r["held_back"].as_u64())
+            .sum();
+        (sessions + held_back as usize == n).then_some((sessions, held_back))
+    });
+    daemon.stop();
+    // 100 records per 10 s of sessions that failed before any ACK, per period begun.
+    let periods = elapsed.as_secs() as usize / 10 + 2;
+    assert!(sessions <= 100 * periods, "{sessions} in {elapsed:?}");
+    assert!(
+        held_back as usize >= n - 100 * periods,
+        "{held_back} held back"
+    );
+}
+
 #[test]
 fn text_log_goes_to_the_log_file() {
     let root = standard_root();
