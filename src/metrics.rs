@@ -34,12 +34,17 @@
 //! assert!(metrics.render().contains("\ndyntftp_requests_total 5\n"));
 //! ```
 
+use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs;
+use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write as _};
-use std::path::Path;
-use std::time::Duration;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use crate::session::Outcome;
 use crate::stats::ServerStats;
@@ -294,26 +299,69 @@ impl Metrics {
         out
     }
 
-    /// Writes [`render`](Metrics::render)'s text to `path` atomically: to a temporary file
-    /// in the same directory (named `.<file name>.<pid>.tmp`, which node_exporter's
-    /// textfile collector ignores), then renamed over `path`. A reader sees the old file
-    /// or the new one, never a partial one.
+    /// Writes [`render`](Metrics::render)'s text to `path` atomically: to a new temporary
+    /// file in the same directory, then renamed over `path`. A reader sees the old file or
+    /// the new one, never a partial one.
+    ///
+    /// The temporary file is named `.<file name>.<random>.tmp` (node_exporter's textfile
+    /// collector ignores it) with a name no other user can predict, and is created with
+    /// `O_CREAT | O_EXCL | O_NOFOLLOW`: in a directory other users can write, a symbolic
+    /// link or file planted there is never followed or written, and the rename replaces
+    /// a link at `path` instead of writing through it. The file is mode 0644, owned by
+    /// whoever calls this.
     pub fn write_file(&self, path: &Path) -> io::Result<()> {
         let name = path
             .file_name()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        let result = fs::File::create(&tmp)
-            .and_then(|mut file| file.write_all(self.render().as_bytes()))
+        let (tmp, mut file) = create_temporary(path, name)?;
+        let result = file
+            .set_permissions(fs::Permissions::from_mode(0o644))
+            .and_then(|()| file.write_all(self.render().as_bytes()))
             .and_then(|()| fs::rename(&tmp, path));
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         result
     }
+}
+
+/// Creates a new file next to `path`, named `.<name>.<random>.tmp`, without following a
+/// symbolic link; tries other names if one exists.
+fn create_temporary(path: &Path, name: &OsStr) -> io::Result<(PathBuf, fs::File)> {
+    let mut last = None;
+    for _ in 0..8 {
+        let mut tmp_name = OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{:016x}.tmp", unpredictable()));
+        let tmp = path.with_file_name(tmp_name);
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no temporary name")))
+}
+
+/// 64 bits no other process can predict: the standard library's per-process random
+/// SipHash keys (from the system's random source) applied to the time and a counter.
+fn unpredictable() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    hasher.finish()
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
@@ -495,5 +543,43 @@ mod tests {
         assert_eq!(text, m.render());
         assert_eq!(entries, vec![std::ffi::OsString::from("dyntftpd.prom")]);
         assert!(m.write_file(Path::new("/")).is_err());
+    }
+
+    /// A local user who can write the metrics directory plants symbolic links where the
+    /// temporary file used to go (`.<name>.<pid>.tmp`) and at the file itself: neither is
+    /// followed, the victim file is unchanged, and the file is mode 0644.
+    #[test]
+    fn write_file_never_follows_a_planted_link() {
+        use std::os::unix::fs::{symlink, MetadataExt};
+        let dir = std::env::temp_dir().join(format!("dyntftp-metrics-link-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        fs::write(&victim, "IMPORTANT DATA\n").unwrap();
+        let old_tmp = dir.join(format!(".dyntftpd.prom.{}.tmp", std::process::id()));
+        symlink(&victim, &old_tmp).unwrap();
+        let path = dir.join("dyntftpd.prom");
+        let m = Metrics::new();
+        m.write_file(&path).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "IMPORTANT DATA\n");
+        assert_eq!(fs::read_to_string(&path).unwrap(), m.render());
+        // A link at the target: replaced, not written through.
+        fs::remove_file(&path).unwrap();
+        symlink(&victim, &path).unwrap();
+        m.write_file(&path).unwrap();
+        let written = fs::symlink_metadata(&path).unwrap();
+        assert!(written.file_type().is_file(), "the link was replaced");
+        assert_eq!(written.mode() & 0o777, 0o644);
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "IMPORTANT DATA\n");
+        // Every write picks a new temporary name; none is left behind.
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        fs::remove_dir_all(&dir).unwrap();
+        let old_name = format!(".dyntftpd.prom.{}.tmp", std::process::id());
+        assert_eq!(names, [old_name.as_str(), "dyntftpd.prom", "victim"]);
+        assert_ne!(unpredictable(), unpredictable());
     }
 }

@@ -58,7 +58,7 @@ use std::fmt;
 
 use crate::handler::{Handler, ReadRequest, Reject};
 use crate::response::ResponseData;
-use crate::stats::{ServerStats, SessionStats};
+use crate::stats::{LogText, ServerStats, SessionStats};
 
 /// Rewrites a requested filename in place, or refuses the request.
 pub trait Rewrite {
@@ -240,10 +240,10 @@ impl<H: Handler, R: Rewrite> Handler for Remap<H, R> {
         self.rewrite.rewrite(request, &mut name)?;
         if name != request.filename {
             log::debug!(
-                "{}: {:?} remapped to {:?}",
+                "{}: {} remapped to {}",
                 request.peer,
-                request.filename.escape_ascii().to_string(),
-                name.escape_ascii().to_string()
+                LogText(request.filename),
+                LogText(&name)
             );
         }
         let remapped = ReadRequest {

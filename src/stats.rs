@@ -2,9 +2,11 @@
 //! ([`SessionStats`], with the request's identity) and server-wide ([`ServerStats`]).
 
 use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::limit::{LogDecision, LogLimiter};
 use crate::options::Negotiated;
 use crate::packet::{ErrorCode, Mode};
 use crate::session::Outcome;
@@ -327,9 +329,304 @@ impl DurationHistogram {
     }
 }
 
+/// The most bytes a peer-supplied string (a filename, an ERROR message, an option) takes
+/// in a log line once escaped, quotes and truncation mark aside.
+pub const LOG_TEXT_MAX: usize = 200;
+
+/// Peer-supplied text made safe for a one-line log: in double quotes, with `"` and `\`
+/// escaped, newline, carriage return and tab as `\n`, `\r` and `\t`, other control
+/// characters (C0, DEL, C1), line and paragraph separators, bidirectional controls, the
+/// byte-order mark and U+FFFD (where a lossy conversion replaced bad bytes) as `\u{…}`,
+/// and bytes that are not UTF-8 as `\xNN`. At most [`LOG_TEXT_MAX`] bytes of escaped
+/// text are written; when the text was cut, `…` and its full length follow the closing
+/// quote: `"aaaa"…(70000 bytes)`.
+#[derive(Clone, Copy, Debug)]
+pub struct LogText<'a>(pub &'a [u8]);
+
+impl<'a> LogText<'a> {
+    /// Wraps a string or bytes.
+    pub fn new(text: &'a (impl AsRef<[u8]> + ?Sized)) -> LogText<'a> {
+        LogText(text.as_ref())
+    }
+}
+
+impl fmt::Display for LogText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut escaped = String::with_capacity(LOG_TEXT_MAX.min(self.0.len() * 4) + 4);
+        let whole = escape_for_log(&mut escaped, self.0, LOG_TEXT_MAX);
+        write!(f, "\"{escaped}\"")?;
+        if !whole {
+            write!(f, "…({} bytes)", self.0.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends `text` to `out` escaped as [`LogText`] describes (without the quotes), at most
+/// `max` bytes of escaped text; false when it had to stop before the end.
+pub fn escape_for_log(out: &mut String, text: &[u8], max: usize) -> bool {
+    let limit = out.len() + max;
+    let mut piece = String::with_capacity(12);
+    for chunk in text.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            piece.clear();
+            match c {
+                '"' => piece.push_str("\\\""),
+                '\\' => piece.push_str("\\\\"),
+                '\n' => piece.push_str("\\n"),
+                '\r' => piece.push_str("\\r"),
+                '\t' => piece.push_str("\\t"),
+                c if hidden_in_logs(c) => {
+                    let _ = write!(piece, "\\u{{{:x}}}", u32::from(c));
+                }
+                c => piece.push(c),
+            }
+            if out.len() + piece.len() > limit {
+                return false;
+            }
+            out.push_str(&piece);
+        }
+        for byte in chunk.invalid() {
+            if out.len() + 4 > limit {
+                return false;
+            }
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+    true
+}
+
+/// Characters a terminal or log viewer acts on, or shows as something else: controls,
+/// line breaks outside ASCII, bidirectional overrides, invisible marks.
+fn hidden_in_logs(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{feff}'
+                | '\u{fffd}'
+        )
+}
+
+/// Session lines held back by a [`SessionLogLimiter`] since it last said so.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldBack {
+    /// Session lines not written.
+    pub lines: u64,
+    /// Of those, lines of sessions that failed before any ACK.
+    pub unverified_failures: u64,
+}
+
+impl fmt::Display for HeldBack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} session lines held back by the log rate limit ({} of sessions that failed \
+             before any ACK); the statistics reports count every session",
+            self.lines, self.unverified_failures
+        )
+    }
+}
+
+/// The rate limit on per-session log lines, so that a flood of requests cannot fill a
+/// disk: lines of sessions that failed before the peer sent any ACK (what spoofed
+/// requests produce) pass at [`UNVERIFIED_FAILURE_LINES`](Self::UNVERIFIED_FAILURE_LINES)
+/// per [`PERIOD`](Self::PERIOD), and all lines together at
+/// [`LINES`](Self::LINES) per period: a boot storm of a thousand sessions a second is
+/// logged in full, anything beyond is counted. What was held back is said in a later
+/// line ([`take_held_back`](Self::take_held_back)). Takes `now`; no clock reads.
+#[derive(Debug)]
+pub struct SessionLogLimiter {
+    all: LogLimiter,
+    unverified_failures: LogLimiter,
+    held_back: HeldBack,
+}
+
+impl SessionLogLimiter {
+    /// The period over which lines are counted.
+    pub const PERIOD: Duration = Duration::from_secs(10);
+    /// Session lines per period, all sessions together.
+    pub const LINES: u32 = 10_000;
+    /// Lines per period of sessions that failed before any ACK.
+    pub const UNVERIFIED_FAILURE_LINES: u32 = 100;
+
+    /// A limiter with the rates above.
+    pub fn new() -> SessionLogLimiter {
+        SessionLogLimiter {
+            all: LogLimiter::new(Self::PERIOD, Self::LINES),
+            unverified_failures: LogLimiter::new(Self::PERIOD, Self::UNVERIFIED_FAILURE_LINES),
+            held_back: HeldBack::default(),
+        }
+    }
+
+    /// Whether the line of `session` is written at `now`; counted as held back if not.
+    pub fn allow(&mut self, now: Instant, session: &SessionStats) -> bool {
+        let unverified_failure = !session.outcome.is_success() && session.transfer.acks == 0;
+        let allowed = (!unverified_failure
+            || self.unverified_failures.check(now) != LogDecision::Suppress)
+            && self.all.check(now) != LogDecision::Suppress;
+        if !allowed {
+            self.held_back.lines += 1;
+            self.held_back.unverified_failures += u64::from(unverified_failure);
+        }
+        allowed
+    }
+
+    /// The lines held back since the last call, if any (then the count starts over).
+    pub fn take_held_back(&mut self) -> Option<HeldBack> {
+        let held_back = std::mem::take(&mut self.held_back);
+        (held_back.lines > 0).then_some(held_back)
+    }
+}
+
+impl Default for SessionLogLimiter {
+    fn default() -> SessionLogLimiter {
+        SessionLogLimiter::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The payload of the review's log-injection test: forged lines, terminal escapes (CSI
+    /// colour, OSC title with BEL) and bytes that are not UTF-8.
+    const FORGED: &[u8] = b"bye\n2026-01-01T00:00:00Z [WARN] forged: root login\n\x1b[31mred\x1b[0m \x1b]0;title\x07 \xff\xfe end";
+
+    #[test]
+    fn log_text_escapes_forged_lines_and_terminal_escapes() {
+        let shown = LogText(FORGED).to_string();
+        assert_eq!(
+            shown,
+            "\"bye\\n2026-01-01T00:00:00Z [WARN] forged: root login\\n\\u{1b}[31mred\\u{1b}[0m \
+             \\u{1b}]0;title\\u{7} \\xff\\xfe end\""
+        );
+        assert!(shown.chars().all(|c| !c.is_control()), "{shown}");
+        // The same once converted lossily, as the session's statistics hold it.
+        let lossy = String::from_utf8_lossy(FORGED);
+        let shown = LogText::new(&*lossy).to_string();
+        assert!(shown.ends_with(" \\u{fffd}\\u{fffd} end\""), "{shown}");
+        assert!(shown.chars().all(|c| !c.is_control()), "{shown}");
+        for (text, want) in [
+            ("plain/file.bin", "\"plain/file.bin\""),
+            (
+                "quote\" back\\ tab\t cr\r",
+                "\"quote\\\" back\\\\ tab\\t cr\\r\"",
+            ),
+            ("é ünï", "\"é ünï\""),
+            (
+                "\u{202e}gpj.exe \u{2028} \u{85} \u{7f} \0",
+                "\"\\u{202e}gpj.exe \\u{2028} \\u{85} \\u{7f} \\u{0}\"",
+            ),
+        ] {
+            assert_eq!(LogText::new(text).to_string(), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn log_text_is_cut_at_the_bound_and_says_so() {
+        let long = vec![b'x'; 70_000];
+        let shown = LogText(&long).to_string();
+        assert_eq!(
+            shown,
+            format!("\"{}\"…(70000 bytes)", "x".repeat(LOG_TEXT_MAX))
+        );
+        // Escapes are never cut in half, and the bound holds for escaped text too.
+        for text in [
+            vec![0xffu8; 1000],
+            vec![b'\n'; 1000],
+            "é".repeat(500).into_bytes(),
+        ] {
+            let shown = LogText(&text).to_string();
+            let inner = shown[1..].split('"').next().unwrap();
+            assert!(
+                inner.len() <= LOG_TEXT_MAX && inner.len() > LOG_TEXT_MAX - 4,
+                "{shown}"
+            );
+            assert!(
+                shown.ends_with(&format!("…({} bytes)", text.len())),
+                "{shown}"
+            );
+        }
+        assert_eq!(
+            LogText(&[0xff; 50]).to_string(),
+            format!("\"{}\"", "\\xff".repeat(50))
+        );
+        let exactly = "y".repeat(LOG_TEXT_MAX);
+        assert_eq!(LogText::new(&exactly).to_string(), format!("\"{exactly}\""));
+    }
+
+    fn session(outcome: Outcome, acks: u64) -> SessionStats {
+        let now = Instant::now();
+        let mut transfer = TransferStats::new(now, Negotiated::default());
+        transfer.acks = acks;
+        SessionStats {
+            peer: "192.0.2.1:1000".parse().unwrap(),
+            local: "192.0.2.2:69".parse().unwrap(),
+            filename: "f".into(),
+            mode: Mode::Octet,
+            requested: Vec::new(),
+            start_time: SystemTime::UNIX_EPOCH,
+            duration: Duration::ZERO,
+            outcome,
+            transfer,
+        }
+    }
+
+    #[test]
+    fn a_flood_of_unverified_failures_is_cut_to_a_bounded_number_of_lines_and_counted() {
+        let t0 = Instant::now();
+        let mut limiter = SessionLogLimiter::new();
+        let spoofed = session(Outcome::TimedOut, 0);
+        let n = 50_000;
+        let written = (0..n).filter(|_| limiter.allow(t0, &spoofed)).count() as u64;
+        assert_eq!(
+            written,
+            u64::from(SessionLogLimiter::UNVERIFIED_FAILURE_LINES)
+        );
+        let held = limiter.take_held_back().unwrap();
+        assert_eq!(
+            held,
+            HeldBack {
+                lines: n - written,
+                unverified_failures: n - written
+            }
+        );
+        assert!(
+            held.to_string()
+                .starts_with("49900 session lines held back"),
+            "{held}"
+        );
+        assert_eq!(limiter.take_held_back(), None, "said once");
+        // Meanwhile, sessions that a client acknowledged are still logged, and failures
+        // after an ACK are not unverified.
+        assert!(limiter.allow(t0, &session(Outcome::Completed, 3)));
+        assert!(limiter.allow(t0, &session(Outcome::TimedOut, 1)));
+        assert!(limiter.allow(t0, &session(Outcome::Probe, 0)));
+        // The next period lets a new batch through.
+        let t1 = t0 + SessionLogLimiter::PERIOD;
+        assert!(limiter.allow(t1, &spoofed));
+    }
+
+    #[test]
+    fn a_boot_storm_is_logged_up_to_the_global_cap_then_counted() {
+        let t0 = Instant::now();
+        let mut limiter = SessionLogLimiter::new();
+        let good = session(Outcome::Completed, 10);
+        let n = 25_000u64;
+        let written = (0..n).filter(|_| limiter.allow(t0, &good)).count() as u64;
+        assert_eq!(written, u64::from(SessionLogLimiter::LINES));
+        assert_eq!(
+            limiter.take_held_back(),
+            Some(HeldBack {
+                lines: n - written,
+                unverified_failures: 0
+            })
+        );
+    }
 
     #[test]
     fn histogram_buckets_are_inclusive_upper_bounds() {

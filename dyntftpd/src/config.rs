@@ -1,13 +1,18 @@
 //! dyntftpd's settings: command-line flags and the `--config` file, which takes the same
 //! settings as `key = value` lines. Flags override the file.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::Read as _;
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use dyntftp::server::DEFAULT_BUSY_POLL;
+use dyntftp::{Handler, Rate, ReadRequest, Reject, ResponseData, ServerBuilder};
 use getopts::{Matches, Options};
 use log::LevelFilter;
 
@@ -44,6 +49,8 @@ pub struct Config {
     pub rate_burst: u32,
     /// Concurrent sessions per client; 0 for no limit.
     pub max_per_client: u32,
+    /// Whether the per-client limits apply to loopback clients too.
+    pub limit_loopback: bool,
     pub adaptive_timeout: bool,
     pub udp_gso: bool,
     /// Microseconds to poll without sleeping while sessions run.
@@ -78,6 +85,7 @@ impl Default for Config {
             rate_limit: dyntftp::Rate::DEFAULT.per_second,
             rate_burst: dyntftp::Rate::DEFAULT.burst,
             max_per_client: dyntftp::server::DEFAULT_MAX_SESSIONS_PER_CLIENT,
+            limit_loopback: false,
             adaptive_timeout: true,
             udp_gso: true,
             busy_poll: DEFAULT_BUSY_POLL.as_micros() as u64,
@@ -127,6 +135,7 @@ impl Config {
         let _ = writeln!(out, "rate-limit = {}", self.rate_limit);
         let _ = writeln!(out, "rate-burst = {}", self.rate_burst);
         let _ = writeln!(out, "max-per-client = {}", self.max_per_client);
+        let _ = writeln!(out, "limit-loopback = {}", self.limit_loopback);
         let _ = writeln!(
             out,
             "adaptive-timeout = {}",
@@ -175,7 +184,10 @@ impl Config {
                 self.listen.push(addr);
             }
             "root" if !text.is_empty() => self.root = PathBuf::from(text),
-            "timeout" => self.timeout = seconds(text).ok_or_else(bad)?,
+            "timeout" => {
+                self.timeout = seconds(text, MIN_TIMEOUT)
+                    .ok_or_else(|| format!("{} (at least {MIN_TIMEOUT:?})", bad()))?
+            }
             "retries" => self.retries = number(text, |n: &u32| *n <= 1000).ok_or_else(bad)?,
             "max-blksize" => {
                 self.max_blksize =
@@ -208,7 +220,7 @@ impl Config {
                     self.adaptive_timeout = on;
                 }
             }
-            "single-port" | "ignore-case" | "unique-root" | "lowercase" => {
+            "single-port" | "ignore-case" | "unique-root" | "lowercase" | "limit-loopback" => {
                 let on = match text {
                     "true" => true,
                     "false" => false,
@@ -218,6 +230,7 @@ impl Config {
                     "single-port" => self.single_port = on,
                     "ignore-case" => self.ignore_case = on,
                     "unique-root" => self.unique_root = on,
+                    "limit-loopback" => self.limit_loopback = on,
                     _ => self.lowercase = on,
                 }
             }
@@ -234,7 +247,10 @@ impl Config {
                     )
                 })?
             }
-            "stats-interval" => self.stats_interval = seconds(text).ok_or_else(bad)?,
+            "stats-interval" => {
+                self.stats_interval = seconds(text, MIN_STATS_INTERVAL)
+                    .ok_or_else(|| format!("{} (at least {MIN_STATS_INTERVAL:?})", bad()))?
+            }
             "user" if !text.is_empty() => self.user = Some(text.to_string()),
             "verbose" => self.verbose = number(text, |n: &u32| *n <= 2).ok_or_else(bad)?,
             "quiet" => {
@@ -264,6 +280,8 @@ impl Config {
     /// Applies a configuration file's text; errors name `path` and the line.
     fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), String> {
         let mut seen: Vec<(&str, usize)> = Vec::new();
+        // Editors on some systems start a UTF-8 file with a byte-order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let at = |why: String| format!("{}:{line}: {why}", path.display());
@@ -298,7 +316,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 27] = [
+pub const FILE_KEYS: [&str; 28] = [
     "listen",
     "root",
     "timeout",
@@ -309,6 +327,7 @@ pub const FILE_KEYS: [&str; 27] = [
     "rate-limit",
     "rate-burst",
     "max-per-client",
+    "limit-loopback",
     "adaptive-timeout",
     "udp-gso",
     "busy-poll",
@@ -343,9 +362,24 @@ fn bytes(text: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
-fn seconds(text: &str) -> Option<Duration> {
-    number(text, |s: &f64| s.is_finite() && *s > 0.0 && *s <= 86_400.0).map(Duration::from_secs_f64)
+/// Seconds from `min` to a day, fractions allowed.
+fn seconds(text: &str, min: Duration) -> Option<Duration> {
+    number(text, |s: &f64| {
+        s.is_finite() && *s >= min.as_secs_f64() && *s <= 86_400.0
+    })
+    .map(Duration::from_secs_f64)
 }
+
+/// The shortest `--timeout`: below it, retransmissions would come as fast as the timer
+/// fires.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+
+/// The shortest `--stats-interval`: each report rewrites the metrics file.
+pub const MIN_STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The largest configuration file read: far more than any real one, so that
+/// `--config /dev/zero` or a runaway file fails at once.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 pub fn options() -> Options {
     let mut opts = Options::new();
@@ -364,7 +398,7 @@ pub fn options() -> Options {
     opts.optopt(
         "",
         "timeout",
-        "base retransmission timeout in seconds, fractions allowed (default 1)",
+        "base retransmission timeout in seconds, fractions allowed (default 1, at least 0.01)",
         "SECS",
     );
     opts.optopt(
@@ -394,7 +428,7 @@ pub fn options() -> Options {
     opts.optopt(
         "",
         "rate-limit",
-        "requests per second each client (IPv4 address or IPv6 /64) may send; over it, requests are dropped unanswered; 0 for no limit (default 100; loopback is exempt)",
+        "requests per second each client (IPv4 address or IPv6 /64) may send; over it, requests are dropped unanswered; 0 for no limit (default 100; loopback is exempt unless --limit-loopback)",
         "N",
     );
     opts.optopt(
@@ -406,8 +440,13 @@ pub fn options() -> Options {
     opts.optopt(
         "",
         "max-per-client",
-        "most concurrent sessions per client; more get ERROR 0; 0 for no limit (default 64; loopback is exempt)",
+        "most concurrent sessions per client; more get ERROR 0; 0 for no limit (default 64; loopback is exempt unless --limit-loopback)",
         "N",
+    );
+    opts.optflag(
+        "",
+        "limit-loopback",
+        "apply --rate-limit and --max-per-client to loopback clients too: behind a local relay or port forward, every client looks like 127.0.0.1",
     );
     opts.optopt(
         "",
@@ -468,7 +507,7 @@ pub fn options() -> Options {
     opts.optopt(
         "",
         "stats-interval",
-        "seconds between server statistics reports (default 60)",
+        "seconds between server statistics reports (default 60, at least 1)",
         "SECS",
     );
     opts.optopt(
@@ -498,13 +537,13 @@ pub fn options() -> Options {
     opts.optopt(
         "c",
         "config",
-        "read settings from FILE (key = value lines, keys named like the long flags); flags override it",
+        "read settings from FILE (key = value lines, keys named like the long flags; a regular file of at most 1 MiB); flags override it",
         "FILE",
     );
     opts.optflag(
         "",
         "check-config",
-        "check the flags and the configuration file, print the resulting settings and exit",
+        "check the flags and the configuration file as start-up does, print the resulting settings and exit",
     );
     opts.optflagmulti("v", "verbose", "more logging: -v debug, -vv trace");
     opts.optflag("q", "quiet", "log warnings and errors only");
@@ -545,15 +584,110 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
     let mut config = Config::default();
     if let Some(path) = m.opt_str("config") {
         let path = PathBuf::from(path);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = read_config_file(&path)?;
         config.apply_file(&path, &text)?;
     }
     apply_flags(&mut config, &m)?;
+    config.validate()?;
     if m.opt_present("check-config") {
         return Ok(Command::Print(config.to_file_text()));
     }
     Ok(Command::Serve(Box::new(config)))
+}
+
+/// The command line as UTF-8 strings; an argument that is not UTF-8 is a usage error.
+pub fn utf8_args(args: impl IntoIterator<Item = OsString>) -> Result<Vec<String>, String> {
+    args.into_iter()
+        .map(|arg| {
+            arg.into_string().map_err(|arg| {
+                format!(
+                    "argument {:?} is not valid UTF-8 (dyntftpd takes UTF-8 paths and names)",
+                    arg.to_string_lossy()
+                )
+            })
+        })
+        .collect()
+}
+
+/// Reads a configuration file: a regular file (not a device, FIFO or directory, which
+/// could block or never end) of at most [`MAX_CONFIG_BYTES`], in UTF-8.
+fn read_config_file(path: &Path) -> Result<String, String> {
+    let cannot = |why: String| format!("cannot read {}: {why}", path.display());
+    // Non-blocking: opening a FIFO without a writer would wait forever.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| cannot(e.to_string()))?;
+    let metadata = file.metadata().map_err(|e| cannot(e.to_string()))?;
+    if !metadata.is_file() {
+        return Err(cannot("not a regular file".into()));
+    }
+    if metadata.len() > MAX_CONFIG_BYTES {
+        return Err(cannot(format!(
+            "{} bytes, more than the {MAX_CONFIG_BYTES} a configuration file may have",
+            metadata.len()
+        )));
+    }
+    let mut text = String::new();
+    // Bounded again, in case the file grows while it is read.
+    File::take(file, MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| cannot(e.to_string()))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(cannot("the file grew past the size limit".into()));
+    }
+    Ok(text)
+}
+
+impl Config {
+    /// Passes these settings to `builder`: what start-up serves with, and what
+    /// [`validate`](Config::validate) checks.
+    pub fn configure<H: Handler>(&self, builder: ServerBuilder<H>) -> ServerBuilder<H> {
+        let mut builder = builder
+            .timeout(self.timeout)
+            .retries(self.retries)
+            .max_blksize(self.max_blksize)
+            .max_window(self.max_window)
+            .request_rate((self.rate_limit > 0.0).then_some(Rate {
+                per_second: self.rate_limit,
+                burst: self.rate_burst,
+            }))
+            .max_sessions_per_client((self.max_per_client > 0).then_some(self.max_per_client))
+            .limit_loopback(self.limit_loopback)
+            .adaptive_timeout(self.adaptive_timeout)
+            .udp_gso(self.udp_gso)
+            .busy_poll(Duration::from_micros(self.busy_poll))
+            .single_port(self.single_port)
+            .stats_interval(self.stats_interval);
+        if let Some(max) = self.max_sessions {
+            builder = builder.max_sessions(max);
+        }
+        builder
+    }
+
+    /// Checks the settings the way start-up does, with the server library's own checks,
+    /// without binding or opening anything: `--check-config` and start-up refuse the same.
+    pub fn validate(&self) -> Result<(), String> {
+        // Start-up listens on a default address (or inherited sockets) when none is
+        // given; any address stands for it here.
+        let placeholder = SocketAddr::from(([0u8; 4], 69));
+        let builder = self.configure(ServerBuilder::new(NoFiles));
+        let builder = match self.listen.is_empty() {
+            true => builder.bind(placeholder),
+            false => self.listen.iter().fold(builder, |b, addr| b.bind(*addr)),
+        };
+        builder.validate().map_err(|e| e.to_string())
+    }
+}
+
+/// The handler [`Config::validate`] builds with: it never serves.
+struct NoFiles;
+
+impl Handler for NoFiles {
+    fn open(&mut self, _: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+        Err(Reject::not_found())
+    }
 }
 
 /// Applies the command-line flags over the settings from the file.
@@ -562,7 +696,7 @@ fn apply_flags(config: &mut Config, m: &Matches) -> Result<(), String> {
         match key {
             "verbose" | "quiet" => continue,
             // Flags without a value.
-            "single-port" | "ignore-case" | "unique-root" | "lowercase" => {
+            "single-port" | "ignore-case" | "unique-root" | "lowercase" | "limit-loopback" => {
                 if m.opt_present(key) {
                     config.set(key, "true", "--")?;
                 }
@@ -880,6 +1014,110 @@ mod tests {
         };
         assert_eq!(text, text2);
         assert!(text.contains("max-sessions = 4\n") && text.contains("quiet = true\n"));
+    }
+
+    #[test]
+    fn limit_loopback_from_the_flag_and_the_file() {
+        assert!(!config(&[]).limit_loopback);
+        assert!(config(&["--limit-loopback"]).limit_loopback);
+        let file = File::new("loopback", "limit-loopback = true\n");
+        let c = config(&["--config", file.arg()]);
+        assert!(c.limit_loopback);
+        assert!(c.to_file_text().contains("limit-loopback = true\n"));
+        let file = File::new("loopback-bad", "limit-loopback = on\n");
+        let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
+        assert!(
+            err.contains(":1: invalid value for limit-loopback"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn intervals_have_floors() {
+        assert_eq!(
+            config(&["--timeout", "0.01"]).timeout,
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            config(&["--stats-interval", "1"]).stats_interval,
+            Duration::from_secs(1)
+        );
+        for (flag, value, floor) in [
+            ("--timeout", "0.009", "at least 10ms"),
+            ("--timeout", "1e-300", "at least 10ms"),
+            ("--timeout", "1e-9", "at least 10ms"),
+            ("--stats-interval", "0.5", "at least 1s"),
+            ("--stats-interval", "1e-9", "at least 1s"),
+        ] {
+            for check in [false, true] {
+                let mut list = vec![flag, value];
+                if check {
+                    list.push("--check-config");
+                }
+                let err = parse_args(&args(&list)).err().unwrap_or_default();
+                assert!(
+                    err.contains(&format!("invalid value for {flag}")) && err.contains(floor),
+                    "{list:?}: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn check_config_runs_the_server_library_checks() {
+        let mut c = config(&[]);
+        assert_eq!(c.validate(), Ok(()));
+        // A value the file syntax cannot produce, to see that the library's own check
+        // runs: it is what start-up runs too.
+        c.timeout = Duration::ZERO;
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("timeout must be more than zero"), "{err}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_accepted() {
+        let file = File::new("bom", "\u{feff}retries = 9\n");
+        assert_eq!(config(&["--config", file.arg()]).retries, 9);
+        // Only at the very start.
+        let file = File::new("bom-late", "retries = 9\n\u{feff}timeout = 2\n");
+        let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
+        assert!(err.contains(":2: unknown setting"), "{err}");
+    }
+
+    #[test]
+    fn only_small_regular_configuration_files_are_read() {
+        for (path, why) in [
+            ("/dev/zero", "not a regular file"),
+            ("/dev/null", "not a regular file"),
+            ("/", "not a regular file"),
+        ] {
+            let err = parse_args(&args(&["--config", path])).err().unwrap();
+            assert!(
+                err.contains("cannot read") && err.contains(why),
+                "{path}: {err}"
+            );
+        }
+        let big = File::new("big", &"# comment\n".repeat(110_000));
+        let err = parse_args(&args(&["--config", big.arg()])).err().unwrap();
+        assert!(err.contains("more than the 1048576"), "{err}");
+        let fits = File::new("fits", &"#".repeat(MAX_CONFIG_BYTES as usize));
+        assert!(parse_args(&args(&["--config", fits.arg()])).is_ok());
+    }
+
+    #[test]
+    fn arguments_that_are_not_utf8_are_refused() {
+        use std::os::unix::ffi::OsStringExt;
+        let good = utf8_args([OsString::from("-r"), OsString::from("/tmp/é")]).unwrap();
+        assert_eq!(good, ["-r", "/tmp/é"]);
+        let bad = utf8_args([
+            OsString::from("-r"),
+            OsString::from_vec(b"/tmp/\xff".to_vec()),
+        ])
+        .unwrap_err();
+        assert!(
+            bad.contains("not valid UTF-8") && bad.contains("/tmp/\u{fffd}"),
+            "{bad}"
+        );
     }
 
     #[test]

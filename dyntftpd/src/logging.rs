@@ -5,15 +5,25 @@
 //! `"log"` for ordinary messages (with `target` and `message`), `"session"` for a finished
 //! session (every [`SessionStats`] field, with every [`TransferStats`] counter under
 //! `transfer`) and `"stats"` for a statistics report (every [`ServerStats`] field).
+//!
+//! What a peer sent is bounded in both formats: in text, by the server's escaping
+//! ([`dyntftp::stats::LogText`]); in JSON, the filename and ERROR messages are cut to
+//! [`LOG_TEXT_MAX`] bytes and the requested options to [`MAX_LOGGED_OPTIONS`] pairs of
+//! [`MAX_LOGGED_OPTION_BYTES`] (a cut string ends in `…`), and the peer's ERROR message
+//! is written once, under `error`. Session records pass the same rate limit as the text
+//! lines ([`SessionLogLimiter`]), with a `"log"` record saying what it held back.
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dyntftp::stats::{SESSION_LOG_TARGET, STATS_LOG_TARGET};
+use dyntftp::stats::{
+    HeldBack, SessionLogLimiter, LOG_TEXT_MAX, SESSION_LOG_TARGET, STATS_LOG_TARGET,
+};
 use dyntftp::{Negotiated, ServerStats, SessionStats, TransferStats};
 use log::{LevelFilter, Log, Metadata, Record};
 
@@ -44,19 +54,53 @@ impl Write for Target {
 fn open_target(file: Option<&Path>) -> Result<Target, String> {
     match file {
         None => Ok(Target::Stderr),
-        Some(path) => OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map(Target::File)
-            .map_err(|e| format!("cannot open the log file {}: {e}", path.display())),
+        Some(path) => open_log_file(path).map(Target::File),
     }
 }
+
+/// Opens (or creates, mode 0640) the log file for appending, without following a
+/// symbolic link: dyntftpd may still be root here, and a local user who can write the
+/// log directory must not make it append to another file. Refuses anything but a regular
+/// file with one link (a hard link to another file would be the same trick).
+pub fn open_log_file(path: &Path) -> Result<File, String> {
+    let refuse = |why: String| format!("cannot open the log file {}: {why}", path.display());
+    // Non-blocking: opening a FIFO without a reader would wait forever.
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refuse("it is a symbolic link".into()),
+            Some(libc::ENXIO) => refuse("not a regular file".into()),
+            _ => refuse(e.to_string()),
+        })?;
+    let metadata = file.metadata().map_err(|e| refuse(e.to_string()))?;
+    if !metadata.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if metadata.nlink() > 1 {
+        return Err(refuse(format!(
+            "it has {} hard links; give it a file of its own",
+            metadata.nlink()
+        )));
+    }
+    Ok(file)
+}
+
+/// The most requested options a JSON session record lists.
+pub const MAX_LOGGED_OPTIONS: usize = 16;
+
+/// The most bytes of an option's name or value a JSON session record holds.
+pub const MAX_LOGGED_OPTION_BYTES: usize = 64;
 
 /// Writes whole JSON lines, one `write` each, to the log target.
 pub struct JsonSink {
     out: Mutex<Target>,
     level: LevelFilter,
+    /// Shared by every worker's handler: one limit for the whole server.
+    session_limit: Mutex<SessionLogLimiter>,
 }
 
 impl JsonSink {
@@ -82,18 +126,56 @@ impl JsonSink {
         }
     }
 
-    /// Logs a finished session (at level INFO, like the text format's session line).
+    /// Logs a finished session (at level INFO, like the text format's session line),
+    /// unless the session rate limit holds it back.
     pub fn session(&self, stats: &SessionStats) {
-        if self.level >= log::Level::Info {
-            self.line(log::Level::Info, "session", &session_members(stats));
+        if self.level < log::Level::Info {
+            return;
         }
+        let held_back = {
+            let Ok(mut limit) = self.session_limit.lock() else {
+                return;
+            };
+            if !limit.allow(Instant::now(), stats) {
+                return;
+            }
+            limit.take_held_back()
+        };
+        if let Some(held_back) = held_back {
+            self.held_back(held_back);
+        }
+        self.line(log::Level::Info, "session", &session_members(stats));
     }
 
-    /// Logs a statistics report (at level INFO).
+    /// Logs a statistics report (at level INFO), after saying what the session rate
+    /// limit held back since it last did.
     pub fn stats(&self, stats: &ServerStats) {
-        if self.level >= log::Level::Info {
-            self.line(log::Level::Info, "stats", &stats_members(stats));
+        if self.level < log::Level::Info {
+            return;
         }
+        let held_back = self
+            .session_limit
+            .lock()
+            .ok()
+            .and_then(|mut limit| limit.take_held_back());
+        if let Some(held_back) = held_back {
+            self.held_back(held_back);
+        }
+        self.line(log::Level::Info, "stats", &stats_members(stats));
+    }
+
+    /// A `"log"` record of what the session rate limit held back, with the counts as
+    /// numbers too.
+    fn held_back(&self, held_back: HeldBack) {
+        let mut o = Members::default();
+        o.string("target", SESSION_LOG_TARGET);
+        o.string("message", &held_back.to_string());
+        o.raw("held_back", &held_back.lines.to_string());
+        o.raw(
+            "held_back_unverified",
+            &held_back.unverified_failures.to_string(),
+        );
+        self.line(log::Level::Info, "log", &o.0);
     }
 }
 
@@ -163,6 +245,7 @@ pub fn init(
             let sink = Arc::new(JsonSink {
                 out: Mutex::new(target),
                 level,
+                session_limit: Mutex::new(SessionLogLimiter::new()),
             });
             if log::set_boxed_logger(Box::new(JsonLogger(Arc::clone(&sink)))).is_ok() {
                 log::set_max_level(level);
@@ -175,7 +258,10 @@ pub fn init(
 /// The members of a `session` object: every field of [`SessionStats`], its
 /// [`TransferStats`] and their [`Negotiated`] parameters. The structs are taken apart
 /// without `..`, so a field added to one of them does not compile until it is written here
-/// (or explicitly left out).
+/// (or explicitly left out). What the peer chose is bounded: the filename and the ERROR
+/// messages cut to [`LOG_TEXT_MAX`] bytes, [`MAX_LOGGED_OPTIONS`] requested options
+/// (`requested_omitted` counts the others) of [`MAX_LOGGED_OPTION_BYTES`], and the peer's
+/// ERROR message written once (under `error`; `transfer.peer_error` has its code).
 pub fn session_members(s: &SessionStats) -> String {
     let SessionStats {
         peer,
@@ -191,21 +277,28 @@ pub fn session_members(s: &SessionStats) -> String {
     let mut o = Members::default();
     o.string("peer", &peer.to_string());
     o.string("local", &local.to_string());
-    o.string("filename", filename);
+    o.string("filename", &cut(filename, LOG_TEXT_MAX));
     o.string("mode", mode.as_str());
     let mut list = String::from("[");
-    for (i, (name, value)) in requested.iter().enumerate() {
+    for (i, (name, value)) in requested.iter().take(MAX_LOGGED_OPTIONS).enumerate() {
         if i > 0 {
             list.push(',');
         }
         list.push('[');
-        string(&mut list, name);
+        string(&mut list, &cut(name, MAX_LOGGED_OPTION_BYTES));
         list.push(',');
-        string(&mut list, value);
+        string(&mut list, &cut(value, MAX_LOGGED_OPTION_BYTES));
         list.push(']');
     }
     list.push(']');
     o.raw("requested", &list);
+    o.raw(
+        "requested_omitted",
+        &requested
+            .len()
+            .saturating_sub(MAX_LOGGED_OPTIONS)
+            .to_string(),
+    );
     o.string("start_time", &rfc3339(*start_time));
     o.raw("duration", &seconds(*duration));
     o.string("outcome", outcome.as_str());
@@ -278,7 +371,13 @@ pub fn session_members(s: &SessionStats) -> String {
     }
     t.raw("srtt", &srtt.map_or("null".into(), seconds));
     t.raw("malformed", &malformed.to_string());
-    t.raw("peer_error", &error(peer_error.as_ref()));
+    // Its message is the session's `error` (the peer's error comes first there).
+    t.raw(
+        "peer_error",
+        &peer_error.as_ref().map_or("null".into(), |(code, _)| {
+            format!("{{\"code\":{}}}", code.to_u16())
+        }),
+    );
     t.raw("error_sent", &error(error_sent.as_ref()));
     o.raw("transfer", &t.object());
     o.0
@@ -396,11 +495,24 @@ fn error(error: Option<&(dyntftp::ErrorCode, String)>) -> String {
         None => "null".into(),
         Some((code, message)) => {
             let mut out = format!("{{\"code\":{},\"message\":", code.to_u16());
-            string(&mut out, message);
+            string(&mut out, &cut(message, LOG_TEXT_MAX));
             out.push('}');
             out
         }
     }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, with `…` appended when
+/// cut.
+fn cut(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
 }
 
 /// A number, or `null`.
@@ -643,6 +755,7 @@ mod tests {
             "filename": "boot/pxelinux.0",
             "mode": "octet",
             "requested": [["blksize", "1428"], ["tsize", "0"]],
+            "requested_omitted": 0,
             "start_time": "2000-02-29T00:00:00.123Z",
             "duration": 0.5,
             "outcome": "peer_error",
@@ -671,7 +784,7 @@ mod tests {
                 "early_retransmits": 11,
                 "srtt": 0.015625,
                 "malformed": 12,
-                "peer_error": {"code": 3, "message": "disk full"},
+                "peer_error": {"code": 3},
                 "error_sent": {"code": 0, "message": "sent"}
             }
             }"#,
@@ -699,5 +812,119 @@ mod tests {
             (&serde_json::Value::Null, &serde_json::Value::Null)
         );
         assert_eq!(n["acked"], serde_json::json!({}));
+    }
+
+    /// What a peer chose (name, options, ERROR message) takes a bounded room in a
+    /// session record, however much of it came, and the peer's message is there once.
+    #[test]
+    fn session_members_are_bounded_whatever_the_peer_sent() {
+        let mut s = full_session();
+        s.filename = "\u{1b}".repeat(65_000);
+        s.requested = (0..5000)
+            .map(|i| (format!("opt{i}-{}", "n".repeat(100)), "é".repeat(100)))
+            .collect();
+        let forged =
+            "bye\n<forged line>\n\u{1b}[31mred\u{1b}[0m \u{1b}]0;title\u{7} \u{fffd}\u{fffd} end";
+        s.transfer.peer_error = Some((dyntftp::ErrorCode::NotDefined, forged.repeat(1000)));
+        let members = session_members(&s);
+        let got = parse(&members);
+        assert!(!members.contains('\n') && !members.contains('\u{1b}'));
+        // The worst case: every byte a control character, escaped as \u00XX (six bytes).
+        let mut worst = full_session();
+        worst.filename = "\u{1}".repeat(65_000);
+        worst.requested = vec![("\u{1}".repeat(1000), "\u{1}".repeat(1000)); 5000];
+        worst.transfer.peer_error = Some((dyntftp::ErrorCode::NotDefined, "\u{1}".repeat(65_000)));
+        worst.transfer.error_sent = None;
+        let worst = session_members(&worst);
+        parse(&worst);
+        assert!(worst.len() < 16 * 1024, "{} bytes: {worst}", worst.len());
+        eprintln!(
+            "JSON session members: {} bytes at worst, {} bytes for printable junk",
+            worst.len(),
+            members.len()
+        );
+        let filename = got["filename"].as_str().unwrap();
+        assert_eq!(filename, format!("{}…", "\u{1b}".repeat(LOG_TEXT_MAX)));
+        let requested = got["requested"].as_array().unwrap();
+        assert_eq!(requested.len(), MAX_LOGGED_OPTIONS);
+        assert_eq!(got["requested_omitted"], 5000 - MAX_LOGGED_OPTIONS);
+        for pair in requested {
+            for part in pair.as_array().unwrap() {
+                let part = part.as_str().unwrap();
+                assert!(part.ends_with('…') && part.len() <= MAX_LOGGED_OPTION_BYTES + 3);
+            }
+        }
+        let message = got["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with(forged) && message.ends_with('…'));
+        assert!(message.len() <= LOG_TEXT_MAX + 3);
+        assert_eq!(
+            got["transfer"]["peer_error"],
+            serde_json::json!({"code": 0})
+        );
+        assert_eq!(
+            members.matches("forged line").count(),
+            message.matches("forged line").count(),
+            "the message is written once: {members}"
+        );
+    }
+
+    #[test]
+    fn cut_keeps_whole_characters() {
+        assert_eq!(cut("short", 10), "short");
+        assert_eq!(cut("ééé", 3), "é…");
+        assert_eq!(cut("abc", 2), "ab…");
+    }
+
+    /// A scratch directory, removed on drop.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("dyntftpd-logging-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_log_file_is_never_a_link_or_a_special_file() {
+        let dir = Scratch::new("open");
+        let victim = dir.0.join("victim");
+        std::fs::write(&victim, "IMPORTANT\n").unwrap();
+        let link = dir.0.join("link.log");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let err = open_log_file(&link).unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        // Dangling: not created through the link either.
+        let dangling = dir.0.join("dangling.log");
+        std::os::unix::fs::symlink(dir.0.join("created"), &dangling).unwrap();
+        assert!(open_log_file(&dangling)
+            .unwrap_err()
+            .contains("symbolic link"));
+        assert!(!dir.0.join("created").exists());
+        let hard = dir.0.join("hard.log");
+        std::fs::hard_link(&victim, &hard).unwrap();
+        let err = open_log_file(&hard).unwrap_err();
+        assert!(err.contains("2 hard links"), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "IMPORTANT\n");
+        let err = open_log_file(&dir.0).unwrap_err();
+        assert!(err.contains("cannot open the log file"), "{err}");
+        let err = open_log_file(Path::new("/dev/null")).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        // A regular file is appended to; a new one is created.
+        let log = dir.0.join("ok.log");
+        let mut file = open_log_file(&log).unwrap();
+        file.write_all(b"line\n").unwrap();
+        drop(file);
+        open_log_file(&log).unwrap().write_all(b"more\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "line\nmore\n");
     }
 }

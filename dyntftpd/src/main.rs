@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use dyntftp::remap::{Remap, Rules};
 use dyntftp::{
-    FsHandler, Handler, Metrics, Rate, ReadRequest, Reject, ResponseData, ServerBuilder,
-    ServerStats, SessionStats,
+    FsHandler, Handler, Metrics, ReadRequest, Reject, ResponseData, ServerBuilder, ServerStats,
+    SessionStats,
 };
 use log::{error, info, warn};
 
@@ -27,8 +27,9 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match config::parse_args(&args) {
+    let config = match config::utf8_args(std::env::args_os().skip(1))
+        .and_then(|args| config::parse_args(&args))
+    {
         Ok(Command::Serve(config)) => *config,
         Ok(Command::Print(text)) => {
             print!("{text}");
@@ -140,26 +141,7 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
             .clone()
             .map(|path| (Metrics::new(), path)),
     };
-    // The file exists, with every series at zero, from the start.
-    handler.write_metrics();
-    let mut builder = ServerBuilder::new(handler)
-        .timeout(config.timeout)
-        .retries(config.retries)
-        .max_blksize(config.max_blksize)
-        .max_window(config.max_window)
-        .request_rate((config.rate_limit > 0.0).then_some(Rate {
-            per_second: config.rate_limit,
-            burst: config.rate_burst,
-        }))
-        .max_sessions_per_client((config.max_per_client > 0).then_some(config.max_per_client))
-        .adaptive_timeout(config.adaptive_timeout)
-        .udp_gso(config.udp_gso)
-        .busy_poll(std::time::Duration::from_micros(config.busy_poll))
-        .single_port(config.single_port)
-        .stats_interval(config.stats_interval);
-    if let Some(max) = config.max_sessions {
-        builder = builder.max_sessions(max);
-    }
+    let builder = config.configure(ServerBuilder::new(handler));
     let listen = if config.listen.is_empty() && inherited.is_empty() {
         // Dual-stack by default, IPv4 only where the host has no IPv6.
         let ipv6 = std::net::UdpSocket::bind("[::]:0").is_ok();
@@ -181,6 +163,14 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
         .map_err(|e| e.to_string())?;
     if let Some(user) = &config.user {
         drop_privileges(user)?;
+    }
+    // The file exists, with every series at zero, from the start; written only now, as
+    // the service user, so that it is that user's file (never root's, through a link a
+    // local user planted in the directory).
+    if let Some(path) = &config.metrics_file {
+        if let Err(e) = Metrics::new().write_file(path) {
+            warn!("cannot write the metrics file {}: {e}", path.display());
+        }
     }
     let addrs = server
         .local_addrs()

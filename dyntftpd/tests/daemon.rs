@@ -250,3 +250,151 @@ fn dyntftpd_exits_0_on_sigterm(mode: Mode) {
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status}\n{}", daemon.log());
 }
+
+/// Fetches DATA 1 of `big.bin` with a fresh socket and acknowledges it, so that the
+/// session is verified and goes on (waiting for the ACK of DATA 2) while the caller asks
+/// again. Returns the socket, which keeps the session's client port.
+fn hold_a_verified_session(addr: SocketAddr) -> Raw {
+    let raw = Raw::new(addr);
+    raw.rrq(addr, b"big.bin", "octet", &[]);
+    let (block, _, tid) = raw.expect_data();
+    assert_eq!(block, 1);
+    raw.ack(tid, 1);
+    assert_eq!(raw.expect_data().0, 2, "the session goes on");
+    raw
+}
+
+both_modes!(dyntftpd_limit_loopback_applies_the_per_client_cap_to_loopback);
+fn dyntftpd_limit_loopback_applies_the_per_client_cap_to_loopback(mode: Mode) {
+    let root = daemon_root();
+    let out = TempDir::new("daemon-out");
+    let limited = Daemon::start_with(
+        mode,
+        root.path(),
+        out.path(),
+        &["--max-per-client", "1", "--limit-loopback"],
+    );
+    let _held = hold_a_verified_session(limited.addr);
+    let second = Raw::new(limited.addr);
+    second.rrq(limited.addr, b"small.txt", "octet", &[]);
+    let (code, message, _) = second.expect_error();
+    assert_eq!(code, 0, "{message}");
+    assert!(message.contains("too many"), "{message}");
+
+    // Without the flag, loopback is exempt: the same second request is served.
+    let exempt = Daemon::start_with(mode, root.path(), out.path(), &["--max-per-client", "1"]);
+    let _held = hold_a_verified_session(exempt.addr);
+    let second = Raw::new(exempt.addr);
+    second.rrq(exempt.addr, b"small.txt", "octet", &[]);
+    let (block, data, _) = second.expect_data();
+    assert_eq!((block, &data[..]), (1, SMALL));
+}
+
+/// The review's log-injection payload: forged log lines, terminal escapes (CSI colour,
+/// OSC title with BEL) and bytes that are not UTF-8.
+const FORGED: &[u8] = b"bye\n2026-01-01T00:00:00.000000000Z [WARN] forged: accepted root login \
+    from 203.0.113.9\n\x1b[31mred\x1b[0m \x1b]0;title\x07 \xff\xfe end";
+
+/// Sends an ERROR with `message` (raw bytes) to `to`.
+fn send_error(raw: &Raw, to: SocketAddr, message: &[u8]) {
+    let mut error = vec![0, 5, 0, 0];
+    error.extend_from_slice(message);
+    error.push(0);
+    raw.send(to, &error);
+}
+
+/// Waits (bounded) until the log holds `needle`.
+fn wait_for_log(daemon: &Daemon, needle: &str) -> String {
+    for _ in 0..500 {
+        let log = daemon.log();
+        if log.contains(needle) {
+            return log;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{needle:?} never logged:\n{}", daemon.log());
+}
+
+both_modes!(dyntftpd_logs_a_forged_error_message_as_one_escaped_line);
+fn dyntftpd_logs_a_forged_error_message_as_one_escaped_line(mode: Mode) {
+    let root = daemon_root();
+    let out = TempDir::new("daemon-out");
+    let daemon = Daemon::start(mode, root.path(), out.path());
+    let raw = Raw::new(daemon.addr);
+    raw.rrq(daemon.addr, b"small.txt", "octet", &[]);
+    let (_, _, tid) = raw.expect_data();
+    send_error(&raw, tid, FORGED);
+    let log = wait_for_log(&daemon, "outcome peer_error");
+    let bytes = fs::read(&daemon.stderr).unwrap();
+    assert!(
+        !bytes.iter().any(|b| b.is_ascii_control() && *b != b'\n'),
+        "a control byte in the log:\n{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("2026-01-01T00:00:00.000000000Z")),
+        "a forged line:\n{log}"
+    );
+    let session_lines: Vec<&str> = log.lines().filter(|l| l.contains("small.txt")).collect();
+    assert_eq!(session_lines.len(), 1, "{log}");
+    let line = session_lines[0];
+    assert!(line.contains("outcome peer_error"), "{line}");
+    assert!(
+        line.contains(
+            "(ERROR 0 (not defined): \"bye\\n2026-01-01T00:00:00.000000000Z [WARN] forged: \
+             accepted root login from 203.0.113.9\\n\\u{1b}[31mred\\u{1b}[0m \
+             \\u{1b}]0;title\\u{7} \\u{fffd}\\u{fffd} end\")"
+        ),
+        "{line}"
+    );
+    assert_eq!(log.matches("forged").count(), 1, "{log}");
+}
+
+both_modes!(dyntftpd_bounds_the_session_lines_of_a_flood);
+fn dyntftpd_bounds_the_session_lines_of_a_flood(mode: Mode) {
+    let root = daemon_root();
+    let out = TempDir::new("daemon-out");
+    let daemon = Daemon::start_with(mode, root.path(), out.path(), &["--stats-interval", "1"]);
+    // Sessions that fail before any ACK, as spoofed requests do: each client aborts at
+    // once with an ERROR instead of an ACK, so no session waits for a timeout.
+    let started = Instant::now();
+    let n: usize = 400;
+    for _ in 0..n {
+        // A new client port each time: an old one's session may not have ended yet.
+        let raw = Raw::new(daemon.addr);
+        raw.rrq(daemon.addr, b"small.txt", "octet", &[]);
+        let (_, _, tid) = raw.expect_data();
+        send_error(&raw, tid, b"flood");
+    }
+    let elapsed = started.elapsed();
+    // Every session is accounted for: written, or counted in a held-back line (said at
+    // the next statistics report at the latest).
+    let mut written = 0;
+    let mut held_back = 0;
+    for _ in 0..500 {
+        let log = daemon.log();
+        written = log
+            .lines()
+            .filter(|l| l.contains("outcome peer_error"))
+            .count();
+        held_back = log
+            .lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("] ")?;
+                rest.split_once(" session lines held back")?
+                    .0
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum::<usize>();
+        if written + held_back >= n {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(written + held_back, n, "{}", daemon.log());
+    // 100 lines per 10 s of sessions that failed before any ACK, per period begun.
+    let periods = elapsed.as_secs() as usize / 10 + 2;
+    assert!(written <= 100 * periods, "{written} lines in {elapsed:?}");
+    assert!(held_back >= n - 100 * periods, "{held_back} held back");
+}

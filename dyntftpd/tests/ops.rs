@@ -500,7 +500,7 @@ fn metrics_file_counts_a_known_workload() {
             root_arg(&root),
             "-q",
             "--stats-interval",
-            "0.1",
+            "1",
             "--metrics-file",
             &prom_arg,
         ],
@@ -580,9 +580,139 @@ fn metrics_file_counts_a_known_workload() {
     assert_eq!(names, vec![std::ffi::OsString::from("dyntftpd.prom")]);
 }
 
+/// The uid of `user`, from `id -u`.
+fn uid_of(user: &str) -> Option<u32> {
+    let out = Command::new("id").args(["-u", user]).output().ok()?;
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+/// A dyntftpd on a free 127.0.0.1 port with `args`, its standard error in a file;
+/// killed (by its own PID) and reaped on drop.
+struct Plain {
+    child: Child,
+}
+
+impl Plain {
+    fn start(args: &[&str]) -> Plain {
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(BIN)
+            .args(["-l", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dyntftpd starts");
+        Plain { child }
+    }
+}
+
+impl Drop for Plain {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Started as root with `--user nobody`, dyntftpd writes its first metrics file after
+/// dropping privileges: the file belongs to nobody. A link planted at the metrics path,
+/// to a root-only file, is replaced, never written through.
+#[test]
+fn metrics_are_written_as_the_service_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: metrics_are_written_as_the_service_user needs root");
+        return;
+    }
+    let Some(nobody) = uid_of("nobody") else {
+        eprintln!("SKIPPED: metrics_are_written_as_the_service_user: no user nobody");
+        return;
+    };
+    let root = standard_root();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secrets = TempDir::new("metrics-victim");
+    let victim = secrets.write("shadow", b"IMPORTANT ROOT DATA\n");
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let dir = TempDir::new("metrics-user");
+    std::os::unix::fs::chown(dir.path(), Some(nobody), None).unwrap();
+    let prom = dir.path().join("dyntftpd.prom");
+    std::os::unix::fs::symlink(&victim, &prom).unwrap();
+    let _daemon = Plain::start(&[
+        "-r",
+        root_arg(&root),
+        "-u",
+        "nobody",
+        "--metrics-file",
+        prom.to_str().unwrap(),
+    ]);
+    let metadata = eventually("the metrics file", || {
+        let m = std::fs::symlink_metadata(&prom).ok()?;
+        m.file_type().is_file().then_some(m)
+    });
+    assert_eq!(metadata.uid(), nobody, "written as nobody, not root");
+    assert_eq!(metadata.mode() & 0o777, 0o644);
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(text.contains("dyntftp_requests_total 0\n"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "IMPORTANT ROOT DATA\n"
+    );
+    let victim_meta = std::fs::metadata(&victim).unwrap();
+    assert_eq!((victim_meta.uid(), victim_meta.mode() & 0o777), (0, 0o600));
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Logs
 // ---------------------------------------------------------------------------------------
+
+/// A symbolic link, a FIFO or a directory at the `--log-file` path is refused with a
+/// reason and exit status 1; what a link points to is never created or written.
+#[test]
+fn the_log_file_is_never_followed_through_a_link() {
+    let dir = TempDir::new("log-link");
+    let victim = dir.write("victim", b"IMPORTANT\n");
+    let link = dir.path().join("dyntftpd.log");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let dangling = dir.path().join("dangling.log");
+    std::os::unix::fs::symlink(dir.path().join("created-through-link"), &dangling).unwrap();
+    let fifo = dir.path().join("fifo.log");
+    let have_fifo = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut cases = vec![
+        (link.clone(), "symbolic link"),
+        (dangling, "symbolic link"),
+        (dir.path().to_path_buf(), "cannot open the log file"),
+    ];
+    if have_fifo {
+        cases.push((fifo, "not a regular file"));
+    } else {
+        eprintln!("SKIPPED: mkfifo did not run; the FIFO case is not tested");
+    }
+    for (path, why) in cases {
+        let out = Command::new(BIN)
+            .args(["-l", "127.0.0.1:0", "-r", "."])
+            .arg("--log-file")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{path:?}: {err}");
+        assert!(
+            err.starts_with("dyntftpd: cannot open the log file") && err.contains(why),
+            "{path:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"IMPORTANT\n");
+    assert!(!dir.path().join("created-through-link").exists());
+}
 
 #[test]
 fn json_log_has_one_object_per_session_and_per_report() {
@@ -610,7 +740,7 @@ fn json_log_has_one_object_per_session_and_per_report() {
             "--log-file",
             &log_arg,
             "--stats-interval",
-            "0.1",
+            "1",
         ],
         ListenPid::Child,
         false,
@@ -774,6 +904,63 @@ fn json_log_has_one_object_per_session_and_per_report() {
     assert!(!text.contains('\u{1}'));
 }
 
+/// A flood of sessions that fail before any ACK (each client answers DATA 1 with an
+/// ERROR, as a blind attacker's sessions end unacknowledged) writes a bounded number of
+/// JSON session records, and a `"log"` record with the number held back.
+#[test]
+fn json_session_records_of_a_flood_are_bounded_and_counted() {
+    let root = standard_root();
+    let logs = TempDir::new("json-flood");
+    let log = logs.path().join("dyntftpd.log");
+    let log_arg = log.to_str().unwrap().to_string();
+    let mut daemon = Daemon::start(
+        &[
+            "-r",
+            root_arg(&root),
+            "--log-format",
+            "json",
+            "--log-file",
+            &log_arg,
+            "--stats-interval",
+            "1",
+        ],
+        ListenPid::Child,
+        false,
+    );
+    daemon.ready();
+    let started = Instant::now();
+    let n = 300;
+    for _ in 0..n {
+        let raw = Raw::new(daemon.addr);
+        raw.rrq(daemon.addr, b"small.txt", "octet", &[]);
+        let (_, _, tid) = raw.expect_data();
+        raw.send(tid, b"\x00\x05\x00\x00flood\x00");
+    }
+    let elapsed = started.elapsed();
+    let (sessions, held_back) = eventually("every session written or counted", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let sessions = records.iter().filter(|r| r["type"] == "session").count();
+        let held_back: u64 = records
+            .iter()
+            .filter(|r| r["type"] == "log")
+            .filter_map(|r| r["held_back"].as_u64())
+            .sum();
+        (sessions + held_back as usize == n).then_some((sessions, held_back))
+    });
+    daemon.stop();
+    // 100 records per 10 s of sessions that failed before any ACK, per period begun.
+    let periods = elapsed.as_secs() as usize / 10 + 2;
+    assert!(sessions <= 100 * periods, "{sessions} in {elapsed:?}");
+    assert!(
+        held_back as usize >= n - 100 * periods,
+        "{held_back} held back"
+    );
+}
+
 #[test]
 fn text_log_goes_to_the_log_file() {
     let root = standard_root();
@@ -813,7 +1000,7 @@ fn config_file_settings_apply_and_flags_override_them() {
     let conf = out.write(
         "dyntftpd.conf",
         format!(
-            "# settings\nroot = {}\nmax-blksize = 600\nstats-interval = 0.1\n\
+            "# settings\nroot = {}\nmax-blksize = 600\nstats-interval = 1\n\
              metrics-file = {}\nlog-format = json\nlog-file = {}\nquiet = true\n",
             root.path().display(),
             prom.display(),

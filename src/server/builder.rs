@@ -337,7 +337,9 @@ impl<H: Handler> ServerBuilder<H> {
         Ok(std_sockets)
     }
 
-    pub(super) fn validate(&self) -> Result<(), Error> {
+    /// Checks the settings as [`build`](Self::build) does, without binding anything: what
+    /// a configuration checker runs to refuse exactly what start-up would refuse.
+    pub fn validate(&self) -> Result<(), Error> {
         let limits: Limits = self.settings.config.limits;
         if !(MIN_BLKSIZE..=MAX_BLKSIZE).contains(&limits.max_blksize) {
             return Err(Error::Config(format!(

@@ -65,7 +65,7 @@ use crate::limit::LogLimiter;
 use crate::packet::{ErrorCode, Mode, Packet, Request, MAX_DATAGRAM};
 use crate::session::{Outcome, Output, Retransmission, Session};
 use crate::spin::Spinner;
-use crate::stats::ServerStats;
+use crate::stats::{LogText, ServerStats, SessionLogLimiter};
 use crate::sys;
 
 pub(crate) use self::table::SessionId;
@@ -150,6 +150,8 @@ pub struct Server<H> {
     grace_deadline: Option<Instant>,
     /// Rate-limited warnings about session sockets.
     socket_log: LogLimiter,
+    /// The rate limit on session lines.
+    session_log: SessionLogLimiter,
     /// Whether to poll without sleeping before a wait, and for how long.
     spinner: Spinner,
     /// Worker 0 of several: the other workers' statistics, added to its reports.
@@ -198,6 +200,7 @@ impl<H: Handler> Server<H> {
             stats_since: now,
             grace_deadline: None,
             socket_log: LogLimiter::new(Duration::from_secs(60), 10),
+            session_log: SessionLogLimiter::new(),
             spinner: Spinner::new(settings.busy_poll),
             stats_from_workers,
             stats_to_worker_0,
@@ -619,7 +622,7 @@ impl<H: Handler> Server<H> {
                 );
             }
             Some(Err(reject)) => {
-                debug!("{peer}: {filename:?} refused: {reject}");
+                debug!("{peer}: {} refused: {reject}", LogText::new(&filename));
                 return self.refuse(arrival, datagram.len(), &reject);
             }
             None => return self.refuse(arrival, datagram.len(), &internal_error()),

@@ -1,7 +1,7 @@
 //! What the server says about itself: each finished session's [`SessionStats`] (to the
-//! handler and as one log line), the periodic [`ServerStats`] report (merged across
-//! workers), rate-limited warnings, and the guard that keeps a panic in user code from
-//! taking the loop down.
+//! handler and as one log line, escaped and rate-limited), the periodic [`ServerStats`]
+//! report (merged across workers), rate-limited warnings, and the guard that keeps a panic
+//! in user code from taking the loop down.
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -12,7 +12,9 @@ use log::info;
 use crate::handler::Handler;
 use crate::limit::{LogDecision, LogLimiter};
 use crate::session::Outcome;
-use crate::stats::{ServerStats, SessionStats, SESSION_LOG_TARGET, STATS_LOG_TARGET};
+use crate::stats::{
+    LogText, ServerStats, SessionLogLimiter, SessionStats, SESSION_LOG_TARGET, STATS_LOG_TARGET,
+};
 
 use super::table::SessionId;
 use super::Server;
@@ -135,7 +137,12 @@ impl<H: Handler> Server<H> {
             transfer,
         };
         self.stats.session_durations.record(stats.duration);
-        log_session(&stats);
+        if log::log_enabled!(target: SESSION_LOG_TARGET, log::Level::Info)
+            && self.session_log.allow(self.now, &stats)
+        {
+            log_held_back(&mut self.session_log);
+            info!(target: SESSION_LOG_TARGET, "{}", SessionLine(&stats));
+        }
         let handler = &mut self.handler;
         self.user_code.run(
             &mut self.stats,
@@ -161,6 +168,7 @@ impl<H: Handler> Server<H> {
                 stats.merge(&other);
             }
         }
+        log_held_back(&mut self.session_log);
         log_report(&stats);
         let handler = &mut self.handler;
         self.user_code.run(
@@ -172,24 +180,36 @@ impl<H: Handler> Server<H> {
     }
 }
 
-/// The session's line, under [`SESSION_LOG_TARGET`].
-fn log_session(stats: &SessionStats) {
-    info!(
-        target: SESSION_LOG_TARGET,
-        "{} {:?} {}: {} bytes in {:.3} s ({:.1} MB/s), outcome {}{}, {} retransmits",
-        stats.peer,
-        stats.filename,
-        stats.mode,
-        stats.transfer.bytes_read,
-        stats.duration.as_secs_f64(),
-        stats.rate() / 1e6,
-        stats.outcome.as_str(),
-        stats
-            .error()
-            .map(|(code, msg)| format!(" (ERROR {code}: {msg})"))
-            .unwrap_or_default(),
-        stats.transfer.retransmits,
-    );
+/// Says how many session lines `limiter` held back since it last said so, if any.
+fn log_held_back(limiter: &mut SessionLogLimiter) {
+    if let Some(held_back) = limiter.take_held_back() {
+        info!(target: SESSION_LOG_TARGET, "{held_back}");
+    }
+}
+
+/// The session's line, written under [`SESSION_LOG_TARGET`]: one line whatever the peer
+/// sent, its filename and ERROR message escaped and cut by [`LogText`].
+struct SessionLine<'a>(&'a SessionStats);
+
+impl fmt::Display for SessionLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stats = self.0;
+        write!(
+            f,
+            "{} {} {}: {} bytes in {:.3} s ({:.1} MB/s), outcome {}",
+            stats.peer,
+            LogText::new(&stats.filename),
+            stats.mode,
+            stats.transfer.bytes_read,
+            stats.duration.as_secs_f64(),
+            stats.rate() / 1e6,
+            stats.outcome.as_str(),
+        )?;
+        if let Some((code, message)) = stats.error() {
+            write!(f, " (ERROR {code}: {})", LogText::new(message))?;
+        }
+        write!(f, ", {} retransmits", stats.transfer.retransmits)
+    }
 }
 
 /// The report's line, under [`STATS_LOG_TARGET`].
@@ -214,6 +234,68 @@ fn log_report(stats: &ServerStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packet::{ErrorCode, Mode};
+    use crate::stats::TransferStats;
+    use crate::Negotiated;
+
+    /// A session the peer ended with an ERROR whose message is `message`, named `filename`.
+    fn aborted(filename: &[u8], message: &[u8]) -> SessionStats {
+        let now = Instant::now();
+        let mut transfer = TransferStats::new(now, Negotiated::default());
+        transfer.bytes_read = 100;
+        transfer.acks = 1;
+        let message = String::from_utf8_lossy(message).into_owned();
+        transfer.peer_error = Some((ErrorCode::NotDefined, message));
+        SessionStats {
+            peer: "127.0.0.1:44846".parse().unwrap(),
+            local: "127.0.0.1:69".parse().unwrap(),
+            filename: String::from_utf8_lossy(filename).into_owned(),
+            mode: Mode::Octet,
+            requested: Vec::new(),
+            start_time: std::time::SystemTime::UNIX_EPOCH,
+            duration: Duration::from_millis(1),
+            outcome: Outcome::PeerError(ErrorCode::NotDefined),
+            transfer,
+        }
+    }
+
+    #[test]
+    fn a_forged_error_message_stays_on_one_line_without_control_bytes() {
+        let forged = b"bye\n2026-01-01T00:00:00.000000000Z [WARN] forged: accepted root login \
+            from 203.0.113.9\n\x1b[31mred\x1b[0m \x1b]0;title\x07 \xff\xfe end";
+        let line = SessionLine(&aborted(b"small\r\n.txt", forged)).to_string();
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.chars().all(|c| !c.is_control()), "{line}");
+        assert!(
+            line.starts_with("127.0.0.1:44846 \"small\\r\\n.txt\" octet: 100 bytes in 0.001 s"),
+            "{line}"
+        );
+        assert!(
+            line.contains(
+                "outcome peer_error (ERROR 0 (not defined): \"bye\\n2026-01-01T00:00:00.000000000Z \
+                 [WARN] forged: accepted root login from 203.0.113.9\\n\\u{1b}[31mred\\u{1b}[0m \
+                 \\u{1b}]0;title\\u{7} \\u{fffd}\\u{fffd} end\"), 0 retransmits"
+            ),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_session_line_is_bounded_whatever_the_peer_sent() {
+        let name = vec![0x1bu8; 65_000];
+        let message = vec![b'\n'; 65_000];
+        let line = SessionLine(&aborted(&name, &message)).to_string();
+        assert_eq!(line.lines().count(), 1);
+        // Peer, two fields of at most LOG_TEXT_MAX escaped bytes with their quotes and
+        // marks, and the fixed words.
+        assert!(
+            line.len() < 2 * crate::stats::LOG_TEXT_MAX + 200,
+            "{} bytes: {line}",
+            line.len()
+        );
+        assert!(line.contains("…(65000 bytes)"), "{line}");
+        eprintln!("session line: {} bytes at worst", line.len());
+    }
 
     #[test]
     fn user_code_that_panics_is_counted_and_gives_none() {
