@@ -329,6 +329,15 @@ pub struct Session {
     /// When the last go-back-N started (a timer retransmission, or one an ACK caused):
     /// the clock that lets ACKs cause at most one per retransmission interval.
     last_go_back: Option<Instant>,
+    /// The first block the last go-back-N resent, until an ACK of it or a later block
+    /// times that go-back.
+    go_back_from: Option<u64>,
+    /// An in-window ACK asked for a go-back-N within the interval: it is owed at
+    /// `last_go_back` + the interval.
+    go_back_owed: bool,
+    /// How long go-back-Ns took to be answered: a shorter go-back clock for a client whose
+    /// resends leave the main estimate without samples.
+    recovery_rtt: RttEstimator,
     /// The start of the session or its last progress: the session ends
     /// [`SessionConfig::progress_timeout`] after it.
     progress_at: Instant,
@@ -393,6 +402,9 @@ impl Session {
             deadline_early: false,
             sent_at: Vec::new(),
             last_go_back: None,
+            go_back_from: None,
+            go_back_owed: false,
+            recovery_rtt: RttEstimator::default(),
             progress_at: now,
             oack_sent_at: None,
             rtt: RttEstimator::default(),
@@ -497,6 +509,12 @@ impl Session {
             self.progress_timed_out();
             return;
         }
+        if self.owed_go_back_at().is_some_and(|at| now >= at) {
+            // The go-back-N an in-window ACK asked for too early (the send re-arms the
+            // retransmission timer).
+            self.go_back(true);
+            return;
+        }
         let Some(deadline) = self.deadline else {
             return;
         };
@@ -513,8 +531,7 @@ impl Session {
             State::Transfer => {
                 if self.next > self.base {
                     if self.spend_retry() {
-                        self.next = self.base;
-                        self.last_go_back = Some(now);
+                        self.go_back(false);
                         self.source_blocked = false;
                     }
                 } else if self.stalled_since.is_some() {
@@ -729,10 +746,12 @@ impl Session {
         self.progress_at + self.config.progress_timeout
     }
 
-    /// The earlier of `deadline` and the progress deadline.
+    /// The earliest of `deadline`, an owed go-back-N and the progress deadline.
     fn with_progress_deadline(&self, deadline: Option<Instant>) -> Instant {
-        let progress = self.progress_deadline();
-        deadline.map_or(progress, |deadline| deadline.min(progress))
+        [deadline, self.owed_go_back_at()]
+            .into_iter()
+            .flatten()
+            .fold(self.progress_deadline(), Instant::min)
     }
 
     /// Nothing acknowledged for the progress timeout: the session ends without sending
@@ -949,6 +968,16 @@ impl Session {
                 if let (sent, false) = self.sent_at[self.slot(acked)] {
                     self.sample_rtt(sent);
                 }
+                // The first ACK of a block that the last go-back-N resent times that
+                // go-back (for the go-back clock only: it may be the ACK of an earlier
+                // copy, which Karn's rule keeps out of the estimate above).
+                if let (Some(from), Some(at)) = (self.go_back_from, self.last_go_back) {
+                    if acked >= from {
+                        self.recovery_rtt
+                            .sample(self.now.saturating_duration_since(at));
+                        self.go_back_from = None;
+                    }
+                }
                 self.base = acked + 1;
                 if self.last == Some(acked) {
                     self.finish(Outcome::Completed);
@@ -958,15 +987,20 @@ impl Session {
                 if self.next > self.base {
                     // An ACK inside the window: the client lost what followed. Resume
                     // from the block after it (RFC 7440 §4) once per interval; otherwise
-                    // only slide (`next` never falls behind `base`).
+                    // only slide (`next` never falls behind `base`) and go back when the
+                    // interval is over.
                     if self.go_back_allowed(self.last_go_back) {
-                        self.go_back_on_ack();
+                        self.go_back(true);
                     } else {
                         self.stats.go_back_held += 1;
                         self.next = self.next.max(self.high_sent + 1);
+                        self.go_back_owed = true;
                     }
                     // Still in flight: the timer runs from now (a send re-arms it).
                     self.arm_retransmit();
+                } else {
+                    // Everything sent is acknowledged: nothing is missing.
+                    self.go_back_owed = false;
                 }
             }
             State::Error(_) | State::Done(_) => {}
@@ -985,7 +1019,7 @@ impl Session {
             .last_go_back
             .map_or(first_sent, |at| at.max(first_sent));
         if self.go_back_allowed(Some(since)) {
-            self.go_back_on_ack();
+            self.go_back(true);
         } else {
             self.stats.go_back_held += 1;
         }
@@ -999,23 +1033,43 @@ impl Session {
         })
     }
 
-    /// The least time between two go-back-Ns an ACK causes: the round-trip estimate when
-    /// there is one (and adaptive retransmission is on), else the base timeout — the
-    /// client's or the server's, undoubled (a returning ACK shows the path works, so
-    /// there is nothing to back off from) — whichever is shorter.
+    /// The least time between two go-back-Ns an ACK causes: the base timeout — the
+    /// client's or the server's, undoubled (a returning ACK shows the path works, so there
+    /// is nothing to back off from) — or, when adaptive retransmission is on, the
+    /// round-trip estimate or the smoothed time go-back-Ns took to be answered (one
+    /// go-back per round trip, as TCP's fast recovery), whichever is shortest; never
+    /// below [`SessionConfig::min_rto`].
     fn go_back_interval(&self) -> Duration {
         let base = self.params.timeout.unwrap_or(self.config.timeout);
-        match self.rtt.rto(self.config.min_rto) {
-            Some(estimate) if self.config.adaptive => estimate.min(base),
-            _ => base,
+        if !self.config.adaptive {
+            return base;
         }
+        let min = self.config.min_rto;
+        let answered = self.recovery_rtt.srtt().map(|srtt| srtt.max(min));
+        [self.rtt.rto(min), answered]
+            .into_iter()
+            .flatten()
+            .fold(base, Duration::min)
     }
 
-    /// Sends again from the first unacknowledged block, because of an ACK.
-    fn go_back_on_ack(&mut self) {
+    /// When a go-back-N that an in-window ACK asked for within the interval is due.
+    fn owed_go_back_at(&self) -> Option<Instant> {
+        if !self.go_back_owed || self.state != State::Transfer || self.next == self.base {
+            return None;
+        }
+        Some(self.last_go_back? + self.go_back_interval())
+    }
+
+    /// Sends again from the first unacknowledged block: because of an ACK (counted in
+    /// [`TransferStats::go_back_acks`]) or of the timer (counted by the caller).
+    fn go_back(&mut self, ack: bool) {
         self.next = self.base;
         self.last_go_back = Some(self.now);
-        self.stats.go_back_acks += 1;
+        self.go_back_from = Some(self.base);
+        self.go_back_owed = false;
+        if ack {
+            self.stats.go_back_acks += 1;
+        }
     }
 
     /// Progress was made: the retry budget and the timer start over.
@@ -2272,6 +2326,12 @@ mod tests {
             let acks = 2000u64;
             for block in 1..=acks {
                 h.now += pace;
+                // What the timers send in between: the session's own deadlines, as a
+                // driver fires them (retransmissions, owed go-backs).
+                while h.session.deadline().is_some_and(|at| at <= h.now) {
+                    h.session.handle_timeout(h.now);
+                    total += h.drain_gso();
+                }
                 let before = h.session.stats().clone();
                 h.session.handle_ack(h.now, block as u16);
                 let released = h.drain_gso();
@@ -2282,11 +2342,12 @@ mod tests {
             let elapsed = h.now - start;
             // At most one go-back per min_rto (2 ms), plus the first.
             let most = (elapsed.as_micros() / 2000) as u64 + 1;
-            assert!(stats.go_back_acks <= most, "{pace:?}: {stats:?}");
+            let go_backs = stats.go_back_acks + stats.retransmits + stats.early_retransmits;
+            assert!(go_backs <= most, "{pace:?}: {stats:?}");
             // Every one of these ACKs is inside the window.
-            assert_eq!(stats.go_back_acks + stats.go_back_held, acks);
+            assert!(stats.go_back_acks + stats.go_back_held >= acks);
             assert!(
-                total <= acks * 1428 + window as u64 * (1 + stats.go_back_acks),
+                total <= acks * 1428 + window as u64 * (1 + go_backs),
                 "{pace:?}: {total} bytes for {acks} ACKs"
             );
             if pace_us == 0 {
@@ -2325,25 +2386,72 @@ mod tests {
         assert_eq!(blocks(&h.ack(0)), vec![1, 2, 3, 4]);
         // The client lost 3 and 4: go back.
         assert_eq!(blocks(&h.ack(2)), vec![3, 4, 5, 6]);
-        // Within the interval (1 s, no estimate) another in-window ACK only slides: the
-        // blocks never sent before, up to the new window's end.
+        // Within the interval (1 s) another in-window ACK only slides: the blocks never
+        // sent before, up to the new window's end. The go-back it asked for is owed when
+        // the interval is over.
         h.now += Duration::from_millis(999);
         assert_eq!(blocks(&h.ack(4)), vec![7, 8]);
         assert_eq!(h.session.stats().go_back_held, 1);
-        // The window is still out: the timer runs from that ACK.
+        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_millis(1)));
+        assert_eq!(
+            blocks(&h.advance(Duration::from_millis(1))),
+            vec![5, 6, 7, 8]
+        );
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (2, 1));
+        assert_eq!(stats.retransmits, 0, "not a retransmission");
+        // Then the timer runs from that resend, and nothing more is owed.
         assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
-        // A second later, an in-window ACK goes back again.
+        // A second later, an in-window ACK goes back at once.
         h.now += Duration::from_secs(1);
         assert_eq!(blocks(&h.ack(6)), vec![7, 8, 9, 10]);
         let stats = h.session.stats();
-        assert_eq!((stats.go_back_acks, stats.go_back_held), (2, 1));
-        assert_eq!(stats.packets_resent, 2 + 2);
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (3, 1));
+        assert_eq!(stats.packets_resent, 2 + 4 + 2);
         // A timer retransmission is a go-back-N too: an in-window ACK right after it
         // only slides.
         assert_eq!(h.advance(Duration::from_secs(1)).len(), 4);
         h.now += Duration::from_millis(10);
         assert_eq!(blocks(&h.ack(8)), vec![11, 12]);
         assert_eq!(h.session.stats().go_back_held, 2);
+        // Everything sent acknowledged: nothing is owed any more.
+        assert!(h.ack(12).len() == 4);
+        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn the_go_back_clock_follows_how_fast_go_backs_are_answered() {
+        // No estimate (two samples, from ACK 0 and ACK 2, are too few), but go-backs that are answered
+        // within 20 ms, then 10 ms: go-backs may follow each other that fast, not 1 s apart.
+        let mut h = Harness::new(
+            b"blksize\x008\x00windowsize\x008\x00",
+            vec![3; 8000],
+            SessionConfig::default(),
+        );
+        let ms = Duration::from_millis;
+        h.drain();
+        assert_eq!(h.ack(0).len(), 8);
+        assert_eq!(blocks(&h.ack(2)), (3..=10).collect::<Vec<_>>());
+        // Block 5 of the resend was lost: ACK 4 answers the go-back after 20 ms, so the
+        // clock allows the next one now.
+        h.now += ms(20);
+        assert_eq!(blocks(&h.ack(4)), (5..=12).collect::<Vec<_>>());
+        // ACK 6 answers that one after 10 ms: the smoothed answer time is 18.75 ms, so
+        // this in-window ACK only slides, and the go-back is owed 8.75 ms later.
+        h.now += ms(10);
+        assert_eq!(blocks(&h.ack(6)), vec![13, 14]);
+        assert_eq!(
+            h.drain().1,
+            Output::Wait(h.now + Duration::from_micros(8750))
+        );
+        assert!(h.advance(Duration::from_micros(8749)).is_empty());
+        assert_eq!(
+            blocks(&h.advance(Duration::from_micros(1))),
+            (7..=14).collect::<Vec<_>>()
+        );
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (3, 1));
+        assert_eq!((stats.retransmits, stats.early_retransmits), (0, 0));
     }
 
     #[test]
