@@ -591,6 +591,9 @@ fn ack_for_a_block_not_yet_sent_is_ignored(mode: Mode) {
 }
 
 both_modes!(ack_0_repeated_100_times_causes_no_resend);
+/// A duplicate ACK may resend the next block once per retransmission interval, and only
+/// once that block has been out for an interval (issue 15, item 11): here the duplicates
+/// all come within the 3 s timeout of DATA 1, so none may cause a send.
 fn ack_0_repeated_100_times_causes_no_resend(mode: Mode) {
     let root = standard_root();
     let mut server = spawn(mode, &root);
@@ -612,6 +615,9 @@ fn ack_0_repeated_100_times_causes_no_resend(mode: Mode) {
     assert_eq!(stats.transfer.duplicate_acks, 99);
     assert_eq!(stats.transfer.packets_resent, 0);
     assert_eq!(stats.transfer.packets_sent, 4, "OACK and 3 DATA");
+    // Each duplicate asked for a resend of DATA 1 and was held.
+    assert_eq!(stats.transfer.go_back_acks, 0);
+    assert_eq!(stats.transfer.go_back_held, 99);
 
     // Without an OACK: ACK 0 acknowledges nothing; 100 of them change nothing.
     let raw = Raw::new(server.addr);
@@ -628,6 +634,10 @@ fn ack_0_repeated_100_times_causes_no_resend(mode: Mode) {
     assert_eq!(stats.outcome, Outcome::Completed);
     assert_eq!(stats.transfer.duplicate_acks, 100);
     assert_eq!(stats.transfer.packets_resent, 0);
+    assert_eq!(
+        (stats.transfer.go_back_acks, stats.transfer.go_back_held),
+        (0, 100)
+    );
     assert_still_serves(&mut server, "ACK 0 × 100");
 }
 

@@ -357,8 +357,29 @@ impl Sim {
         config: SessionConfig,
         profile: LinkProfile,
     ) -> Sim {
+        Sim::with_client(
+            origin,
+            seed,
+            request,
+            source,
+            config,
+            profile,
+            client_settings(),
+        )
+    }
+
+    /// [`Sim::new`] with other client settings.
+    fn with_client(
+        origin: Instant,
+        seed: u64,
+        request: Request,
+        source: Box<dyn ResponseData>,
+        config: SessionConfig,
+        profile: LinkProfile,
+        settings: Settings,
+    ) -> Sim {
         // The client's first datagram, its RRQ, starts the session.
-        let mut client = ReadTransfer::new(origin, SERVER, &request, client_settings());
+        let mut client = ReadTransfer::new(origin, SERVER, &request, settings);
         let rrq = client.poll_transmit().expect("the RRQ");
         assert_eq!(rrq.destination, SERVER);
         let Ok(Packet::Rrq(rrq)) = Packet::parse(rrq.contents) else {
@@ -1500,6 +1521,72 @@ fn stray_malformed_datagrams_mid_transfer_are_ignored() {
     assert_eq!(stats.malformed, garbage.len() as u64);
     assert_eq!((stats.retransmits, stats.packets_resent), (0, 0));
     assert_eq!(stats.errors_sent, 0);
+}
+
+/// Issue 15, item 11: with 20 % of DATA lost, a client that re-sends its last ACK every
+/// 300 ms and gives up after 20 tries, and the server at timeout 1 s with 3 retries, every
+/// transfer completes, in lock step and with windowsize 16. Before duplicate ACKs could
+/// trigger a resend, 1 to 2 transfers in 16 failed: after a few losses the server's
+/// doubling timer (1, 2, 4 s) left the client 6 s without DATA.
+#[test]
+fn duplicate_acks_recover_losses_before_an_impatient_client_gives_up() {
+    let origin = Instant::now();
+    let config = SessionConfig {
+        timeout: Duration::from_secs(1),
+        retries: 3,
+        ..SessionConfig::default()
+    };
+    let impatient = Settings {
+        timeout: Duration::from_millis(300),
+        retries: 20,
+        linger: 2,
+        keep_payload: true,
+    };
+    let mut duplicate_go_backs = 0;
+    let mut failures = Vec::new();
+    for window in [1, 16] {
+        for seed in 0..3u64 {
+            for transfer in 0..16u64 {
+                let seed = (seed << 8) | transfer;
+                let data = Rng::new(seed ^ 0xf11e).bytes(100_000);
+                let mut loss = Rng::new(seed ^ 0x10_55);
+                // Only DATA is lost: the OACK and every ACK arrive.
+                let lose_data: DropFilter = Box::new(move |dir, bytes| {
+                    dir == Dir::ToClient && describe(bytes).starts_with("DATA") && loss.chance(0.2)
+                });
+                let mut sim = Sim::with_client(
+                    origin,
+                    seed,
+                    octet(512, window),
+                    source(&data),
+                    config,
+                    LinkProfile::clean(),
+                    impatient,
+                )
+                .with_drops(lose_data);
+                sim.run();
+                sim.assert_clean();
+                duplicate_go_backs += sim.oracle.duplicate_go_backs;
+                if !(sim.client_finished() && sim.client.data() == data) {
+                    failures.push(format!(
+                        "window {window} seed {seed:#x}: client {:?}, session {:?}",
+                        sim.client.outcome(),
+                        sim.session.stats()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 96 failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        duplicate_go_backs > 0,
+        "no duplicate ACK ever caused a resend"
+    );
 }
 
 #[test]
