@@ -641,6 +641,50 @@ fn ack_0_repeated_100_times_causes_no_resend(mode: Mode) {
     assert_still_serves(&mut server, "ACK 0 × 100");
 }
 
+both_modes!(blind_acks_release_one_window_per_interval_at_most);
+/// Issue 15, F1: ACK 1, 2, 3, … sent blind and back to back (what a spoofing attacker does
+/// in single-port mode) each slide the window by one block; together they cause at most one
+/// go-back-N (a window resent) per interval, here at least 50 ms (`min_rto`), on the
+/// server's own clock.
+fn blind_acks_release_one_window_per_interval_at_most(mode: Mode) {
+    let root = standard_root();
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.stats_interval(Duration::from_millis(50))
+            .timeout(Duration::from_secs(3))
+            .min_rto(Duration::from_millis(50))
+            // Ends the session soon after the last ACK (an ERROR could be dropped with
+            // some of the ACKs when they overflow the receive buffer).
+            .progress_timeout(Duration::from_millis(300))
+    });
+    let raw = Raw::new(server.addr);
+    let options = [("blksize", "1428"), ("windowsize", "64")];
+    let tid = start(&server, &raw, b"big.bin", &options);
+    raw.ack(tid, 0);
+    let acks = 300;
+    for block in 1..=acks {
+        raw.ack(tid, block);
+    }
+    let stats = session_of(&mut server, raw.local_addr());
+    assert_eq!(stats.outcome, Outcome::TimedOut);
+    let t = &stats.transfer;
+    assert_eq!(t.negotiated.window, 64);
+    assert!(t.blocks_acked > 0 && t.blocks_acked <= u64::from(acks));
+    let go_backs = t.go_back_acks + t.retransmits + t.early_retransmits;
+    let most = 1 + stats.duration.as_millis() as u64 / 50;
+    assert!(
+        go_backs <= most,
+        "{go_backs} go-backs in {:?}",
+        stats.duration
+    );
+    let window = 64 * 1428;
+    assert!(
+        t.bytes_sent <= t.blocks_acked * 1428 + window * (1 + go_backs),
+        "{} bytes sent for {acks} ACKs and {go_backs} go-backs",
+        t.bytes_sent
+    );
+    assert_still_serves(&mut server, "blind ACKs");
+}
+
 both_modes!(error_from_the_client_mid_transfer_ends_the_session_without_a_reply);
 fn error_from_the_client_mid_transfer_ends_the_session_without_a_reply(mode: Mode) {
     let root = standard_root();

@@ -23,13 +23,18 @@
 //! - Sends up to `window` blocks (RFC 7440), then waits. An ACK for the last block sent
 //!   slides the window; an ACK for an earlier block of the window means the client lost
 //!   the rest, so sending resumes right after the acknowledged block (go-back-N).
-//! - **Sends caused by ACKs are clocked.** An ACK inside the window goes back at most once
-//!   per retransmission interval (the round-trip estimate when there is one, else the base
-//!   timeout, undoubled), counting from the last go-back-N of any cause (timer included);
-//!   any other in-window ACK only slides the window and releases blocks never sent before,
-//!   up to `base + window`. So the DATA one ACK releases is at most what it newly
-//!   acknowledges plus, once per interval, one window: a blind attacker forging ACK 1, 2,
-//!   3, … no longer gets a window per ACK.
+//! - **Sends caused by ACKs are clocked.** ACKs cause at most one go-back-N per
+//!   interval, counted from the last go-back-N of any cause (timer included). The interval
+//!   is the base timeout (the client's or ours, undoubled) or, with
+//!   [`SessionConfig::adaptive`], the shorter of the round-trip estimate and the smoothed
+//!   time earlier go-backs took to be answered (one go-back per round trip), never below
+//!   [`SessionConfig::min_rto`]. An in-window ACK within the interval only slides the
+//!   window and releases blocks never sent before, up to `base + window`; the go-back it
+//!   asked for is made when the interval is over, unless an ACK of everything sent comes
+//!   first. So the DATA one ACK releases is at most what it newly acknowledges plus, once
+//!   per interval, one window: a blind attacker forging ACK 1, 2, 3, … no longer gets a
+//!   window per ACK (counters: [`TransferStats::go_back_acks`],
+//!   [`TransferStats::go_back_held`]).
 //! - A duplicate ACK (of the last acknowledged block) is evidence that the next DATA was
 //!   lost: it goes back to the first unacknowledged block when a retransmission interval
 //!   has passed both since the last go-back-N and since that block was first sent, so at
@@ -502,7 +507,8 @@ impl Session {
     }
 
     /// Tells the session that time has passed. Before the deadline it does nothing; at or
-    /// after it, it retransmits or gives up.
+    /// after it, it retransmits, makes a go-back-N an ACK asked for too early, or gives
+    /// up (retries spent, or no progress for the progress timeout).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
         if matches!(self.state, State::Oack | State::Transfer) && now >= self.progress_deadline() {
