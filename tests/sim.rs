@@ -24,9 +24,9 @@
 //!   block *inside* the window already sent (RFC 7440 §4: the client lost what followed,
 //!   resume after it), or a duplicate (above); then at most the blocks after the
 //!   acknowledged one and up to the highest block sent may be resent.
-//! - **Clock.** Two go-back-Ns that ACKs caused are never closer than
-//!   `SessionConfig::min_rto` (the shortest retransmission interval) to each other or to a
-//!   timer retransmission, and one ACK causes at most one.
+//! - **Clock.** A go-back-N that an ACK or an early retransmission caused is never closer
+//!   than `MIN_GO_BACK_INTERVAL` (20 ms, or the base timeout when shorter) to the last
+//!   go-back-N of any cause, and one ACK causes at most one.
 //! - **Progress accounting.** The session's `acks` counter grows exactly for the ACKs the
 //!   oracle considers advancing; an early `handle_timeout` sends nothing; garbage gets no
 //!   reply.
@@ -49,6 +49,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use dyntftp::client::{write_ack, ClientError, Event, ReadTransfer, Request, Settings};
+use dyntftp::session::MIN_GO_BACK_INTERVAL;
 use dyntftp::{
     BytesSource, ErrorCode, Mode, Outcome, Output, Packet, ResponseData, Session, SessionConfig,
 };
@@ -653,6 +654,9 @@ impl Sim {
         if owed == 1 {
             self.check_go_back_clock("an owed go-back-N".into());
         }
+        if early == 1 {
+            self.check_go_back_clock("an early retransmission".into());
+        }
         if fired + owed == 1 {
             self.oracle.last_go_back = Some(self.now);
         }
@@ -745,10 +749,12 @@ impl Sim {
         }
     }
 
-    /// A go-back-N that an ACK caused must come at least `min_rto` after the last one.
+    /// A go-back-N that an ACK or an early retransmission caused must come at least
+    /// [`MIN_GO_BACK_INTERVAL`] (or the base timeout, when shorter) after the last one.
     fn check_go_back_clock(&mut self, cause: String) {
+        let base = self.session.params().timeout.unwrap_or(self.config.timeout);
         if let Some(last) = self.oracle.last_go_back {
-            if self.now - last < self.config.min_rto {
+            if self.now - last < MIN_GO_BACK_INTERVAL.min(base) {
                 self.violation(format!(
                     "{cause} went back {:?} after the last go-back-N",
                     self.now - last

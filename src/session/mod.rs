@@ -102,6 +102,13 @@ const MAX_INTERRUPTED: u32 = 16;
 /// Most blocks read with one vectored read (a window's worth for the usual windows).
 const MAX_VECTORED: usize = 64;
 
+/// The shortest interval between two go-back-Ns that ACKs or early retransmissions cause
+/// (unless the base timeout is shorter): a peer cannot shrink it, so whatever round trips
+/// a forged ACK stream pretends, ACKs release at most one window per 20 ms on top of what
+/// they acknowledge. A lossy client with a shorter round trip waits at most this long for
+/// its second go-back within it (the simulator's sweep: 14 % longer than with no clock).
+pub const MIN_GO_BACK_INTERVAL: Duration = Duration::from_millis(20);
+
 /// Server policy for sessions. Clients never change it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -536,6 +543,15 @@ impl Session {
             }
             State::Transfer => {
                 if self.next > self.base {
+                    if self.deadline_early {
+                        // Early retransmissions keep to the go-back clock too.
+                        if let Some(at) = self.last_go_back.map(|at| at + self.go_back_interval()) {
+                            if now < at {
+                                self.deadline = Some(at);
+                                return;
+                            }
+                        }
+                    }
                     if self.spend_retry() {
                         self.go_back(false);
                         self.source_blocked = false;
@@ -1039,23 +1055,26 @@ impl Session {
         })
     }
 
-    /// The least time between two go-back-Ns an ACK causes: the base timeout — the
-    /// client's or the server's, undoubled (a returning ACK shows the path works, so there
-    /// is nothing to back off from) — or, when adaptive retransmission is on, the
-    /// round-trip estimate or the smoothed time go-back-Ns took to be answered (one
-    /// go-back per round trip, as TCP's fast recovery), whichever is shortest; never
-    /// below [`SessionConfig::min_rto`].
+    /// The least time between two go-back-Ns an ACK (or an early retransmission) causes:
+    /// the base timeout — the client's or the server's, undoubled (a returning ACK shows
+    /// the path works, so there is nothing to back off from) — or, when adaptive
+    /// retransmission is on and shorter, the round-trip estimate or the smoothed time
+    /// go-back-Ns took to be answered (one go-back per round trip, as TCP's fast
+    /// recovery), whichever is shorter, but never below [`MIN_GO_BACK_INTERVAL`] and
+    /// [`SessionConfig::min_rto`].
     fn go_back_interval(&self) -> Duration {
         let base = self.params.timeout.unwrap_or(self.config.timeout);
         if !self.config.adaptive {
             return base;
         }
         let min = self.config.min_rto;
-        let answered = self.recovery_rtt.srtt().map(|srtt| srtt.max(min));
-        [self.rtt.rto(min), answered]
+        let answered = self.recovery_rtt.srtt();
+        let measured = [self.rtt.rto(min), answered]
             .into_iter()
             .flatten()
-            .fold(base, Duration::min)
+            .min()
+            .unwrap_or(base);
+        measured.max(MIN_GO_BACK_INTERVAL.max(min)).min(base)
     }
 
     /// When a go-back-N that an in-window ACK asked for within the interval is due.
@@ -2322,9 +2341,9 @@ mod tests {
 
     #[test]
     fn a_blind_attacker_acking_every_block_gets_one_window_per_interval_at_most() {
-        // The attacker paces ACK 1, 2, 3, … every `pace`; its round trips are then
-        // `pace`, and the interval the estimate allows is at least 2 ms (min_rto).
-        for pace_us in [0, 100, 1000, 3000] {
+        // The attacker paces ACK 1, 2, 3, … every `pace` (F1 measured 3 ms): the go-backs
+        // it gets answered that fast, but the clock never goes below 20 ms.
+        for pace_us in [0, 100, 1000, 3000, 25_000] {
             let pace = Duration::from_micros(pace_us);
             let (mut h, window) = attacked(SessionConfig::default());
             let start = h.now;
@@ -2346,8 +2365,8 @@ mod tests {
             }
             let stats = h.session.stats();
             let elapsed = h.now - start;
-            // At most one go-back per min_rto (2 ms), plus the first.
-            let most = (elapsed.as_micros() / 2000) as u64 + 1;
+            // At most one go-back per MIN_GO_BACK_INTERVAL, plus the first.
+            let most = (elapsed.as_micros() / MIN_GO_BACK_INTERVAL.as_micros()) as u64 + 1;
             let go_backs = stats.go_back_acks + stats.retransmits + stats.early_retransmits;
             assert!(go_backs <= most, "{pace:?}: {stats:?}");
             // Every one of these ACKs is inside the window.
@@ -2427,30 +2446,31 @@ mod tests {
 
     #[test]
     fn the_go_back_clock_follows_how_fast_go_backs_are_answered() {
-        // No estimate (two samples, from ACK 0 and ACK 2, are too few), but go-backs that are answered
-        // within 20 ms, then 10 ms: go-backs may follow each other that fast, not 1 s apart.
-        let mut h = Harness::new(
-            b"blksize\x008\x00windowsize\x008\x00",
-            vec![3; 8000],
-            SessionConfig::default(),
-        );
+        // No estimate (two samples, from ACK 0 and ACK 2, are too few), but go-backs that
+        // are answered within 30 ms, then 10 ms: they may follow each other that fast, not
+        // 1 s apart.
         let ms = Duration::from_millis;
-        h.drain();
-        assert_eq!(h.ack(0).len(), 8);
-        assert_eq!(blocks(&h.ack(2)), (3..=10).collect::<Vec<_>>());
-        // Block 5 of the resend was lost: ACK 4 answers the go-back after 20 ms, so the
+        let start = |h: &mut Harness| {
+            h.drain();
+            assert_eq!(h.ack(0).len(), 8);
+            assert_eq!(blocks(&h.ack(2)), (3..=10).collect::<Vec<_>>());
+        };
+        let options = b"blksize\x008\x00windowsize\x008\x00";
+        let mut h = Harness::new(options, vec![3; 8000], SessionConfig::default());
+        start(&mut h);
+        // Block 5 of the resend was lost: ACK 4 answers the go-back after 30 ms, so the
         // clock allows the next one now.
-        h.now += ms(20);
+        h.now += ms(30);
         assert_eq!(blocks(&h.ack(4)), (5..=12).collect::<Vec<_>>());
-        // ACK 6 answers that one after 10 ms: the smoothed answer time is 18.75 ms, so
-        // this in-window ACK only slides, and the go-back is owed 8.75 ms later.
+        // ACK 6 answers that one after 10 ms: the smoothed answer time is 27.5 ms, so
+        // this in-window ACK only slides, and the go-back is owed 17.5 ms later.
         h.now += ms(10);
         assert_eq!(blocks(&h.ack(6)), vec![13, 14]);
         assert_eq!(
             h.drain().1,
-            Output::Wait(h.now + Duration::from_micros(8750))
+            Output::Wait(h.now + Duration::from_micros(17_500))
         );
-        assert!(h.advance(Duration::from_micros(8749)).is_empty());
+        assert!(h.advance(Duration::from_micros(17_499)).is_empty());
         assert_eq!(
             blocks(&h.advance(Duration::from_micros(1))),
             (7..=14).collect::<Vec<_>>()
@@ -2458,6 +2478,16 @@ mod tests {
         let stats = h.session.stats();
         assert_eq!((stats.go_back_acks, stats.go_back_held), (3, 1));
         assert_eq!((stats.retransmits, stats.early_retransmits), (0, 0));
+
+        // Answered after 5 ms: the clock still keeps go-backs MIN_GO_BACK_INTERVAL apart.
+        let mut h = Harness::new(options, vec![3; 8000], SessionConfig::default());
+        start(&mut h);
+        h.now += ms(5);
+        assert_eq!(blocks(&h.ack(4)), vec![11, 12]);
+        assert_eq!(
+            h.drain().1,
+            Output::Wait(h.now + MIN_GO_BACK_INTERVAL - ms(5))
+        );
     }
 
     #[test]
