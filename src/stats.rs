@@ -62,12 +62,13 @@ pub struct TransferStats {
     /// timeout (they do not spend the retry budget).
     pub early_retransmits: u64,
     /// Go-back-N resends caused by an ACK: one inside the window (the client lost what
-    /// followed) or a duplicate (the next block was lost). At most one per retransmission
-    /// interval.
+    /// followed; made at once, or when the interval allows) or a duplicate (the next block
+    /// was lost). At most one per go-back interval (see
+    /// [`MIN_GO_BACK_INTERVAL`](crate::session::MIN_GO_BACK_INTERVAL)).
     pub go_back_acks: u64,
-    /// ACKs that asked for a go-back-N within one retransmission interval of the previous
-    /// one: they caused no resend (an in-window one only slid the window). Many of them
-    /// are a sign of forged ACKs.
+    /// ACKs that asked for a go-back-N within the interval of the previous one: they
+    /// caused no resend at once (an in-window one slid the window, and its go-back is made
+    /// when the interval is over). Many of them are a sign of forged ACKs.
     pub go_back_held: u64,
     /// Smoothed round-trip time measured from ACKs, if any was measured.
     pub srtt: Option<Duration>,

@@ -2365,6 +2365,12 @@ mod tests {
             }
             let stats = h.session.stats();
             let elapsed = h.now - start;
+            // For information (the README quotes it): what the attack got.
+            eprintln!(
+                "blind ACK every {pace:?}: {acks} ACKs, {total} bytes released, \
+                 {} go-backs, {} held",
+                stats.go_back_acks, stats.go_back_held
+            );
             // At most one go-back per MIN_GO_BACK_INTERVAL, plus the first.
             let most = (elapsed.as_micros() / MIN_GO_BACK_INTERVAL.as_micros()) as u64 + 1;
             let go_backs = stats.go_back_acks + stats.retransmits + stats.early_retransmits;
