@@ -63,11 +63,22 @@ pub struct TransferStats {
     /// Retransmissions sent early because the measured round-trip time is far below the
     /// timeout (they do not spend the retry budget).
     pub early_retransmits: u64,
+    /// Go-back-N resends caused by an ACK: one inside the window (the client lost what
+    /// followed; made at once, or when the interval allows) or a duplicate (the next block
+    /// was lost). At most one per go-back interval (see
+    /// [`MIN_GO_BACK_INTERVAL`](crate::session::MIN_GO_BACK_INTERVAL)).
+    pub go_back_acks: u64,
+    /// ACKs that asked for a go-back-N within the interval of the previous one: they
+    /// caused no resend at once (an in-window one slid the window, and its go-back is made
+    /// when the interval is over). Many of them are a sign of forged ACKs.
+    pub go_back_held: u64,
     /// Smoothed round-trip time measured from ACKs, if any was measured.
     pub srtt: Option<Duration>,
     /// Datagrams from the peer that did not parse (ignored).
     pub malformed: u64,
-    /// The ERROR the peer sent, if it sent one: code and message.
+    /// The ERROR the peer sent, if it sent one: code and message (invalid UTF-8 replaced,
+    /// then cut to at most [`MAX_PEER_ERROR_LEN`](crate::session::MAX_PEER_ERROR_LEN)
+    /// bytes on a character boundary; control characters are kept as sent).
     pub peer_error: Option<(ErrorCode, String)>,
     /// The ERROR we sent that ended the session, if any: code and message.
     pub error_sent: Option<(ErrorCode, String)>,
@@ -94,6 +105,8 @@ impl TransferStats {
             unexpected_acks: 0,
             retransmits: 0,
             early_retransmits: 0,
+            go_back_acks: 0,
+            go_back_held: 0,
             srtt: None,
             malformed: 0,
             peer_error: None,

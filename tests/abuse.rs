@@ -191,6 +191,45 @@ fn an_unanswered_oack_is_resent_exactly_the_retry_budget(mode: Mode) {
     unanswered_first_packet(mode, &[("blksize", "1428"), ("windowsize", "16")], true);
 }
 
+both_modes!(a_spoofed_request_with_timeout_255_ends_at_the_progress_timeout);
+/// A request that asks for the longest `timeout` (255 s, so its first resend would come
+/// after 255 s and its retries after 1,530 s) ends when the progress timeout says, having
+/// cost one packet.
+fn a_spoofed_request_with_timeout_255_ends_at_the_progress_timeout(mode: Mode) {
+    let root = standard_root();
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.progress_timeout(Duration::from_millis(200))
+    });
+    let victim = Raw::new(server.addr);
+    victim.rrq(server.addr, b"big.bin", "octet", &[("timeout", "255")]);
+    let stats = server.next_session();
+    assert_eq!(stats.peer, victim.local_addr());
+    assert_eq!(stats.outcome, Outcome::TimedOut);
+    assert_eq!(
+        (stats.transfer.retransmits, stats.transfer.packets_sent),
+        (0, 1)
+    );
+    // The one OACK, and nothing after it.
+    let (first, _) = victim.recv();
+    assert!(matches!(Packet::parse(&first), Ok(Packet::Oack(_))));
+    assert!(victim.recv_within(SILENCE).is_none());
+}
+
+#[test]
+fn a_progress_timeout_of_zero_is_refused() {
+    let root = standard_root();
+    let handler = dyntftp::FsHandler::new(root.path()).expect("handler");
+    let built = dyntftp::ServerBuilder::new(handler)
+        .bind(v4())
+        .progress_timeout(Duration::ZERO)
+        .build();
+    match built {
+        Err(dyntftp::Error::Config(message)) => assert!(message.contains("progress timeout")),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a zero progress timeout was accepted"),
+    }
+}
+
 /// Warnings captured from the server threads of this test binary.
 struct Capture {
     lines: Mutex<Vec<String>>,

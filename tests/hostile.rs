@@ -618,6 +618,9 @@ fn ack_for_a_block_not_yet_sent_is_ignored(mode: Mode) {
 }
 
 both_modes!(ack_0_repeated_100_times_causes_no_resend);
+/// A duplicate ACK may resend the next block once per retransmission interval, and only
+/// once that block has been out for an interval (issue 15, item 11): here the duplicates
+/// all come within the 3 s timeout of DATA 1, so none may cause a send.
 fn ack_0_repeated_100_times_causes_no_resend(mode: Mode) {
     let root = standard_root();
     let mut server = spawn(mode, &root);
@@ -639,6 +642,9 @@ fn ack_0_repeated_100_times_causes_no_resend(mode: Mode) {
     assert_eq!(stats.transfer.duplicate_acks, 99);
     assert_eq!(stats.transfer.packets_resent, 0);
     assert_eq!(stats.transfer.packets_sent, 4, "OACK and 3 DATA");
+    // Each duplicate asked for a resend of DATA 1 and was held.
+    assert_eq!(stats.transfer.go_back_acks, 0);
+    assert_eq!(stats.transfer.go_back_held, 99);
 
     // Without an OACK: ACK 0 acknowledges nothing; 100 of them change nothing.
     let raw = Raw::new(server.addr);
@@ -655,7 +661,55 @@ fn ack_0_repeated_100_times_causes_no_resend(mode: Mode) {
     assert_eq!(stats.outcome, Outcome::Completed);
     assert_eq!(stats.transfer.duplicate_acks, 100);
     assert_eq!(stats.transfer.packets_resent, 0);
+    assert_eq!(
+        (stats.transfer.go_back_acks, stats.transfer.go_back_held),
+        (0, 100)
+    );
     assert_still_serves(&mut server, "ACK 0 × 100");
+}
+
+both_modes!(blind_acks_release_one_window_per_interval_at_most);
+/// Issue 15, F1: ACK 1, 2, 3, … sent blind and back to back (what a spoofing attacker does
+/// in single-port mode) each slide the window by one block; together they cause at most one
+/// go-back-N (a window resent) per interval, at least `MIN_GO_BACK_INTERVAL` (20 ms), on
+/// the server's own clock.
+fn blind_acks_release_one_window_per_interval_at_most(mode: Mode) {
+    let root = standard_root();
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.stats_interval(Duration::from_millis(50))
+            .timeout(Duration::from_secs(3))
+            // Ends the session soon after the last ACK (an ERROR could be dropped with
+            // some of the ACKs when they overflow the receive buffer).
+            .progress_timeout(Duration::from_millis(300))
+    });
+    let raw = Raw::new(server.addr);
+    let options = [("blksize", "1428"), ("windowsize", "64")];
+    let tid = start(&server, &raw, b"big.bin", &options);
+    raw.ack(tid, 0);
+    let acks = 300;
+    for block in 1..=acks {
+        raw.ack(tid, block);
+    }
+    let stats = session_of(&mut server, raw.local_addr());
+    assert_eq!(stats.outcome, Outcome::TimedOut);
+    let t = &stats.transfer;
+    assert_eq!(t.negotiated.window, 64);
+    assert!(t.blocks_acked > 0 && t.blocks_acked <= u64::from(acks));
+    let go_backs = t.go_back_acks + t.retransmits + t.early_retransmits;
+    let interval = dyntftp::session::MIN_GO_BACK_INTERVAL.as_millis() as u64;
+    let most = 1 + stats.duration.as_millis() as u64 / interval;
+    assert!(
+        go_backs <= most,
+        "{go_backs} go-backs in {:?}",
+        stats.duration
+    );
+    let window = 64 * 1428;
+    assert!(
+        t.bytes_sent <= t.blocks_acked * 1428 + window * (1 + go_backs),
+        "{} bytes sent for {acks} ACKs and {go_backs} go-backs",
+        t.bytes_sent
+    );
+    assert_still_serves(&mut server, "blind ACKs");
 }
 
 both_modes!(error_from_the_client_mid_transfer_ends_the_session_without_a_reply);

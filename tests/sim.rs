@@ -13,17 +13,27 @@
 //! - **Sorcerer's Apprentice.** An ACK is *stale* when its block number (as the client meant
 //!   it, unwrapped to 64 bits) is not above the highest block already acknowledged to the
 //!   session. Anything the session transmits while handling a stale ACK is counted as an
-//!   apprentice reply; the count must stay zero.
+//!   apprentice reply; the count must stay zero. The one exception (issue 15, item 11): a
+//!   *duplicate* of the highest acknowledged block is evidence that the next block was lost
+//!   and may cause one go-back-N, counted by the session in `go_back_acks` — not an
+//!   apprentice reply, but it must resend only blocks after the acknowledged one and obey
+//!   the clock below.
 //! - **Resends.** `packets_resent` may only grow (a) while handling a timer expiry that the
-//!   session counted as a retransmission, or (b) while handling an ACK that advanced the
-//!   acknowledgement but named a block *inside* the window already sent (RFC 7440 §4: the
-//!   client lost what followed, resume after it); then at most the blocks after the
+//!   session counted as a retransmission, or (b) while handling an ACK that the session
+//!   counted as causing a go-back-N: one that advanced the acknowledgement but named a
+//!   block *inside* the window already sent (RFC 7440 §4: the client lost what followed,
+//!   resume after it), or a duplicate (above); then at most the blocks after the
 //!   acknowledged one and up to the highest block sent may be resent.
+//! - **Clock.** A go-back-N that an ACK or an early retransmission caused is never closer
+//!   than `MIN_GO_BACK_INTERVAL` (20 ms, or the base timeout when shorter) to the last
+//!   go-back-N of any cause, and one ACK causes at most one.
 //! - **Progress accounting.** The session's `acks` counter grows exactly for the ACKs the
 //!   oracle considers advancing; an early `handle_timeout` sends nothing; garbage gets no
 //!   reply.
 //! - **Retry budget.** A session that ends with `TimedOut` or `FinalAckMissing` made exactly
-//!   `SessionConfig::retries` full-timeout retransmissions since the last advancing ACK.
+//!   `SessionConfig::retries` full-timeout retransmissions since the last advancing ACK, or
+//!   ended `SessionConfig::progress_timeout` after it (duplicate ACKs that cause resends
+//!   restart the timer, so the retry budget may not be spent by then).
 //!   Early (adaptive) retransmissions are counted apart, and there are never more than
 //!   [`EARLY_BOUND`] of them in a row: their interval doubles until it reaches the timeout.
 //! - **Outcomes** (sweep). `Completed`: the client holds exactly the source. `FinalAckMissing`:
@@ -39,6 +49,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use dyntftp::client::{write_ack, ClientError, Event, ReadTransfer, Request, Settings};
+use dyntftp::session::MIN_GO_BACK_INTERVAL;
 use dyntftp::{
     BytesSource, ErrorCode, Mode, Outcome, Output, Packet, ResponseData, Session, SessionConfig,
 };
@@ -290,6 +301,12 @@ struct Oracle {
     streak: u32,
     /// Early retransmissions since the last advancing ACK.
     early_streak: u32,
+    /// When the last advancing ACK reached the session (`None`: the session's start).
+    progress_at: Option<Instant>,
+    /// When the session last went back (a timer retransmission or an ACK's go-back-N).
+    last_go_back: Option<Instant>,
+    /// Go-back-Ns that duplicate ACKs caused.
+    duplicate_go_backs: u64,
     /// Stale ACKs delivered, and datagrams the session sent while handling them.
     stale_acks: u64,
     apprentice_replies: u64,
@@ -306,6 +323,7 @@ struct Counters {
     early: u64,
     acks: u64,
     malformed: u64,
+    go_back_acks: u64,
 }
 
 struct Sim {
@@ -340,8 +358,29 @@ impl Sim {
         config: SessionConfig,
         profile: LinkProfile,
     ) -> Sim {
+        Sim::with_client(
+            origin,
+            seed,
+            request,
+            source,
+            config,
+            profile,
+            client_settings(),
+        )
+    }
+
+    /// [`Sim::new`] with other client settings.
+    fn with_client(
+        origin: Instant,
+        seed: u64,
+        request: Request,
+        source: Box<dyn ResponseData>,
+        config: SessionConfig,
+        profile: LinkProfile,
+        settings: Settings,
+    ) -> Sim {
         // The client's first datagram, its RRQ, starts the session.
-        let mut client = ReadTransfer::new(origin, SERVER, &request, client_settings());
+        let mut client = ReadTransfer::new(origin, SERVER, &request, settings);
         let rrq = client.poll_transmit().expect("the RRQ");
         assert_eq!(rrq.destination, SERVER);
         let Ok(Packet::Rrq(rrq)) = Packet::parse(rrq.contents) else {
@@ -551,6 +590,7 @@ impl Sim {
             early: stats.early_retransmits,
             acks: stats.acks,
             malformed: stats.malformed,
+            go_back_acks: stats.go_back_acks,
         }
     }
 
@@ -590,6 +630,9 @@ impl Sim {
         let full = after.retransmits - before.retransmits;
         let early = after.early - before.early;
         let fired = full + early;
+        // A go-back-N that an in-window ACK asked for too early, made when its interval is
+        // over: it is the ACK's, not a retransmission.
+        let owed = after.go_back_acks - before.go_back_acks;
         self.oracle.streak += full as u32;
         self.oracle.early_streak += early as u32;
         if self.oracle.early_streak > EARLY_BOUND {
@@ -598,13 +641,24 @@ impl Sim {
                 self.oracle.early_streak
             ));
         }
-        if fired == 0 && (sent > 0 || after.resent != before.resent) {
+        if fired + owed == 0 && (sent > 0 || after.resent != before.resent) {
             self.violation(format!(
                 "sent {sent} datagram(s) on a timer expiry that was not a retransmission"
             ));
         }
-        if fired > 1 {
-            self.violation(format!("{fired} retransmissions counted for one expiry"));
+        if fired + owed > 1 {
+            self.violation(format!(
+                "{fired} retransmissions and {owed} go-back-Ns for one expiry"
+            ));
+        }
+        if owed == 1 {
+            self.check_go_back_clock("an owed go-back-N".into());
+        }
+        if early == 1 {
+            self.check_go_back_clock("an early retransmission".into());
+        }
+        if fired + owed == 1 {
+            self.oracle.last_go_back = Some(self.now);
         }
     }
 
@@ -647,21 +701,44 @@ impl Sim {
             }
             return;
         };
+        let go_backs = after.go_back_acks - before.go_back_acks;
+        if go_backs > 1 {
+            self.violation(format!("ACK {block} caused {go_backs} go-back-Ns"));
+        }
+        if go_backs == 1 {
+            self.check_go_back_clock(format!("ACK {block}"));
+            self.oracle.last_go_back = Some(self.now);
+        }
         let advanced = self.oracle.acked_high.is_none_or(|high| block > high);
         if !advanced {
-            // Sorcerer's Apprentice: a stale ACK must never trigger a send.
             self.oracle.stale_acks += 1;
-            self.oracle.apprentice_replies += sent;
             if after.acks != before.acks {
                 self.violation(format!("stale ACK {block} counted as progress"));
+            }
+            if go_backs == 1 && self.oracle.acked_high == Some(block) {
+                // A duplicate: loss recovery, one go-back-N after the acknowledged block.
+                self.oracle.duplicate_go_backs += 1;
+                if resent > sent_high.saturating_sub(block) || sent > resent {
+                    self.violation(format!(
+                        "duplicate ACK {block} (highest sent {sent_high}) sent {sent}, \
+                         {resent} of them resends"
+                    ));
+                }
+            } else {
+                // Sorcerer's Apprentice: any other stale ACK must never trigger a send.
+                self.oracle.apprentice_replies += sent;
             }
             return;
         }
         self.oracle.acked_high = Some(block);
+        self.oracle.progress_at = Some(self.now);
         self.oracle.streak = 0;
         self.oracle.early_streak = 0;
         if after.acks != before.acks + 1 {
             self.violation(format!("advancing ACK {block} not counted as progress"));
+        }
+        if resent > 0 && go_backs == 0 {
+            self.violation(format!("ACK {block} resent {resent} without a go-back-N"));
         }
         // Resending is allowed only from an ACK inside the window already sent, and only
         // the blocks after it.
@@ -669,6 +746,20 @@ impl Sim {
             self.violation(format!(
                 "ACK {block} (highest sent {sent_high}) caused {resent} resends"
             ));
+        }
+    }
+
+    /// A go-back-N that an ACK or an early retransmission caused must come at least
+    /// [`MIN_GO_BACK_INTERVAL`] (or the base timeout, when shorter) after the last one.
+    fn check_go_back_clock(&mut self, cause: String) {
+        let base = self.session.params().timeout.unwrap_or(self.config.timeout);
+        if let Some(last) = self.oracle.last_go_back {
+            if self.now - last < MIN_GO_BACK_INTERVAL.min(base) {
+                self.violation(format!(
+                    "{cause} went back {:?} after the last go-back-N",
+                    self.now - last
+                ));
+            }
         }
     }
 
@@ -897,8 +988,11 @@ fn check_run(sim: &Sim, request: &Request, source: &[u8], loss: f64) -> Result<O
             ))
         }
     }
+    let progress_at = sim.oracle.progress_at.unwrap_or(sim.origin);
+    let without_progress = stats.finished.map(|end| end - progress_at);
     if matches!(outcome, Outcome::TimedOut | Outcome::FinalAckMissing)
         && sim.oracle.streak != sim.config.retries
+        && without_progress < Some(sim.config.progress_timeout)
     {
         return fail(format!(
             "{outcome:?} after {} retransmissions in the final streak, budget {}",
@@ -1433,6 +1527,72 @@ fn stray_malformed_datagrams_mid_transfer_are_ignored() {
     assert_eq!(stats.malformed, garbage.len() as u64);
     assert_eq!((stats.retransmits, stats.packets_resent), (0, 0));
     assert_eq!(stats.errors_sent, 0);
+}
+
+/// Issue 15, item 11: with 20 % of DATA lost, a client that re-sends its last ACK every
+/// 300 ms and gives up after 20 tries, and the server at timeout 1 s with 3 retries, every
+/// transfer completes, in lock step and with windowsize 16. Before duplicate ACKs could
+/// trigger a resend, 1 to 2 transfers in 16 failed: after a few losses the server's
+/// doubling timer (1, 2, 4 s) left the client 6 s without DATA.
+#[test]
+fn duplicate_acks_recover_losses_before_an_impatient_client_gives_up() {
+    let origin = Instant::now();
+    let config = SessionConfig {
+        timeout: Duration::from_secs(1),
+        retries: 3,
+        ..SessionConfig::default()
+    };
+    let impatient = Settings {
+        timeout: Duration::from_millis(300),
+        retries: 20,
+        linger: 2,
+        keep_payload: true,
+    };
+    let mut duplicate_go_backs = 0;
+    let mut failures = Vec::new();
+    for window in [1, 16] {
+        for seed in 0..3u64 {
+            for transfer in 0..16u64 {
+                let seed = (seed << 8) | transfer;
+                let data = Rng::new(seed ^ 0xf11e).bytes(100_000);
+                let mut loss = Rng::new(seed ^ 0x10_55);
+                // Only DATA is lost: the OACK and every ACK arrive.
+                let lose_data: DropFilter = Box::new(move |dir, bytes| {
+                    dir == Dir::ToClient && describe(bytes).starts_with("DATA") && loss.chance(0.2)
+                });
+                let mut sim = Sim::with_client(
+                    origin,
+                    seed,
+                    octet(512, window),
+                    source(&data),
+                    config,
+                    LinkProfile::clean(),
+                    impatient,
+                )
+                .with_drops(lose_data);
+                sim.run();
+                sim.assert_clean();
+                duplicate_go_backs += sim.oracle.duplicate_go_backs;
+                if !(sim.client_finished() && sim.client.data() == data) {
+                    failures.push(format!(
+                        "window {window} seed {seed:#x}: client {:?}, session {:?}",
+                        sim.client.outcome(),
+                        sim.session.stats()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 96 failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        duplicate_go_backs > 0,
+        "no duplicate ACK ever caused a resend"
+    );
 }
 
 #[test]

@@ -324,6 +324,8 @@ pub fn session_members(s: &SessionStats) -> String {
         unexpected_acks,
         retransmits,
         early_retransmits,
+        go_back_acks,
+        go_back_held,
         srtt,
         malformed,
         peer_error,
@@ -366,6 +368,8 @@ pub fn session_members(s: &SessionStats) -> String {
         ("unexpected_acks", unexpected_acks),
         ("retransmits", retransmits),
         ("early_retransmits", early_retransmits),
+        ("go_back_acks", go_back_acks),
+        ("go_back_held", go_back_held),
     ] {
         t.raw(name, &value.to_string());
     }
@@ -735,6 +739,8 @@ mod tests {
                 unexpected_acks: 9,
                 retransmits: 10,
                 early_retransmits: 11,
+                go_back_acks: 13,
+                go_back_held: 14,
                 srtt: Some(Duration::from_nanos(15_625_000)),
                 malformed: 12,
                 peer_error: Some((ErrorCode::DiskFull, "disk full".into())),
@@ -782,6 +788,8 @@ mod tests {
                 "unexpected_acks": 9,
                 "retransmits": 10,
                 "early_retransmits": 11,
+                "go_back_acks": 13,
+                "go_back_held": 14,
                 "srtt": 0.015625,
                 "malformed": 12,
                 "peer_error": {"code": 3},

@@ -11,7 +11,9 @@
 //!   (netascii-translated when the mode is netascii), at most `blksize` of them, and a
 //!   short block only at the very end;
 //! - an old or duplicate ACK, or an ACK for a block never sent, sends nothing
-//!   (Sorcerer's Apprentice);
+//!   (Sorcerer's Apprentice), except the one go-back-N per retransmission interval that a
+//!   duplicate may cause (issue 15: loss recovery), which the session counts in
+//!   `go_back_acks`;
 //! - nothing follows an ERROR but `Done`; once `Done(outcome)`, every later poll is the
 //!   same `Done` and nothing is sent; the outcome fits the input that caused it;
 //! - `Wait(deadline)` is never before the start; a deadline already due settles after a
@@ -419,6 +421,7 @@ impl Harness {
     fn ack(&mut self, block: u16, datagram: Option<&[u8]>) {
         let in_transfer = self.check.in_transfer() && self.check.done.is_none();
         let oack_phase = !in_transfer && self.check.done.is_none();
+        let go_backs = self.session.stats().go_back_acks;
         match datagram {
             Some(bytes) => self.session.handle_datagram(self.now, bytes),
             None => {
@@ -438,7 +441,9 @@ impl Harness {
             );
         }
         if in_transfer {
-            let old = self.check.acked_low.is_some_and(|low| block <= low);
+            let duplicate_go_back = self.check.acked_low == Some(block)
+                && self.session.stats().go_back_acks == go_backs + 1;
+            let old = self.check.acked_low.is_some_and(|low| block <= low) && !duplicate_go_back;
             let unsent = block > self.check.highest_data;
             assert!(
                 sent == 0 || !(old || unsent),

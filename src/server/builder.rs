@@ -224,6 +224,14 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
+    /// The longest a session may go without progress before it ends, whatever the
+    /// client's `timeout` (default 60 s; must be more than zero; see
+    /// [`SessionConfig::progress_timeout`]).
+    pub fn progress_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.config.progress_timeout = timeout;
+        self
+    }
+
     /// The request rate each client may send to the listeners, as a token bucket;
     /// `None` for no limit. Datagrams over the rate are dropped without an answer (an
     /// answer is what a reflection attack wants) and counted in
@@ -352,6 +360,11 @@ impl<H: Handler> ServerBuilder<H> {
         }
         if self.settings.config.timeout.is_zero() {
             return Err(Error::Config("timeout must be more than zero".into()));
+        }
+        if self.settings.config.progress_timeout.is_zero() {
+            return Err(Error::Config(
+                "progress timeout must be more than zero".into(),
+            ));
         }
         if self.settings.stats_interval.is_zero() {
             return Err(Error::Config(

@@ -22,17 +22,39 @@
 //! - Starts with an OACK (then waits for ACK 0) when any option was accepted, else DATA 1.
 //! - Sends up to `window` blocks (RFC 7440), then waits. An ACK for the last block sent
 //!   slides the window; an ACK for an earlier block of the window means the client lost
-//!   the rest, so sending resumes right after the acknowledged block.
-//! - A duplicate or old ACK never causes a send (Sorcerer's Apprentice): only the timer
-//!   retransmits, and it resends the stored packets without reading the source again.
+//!   the rest, so sending resumes right after the acknowledged block (go-back-N).
+//! - **Sends caused by ACKs are clocked.** ACKs cause at most one go-back-N per
+//!   interval, counted from the last go-back-N of any cause (timer included). The interval
+//!   is the base timeout (the client's or ours, undoubled) or, with
+//!   [`SessionConfig::adaptive`], the shorter of the round-trip estimate and the smoothed
+//!   time earlier go-backs took to be answered (one go-back per round trip), never below
+//!   [`SessionConfig::min_rto`]. An in-window ACK within the interval only slides the
+//!   window and releases blocks never sent before, up to `base + window`; the go-back it
+//!   asked for is made when the interval is over, unless an ACK of everything sent comes
+//!   first. So the DATA one ACK releases is at most what it newly acknowledges plus, once
+//!   per interval, one window: a blind attacker forging ACK 1, 2, 3, … no longer gets a
+//!   window per ACK (counters: [`TransferStats::go_back_acks`],
+//!   [`TransferStats::go_back_held`]).
+//! - A duplicate ACK (of the last acknowledged block) is evidence that the next DATA was
+//!   lost: it goes back to the first unacknowledged block when a retransmission interval
+//!   has passed both since the last go-back-N and since that block was first sent, so at
+//!   most once per interval, never once per duplicate. Any older ACK never causes a send
+//!   (Sorcerer's Apprentice). Resends come from the stored packets, without reading the
+//!   source again.
 //! - Block numbers wrap 65535 → 0. A size that is an exact multiple of blksize ends with an
 //!   empty DATA; an empty source is one empty DATA 1.
 //! - Retries: exactly [`SessionConfig::retries`] retransmissions after the last progress,
 //!   then the session ends with [`Outcome::TimedOut`] (or [`Outcome::FinalAckMissing`] when
 //!   every block was sent and only the last ACK is missing). No ERROR is sent on timeout.
-//!   When the client chose `timeout`/`utimeout`, that interval is used as is; otherwise the
-//!   interval starts at [`SessionConfig::timeout`] and doubles with every retry, up to
-//!   8 × that value.
+//!   The interval starts at the client's `timeout`/`utimeout` when it chose one, else at
+//!   [`SessionConfig::timeout`], and doubles with every retry, up to 8 × that value: with
+//!   `timeout 2` and 5 retries the sends go at 0, 2, 6, 14, 30 and 46 s.
+//! - Whatever the schedule, a session ends after [`SessionConfig::progress_timeout`]
+//!   without progress (an ACK that acknowledges something new; counted from the start
+//!   before the first), silently with `TimedOut` or `FinalAckMissing` — or, when nothing is
+//!   in flight and the source is not ready, with ERROR 0 and [`Outcome::SourceStalled`].
+//!   With `timeout 2` and the defaults above that is at 60 s instead of 62 s; a spoofed
+//!   request with `timeout 255` gets its first packet and nothing more, and ends at 60 s.
 //! - Adaptive retransmission ([`SessionConfig::adaptive`]): the round-trip time is measured
 //!   from every ACK of a packet sent once (Karn's rule: never from a resent one), smoothed
 //!   as in RFC 6298, and once three samples are in, the estimate `srtt + 4 × rttvar` (at
@@ -43,6 +65,10 @@
 //!   bounded, and they do not spend the retry budget; the full schedule above follows
 //!   them unchanged. Before any measurement (a spoofed request is never acknowledged)
 //!   only the full schedule runs. The client's negotiated timeout stays the upper bound.
+//! - Memory: the ring of stored packets is allocated as blocks are read to be sent, never
+//!   ahead of the window: a session waiting for ACK 0 holds no ring at all, one whose
+//!   client went silent after ACK 0 holds at most one window
+//!   ([`buffer_bytes`](Session::buffer_bytes) says how much).
 //! - An ERROR from the client ends the session without a reply; code 8 right after our OACK
 //!   is a size probe ([`Outcome::Probe`]).
 //! - A read error from the source sends ERROR 0 "error reading file" (ERROR 1 "file not
@@ -76,6 +102,13 @@ const MAX_INTERRUPTED: u32 = 16;
 /// Most blocks read with one vectored read (a window's worth for the usual windows).
 const MAX_VECTORED: usize = 64;
 
+/// The shortest interval between two go-back-Ns that ACKs or early retransmissions cause
+/// (unless the base timeout is shorter): a peer cannot shrink it, so whatever round trips
+/// a forged ACK stream pretends, ACKs release at most one window per 20 ms on top of what
+/// they acknowledge. A lossy client with a shorter round trip waits at most this long for
+/// its second go-back within it (the simulator's sweep: 14 % longer than with no clock).
+pub const MIN_GO_BACK_INTERVAL: Duration = Duration::from_millis(20);
+
 /// Server policy for sessions. Clients never change it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -93,6 +126,14 @@ pub struct SessionConfig {
     pub adaptive: bool,
     /// The shortest adaptive retransmission interval. Default 2 ms.
     pub min_rto: Duration,
+    /// The longest a session may go without progress (an ACK that acknowledges something
+    /// new), counted from its start or its last progress, whatever the retransmission
+    /// schedule or the client's `timeout`: then it ends without sending anything more.
+    /// Must be more than zero. Default 60 s: twice the 31 s that the default schedule
+    /// (1 s, 5 retries) takes, so it cuts only schedules that clients stretched with
+    /// their `timeout` option (dnsmasq abandons a transfer after 120 s; half of that
+    /// halves what a spoofed request holds).
+    pub progress_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -104,6 +145,7 @@ impl Default for SessionConfig {
             limits: Limits::default(),
             adaptive: true,
             min_rto: Duration::from_millis(2),
+            progress_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -273,9 +315,11 @@ pub struct Session {
     /// True while `control` holds something not yet handed out.
     control_pending: bool,
 
-    /// Ring of `window` packet slots, each `DATA_HEADER_LEN + blksize` bytes.
+    /// Ring of up to `window` packet slots, each `DATA_HEADER_LEN + blksize` bytes. It
+    /// grows as blocks are read (see [`ensure_slots`](Self::ensure_slots)): empty until
+    /// the first DATA, never more than the window.
     ring: Vec<u8>,
-    /// Packet length (header + payload) of each slot.
+    /// Packet length (header + payload) of each slot in `ring`.
     lens: Vec<usize>,
     /// First block not yet acknowledged (blocks count from 1; u64 so they never wrap).
     base: u64,
@@ -300,6 +344,21 @@ pub struct Session {
     deadline_early: bool,
     /// When each ring slot's packet was first sent, and whether it was sent again since.
     sent_at: Vec<(Instant, bool)>,
+    /// When the last go-back-N started (a timer retransmission, or one an ACK caused):
+    /// the clock that lets ACKs cause at most one per retransmission interval.
+    last_go_back: Option<Instant>,
+    /// The first block the last go-back-N resent, until an ACK of it or a later block
+    /// times that go-back.
+    go_back_from: Option<u64>,
+    /// An in-window ACK asked for a go-back-N within the interval: it is owed at
+    /// `last_go_back` + the interval.
+    go_back_owed: bool,
+    /// How long go-back-Ns took to be answered: a shorter go-back clock for a client whose
+    /// resends leave the main estimate without samples.
+    recovery_rtt: RttEstimator,
+    /// The start of the session or its last progress: the session ends
+    /// [`SessionConfig::progress_timeout`] after it.
+    progress_at: Instant,
     /// When the OACK was first sent, and whether it was sent again since.
     oack_sent_at: Option<(Instant, bool)>,
     rtt: RttEstimator,
@@ -334,8 +393,6 @@ impl Session {
         };
         let announced = source.size();
         let params = negotiate(options, &config.limits, announced);
-        let slot = DATA_HEADER_LEN + params.blksize as usize;
-        let window = params.window.max(1) as usize;
         let mut control = Vec::new();
         params.write_oack(&mut control);
         let state = if params.has_oack() {
@@ -349,8 +406,8 @@ impl Session {
             config,
             control_pending: !control.is_empty(),
             control,
-            ring: vec![0; slot * window],
-            lens: vec![0; window],
+            ring: Vec::new(),
+            lens: Vec::new(),
             base: 1,
             next: 1,
             filled: 0,
@@ -361,7 +418,12 @@ impl Session {
             retransmission: None,
             early: 0,
             deadline_early: false,
-            sent_at: vec![(now, true); window],
+            sent_at: Vec::new(),
+            last_go_back: None,
+            go_back_from: None,
+            go_back_owed: false,
+            recovery_rtt: RttEstimator::default(),
+            progress_at: now,
             oack_sent_at: None,
             rtt: RttEstimator::default(),
             deadline: None,
@@ -388,8 +450,29 @@ impl Session {
     pub fn deadline(&self) -> Option<Instant> {
         match self.state {
             State::Done(_) => None,
-            _ => self.deadline,
+            State::Error(_) => self.deadline,
+            State::Oack | State::Transfer => Some(self.with_progress_deadline(self.deadline)),
         }
+    }
+
+    /// True once the peer acknowledged something this session sent it: ACK 0 of the OACK
+    /// or an ACK of a DATA block (`stats().acks > 0`). The peer thereby proved that it
+    /// receives at its address, so the request was not spoofed from someone else's. In
+    /// single-port mode, where the session's port is the well-known listening port, an
+    /// attacker can forge such an ACK blind (it knows every number in it), so there it
+    /// proves less.
+    pub fn is_verified(&self) -> bool {
+        self.stats.acks > 0
+    }
+
+    /// Bytes of packet storage the session holds now: the ring of stored DATA packets and
+    /// its per-slot bookkeeping. 0 until the first DATA is read; at most about
+    /// `window × (blksize + 4 + 32)` bytes. It never shrinks while the session lives. For a
+    /// driver that budgets window memory across sessions.
+    pub fn buffer_bytes(&self) -> usize {
+        self.ring.capacity()
+            + self.lens.capacity() * std::mem::size_of::<usize>()
+            + self.sent_at.capacity() * std::mem::size_of::<(Instant, bool)>()
     }
 
     /// True once the session has ended (the outcome is in [`stats`](Self::stats)).
@@ -429,7 +512,7 @@ impl Session {
                 } else {
                     Outcome::PeerError(code)
                 };
-                self.stats.peer_error = Some((code, String::from_utf8_lossy(message).into_owned()));
+                self.stats.peer_error = Some((code, peer_error_text(message)));
                 self.finish(outcome);
             }
             Packet::Rrq(_) | Packet::Wrq(_) | Packet::Data { .. } | Packet::Oack(_) => {
@@ -443,9 +526,20 @@ impl Session {
     }
 
     /// Tells the session that time has passed. Before the deadline it does nothing; at or
-    /// after it, it retransmits or gives up.
+    /// after it, it retransmits, makes a go-back-N an ACK asked for too early, or gives
+    /// up (retries spent, or no progress for the progress timeout).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
+        if matches!(self.state, State::Oack | State::Transfer) && now >= self.progress_deadline() {
+            self.progress_timed_out();
+            return;
+        }
+        if self.owed_go_back_at().is_some_and(|at| now >= at) {
+            // The go-back-N an in-window ACK asked for too early (the send re-arms the
+            // retransmission timer).
+            self.go_back(true);
+            return;
+        }
         let Some(deadline) = self.deadline else {
             return;
         };
@@ -461,8 +555,17 @@ impl Session {
             }
             State::Transfer => {
                 if self.next > self.base {
+                    if self.deadline_early {
+                        // Early retransmissions keep to the go-back clock too.
+                        if let Some(at) = self.last_go_back.map(|at| at + self.go_back_interval()) {
+                            if now < at {
+                                self.deadline = Some(at);
+                                return;
+                            }
+                        }
+                    }
                     if self.spend_retry() {
-                        self.next = self.base;
+                        self.go_back(false);
                         self.source_blocked = false;
                     }
                 } else if self.stalled_since.is_some() {
@@ -666,10 +769,38 @@ impl Session {
     fn wait(&self) -> Output<'_> {
         // Every waiting state has a deadline (a send arms it, a stall arms it); the
         // fallback only keeps the contract total.
-        Output::Wait(
-            self.deadline
-                .unwrap_or(self.now + self.config.source_timeout),
-        )
+        let deadline = self
+            .deadline
+            .unwrap_or(self.now + self.config.source_timeout);
+        Output::Wait(self.with_progress_deadline(Some(deadline)))
+    }
+
+    /// When the session ends for want of progress.
+    fn progress_deadline(&self) -> Instant {
+        self.progress_at + self.config.progress_timeout
+    }
+
+    /// The earliest of `deadline`, an owed go-back-N and the progress deadline.
+    fn with_progress_deadline(&self, deadline: Option<Instant>) -> Instant {
+        [deadline, self.owed_go_back_at()]
+            .into_iter()
+            .flatten()
+            .fold(self.progress_deadline(), Instant::min)
+    }
+
+    /// Nothing acknowledged for the progress timeout: the session ends without sending
+    /// anything more — unless it is only waiting for its own source, which gets the
+    /// ERROR a source stall gets.
+    fn progress_timed_out(&mut self) {
+        if self.state == State::Transfer && self.next == self.base && self.stalled_since.is_some() {
+            self.fail(
+                ErrorCode::NotDefined,
+                "source not ready",
+                Outcome::SourceStalled,
+            );
+        } else {
+            self.give_up();
+        }
     }
 
     /// Hands out block `next` from the ring and arms the timer when the window is out.
@@ -715,10 +846,18 @@ impl Session {
     /// [`read_block`](Self::read_block) to finish (it also sees the end, and retries
     /// `Interrupted`). `Ok(false)` means the source would block.
     fn read_blocks(&mut self, count: u64) -> io::Result<bool> {
-        let count = (count as usize).min(MAX_VECTORED);
+        let mut count = (count as usize).min(MAX_VECTORED);
         let slot_len = self.slot_len();
         let blksize = slot_len - DATA_HEADER_LEN;
-        let start = self.slot(self.filled + 1) * slot_len;
+        if let Some(size) = self.announced {
+            // No ring slots for blocks past the announced end (a source whose data runs
+            // longer is read on block by block).
+            let left = size.saturating_sub(self.stats.bytes_read + self.partial as u64);
+            count = count.min((left / blksize as u64) as usize + 1);
+        }
+        let first_slot = self.slot(self.filled + 1);
+        self.ensure_slots(first_slot + count);
+        let start = first_slot * slot_len;
         let Some(region) = self.ring.get_mut(start..start + count * slot_len) else {
             return Ok(true);
         };
@@ -743,7 +882,9 @@ impl Session {
     /// Reads block `filled + 1` into its slot. `Ok(false)` means the source would block.
     fn read_block(&mut self) -> io::Result<bool> {
         let slot_len = self.slot_len();
-        let start = self.slot(self.filled + 1) * slot_len;
+        let slot = self.slot(self.filled + 1);
+        self.ensure_slots(slot + 1);
+        let start = slot * slot_len;
         let packet = &mut self.ring[start..start + slot_len];
         let blksize = slot_len - DATA_HEADER_LEN;
         let mut eof = false;
@@ -780,6 +921,26 @@ impl Session {
         }
         self.store_block(self.partial, eof);
         Ok(true)
+    }
+
+    /// Makes the ring hold at least `slots` slots (at most the window): it grows by
+    /// doubling, so reading a window block by block copies little, and never holds more
+    /// than twice the slots in use nor more than one window.
+    fn ensure_slots(&mut self, slots: usize) {
+        let have = self.lens.len();
+        let window = self.params.window.max(1) as usize;
+        if slots <= have {
+            return;
+        }
+        let target = (have * 2).clamp(slots, window.max(slots));
+        let slot_len = self.slot_len();
+        self.ring.reserve_exact(target * slot_len - self.ring.len());
+        self.ring.resize(target * slot_len, 0);
+        self.lens.reserve_exact(target - have);
+        self.lens.resize(target, 0);
+        self.sent_at.reserve_exact(target - have);
+        // Marked as resent: a slot not yet used never gives a round-trip sample.
+        self.sent_at.resize(target, (self.now, true));
     }
 
     /// Block `filled + 1` holds `payload` bytes in its slot: writes its header and counts
@@ -832,6 +993,7 @@ impl Session {
                 }
                 if acked == low {
                     self.stats.duplicate_acks += 1;
+                    self.on_duplicate_ack();
                     return;
                 }
                 self.stats.acks += 1;
@@ -840,22 +1002,116 @@ impl Session {
                 if let (sent, false) = self.sent_at[self.slot(acked)] {
                     self.sample_rtt(sent);
                 }
+                // The first ACK of a block that the last go-back-N resent times that
+                // go-back (for the go-back clock only: it may be the ACK of an earlier
+                // copy, which Karn's rule keeps out of the estimate above).
+                if let (Some(from), Some(at)) = (self.go_back_from, self.last_go_back) {
+                    if acked >= from {
+                        self.recovery_rtt
+                            .sample(self.now.saturating_duration_since(at));
+                        self.go_back_from = None;
+                    }
+                }
                 self.base = acked + 1;
                 if self.last == Some(acked) {
                     self.finish(Outcome::Completed);
                     return;
                 }
-                // An ACK inside the window: the client lost what followed; resume from
-                // the block after it (RFC 7440 §4). `next` never falls behind `base`.
-                self.next = self.base;
                 self.progress();
+                if self.next > self.base {
+                    // An ACK inside the window: the client lost what followed. Resume
+                    // from the block after it (RFC 7440 §4) once per interval; otherwise
+                    // only slide (`next` never falls behind `base`) and go back when the
+                    // interval is over.
+                    if self.go_back_allowed(self.last_go_back) {
+                        self.go_back(true);
+                    } else {
+                        self.stats.go_back_held += 1;
+                        self.next = self.next.max(self.high_sent + 1);
+                        self.go_back_owed = true;
+                    }
+                    // Still in flight: the timer runs from now (a send re-arms it).
+                    self.arm_retransmit();
+                } else {
+                    // Everything sent is acknowledged: nothing is missing.
+                    self.go_back_owed = false;
+                }
             }
             State::Error(_) | State::Done(_) => {}
         }
     }
 
+    /// A duplicate ACK: the block after it was most likely lost. Resend from it when a
+    /// retransmission interval has passed since the last go-back-N and since that block
+    /// was first sent (a duplicate that crossed it on the way is no evidence).
+    fn on_duplicate_ack(&mut self) {
+        if self.next == self.base {
+            return;
+        }
+        let first_sent = self.sent_at[self.slot(self.base)].0;
+        let since = self
+            .last_go_back
+            .map_or(first_sent, |at| at.max(first_sent));
+        if self.go_back_allowed(Some(since)) {
+            self.go_back(true);
+        } else {
+            self.stats.go_back_held += 1;
+        }
+    }
+
+    /// Whether an ACK may cause a go-back-N now, the last one (or what stands for it)
+    /// having been at `since`.
+    fn go_back_allowed(&self, since: Option<Instant>) -> bool {
+        since.is_none_or(|since| {
+            self.now.saturating_duration_since(since) >= self.go_back_interval()
+        })
+    }
+
+    /// The least time between two go-back-Ns an ACK (or an early retransmission) causes:
+    /// the base timeout — the client's or the server's, undoubled (a returning ACK shows
+    /// the path works, so there is nothing to back off from) — or, when adaptive
+    /// retransmission is on and shorter, the round-trip estimate or the smoothed time
+    /// go-back-Ns took to be answered (one go-back per round trip, as TCP's fast
+    /// recovery), whichever is shorter, but never below [`MIN_GO_BACK_INTERVAL`] and
+    /// [`SessionConfig::min_rto`].
+    fn go_back_interval(&self) -> Duration {
+        let base = self.params.timeout.unwrap_or(self.config.timeout);
+        if !self.config.adaptive {
+            return base;
+        }
+        let min = self.config.min_rto;
+        let answered = self.recovery_rtt.srtt();
+        let measured = [self.rtt.rto(min), answered]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(base);
+        measured.max(MIN_GO_BACK_INTERVAL.max(min)).min(base)
+    }
+
+    /// When a go-back-N that an in-window ACK asked for within the interval is due.
+    fn owed_go_back_at(&self) -> Option<Instant> {
+        if !self.go_back_owed || self.state != State::Transfer || self.next == self.base {
+            return None;
+        }
+        Some(self.last_go_back? + self.go_back_interval())
+    }
+
+    /// Sends again from the first unacknowledged block: because of an ACK (counted in
+    /// [`TransferStats::go_back_acks`]) or of the timer (counted by the caller).
+    fn go_back(&mut self, ack: bool) {
+        self.next = self.base;
+        self.last_go_back = Some(self.now);
+        self.go_back_from = Some(self.base);
+        self.go_back_owed = false;
+        if ack {
+            self.stats.go_back_acks += 1;
+        }
+    }
+
     /// Progress was made: the retry budget and the timer start over.
     fn progress(&mut self) {
+        self.progress_at = self.now;
         self.retries = 0;
         self.early = 0;
         self.deadline_early = false;
@@ -893,13 +1149,7 @@ impl Session {
             return true;
         }
         if self.retries >= self.config.retries {
-            let all_sent = self.state == State::Transfer
-                && self.last.is_some_and(|last| self.high_sent >= last);
-            self.finish(if all_sent {
-                Outcome::FinalAckMissing
-            } else {
-                Outcome::TimedOut
-            });
+            self.give_up();
             return false;
         }
         self.retries += 1;
@@ -908,15 +1158,22 @@ impl Session {
         true
     }
 
-    /// The current retransmission interval.
+    /// The peer stopped answering: the session ends, silently.
+    fn give_up(&mut self) {
+        let all_sent =
+            self.state == State::Transfer && self.last.is_some_and(|last| self.high_sent >= last);
+        self.finish(if all_sent {
+            Outcome::FinalAckMissing
+        } else {
+            Outcome::TimedOut
+        });
+    }
+
+    /// The current retransmission interval: the client's timeout or ours, doubled with
+    /// every retry up to 8 times.
     fn rto(&self) -> Duration {
-        match self.params.timeout {
-            Some(chosen) => chosen,
-            None => {
-                let base = self.config.timeout;
-                base.saturating_mul(1 << self.retries.min(3))
-            }
-        }
+        let base = self.params.timeout.unwrap_or(self.config.timeout);
+        base.saturating_mul(1 << self.retries.min(3))
     }
 
     /// The source failed: the client gets an ERROR. A source that learns late that the
@@ -957,6 +1214,26 @@ impl Session {
     fn slot(&self, block: u64) -> usize {
         (block.saturating_sub(1) % self.params.window.max(1) as u64) as usize
     }
+}
+
+/// The most bytes of a peer's ERROR message kept in [`TransferStats::peer_error`].
+pub const MAX_PEER_ERROR_LEN: usize = 200;
+
+/// A peer's ERROR message as kept: invalid UTF-8 replaced, then cut to at most
+/// [`MAX_PEER_ERROR_LEN`] bytes on a character boundary.
+fn peer_error_text(message: &[u8]) -> String {
+    // A character that starts within the kept bytes ends within 3 bytes after them, so
+    // decoding this much decodes them exactly as decoding the whole message would.
+    let message = &message[..message.len().min(MAX_PEER_ERROR_LEN + 4)];
+    let mut text = String::from_utf8_lossy(message).into_owned();
+    if text.len() > MAX_PEER_ERROR_LEN {
+        let mut end = MAX_PEER_ERROR_LEN;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 impl std::fmt::Debug for Session {
@@ -1169,19 +1446,120 @@ mod tests {
         assert_eq!(h.session.stats().bytes_read, 1024, "source read once");
     }
 
+    /// Fires deadlines until the session ends; returns when each datagram went out and
+    /// when the session ended, in seconds from `start`.
+    fn schedule(h: &mut Harness, start: Instant) -> (Vec<f64>, f64) {
+        let mut sends = Vec::new();
+        loop {
+            let (sent, out) = h.drain();
+            sends.extend(sent.iter().map(|_| (h.now - start).as_secs_f64()));
+            match out {
+                Output::Wait(deadline) => {
+                    assert_eq!(h.session.deadline(), Some(deadline));
+                    h.now = deadline;
+                    h.session.handle_timeout(h.now);
+                }
+                Output::Done(_) => return (sends, (h.now - start).as_secs_f64()),
+                Output::Transmit(_) => unreachable!(),
+            }
+        }
+    }
+
     #[test]
-    fn client_timeout_is_used_as_is() {
+    fn the_clients_timeout_doubles_like_ours_and_the_progress_timeout_cuts_it() {
         let config = SessionConfig {
             adaptive: false,
             ..SessionConfig::default()
         };
-        let mut h = Harness::new(b"timeout\x003\x00", vec![1], config);
+        // timeout 2, 5 retries: 2, 4, 8, 16, 16 s apart, and the give-up deadline at 62 s
+        // comes after the 60 s without progress.
+        let mut h = Harness::new(b"timeout\x002\x00", vec![1; 2000], config);
+        let start = h.now;
+        let (sends, end) = schedule(&mut h, start);
+        assert_eq!(sends, [0.0, 2.0, 6.0, 14.0, 30.0, 46.0]);
+        assert_eq!(end, 60.0);
+        assert_eq!(h.session.stats().outcome, Some(Outcome::TimedOut));
+        assert_eq!(h.session.stats().retransmits, 5);
+
+        // Without the cap, the schedule runs to its end; the interval counts from the
+        // last progress, and the doubling stops at 8 × the client's timeout.
+        let config = SessionConfig {
+            progress_timeout: Duration::from_secs(3600),
+            retries: 6,
+            ..config
+        };
+        let mut h = Harness::new(b"timeout\x002\x00", vec![1; 2000], config);
+        h.drain();
+        h.now += Duration::from_secs(1);
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        let start = h.now;
+        let (sends, end) = schedule(&mut h, start);
+        assert_eq!(sends, [2.0, 6.0, 14.0, 30.0, 46.0, 62.0]);
+        assert_eq!(end, 78.0);
+    }
+
+    #[test]
+    fn a_spoofed_request_with_timeout_255_ends_at_the_progress_timeout() {
+        for options in [
+            &b"timeout\x00255\x00"[..],
+            b"utimeout\x00255000000\x00blksize\x001428\x00",
+        ] {
+            let mut h = Harness::new(options, vec![1; 100_000], SessionConfig::default());
+            let start = h.now;
+            assert_eq!(h.session.deadline(), Some(start + Duration::from_secs(60)));
+            let (sends, end) = schedule(&mut h, start);
+            // The OACK once: its first resend would be at 255 s.
+            assert_eq!(sends, [0.0]);
+            assert_eq!(end, 60.0);
+            assert_eq!(h.session.stats().outcome, Some(Outcome::TimedOut));
+            assert_eq!(h.session.stats().retransmits, 0);
+            assert!(!h.session.is_verified());
+        }
+        // Progress restarts the count; the end without progress sends nothing.
+        let config = SessionConfig {
+            progress_timeout: Duration::from_secs(10),
+            ..SessionConfig::default()
+        };
+        let mut h = Harness::new(b"timeout\x00255\x00", vec![1; 600], config);
+        h.drain();
+        h.now += Duration::from_secs(9);
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(10)));
+        assert!(h.advance(Duration::from_millis(9_999)).is_empty());
+        assert!(!h.session.is_done());
+        assert!(h.advance(Duration::from_millis(1)).is_empty());
+        assert_eq!(h.session.stats().outcome, Some(Outcome::TimedOut));
+        // Everything sent, only the final ACK missing.
+        let mut h = Harness::new(b"timeout\x00255\x00", vec![1; 10], config);
         h.drain();
         h.ack(0);
-        for _ in 0..3 {
-            assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(3)));
-            assert_eq!(h.advance(Duration::from_secs(3)).len(), 1);
-        }
+        h.advance(Duration::from_secs(10));
+        assert_eq!(h.session.stats().outcome, Some(Outcome::FinalAckMissing));
+    }
+
+    #[test]
+    fn a_source_stalled_past_the_progress_timeout_gets_error_0() {
+        let ready = std::rc::Rc::new(std::cell::Cell::new(false));
+        let config = SessionConfig {
+            progress_timeout: Duration::from_secs(5),
+            ..SessionConfig::default()
+        };
+        let now = Instant::now();
+        let source = Gate {
+            ready,
+            inner: BytesSource::new(vec![9; 3]),
+        };
+        let mut h = Harness {
+            now,
+            session: Session::new(now, Options::EMPTY, Mode::Octet, Box::new(source), config),
+        };
+        assert_eq!(
+            h.drain(),
+            (vec![], Output::Wait(now + Duration::from_secs(5)))
+        );
+        let sent = h.advance(Duration::from_secs(5));
+        assert_eq!(sent, vec![b"\x00\x05\x00\x00source not ready\x00".to_vec()]);
+        assert_eq!(h.session.stats().outcome, Some(Outcome::SourceStalled));
     }
 
     /// Waits for the session's deadline, fires it, and returns (interval, datagrams sent).
@@ -1913,6 +2291,363 @@ mod tests {
         assert_eq!(wait, Output::Wait(h.now + Duration::from_secs(2)));
         assert_eq!(h.advance(Duration::from_secs(2)).len(), 1, "ERROR 0");
         assert_eq!(h.session.stats().outcome, Some(Outcome::SourceStalled));
+    }
+
+    /// A blind attacker's session: blksize 1428, a window of 64 blocks (no byte cap),
+    /// 10 MB to send, the OACK already acknowledged with ACK 0 at `start`.
+    fn attacked(config: SessionConfig) -> (Harness, usize) {
+        let config = SessionConfig {
+            limits: Limits {
+                max_window: 64,
+                max_window_bytes: usize::MAX,
+                ..Limits::default()
+            },
+            ..config
+        };
+        let mut h = Harness::new(
+            b"blksize\x001428\x00windowsize\x0064\x00",
+            vec![0xa5; 10_000_000],
+            config,
+        );
+        h.drain();
+        h.session.handle_ack(h.now, 0);
+        let first = h.drain_gso();
+        assert_eq!(first, 64 * 1428, "the first window");
+        (h, 64 * 1428)
+    }
+
+    impl Harness {
+        /// Drains as a GSO driver does; returns the DATA payload bytes sent.
+        fn drain_gso(&mut self) -> u64 {
+            let mut payload = 0;
+            while let Output::Transmit(t) = self.session.poll_output(64) {
+                payload += t.payload;
+            }
+            payload
+        }
+    }
+
+    impl Session {
+        fn handle_ack(&mut self, now: Instant, block: u16) {
+            self.handle_packet(now, Packet::Ack { block });
+        }
+    }
+
+    /// The bound of issue 15 item 1: one ACK releases at most what it newly acknowledges,
+    /// plus one window when it is the first go-back-N in a retransmission interval.
+    #[track_caller]
+    fn assert_released_within_bound(
+        h: &Harness,
+        before: &TransferStats,
+        released: u64,
+        window: u64,
+    ) {
+        let after = h.session.stats();
+        let newly = (after.blocks_acked - before.blocks_acked) * 1428;
+        let go_backs = after.go_back_acks - before.go_back_acks;
+        assert!(go_backs <= 1);
+        assert!(
+            released <= newly + go_backs * window,
+            "{released} bytes released by an ACK that acknowledged {newly} (go-backs {go_backs})"
+        );
+    }
+
+    #[test]
+    fn a_blind_attacker_acking_every_block_gets_one_window_per_interval_at_most() {
+        // The attacker paces ACK 1, 2, 3, … every `pace` (F1 measured 3 ms): the go-backs
+        // it gets answered that fast, but the clock never goes below 20 ms.
+        for pace_us in [0, 100, 1000, 3000, 25_000] {
+            let pace = Duration::from_micros(pace_us);
+            let (mut h, window) = attacked(SessionConfig::default());
+            let start = h.now;
+            let mut total = window as u64;
+            let acks = 2000u64;
+            for block in 1..=acks {
+                h.now += pace;
+                // What the timers send in between: the session's own deadlines, as a
+                // driver fires them (retransmissions, owed go-backs).
+                while h.session.deadline().is_some_and(|at| at <= h.now) {
+                    h.session.handle_timeout(h.now);
+                    total += h.drain_gso();
+                }
+                let before = h.session.stats().clone();
+                h.session.handle_ack(h.now, block as u16);
+                let released = h.drain_gso();
+                assert_released_within_bound(&h, &before, released, window as u64);
+                total += released;
+            }
+            let stats = h.session.stats();
+            let elapsed = h.now - start;
+            // For information (the README quotes it): what the attack got.
+            eprintln!(
+                "blind ACK every {pace:?}: {acks} ACKs, {total} bytes released, \
+                 {} go-backs, {} held",
+                stats.go_back_acks, stats.go_back_held
+            );
+            // At most one go-back per MIN_GO_BACK_INTERVAL, plus the first.
+            let most = (elapsed.as_micros() / MIN_GO_BACK_INTERVAL.as_micros()) as u64 + 1;
+            let go_backs = stats.go_back_acks + stats.retransmits + stats.early_retransmits;
+            assert!(go_backs <= most, "{pace:?}: {stats:?}");
+            // Every one of these ACKs is inside the window.
+            assert!(stats.go_back_acks + stats.go_back_held >= acks);
+            assert!(
+                total <= acks * 1428 + window as u64 * (1 + go_backs),
+                "{pace:?}: {total} bytes for {acks} ACKs"
+            );
+            if pace_us == 0 {
+                // All at once: one go-back-N, then the ACKs only slide the window.
+                assert_eq!(stats.go_back_acks, 1);
+                assert_eq!(total, (64 + 64 + acks - 1) * 1428);
+            }
+        }
+    }
+
+    #[test]
+    fn a_blind_attacker_acking_every_window_gets_what_it_acknowledges() {
+        let (mut h, window) = attacked(SessionConfig::default());
+        let mut acked = 0u64;
+        for _ in 0..100 {
+            acked += 64;
+            h.now += Duration::from_millis(1);
+            let before = h.session.stats().clone();
+            h.session.handle_ack(h.now, acked as u16);
+            let released = h.drain_gso();
+            assert_released_within_bound(&h, &before, released, window as u64);
+            assert_eq!(released, 64 * 1428, "a window for a window");
+        }
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.packets_resent), (0, 0));
+    }
+
+    #[test]
+    fn an_in_window_ack_goes_back_once_per_interval_and_otherwise_slides() {
+        let config = SessionConfig {
+            adaptive: false,
+            ..SessionConfig::default()
+        };
+        let mut h = Harness::new(b"blksize\x008\x00windowsize\x004\x00", vec![3; 800], config);
+        h.drain();
+        assert_eq!(blocks(&h.ack(0)), vec![1, 2, 3, 4]);
+        // The client lost 3 and 4: go back.
+        assert_eq!(blocks(&h.ack(2)), vec![3, 4, 5, 6]);
+        // Within the interval (1 s) another in-window ACK only slides: the blocks never
+        // sent before, up to the new window's end. The go-back it asked for is owed when
+        // the interval is over.
+        h.now += Duration::from_millis(999);
+        assert_eq!(blocks(&h.ack(4)), vec![7, 8]);
+        assert_eq!(h.session.stats().go_back_held, 1);
+        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_millis(1)));
+        assert_eq!(
+            blocks(&h.advance(Duration::from_millis(1))),
+            vec![5, 6, 7, 8]
+        );
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (2, 1));
+        assert_eq!(stats.retransmits, 0, "not a retransmission");
+        // Then the timer runs from that resend, and nothing more is owed.
+        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+        // A second later, an in-window ACK goes back at once.
+        h.now += Duration::from_secs(1);
+        assert_eq!(blocks(&h.ack(6)), vec![7, 8, 9, 10]);
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (3, 1));
+        assert_eq!(stats.packets_resent, 2 + 4 + 2);
+        // A timer retransmission is a go-back-N too: an in-window ACK right after it
+        // only slides.
+        assert_eq!(h.advance(Duration::from_secs(1)).len(), 4);
+        h.now += Duration::from_millis(10);
+        assert_eq!(blocks(&h.ack(8)), vec![11, 12]);
+        assert_eq!(h.session.stats().go_back_held, 2);
+        // Everything sent acknowledged: nothing is owed any more.
+        assert!(h.ack(12).len() == 4);
+        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn the_go_back_clock_follows_how_fast_go_backs_are_answered() {
+        // No estimate (two samples, from ACK 0 and ACK 2, are too few), but go-backs that
+        // are answered within 30 ms, then 10 ms: they may follow each other that fast, not
+        // 1 s apart.
+        let ms = Duration::from_millis;
+        let start = |h: &mut Harness| {
+            h.drain();
+            assert_eq!(h.ack(0).len(), 8);
+            assert_eq!(blocks(&h.ack(2)), (3..=10).collect::<Vec<_>>());
+        };
+        let options = b"blksize\x008\x00windowsize\x008\x00";
+        let mut h = Harness::new(options, vec![3; 8000], SessionConfig::default());
+        start(&mut h);
+        // Block 5 of the resend was lost: ACK 4 answers the go-back after 30 ms, so the
+        // clock allows the next one now.
+        h.now += ms(30);
+        assert_eq!(blocks(&h.ack(4)), (5..=12).collect::<Vec<_>>());
+        // ACK 6 answers that one after 10 ms: the smoothed answer time is 27.5 ms, so
+        // this in-window ACK only slides, and the go-back is owed 17.5 ms later.
+        h.now += ms(10);
+        assert_eq!(blocks(&h.ack(6)), vec![13, 14]);
+        assert_eq!(
+            h.drain().1,
+            Output::Wait(h.now + Duration::from_micros(17_500))
+        );
+        assert!(h.advance(Duration::from_micros(17_499)).is_empty());
+        assert_eq!(
+            blocks(&h.advance(Duration::from_micros(1))),
+            (7..=14).collect::<Vec<_>>()
+        );
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (3, 1));
+        assert_eq!((stats.retransmits, stats.early_retransmits), (0, 0));
+
+        // Answered after 5 ms: the clock still keeps go-backs MIN_GO_BACK_INTERVAL apart.
+        let mut h = Harness::new(options, vec![3; 8000], SessionConfig::default());
+        start(&mut h);
+        h.now += ms(5);
+        assert_eq!(blocks(&h.ack(4)), vec![11, 12]);
+        assert_eq!(
+            h.drain().1,
+            Output::Wait(h.now + MIN_GO_BACK_INTERVAL - ms(5))
+        );
+    }
+
+    #[test]
+    fn duplicate_acks_resend_once_per_interval_never_once_per_duplicate() {
+        let config = SessionConfig {
+            adaptive: false,
+            ..SessionConfig::default()
+        };
+        let mut h = Harness::new(b"tsize\x000\x00", vec![7; 2000], config);
+        h.drain();
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        // A hundred duplicates while DATA 1 is fresh: nothing.
+        for _ in 0..100 {
+            assert!(h.ack(0).is_empty());
+        }
+        h.now += Duration::from_millis(999);
+        assert!(h.ack(0).is_empty());
+        // DATA 1 has been out for a whole interval: the next duplicate resends it, once.
+        h.now += Duration::from_millis(1);
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        for _ in 0..100 {
+            assert!(h.ack(0).is_empty());
+        }
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (1, 201));
+        assert_eq!((stats.packets_resent, stats.retransmits), (1, 0));
+        // The resend restarted the timer, and the clock: a duplicate 1 s later resends
+        // again, before the timer would.
+        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+        h.now += Duration::from_secs(1);
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        // Older ACKs never resend.
+        assert_eq!(blocks(&h.ack(1)), vec![2]);
+        h.now += Duration::from_secs(5);
+        assert!(h.ack(0).is_empty());
+        assert_eq!(h.session.stats().go_back_acks, 2);
+        // With an estimate (three 10 ms round trips: 21.25 ms), the interval is that.
+        let mut h = Harness::new(b"", vec![7; 10_000], SessionConfig::default());
+        h.drain();
+        for block in 1..=3 {
+            h.now += Duration::from_millis(10);
+            assert_eq!(blocks(&h.ack(block)), vec![block + 1]);
+        }
+        h.now += Duration::from_millis(21);
+        assert!(h.ack(3).is_empty());
+        h.now += Duration::from_millis(1);
+        assert_eq!(blocks(&h.ack(3)), vec![4]);
+        h.now += Duration::from_millis(21);
+        assert!(h.ack(3).is_empty());
+        h.now += Duration::from_millis(1);
+        assert_eq!(blocks(&h.ack(3)), vec![4]);
+    }
+
+    #[test]
+    fn is_verified_once_the_peer_acknowledged_something() {
+        let mut h = Harness::new(b"tsize\x000\x00", vec![7; 2000], SessionConfig::default());
+        h.drain();
+        h.ack(1);
+        assert!(!h.session.is_verified(), "ACK of something never sent");
+        h.ack(0);
+        assert!(h.session.is_verified());
+        let mut h = Harness::new(b"", vec![7; 2000], SessionConfig::default());
+        h.drain();
+        h.ack(0);
+        assert!(
+            !h.session.is_verified(),
+            "ACK 0 acknowledges nothing without an OACK"
+        );
+        h.ack(1);
+        assert!(h.session.is_verified());
+    }
+
+    #[test]
+    fn ring_memory_follows_what_was_sent() {
+        // blksize 65464 and windowsize 64, cut to 16 blocks by the 1 MiB default.
+        let options = b"blksize\x0065464\x00windowsize\x0064\x00";
+        let mut h = Harness::new(options, vec![1; 10 << 20], SessionConfig::default());
+        assert_eq!(h.session.params().window, 16);
+        assert_eq!(h.session.buffer_bytes(), 0, "OACK pending");
+        h.drain();
+        h.advance(Duration::from_secs(1));
+        assert_eq!(h.session.buffer_bytes(), 0, "OACK resent, still pending");
+        // ACK 0, then silence: one window, whatever the timer resends.
+        h.session.handle_ack(h.now, 0);
+        assert_eq!(h.drain_gso(), 16 * 65464);
+        let window = 16 * (65468 + 8 + std::mem::size_of::<(Instant, bool)>());
+        assert_eq!(h.session.buffer_bytes(), window);
+        for _ in 0..3 {
+            h.advance(Duration::from_secs(8));
+        }
+        assert_eq!(h.session.buffer_bytes(), window);
+        // Sent one by one, a window grows by doubling, never past the window.
+        let mut h = Harness::new(options, vec![1; 10 << 20], SessionConfig::default());
+        h.drain();
+        h.ack(0);
+        assert_eq!(h.session.buffer_bytes(), window);
+        // A small file takes only the slots it needs (sent one by one, the ring grows by
+        // doubling); lock step takes one.
+        let slot = window / 16;
+        for (gso, slots) in [(true, 3), (false, 4)] {
+            let mut h = Harness::new(options, vec![1; 3 * 65464 - 1], SessionConfig::default());
+            h.drain();
+            h.session.handle_ack(h.now, 0);
+            if gso {
+                assert_eq!(h.drain_gso(), 3 * 65464 - 1);
+            } else {
+                assert_eq!(blocks(&h.drain().0), vec![1, 2, 3]);
+            }
+            assert_eq!(h.session.buffer_bytes(), slot * slots, "gso {gso}");
+        }
+        let mut h = Harness::new(b"", vec![1; 5000], SessionConfig::default());
+        h.drain();
+        assert_eq!(
+            h.session.buffer_bytes(),
+            516 + 8 + std::mem::size_of::<(Instant, bool)>()
+        );
+    }
+
+    #[test]
+    fn the_peers_error_message_is_kept_cut_to_200_bytes_on_a_char_boundary() {
+        for (message, want) in [
+            (b"disk full".to_vec(), "disk full".to_owned()),
+            ("é".repeat(150).into_bytes(), "é".repeat(100)),
+            // 199 bytes, then a 2-byte character that does not fit.
+            ([vec![b'a'; 199], "é".into()].concat(), "a".repeat(199)),
+            // Invalid UTF-8 is replaced first (U+FFFD takes 3 bytes).
+            (vec![0xff; 300], "\u{fffd}".repeat(66)),
+            ([vec![b'x'; 198], vec![0xff; 5]].concat(), "x".repeat(198)),
+        ] {
+            let mut h = Harness::new(b"", vec![1; 1000], SessionConfig::default());
+            h.drain();
+            let mut error = Vec::new();
+            write_error(&mut error, ErrorCode::DiskFull, "");
+            error.truncate(4);
+            error.extend_from_slice(&message);
+            error.push(0);
+            h.session.handle_datagram(h.now, &error);
+            let (_, kept) = h.session.stats().peer_error.clone().unwrap();
+            assert!(kept.len() <= MAX_PEER_ERROR_LEN);
+            assert_eq!(kept, want);
+        }
     }
 
     #[test]
