@@ -44,6 +44,7 @@
 //! reported and removed.
 
 mod admission;
+mod budget;
 mod builder;
 mod report;
 mod table;
@@ -69,7 +70,12 @@ use crate::stats::ServerStats;
 use crate::sys;
 
 pub(crate) use self::table::SessionId;
-pub use builder::{Error, ServerBuilder, DEFAULT_BUSY_POLL, DEFAULT_MAX_SESSIONS_PER_CLIENT};
+pub use budget::BUDGET_FLOOR_BLKSIZE;
+pub use builder::{
+    Error, ServerBuilder, DEFAULT_BUSY_POLL, DEFAULT_MAX_SESSIONS_PER_CLIENT,
+    DEFAULT_WINDOW_MEMORY, MAX_DEFAULT_SESSIONS, SESSION_MEMORY, SINGLE_PORT_LIMITS,
+};
+pub use table::{STORED_FILENAME_BYTES, STORED_OPTIONS, STORED_OPTION_BYTES};
 pub use workers::{ShutdownHandle, Workers};
 
 use admission::{Admission, Verdict};
@@ -110,6 +116,8 @@ enum Received {
     Empty,
     /// The session is gone, or has no socket of its own.
     Gone,
+    /// The kernel reported the peer unreachable: the session ended.
+    Unreachable,
 }
 
 /// A TFTP server: listeners, sessions and the handler, on one thread.
@@ -182,7 +190,7 @@ impl<H: Handler> Server<H> {
             handler,
             settings,
             max_sessions,
-            table: SessionTable::new(now),
+            table: SessionTable::with_window_memory(now, settings.window_memory),
             admission: Admission::new(settings.policy(max_sessions)),
             sender: Sender::new(settings.udp_gso),
             user_code: UserCode::new(),
@@ -536,31 +544,35 @@ impl<H: Handler> Server<H> {
         let peer = arrival.peer;
         // The session's socket comes first: when descriptors run out, the request waits
         // before the handler has done anything.
-        let mut transport =
-            match Transport::open(self.settings.single_port, arrival.reply, arrival.local) {
-                Ok(transport) => transport,
-                Err(e) if out_of_descriptors(&e) => {
-                    return self.admission.wait_for_descriptors(
-                        self.now,
-                        arrival,
-                        datagram,
-                        &mut self.stats,
-                    );
-                }
-                Err(e) => {
-                    report::log_limited(
-                        &mut self.socket_log,
-                        self.now,
-                        log::Level::Warn,
-                        format_args!(
-                            "{peer}: cannot open a session socket on {}: {e}",
-                            arrival.local.ip()
-                        ),
-                    );
-                    self.stats.send_errors += 1;
-                    return;
-                }
-            };
+        let mut transport = match Transport::open(
+            self.settings.single_port,
+            arrival.reply,
+            arrival.local,
+            peer,
+        ) {
+            Ok(transport) => transport,
+            Err(e) if out_of_descriptors(&e) => {
+                return self.admission.wait_for_descriptors(
+                    self.now,
+                    arrival,
+                    datagram,
+                    &mut self.stats,
+                );
+            }
+            Err(e) => {
+                report::log_limited(
+                    &mut self.socket_log,
+                    self.now,
+                    log::Level::Warn,
+                    format_args!(
+                        "{peer}: cannot open a session socket on {}: {e}",
+                        arrival.local.ip()
+                    ),
+                );
+                self.stats.send_errors += 1;
+                return;
+            }
+        };
         let id = self.table.next_id();
         let notifier = Notifier::new(self.source_ready.clone(), id);
         let read_request = ReadRequest {
@@ -571,7 +583,16 @@ impl<H: Handler> Server<H> {
             options: request.options,
             notifier: &notifier,
         };
-        let filename = read_request.filename_lossy().into_owned();
+        // What the session keeps of the request (bounded), also for the log lines here.
+        let info = RequestInfo::new(
+            peer,
+            arrival.local,
+            request.filename,
+            mode,
+            request.options,
+            std::time::SystemTime::now(),
+        );
+        let filename = &info.filename;
         let handler = &mut self.handler;
         let opened = self.user_code.run(
             &mut self.stats,
@@ -598,7 +619,10 @@ impl<H: Handler> Server<H> {
             }
             None => return self.refuse(arrival, &internal_error()),
         };
-        let (now, config) = (self.now, self.settings.config);
+        // In single-port mode capped, then cut to the window memory left.
+        let mut config = self.settings.config;
+        config.limits = self.table.window_limits(self.settings.session_limits());
+        let now = self.now;
         let created = self.user_code.run(
             &mut self.stats,
             self.now,
@@ -620,18 +644,6 @@ impl<H: Handler> Server<H> {
             };
             return self.user_code.drop(&mut self.stats, now, what, session);
         }
-        let info = RequestInfo {
-            peer,
-            local: arrival.local,
-            filename,
-            mode,
-            options: request
-                .options
-                .iter()
-                .map(|o| (lossy(o.name), lossy(o.value)))
-                .collect(),
-            start_time: std::time::SystemTime::now(),
-        };
         self.table
             .insert(id, SessionEntry::new(id, transport, session, info));
         self.admission.session_started(peer, id);
@@ -669,7 +681,7 @@ impl<H: Handler> Server<H> {
             match self.receive(id) {
                 Received::Fed => self.drive(id),
                 Received::Stray => {}
-                Received::Empty | Received::Gone => return,
+                Received::Empty | Received::Gone | Received::Unreachable => return,
             }
         }
     }
@@ -686,13 +698,16 @@ impl<H: Handler> Server<H> {
                     }
                 }
                 Received::Empty => return self.drive(id),
-                Received::Gone => return,
+                Received::Gone | Received::Unreachable => return,
             }
         }
     }
 
     /// Reads one datagram from the session's own socket and hands it to the session; a
-    /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though).
+    /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though; the
+    /// socket is connected to the peer, so the kernel lets none through in practice). When
+    /// the kernel reports the peer unreachable (an ICMP error), the session ends at once
+    /// with [`Outcome::PeerUnreachable`], sending nothing more.
     #[inline(always)]
     fn receive(&mut self, id: SessionId) -> Received {
         loop {
@@ -706,6 +721,11 @@ impl<H: Handler> Server<H> {
                 Ok(received) => received,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Received::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if transport::peer_unreachable(&e) => {
+                    debug!("{}: unreachable ({e}), session ended", entry.request.peer);
+                    self.finish(id, Outcome::PeerUnreachable);
+                    return Received::Unreachable;
+                }
                 Err(e) => {
                     debug!("{}: session receive failed: {e}", entry.request.peer);
                     continue;
@@ -779,13 +799,17 @@ impl<H: Handler> Server<H> {
                         None => {}
                     }
                     let peer = request.peer;
-                    self.sender.transmit(
+                    let reachable = self.sender.transmit(
                         &self.listeners,
                         transport,
                         peer,
                         &transmit,
                         &mut self.stats,
                     );
+                    if !reachable {
+                        debug!("{peer}: unreachable, session ended");
+                        return self.finish(id, Outcome::PeerUnreachable);
+                    }
                 }
                 Some(Output::Wait(deadline)) => return self.table.arm(id, deadline),
                 Some(Output::Done(outcome)) => return self.finish(id, outcome),
@@ -806,11 +830,6 @@ impl<H: Handler> Server<H> {
 /// Whether an error means the process or system is out of file descriptors.
 fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// Bytes from the wire as text, invalid UTF-8 replaced.
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// What a client is told when user code failed on its request.

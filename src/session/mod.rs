@@ -136,12 +136,16 @@ pub enum Outcome {
     Panicked,
     /// The server shut down before the transfer ended; the client got ERROR 0.
     ShutDown,
+    /// The kernel reported the client unreachable (an ICMP port or host unreachable for a
+    /// session socket of the normal mode: nobody listens there, or the request was
+    /// spoofed); nothing more was sent.
+    PeerUnreachable,
 }
 
 impl Outcome {
     /// Every outcome, one of each kind ([`PeerError`](Outcome::PeerError) with code 0):
     /// what a metrics exporter lists so that each series exists from the start.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Completed,
         Outcome::FinalAckMissing,
         Outcome::Probe,
@@ -152,6 +156,7 @@ impl Outcome {
         Outcome::SourceStalled,
         Outcome::Panicked,
         Outcome::ShutDown,
+        Outcome::PeerUnreachable,
     ];
 
     /// The outcome named `name` by [`as_str`](Self::as_str) (`peer_error` gives
@@ -181,6 +186,7 @@ impl Outcome {
             Outcome::SourceStalled => "source_stalled",
             Outcome::Panicked => "panicked",
             Outcome::ShutDown => "shut_down",
+            Outcome::PeerUnreachable => "peer_unreachable",
         }
     }
 }
@@ -1044,7 +1050,8 @@ mod tests {
                 | Outcome::ReadFailed
                 | Outcome::SourceStalled
                 | Outcome::Panicked
-                | Outcome::ShutDown => {}
+                | Outcome::ShutDown
+                | Outcome::PeerUnreachable => {}
             }
             assert_eq!(Outcome::from_name(outcome.as_str()), Some(outcome));
         }
