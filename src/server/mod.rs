@@ -31,8 +31,10 @@
 //!    the sessions' ACKs (requests then wait in admission's queue). Each datagram gets a
 //!    verdict from admission, which the loop carries out.
 //! 4. Drain every readable session socket until `WouldBlock`: datagrams from the session's
-//!    peer go to its [`Session`]; datagrams from anyone else get ERROR 5 and the session
-//!    goes on.
+//!    peer go to its [`Session`] (the socket is connected to the peer, so the kernel drops
+//!    anyone else's; one that got through would get ERROR 5 and the session goes on). An
+//!    ICMP error from the peer (`ECONNREFUSED`) ends the session at once with
+//!    [`Outcome::PeerUnreachable`].
 //! 5. If the waker fired, resume the sessions whose sources signalled readiness through
 //!    their [`Notifier`] (a source that returned `WouldBlock` is not read again before).
 //! 6. Fire due timers; start waiting requests while there is room; report statistics when
@@ -42,6 +44,11 @@
 //! one GSO send when it can), its next deadline is put in the timer wheel (at most one live
 //! entry per session; an entry that fires early is harmless), and a finished session is
 //! reported and removed.
+//!
+//! A session starts under the configured limits, capped in single-port mode
+//! ([`ServerBuilder::single_port_limits`]) and cut to the window memory left
+//! ([`ServerBuilder::window_memory`]); what it keeps of its request is bounded (3 KiB at
+//! most, see `table`).
 
 mod admission;
 mod budget;
@@ -116,8 +123,6 @@ enum Received {
     Empty,
     /// The session is gone, or has no socket of its own.
     Gone,
-    /// The kernel reported the peer unreachable: the session ended.
-    Unreachable,
 }
 
 /// A TFTP server: listeners, sessions and the handler, on one thread.
@@ -681,7 +686,7 @@ impl<H: Handler> Server<H> {
             match self.receive(id) {
                 Received::Fed => self.drive(id),
                 Received::Stray => {}
-                Received::Empty | Received::Gone | Received::Unreachable => return,
+                Received::Empty | Received::Gone => return,
             }
         }
     }
@@ -698,7 +703,7 @@ impl<H: Handler> Server<H> {
                     }
                 }
                 Received::Empty => return self.drive(id),
-                Received::Gone | Received::Unreachable => return,
+                Received::Gone => return,
             }
         }
     }
@@ -723,8 +728,8 @@ impl<H: Handler> Server<H> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if transport::peer_unreachable(&e) => {
                     debug!("{}: unreachable ({e}), session ended", entry.request.peer);
-                    self.finish(id, Outcome::PeerUnreachable);
-                    return Received::Unreachable;
+                    entry.session.end(self.now, Outcome::PeerUnreachable);
+                    return Received::Fed;
                 }
                 Err(e) => {
                     debug!("{}: session receive failed: {e}", entry.request.peer);
@@ -808,7 +813,9 @@ impl<H: Handler> Server<H> {
                     );
                     if !reachable {
                         debug!("{peer}: unreachable, session ended");
-                        return self.finish(id, Outcome::PeerUnreachable);
+                        if let Some(entry) = self.table.get_mut(id) {
+                            entry.session.end(self.now, Outcome::PeerUnreachable);
+                        }
                     }
                 }
                 Some(Output::Wait(deadline)) => return self.table.arm(id, deadline),

@@ -486,6 +486,16 @@ impl Session {
         }
     }
 
+    /// Ends the session at once with `outcome`, sending nothing more (the driver learnt
+    /// that the peer cannot be reached, [`Outcome::PeerUnreachable`]). Nothing happens if
+    /// it has ended already.
+    pub fn end(&mut self, now: Instant, outcome: Outcome) {
+        self.now = now;
+        if !matches!(self.state, State::Done(_)) {
+            self.finish(outcome);
+        }
+    }
+
     /// The next thing to do. Call until it returns `Wait` or `Done`.
     ///
     /// `max_datagrams` is the most datagrams one [`Transmit`] may carry. With more than
@@ -1031,6 +1041,28 @@ mod tests {
                 other => panic!("not DATA: {other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn end_finishes_at_once_without_sending() {
+        let mut h = Harness::new(b"", b"abc".to_vec(), SessionConfig::default());
+        let (sent, _) = h.drain();
+        assert_eq!(sent, vec![data(1, b"abc")]);
+        let later = h.now + Duration::from_millis(10);
+        h.session.end(later, Outcome::PeerUnreachable);
+        assert_eq!(
+            h.session.poll_output(64),
+            Output::Done(Outcome::PeerUnreachable)
+        );
+        assert_eq!(h.session.stats().outcome, Some(Outcome::PeerUnreachable));
+        assert_eq!(h.session.stats().finished, Some(later));
+        assert_eq!(h.session.stats().packets_sent, 1);
+        // Once ended, it stays so.
+        h.session.end(later, Outcome::TimedOut);
+        assert_eq!(
+            h.session.poll_output(64),
+            Output::Done(Outcome::PeerUnreachable)
+        );
     }
 
     #[test]
