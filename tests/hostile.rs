@@ -557,7 +557,9 @@ fn options_up_to_the_request_cap(mode: Mode) {
     let names: Vec<String> = (0..200).map(|i| format!("x{i}")).collect();
     let mut options: Vec<(&str, &str)> = vec![("x-long", long.as_str())];
     let fits = |options: &[(&str, &str)]| {
-        rrq_bytes(b"1024.bin", "octet", options).len() + "tsize\00\0".len() <= MAX_REQUEST_LEN
+        // Room left for `tsize NUL 0 NUL`.
+        rrq_bytes(b"1024.bin", "octet", options).len() + "tsize".len() + "0".len() + 2
+            <= MAX_REQUEST_LEN
     };
     for name in &names {
         options.push((name.as_str(), "1"));

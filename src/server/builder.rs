@@ -471,10 +471,7 @@ pub(super) fn default_max_sessions(window_memory: usize) -> usize {
 fn max_sessions_for(fd_limit: u64, window_memory: usize) -> usize {
     let by_descriptors = usize::try_from(fd_limit.saturating_sub(64) / 2).unwrap_or(usize::MAX);
     let by_memory = window_memory / SESSION_MEMORY;
-    by_descriptors
-        .min(by_memory)
-        .min(MAX_DEFAULT_SESSIONS)
-        .max(1)
+    by_descriptors.min(by_memory).clamp(1, MAX_DEFAULT_SESSIONS)
 }
 
 #[cfg(test)]
