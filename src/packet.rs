@@ -1,8 +1,10 @@
 //! The TFTP wire format: RRQ, WRQ, DATA, ACK, ERROR and OACK (RFC 1350, RFC 2347).
 //!
 //! [`Packet::parse`] turns a datagram into a borrowed view in one checked step. It never
-//! allocates and never panics, whatever the input; requests longer than 512 bytes are legal
-//! and are parsed whole. Unknown error codes stay representable as [`ErrorCode::Unknown`].
+//! allocates and never panics, whatever the input. A request (RRQ, WRQ) longer than
+//! [`MAX_REQUEST_LEN`] is refused ([`ParseError::RequestTooLong`]): RFC 2347 caps requests at
+//! 512 bytes, and the cap is twice that for odd firmware. Unknown error codes stay
+//! representable as [`ErrorCode::Unknown`].
 //!
 //! Encoding goes the other way: [`Packet::encode`] appends a packet to a `Vec<u8>`, and the
 //! `write_*` helpers build the packets the server sends on its hot path without any
@@ -14,6 +16,14 @@ use std::fmt;
 /// Largest UDP payload a TFTP packet can have (65,535 bytes minus the IP and UDP headers is
 /// smaller, but a datagram buffer of this size holds any packet).
 pub const MAX_DATAGRAM: usize = 65_535;
+
+/// Longest request (RRQ or WRQ datagram) parsed; longer ones are
+/// [`ParseError::RequestTooLong`]. RFC 2347 says "the maximum size of a request packet is
+/// 512 octets"; real clients stay far below it (a DHCP boot file name is at most 255 bytes,
+/// and firmware asks for at most five options, about 60 bytes). Twice the RFC's limit leaves
+/// room for odd firmware (requests padded with NULs, long paths) while a spoofable request
+/// can no longer carry 65 KB of junk options.
+pub const MAX_REQUEST_LEN: usize = 1024;
 
 /// Size of the DATA header (opcode and block number) in front of the payload.
 pub const DATA_HEADER_LEN: usize = 4;
@@ -202,6 +212,8 @@ pub enum ParseError {
     TrailingBytes,
     /// The datagram is larger than any UDP payload.
     TooLong,
+    /// A request (RRQ or WRQ) longer than [`MAX_REQUEST_LEN`] bytes.
+    RequestTooLong,
 }
 
 impl fmt::Display for ParseError {
@@ -216,6 +228,7 @@ impl fmt::Display for ParseError {
             ParseError::EmptyOptionName => f.write_str("empty option name"),
             ParseError::TrailingBytes => f.write_str("trailing bytes after the packet"),
             ParseError::TooLong => f.write_str("datagram longer than 65535 bytes"),
+            ParseError::RequestTooLong => f.write_str("request too long"),
         }
     }
 }
@@ -410,6 +423,9 @@ impl<'a> Packet<'a> {
         }
         let (op, body) = split_u16(datagram)?;
         let opcode = Opcode::from_u16(op).ok_or(ParseError::UnknownOpcode(op))?;
+        if matches!(opcode, Opcode::Rrq | Opcode::Wrq) && datagram.len() > MAX_REQUEST_LEN {
+            return Err(ParseError::RequestTooLong);
+        }
         Ok(match opcode {
             Opcode::Rrq => Packet::Rrq(parse_request(body)?),
             Opcode::Wrq => Packet::Wrq(parse_request(body)?),
@@ -569,7 +585,8 @@ mod tests {
     }
 
     #[test]
-    fn request_longer_than_512_bytes_is_not_truncated() {
+    fn requests_up_to_the_cap_are_parsed_whole_and_longer_ones_refused() {
+        // 600 bytes: over RFC 2347's 512, within the lenient cap, not truncated.
         let mut bytes = b"\x00\x01".to_vec();
         bytes.extend(std::iter::repeat_n(b'a', 600));
         bytes.extend_from_slice(b"\x00octet\x00timeout\x003\x00");
@@ -578,6 +595,20 @@ mod tests {
         };
         assert_eq!(req.filename.len(), 600);
         assert_eq!(req.options.iter().next().unwrap().value, b"3");
+        // Exactly the cap: parsed; one byte more (NUL padding included): refused.
+        let mut at_cap = b"\x00\x01f\x00octet\x00".to_vec();
+        at_cap.resize(MAX_REQUEST_LEN, 0);
+        assert!(matches!(Packet::parse(&at_cap), Ok(Packet::Rrq(_))));
+        at_cap.push(0);
+        assert_eq!(Packet::parse(&at_cap), Err(ParseError::RequestTooLong));
+        at_cap[1] = 2;
+        assert_eq!(Packet::parse(&at_cap), Err(ParseError::RequestTooLong));
+        // Only requests are capped: a large DATA or ERROR still parses.
+        let mut data = b"\x00\x03\x00\x01".to_vec();
+        data.resize(4 + 8192, 7);
+        assert!(matches!(Packet::parse(&data), Ok(Packet::Data { .. })));
+        // The refusal's text is short: an ERROR quoting it is far smaller than the request.
+        assert!(ParseError::RequestTooLong.to_string().len() < 20);
     }
 
     #[test]

@@ -136,11 +136,14 @@ pub struct SessionStats {
     pub peer: SocketAddr,
     /// The address the client sent its request to.
     pub local: SocketAddr,
-    /// The requested filename (invalid UTF-8 replaced).
+    /// The requested filename (invalid UTF-8 replaced), cut to
+    /// [`STORED_FILENAME_BYTES`](crate::server::STORED_FILENAME_BYTES) (ending with `…`).
     pub filename: String,
     /// The transfer mode.
     pub mode: Mode,
-    /// The options as the client requested them (name, value), in request order.
+    /// The options as the client requested them (name, value), in request order: the
+    /// first [`STORED_OPTIONS`](crate::server::STORED_OPTIONS), names and values cut to
+    /// [`STORED_OPTION_BYTES`](crate::server::STORED_OPTION_BYTES).
     pub requested: Vec<(String, String)>,
     /// Wall-clock time the session started.
     pub start_time: SystemTime,

@@ -30,10 +30,13 @@ fn bed(mode: Mode) -> Bed {
     // Short retransmission settings: a client that never sends its final ACK shows up as
     // FinalAckMissing within a couple of seconds rather than half a minute.
     // Adaptive retransmission on, as dyntftpd runs it.
+    // Large blocks and windows in both modes: single-port mode's default caps are lifted
+    // (they are tested in hostile.rs).
     let server = spawn_fs_with(mode, v4(), root.path(), |b| {
         b.timeout(Duration::from_millis(250))
             .retries(3)
             .adaptive_timeout(true)
+            .single_port_limits(dyntftp::Limits::default())
     });
     Bed {
         server,

@@ -1,9 +1,12 @@
-//! Running out of file descriptors: requests wait instead of failing. Its own test binary,
-//! with a single test, because it lowers the process's descriptor limit.
+//! Running out of file descriptors: requests wait instead of failing; and the default
+//! `max_sessions`, which follows the descriptor limit and the window memory. Its own test
+//! binary, with a single test, because it lowers (then raises) the process's descriptor
+//! limit.
 
 use std::time::Duration;
 
-use dyntftp::{Outcome, Packet};
+use dyntftp::server::{MAX_DEFAULT_SESSIONS, SESSION_MEMORY};
+use dyntftp::{FsHandler, Outcome, Packet, ServerBuilder};
 use testkit::*;
 
 #[test]
@@ -43,4 +46,26 @@ fn requests_wait_for_descriptors_instead_of_failing() {
     assert!(total.descriptor_pauses >= 1, "{total:?}");
     assert_eq!(total.sessions_started, 20);
     assert!(total.rejected.is_empty(), "{:?}", total.rejected);
+    drop(server);
+
+    // Without max_sessions the server raises the soft limit to the hard one and runs at
+    // most half of it (a socket and a file each, 64 spare), at most window memory / 16 KiB
+    // (the least a session costs besides its window), and at most 16,384.
+    let hard = sys::raise_fd_limit(u64::MAX);
+    let by_descriptors = (hard.saturating_sub(64) / 2) as usize;
+    for window_memory in [1 << 20, 64 << 20, 256 << 20, 1 << 30] {
+        let server = ServerBuilder::new(FsHandler::new(root.path()).unwrap())
+            .bind(v4())
+            .window_memory(window_memory)
+            .build()
+            .unwrap();
+        let want = by_descriptors
+            .min(window_memory / SESSION_MEMORY)
+            .clamp(1, MAX_DEFAULT_SESSIONS);
+        assert_eq!(
+            server.max_sessions(),
+            want,
+            "{window_memory} bytes of windows"
+        );
+    }
 }

@@ -21,12 +21,18 @@
 //! | WRQ | ERROR 4 "no writes" |
 //! | RRQ in mode `mail` or an unknown mode | ERROR 4 "bad mode" |
 //! | RRQ with invalid option values | the transfer, the invalid options left out of the OACK |
+//! | RRQ or WRQ longer than 1,024 bytes (`MAX_REQUEST_LEN`) | a short ERROR 4 (counted as malformed) |
+//!
+//! A session's own port (the normal mode) is connected to its client: the kernel drops
+//! anyone else's datagrams, and an ICMP port unreachable from the client ends the session
+//! (`tests/icmp.rs`).
 
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
-use dyntftp::packet::write_error;
+use dyntftp::packet::{write_error, MAX_REQUEST_LEN};
+use dyntftp::server::{STORED_OPTIONS, STORED_OPTION_BYTES};
 use dyntftp::{ErrorCode, Outcome, Packet, SessionStats};
 use testkit::*;
 
@@ -399,27 +405,49 @@ fn hostile_filenames(mode: Mode) {
     .unwrap();
     let mut server = spawn(mode, &root);
 
-    // 60,000 bytes: longer than PATH_MAX, so no such file (ERROR 1), never a crash.
-    let long = vec![b'a'; 60_000];
+    // Names as long as a request may carry (MAX_REQUEST_LEN): no such file (ERROR 1).
     let raw = Raw::new(server.addr);
-    raw.send(server.addr, &rrq_bytes(&long, "octet", &[]));
+    let longest = vec![b'a'; MAX_REQUEST_LEN - 2 - 1 - 6];
+    raw.send(server.addr, &rrq_bytes(&longest, "octet", &[]));
     let (code, message, _) = raw.expect_error();
-    assert_eq!(code, 1, "60,000-byte name: {message}");
+    assert_eq!(code, 1, "{}-byte name: {message}", longest.len());
     assert!(message.len() < 100, "the answer does not echo the name");
-    assert_still_serves(&mut server, "60,000-byte name");
-
-    // 60,000 bytes of path components: still longer than PATH_MAX.
-    let deep: Vec<u8> = b"d/".repeat(30_000);
+    assert_still_serves(&mut server, "longest name");
+    let deep: Vec<u8> = b"d/".repeat(longest.len() / 2);
     raw.send(server.addr, &rrq_bytes(&deep, "octet", &[]));
-    assert_eq!(raw.expect_error().0, 1, "60,000-byte deep path");
-    assert_still_serves(&mut server, "60,000-byte deep path");
+    assert_eq!(raw.expect_error().0, 1, "deepest path");
 
-    // The largest request a UDP datagram can carry (65,507 bytes over IPv4).
+    // Longer requests, up to the largest a UDP datagram can carry (65,507 bytes over
+    // IPv4), are refused with a short ERROR 4 before anything looks at the name.
     let mut huge = vec![b'x'; 65_507 - 2 - 1 - 6];
     huge[0] = b'y';
-    raw.send(server.addr, &rrq_bytes(&huge, "octet", &[]));
-    assert_eq!(raw.expect_error().0, 1, "largest datagram");
-    assert_still_serves(&mut server, "largest datagram");
+    for (case, name) in [
+        ("one byte too long", &longest[..longest.len()]),
+        ("60,000-byte name", &huge[..60_000]),
+        ("60,000-byte deep path", &b"d/".repeat(30_000)[..]),
+        ("largest datagram", &huge[..]),
+    ] {
+        let mut request = rrq_bytes(name, "octet", &[]);
+        if case == "one byte too long" {
+            request.push(0);
+        }
+        raw.send(server.addr, &request);
+        let (datagram, _) = raw.recv();
+        let Ok(Packet::Error { code, .. }) = Packet::parse(&datagram) else {
+            panic!("{case}: not an ERROR: {datagram:?}");
+        };
+        assert_eq!(code, ErrorCode::IllegalOperation, "{case}");
+        assert!(
+            datagram.len() <= 64,
+            "{case}: a short answer ({datagram:?})"
+        );
+        assert_still_serves(&mut server, case);
+    }
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(
+        total.malformed, 4,
+        "the refused requests count as malformed"
+    );
 
     // Non-UTF-8 bytes: passed through as bytes (Linux names are bytes).
     let client = Client::new(mode, server.addr);
@@ -546,30 +574,87 @@ fn invalid_option_values_are_ignored(mode: Mode) {
     assert_eq!(total.malformed, 0);
 }
 
-both_modes!(a_thousand_options);
-fn a_thousand_options(mode: Mode) {
+both_modes!(options_up_to_the_request_cap);
+fn options_up_to_the_request_cap(mode: Mode) {
     let root = standard_root();
     let mut server = spawn(mode, &root);
-    // 999 unknown options, then tsize: only tsize is acknowledged.
-    let names: Vec<String> = (0..999).map(|i| format!("x-opt-{i}")).collect();
-    let values: Vec<String> = (0..999).map(|i| i.to_string()).collect();
-    let mut options: Vec<(&str, &str)> = names
-        .iter()
-        .zip(&values)
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
+    // As many unknown options as a request may carry, then tsize: only tsize is
+    // acknowledged, and the session keeps the first 16 options, each cut to 64 bytes.
+    let long = "v".repeat(100);
+    let names: Vec<String> = (0..200).map(|i| format!("x{i}")).collect();
+    let mut options: Vec<(&str, &str)> = vec![("x-long", long.as_str())];
+    let fits = |options: &[(&str, &str)]| {
+        // Room left for `tsize NUL 0 NUL`.
+        rrq_bytes(b"1024.bin", "octet", options).len() + "tsize".len() + "0".len() + 2
+            <= MAX_REQUEST_LEN
+    };
+    for name in &names {
+        options.push((name.as_str(), "1"));
+        if !fits(&options) {
+            options.pop();
+            break;
+        }
+    }
     options.push(("tsize", "0"));
-    let oack = fetch_with_options(&mut server, &options, 512);
-    assert_eq!(oack, Some(vec![("tsize".into(), "1024".into())]));
-    // A thousand blksize options: the first counts.
-    let sizes: Vec<String> = (0..1000).map(|i| (8 + i).to_string()).collect();
+    assert!(options.len() > 100, "{} options", options.len());
+    let client = Client::new(mode, server.addr);
+    let got = client
+        .fetch(server.addr, "1024.bin", "octet", &options)
+        .expect("a request at the cap is served");
+    assert_eq!(got.oack, Some(vec![("tsize".into(), "1024".into())]));
+    let stats = session_of(&mut server, client.local_addr());
+    assert_eq!(stats.outcome, Outcome::Completed);
+    assert_eq!(stats.requested.len(), STORED_OPTIONS);
+    assert_eq!(stats.requested[0].0, "x-long");
+    assert_eq!(stats.requested[0].1.len(), STORED_OPTION_BYTES);
+    assert!(stats.requested[0].1.ends_with('…'));
+    assert_eq!(stats.requested[1], ("x0".into(), "1".into()));
+
+    // A thousand options do not fit in a request: ERROR 4, and no session.
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    let raw = Raw::new(server.addr);
+    raw.rrq(server.addr, b"1024.bin", "octet", &many);
+    assert_eq!(raw.expect_error().0, 4);
+    // The first occurrence of a repeated option still counts.
+    let sizes: Vec<String> = (0..60).map(|i| (8 + i).to_string()).collect();
     let options: Vec<(&str, &str)> = sizes.iter().map(|v| ("blksize", v.as_str())).collect();
     let oack = fetch_with_options(&mut server, &options, 8);
     assert_eq!(oack, Some(vec![("blksize".into(), "8".into())]));
-    // A thousand options without a value (an empty value each): all ignored.
-    let options: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "")).collect();
-    assert_eq!(fetch_with_options(&mut server, &options, 512), None);
-    assert_still_serves(&mut server, "1,000 options");
+    assert_still_serves(&mut server, "options up to the cap");
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.sessions_started, 3);
+}
+
+both_modes!(a_stuffed_65_kb_request_is_refused_with_a_short_error);
+/// The F2 request: `timeout 255` and then 65 KB of `a\0\0` options, sent to the listener,
+/// gets a short ERROR 4 and starts nothing.
+fn a_stuffed_65_kb_request_is_refused_with_a_short_error(mode: Mode) {
+    let root = standard_root();
+    let mut server = spawn(mode, &root);
+    let mut stuffed = rrq_bytes(b"small.txt", "octet", &[("timeout", "255")]);
+    while stuffed.len() + 3 <= 65_507 {
+        stuffed.extend_from_slice(b"a\0\0");
+    }
+    let raw = Raw::new(server.addr);
+    raw.send(server.addr, &stuffed);
+    let (datagram, from) = raw.recv();
+    assert!(
+        matches!(
+            Packet::parse(&datagram),
+            Ok(Packet::Error {
+                code: ErrorCode::IllegalOperation,
+                ..
+            })
+        ),
+        "{datagram:?}"
+    );
+    assert!(datagram.len() <= 64, "{} bytes", datagram.len());
+    assert_eq!(from.ip(), server.addr.ip());
+    assert_nothing_before_probe(&server, &raw, "stuffed request");
+    let total = sum_reports(&server.reports_until_next());
+    assert_eq!(total.sessions_started, 0, "no session for it");
+    assert_eq!(total.malformed, 1);
+    assert_still_serves(&mut server, "stuffed request");
 }
 
 /// Starts a transfer of `name` with `raw`, returning the session's TID after DATA 1 (or
@@ -802,12 +887,18 @@ fn packets_out_of_place_from_the_peer(mode: Mode) {
     assert_still_serves(&mut server, "packets out of place");
 }
 
-both_modes!(stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes);
-fn stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes(mode: Mode) {
+both_modes!(stray_tids_flooding_a_session_are_dropped_or_answered_and_the_session_completes);
+/// Strangers flood a session's port during a transfer. In the normal mode the session's
+/// socket is connected to its client, so the kernel drops their datagrams (and answers
+/// them with ICMP port unreachable); in single-port mode the port is the listener's,
+/// which answers each one that is not an ERROR with at most one short ERROR (5, or 4 for
+/// a datagram that is no packet at all).
+fn stray_tids_flooding_a_session_are_dropped_or_answered_and_the_session_completes(mode: Mode) {
     let root = standard_root();
     let mut server = spawn(mode, &root);
     let client = Client::new(mode, server.addr);
     let strays: Vec<Raw> = (0..5).map(|_| Raw::new(server.addr)).collect();
+    let listener = server.addr;
     let mut flooded = 0u64;
     let mut answered = 0u64;
     let got = client
@@ -833,13 +924,35 @@ fn stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes(mode
                         stray.send(p.server, datagram);
                         flooded += 1;
                     }
-                    // One ERROR 5, from the session's port, for the DATA: the others are
-                    // shorter than the answer would be, or an ERROR. (In single-port mode
-                    // that port is the listener's, where the garbage is a malformed
-                    // request, too short for an answer too.)
-                    let (code, message, from) = stray.expect_error();
-                    assert_eq!((code, from), (5, p.server), "{message}");
-                    answered += 1;
+                    // What came back before the answer to a probe: nothing in the normal
+                    // mode (the kernel drops strays to a connected socket); in single-port
+                    // mode one ERROR 5, from the session's port, for the DATA: the others
+                    // are shorter than the answer would be, or an ERROR.
+                    stray.rrq(listener, b"probe-missing-file", "octet", &[]);
+                    let mut answers = 0;
+                    loop {
+                        let (datagram, from) = stray.recv();
+                        let Ok(Packet::Error { code, message }) = Packet::parse(&datagram) else {
+                            panic!("a stray got {datagram:?} from {from}");
+                        };
+                        if code == ErrorCode::FileNotFound {
+                            break;
+                        }
+                        let message = String::from_utf8_lossy(message);
+                        assert!(mode.is_single_port(), "normal mode: {code} {message}");
+                        assert_eq!(from, p.server, "{code} {message}");
+                        assert!(
+                            matches!(
+                                code,
+                                ErrorCode::UnknownTransferId | ErrorCode::IllegalOperation
+                            ),
+                            "{code} {message}"
+                        );
+                        answers += 1;
+                    }
+                    let expected = u64::from(mode.is_single_port());
+                    assert_eq!(answers, expected, "answers to 4 datagrams and an ERROR");
+                    answered += answers;
                 }
             },
         )
@@ -852,18 +965,112 @@ fn stray_tids_flooding_a_session_each_get_error_5_and_the_session_completes(mode
     assert_eq!(stats.transfer.duplicate_acks, 0);
     assert_eq!(stats.transfer.unexpected_acks, 0);
     assert_eq!(stats.transfer.packets_resent, 0);
+    assert_eq!(stats.transfer.malformed, 0, "nothing reached the session");
     let total = sum_reports(&server.reports_until_next());
     if mode.is_single_port() {
-        // The unparseable fifth of the flood counts as malformed there.
-        assert_eq!(total.stray_datagrams, flooded / 5 * 4);
-        assert_eq!(total.malformed, flooded / 5);
+        // Each datagram was looked at by the listener's admission: a stray, or malformed
+        // (the unparseable fifth).
+        assert_eq!(total.stray_datagrams + total.malformed, flooded);
     } else {
-        assert_eq!(total.stray_datagrams, flooded);
+        // The kernel dropped them all before the server saw any.
+        assert_eq!(total.stray_datagrams, 0);
+        assert_eq!(answered, 0);
     }
-    assert_eq!(answered, flooded / 5);
+    if mode.is_single_port() {
+        assert_eq!(answered, flooded / 5);
+    }
     // Nothing more for the strays.
     for stray in &strays {
         assert_nothing_before_probe(&server, stray, "stray after the flood");
     }
+    assert!(flooded >= 5 * 5 * 9, "{flooded} datagrams flooded");
     assert_still_serves(&mut server, "stray flood");
+}
+
+both_modes!(single_port_mode_caps_blksize_and_window);
+/// Single-port mode caps blksize and window by default (a spoofed ACK there releases at
+/// most 8 blocks of 1468 bytes); the normal mode grants what the general limits allow;
+/// an operator can lift the cap.
+fn single_port_mode_caps_blksize_and_window(mode: Mode) {
+    let root = standard_root();
+    let ask = [("blksize", "65464"), ("windowsize", "64")];
+    let granted = |server: &mut ServerGuard| {
+        let client = Client::new(server.mode, server.addr);
+        // A one-block file: what is negotiated shows, without a 1 MiB window of 64 KiB
+        // datagrams to a test socket.
+        let got = client
+            .fetch(server.addr, "1024.bin", "octet", &ask)
+            .expect("fetch");
+        assert_eq!(got.data, content("1024.bin"));
+        let stats = session_of(server, client.local_addr());
+        assert_eq!(stats.outcome, Outcome::Completed);
+        let n = stats.transfer.negotiated;
+        (n.blksize, n.window)
+    };
+    let mut server = spawn(mode, &root);
+    let want = if mode.is_single_port() {
+        (1468, 8)
+    } else {
+        // 1 MiB / 65464: 16 blocks.
+        (65464, 16)
+    };
+    assert_eq!(granted(&mut server), want);
+    drop(server);
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.single_port_limits(dyntftp::Limits::default())
+    });
+    assert_eq!(granted(&mut server), (65464, 16), "the cap lifted");
+}
+
+both_modes!(a_spent_window_budget_shrinks_the_next_sessions_window);
+/// With a window memory budget of 12 blocks of 1024 bytes, a second session that starts
+/// while the first holds its window is granted what is left; when the first ends, its
+/// share comes back.
+fn a_spent_window_budget_shrinks_the_next_sessions_window(mode: Mode) {
+    let root = standard_root();
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        // Set: the default max_sessions would follow the tiny budget (one session).
+        b.window_memory(12 * 1028)
+            .max_sessions(8)
+            .timeout(Duration::from_secs(3))
+            .stats_interval(Duration::from_millis(50))
+    });
+    let ask = [("blksize", "1024"), ("windowsize", "16")];
+    let listener = server.addr;
+    let oack_window = |raw: &Raw| -> (u16, SocketAddr) {
+        raw.rrq(listener, b"big.bin", "octet", &ask);
+        let (datagram, tid) = raw.recv();
+        let Ok(Packet::Oack(options)) = Packet::parse(&datagram) else {
+            panic!("expected an OACK: {datagram:?}");
+        };
+        let window = options
+            .iter()
+            .find(|o| o.is("windowsize"))
+            .map(|o| String::from_utf8_lossy(o.value).parse().unwrap())
+            .expect("windowsize acknowledged");
+        (window, tid)
+    };
+    // The first session takes 12 blocks (8 in single-port mode, its cap), the second what
+    // is left: one block (4).
+    let (first_want, second_want) = if mode.is_single_port() {
+        (8, 4)
+    } else {
+        (12, 1)
+    };
+    let first = Raw::new(server.addr);
+    let (window, first_tid) = oack_window(&first);
+    assert_eq!(window, first_want);
+    let second = Raw::new(server.addr);
+    let (window, _) = oack_window(&second);
+    assert_eq!(window, second_want, "the second session gets what is left");
+    // The first ends (its client gives up): a third session gets its share back.
+    let mut error = Vec::new();
+    write_error(&mut error, ErrorCode::NotDefined, "bye");
+    first.send(first_tid, &error);
+    let stats = session_of(&mut server, first.local_addr());
+    assert_eq!(stats.transfer.negotiated.window, first_want);
+    let third = Raw::new(server.addr);
+    let (window, _) = oack_window(&third);
+    let left_after_second = 12 - second_want.min(12);
+    assert_eq!(window, first_want.min(left_after_second));
 }

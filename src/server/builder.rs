@@ -15,6 +15,7 @@ use crate::session::SessionConfig;
 use crate::sys;
 
 use super::admission::Policy;
+use super::budget::BUDGET_FLOOR_BLKSIZE;
 use super::workers::PreparedLoop;
 use super::Server;
 
@@ -100,9 +101,39 @@ pub(super) struct Settings {
     pub(super) single_port: bool,
     pub(super) udp_gso: bool,
     pub(super) busy_poll: Duration,
+    /// Bytes the running sessions' windows may hold together (see
+    /// [`ServerBuilder::window_memory`]).
+    pub(super) window_memory: usize,
+    /// What single-port sessions are granted at most, on top of `config.limits`.
+    pub(super) single_port_limits: Limits,
 }
 
 impl Settings {
+    /// The limits a new session is negotiated under before the window budget: the
+    /// configured ones, and in single-port mode no more than [`single_port_limits`](
+    /// ServerBuilder::single_port_limits).
+    pub(super) fn session_limits(&self) -> Limits {
+        let limits = self.config.limits;
+        if !self.single_port {
+            return limits;
+        }
+        let cap = self.single_port_limits;
+        Limits {
+            max_blksize: limits.max_blksize.min(cap.max_blksize),
+            max_window: limits.max_window.min(cap.max_window),
+            max_window_bytes: limits.max_window_bytes.min(cap.max_window_bytes),
+        }
+    }
+
+    /// The settings of one of `workers` loops: each gets its share of the window memory
+    /// (as of `max_sessions`).
+    pub(super) fn per_worker(&self, workers: usize) -> Settings {
+        Settings {
+            window_memory: self.window_memory / workers.max(1),
+            ..*self
+        }
+    }
+
     /// What admission enforces with these settings and `max_sessions`.
     pub(super) fn policy(&self, max_sessions: usize) -> Policy {
         Policy {
@@ -128,12 +159,42 @@ pub const DEFAULT_MAX_UNVERIFIED_PER_CLIENT: u32 = 4;
 /// answers well within it.
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 
+/// Default of [`ServerBuilder::window_memory`]: 256 MiB, room for 256 windows of the
+/// largest size granted by default (1 MiB), or about 2,700 full windows of the largest
+/// clients ask for in practice (64 × 1468 bytes); a boot storm of EDK2 clients (window 4 ×
+/// 1468) takes 6 MB per thousand.
+pub const DEFAULT_WINDOW_MEMORY: usize = 256 << 20;
+
+/// What a session costs at least, besides its window, counted to derive the default
+/// `max_sessions` from [`ServerBuilder::window_memory`]: its state, what it keeps of its
+/// request (3 KiB at most), its socket in the kernel and a spent budget's one-block
+/// window, rounded up. With `window_memory / SESSION_MEMORY` sessions at most, what
+/// sessions hold besides their windows is at most the window budget again.
+pub const SESSION_MEMORY: usize = 16 << 10;
+
+/// The most sessions by default, whatever the descriptor limit and the window budget
+/// allow: below Linux's default ephemeral port range (32768–60999, 28,232 ports), from
+/// which every session of the normal mode takes a port.
+pub const MAX_DEFAULT_SESSIONS: usize = 16_384;
+
+/// The limits single-port sessions are granted by default (see
+/// [`ServerBuilder::single_port_limits`]): blocks of at most 1468 bytes (a 1500-byte MTU
+/// minus the IPv4, UDP and TFTP headers, as dnsmasq clamps to the MTU) and windows of at
+/// most 8 blocks, so that one spoofed ACK can make the server send at most 8 × 1472
+/// bytes.
+pub const SINGLE_PORT_LIMITS: Limits = Limits {
+    max_blksize: BUDGET_FLOOR_BLKSIZE,
+    max_window: 8,
+    max_window_bytes: 8 * BUDGET_FLOOR_BLKSIZE as usize,
+};
+
 impl<H: Handler> ServerBuilder<H> {
     /// A builder serving requests through `handler`, with the defaults: timeout 1 s,
-    /// 5 retries, max blksize 65464, max window 64 blocks and 1 MiB, stats every 60 s,
-    /// `max_sessions` from the file-descriptor limit, 5 s shutdown grace, and the abuse
-    /// limits [`Rate::DEFAULT`] and [`DEFAULT_MAX_SESSIONS_PER_CLIENT`] per client
-    /// (loopback clients exempt).
+    /// 5 retries, max blksize 65464, max window 64 blocks and 1 MiB
+    /// ([`SINGLE_PORT_LIMITS`] in single-port mode), [`DEFAULT_WINDOW_MEMORY`] for all
+    /// windows together, stats every 60 s, `max_sessions` from the file-descriptor limit
+    /// and the window memory, 5 s shutdown grace, and the abuse limits [`Rate::DEFAULT`]
+    /// and [`DEFAULT_MAX_SESSIONS_PER_CLIENT`] per client (loopback clients exempt).
     pub fn new(handler: H) -> ServerBuilder<H> {
         ServerBuilder {
             handler,
@@ -151,6 +212,8 @@ impl<H: Handler> ServerBuilder<H> {
                 single_port: false,
                 udp_gso: true,
                 busy_poll: DEFAULT_BUSY_POLL,
+                window_memory: DEFAULT_WINDOW_MEMORY,
+                single_port_limits: SINGLE_PORT_LIMITS,
             },
         }
     }
@@ -205,9 +268,35 @@ impl<H: Handler> ServerBuilder<H> {
 
     /// Most sessions at once. With all running, a request takes the slot of the oldest
     /// session that has had no ACK for a retransmission timeout; when there is none, it
-    /// waits (a few seconds at most) for a slot.
+    /// waits (a few seconds at most) for a slot. By default the least of: half the
+    /// file-descriptor limit (less 64 spare; a session holds a socket and usually a file),
+    /// [`window_memory`](Self::window_memory) / [`SESSION_MEMORY`] (16,384 with the default
+    /// budget), and [`MAX_DEFAULT_SESSIONS`].
     pub fn max_sessions(mut self, max: usize) -> Self {
         self.max_sessions = Some(max);
+        self
+    }
+
+    /// Bytes the windows of all running sessions may hold together (default
+    /// [`DEFAULT_WINDOW_MEMORY`], 256 MiB; divided between [`Workers`](super::Workers)).
+    /// Each session reserves its window's most, `(4 + blksize) × window` bytes, while it
+    /// runs. Once the sum nears the budget, new sessions get smaller windows, down to one
+    /// block; when not even one block of the largest size allowed fits, one block of at
+    /// most 1468 bytes. Nobody is refused for it: the transfers are only slower.
+    pub fn window_memory(mut self, bytes: usize) -> Self {
+        self.settings.window_memory = bytes;
+        self
+    }
+
+    /// The most a session is granted in [single-port mode](Self::single_port), on top of
+    /// the other limits (default [`SINGLE_PORT_LIMITS`]: blksize 1468, window 8 blocks and
+    /// 11,744 bytes). There, the server's port is known and a session is found by the
+    /// client's address and port alone, which a blind attacker can spoof: every ACK it
+    /// forges in the window makes the server send part of a window to the victim. The cap
+    /// bounds what one forged ACK can release. Raise it (e.g. to [`Limits::default()`])
+    /// only where source addresses cannot be spoofed (BCP 38 filtering on the way in).
+    pub fn single_port_limits(mut self, limits: Limits) -> Self {
+        self.settings.single_port_limits = limits;
         self
     }
 
@@ -320,7 +409,7 @@ impl<H: Handler> ServerBuilder<H> {
     pub fn build(mut self) -> Result<Server<H>, Error> {
         self.validate()?;
         let std_sockets = self.bind_all(false)?;
-        let max_sessions = self.max_sessions.unwrap_or_else(default_max_sessions);
+        let max_sessions = self.resolved_max_sessions();
         let prepared = PreparedLoop::new(self.handler, std_sockets, self.settings, max_sessions)?;
         Ok(Server::start(prepared))
     }
@@ -345,18 +434,30 @@ impl<H: Handler> ServerBuilder<H> {
         Ok(std_sockets)
     }
 
+    /// `max_sessions`, or the default (see [`max_sessions`](Self::max_sessions)).
+    pub(super) fn resolved_max_sessions(&self) -> usize {
+        self.max_sessions
+            .unwrap_or_else(|| default_max_sessions(self.settings.window_memory))
+    }
+
     /// Checks the settings as [`build`](Self::build) does, without binding anything: what
     /// a configuration checker runs to refuse exactly what start-up would refuse.
     pub fn validate(&self) -> Result<(), Error> {
-        let limits: Limits = self.settings.config.limits;
-        if !(MIN_BLKSIZE..=MAX_BLKSIZE).contains(&limits.max_blksize) {
-            return Err(Error::Config(format!(
-                "max blksize must be {MIN_BLKSIZE}..={MAX_BLKSIZE}, not {}",
-                limits.max_blksize
-            )));
-        }
-        if limits.max_window == 0 {
-            return Err(Error::Config("max window must be at least 1".into()));
+        for (what, limits) in [
+            ("", self.settings.config.limits),
+            ("single-port ", self.settings.single_port_limits),
+        ] {
+            if !(MIN_BLKSIZE..=MAX_BLKSIZE).contains(&limits.max_blksize) {
+                return Err(Error::Config(format!(
+                    "{what}max blksize must be {MIN_BLKSIZE}..={MAX_BLKSIZE}, not {}",
+                    limits.max_blksize
+                )));
+            }
+            if limits.max_window == 0 {
+                return Err(Error::Config(format!(
+                    "{what}max window must be at least 1"
+                )));
+            }
         }
         if self.settings.config.timeout.is_zero() {
             return Err(Error::Config("timeout must be more than zero".into()));
@@ -400,8 +501,79 @@ impl<H: Handler> ServerBuilder<H> {
     }
 }
 
-/// The most sessions by default: each holds a socket and usually an open file; some
-/// descriptors are kept spare. Raises the soft descriptor limit to the hard one.
-pub(super) fn default_max_sessions() -> usize {
-    (sys::raise_fd_limit().unwrap_or(1024).saturating_sub(64) / 2).max(1) as usize
+/// The most sessions by default (see [`ServerBuilder::max_sessions`]) with a window
+/// budget of `window_memory`. Raises the soft descriptor limit to the hard one.
+pub(super) fn default_max_sessions(window_memory: usize) -> usize {
+    let fd_limit = sys::raise_fd_limit().unwrap_or(1024);
+    max_sessions_for(fd_limit, window_memory)
+}
+
+/// The default `max_sessions` under a descriptor limit of `fd_limit` and a window budget
+/// of `window_memory`: each session holds a socket and usually an open file (64
+/// descriptors kept spare), and [`SESSION_MEMORY`] besides its window; never more than
+/// [`MAX_DEFAULT_SESSIONS`], never less than 1.
+fn max_sessions_for(fd_limit: u64, window_memory: usize) -> usize {
+    let by_descriptors = usize::try_from(fd_limit.saturating_sub(64) / 2).unwrap_or(usize::MAX);
+    let by_memory = window_memory / SESSION_MEMORY;
+    by_descriptors.min(by_memory).clamp(1, MAX_DEFAULT_SESSIONS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::ReadRequest;
+    use crate::handler::Reject;
+    use crate::response::ResponseData;
+
+    #[test]
+    fn default_max_sessions_is_the_least_of_descriptors_memory_and_the_ceiling() {
+        let budget = DEFAULT_WINDOW_MEMORY;
+        // This machine's 20,000 descriptors; the shipped unit's 65,536; systemd's hard
+        // default of 524,288; the usual soft 1,024.
+        assert_eq!(max_sessions_for(20_000, budget), 9_968);
+        assert_eq!(max_sessions_for(65_536, budget), 16_384);
+        assert_eq!(max_sessions_for(524_288, budget), 16_384);
+        assert_eq!(max_sessions_for(1_024, budget), 480);
+        // Memory: 64 MiB of windows allow 4,096 sessions; 1 GiB would allow 65,536, but
+        // the ceiling holds.
+        assert_eq!(max_sessions_for(524_288, 64 << 20), 4_096);
+        assert_eq!(max_sessions_for(524_288, 1 << 30), MAX_DEFAULT_SESSIONS);
+        // Never zero.
+        assert_eq!(max_sessions_for(10, budget), 1);
+        assert_eq!(max_sessions_for(524_288, 0), 1);
+    }
+
+    struct Nothing;
+
+    impl Handler for Nothing {
+        fn open(&mut self, _: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+            Err(Reject::new(crate::packet::ErrorCode::FileNotFound, "no"))
+        }
+    }
+
+    #[test]
+    fn single_port_mode_caps_the_limits_and_the_normal_mode_does_not() {
+        let builder = ServerBuilder::new(Nothing);
+        assert_eq!(builder.settings.session_limits(), Limits::default());
+        let builder = builder.single_port(true);
+        assert_eq!(builder.settings.session_limits(), SINGLE_PORT_LIMITS);
+        // The cap never raises a lower limit, and an operator can lift it.
+        let builder = builder.max_window(4).single_port_limits(Limits::default());
+        let limits = builder.settings.session_limits();
+        assert_eq!((limits.max_blksize, limits.max_window), (65464, 4));
+        let bad = ServerBuilder::new(Nothing)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .single_port_limits(Limits {
+                max_window: 0,
+                ..SINGLE_PORT_LIMITS
+            });
+        assert!(matches!(bad.validate(), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn workers_share_the_window_memory() {
+        let settings = ServerBuilder::new(Nothing).window_memory(1000).settings;
+        assert_eq!(settings.per_worker(4).window_memory, 250);
+        assert_eq!(settings.per_worker(1).window_memory, 1000);
+    }
 }

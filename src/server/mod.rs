@@ -30,9 +30,11 @@
 //!    `max_sessions` running, a request takes the slot of the oldest session that never
 //!    got an ACK, or waits in admission's queue, a few seconds at most.
 //! 4. Drain every readable session socket until `WouldBlock`: datagrams from the session's
-//!    peer go to its [`Session`] (admission hears when its first ACK makes it verified);
-//!    datagrams from anyone else get ERROR 5 (if no larger than what they sent) and the
-//!    session goes on.
+//!    peer go to its [`Session`] (admission hears when its first ACK makes it verified).
+//!    The socket is connected to the peer, so the kernel drops anyone else's datagrams;
+//!    one that got through would get ERROR 5 (if no larger than what it sent) and the
+//!    session goes on. An ICMP error from the peer (`ECONNREFUSED`) ends the session at
+//!    once with [`Outcome::PeerUnreachable`].
 //! 5. If the waker fired, resume the sessions whose sources signalled readiness through
 //!    their [`Notifier`] (a source that returned `WouldBlock` is not read again before).
 //! 6. Fire due timers; start waiting requests while there is room; report statistics when
@@ -42,8 +44,14 @@
 //! one GSO send when it can), its next deadline is put in the timer wheel (at most one live
 //! entry per session; an entry that fires early is harmless), and a finished session is
 //! reported and removed.
+//!
+//! A session starts under the configured limits, capped in single-port mode
+//! ([`ServerBuilder::single_port_limits`]) and cut to the window memory left
+//! ([`ServerBuilder::window_memory`]); what it keeps of its request is bounded (3 KiB at
+//! most, see `table`).
 
 mod admission;
+mod budget;
 mod builder;
 mod report;
 mod table;
@@ -69,10 +77,13 @@ use crate::stats::{LogText, ServerStats, SessionLogLimiter};
 use crate::sys;
 
 pub(crate) use self::table::SessionId;
+pub use budget::BUDGET_FLOOR_BLKSIZE;
 pub use builder::{
     Error, ServerBuilder, DEFAULT_BUSY_POLL, DEFAULT_MAX_SESSIONS_PER_CLIENT,
-    DEFAULT_MAX_UNVERIFIED_PER_CLIENT,
+    DEFAULT_MAX_UNVERIFIED_PER_CLIENT, DEFAULT_WINDOW_MEMORY, MAX_DEFAULT_SESSIONS,
+    SESSION_MEMORY, SINGLE_PORT_LIMITS,
 };
+pub use table::{STORED_FILENAME_BYTES, STORED_OPTIONS, STORED_OPTION_BYTES};
 pub use workers::{ShutdownHandle, Workers};
 
 use admission::{Admission, Verdict};
@@ -188,7 +199,7 @@ impl<H: Handler> Server<H> {
             handler,
             settings,
             max_sessions,
-            table: SessionTable::new(now),
+            table: SessionTable::with_window_memory(now, settings.window_memory),
             admission: Admission::new(settings.policy(max_sessions), client_limits),
             sender: Sender::new(settings.udp_gso),
             user_code: UserCode::new(),
@@ -565,31 +576,35 @@ impl<H: Handler> Server<H> {
         let peer = arrival.peer;
         // The session's socket comes first: when descriptors run out, the request waits
         // before the handler has done anything.
-        let mut transport =
-            match Transport::open(self.settings.single_port, arrival.reply, arrival.local) {
-                Ok(transport) => transport,
-                Err(e) if out_of_descriptors(&e) => {
-                    return self.admission.wait_for_descriptors(
-                        self.now,
-                        arrival,
-                        datagram,
-                        &mut self.stats,
-                    );
-                }
-                Err(e) => {
-                    report::log_limited(
-                        &mut self.socket_log,
-                        self.now,
-                        log::Level::Warn,
-                        format_args!(
-                            "{peer}: cannot open a session socket on {}: {e}",
-                            arrival.local.ip()
-                        ),
-                    );
-                    self.stats.send_errors += 1;
-                    return;
-                }
-            };
+        let mut transport = match Transport::open(
+            self.settings.single_port,
+            arrival.reply,
+            arrival.local,
+            peer,
+        ) {
+            Ok(transport) => transport,
+            Err(e) if out_of_descriptors(&e) => {
+                return self.admission.wait_for_descriptors(
+                    self.now,
+                    arrival,
+                    datagram,
+                    &mut self.stats,
+                );
+            }
+            Err(e) => {
+                report::log_limited(
+                    &mut self.socket_log,
+                    self.now,
+                    log::Level::Warn,
+                    format_args!(
+                        "{peer}: cannot open a session socket on {}: {e}",
+                        arrival.local.ip()
+                    ),
+                );
+                self.stats.send_errors += 1;
+                return;
+            }
+        };
         let id = self.table.next_id();
         let notifier = Notifier::new(self.source_ready.clone(), id);
         let read_request = ReadRequest {
@@ -600,7 +615,16 @@ impl<H: Handler> Server<H> {
             options: request.options,
             notifier: &notifier,
         };
-        let filename = read_request.filename_lossy().into_owned();
+        // What the session keeps of the request (bounded), also for the log lines here.
+        let info = RequestInfo::new(
+            peer,
+            arrival.local,
+            request.filename,
+            mode,
+            request.options,
+            std::time::SystemTime::now(),
+        );
+        let filename = &info.filename;
         let handler = &mut self.handler;
         let opened = self.user_code.run(
             &mut self.stats,
@@ -627,7 +651,10 @@ impl<H: Handler> Server<H> {
             }
             None => return self.refuse(arrival, datagram.len(), &internal_error()),
         };
-        let (now, config) = (self.now, self.settings.config);
+        // In single-port mode capped, then cut to the window memory left.
+        let mut config = self.settings.config;
+        config.limits = self.table.window_limits(self.settings.session_limits());
+        let now = self.now;
         let created = self.user_code.run(
             &mut self.stats,
             self.now,
@@ -649,18 +676,6 @@ impl<H: Handler> Server<H> {
             };
             return self.user_code.drop(&mut self.stats, now, what, session);
         }
-        let info = RequestInfo {
-            peer,
-            local: arrival.local,
-            filename,
-            mode,
-            options: request
-                .options
-                .iter()
-                .map(|o| (lossy(o.name), lossy(o.value)))
-                .collect(),
-            start_time: std::time::SystemTime::now(),
-        };
         self.table
             .insert(id, SessionEntry::new(id, transport, session, info));
         self.admission.session_started(self.now, peer, id, &request);
@@ -722,7 +737,10 @@ impl<H: Handler> Server<H> {
 
     /// Reads one datagram from the session's own socket and hands it to the session; a
     /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though, nor a
-    /// datagram shorter than the answer).
+    /// datagram shorter than the answer; the socket is connected to the peer, so the kernel
+    /// lets none through in practice). When the kernel reports the peer unreachable (an
+    /// ICMP error), the session ends at once with [`Outcome::PeerUnreachable`], sending
+    /// nothing more.
     #[inline(always)]
     fn receive(&mut self, id: SessionId) -> Received {
         loop {
@@ -736,6 +754,11 @@ impl<H: Handler> Server<H> {
                 Ok(received) => received,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Received::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if transport::peer_unreachable(&e) => {
+                    debug!("{}: unreachable ({e}), session ended", entry.request.peer);
+                    entry.session.end(self.now, Outcome::PeerUnreachable);
+                    return Received::Fed;
+                }
                 Err(e) => {
                     debug!("{}: session receive failed: {e}", entry.request.peer);
                     continue;
@@ -816,13 +839,19 @@ impl<H: Handler> Server<H> {
                         None => {}
                     }
                     let peer = request.peer;
-                    self.sender.transmit(
+                    let reachable = self.sender.transmit(
                         &self.listeners,
                         transport,
                         peer,
                         &transmit,
                         &mut self.stats,
                     );
+                    if !reachable {
+                        debug!("{peer}: unreachable, session ended");
+                        if let Some(entry) = self.table.get_mut(id) {
+                            entry.session.end(self.now, Outcome::PeerUnreachable);
+                        }
+                    }
                 }
                 Some(Output::Wait(deadline)) => return self.table.arm(id, deadline),
                 Some(Output::Done(outcome)) => return self.finish(id, outcome),
@@ -843,11 +872,6 @@ impl<H: Handler> Server<H> {
 /// Whether an error means the process or system is out of file descriptors.
 fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// Bytes from the wire as text, invalid UTF-8 replaced.
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// What a client is told when user code failed on its request.

@@ -1,8 +1,14 @@
-//! How datagrams leave: a session sends from its own socket (a new port, its transfer ID)
-//! or, in single-port mode, from the listener that received its request, with the address
-//! the client sent to as the source. Windows of DATA go out with UDP GSO, several
-//! datagrams per system call, until the kernel says it cannot. Every send is counted in
-//! [`ServerStats`].
+//! How datagrams leave: a session sends from its own socket (a new port, its transfer ID,
+//! connected to the client) or, in single-port mode, from the listener that received its
+//! request, with the address the client sent to as the source. Windows of DATA go out with
+//! UDP GSO, several datagrams per system call, until the kernel says it cannot. Every send
+//! is counted in [`ServerStats`].
+//!
+//! A session socket is connected to its peer, so the kernel drops other senders' datagrams
+//! (answering them with ICMP port unreachable), sends carry no address, and an ICMP error
+//! from the peer (nobody listens on its port: a closed client, or a spoofed request)
+//! comes back as an error from the next send or receive ([`peer_unreachable`]): the driver
+//! then ends the session at once instead of retransmitting into the void.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
@@ -53,27 +59,39 @@ pub(crate) struct Arrival {
 
 /// Where a session sends from and receives on.
 pub(super) enum Transport {
-    /// Its own socket, on a new port (its transfer ID).
+    /// Its own socket, on a new port (its transfer ID), connected to the peer.
     Own(UdpSocket),
     /// A listener, in single-port mode.
     Shared(ReplyPath),
 }
 
 impl Transport {
-    /// The transport of a new session that asked through `reply` and sent to `local`:
-    /// in single-port mode the listener, else a new socket on the address the client
-    /// sent to.
+    /// The transport of a new session for `peer`, which asked through `reply` and sent to
+    /// `local`: in single-port mode the listener, else a new socket on the address the
+    /// client sent to, connected to `peer`.
     pub(super) fn open(
         single_port: bool,
         reply: ReplyPath,
         local: SocketAddr,
+        peer: SocketAddr,
     ) -> io::Result<Transport> {
         if single_port {
             return Ok(Transport::Shared(reply));
         }
-        let socket = sys::bind_ephemeral(with_scope_of(SocketAddr::new(local.ip(), 0), local))?;
+        let bind = with_scope_of(SocketAddr::new(local.ip(), 0), local);
+        let socket = sys::bind_connected(bind, link_local_scope(peer, local))?;
         Ok(Transport::Own(UdpSocket::from_std(socket)))
     }
+}
+
+/// Whether a send or receive error means the peer cannot be reached: the kernel got an
+/// ICMP error for a connected session socket (port unreachable: `ECONNREFUSED`; host or
+/// network unreachable).
+pub(super) fn peer_unreachable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
+    )
 }
 
 /// Sends what sessions and refusals have to send.
@@ -104,7 +122,8 @@ impl Sender {
     }
 
     /// Sends a session's transmit to `peer`: one datagram, or a run with one GSO send
-    /// (one by one if the kernel refuses GSO, and never GSO again).
+    /// (one by one if the kernel refuses GSO, and never GSO again). Returns false when the
+    /// kernel says the peer is unreachable ([`peer_unreachable`]): the session must end.
     pub(super) fn transmit(
         &mut self,
         listeners: &[Listener],
@@ -112,25 +131,28 @@ impl Sender {
         peer: SocketAddr,
         transmit: &Transmit<'_>,
         stats: &mut ServerStats,
-    ) {
+    ) -> bool {
         if transmit.datagrams == 1 {
             let sent = send(listeners, transport, transmit.contents, peer, None);
             return count_send(stats, sent, 1, transmit.payload, peer);
         }
         let segment = Some(transmit.segment_size as u16);
         match send(listeners, transport, transmit.contents, peer, segment) {
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock && !peer_unreachable(&e) => {
                 info!("UDP segmentation offload unavailable ({e}); sending one datagram per call");
                 self.gso = false;
                 for datagram in transmit.segments() {
                     let sent = send(listeners, transport, datagram, peer, None);
                     let payload = (datagram.len() - DATA_HEADER_LEN) as u64;
-                    count_send(stats, sent, 1, payload, peer);
+                    if !count_send(stats, sent, 1, payload, peer) {
+                        return false;
+                    }
                 }
+                true
             }
             sent => {
                 let datagrams = transmit.datagrams as u64;
-                count_send(stats, sent, datagrams, transmit.payload, peer);
+                count_send(stats, sent, datagrams, transmit.payload, peer)
             }
         }
     }
@@ -150,7 +172,11 @@ impl Sender {
             ErrorCode::UnknownTransferId,
             "unknown transfer id",
         );
-        let sent = send(listeners, transport, &self.scratch, to, None);
+        let sent = match transport {
+            // Not the peer the socket is connected to: an explicit address.
+            Transport::Own(socket) => socket.send_to(&self.scratch, to),
+            Transport::Shared(_) => send(listeners, transport, &self.scratch, to, None),
+        };
         count_send(stats, sent, 1, 0, to);
     }
 
@@ -168,7 +194,7 @@ impl Sender {
         *stats.rejected.entry(reject.code.to_u16()).or_default() += 1;
         self.scratch.clear();
         write_error(&mut self.scratch, reject.code, &reject.message);
-        let sent = Transport::open(single_port, arrival.reply, arrival.local)
+        let sent = Transport::open(single_port, arrival.reply, arrival.local, peer)
             .and_then(|transport| send(listeners, &transport, &self.scratch, peer, None));
         match sent {
             Ok(_) => stats.datagrams_sent += 1,
@@ -180,8 +206,9 @@ impl Sender {
     }
 }
 
-/// Sends `datagrams` to `peer` over `transport`: one datagram, or with `segment` several
-/// of that size back to back in one UDP GSO send.
+/// Sends `datagrams` to the session's `peer` over `transport`: one datagram, or with
+/// `segment` several of that size back to back in one UDP GSO send. A session's own
+/// socket is connected to `peer`: no address goes with the send.
 fn send(
     listeners: &[Listener],
     transport: &Transport,
@@ -190,9 +217,9 @@ fn send(
     segment: Option<u16>,
 ) -> io::Result<usize> {
     match (transport, segment) {
-        (Transport::Own(socket), None) => socket.send_to(datagrams, peer),
+        (Transport::Own(socket), None) => socket.send(datagrams),
         (Transport::Own(socket), Some(segment)) => {
-            sys::send_segments(socket, datagrams, segment, peer)
+            sys::send_segments(socket, datagrams, segment, None)
         }
         (Transport::Shared(reply), segment) => {
             let listener = &listeners[reply.listener];
@@ -203,14 +230,15 @@ fn send(
 }
 
 /// Counts one send of `datagrams` carrying `payload` DATA bytes. A send dropped for a
-/// full buffer is recovered by the retransmission timer.
+/// full buffer is recovered by the retransmission timer. Returns false when the peer is
+/// unreachable ([`peer_unreachable`]).
 fn count_send(
     stats: &mut ServerStats,
     sent: io::Result<usize>,
     datagrams: u64,
     payload: u64,
     peer: SocketAddr,
-) {
+) -> bool {
     match sent {
         Ok(_) => {
             stats.datagrams_sent += datagrams;
@@ -220,8 +248,10 @@ fn count_send(
         Err(e) => {
             stats.send_errors += datagrams;
             debug!("{peer}: send failed: {e}");
+            return !peer_unreachable(&e);
         }
     }
+    true
 }
 
 /// The address a datagram was sent to: the destination the kernel reported (with the
@@ -234,6 +264,17 @@ pub(super) fn destination(listener: SocketAddr, reported: Option<(IpAddr, u32)>)
         }
         Some((ip, _)) => SocketAddr::new(ip, listener.port()),
         None => SocketAddr::new(sys::unmap(listener.ip()), listener.port()),
+    }
+}
+
+/// `peer` with the IPv6 scope of `local` when `peer` is link-local (which needs one to be
+/// connected to); any other address unchanged.
+fn link_local_scope(peer: SocketAddr, local: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V6(v6) if v6.ip().is_unicast_link_local() && v6.scope_id() == 0 => {
+            with_scope_of(peer, local)
+        }
+        _ => peer,
     }
 }
 

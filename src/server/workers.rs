@@ -19,7 +19,7 @@ use crate::stats::ServerStats;
 use crate::sys;
 
 use super::admission::RATE_LIMITER_CLIENTS;
-use super::builder::{default_max_sessions, Error, ServerBuilder, Settings};
+use super::builder::{Error, ServerBuilder, Settings};
 use super::transport::Listener;
 use super::{Server, LISTENER_BASE, WAKER};
 
@@ -37,8 +37,8 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
     /// and `session_finished` on its own clone; state the clones must share (a cache, a
     /// connection pool) goes behind an `Arc`. `server_stats` is called on worker 0's
     /// clone only, with the counters of every worker added up (each worker's counters
-    /// join the first report worker 0 makes after them). `max_sessions` is divided
-    /// between the workers. Inherited sockets ([`socket`](Self::socket)) cannot be
+    /// join the first report worker 0 makes after them). `max_sessions` and
+    /// `window_memory` are divided between the workers. Inherited sockets ([`socket`](Self::socket)) cannot be
     /// shared by several workers: give addresses to bind.
     pub fn build_workers(mut self, n: usize) -> Result<Workers<H>, Error> {
         if n == 0 {
@@ -46,7 +46,7 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
         }
         if n == 1 {
             self.validate()?;
-            let max_sessions = self.max_sessions.unwrap_or_else(default_max_sessions);
+            let max_sessions = self.resolved_max_sessions();
             let sockets = self.bind_all(false)?;
             return Ok(Workers {
                 loops: vec![PreparedLoop::new(
@@ -65,8 +65,9 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
             ));
         }
         self.validate()?;
-        let total = self.max_sessions.unwrap_or_else(default_max_sessions);
+        let total = self.resolved_max_sessions();
         let per_worker = (total / n).max(1);
+        let settings = self.settings.per_worker(n);
         let (stats_tx, stats_rx) = mpsc::channel();
         let client_limits =
             SharedClientLimits::new(self.settings.request_rate, RATE_LIMITER_CLIENTS);
@@ -90,7 +91,7 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
                     .collect::<io::Result<_>>()?;
             }
             let mut prepared =
-                PreparedLoop::new(self.handler.clone(), sockets, self.settings, per_worker)?;
+                PreparedLoop::new(self.handler.clone(), sockets, settings, per_worker)?;
             prepared.client_limits = Some(client_limits.clone());
             if worker == 0 {
                 prepared.stats_from_workers = stats_rx.take();

@@ -182,12 +182,16 @@ pub enum Outcome {
     /// client's cap of unverified sessions, or a different request from the same address
     /// and port); nothing more was sent.
     Evicted,
+    /// The kernel reported the client unreachable (an ICMP port or host unreachable for a
+    /// session socket of the normal mode: nobody listens there, or the request was
+    /// spoofed); nothing more was sent.
+    PeerUnreachable,
 }
 
 impl Outcome {
     /// Every outcome, one of each kind ([`PeerError`](Outcome::PeerError) with code 0):
     /// what a metrics exporter lists so that each series exists from the start.
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Completed,
         Outcome::FinalAckMissing,
         Outcome::Probe,
@@ -199,6 +203,7 @@ impl Outcome {
         Outcome::Panicked,
         Outcome::ShutDown,
         Outcome::Evicted,
+        Outcome::PeerUnreachable,
     ];
 
     /// The outcome named `name` by [`as_str`](Self::as_str) (`peer_error` gives
@@ -229,6 +234,7 @@ impl Outcome {
             Outcome::Panicked => "panicked",
             Outcome::ShutDown => "shut_down",
             Outcome::Evicted => "evicted",
+            Outcome::PeerUnreachable => "peer_unreachable",
         }
     }
 }
@@ -480,12 +486,6 @@ impl Session {
         matches!(self.state, State::Done(_))
     }
 
-    /// True once the peer has acknowledged something it was sent (an ACK that made
-    /// progress): proof that it receives at its address, so the request was not spoofed.
-    pub fn is_verified(&self) -> bool {
-        self.stats.acks > 0
-    }
-
     /// Feeds a datagram that came from the peer. Datagrams that do not parse are counted
     /// and otherwise ignored (they may be corruption); the transfer goes on.
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
@@ -592,6 +592,16 @@ impl Session {
         self.now = now;
         if !matches!(self.state, State::Done(_) | State::Error(_)) {
             self.fail(code, message, outcome);
+        }
+    }
+
+    /// Ends the session at once with `outcome`, sending nothing more (the driver learnt
+    /// that the peer cannot be reached, [`Outcome::PeerUnreachable`]). Nothing happens if
+    /// it has ended already.
+    pub fn end(&mut self, now: Instant, outcome: Outcome) {
+        self.now = now;
+        if !matches!(self.state, State::Done(_)) {
+            self.finish(outcome);
         }
     }
 
@@ -1317,6 +1327,28 @@ mod tests {
     }
 
     #[test]
+    fn end_finishes_at_once_without_sending() {
+        let mut h = Harness::new(b"", b"abc".to_vec(), SessionConfig::default());
+        let (sent, _) = h.drain();
+        assert_eq!(sent, vec![data(1, b"abc")]);
+        let later = h.now + Duration::from_millis(10);
+        h.session.end(later, Outcome::PeerUnreachable);
+        assert_eq!(
+            h.session.poll_output(64),
+            Output::Done(Outcome::PeerUnreachable)
+        );
+        assert_eq!(h.session.stats().outcome, Some(Outcome::PeerUnreachable));
+        assert_eq!(h.session.stats().finished, Some(later));
+        assert_eq!(h.session.stats().packets_sent, 1);
+        // Once ended, it stays so.
+        h.session.end(later, Outcome::TimedOut);
+        assert_eq!(
+            h.session.poll_output(64),
+            Output::Done(Outcome::PeerUnreachable)
+        );
+    }
+
+    #[test]
     fn outcome_all_lists_every_kind_once_and_names_map_back() {
         let names: std::collections::BTreeSet<_> =
             Outcome::ALL.iter().map(|o| o.as_str()).collect();
@@ -1334,7 +1366,8 @@ mod tests {
                 | Outcome::SourceStalled
                 | Outcome::Panicked
                 | Outcome::ShutDown
-                | Outcome::Evicted => {}
+                | Outcome::Evicted
+                | Outcome::PeerUnreachable => {}
             }
             assert_eq!(Outcome::from_name(outcome.as_str()), Some(outcome));
         }

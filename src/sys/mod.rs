@@ -19,7 +19,7 @@ mod process;
 
 pub use fs::{for_each_entry, lstat_at, openat, openat2};
 pub use net::{
-    bind_ephemeral, bind_listener, enable_pktinfo, recv_with_destination, send_from, send_segments,
+    bind_connected, bind_listener, enable_pktinfo, recv_with_destination, send_from, send_segments,
     set_recv_buffer, set_send_buffer, unmap, unmap_socket, Received,
 };
 pub use process::raise_fd_limit;

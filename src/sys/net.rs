@@ -1,7 +1,8 @@
 //! UDP sockets beyond std: options set before `bind` (dual stack, SO_REUSEPORT,
-//! destination-address reporting), buffer sizes, `recvmsg` that reports the address a
-//! datagram was sent to, `sendmsg` from a chosen source address (PKTINFO) and with UDP
-//! generic segmentation offload, and the conversions between std and C socket addresses.
+//! destination-address reporting), session sockets bound and connected to their peer,
+//! buffer sizes, `recvmsg` that reports the address a datagram was sent to, `sendmsg` from
+//! a chosen source address (PKTINFO) and with UDP generic segmentation offload, and the
+//! conversions between std and C socket addresses.
 
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
@@ -37,6 +38,23 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket
 pub fn bind_ephemeral(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = new_socket(addr)?;
     bind(socket.as_raw_fd(), addr)?;
+    Ok(socket)
+}
+
+/// [`bind_ephemeral`], then connected to `peer`: the kernel delivers only `peer`'s
+/// datagrams to it (anyone else's get the kernel's ICMP port unreachable), sends need no
+/// address (and reuse a cached route), and an ICMP error from `peer` (port unreachable:
+/// nobody listens there) comes back as `ECONNREFUSED` from the next receive or send. An
+/// IPv4 peer of an IPv6 socket is connected to as an IPv4-mapped address.
+pub fn bind_connected(addr: SocketAddr, peer: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = bind_ephemeral(addr)?;
+    let peer = match (addr, peer) {
+        (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        (_, peer) => peer,
+    };
+    socket.connect(peer)?;
     Ok(socket)
 }
 
@@ -147,6 +165,7 @@ pub fn send_from(
         }
         (_, peer) => peer,
     };
+    let peer = Some(peer);
     match (source, v6_socket) {
         (None, _) => send_msg::<u8>(socket, buf, peer, None, segment),
         (Some((ip, ifindex)), true) => {
@@ -191,8 +210,9 @@ pub fn send_from(
     }
 }
 
-/// Sends `buf` to `peer` as several datagrams of `segment` bytes (the last may be
-/// shorter) in one system call, with UDP generic segmentation offload (UDP_SEGMENT,
+/// Sends `buf` to `peer` (`None`: the peer a connected socket is connected to, which
+/// spares the kernel a route lookup) as several datagrams of `segment` bytes (the last may
+/// be shorter) in one system call, with UDP generic segmentation offload (UDP_SEGMENT,
 /// Linux 4.18+): the kernel cuts the buffer into datagrams, on the way out or, on
 /// loopback, on the way in. Errors such as `EIO`, `EINVAL` or `ENOPROTOOPT` mean the
 /// kernel or device cannot: the caller then sends the datagrams one by one.
@@ -200,30 +220,32 @@ pub fn send_segments(
     socket: &impl AsRawFd,
     buf: &[u8],
     segment: u16,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
 ) -> io::Result<usize> {
     send_msg::<u8>(socket, buf, peer, None, Some(segment))
 }
 
-/// `sendmsg` of `buf` to `peer` with at most one control message `(level, type, data)`
-/// and, with `segment`, a UDP_SEGMENT one.
+/// `sendmsg` of `buf` to `peer` (`None`: a connected socket's peer) with at most one
+/// control message `(level, type, data)` and, with `segment`, a UDP_SEGMENT one.
 fn send_msg<T: Copy>(
     socket: &impl AsRawFd,
     buf: &[u8],
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     cmsg: Option<(libc::c_int, libc::c_int, T)>,
     segment: Option<u16>,
 ) -> io::Result<usize> {
     let mut control = [MaybeUninit::<u64>::uninit(); 10]; // 80 bytes, 8-aligned
-    let (mut storage, name_len) = std_to_sockaddr(peer);
+    let mut named = peer.map(std_to_sockaddr);
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
     // SAFETY: all-zero is a valid msghdr.
     let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
-    msg.msg_namelen = name_len;
+    if let Some((storage, name_len)) = named.as_mut() {
+        msg.msg_name = (storage as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = *name_len;
+    }
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     // SAFETY: CMSG_SPACE is a pure size computation.
@@ -472,7 +494,7 @@ mod tests {
         for i in 0..5u8 {
             buf.extend(std::iter::repeat_n(i, if i == 4 { 30 } else { 100 }));
         }
-        match send_segments(&sender, &buf, 100, receiver.local_addr().unwrap()) {
+        match send_segments(&sender, &buf, 100, Some(receiver.local_addr().unwrap())) {
             Ok(n) => assert_eq!(n, buf.len()),
             Err(e) => {
                 eprintln!("SKIPPED: no UDP GSO here: {e}");
@@ -485,6 +507,66 @@ mod tests {
             let want = if i == 4 { 30 } else { 100 };
             assert_eq!(&got[..n], vec![i; want].as_slice(), "datagram {i}");
         }
+        // The same from a connected socket, without an address.
+        let connected = bind_connected(
+            "127.0.0.1:0".parse().unwrap(),
+            receiver.local_addr().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            send_segments(&connected, &buf, 100, None).unwrap(),
+            buf.len()
+        );
+        for i in 0..5u8 {
+            let (n, from) = receiver.recv_from(&mut got).unwrap();
+            assert_eq!(from, connected.local_addr().unwrap());
+            assert_eq!(got[..n][0], i, "datagram {i}");
+        }
+    }
+
+    #[test]
+    fn a_connected_socket_hears_only_its_peer_and_reports_a_closed_port() {
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let session =
+            bind_connected("127.0.0.1:0".parse().unwrap(), peer.local_addr().unwrap()).unwrap();
+        session.set_nonblocking(false).unwrap();
+        session
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let to = session.local_addr().unwrap();
+        // The stranger's datagram is dropped by the kernel; the peer's, sent after it,
+        // is the first to arrive.
+        stranger.send_to(b"stranger", to).unwrap();
+        peer.send_to(b"peer", to).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = session.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"peer"[..], peer.local_addr().unwrap())
+        );
+        // The peer goes away: the next send draws an ICMP port unreachable, which the
+        // following receive reports (and the socket forgets).
+        drop(peer);
+        session.send(b"anyone there?").unwrap();
+        let e = session.recv(&mut buf).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
+    }
+
+    #[test]
+    fn an_ipv4_peer_of_a_dual_stack_socket_is_connected_mapped() {
+        let session =
+            match bind_connected("[::]:0".parse().unwrap(), "127.0.0.1:9".parse().unwrap()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("SKIPPED: no IPv6 here ({e})");
+                    return;
+                }
+            };
+        assert_eq!(
+            session.peer_addr().unwrap(),
+            "[::ffff:127.0.0.1]:9".parse::<SocketAddr>().unwrap()
+        );
     }
 
     #[test]
