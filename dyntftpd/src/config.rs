@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use dyntftp::server::DEFAULT_BUSY_POLL;
-use dyntftp::{Handler, Rate, ReadRequest, Reject, ResponseData, ServerBuilder};
+use dyntftp::{Handler, Limits, Rate, ReadRequest, Reject, ResponseData, ServerBuilder};
 use getopts::{Matches, Options};
 use log::LevelFilter;
 
@@ -49,8 +49,17 @@ pub struct Config {
     pub rate_burst: u32,
     /// Concurrent sessions per client; 0 for no limit.
     pub max_per_client: u32,
+    /// Unverified (never acknowledged) concurrent sessions per client; 0 for no limit.
+    pub max_unverified_per_client: u32,
     /// Whether the per-client limits apply to loopback clients too.
     pub limit_loopback: bool,
+    /// The longest a session may go without progress.
+    pub progress_timeout: Duration,
+    /// Bytes the windows of all sessions may hold together.
+    pub window_memory: u64,
+    /// Largest blksize and windowsize granted in single-port mode.
+    pub single_port_max_blksize: u16,
+    pub single_port_max_window: u16,
     pub adaptive_timeout: bool,
     pub udp_gso: bool,
     /// Microseconds to poll without sleeping while sessions run.
@@ -85,7 +94,12 @@ impl Default for Config {
             rate_limit: dyntftp::Rate::DEFAULT.per_second,
             rate_burst: dyntftp::Rate::DEFAULT.burst,
             max_per_client: dyntftp::server::DEFAULT_MAX_SESSIONS_PER_CLIENT,
+            max_unverified_per_client: dyntftp::server::DEFAULT_MAX_UNVERIFIED_PER_CLIENT,
             limit_loopback: false,
+            progress_timeout: dyntftp::SessionConfig::default().progress_timeout,
+            window_memory: dyntftp::server::DEFAULT_WINDOW_MEMORY as u64,
+            single_port_max_blksize: dyntftp::server::SINGLE_PORT_LIMITS.max_blksize,
+            single_port_max_window: dyntftp::server::SINGLE_PORT_LIMITS.max_window,
             adaptive_timeout: true,
             udp_gso: true,
             busy_poll: DEFAULT_BUSY_POLL.as_micros() as u64,
@@ -135,7 +149,28 @@ impl Config {
         let _ = writeln!(out, "rate-limit = {}", self.rate_limit);
         let _ = writeln!(out, "rate-burst = {}", self.rate_burst);
         let _ = writeln!(out, "max-per-client = {}", self.max_per_client);
+        let _ = writeln!(
+            out,
+            "max-unverified-per-client = {}",
+            self.max_unverified_per_client
+        );
         let _ = writeln!(out, "limit-loopback = {}", self.limit_loopback);
+        let _ = writeln!(
+            out,
+            "progress-timeout = {}",
+            self.progress_timeout.as_secs_f64()
+        );
+        let _ = writeln!(out, "window-memory = {}", self.window_memory);
+        let _ = writeln!(
+            out,
+            "single-port-max-blksize = {}",
+            self.single_port_max_blksize
+        );
+        let _ = writeln!(
+            out,
+            "single-port-max-window = {}",
+            self.single_port_max_window
+        );
         let _ = writeln!(
             out,
             "adaptive-timeout = {}",
@@ -207,6 +242,28 @@ impl Config {
             }
             "max-per-client" => {
                 self.max_per_client = number(text, |_: &u32| true).ok_or_else(bad)?
+            }
+            "max-unverified-per-client" => {
+                self.max_unverified_per_client = number(text, |_: &u32| true).ok_or_else(bad)?
+            }
+            "progress-timeout" => {
+                self.progress_timeout = seconds(text, MIN_PROGRESS_TIMEOUT)
+                    .ok_or_else(|| format!("{} (at least {MIN_PROGRESS_TIMEOUT:?})", bad()))?
+            }
+            "window-memory" => {
+                self.window_memory =
+                    bytes(text)
+                        .filter(|b| *b >= MIN_WINDOW_MEMORY)
+                        .ok_or_else(|| {
+                            format!("{} (expected bytes, at least 64K, e.g. 64M or 1G)", bad())
+                        })?
+            }
+            "single-port-max-blksize" => {
+                self.single_port_max_blksize =
+                    number(text, |n: &u16| (8..=65464).contains(n)).ok_or_else(bad)?
+            }
+            "single-port-max-window" => {
+                self.single_port_max_window = number(text, |n: &u16| *n >= 1).ok_or_else(bad)?
             }
             "adaptive-timeout" | "udp-gso" => {
                 let on = match text {
@@ -316,7 +373,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 28] = [
+pub const FILE_KEYS: [&str; 33] = [
     "listen",
     "root",
     "timeout",
@@ -327,7 +384,12 @@ pub const FILE_KEYS: [&str; 28] = [
     "rate-limit",
     "rate-burst",
     "max-per-client",
+    "max-unverified-per-client",
     "limit-loopback",
+    "progress-timeout",
+    "window-memory",
+    "single-port-max-blksize",
+    "single-port-max-window",
     "adaptive-timeout",
     "udp-gso",
     "busy-poll",
@@ -376,6 +438,12 @@ pub const MIN_TIMEOUT: Duration = Duration::from_millis(10);
 
 /// The shortest `--stats-interval`: each report rewrites the metrics file.
 pub const MIN_STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The shortest `--progress-timeout`: a client's round trip and a few retransmissions.
+pub const MIN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The smallest `--window-memory`: a few windows of the usual sizes.
+pub const MIN_WINDOW_MEMORY: u64 = 64 << 10;
 
 /// The largest configuration file read: far more than any real one, so that
 /// `--config /dev/zero` or a runaway file fails at once.
@@ -441,6 +509,36 @@ pub fn options() -> Options {
         "",
         "max-per-client",
         "most concurrent sessions per client; more get ERROR 0; 0 for no limit (default 64; loopback is exempt unless --limit-loopback)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "max-unverified-per-client",
+        "most concurrent sessions per client that never got an ACK (a spoofed request's kind); a new request at the cap replaces that client's oldest such session; 0 for no limit (default 4)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "progress-timeout",
+        "longest time in seconds a session may go without progress, whatever timeout the client asks for (default 60, at least 1)",
+        "SECS",
+    );
+    opts.optopt(
+        "",
+        "window-memory",
+        "bytes all sessions' windows may hold together; beyond, new sessions get smaller windows (default 256M, at least 64K)",
+        "BYTES",
+    );
+    opts.optopt(
+        "",
+        "single-port-max-blksize",
+        "largest block size granted in --single-port mode, where ACKs can be forged blind (default 1468; raise only where spoofed sources are filtered, BCP 38)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "single-port-max-window",
+        "largest windowsize granted in --single-port mode (default 8; see --single-port-max-blksize)",
         "N",
     );
     opts.optflag(
@@ -654,7 +752,18 @@ impl Config {
                 burst: self.rate_burst,
             }))
             .max_sessions_per_client((self.max_per_client > 0).then_some(self.max_per_client))
+            .max_unverified_per_client(
+                (self.max_unverified_per_client > 0).then_some(self.max_unverified_per_client),
+            )
             .limit_loopback(self.limit_loopback)
+            .progress_timeout(self.progress_timeout)
+            .window_memory(usize::try_from(self.window_memory).unwrap_or(usize::MAX))
+            .single_port_limits(Limits {
+                max_blksize: self.single_port_max_blksize,
+                max_window: self.single_port_max_window,
+                max_window_bytes: self.single_port_max_window as usize
+                    * self.single_port_max_blksize as usize,
+            })
             .adaptive_timeout(self.adaptive_timeout)
             .udp_gso(self.udp_gso)
             .busy_poll(Duration::from_micros(self.busy_poll))
@@ -1014,6 +1123,52 @@ mod tests {
         };
         assert_eq!(text, text2);
         assert!(text.contains("max-sessions = 4\n") && text.contains("quiet = true\n"));
+    }
+
+    #[test]
+    fn hardening_settings_from_flags_and_the_file_reach_the_library() {
+        let c = config(&[]);
+        assert_eq!(c.max_unverified_per_client, 4);
+        assert_eq!(c.progress_timeout, Duration::from_secs(60));
+        assert_eq!(c.window_memory, 256 << 20);
+        assert_eq!(
+            (c.single_port_max_blksize, c.single_port_max_window),
+            (1468, 8)
+        );
+        let c = config(&[
+            "--max-unverified-per-client",
+            "2",
+            "--progress-timeout",
+            "30",
+            "--window-memory",
+            "64M",
+            "--single-port-max-blksize",
+            "65464",
+            "--single-port-max-window",
+            "64",
+        ]);
+        assert_eq!(c.max_unverified_per_client, 2);
+        assert_eq!(c.progress_timeout, Duration::from_secs(30));
+        assert_eq!(c.window_memory, 64 << 20);
+        assert_eq!(
+            (c.single_port_max_blksize, c.single_port_max_window),
+            (65464, 64)
+        );
+        c.validate().expect("valid");
+        // What --check-config prints reads back as the same settings.
+        let file = File::new("hardening", &c.to_file_text());
+        let again = config(&["--config", file.arg()]);
+        assert_eq!(again.to_file_text(), c.to_file_text());
+        for (flag, value) in [
+            ("--progress-timeout", "0.5"),
+            ("--window-memory", "1K"),
+            ("--single-port-max-blksize", "7"),
+            ("--single-port-max-window", "0"),
+            ("--max-unverified-per-client", "-1"),
+        ] {
+            let err = parse_args(&args(&[flag, value])).err().unwrap();
+            assert!(err.contains("invalid value for"), "{flag} {value}: {err}");
+        }
     }
 
     #[test]

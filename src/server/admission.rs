@@ -58,8 +58,8 @@
 //!     ([`Verdict::Replace`]); younger ones are kept, so requests cannot evict one
 //!     another's sessions before an ACK could come back. When none can give way, the
 //!     request waits in a queue, in both modes (one per peer, at most
-//!     [`WAITING_REQUESTS`] requests and [`WAITING_BYTES`]; beyond, dropped and counted
-//!     as busy), and is served first come, first served when a slot frees or a session
+//!     [`WAITING_REQUESTS`] peers, so at most 2 MiB of requests; beyond, dropped and
+//!     counted as busy), and is served first come, first served when a slot frees or a session
 //!     may give way; meanwhile its client hears nothing. An identical resend of a
 //!     waiting request is a repeat; a different one takes a new place at the back. A
 //!     request that has waited [`WAITING_MAX_AGE`] is dropped (counted as busy), never
@@ -95,9 +95,9 @@ use super::transport::Arrival;
 /// Requests kept at most while no session can start.
 pub(crate) const WAITING_REQUESTS: usize = 1024;
 
-/// Bytes of requests kept at most while no session can start (a request is rarely more
-/// than 512 bytes; a flood of 64 KiB ones cannot hold more than this).
-pub(crate) const WAITING_BYTES: usize = 2 << 20;
+/// The queue holds at most twice [`WAITING_REQUESTS`] entries (a replaced request stays
+/// until it reaches the front), each a request no longer than the parser accepts.
+const _: () = assert!(2 * WAITING_REQUESTS * crate::packet::MAX_REQUEST_LEN <= 2 << 20);
 
 /// How long a request may wait for a session before it is dropped. TFTP clients resend
 /// an unanswered request after 1 to 5 s (PXE ROMs from 1 s, doubling; tftp-hpa 5 s):
@@ -221,7 +221,6 @@ pub(crate) struct Admission {
     limits: ClientLimits,
     waiting: VecDeque<Waiting>,
     /// Bytes of the datagrams in `waiting`.
-    waiting_bytes: usize,
     /// The latest waiting request of each peer.
     queued: HashMap<SocketAddr, Queued>,
     next_generation: u64,
@@ -253,7 +252,6 @@ impl Admission {
             signatures: RandomState::new(),
             limits,
             waiting: VecDeque::new(),
-            waiting_bytes: 0,
             queued: HashMap::new(),
             next_generation: 0,
             last_taken: None,
@@ -603,9 +601,7 @@ impl Admission {
     }
 
     fn pop_waiting(&mut self) -> Option<Waiting> {
-        let waiting = self.waiting.pop_front()?;
-        self.waiting_bytes -= waiting.datagram.len();
-        Some(waiting)
+        self.waiting.pop_front()
     }
 
     /// Keeps a request until a session can start: at the back (`fresh`) or, handed
@@ -637,8 +633,7 @@ impl Admission {
             }
             let full = !self.queued.contains_key(&peer) && self.queued.len() >= WAITING_REQUESTS;
             // Replaced requests stay in the queue until they reach its front.
-            let bytes = self.waiting_bytes + datagram.len();
-            if full || self.waiting.len() >= 2 * WAITING_REQUESTS || bytes > WAITING_BYTES {
+            if full || self.waiting.len() >= 2 * WAITING_REQUESTS {
                 stats.busy += 1;
                 return Verdict::Ignore;
             }
@@ -658,7 +653,6 @@ impl Admission {
             arrived,
             generation,
         };
-        self.waiting_bytes += datagram.len();
         if fresh {
             self.waiting.push_back(waiting);
         } else {
@@ -1274,29 +1268,20 @@ mod tests {
         }
         assert_eq!(f.admission.queued.len(), WAITING_REQUESTS);
         assert_eq!(f.stats.busy, 10);
-        // And in bytes: large requests fill it sooner.
+        // A request longer than the parser accepts never waits: it is malformed.
         let mut f = Fixture::new(Policy {
             max_sessions: 1,
             request_rate: None,
             ..policy()
         });
         f.start("192.0.2.1:1000");
-        let large = rrq(&"x".repeat(60_000));
-        for i in 0..100 {
-            f.judge(&from(&format!("10.0.0.{}:69", i + 1)), &large);
-        }
-        assert_eq!(f.admission.queued.len(), WAITING_BYTES / large.len());
-        assert!(f.admission.waiting_bytes <= WAITING_BYTES);
-        assert_eq!(f.stats.busy, 100 - (WAITING_BYTES / large.len()) as u64);
-        // Taking them gives the bytes back.
-        f.admission.session_ended("192.0.2.1:1000".parse().unwrap());
-        while let Some(waiting) = f.next_waiting() {
-            let verdict = f.admission.on_waiting(f.now, &waiting, &mut f.stats);
-            f.carry_out(&waiting.arrival, &waiting.datagram, verdict);
-            let peer = waiting.arrival.peer;
-            f.admission.session_ended(peer);
-        }
-        assert_eq!(f.admission.waiting_bytes, 0);
+        let large = rrq(&"x".repeat(crate::packet::MAX_REQUEST_LEN));
+        let verdict = f.judge(&from("10.0.0.1:69"), &large);
+        assert!(
+            refused_with(&verdict).is_some_and(|(code, _)| code == 4),
+            "{verdict:?}"
+        );
+        assert!(f.admission.queued.is_empty());
     }
 
     #[test]
