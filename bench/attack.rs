@@ -14,7 +14,9 @@
 //!   from the victim's own socket but never reads it, on a fixed schedule, to the only
 //!   port it can know (the listener). It asks for an 8 MiB file with `blksize 65464
 //!   windowsize 64`, sends ACK 0, then 120 ACKs 1 ms apart, numbered either 1, 2, 3, … or
-//!   64, 128, 192, …, and stops. The victim counts every datagram until the session ends
+//!   64, 128, 192, …, and stops. Two more patterns find single-port mode's worst case:
+//!   1, 2, 3, … 25 ms apart (longer than the server's shortest resend interval, 20 ms),
+//!   and 8, 16, 24, … (whole windows of the mode's documented cap). The victim counts every datagram until the session ends
 //!   (retransmissions included). *× wire* counts 28 bytes of IPv4 and UDP headers per
 //!   datagram on both sides. Also the classic case: one RRQ without options, never
 //!   answered.
@@ -243,10 +245,11 @@ struct Attack {
 enum Acks {
     /// No ACK at all: the classic reflection of one request.
     None,
-    /// 1, 2, 3, …
-    EveryBlock,
-    /// 64, 128, … (the window asked for).
-    EveryWindow,
+    /// 1, 2, 3, …, this many milliseconds apart.
+    EveryBlock(u64),
+    /// n, 2n, 3n, … 1 ms apart: whole windows (64 is the window asked for; 8 is single-port
+    /// mode's cap, which an attacker can read in the documentation).
+    EveryWindow(u16),
 }
 
 fn blind(single_port: bool, acks: Acks) -> Attack {
@@ -262,14 +265,18 @@ fn blind(single_port: bool, acks: Acks) -> Attack {
     let start = Instant::now();
     match acks {
         Acks::None => send(&rrq("small", &[])),
-        Acks::EveryBlock | Acks::EveryWindow => {
+        Acks::EveryBlock(_) | Acks::EveryWindow(_) => {
             send(&rrq("big", &[("blksize", "65464"), ("windowsize", "64")]));
             thread::sleep(Duration::from_millis(2));
             send(&ack(0));
             for k in 1..=120u16 {
-                thread::sleep(Duration::from_millis(1));
+                let pace = match acks {
+                    Acks::EveryBlock(ms) => ms,
+                    _ => 1,
+                };
+                thread::sleep(Duration::from_millis(pace));
                 let block = match acks {
-                    Acks::EveryWindow => k.wrapping_mul(64),
+                    Acks::EveryWindow(n) => k.wrapping_mul(n),
                     _ => k,
                 };
                 send(&ack(block));
@@ -284,8 +291,15 @@ fn blind(single_port: bool, acks: Acks) -> Attack {
             "{}, RRQ without options, never answered",
             mode_name(single_port)
         ),
-        Acks::EveryBlock => format!("{}, RRQ + ACK 0, 1, 2, … 120", mode_name(single_port)),
-        Acks::EveryWindow => format!("{}, RRQ + ACK 0, 64, 128, … ×120", mode_name(single_port)),
+        Acks::EveryBlock(ms) => format!(
+            "{}, RRQ + ACK 0, 1, 2, … 120, {ms} ms apart",
+            mode_name(single_port)
+        ),
+        Acks::EveryWindow(n) => format!(
+            "{}, RRQ + ACK 0, {n}, {}, … ×120, 1 ms apart",
+            mode_name(single_port),
+            2 * n
+        ),
     };
     Attack {
         name,
@@ -305,8 +319,14 @@ fn amplification() {
     let cases: Vec<JoinHandle<Attack>> = [false, true]
         .into_iter()
         .flat_map(|single| {
-            [Acks::None, Acks::EveryBlock, Acks::EveryWindow]
-                .map(move |acks| thread::spawn(move || blind(single, acks)))
+            [
+                Acks::None,
+                Acks::EveryBlock(1),
+                Acks::EveryBlock(25),
+                Acks::EveryWindow(64),
+                Acks::EveryWindow(8),
+            ]
+            .map(move |acks| thread::spawn(move || blind(single, acks)))
         })
         .collect();
     for case in cases {

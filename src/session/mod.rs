@@ -104,10 +104,19 @@ const MAX_VECTORED: usize = 64;
 
 /// The shortest interval between two go-back-Ns that ACKs or early retransmissions cause
 /// (unless the base timeout is shorter): a peer cannot shrink it, so whatever round trips
-/// a forged ACK stream pretends, ACKs release at most one window per 20 ms on top of what
-/// they acknowledge. A lossy client with a shorter round trip waits at most this long for
-/// its second go-back within it (the simulator's sweep: 14 % longer than with no clock).
-pub const MIN_GO_BACK_INTERVAL: Duration = Duration::from_millis(20);
+/// a forged ACK stream pretends, ACKs release at most one window per 100 µs on top of
+/// what they acknowledge, and never more than one window per ACK.
+pub const MIN_GO_BACK_INTERVAL: Duration = Duration::from_micros(100);
+
+/// The interval between go-back-Ns while the session has measured no round trip yet:
+/// short enough that a loss in the first windows costs milliseconds, not a timeout.
+pub const UNMEASURED_GO_BACK_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Go-back-Ns that ACKs may cause in a burst, each within one interval of the last: a
+/// client that loses several blocks of one flight recovers each at once, while the long
+/// run stays at one go-back per interval (a token bucket of this size, refilled one token
+/// per interval).
+pub const GO_BACK_BURST: u32 = 4;
 
 /// Server policy for sessions. Clients never change it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -353,6 +362,10 @@ pub struct Session {
     /// When the last go-back-N started (a timer retransmission, or one an ACK caused):
     /// the clock that lets ACKs cause at most one per retransmission interval.
     last_go_back: Option<Instant>,
+    /// The go-back clock's theoretical time (GCRA): a go-back-N is allowed once `now` is
+    /// no more than `GO_BACK_BURST - 1` intervals before it; each one moves it one
+    /// interval on from `max(it, now)`.
+    go_back_clock: Option<Instant>,
     /// The first block the last go-back-N resent, until an ACK of it or a later block
     /// times that go-back.
     go_back_from: Option<u64>,
@@ -426,6 +439,7 @@ impl Session {
             deadline_early: false,
             sent_at: Vec::new(),
             last_go_back: None,
+            go_back_clock: None,
             go_back_from: None,
             go_back_owed: false,
             recovery_rtt: RttEstimator::default(),
@@ -557,7 +571,7 @@ impl Session {
                 if self.next > self.base {
                     if self.deadline_early {
                         // Early retransmissions keep to the go-back clock too.
-                        if let Some(at) = self.last_go_back.map(|at| at + self.go_back_interval()) {
+                        if let Some(at) = self.go_back_allowed_at() {
                             if now < at {
                                 self.deadline = Some(at);
                                 return;
@@ -1033,7 +1047,7 @@ impl Session {
                     // from the block after it (RFC 7440 §4) once per interval; otherwise
                     // only slide (`next` never falls behind `base`) and go back when the
                     // interval is over.
-                    if self.go_back_allowed(self.last_go_back) {
+                    if self.go_back_allowed() {
                         self.go_back(true);
                     } else {
                         self.stats.go_back_held += 1;
@@ -1062,41 +1076,42 @@ impl Session {
         let since = self
             .last_go_back
             .map_or(first_sent, |at| at.max(first_sent));
-        if self.go_back_allowed(Some(since)) {
+        let evidence = self.now.saturating_duration_since(since) >= self.go_back_interval();
+        if evidence && self.go_back_allowed() {
             self.go_back(true);
         } else {
             self.stats.go_back_held += 1;
         }
     }
 
-    /// Whether an ACK may cause a go-back-N now, the last one (or what stands for it)
-    /// having been at `since`.
-    fn go_back_allowed(&self, since: Option<Instant>) -> bool {
-        since.is_none_or(|since| {
-            self.now.saturating_duration_since(since) >= self.go_back_interval()
-        })
+    /// When the go-back clock next allows a go-back-N (`None`: now, nothing was spent).
+    fn go_back_allowed_at(&self) -> Option<Instant> {
+        let tolerance = self.go_back_interval() * (GO_BACK_BURST - 1);
+        self.go_back_clock
+            .map(|clock| clock.checked_sub(tolerance).unwrap_or(clock))
+    }
+
+    /// Whether an ACK (or an early retransmission) may cause a go-back-N now.
+    fn go_back_allowed(&self) -> bool {
+        self.go_back_allowed_at().is_none_or(|at| self.now >= at)
     }
 
     /// The least time between two go-back-Ns an ACK (or an early retransmission) causes:
-    /// the base timeout — the client's or the server's, undoubled (a returning ACK shows
-    /// the path works, so there is nothing to back off from) — or, when adaptive
-    /// retransmission is on and shorter, the round-trip estimate or the smoothed time
-    /// go-back-Ns took to be answered (one go-back per round trip, as TCP's fast
-    /// recovery), whichever is shorter, but never below [`MIN_GO_BACK_INTERVAL`] and
-    /// [`SessionConfig::min_rto`].
+    /// one round trip, as TCP's fast recovery — the smoothed round trip or the smoothed
+    /// time go-back-Ns took to be answered, whichever is shorter
+    /// ([`UNMEASURED_GO_BACK_INTERVAL`] before either exists) — never below
+    /// [`MIN_GO_BACK_INTERVAL`], never above the base timeout (the client's or the
+    /// server's, undoubled: a returning ACK shows the path works, so there is nothing to
+    /// back off from). An ACK inside the window is a loss signal, not a guess, so the
+    /// floor is far below the early timer's [`SessionConfig::min_rto`].
     fn go_back_interval(&self) -> Duration {
         let base = self.params.timeout.unwrap_or(self.config.timeout);
-        if !self.config.adaptive {
-            return base;
-        }
-        let min = self.config.min_rto;
-        let answered = self.recovery_rtt.srtt();
-        let measured = [self.rtt.rto(min), answered]
+        let measured = [self.rtt.srtt(), self.recovery_rtt.srtt()]
             .into_iter()
             .flatten()
             .min()
-            .unwrap_or(base);
-        measured.max(MIN_GO_BACK_INTERVAL.max(min)).min(base)
+            .unwrap_or(UNMEASURED_GO_BACK_INTERVAL);
+        measured.max(MIN_GO_BACK_INTERVAL).min(base)
     }
 
     /// When a go-back-N that an in-window ACK asked for within the interval is due.
@@ -1104,7 +1119,7 @@ impl Session {
         if !self.go_back_owed || self.state != State::Transfer || self.next == self.base {
             return None;
         }
-        Some(self.last_go_back? + self.go_back_interval())
+        Some(self.go_back_allowed_at().unwrap_or(self.now))
     }
 
     /// Sends again from the first unacknowledged block: because of an ACK (counted in
@@ -1112,6 +1127,10 @@ impl Session {
     fn go_back(&mut self, ack: bool) {
         self.next = self.base;
         self.last_go_back = Some(self.now);
+        let clock = self
+            .go_back_clock
+            .map_or(self.now, |clock| clock.max(self.now));
+        self.go_back_clock = Some(clock + self.go_back_interval());
         self.go_back_from = Some(self.base);
         self.go_back_owed = false;
         if ack {
