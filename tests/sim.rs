@@ -24,9 +24,12 @@
 //!   block *inside* the window already sent (RFC 7440 §4: the client lost what followed,
 //!   resume after it), or a duplicate (above); then at most the blocks after the
 //!   acknowledged one and up to the highest block sent may be resent.
-//! - **Clock.** A go-back-N that an ACK or an early retransmission caused is never closer
-//!   than `MIN_GO_BACK_INTERVAL` (20 ms, or the base timeout when shorter) to the last
-//!   go-back-N of any cause, and one ACK causes at most one.
+//! - **Clock.** One ACK causes at most one go-back-N, and the go-back-Ns that ACKs or early
+//!   retransmissions cause keep to a token bucket of `GO_BACK_BURST` go-backs refilled one
+//!   per `MIN_GO_BACK_INTERVAL` (or per base timeout, when shorter): the oracle runs its own
+//!   bucket (GCRA), which go-back-Ns of any cause, timer included, drain. So in any span
+//!   `d`, at most `GO_BACK_BURST + d / MIN_GO_BACK_INTERVAL` of them (the session's own
+//!   interval, a round trip, is never shorter than that floor).
 //! - **Progress accounting.** The session's `acks` counter grows exactly for the ACKs the
 //!   oracle considers advancing; an early `handle_timeout` sends nothing; garbage gets no
 //!   reply.
@@ -49,7 +52,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use dyntftp::client::{write_ack, ClientError, Event, ReadTransfer, Request, Settings};
-use dyntftp::session::MIN_GO_BACK_INTERVAL;
+use dyntftp::session::{GO_BACK_BURST, MIN_GO_BACK_INTERVAL};
 use dyntftp::{
     BytesSource, ErrorCode, Mode, Outcome, Output, Packet, ResponseData, Session, SessionConfig,
 };
@@ -303,8 +306,10 @@ struct Oracle {
     early_streak: u32,
     /// When the last advancing ACK reached the session (`None`: the session's start).
     progress_at: Option<Instant>,
-    /// When the session last went back (a timer retransmission or an ACK's go-back-N).
-    last_go_back: Option<Instant>,
+    /// The oracle's go-back clock: the theoretical time of a token bucket that every
+    /// go-back-N drains (a timer retransmission or an ACK's go-back-N), one token per
+    /// `MIN_GO_BACK_INTERVAL`.
+    go_back_clock: Option<Instant>,
     /// Go-back-Ns that duplicate ACKs caused.
     duplicate_go_backs: u64,
     /// Stale ACKs delivered, and datagrams the session sent while handling them.
@@ -658,7 +663,7 @@ impl Sim {
             self.check_go_back_clock("an early retransmission".into());
         }
         if fired + owed == 1 {
-            self.oracle.last_go_back = Some(self.now);
+            self.spend_go_back();
         }
     }
 
@@ -707,7 +712,7 @@ impl Sim {
         }
         if go_backs == 1 {
             self.check_go_back_clock(format!("ACK {block}"));
-            self.oracle.last_go_back = Some(self.now);
+            self.spend_go_back();
         }
         let advanced = self.oracle.acked_high.is_none_or(|high| block > high);
         if !advanced {
@@ -749,18 +754,34 @@ impl Sim {
         }
     }
 
-    /// A go-back-N that an ACK or an early retransmission caused must come at least
-    /// [`MIN_GO_BACK_INTERVAL`] (or the base timeout, when shorter) after the last one.
-    fn check_go_back_clock(&mut self, cause: String) {
+    /// The floor of the go-back clock: [`MIN_GO_BACK_INTERVAL`], or the base timeout when
+    /// shorter.
+    fn go_back_floor(&self) -> Duration {
         let base = self.session.params().timeout.unwrap_or(self.config.timeout);
-        if let Some(last) = self.oracle.last_go_back {
-            if self.now - last < MIN_GO_BACK_INTERVAL.min(base) {
+        MIN_GO_BACK_INTERVAL.min(base)
+    }
+
+    /// A go-back-N that an ACK or an early retransmission caused must find a token in the
+    /// oracle's bucket: at most [`GO_BACK_BURST`] at once, then one per floor interval.
+    fn check_go_back_clock(&mut self, cause: String) {
+        let tolerance = self.go_back_floor() * (GO_BACK_BURST - 1);
+        if let Some(clock) = self.oracle.go_back_clock {
+            if self.now + tolerance < clock {
                 self.violation(format!(
-                    "{cause} went back {:?} after the last go-back-N",
-                    self.now - last
+                    "{cause} went back {:?} before the go-back clock allowed it",
+                    clock - tolerance - self.now
                 ));
             }
         }
+    }
+
+    /// A go-back-N of any cause takes a token from the oracle's bucket.
+    fn spend_go_back(&mut self) {
+        let clock = self
+            .oracle
+            .go_back_clock
+            .map_or(self.now, |c| c.max(self.now));
+        self.oracle.go_back_clock = Some(clock + self.go_back_floor());
     }
 
     fn violation(&mut self, what: String) {
@@ -1314,8 +1335,11 @@ fn repeated_ack0_is_never_answered() {
     let origin = Instant::now();
     let data = bytes(20 * 512 + 1);
     let mut sim = Sim::scripted(origin, octet(512, 4), source(&data));
-    // The genuine ACK 0 reaches the session at 10 ms; 100 copies follow, 1 ms apart, while
-    // the transfer runs (its windows go out at 10, 20, ... 60 ms).
+    // The genuine ACK 0 reaches the session at 10 ms; 100 copies follow, 0.5 ms apart, while
+    // the transfer runs (its windows go out at 10, 20, ... 60 ms). Had a copy caused a
+    // resend, the client's answer to that resend (a duplicate of its last ACK, one round
+    // trip later) must not cause another, or every later window would go twice: the
+    // count of packets sent below catches both.
     for i in 0..100 {
         let mut ack0 = Vec::new();
         write_ack(&mut ack0, 0);

@@ -23,24 +23,30 @@
 //! - Sends up to `window` blocks (RFC 7440), then waits. An ACK for the last block sent
 //!   slides the window; an ACK for an earlier block of the window means the client lost
 //!   the rest, so sending resumes right after the acknowledged block (go-back-N).
-//! - **Sends caused by ACKs are clocked.** ACKs cause at most one go-back-N per
-//!   interval, counted from the last go-back-N of any cause (timer included). The interval
-//!   is the base timeout (the client's or ours, undoubled) or, with
-//!   [`SessionConfig::adaptive`], the shorter of the round-trip estimate and the smoothed
-//!   time earlier go-backs took to be answered (one go-back per round trip), never below
-//!   [`SessionConfig::min_rto`]. An in-window ACK within the interval only slides the
-//!   window and releases blocks never sent before, up to `base + window`; the go-back it
-//!   asked for is made when the interval is over, unless an ACK of everything sent comes
-//!   first. So the DATA one ACK releases is at most what it newly acknowledges plus, once
-//!   per interval, one window: a blind attacker forging ACK 1, 2, 3, … no longer gets a
-//!   window per ACK (counters: [`TransferStats::go_back_acks`],
-//!   [`TransferStats::go_back_held`]).
+//! - **Sends caused by ACKs are clocked.** One ACK causes at most one go-back-N, and
+//!   go-back-Ns of every cause (timer included) spend the tokens of one clock, a token
+//!   bucket of [`GO_BACK_BURST`] refilled one per interval: a client that lost several
+//!   blocks of one flight recovers each at once, while the long run stays at one go-back
+//!   per interval. The interval is a round trip, the shorter of the smoothed round trip
+//!   and the smoothed time earlier go-backs took to be answered
+//!   ([`UNMEASURED_GO_BACK_INTERVAL`] before either is measured), never below
+//!   [`MIN_GO_BACK_INTERVAL`] nor above the base timeout (the client's or ours,
+//!   undoubled), [`SessionConfig::adaptive`] or not. An in-window ACK that finds no token
+//!   only slides the window and releases blocks never sent before, up to
+//!   `base + window`; the go-back it asked for is made when the clock allows one, unless
+//!   an ACK of everything sent comes first. So the DATA one ACK releases is at most what
+//!   it newly acknowledges plus one window, and in any span `d` ACKs cause at most
+//!   `GO_BACK_BURST + d / MIN_GO_BACK_INTERVAL` go-backs: a blind attacker forging
+//!   ACK 1, 2, 3, … faster than that no longer gets a window per ACK (counters:
+//!   [`TransferStats::go_back_acks`], [`TransferStats::go_back_held`]).
 //! - A duplicate ACK (of the last acknowledged block) is evidence that the next DATA was
-//!   lost: it goes back to the first unacknowledged block when a retransmission interval
-//!   has passed both since the last go-back-N and since that block was first sent, so at
-//!   most once per interval, never once per duplicate. Any older ACK never causes a send
-//!   (Sorcerer's Apprentice). Resends come from the stored packets, without reading the
-//!   source again.
+//!   lost once that block has been out for the retransmission estimate (`srtt + 4 ×
+//!   rttvar`, at least [`SessionConfig::min_rto`]; the base timeout before three
+//!   samples), counted from its first send and from the last go-back-N: then it goes
+//!   back to it when the clock allows, so at most once per estimate, never once per
+//!   duplicate, and never for the duplicate a client sends a round trip after a resend
+//!   it did not need. Any older ACK never causes a send (Sorcerer's Apprentice). Resends
+//!   come from the stored packets, without reading the source again.
 //! - Block numbers wrap 65535 → 0. A size that is an exact multiple of blksize ends with an
 //!   empty DATA; an empty source is one empty DATA 1.
 //! - Retries: exactly [`SessionConfig::retries`] retransmissions after the last progress,
@@ -105,7 +111,8 @@ const MAX_VECTORED: usize = 64;
 /// The shortest interval between two go-back-Ns that ACKs or early retransmissions cause
 /// (unless the base timeout is shorter): a peer cannot shrink it, so whatever round trips
 /// a forged ACK stream pretends, ACKs release at most one window per 100 µs on top of
-/// what they acknowledge, and never more than one window per ACK.
+/// what they acknowledge (after a burst of [`GO_BACK_BURST`]), and never more than one
+/// window per ACK.
 pub const MIN_GO_BACK_INTERVAL: Duration = Duration::from_micros(100);
 
 /// The interval between go-back-Ns while the session has measured no round trip yet:
@@ -360,7 +367,8 @@ pub struct Session {
     /// When each ring slot's packet was first sent, and whether it was sent again since.
     sent_at: Vec<(Instant, bool)>,
     /// When the last go-back-N started (a timer retransmission, or one an ACK caused):
-    /// the clock that lets ACKs cause at most one per retransmission interval.
+    /// when a duplicate ACK can be evidence again, and what go-backs' answers are timed
+    /// from.
     last_go_back: Option<Instant>,
     /// The go-back clock's theoretical time (GCRA): a go-back-N is allowed once `now` is
     /// no more than `GO_BACK_BURST - 1` intervals before it; each one moves it one
@@ -369,8 +377,8 @@ pub struct Session {
     /// The first block the last go-back-N resent, until an ACK of it or a later block
     /// times that go-back.
     go_back_from: Option<u64>,
-    /// An in-window ACK asked for a go-back-N within the interval: it is owed at
-    /// `last_go_back` + the interval.
+    /// An in-window ACK asked for a go-back-N that the clock did not allow: it is owed
+    /// when the clock allows one.
     go_back_owed: bool,
     /// How long go-back-Ns took to be answered: a shorter go-back clock for a client whose
     /// resends leave the main estimate without samples.
@@ -1065,9 +1073,10 @@ impl Session {
         }
     }
 
-    /// A duplicate ACK: the block after it was most likely lost. Resend from it when a
-    /// retransmission interval has passed since the last go-back-N and since that block
-    /// was first sent (a duplicate that crossed it on the way is no evidence).
+    /// A duplicate ACK: the block after it was most likely lost. Resend from it when the
+    /// retransmission estimate has passed since the last go-back-N and since that block
+    /// was first sent (a duplicate that crossed it on the way is no evidence), and the
+    /// go-back clock allows it.
     fn on_duplicate_ack(&mut self) {
         if self.next == self.base {
             return;
@@ -1076,12 +1085,29 @@ impl Session {
         let since = self
             .last_go_back
             .map_or(first_sent, |at| at.max(first_sent));
-        let evidence = self.now.saturating_duration_since(since) >= self.go_back_interval();
+        let evidence = self.now.saturating_duration_since(since) >= self.duplicate_evidence();
         if evidence && self.go_back_allowed() {
             self.go_back(true);
         } else {
             self.stats.go_back_held += 1;
         }
+    }
+
+    /// How long the first unacknowledged block must have been out, and the last go-back-N
+    /// ago, before a duplicate ACK counts as evidence that it was lost: the retransmission
+    /// estimate ([`SessionConfig::min_rto`] at least; the base timeout before three
+    /// samples), never below the go-back interval nor above the base timeout. Not one
+    /// round trip: the client answers a go-back's redundant resends with duplicates of its
+    /// last ACK one round trip later, and those must not make the next window go twice
+    /// (with the bare round trip, one stray duplicate ACK had every later window sent
+    /// twice).
+    fn duplicate_evidence(&self) -> Duration {
+        let base = self.params.timeout.unwrap_or(self.config.timeout);
+        self.rtt
+            .rto(self.config.min_rto)
+            .unwrap_or(base)
+            .max(self.go_back_interval())
+            .min(base)
     }
 
     /// When the go-back clock next allows a go-back-N (`None`: now, nothing was spent).
@@ -1114,7 +1140,8 @@ impl Session {
         measured.max(MIN_GO_BACK_INTERVAL).min(base)
     }
 
-    /// When a go-back-N that an in-window ACK asked for within the interval is due.
+    /// When a go-back-N that an in-window ACK asked for, and the clock did not allow, is
+    /// due.
     fn owed_go_back_at(&self) -> Option<Instant> {
         if !self.go_back_owed || self.state != State::Transfer || self.next == self.base {
             return None;
@@ -2386,7 +2413,7 @@ mod tests {
     }
 
     /// The bound of issue 15 item 1: one ACK releases at most what it newly acknowledges,
-    /// plus one window when it is the first go-back-N in a retransmission interval.
+    /// plus one window when it causes a go-back-N (never more than one).
     #[track_caller]
     fn assert_released_within_bound(
         h: &Harness,
@@ -2404,14 +2431,46 @@ mod tests {
         );
     }
 
+    /// The go-back clock as an observer holds it to: a token bucket of [`GO_BACK_BURST`]
+    /// go-back-Ns refilled one per [`MIN_GO_BACK_INTERVAL`], the floor of the session's
+    /// interval whatever round trip it measured. Every go-back-N takes a token; one that
+    /// an ACK or an early retransmission caused must find one. So in any span `d` there
+    /// are at most `GO_BACK_BURST + d / MIN_GO_BACK_INTERVAL` of them.
+    #[derive(Default)]
+    struct GoBackBucket {
+        /// The bucket's theoretical time (GCRA), as the session's own clock.
+        clock: Option<Instant>,
+    }
+
+    impl GoBackBucket {
+        /// Records a go-back-N at `now`; false when it came before the bucket allowed it.
+        fn take(&mut self, now: Instant) -> bool {
+            let tolerance = MIN_GO_BACK_INTERVAL * (GO_BACK_BURST - 1);
+            let allowed = self.clock.is_none_or(|clock| now + tolerance >= clock);
+            self.clock =
+                Some(self.clock.map_or(now, |clock| clock.max(now)) + MIN_GO_BACK_INTERVAL);
+            allowed
+        }
+    }
+
+    /// Go-back-Ns of any cause so far, and how many of them the timer's full schedule
+    /// made (those need no token).
+    fn go_backs_of(stats: &TransferStats) -> (u64, u64) {
+        let all = stats.go_back_acks + stats.retransmits + stats.early_retransmits;
+        (all, stats.retransmits)
+    }
+
     #[test]
     fn a_blind_attacker_acking_every_block_gets_one_window_per_interval_at_most() {
         // The attacker paces ACK 1, 2, 3, … every `pace` (F1 measured 3 ms): the go-backs
-        // it gets answered that fast, but the clock never goes below 20 ms.
-        for pace_us in [0, 100, 1000, 3000, 25_000] {
+        // it gets are answered that fast, so the interval follows, but never below
+        // MIN_GO_BACK_INTERVAL, and never more than GO_BACK_BURST at once.
+        for pace_us in [0, 50, 100, 1000, 3000, 25_000] {
             let pace = Duration::from_micros(pace_us);
             let (mut h, window) = attacked(SessionConfig::default());
             let start = h.now;
+            let mut bucket = GoBackBucket::default();
+            // The first window's ACK 0 is no go-back.
             let mut total = window as u64;
             let acks = 2000u64;
             for block in 1..=acks {
@@ -2419,13 +2478,23 @@ mod tests {
                 // What the timers send in between: the session's own deadlines, as a
                 // driver fires them (retransmissions, owed go-backs).
                 while h.session.deadline().is_some_and(|at| at <= h.now) {
+                    let before = go_backs_of(h.session.stats());
                     h.session.handle_timeout(h.now);
                     total += h.drain_gso();
+                    let after = go_backs_of(h.session.stats());
+                    assert!(after.0 - before.0 <= 1, "{pace:?}: one expiry, one go-back");
+                    if after.0 > before.0 {
+                        let timer = after.1 > before.1;
+                        assert!(bucket.take(h.now) || timer, "{pace:?}: block {block}");
+                    }
                 }
                 let before = h.session.stats().clone();
                 h.session.handle_ack(h.now, block as u16);
                 let released = h.drain_gso();
                 assert_released_within_bound(&h, &before, released, window as u64);
+                if h.session.stats().go_back_acks > before.go_back_acks {
+                    assert!(bucket.take(h.now), "{pace:?}: ACK {block} before its token");
+                }
                 total += released;
             }
             let stats = h.session.stats();
@@ -2436,9 +2505,11 @@ mod tests {
                  {} go-backs, {} held",
                 stats.go_back_acks, stats.go_back_held
             );
-            // At most one go-back per MIN_GO_BACK_INTERVAL, plus the first.
-            let most = (elapsed.as_micros() / MIN_GO_BACK_INTERVAL.as_micros()) as u64 + 1;
-            let go_backs = stats.go_back_acks + stats.retransmits + stats.early_retransmits;
+            // Over the whole run: the burst, then at most one go-back per
+            // MIN_GO_BACK_INTERVAL.
+            let most = u64::from(GO_BACK_BURST)
+                + (elapsed.as_micros() / MIN_GO_BACK_INTERVAL.as_micros()) as u64;
+            let go_backs = go_backs_of(stats).0;
             assert!(go_backs <= most, "{pace:?}: {stats:?}");
             // Every one of these ACKs is inside the window.
             assert!(stats.go_back_acks + stats.go_back_held >= acks);
@@ -2447,9 +2518,11 @@ mod tests {
                 "{pace:?}: {total} bytes for {acks} ACKs"
             );
             if pace_us == 0 {
-                // All at once: one go-back-N, then the ACKs only slide the window.
-                assert_eq!(stats.go_back_acks, 1);
-                assert_eq!(total, (64 + 64 + acks - 1) * 1428);
+                // All at once: one burst of go-back-Ns (a window each), then the ACKs
+                // only slide the window (a block each).
+                let burst = u64::from(GO_BACK_BURST);
+                assert_eq!(stats.go_back_acks, burst);
+                assert_eq!(total, (64 + burst * 64 + acks - burst) * 1428);
             }
         }
     }
@@ -2473,92 +2546,124 @@ mod tests {
 
     #[test]
     fn an_in_window_ack_goes_back_once_per_interval_and_otherwise_slides() {
+        // Adaptive retransmission off: the timer stays at 1 s, while the go-back clock
+        // (which does not depend on it) follows the round trip.
         let config = SessionConfig {
             adaptive: false,
             ..SessionConfig::default()
         };
+        let us = Duration::from_micros;
         let mut h = Harness::new(b"blksize\x008\x00windowsize\x004\x00", vec![3; 800], config);
         h.drain();
+        // Every ACK comes at once: round trips of 0, so the interval is the floor,
+        // MIN_GO_BACK_INTERVAL.
         assert_eq!(blocks(&h.ack(0)), vec![1, 2, 3, 4]);
-        // The client lost 3 and 4: go back.
+        // The client lost what followed each of these ACKs: a burst of GO_BACK_BURST
+        // go-backs, one per ACK.
+        assert_eq!(GO_BACK_BURST, 4);
+        assert_eq!(blocks(&h.ack(1)), vec![2, 3, 4, 5]);
         assert_eq!(blocks(&h.ack(2)), vec![3, 4, 5, 6]);
-        // Within the interval (1 s) another in-window ACK only slides: the blocks never
-        // sent before, up to the new window's end. The go-back it asked for is owed when
-        // the interval is over.
-        h.now += Duration::from_millis(999);
-        assert_eq!(blocks(&h.ack(4)), vec![7, 8]);
+        assert_eq!(blocks(&h.ack(3)), vec![4, 5, 6, 7]);
+        assert_eq!(blocks(&h.ack(4)), vec![5, 6, 7, 8]);
+        // The burst is spent: another in-window ACK only slides (the blocks never sent
+        // before, up to the new window's end). The go-back it asked for is owed when
+        // the clock allows one again, an interval after the burst.
+        assert_eq!(blocks(&h.ack(5)), vec![9]);
         assert_eq!(h.session.stats().go_back_held, 1);
-        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_millis(1)));
-        assert_eq!(
-            blocks(&h.advance(Duration::from_millis(1))),
-            vec![5, 6, 7, 8]
-        );
+        assert_eq!(h.drain().1, Output::Wait(h.now + MIN_GO_BACK_INTERVAL));
+        assert!(h.advance(MIN_GO_BACK_INTERVAL - us(1)).is_empty());
+        assert_eq!(blocks(&h.advance(us(1))), vec![6, 7, 8, 9]);
         let stats = h.session.stats();
-        assert_eq!((stats.go_back_acks, stats.go_back_held), (2, 1));
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (5, 1));
         assert_eq!(stats.retransmits, 0, "not a retransmission");
         // Then the timer runs from that resend, and nothing more is owed.
         assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
-        // A second later, an in-window ACK goes back at once.
-        h.now += Duration::from_secs(1);
-        assert_eq!(blocks(&h.ack(6)), vec![7, 8, 9, 10]);
+        // From then on one go-back per interval: an in-window ACK right away only
+        // slides, and its go-back is owed an interval on.
+        assert_eq!(blocks(&h.ack(6)), vec![10]);
+        assert_eq!(h.drain().1, Output::Wait(h.now + MIN_GO_BACK_INTERVAL));
+        assert_eq!(blocks(&h.advance(MIN_GO_BACK_INTERVAL)), vec![7, 8, 9, 10]);
+        // A quiet while of GO_BACK_BURST intervals refills the bucket: a burst again.
+        h.now += MIN_GO_BACK_INTERVAL * GO_BACK_BURST;
+        for block in 7..=10 {
+            assert_eq!(
+                blocks(&h.ack(block)),
+                (block + 1..=block + 4).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(blocks(&h.ack(11)), vec![15]);
         let stats = h.session.stats();
-        assert_eq!((stats.go_back_acks, stats.go_back_held), (3, 1));
-        assert_eq!(stats.packets_resent, 2 + 4 + 2);
-        // A timer retransmission is a go-back-N too: an in-window ACK right after it
-        // only slides.
-        assert_eq!(h.advance(Duration::from_secs(1)).len(), 4);
-        h.now += Duration::from_millis(10);
-        assert_eq!(blocks(&h.ack(8)), vec![11, 12]);
-        assert_eq!(h.session.stats().go_back_held, 2);
-        // Everything sent acknowledged: nothing is owed any more.
-        assert!(h.ack(12).len() == 4);
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (10, 3));
+        // Everything sent acknowledged: nothing is owed any more, only the timer runs.
+        assert_eq!(blocks(&h.ack(15)), vec![16, 17, 18, 19]);
         assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+        // A timer retransmission is a go-back-N too and takes a token: after it, three
+        // in-window ACKs go back, the fourth only slides.
+        assert_eq!(h.advance(Duration::from_secs(1)).len(), 4);
+        assert_eq!(h.session.stats().retransmits, 1);
+        for block in 16..=18 {
+            assert_eq!(
+                blocks(&h.ack(block)),
+                (block + 1..=block + 4).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(blocks(&h.ack(19)), vec![23]);
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (13, 4));
+        // Each ACK's go-back resends three blocks (and sends one new), each owed one and
+        // the timer's four: 4 × 3 + 4 + 4 + 4 × 3 + 4 + 3 × 3.
+        assert_eq!(stats.packets_resent, 45);
     }
 
     #[test]
     fn the_go_back_clock_follows_how_fast_go_backs_are_answered() {
-        // No estimate (two samples, from ACK 0 and ACK 2, are too few), but go-backs that
-        // are answered within 30 ms, then 10 ms: they may follow each other that fast, not
-        // 1 s apart.
         let ms = Duration::from_millis;
-        let start = |h: &mut Harness| {
-            h.drain();
-            assert_eq!(h.ack(0).len(), 8);
-            assert_eq!(blocks(&h.ack(2)), (3..=10).collect::<Vec<_>>());
+        let us = Duration::from_micros;
+        let config = SessionConfig {
+            adaptive: false,
+            ..SessionConfig::default()
         };
         let options = b"blksize\x008\x00windowsize\x008\x00";
-        let mut h = Harness::new(options, vec![3; 8000], SessionConfig::default());
-        start(&mut h);
-        // Block 5 of the resend was lost: ACK 4 answers the go-back after 30 ms, so the
-        // clock allows the next one now.
-        h.now += ms(30);
-        assert_eq!(blocks(&h.ack(4)), (5..=12).collect::<Vec<_>>());
-        // ACK 6 answers that one after 10 ms: the smoothed answer time is 27.5 ms, so
-        // this in-window ACK only slides, and the go-back is owed 17.5 ms later.
-        h.now += ms(10);
-        assert_eq!(blocks(&h.ack(6)), vec![13, 14]);
+        let mut h = Harness::new(options, vec![3; 8000], config);
+        // The OACK goes twice, so ACK 0 measures nothing (Karn's rule); then the timer
+        // resends the first window, so the ACKs below, all of resent blocks, never
+        // measure a round trip: only the go-backs' answers time the clock.
+        h.drain();
+        assert_eq!(h.advance(ms(1000)).len(), 1);
+        assert_eq!(blocks(&h.ack(0)), (1..=8).collect::<Vec<_>>());
+        assert_eq!(blocks(&h.advance(ms(1000))), (1..=8).collect::<Vec<_>>());
+        // That go-back came before anything was measured: it moved the clock on by
+        // UNMEASURED_GO_BACK_INTERVAL (20 ms). ACK 2 answers it after 1 ms, so the
+        // interval is now 1 ms and the burst 3 ms of slack: this in-window ACK only
+        // slides, and the go-back is owed at 20 - 3 = 17 ms.
+        assert_eq!(UNMEASURED_GO_BACK_INTERVAL, ms(20));
+        let go_back = h.now;
+        h.now += ms(1);
+        assert_eq!(blocks(&h.ack(2)), vec![9, 10]);
+        assert_eq!(h.drain().1, Output::Wait(go_back + ms(17)));
+        assert!(h.advance(ms(16) - us(1)).is_empty());
+        assert_eq!(blocks(&h.advance(us(1))), (3..=10).collect::<Vec<_>>());
+        // From then on each go-back is answered 1 ms later, and the ACK that answers it
+        // goes back at once: one go-back per millisecond (20 ms apart before anything
+        // was measured, or with the 20 ms floor of the past).
+        for block in [4, 6, 8, 10] {
+            h.now += ms(1);
+            let resent = (block + 1..=block + 8).collect::<Vec<_>>();
+            assert_eq!(blocks(&h.ack(block)), resent, "ACK {block}");
+        }
         assert_eq!(
-            h.drain().1,
-            Output::Wait(h.now + Duration::from_micros(17_500))
+            h.session.stats().srtt,
+            None,
+            "only resent blocks were acknowledged"
         );
-        assert!(h.advance(Duration::from_micros(17_499)).is_empty());
-        assert_eq!(
-            blocks(&h.advance(Duration::from_micros(1))),
-            (7..=14).collect::<Vec<_>>()
-        );
+        // The clock is now GO_BACK_BURST intervals ahead (at 25 ms): an ACK at once
+        // finds no token, and as it answered the last go-back in no time, the interval
+        // shrinks to 7/8 ms: the go-back is owed at 25 - 3 × 0.875 = 22.375 ms.
+        assert_eq!(blocks(&h.ack(12)), vec![19, 20]);
+        assert_eq!(h.drain().1, Output::Wait(go_back + us(22_375)));
         let stats = h.session.stats();
-        assert_eq!((stats.go_back_acks, stats.go_back_held), (3, 1));
-        assert_eq!((stats.retransmits, stats.early_retransmits), (0, 0));
-
-        // Answered after 5 ms: the clock still keeps go-backs MIN_GO_BACK_INTERVAL apart.
-        let mut h = Harness::new(options, vec![3; 8000], SessionConfig::default());
-        start(&mut h);
-        h.now += ms(5);
-        assert_eq!(blocks(&h.ack(4)), vec![11, 12]);
-        assert_eq!(
-            h.drain().1,
-            Output::Wait(h.now + MIN_GO_BACK_INTERVAL - ms(5))
-        );
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (5, 2));
+        assert_eq!((stats.retransmits, stats.early_retransmits), (2, 0));
     }
 
     #[test]
@@ -2569,6 +2674,9 @@ mod tests {
         };
         let mut h = Harness::new(b"tsize\x000\x00", vec![7; 2000], config);
         h.drain();
+        // ACK 0 at once: a round trip of 0, so the go-back clock alone would allow a
+        // go-back every MIN_GO_BACK_INTERVAL. A duplicate needs more: evidence, DATA 1
+        // out for the retransmission estimate, here (one sample) the base timeout.
         assert_eq!(blocks(&h.ack(0)), vec![1]);
         // A hundred duplicates while DATA 1 is fresh: nothing.
         for _ in 0..100 {
@@ -2576,7 +2684,7 @@ mod tests {
         }
         h.now += Duration::from_millis(999);
         assert!(h.ack(0).is_empty());
-        // DATA 1 has been out for a whole interval: the next duplicate resends it, once.
+        // DATA 1 has been out for a whole second: the next duplicate resends it, once.
         h.now += Duration::from_millis(1);
         assert_eq!(blocks(&h.ack(0)), vec![1]);
         for _ in 0..100 {
@@ -2585,7 +2693,7 @@ mod tests {
         let stats = h.session.stats();
         assert_eq!((stats.go_back_acks, stats.go_back_held), (1, 201));
         assert_eq!((stats.packets_resent, stats.retransmits), (1, 0));
-        // The resend restarted the timer, and the clock: a duplicate 1 s later resends
+        // The resend restarted the timer, and the evidence: a duplicate 1 s later resends
         // again, before the timer would.
         assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
         h.now += Duration::from_secs(1);
@@ -2595,21 +2703,31 @@ mod tests {
         h.now += Duration::from_secs(5);
         assert!(h.ack(0).is_empty());
         assert_eq!(h.session.stats().go_back_acks, 2);
-        // With an estimate (three 10 ms round trips: 21.25 ms), the interval is that.
+
+        // With an estimate (three 10 ms round trips: 21.25 ms), the evidence takes that
+        // long, not one round trip: a duplicate that comes a round trip after a resend is
+        // most likely the client's answer to it (a resend it did not need), and going
+        // back again for it would send every later window twice.
         let mut h = Harness::new(b"", vec![7; 10_000], SessionConfig::default());
         h.drain();
         for block in 1..=3 {
             h.now += Duration::from_millis(10);
             assert_eq!(blocks(&h.ack(block)), vec![block + 1]);
         }
-        h.now += Duration::from_millis(21);
+        h.now += Duration::from_millis(10);
+        assert!(h.ack(3).is_empty(), "one round trip is no evidence");
+        h.now += Duration::from_millis(11);
         assert!(h.ack(3).is_empty());
         h.now += Duration::from_millis(1);
         assert_eq!(blocks(&h.ack(3)), vec![4]);
-        h.now += Duration::from_millis(21);
+        h.now += Duration::from_millis(10);
+        assert!(h.ack(3).is_empty(), "the answer to the resend");
+        h.now += Duration::from_millis(11);
         assert!(h.ack(3).is_empty());
         h.now += Duration::from_millis(1);
         assert_eq!(blocks(&h.ack(3)), vec![4]);
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (2, 4));
     }
 
     #[test]
