@@ -22,7 +22,10 @@
 #              commit): compares two builds within one run. Only when asked for with
 #              --servers.
 #   dyntftpd-tuned  the same with --single-port --cache 64M: every transfer served from
-#              the listening socket (no socket per transfer) and files kept in memory
+#              the listening socket (no socket per transfer) and files kept in memory;
+#              with --single-port-max-blksize 65464 --single-port-max-window 64, what an
+#              operator whose network drops forged sources (BCP 38) may set, so that the
+#              large-block and large-window rows compare like with like
 #   tftpd-hpa  in.tftpd -L -a 127.0.0.1:PORT -s -B 65464 -u nobody ROOT
 #              (-L foreground, -s chroot into ROOT: needs root; one process per transfer;
 #              no -v, so nothing is logged per transfer; it does not know windowsize)
@@ -229,7 +232,7 @@ version_of() {
     case "$1" in
         dyntftpd) "$dyntftpd" --version 2>&1 | head -n 1 ;;
         dyntftpd-baseline) echo "$("$DYNTFTPD_BASELINE" --version 2>&1 | head -n 1) ($DYNTFTPD_BASELINE)" ;;
-        dyntftpd-tuned) echo "$("$dyntftpd" --version 2>&1 | head -n 1) --single-port --cache 64M" ;;
+        dyntftpd-tuned) echo "$("$dyntftpd" --version 2>&1 | head -n 1) --single-port --cache 64M (single-port caps lifted)" ;;
         tftpd-hpa) "$in_tftpd" -V 2>&1 | head -n 1 ;;
         atftpd) "$atftpd" -V 2>&1 | head -n 1 ;;
         dnsmasq) "$dnsmasq" --version 2>&1 | head -n 1 | sed 's/ *Copyright.*//' ;;
@@ -267,7 +270,8 @@ start_server() {
             ;;
         dyntftpd-tuned)
             "${pin_server[@]}" "$dyntftpd" -l "127.0.0.1:$port" -r "$root" -q \
-                --max-window 64 --single-port --cache 64M >"$log" 2>&1 &
+                --max-window 64 --single-port --cache 64M \
+                --single-port-max-blksize 65464 --single-port-max-window 64 >"$log" 2>&1 &
             ;;
         tftpd-hpa)
             "${pin_server[@]}" "$in_tftpd" -L -a "127.0.0.1:$port" -s -B 65464 -u nobody \

@@ -1052,9 +1052,9 @@ impl Session {
                 self.progress();
                 if self.next > self.base {
                     // An ACK inside the window: the client lost what followed. Resume
-                    // from the block after it (RFC 7440 §4) once per interval; otherwise
-                    // only slide (`next` never falls behind `base`) and go back when the
-                    // interval is over.
+                    // from the block after it (RFC 7440 §4) when the go-back clock has a
+                    // token; otherwise only slide (`next` never falls behind `base`) and
+                    // go back when it has one again.
                     if self.go_back_allowed() {
                         self.go_back(true);
                     } else {
