@@ -10,6 +10,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::family::ClientFamily;
 use crate::packet::{ErrorCode, Mode, Options};
 use crate::response::ResponseData;
 use crate::server::SessionId;
@@ -38,6 +39,12 @@ impl ReadRequest<'_> {
     /// The filename as text, with invalid UTF-8 replaced.
     pub fn filename_lossy(&self) -> Cow<'_, str> {
         String::from_utf8_lossy(self.filename)
+    }
+
+    /// The firmware or boot loader that most likely sent the request, told from its
+    /// options and filename (see [`ClientFamily`]).
+    pub fn family(&self) -> ClientFamily {
+        ClientFamily::classify(self.filename, self.options)
     }
 }
 

@@ -150,6 +150,7 @@
 //! `server` and `fs` call: it is the only module with `unsafe`.
 
 pub mod client;
+pub mod family;
 pub mod fs;
 pub mod handler;
 mod limit;
@@ -166,6 +167,7 @@ pub mod stream;
 mod sys;
 mod timer;
 
+pub use family::ClientFamily;
 pub use fs::{CacheStats, FsHandler};
 pub use handler::{Handler, Notifier, ReadRequest, Reject};
 pub use limit::Rate;

@@ -46,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use crate::family::ClientFamily;
 use crate::session::Outcome;
 use crate::stats::ServerStats;
 
@@ -177,6 +178,24 @@ impl Metrics {
                 out,
                 "dyntftp_sessions_total{{outcome=\"{}\"}} {n}",
                 label_value(outcome)
+            );
+        }
+        let mut families: BTreeMap<&str, u64> =
+            ClientFamily::ALL.iter().map(|f| (f.as_str(), 0)).collect();
+        for (family, n) in &t.sessions_by_family {
+            *families.entry(family).or_default() += n;
+        }
+        header(
+            &mut out,
+            "dyntftp_sessions_by_client_total",
+            "Transfer sessions started, by the client family the request looked like.",
+            "counter",
+        );
+        for (family, n) in families {
+            let _ = writeln!(
+                out,
+                "dyntftp_sessions_by_client_total{{family=\"{}\"}} {n}",
+                label_value(family)
             );
         }
         counter(

@@ -6,6 +6,7 @@ use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::family::ClientFamily;
 use crate::limit::{LogDecision, LogLimiter};
 use crate::options::Negotiated;
 use crate::packet::{ErrorCode, Mode};
@@ -145,6 +146,8 @@ pub struct SessionStats {
     /// first [`STORED_OPTIONS`](crate::server::STORED_OPTIONS), names and values cut to
     /// [`STORED_OPTION_BYTES`](crate::server::STORED_OPTION_BYTES).
     pub requested: Vec<(String, String)>,
+    /// The client family the request looked like.
+    pub family: ClientFamily,
     /// Wall-clock time the session started.
     pub start_time: SystemTime,
     /// How long it lasted.
@@ -195,6 +198,9 @@ pub struct ServerStats {
     pub sessions_started: u64,
     /// Sessions ended, by outcome name ([`Outcome::as_str`]).
     pub sessions_finished: BTreeMap<&'static str, u64>,
+    /// Sessions started, by the client family their request looked like
+    /// ([`ClientFamily::as_str`]).
+    pub sessions_by_family: BTreeMap<&'static str, u64>,
     /// Datagrams on a listener that did not parse, or had an opcode other than RRQ/WRQ.
     pub malformed: u64,
     /// Datagrams on a session socket from another address or port (answered with ERROR 5).
@@ -249,6 +255,9 @@ impl ServerStats {
         self.sessions_started += other.sessions_started;
         for (outcome, n) in &other.sessions_finished {
             *self.sessions_finished.entry(outcome).or_default() += n;
+        }
+        for (family, n) in &other.sessions_by_family {
+            *self.sessions_by_family.entry(family).or_default() += n;
         }
         self.malformed += other.malformed;
         self.stray_datagrams += other.stray_datagrams;
@@ -585,6 +594,7 @@ mod tests {
             filename: "f".into(),
             mode: Mode::Octet,
             requested: Vec::new(),
+            family: ClientFamily::Other,
             start_time: SystemTime::UNIX_EPOCH,
             duration: Duration::ZERO,
             outcome,

@@ -269,6 +269,7 @@ pub fn session_members(s: &SessionStats) -> String {
         filename,
         mode,
         requested,
+        family,
         start_time,
         duration,
         outcome,
@@ -279,6 +280,7 @@ pub fn session_members(s: &SessionStats) -> String {
     o.string("local", &local.to_string());
     o.string("filename", &cut(filename, LOG_TEXT_MAX));
     o.string("mode", mode.as_str());
+    o.string("family", family.as_str());
     let mut list = String::from("[");
     for (i, (name, value)) in requested.iter().take(MAX_LOGGED_OPTIONS).enumerate() {
         if i > 0 {
@@ -399,6 +401,7 @@ pub fn stats_members(s: &ServerStats) -> String {
         duplicate_requests,
         sessions_started,
         sessions_finished,
+        sessions_by_family,
         malformed,
         stray_datagrams,
         datagrams_sent,
@@ -432,6 +435,11 @@ pub fn stats_members(s: &ServerStats) -> String {
         by_outcome.raw(outcome, &n.to_string());
     }
     o.raw("sessions_finished", &by_outcome.object());
+    let mut by_family = Members::default();
+    for (family, n) in sessions_by_family {
+        by_family.raw(family, &n.to_string());
+    }
+    o.raw("sessions_by_family", &by_family.object());
     o.raw("sessions_failed", &s.sessions_failed().to_string());
     for (name, value) in [
         ("malformed", malformed),
@@ -628,6 +636,7 @@ mod tests {
             duplicate_requests: 5,
             sessions_started: 6,
             sessions_finished: [("completed", 7), ("timed_out", 8)].into(),
+            sessions_by_family: [("grub", 5), ("uefi", 1)].into(),
             malformed: 9,
             stray_datagrams: 10,
             datagrams_sent: 11,
@@ -669,6 +678,7 @@ mod tests {
             "sessions_started": 6,
             "sessions_finished": {"completed": 7, "timed_out": 8},
             "sessions_failed": 8,
+            "sessions_by_family": {"grub": 5, "uefi": 1},
             "malformed": 9,
             "stray_datagrams": 10,
             "datagrams_sent": 11,
@@ -712,6 +722,7 @@ mod tests {
                 ("blksize".into(), "1428".into()),
                 ("tsize".into(), "0".into()),
             ],
+            family: dyntftp::ClientFamily::Other,
             start_time: UNIX_EPOCH + Duration::from_millis(951_782_400_123),
             duration: Duration::from_millis(500),
             outcome: Outcome::PeerError(ErrorCode::DiskFull),
@@ -760,6 +771,7 @@ mod tests {
             "local": "192.0.2.1:69",
             "filename": "boot/pxelinux.0",
             "mode": "octet",
+            "family": "other",
             "requested": [["blksize", "1428"], ["tsize", "0"]],
             "requested_omitted": 0,
             "start_time": "2000-02-29T00:00:00.123Z",

@@ -68,10 +68,12 @@ use std::time::{Duration, Instant};
 use log::{debug, info};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::family::{too_large_without_rollover, ClientFamily};
 use crate::handler::{Handler, Notifier, ReadRequest, Reject};
 use crate::limit::LogLimiter;
+use crate::options::negotiate;
 use crate::packet::{ErrorCode, Mode, Packet, Request, MAX_DATAGRAM};
-use crate::session::{Outcome, Output, Retransmission, Session};
+use crate::session::{Outcome, Output, Retransmission, Session, SessionConfig};
 use crate::spin::Spinner;
 use crate::stats::{LogText, ServerStats, SessionLogLimiter};
 use crate::sys;
@@ -625,6 +627,7 @@ impl<H: Handler> Server<H> {
             std::time::SystemTime::now(),
         );
         let filename = &info.filename;
+        let family = info.family;
         let handler = &mut self.handler;
         let opened = self.user_code.run(
             &mut self.stats,
@@ -654,6 +657,14 @@ impl<H: Handler> Server<H> {
         // In single-port mode capped, then cut to the window memory left.
         let mut config = self.settings.config;
         config.limits = self.table.window_limits(self.settings.session_limits());
+        if let Some(reject) = too_large_for(family, &request, mode, source.size(), &config) {
+            debug!("{peer}: {} refused: {reject}", LogText::new(filename));
+            let what = |f: &mut fmt::Formatter<'_>| {
+                write!(f, "{peer}: dropping the source of {filename:?}")
+            };
+            self.user_code.drop(&mut self.stats, self.now, what, source);
+            return self.refuse(arrival, datagram.len(), &reject);
+        }
         let now = self.now;
         let created = self.user_code.run(
             &mut self.stats,
@@ -680,6 +691,11 @@ impl<H: Handler> Server<H> {
             .insert(id, SessionEntry::new(id, transport, session, info));
         self.admission.session_started(self.now, peer, id, &request);
         self.stats.sessions_started += 1;
+        *self
+            .stats
+            .sessions_by_family
+            .entry(family.as_str())
+            .or_default() += 1;
         self.drive(id);
     }
 
@@ -875,6 +891,29 @@ fn out_of_descriptors(e: &io::Error) -> bool {
 }
 
 /// What a client is told when user code failed on its request.
+/// The refusal for a file larger than `family` can read: a client that cannot roll block
+/// numbers over (the Raspberry Pi EEPROM) would fail at block 65,536, so it gets ERROR 3 at
+/// once. `None` for every other client, a size not known, or a netascii transfer (its size
+/// on the wire is not the file's).
+fn too_large_for(
+    family: ClientFamily,
+    request: &Request<'_>,
+    mode: Mode,
+    size: Option<u64>,
+    config: &SessionConfig,
+) -> Option<Reject> {
+    if family.wraps_block_numbers() || mode == Mode::Netascii {
+        return None;
+    }
+    let blksize = negotiate(request.options, &config.limits, size).blksize;
+    too_large_without_rollover(size?, blksize).then(|| {
+        Reject::new(
+            ErrorCode::DiskFull,
+            "file too large for this client (no block rollover)",
+        )
+    })
+}
+
 fn internal_error() -> Reject {
     Reject::new(ErrorCode::NotDefined, "internal error")
 }

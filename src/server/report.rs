@@ -131,6 +131,7 @@ impl<H: Handler> Server<H> {
             filename: request.filename,
             mode: request.mode,
             requested: request.options,
+            family: request.family,
             start_time: request.start_time,
             duration: transfer.duration(self.now),
             outcome,
@@ -208,7 +209,12 @@ impl fmt::Display for SessionLine<'_> {
         if let Some((code, message)) = stats.error() {
             write!(f, " (ERROR {code}: {})", LogText::new(message))?;
         }
-        write!(f, ", {} retransmits", stats.transfer.retransmits)
+        write!(
+            f,
+            ", {} retransmits, client {}",
+            stats.transfer.retransmits,
+            stats.family.as_str()
+        )
     }
 }
 
@@ -252,6 +258,7 @@ mod tests {
             filename: String::from_utf8_lossy(filename).into_owned(),
             mode: Mode::Octet,
             requested: Vec::new(),
+            family: crate::ClientFamily::Other,
             start_time: std::time::SystemTime::UNIX_EPOCH,
             duration: Duration::from_millis(1),
             outcome: Outcome::PeerError(ErrorCode::NotDefined),

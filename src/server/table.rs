@@ -18,6 +18,7 @@ use log::warn;
 use mio::{Token, Waker};
 use slab::Slab;
 
+use crate::family::ClientFamily;
 use crate::handler::ReadySink;
 use crate::options::Limits;
 use crate::packet::{Mode, Options};
@@ -113,6 +114,8 @@ pub(super) struct RequestInfo {
     /// The first [`STORED_OPTIONS`] options as requested, lossily decoded, names and values
     /// cut to [`STORED_OPTION_BYTES`].
     pub(super) options: Vec<(String, String)>,
+    /// The client family the request looks like.
+    pub(super) family: ClientFamily,
     pub(super) start_time: SystemTime,
 }
 
@@ -126,6 +129,7 @@ impl RequestInfo {
         options: Options<'_>,
         start_time: SystemTime,
     ) -> RequestInfo {
+        let options_raw = options;
         let options: Vec<(String, String)> = options
             .iter()
             .take(STORED_OPTIONS)
@@ -141,6 +145,7 @@ impl RequestInfo {
             local,
             filename: bounded_lossy(filename, STORED_FILENAME_BYTES),
             mode,
+            family: ClientFamily::classify(filename, options_raw),
             options,
             start_time,
         }
