@@ -121,10 +121,17 @@ fn a_file_too_large_for_a_client_without_rollover_is_refused_at_once(mode: Mode)
     assert_eq!(total.rejected.get(&3), Some(&1), "{:?}", total.rejected);
 }
 
+/// A family, a filename and the options its firmware sends.
+type Case = (
+    ClientFamily,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
 both_modes!(each_firmware_lands_in_its_family);
 fn each_firmware_lands_in_its_family(mode: Mode) {
     let mut server = spawn(mode);
-    let cases: [(ClientFamily, &str, &[(&str, &str)]); 6] = [
+    let cases: [Case; 6] = [
         (
             ClientFamily::Uefi,
             "bootx64.efi",
