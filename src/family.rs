@@ -186,11 +186,14 @@ mod tests {
     }
 
     /// What each client sends (netboot-platforms.md §3), by family.
-    fn signatures() -> Vec<(
+    /// A family, a filename and the options its client sends.
+    type Signature = (
         ClientFamily,
         &'static str,
         Vec<(&'static str, &'static str)>,
-    )> {
+    );
+
+    fn signatures() -> Vec<Signature> {
         use ClientFamily::*;
         vec![
             (
