@@ -727,25 +727,7 @@ fn json_log_has_one_object_per_session_and_per_report() {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, b"odd").unwrap();
     root.write("plain.txt", SMALL);
-    let logs = TempDir::new("json-log");
-    let log = logs.path().join("dyntftpd.log");
-    let log_arg = log.to_str().unwrap().to_string();
-    let mut daemon = Daemon::start(
-        &[
-            "-r",
-            root_arg(&root),
-            "-v",
-            "--log-format",
-            "json",
-            "--log-file",
-            &log_arg,
-            "--stats-interval",
-            "1",
-        ],
-        ListenPid::Child,
-        false,
-    );
-    daemon.ready();
+    let (mut daemon, _logs, log) = json_log_daemon(&root, &["-v"]);
     let client = Client::new(Mode::OwnPort, daemon.addr);
     let got = client
         .fetch_with(
@@ -910,24 +892,7 @@ fn json_log_has_one_object_per_session_and_per_report() {
 #[test]
 fn json_session_records_of_a_flood_are_bounded_and_counted() {
     let root = standard_root();
-    let logs = TempDir::new("json-flood");
-    let log = logs.path().join("dyntftpd.log");
-    let log_arg = log.to_str().unwrap().to_string();
-    let mut daemon = Daemon::start(
-        &[
-            "-r",
-            root_arg(&root),
-            "--log-format",
-            "json",
-            "--log-file",
-            &log_arg,
-            "--stats-interval",
-            "1",
-        ],
-        ListenPid::Child,
-        false,
-    );
-    daemon.ready();
+    let (mut daemon, _logs, log) = json_log_daemon(&root, &[]);
     let started = Instant::now();
     let n = 300;
     for _ in 0..n {
@@ -959,6 +924,21 @@ fn json_session_records_of_a_flood_are_bounded_and_counted() {
         held_back as usize >= n - 100 * periods,
         "{held_back} held back"
     );
+}
+
+/// A ready daemon serving `root` with `extra` flags, logging JSON to a file (returned with
+/// the directory that holds it) and reporting statistics every second.
+fn json_log_daemon(root: &TempDir, extra: &[&str]) -> (Daemon, TempDir, std::path::PathBuf) {
+    let logs = TempDir::new("json-log");
+    let log = logs.path().join("dyntftpd.log");
+    let log_arg = log.to_str().unwrap().to_string();
+    let mut args = vec!["-r", root_arg(root)];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--log-format", "json", "--log-file", &log_arg]);
+    args.extend_from_slice(&["--stats-interval", "1"]);
+    let mut daemon = Daemon::start(&args, ListenPid::Child, false);
+    daemon.ready();
+    (daemon, logs, log)
 }
 
 #[test]
