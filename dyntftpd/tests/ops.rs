@@ -936,7 +936,7 @@ fn json_log_daemon(root: &TempDir, extra: &[&str]) -> (Daemon, TempDir, std::pat
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--log-format", "json", "--log-file", &log_arg]);
     args.extend_from_slice(&["--stats-interval", "1"]);
-    let mut daemon = Daemon::start(&args, ListenPid::Child, false);
+    let daemon = Daemon::start(&args, ListenPid::Child, false);
     daemon.ready();
     (daemon, logs, log)
 }
