@@ -110,6 +110,7 @@ impl Metrics {
     /// | `dyntftp_client_limited_total` | counter | |
     /// | `dyntftp_busy_total` | counter | |
     /// | `dyntftp_descriptor_pauses_total` | counter | |
+    /// | `dyntftp_port_pauses_total` | counter | |
     /// | `dyntftp_send_would_block_total` | counter | |
     /// | `dyntftp_send_errors_total` | counter | |
     /// | `dyntftp_panics_total` | counter | |
@@ -258,6 +259,13 @@ impl Metrics {
             "dyntftp_descriptor_pauses_total",
             "Times the server ran out of file descriptors and paused taking requests.",
             t.descriptor_pauses,
+        );
+        counter(
+            &mut out,
+            "dyntftp_port_pauses_total",
+            "Times every port for session sockets was in use and the server paused taking \
+             requests.",
+            t.port_pauses,
         );
         counter(
             &mut out,

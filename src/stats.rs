@@ -230,6 +230,10 @@ pub struct ServerStats {
     pub busy: u64,
     /// Times the server ran out of file descriptors and paused taking requests.
     pub descriptor_pauses: u64,
+    /// Times no port was free for a session socket (every port of the
+    /// [port range](crate::ServerBuilder::port_range), or of the kernel's ephemeral
+    /// range, in use) and the server paused taking requests.
+    pub port_pauses: u64,
     /// Time the loop spent polling without sleeping ([`ServerBuilder::busy_poll`]).
     ///
     /// [`ServerBuilder::busy_poll`]: crate::server::ServerBuilder::busy_poll
@@ -272,6 +276,7 @@ impl ServerStats {
         self.client_limited += other.client_limited;
         self.busy += other.busy;
         self.descriptor_pauses += other.descriptor_pauses;
+        self.port_pauses += other.port_pauses;
         self.busy_poll += other.busy_poll;
         self.active_sessions += other.active_sessions;
         self.session_durations.merge(&other.session_durations);

@@ -65,6 +65,10 @@ pub struct Config {
     /// Microseconds to poll without sleeping while sessions run.
     pub busy_poll: u64,
     pub single_port: bool,
+    /// The ports session sockets bind, first and last; `None`: any.
+    pub port_range: Option<(u16, u16)>,
+    /// Whether blksize is clamped to the arrival interface's MTU.
+    pub mtu_blksize: bool,
     pub workers: usize,
     pub ignore_case: bool,
     pub unique_root: bool,
@@ -104,6 +108,8 @@ impl Default for Config {
             udp_gso: true,
             busy_poll: DEFAULT_BUSY_POLL.as_micros() as u64,
             single_port: false,
+            port_range: None,
+            mtu_blksize: true,
             workers: 1,
             ignore_case: false,
             unique_root: false,
@@ -179,6 +185,10 @@ impl Config {
         let _ = writeln!(out, "udp-gso = {}", if self.udp_gso { "on" } else { "off" });
         let _ = writeln!(out, "busy-poll = {}", self.busy_poll);
         let _ = writeln!(out, "single-port = {}", self.single_port);
+        if let Some((low, high)) = self.port_range {
+            let _ = writeln!(out, "port-range = {low}:{high}");
+        }
+        let _ = writeln!(out, "mtu-blksize = {}", on_off(self.mtu_blksize));
         let _ = writeln!(out, "workers = {}", self.workers);
         let _ = writeln!(out, "ignore-case = {}", self.ignore_case);
         let _ = writeln!(out, "unique-root = {}", self.unique_root);
@@ -265,17 +275,25 @@ impl Config {
             "single-port-max-window" => {
                 self.single_port_max_window = number(text, |n: &u16| *n >= 1).ok_or_else(bad)?
             }
-            "adaptive-timeout" | "udp-gso" => {
+            "adaptive-timeout" | "udp-gso" | "mtu-blksize" => {
                 let on = match text {
                     "on" => true,
                     "off" => false,
                     _ => return Err(format!("{} (expected on or off)", bad())),
                 };
-                if key == "udp-gso" {
-                    self.udp_gso = on;
-                } else {
-                    self.adaptive_timeout = on;
+                match key {
+                    "udp-gso" => self.udp_gso = on,
+                    "mtu-blksize" => self.mtu_blksize = on,
+                    _ => self.adaptive_timeout = on,
                 }
+            }
+            "port-range" => {
+                self.port_range = Some(port_range(text).ok_or_else(|| {
+                    format!(
+                        "{} (expected LOW:HIGH with 1 <= LOW <= HIGH <= 65535)",
+                        bad()
+                    )
+                })?)
             }
             "single-port" | "ignore-case" | "unique-root" | "lowercase" | "limit-loopback" => {
                 let on = match text {
@@ -373,7 +391,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 33] = [
+pub const FILE_KEYS: [&str; 35] = [
     "listen",
     "root",
     "timeout",
@@ -394,6 +412,8 @@ pub const FILE_KEYS: [&str; 33] = [
     "udp-gso",
     "busy-poll",
     "single-port",
+    "port-range",
+    "mtu-blksize",
     "workers",
     "ignore-case",
     "unique-root",
@@ -408,6 +428,21 @@ pub const FILE_KEYS: [&str; 33] = [
     "log-format",
     "log-file",
 ];
+
+/// `LOW:HIGH`, two ports with 1 <= LOW <= HIGH.
+fn port_range(text: &str) -> Option<(u16, u16)> {
+    let (low, high) = text.split_once(':')?;
+    let (low, high) = (low.parse::<u16>().ok()?, high.parse::<u16>().ok()?);
+    (1..=high).contains(&low).then_some((low, high))
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
 
 fn number<T: FromStr>(text: &str, check: impl Fn(&T) -> bool) -> Option<T> {
     text.parse::<T>().ok().filter(check)
@@ -568,6 +603,18 @@ pub fn options() -> Options {
         "",
         "single-port",
         "serve every transfer from the listening port instead of a new port per transfer (for NAT, firewalls and containers that forward only port 69)",
+    );
+    opts.optopt(
+        "",
+        "port-range",
+        "bind each transfer's port in LOW:HIGH, e.g. 50000:50999 (for firewalls); with every port in use, new requests wait for one; not with --single-port (default: any free port)",
+        "LOW:HIGH",
+    );
+    opts.optopt(
+        "",
+        "mtu-blksize",
+        "on (default): grant no blksize larger than one unfragmented datagram on the interface the request came in on (MTU less 32 bytes for IPv4, 52 for IPv6; at least 512); off: up to --max-blksize",
+        "on|off",
     );
     opts.optopt(
         "",
@@ -768,9 +815,13 @@ impl Config {
             .udp_gso(self.udp_gso)
             .busy_poll(Duration::from_micros(self.busy_poll))
             .single_port(self.single_port)
+            .mtu_blksize(self.mtu_blksize)
             .stats_interval(self.stats_interval);
         if let Some(max) = self.max_sessions {
             builder = builder.max_sessions(max);
+        }
+        if let Some((low, high)) = self.port_range {
+            builder = builder.port_range(low..=high);
         }
         builder
     }
@@ -1168,6 +1219,58 @@ mod tests {
         ] {
             let err = parse_args(&args(&[flag, value])).err().unwrap();
             assert!(err.contains("invalid value for"), "{flag} {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn port_range_and_mtu_blksize_from_flags_and_the_file() {
+        let c = config(&[]);
+        assert_eq!((c.port_range, c.mtu_blksize), (None, true));
+        let c = config(&["--port-range", "50000:50999", "--mtu-blksize", "off"]);
+        assert_eq!((c.port_range, c.mtu_blksize), (Some((50000, 50999)), false));
+        assert_eq!(
+            config(&["--port-range", "69:69"]).port_range,
+            Some((69, 69))
+        );
+        let text = c.to_file_text();
+        assert!(
+            text.contains("port-range = 50000:50999\n") && text.contains("mtu-blksize = off\n"),
+            "{text}"
+        );
+        let file = File::new("ports", &text);
+        let again = config(&["--config", file.arg()]);
+        assert_eq!(again.to_file_text(), text);
+        // The flag overrides the file.
+        let c = config(&["--config", file.arg(), "--port-range", "7000:7001"]);
+        assert_eq!(c.port_range, Some((7000, 7001)));
+        for bad in [
+            "0:10",
+            "10:9",
+            "1:65536",
+            "50000",
+            "50000-50999",
+            ":",
+            "a:b",
+            "-1:5",
+        ] {
+            let err = parse_args(&args(&["--port-range", bad]))
+                .err()
+                .unwrap_or_default();
+            assert!(
+                err.contains("invalid value for --port-range") && err.contains("LOW:HIGH"),
+                "{bad:?}: {err}"
+            );
+        }
+        let err = parse_args(&args(&["--mtu-blksize", "yes"])).err().unwrap();
+        assert!(err.contains("expected on or off"), "{err}");
+        // Single-port mode has no session sockets: refused, also by --check-config.
+        for check in [false, true] {
+            let mut list = vec!["--single-port", "--port-range", "50000:50999"];
+            if check {
+                list.push("--check-config");
+            }
+            let err = parse_args(&args(&list)).err().unwrap_or_default();
+            assert!(err.contains("single-port mode"), "{list:?}: {err}");
         }
     }
 

@@ -415,6 +415,7 @@ pub fn stats_members(s: &ServerStats) -> String {
         client_limited,
         busy,
         descriptor_pauses,
+        port_pauses,
         busy_poll,
         active_sessions,
         session_durations,
@@ -455,6 +456,7 @@ pub fn stats_members(s: &ServerStats) -> String {
         ("client_limited", client_limited),
         ("busy", busy),
         ("descriptor_pauses", descriptor_pauses),
+        ("port_pauses", port_pauses),
     ] {
         o.raw(name, &value.to_string());
     }
@@ -650,6 +652,7 @@ mod tests {
             client_limited: 19,
             busy: 20,
             descriptor_pauses: 21,
+            port_pauses: 23,
             busy_poll: Duration::from_millis(500),
             active_sessions: 22,
             session_durations,
@@ -692,6 +695,7 @@ mod tests {
             "client_limited": 19,
             "busy": 20,
             "descriptor_pauses": 21,
+            "port_pauses": 23,
             "busy_poll": 0.5,
             "active_sessions": 22,
             "session_durations": {

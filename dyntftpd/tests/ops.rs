@@ -844,6 +844,7 @@ fn json_log_has_one_object_per_session_and_per_report() {
             "client_limited",
             "busy",
             "descriptor_pauses",
+            "port_pauses",
             "active_sessions",
         ] {
             assert!(r[field].is_u64(), "stats.{field} missing: {r}");

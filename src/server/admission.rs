@@ -69,6 +69,8 @@
 //! When file descriptors run out, the driver hands the request back
 //! ([`Admission::wait_for_descriptors`]): it waits first in line, and no request is taken
 //! until a session ends or [`DESCRIPTOR_RETRY`] passes (the age bound holds there too).
+//! The same when no port is free for the session's socket (the port range is full:
+//! [`Admission::wait_for_ports`]).
 //!
 //! A read request is counted in [`ServerStats::requests`] once, when it arrives; every
 //! other counter is counted where the rule above applies.
@@ -201,6 +203,7 @@ struct Logs {
     rate_limited: LogLimiter,
     client_limited: LogLimiter,
     descriptors: LogLimiter,
+    ports: LogLimiter,
 }
 
 /// Decides, for each datagram that reaches a listener, what the driver does with it, and
@@ -227,7 +230,8 @@ pub(crate) struct Admission {
     /// The peer and arrival time of the request last taken from the queue, so that one
     /// handed back keeps its age.
     last_taken: Option<(SocketAddr, Instant)>,
-    /// Descriptors ran out: no request is taken before this (or a session's end).
+    /// Descriptors (or session ports) ran out: no request is taken before this (or a
+    /// session's end).
     descriptors_paused_until: Option<Instant>,
     shutting_down: bool,
     logs: Logs,
@@ -261,6 +265,7 @@ impl Admission {
                 rate_limited: limiter(),
                 client_limited: limiter(),
                 descriptors: limiter(),
+                ports: limiter(),
             },
         }
     }
@@ -422,6 +427,40 @@ impl Admission {
                 ),
             );
         }
+        self.pause(now, arrival, datagram, stats);
+    }
+
+    /// No port was free for the session's socket (every port of the port range, or of
+    /// the kernel's ephemeral range, is in use): the request waits as in
+    /// [`wait_for_descriptors`](Self::wait_for_descriptors). Counted in
+    /// [`ServerStats::port_pauses`] and logged once per episode.
+    pub(crate) fn wait_for_ports(
+        &mut self,
+        now: Instant,
+        arrival: &Arrival,
+        datagram: &[u8],
+        stats: &mut ServerStats,
+    ) {
+        if self.descriptors_paused_until.is_none() {
+            stats.port_pauses += 1;
+            log_limited(
+                &mut self.logs.ports,
+                now,
+                log::Level::Warn,
+                format_args!(
+                    "every port for session sockets is in use, with {} sessions running: \
+                     new requests wait until one ends (widen --port-range, or lower \
+                     --max-sessions)",
+                    self.sessions.len()
+                ),
+            );
+        }
+        self.pause(now, arrival, datagram, stats);
+    }
+
+    /// Keeps the request first in line and takes no new one until a session ends or
+    /// [`DESCRIPTOR_RETRY`] passes.
+    fn pause(&mut self, now: Instant, arrival: &Arrival, datagram: &[u8], stats: &mut ServerStats) {
         self.descriptors_paused_until = Some(now + DESCRIPTOR_RETRY);
         let signature = match Packet::parse(datagram) {
             Ok(Packet::Rrq(request)) => self.signature(&request),
@@ -1339,6 +1378,33 @@ mod tests {
         f.admission.tick(f.now);
         assert!(f.next_waiting().is_none(), "too old now");
         assert_eq!(f.stats.busy, busy + 1);
+    }
+
+    #[test]
+    fn a_full_port_range_pauses_requests_as_descriptors_do_and_is_counted_apart() {
+        let mut f = Fixture::new(policy());
+        f.start("192.0.2.1:1000");
+        let arrival = from("192.0.2.2:1000");
+        let datagram = rrq("late");
+        let Verdict::Start(..) = f.judge(&arrival, &datagram) else {
+            panic!()
+        };
+        // The driver found no free port for the session's socket.
+        f.admission
+            .wait_for_ports(f.now, &arrival, &datagram, &mut f.stats);
+        assert!(!f.admission.has_room());
+        assert_eq!(f.admission.wake_at(), Some(f.now + DESCRIPTOR_RETRY));
+        // Again within the pause (its retry, another request): one episode.
+        f.admission
+            .wait_for_ports(f.now, &from("192.0.2.3:1000"), &datagram, &mut f.stats);
+        assert_eq!((f.stats.port_pauses, f.stats.descriptor_pauses), (1, 0));
+        assert!(f.next_waiting().is_none());
+        // A session's end frees its port: the waiting request is taken at once.
+        f.admission.session_ended("192.0.2.1:1000".parse().unwrap());
+        assert!(f.admission.has_room());
+        let first = f.next_waiting().unwrap();
+        assert_eq!(first.arrival.peer, "192.0.2.3:1000".parse().unwrap());
+        assert_eq!(f.stats.requests, 2, "not counted again");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use log::debug;
@@ -106,6 +107,12 @@ pub(super) struct Settings {
     pub(super) window_memory: usize,
     /// What single-port sessions are granted at most, on top of `config.limits`.
     pub(super) single_port_limits: Limits,
+    /// The ports session sockets bind, first and last (see
+    /// [`ServerBuilder::port_range`]); `None`: any port.
+    pub(super) port_range: Option<(u16, u16)>,
+    /// Whether blksize is clamped to the arrival interface's MTU (see
+    /// [`ServerBuilder::mtu_blksize`]).
+    pub(super) mtu_blksize: bool,
 }
 
 impl Settings {
@@ -123,6 +130,11 @@ impl Settings {
             max_window: limits.max_window.min(cap.max_window),
             max_window_bytes: limits.max_window_bytes.min(cap.max_window_bytes),
         }
+    }
+
+    /// The session ports, as a range.
+    pub(super) fn port_range(&self) -> Option<RangeInclusive<u16>> {
+        self.port_range.map(|(low, high)| low..=high)
     }
 
     /// The settings of one of `workers` loops: each gets its share of the window memory
@@ -194,7 +206,8 @@ impl<H: Handler> ServerBuilder<H> {
     /// ([`SINGLE_PORT_LIMITS`] in single-port mode), [`DEFAULT_WINDOW_MEMORY`] for all
     /// windows together, stats every 60 s, `max_sessions` from the file-descriptor limit
     /// and the window memory, 5 s shutdown grace, and the abuse limits [`Rate::DEFAULT`]
-    /// and [`DEFAULT_MAX_SESSIONS_PER_CLIENT`] per client (loopback clients exempt).
+    /// and [`DEFAULT_MAX_SESSIONS_PER_CLIENT`] per client (loopback clients exempt),
+    /// session sockets on any free port, blksize clamped to the interface's MTU.
     pub fn new(handler: H) -> ServerBuilder<H> {
         ServerBuilder {
             handler,
@@ -214,6 +227,8 @@ impl<H: Handler> ServerBuilder<H> {
                 busy_poll: DEFAULT_BUSY_POLL,
                 window_memory: DEFAULT_WINDOW_MEMORY,
                 single_port_limits: SINGLE_PORT_LIMITS,
+                port_range: None,
+                mtu_blksize: true,
             },
         }
     }
@@ -369,6 +384,36 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
+    /// The ports the sessions' own sockets bind, e.g. `50000..=50999` (default: any
+    /// free port the kernel picks, from its ephemeral range): for firewalls that let
+    /// only these through (tftpd-hpa's `--port-range`, dnsmasq's `--tftp-port-range`).
+    /// Each session takes the port after the one the previous session took (the first
+    /// one at random), skipping ports in use. When every port of the range is in use,
+    /// new requests wait, as when file descriptors run out, until a session ends (or a
+    /// second passes); this is counted in
+    /// [`ServerStats::port_pauses`](crate::stats::ServerStats::port_pauses) and logged.
+    /// The range must not be empty nor include port 0; it cannot be combined with
+    /// [`single_port`](Self::single_port), which opens no session sockets. Several
+    /// [`Workers`](super::Workers) share the range (each skips the others' ports).
+    /// Ports below 1024 need the privilege to bind them after privileges are dropped.
+    pub fn port_range(mut self, ports: RangeInclusive<u16>) -> Self {
+        self.settings.port_range = Some((*ports.start(), *ports.end()));
+        self
+    }
+
+    /// Whether the granted blksize is clamped to what fits one unfragmented datagram on
+    /// the interface the request arrived on (default true): its MTU less the IP, UDP and
+    /// TFTP headers (IPv4: MTU − 32, 1468 on Ethernet; IPv6: MTU − 52, 1448), never below
+    /// 512. Firmware often cannot reassemble IP fragments; dnsmasq clamps the same way.
+    /// Loopback's MTU (65536) allows every block size. The MTU is looked up by interface
+    /// (SIOCGIFMTU) and cached for a few seconds; where the kernel does not report the
+    /// interface (a socket without destination-address reporting), nothing is clamped.
+    /// It applies in single-port mode too, on top of its own limits.
+    pub fn mtu_blksize(mut self, clamp: bool) -> Self {
+        self.settings.mtu_blksize = clamp;
+        self
+    }
+
     /// Whether windows of DATA are sent with UDP generic segmentation offload, several
     /// datagrams per system call (default true; falls back to one datagram per call, for
     /// good, at the first failure, e.g. on kernels older than 4.18), in single-port mode
@@ -494,6 +539,20 @@ impl<H: Handler> ServerBuilder<H> {
                 )));
             }
         }
+        if let Some((low, high)) = self.settings.port_range {
+            if low == 0 || low > high {
+                return Err(Error::Config(format!(
+                    "port range must be LOW..=HIGH with 1 <= LOW <= HIGH, not {low}..={high}"
+                )));
+            }
+            if self.settings.single_port {
+                return Err(Error::Config(
+                    "a port range has no effect in single-port mode, which serves every \
+                     session from the listening port"
+                        .into(),
+                ));
+            }
+        }
         if self.addrs.is_empty() && self.sockets.is_empty() {
             return Err(Error::Config("no address to listen on".into()));
         }
@@ -568,6 +627,41 @@ mod tests {
                 ..SINGLE_PORT_LIMITS
             });
         assert!(matches!(bad.validate(), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn port_ranges_must_hold_a_port_and_not_come_with_single_port() {
+        let with = |range: RangeInclusive<u16>, single: bool| {
+            ServerBuilder::new(Nothing)
+                .bind("127.0.0.1:0".parse().unwrap())
+                .single_port(single)
+                .port_range(range)
+                .validate()
+        };
+        assert!(with(50000..=50999, false).is_ok());
+        assert!(with(1..=1, false).is_ok());
+        assert!(with(1..=u16::MAX, false).is_ok());
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 51000..=50000;
+        for (range, single, why) in [
+            (0..=10, false, "1 <= LOW"),
+            (reversed, false, "LOW <= HIGH"),
+            (50000..=50999, true, "single-port"),
+        ] {
+            match with(range.clone(), single) {
+                Err(Error::Config(text)) => assert!(text.contains(why), "{range:?}: {text}"),
+                other => panic!("{range:?}: {other:?}"),
+            }
+        }
+        let settings = ServerBuilder::new(Nothing).settings;
+        assert_eq!(settings.port_range(), None);
+        assert!(settings.mtu_blksize);
+        let settings = ServerBuilder::new(Nothing)
+            .port_range(7..=9)
+            .mtu_blksize(false)
+            .settings;
+        assert_eq!(settings.port_range(), Some(7..=9));
+        assert!(!settings.mtu_blksize);
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //!   socket-free, unit-tested with explicit times;
 //! - `table`: the running sessions by `SessionId` (slot and generation), their timers, and
 //!   the queue through which sources say they are ready again;
-//! - `transport`: how datagrams leave (a session's own socket, or a listener with an
-//!   explicit source address; UDP GSO);
+//! - `transport`: how datagrams leave (a session's own socket, in the port range if any,
+//!   or a listener with an explicit source address; UDP GSO);
+//! - `mtu`: the largest block that fits the arrival interface's MTU, and a cache of MTUs;
 //! - `report`: finished sessions, periodic statistics, rate-limited warnings, the guard
 //!   around user code;
 //! - `builder` and `workers`: [`ServerBuilder`], and [`Workers`] (several loops on one
@@ -46,19 +47,23 @@
 //! reported and removed.
 //!
 //! A session starts under the configured limits, capped in single-port mode
-//! ([`ServerBuilder::single_port_limits`]) and cut to the window memory left
+//! ([`ServerBuilder::single_port_limits`]), cut to the MTU of the interface its request
+//! arrived on ([`ServerBuilder::mtu_blksize`]) and to the window memory left
 //! ([`ServerBuilder::window_memory`]); what it keeps of its request is bounded (3 KiB at
 //! most, see `table`).
 
 mod admission;
 mod budget;
 mod builder;
+mod mtu;
 mod report;
 mod table;
 mod transport;
 mod workers;
 
+use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,7 +76,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::family::{too_large_without_rollover, ClientFamily};
 use crate::handler::{Handler, Notifier, ReadRequest, Reject};
 use crate::limit::LogLimiter;
-use crate::options::negotiate;
+use crate::options::{negotiate, Limits};
 use crate::packet::{ErrorCode, Mode, Packet, Request, MAX_DATAGRAM};
 use crate::session::{Outcome, Output, Retransmission, Session, SessionConfig};
 use crate::spin::Spinner;
@@ -90,9 +95,10 @@ pub use workers::{ShutdownHandle, Workers};
 
 use admission::{Admission, Verdict};
 use builder::Settings;
+use mtu::MtuCache;
 use report::UserCode;
 use table::{ReadyQueue, RequestInfo, SessionEntry, SessionTable};
-use transport::{Arrival, Listener, ReplyPath, Sender, Transport};
+use transport::{Arrival, Listener, ReplyPath, Sender, SessionSockets, Transport};
 use workers::PreparedLoop;
 
 const WAKER: Token = Token(usize::MAX);
@@ -148,6 +154,10 @@ pub struct Server<H> {
     table: SessionTable,
     admission: Admission,
     sender: Sender,
+    /// Opens the sessions' sockets (in the port range, if any).
+    sockets: SessionSockets,
+    /// The interfaces' MTUs, for MTU-sized blocks.
+    mtu: MtuCache,
     user_code: UserCode,
     /// Receive buffer for session sockets, large enough for any datagram.
     buf: Vec<u8>,
@@ -204,6 +214,12 @@ impl<H: Handler> Server<H> {
             table: SessionTable::with_window_memory(now, settings.window_memory),
             admission: Admission::new(settings.policy(max_sessions), client_limits),
             sender: Sender::new(settings.udp_gso),
+            sockets: SessionSockets::new(
+                settings.single_port,
+                settings.port_range(),
+                RandomState::new().build_hasher().finish(),
+            ),
+            mtu: MtuCache::new(),
             user_code: UserCode::new(),
             buf: vec![0; MAX_DATAGRAM],
             request_buf: vec![0; MAX_DATAGRAM],
@@ -558,7 +574,7 @@ impl<H: Handler> Server<H> {
         };
         self.sender.refuse(
             &self.listeners,
-            self.settings.single_port,
+            &mut self.sockets,
             arrival,
             &reject,
             &mut self.stats,
@@ -576,14 +592,9 @@ impl<H: Handler> Server<H> {
         mode: Mode,
     ) {
         let peer = arrival.peer;
-        // The session's socket comes first: when descriptors run out, the request waits
-        // before the handler has done anything.
-        let mut transport = match Transport::open(
-            self.settings.single_port,
-            arrival.reply,
-            arrival.local,
-            peer,
-        ) {
+        // The session's socket comes first: when descriptors or ports run out, the
+        // request waits before the handler has done anything.
+        let mut transport = match self.sockets.open(arrival.reply, arrival.local, peer) {
             Ok(transport) => transport,
             Err(e) if out_of_descriptors(&e) => {
                 return self.admission.wait_for_descriptors(
@@ -592,6 +603,11 @@ impl<H: Handler> Server<H> {
                     datagram,
                     &mut self.stats,
                 );
+            }
+            Err(e) if transport::out_of_ports(&e) => {
+                return self
+                    .admission
+                    .wait_for_ports(self.now, arrival, datagram, &mut self.stats);
             }
             Err(e) => {
                 report::log_limited(
@@ -654,9 +670,11 @@ impl<H: Handler> Server<H> {
             }
             None => return self.refuse(arrival, datagram.len(), &internal_error()),
         };
-        // In single-port mode capped, then cut to the window memory left.
+        // In single-port mode capped, cut to the arrival interface's MTU, then to the
+        // window memory left.
         let mut config = self.settings.config;
-        config.limits = self.table.window_limits(self.settings.session_limits());
+        let limits = self.session_limits(arrival);
+        config.limits = self.table.window_limits(limits);
         if let Some(reject) = too_large_for(family, &request, mode, source.size(), &config) {
             debug!("{peer}: {} refused: {reject}", LogText::new(filename));
             let what = |f: &mut fmt::Formatter<'_>| {
@@ -697,6 +715,29 @@ impl<H: Handler> Server<H> {
             .entry(family.as_str())
             .or_default() += 1;
         self.drive(id);
+    }
+
+    /// The limits a session for a request that came as `arrival` is negotiated under,
+    /// before the window budget: the settings' (see [`Settings::session_limits`]), with
+    /// blksize cut to the MTU of the interface the request arrived on (see
+    /// [`ServerBuilder::mtu_blksize`]).
+    fn session_limits(&mut self, arrival: &Arrival) -> Limits {
+        let mut limits = self.settings.session_limits();
+        let Some((_, ifindex)) = arrival.reply.source else {
+            return limits;
+        };
+        if !self.settings.mtu_blksize {
+            return limits;
+        }
+        let listener = &self.listeners[arrival.reply.listener].socket;
+        let ipv6 = arrival.peer.is_ipv6();
+        let by_mtu = self.mtu.max_blksize(self.now, ifindex, ipv6, |ifindex| {
+            sys::interface_mtu(listener, ifindex)
+        });
+        if let Some(max) = by_mtu {
+            limits.max_blksize = limits.max_blksize.min(max);
+        }
+        limits
     }
 
     /// Registers a session's own socket with the poll, with room in its send buffer for a

@@ -9,9 +9,17 @@
 //! from the peer (nobody listens on its port: a closed client, or a spoofed request)
 //! comes back as an error from the next send or receive ([`peer_unreachable`]): the driver
 //! then ends the session at once instead of retransmitting into the void.
+//!
+//! Session sockets take any free port, or with a port range
+//! ([`ServerBuilder::port_range`](super::ServerBuilder::port_range)) a port of the range:
+//! [`PortCursor`] starts each search where the last one ended (at first a random port),
+//! so a session usually gets the first port it tries, and tries every port of the range
+//! at most once. When none is free the open fails with `EADDRINUSE` ([`out_of_ports`]),
+//! as it does when the kernel's ephemeral ports run out: the request waits.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::ops::RangeInclusive;
 
 use log::{debug, info};
 use mio::net::UdpSocket;
@@ -65,22 +73,96 @@ pub(super) enum Transport {
     Shared(ReplyPath),
 }
 
-impl Transport {
+/// Opens the transports of new sessions (and of refusals): the listener in single-port
+/// mode, else a new socket, on a port of the range when there is one.
+pub(super) struct SessionSockets {
+    single_port: bool,
+    /// The port range's next port to try; `None`: any port the kernel picks.
+    ports: Option<PortCursor>,
+}
+
+impl SessionSockets {
+    /// Session sockets for the single-port mode or not, in `port_range` when given (the
+    /// first port tried is the one of the range `seed` picks).
+    pub(super) fn new(
+        single_port: bool,
+        port_range: Option<RangeInclusive<u16>>,
+        seed: u64,
+    ) -> SessionSockets {
+        SessionSockets {
+            single_port,
+            ports: port_range.map(|range| PortCursor::new(range, seed)),
+        }
+    }
+
     /// The transport of a new session for `peer`, which asked through `reply` and sent to
     /// `local`: in single-port mode the listener, else a new socket on the address the
-    /// client sent to, connected to `peer`.
+    /// client sent to (on a port of the range, if any), connected to `peer`. Fails with
+    /// `EADDRINUSE` when no port is free ([`out_of_ports`]).
     pub(super) fn open(
-        single_port: bool,
+        &mut self,
         reply: ReplyPath,
         local: SocketAddr,
         peer: SocketAddr,
     ) -> io::Result<Transport> {
-        if single_port {
+        if self.single_port {
             return Ok(Transport::Shared(reply));
         }
         let bind = with_scope_of(SocketAddr::new(local.ip(), 0), local);
-        let socket = sys::bind_connected(bind, link_local_scope(peer, local))?;
+        let peer = link_local_scope(peer, local);
+        let socket = match &mut self.ports {
+            None => sys::bind_connected(bind, peer)?,
+            Some(cursor) => {
+                let socket = sys::bind_connected_in(bind, cursor.candidates(), peer)?;
+                cursor.taken(socket.local_addr()?.port());
+                socket
+            }
+        };
         Ok(Transport::Own(UdpSocket::from_std(socket)))
+    }
+}
+
+/// Whether opening a session socket failed because no port was free: every port of the
+/// range, or of the kernel's ephemeral range, is in use.
+pub(super) fn out_of_ports(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EADDRINUSE)
+}
+
+/// Where the search for a free port of a range starts: after the port the last session
+/// got, wrapping around. Sessions end about in the order they start, so the port after
+/// the newest session's is usually the one free the longest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PortCursor {
+    low: u16,
+    high: u16,
+    next: u16,
+}
+
+impl PortCursor {
+    /// A cursor over `range` (not empty) at the port `seed` picks.
+    fn new(range: RangeInclusive<u16>, seed: u64) -> PortCursor {
+        let (low, high) = (*range.start(), *range.end());
+        assert!(low <= high, "empty port range");
+        let size = u64::from(high - low) + 1;
+        PortCursor {
+            low,
+            high,
+            next: low + (seed % size) as u16,
+        }
+    }
+
+    /// Every port of the range once, from the next one on, wrapping around.
+    fn candidates(&self) -> impl Iterator<Item = u16> {
+        (self.next..=self.high).chain(self.low..self.next)
+    }
+
+    /// A session got `port`: the next search starts after it.
+    fn taken(&mut self, port: u16) {
+        self.next = if port >= self.high || port < self.low {
+            self.low
+        } else {
+            port + 1
+        };
     }
 }
 
@@ -181,11 +263,12 @@ impl Sender {
     }
 
     /// Sends the ERROR of a refused request as a session would: from a new socket on the
-    /// address the client sent to or, in single-port mode, from the listener.
+    /// address the client sent to (in the port range, if any) or, in single-port mode,
+    /// from the listener.
     pub(super) fn refuse(
         &mut self,
         listeners: &[Listener],
-        single_port: bool,
+        sockets: &mut SessionSockets,
         arrival: &Arrival,
         reject: &Reject,
         stats: &mut ServerStats,
@@ -194,7 +277,8 @@ impl Sender {
         *stats.rejected.entry(reject.code.to_u16()).or_default() += 1;
         self.scratch.clear();
         write_error(&mut self.scratch, reject.code, &reject.message);
-        let sent = Transport::open(single_port, arrival.reply, arrival.local, peer)
+        let sent = sockets
+            .open(arrival.reply, arrival.local, peer)
             .and_then(|transport| send(listeners, &transport, &self.scratch, peer, None));
         match sent {
             Ok(_) => stats.datagrams_sent += 1,
@@ -302,6 +386,68 @@ mod tests {
         assert_eq!(sender.max_datagrams(8192), 7);
         assert_eq!(sender.max_datagrams(65464), 1);
         assert_eq!(Sender::new(false).max_datagrams(512), 1);
+    }
+
+    #[test]
+    fn the_port_cursor_tries_each_port_once_from_after_the_last_one_taken() {
+        let mut cursor = PortCursor::new(7000..=7004, 12);
+        // 12 % 5 ports: the search starts at 7002.
+        assert_eq!(
+            cursor.candidates().collect::<Vec<_>>(),
+            [7002, 7003, 7004, 7000, 7001]
+        );
+        cursor.taken(7003);
+        assert_eq!(cursor.candidates().next(), Some(7004));
+        cursor.taken(7004);
+        assert_eq!(
+            cursor.candidates().collect::<Vec<_>>(),
+            [7000, 7001, 7002, 7003, 7004]
+        );
+        // One port; the whole u16 range (no overflow at either end).
+        let mut one = PortCursor::new(69..=69, u64::MAX);
+        assert_eq!(one.candidates().collect::<Vec<_>>(), [69]);
+        one.taken(69);
+        assert_eq!(one.candidates().collect::<Vec<_>>(), [69]);
+        let mut all = PortCursor::new(1..=u16::MAX, u64::MAX);
+        assert_eq!(all.candidates().count(), usize::from(u16::MAX));
+        all.taken(u16::MAX);
+        assert_eq!(all.candidates().next(), Some(1));
+        assert_eq!(all.candidates().last(), Some(u16::MAX));
+    }
+
+    #[test]
+    fn a_full_range_fails_as_out_of_ports_until_a_port_is_free() {
+        // A range of one port the kernel just handed out (and took back): free.
+        let client: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:69".parse().unwrap();
+        let reply = ReplyPath {
+            listener: 0,
+            source: None,
+        };
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let mut sockets = SessionSockets::new(false, Some(port..=port), 0);
+        let Transport::Own(first) = sockets.open(reply, local, client).unwrap() else {
+            panic!("not a session socket");
+        };
+        assert_eq!(
+            first.local_addr().unwrap(),
+            SocketAddr::new(local.ip(), port)
+        );
+        let e = sockets
+            .open(reply, local, client)
+            .err()
+            .expect("the range is full");
+        assert!(out_of_ports(&e), "{e}");
+        drop(first);
+        assert!(sockets.open(reply, local, client).is_ok());
+        // Single-port mode never opens a socket.
+        let mut shared = SessionSockets::new(true, Some(port..=port), 0);
+        assert!(matches!(
+            shared.open(reply, local, client),
+            Ok(Transport::Shared(_))
+        ));
     }
 
     #[test]

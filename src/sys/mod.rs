@@ -4,7 +4,8 @@
 //! - [`net`]: UDP sockets with options set before `bind` (dual stack, SO_REUSEPORT,
 //!   IP_PKTINFO / IPV6_RECVPKTINFO), buffer sizes, `recvmsg` that reports the address a
 //!   datagram was sent to, `sendmsg` from a chosen source address and with UDP generic
-//!   segmentation offload (UDP_SEGMENT).
+//!   segmentation offload (UDP_SEGMENT), session sockets bound in a list of ports, an
+//!   interface's MTU (SIOCGIFMTU).
 //! - [`fs`]: `openat`, `openat2`, `fstatat` and `fdopendir`/`readdir` relative to a
 //!   directory descriptor, for the confinement in `crate::fs`.
 //! - [`process`]: the file-descriptor limit.
@@ -19,8 +20,9 @@ mod process;
 
 pub use fs::{for_each_entry, lstat_at, openat, openat2};
 pub use net::{
-    bind_connected, bind_listener, enable_pktinfo, recv_with_destination, send_from, send_segments,
-    set_recv_buffer, set_send_buffer, unmap, unmap_socket, Received,
+    bind_connected, bind_connected_in, bind_listener, enable_pktinfo, interface_mtu,
+    recv_with_destination, send_from, send_segments, set_recv_buffer, set_send_buffer, unmap,
+    unmap_socket, Received,
 };
 pub use process::raise_fd_limit;
 

@@ -1,8 +1,9 @@
 //! UDP sockets beyond std: options set before `bind` (dual stack, SO_REUSEPORT,
-//! destination-address reporting), session sockets bound and connected to their peer,
-//! buffer sizes, `recvmsg` that reports the address a datagram was sent to, `sendmsg` from
-//! a chosen source address (PKTINFO) and with UDP generic segmentation offload, and the
-//! conversions between std and C socket addresses.
+//! destination-address reporting), session sockets bound (to a port of a list, or any)
+//! and connected to their peer, an interface's MTU, buffer sizes, `recvmsg` that reports
+//! the address a datagram was sent to, `sendmsg` from a chosen source address (PKTINFO)
+//! and with UDP generic segmentation offload, and the conversions between std and C
+//! socket addresses.
 
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
@@ -34,20 +35,42 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket
 }
 
 /// Creates a non-blocking, close-on-exec UDP socket bound to `addr` (port 0 for a new
-/// ephemeral port: a session's transfer ID).
-pub fn bind_ephemeral(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = new_socket(addr)?;
-    bind(socket.as_raw_fd(), addr)?;
-    Ok(socket)
-}
-
-/// [`bind_ephemeral`], then connected to `peer`: the kernel delivers only `peer`'s
+/// ephemeral port: a session's transfer ID), connected to `peer`: the kernel delivers only `peer`'s
 /// datagrams to it (anyone else's get the kernel's ICMP port unreachable), sends need no
 /// address (and reuse a cached route), and an ICMP error from `peer` (port unreachable:
 /// nobody listens there) comes back as `ECONNREFUSED` from the next receive or send. An
 /// IPv4 peer of an IPv6 socket is connected to as an IPv4-mapped address.
 pub fn bind_connected(addr: SocketAddr, peer: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = bind_ephemeral(addr)?;
+    bind_connected_in(addr, [addr.port()], peer)
+}
+
+/// [`bind_connected`] on the first of `ports` free on `addr`'s address (`addr`'s own port
+/// is ignored): one socket, a `bind` per port until one succeeds. A port in use
+/// (`EADDRINUSE`) moves on to the next; any other error is returned at once. When every
+/// port is in use (or `ports` is empty), the error is `EADDRINUSE`.
+pub fn bind_connected_in(
+    addr: SocketAddr,
+    ports: impl IntoIterator<Item = u16>,
+    peer: SocketAddr,
+) -> io::Result<UdpSocket> {
+    let socket = new_socket(addr)?;
+    let fd = socket.as_raw_fd();
+    let mut bound = false;
+    for port in ports {
+        let mut at = addr;
+        at.set_port(port);
+        match bind(fd, at) {
+            Ok(()) => {
+                bound = true;
+                break;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !bound {
+        return Err(io::Error::from_raw_os_error(libc::EADDRINUSE));
+    }
     let peer = match (addr, peer) {
         (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
             SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
@@ -67,6 +90,30 @@ pub fn enable_pktinfo(socket: &UdpSocket) -> io::Result<()> {
         SocketAddr::V4(_) => setsockopt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1),
         SocketAddr::V6(_) => setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1),
     }
+}
+
+/// The MTU of the network interface with index `ifindex`, in the network namespace of
+/// `socket` (any socket: it only carries the requests), with the ioctls SIOCGIFNAME (the
+/// interface's name) and SIOCGIFMTU. An unknown index is an error (`ENODEV`).
+pub fn interface_mtu(socket: &impl AsRawFd, ifindex: u32) -> io::Result<u32> {
+    let fd = socket.as_raw_fd();
+    let index =
+        libc::c_int::try_from(ifindex).map_err(|_| io::Error::from_raw_os_error(libc::ENODEV))?;
+    // SAFETY: all-zero is a valid ifreq (an empty name, a zero union).
+    let mut request: libc::ifreq = unsafe { zeroed() };
+    request.ifr_ifru.ifru_ifindex = index;
+    // SAFETY: SIOCGIFNAME reads `ifr_ifindex` and writes a NUL-terminated name of at most
+    // IFNAMSIZ bytes into `ifr_name` of the ifreq the pointer points to, which lives here.
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFNAME as _, &mut request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFMTU reads the name and writes `ifr_mtu` of the same live ifreq.
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFMTU as _, &mut request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFMTU succeeded, so the union holds the MTU, a c_int.
+    let mtu = unsafe { request.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
 
 /// Sets the socket's send buffer size (the kernel may clamp it).
@@ -479,7 +526,7 @@ mod tests {
             r.destination.map(|d| d.0),
             Some("127.0.0.2".parse().unwrap())
         );
-        let session = bind_ephemeral(SocketAddr::new(r.destination.unwrap().0, 0)).unwrap();
+        let session = UdpSocket::bind(SocketAddr::new(r.destination.unwrap().0, 0)).unwrap();
         assert_eq!(session.local_addr().unwrap().ip().to_string(), "127.0.0.2");
     }
 
@@ -489,7 +536,7 @@ mod tests {
         receiver
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
-        let sender = bind_ephemeral("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut buf = Vec::new();
         for i in 0..5u8 {
             buf.extend(std::iter::repeat_n(i, if i == 4 { 30 } else { 100 }));
@@ -592,6 +639,43 @@ mod tests {
             let (n, from) = receiver.recv_from(&mut got).unwrap();
             assert_eq!(from, SocketAddr::from(([127, 0, 0, 2], port)));
             assert_eq!(&got[..n], vec![i as u8; want].as_slice(), "datagram {i}");
+        }
+    }
+
+    #[test]
+    fn a_session_socket_takes_the_first_free_port_of_a_list() {
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let taken = UdpSocket::bind(any).unwrap();
+        let free = UdpSocket::bind(any).unwrap();
+        let (taken_port, free_port) = (
+            taken.local_addr().unwrap().port(),
+            free.local_addr().unwrap().port(),
+        );
+        drop(free);
+        let session = bind_connected_in(any, [taken_port, free_port], peer).unwrap();
+        assert_eq!(session.local_addr().unwrap().port(), free_port);
+        // Every port in use: EADDRINUSE, also for no port at all.
+        let e = bind_connected_in(any, [taken_port, free_port], peer).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{e}");
+        let e = bind_connected_in(any, [], peer).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE), "{e}");
+    }
+
+    #[test]
+    fn the_loopback_interface_has_an_mtu_and_index_zero_none() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(socket) = UdpSocket::bind(addr) else {
+                eprintln!("SKIPPED: cannot bind {addr}");
+                continue;
+            };
+            // Loopback is interface 1 on Linux; its MTU is 65536 unless changed, and
+            // never below IPv6's minimum.
+            let mtu = interface_mtu(&socket, 1).unwrap();
+            assert!(mtu >= 1280, "{mtu}");
+            let e = interface_mtu(&socket, 0).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
+            assert!(interface_mtu(&socket, u32::MAX).is_err());
         }
     }
 
