@@ -46,9 +46,10 @@
 //!   on; [`UNMEASURED_LOSS_EVIDENCE`] before any), counted from its first send and from
 //!   the last go-back-N: then it goes back to it when the clock allows, so at most once
 //!   per estimate, never once per duplicate, and never for the duplicate a client sends a
-//!   round trip after a resend it did not need. A duplicate that comes sooner (a client
-//!   that answers a gap at once) makes that go-back owed for when the estimate has
-//!   passed, unless an ACK of everything sent comes first. Any older ACK never causes a
+//!   round trip after a resend it did not need. With [`SessionConfig::adaptive`], a
+//!   duplicate that comes sooner (a client that answers a gap at once) makes that go-back
+//!   owed for when the estimate has passed, unless an ACK of everything sent comes
+//!   first. Any older ACK never causes a
 //!   send (Sorcerer's Apprentice). Resends come from the stored packets, without reading
 //!   the source again.
 //! - A repeated request ([`handle_repeated_request`](Session::handle_repeated_request))
@@ -1155,11 +1156,13 @@ impl Session {
     /// A duplicate ACK: the block after it was most likely lost. Resend from it when the
     /// retransmission estimate has passed since the last go-back-N and since that block
     /// was first sent (a duplicate that crossed it on the way is no evidence), and the
-    /// go-back clock allows it. A duplicate that comes sooner makes that go-back owed
-    /// once the estimate has passed, unless an ACK that acknowledges everything sent
-    /// comes first: a client that answers a gap at once (EDK2 with a window) is not left
-    /// waiting for the full timeout while the session has too few samples to retransmit
-    /// early on its own.
+    /// go-back clock allows it. With adaptive retransmission, a duplicate that comes
+    /// sooner makes that go-back owed once the estimate has passed, unless an ACK that
+    /// acknowledges everything sent comes first: a client that answers a gap at once
+    /// (EDK2 with a window) is not left waiting for the full timeout while the session
+    /// has too few samples to retransmit early on its own. (It is an early retransmission
+    /// that the client's signal arms; without adaptive retransmission only the fixed
+    /// schedule runs.)
     fn on_duplicate_ack(&mut self) {
         if self.next == self.base {
             return;
@@ -1174,8 +1177,10 @@ impl Session {
             return;
         }
         self.stats.go_back_held += 1;
-        let due = due.max(self.now);
-        self.go_back_owed = Some(self.go_back_owed.map_or(due, |owed| owed.min(due)));
+        if self.config.adaptive {
+            let due = due.max(self.now);
+            self.go_back_owed = Some(self.go_back_owed.map_or(due, |owed| owed.min(due)));
+        }
     }
 
     /// How long the first unacknowledged block must have been out, and the last go-back-N
@@ -3015,6 +3020,17 @@ mod tests {
             ..SessionConfig::default()
         };
         let ms = Duration::from_millis;
+        // Adaptive retransmission off: duplicates that come too soon owe nothing, only
+        // the 1 s timer runs.
+        let mut h = Harness::new(b"tsize\x000\x00", vec![7; 2000], config);
+        h.drain();
+        h.now += ms(10);
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        assert!(h.ack(0).is_empty());
+        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+        // Adaptive (the default): with one sample the early timer does not run yet, but
+        // duplicates owe a go-back.
+        let config = SessionConfig::default();
         let mut h = Harness::new(b"tsize\x000\x00", vec![7; 2000], config);
         h.drain();
         // ACK 0 after 10 ms: one round-trip sample, so the go-back clock alone would
