@@ -58,8 +58,10 @@ pub struct TransferStats {
     pub duplicate_acks: u64,
     /// ACKs for blocks never sent, or other ACKs out of place (ignored).
     pub unexpected_acks: u64,
-    /// Timer expiries at the full timeout that led to a retransmission (these spend the
-    /// retry budget).
+    /// Retransmissions on the full timeout's schedule (these spend the retry budget): the
+    /// timer's, and those a repeated request brought forward ([`repeat_resends`]).
+    ///
+    /// [`repeat_resends`]: Self::repeat_resends
     pub retransmits: u64,
     /// Retransmissions sent early because the measured round-trip time is far below the
     /// timeout (they do not spend the retry budget).
@@ -73,8 +75,18 @@ pub struct TransferStats {
     /// caused no resend at once (an in-window one slid the window, and its go-back is made
     /// when the interval is over). Many of them are a sign of forged ACKs.
     pub go_back_held: u64,
+    /// Requests the peer repeated while the session ran (seen by the driver as identical
+    /// to the one that started it).
+    pub repeated_requests: u64,
+    /// Resends of the first reply (OACK or DATA 1) that a repeated request caused before
+    /// the peer acknowledged anything: the first reply was lost. Counted in
+    /// [`retransmits`](Self::retransmits) too.
+    pub repeat_resends: u64,
     /// Smoothed round-trip time measured from ACKs, if any was measured.
     pub srtt: Option<Duration>,
+    /// Mean deviation of the measured round-trip time, if any was measured: the early
+    /// retransmission interval is `srtt + max(1 ms, 4 × rttvar)`, at least the minimum.
+    pub rttvar: Option<Duration>,
     /// Datagrams from the peer that did not parse (ignored).
     pub malformed: u64,
     /// The ERROR the peer sent, if it sent one: code and message (invalid UTF-8 replaced,
@@ -108,7 +120,10 @@ impl TransferStats {
             early_retransmits: 0,
             go_back_acks: 0,
             go_back_held: 0,
+            repeated_requests: 0,
+            repeat_resends: 0,
             srtt: None,
+            rttvar: None,
             malformed: 0,
             peer_error: None,
             error_sent: None,
@@ -192,7 +207,9 @@ pub struct ServerStats {
     pub rejected: BTreeMap<u16, u64>,
     /// Write requests refused.
     pub write_requests: u64,
-    /// RRQs repeated by a peer whose session was still running (ignored).
+    /// RRQs repeated by a peer whose session was still running (handed to the session,
+    /// which may resend its first reply), and different RRQs to a verified session
+    /// (ignored).
     pub duplicate_requests: u64,
     /// Sessions started.
     pub sessions_started: u64,

@@ -23,7 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use dyntftp::client::{ClientStats, Event, ReadTransfer, Request, Settings};
-use dyntftp::{Outcome, SessionStats};
+use dyntftp::{Outcome, Packet, SessionStats};
 use testkit::*;
 
 /// Probability that a datagram is dropped, in each direction.
@@ -522,4 +522,65 @@ fn transfers_survive_a_lossy_network() {
         client.linger_acks,
         client.duplicates,
     );
+}
+
+both_modes!(a_repeated_request_brings_a_lost_first_reply_again);
+/// Issue 16, item 2: GRUB repeats its request when the OACK was lost. The driver hands the
+/// repeat to the running session, which resends its OACK (a retry spent). The server's
+/// timer is 30 s here, so a second OACK within the test can only come from a repeat; the
+/// client repeats every 50 ms (its socket's read timeout, not a sleep) until it does.
+fn a_repeated_request_brings_a_lost_first_reply_again(mode: Mode) {
+    let root = TempDir::new("repeat");
+    let file = pseudo_random(3000, 16);
+    root.write("grub.efi", &file);
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.timeout(Duration::from_secs(30))
+    });
+    let raw = Raw::new(server.addr);
+    let options = [("blksize", "1024"), ("tsize", "0")];
+    raw.rrq(server.addr, b"grub.efi", "octet", &options);
+    // The first OACK "is lost": the client never answers it.
+    let (first, tid) = raw.recv();
+    assert!(matches!(Packet::parse(&first), Ok(Packet::Oack(_))));
+    let mut repeats = 0;
+    let again = loop {
+        assert!(
+            repeats < 100,
+            "no OACK again after {repeats} repeated requests"
+        );
+        raw.rrq(server.addr, b"grub.efi", "octet", &options);
+        repeats += 1;
+        if let Some((datagram, from)) = raw.recv_within(Duration::from_millis(50)) {
+            assert_eq!(from, tid, "from the session");
+            break datagram;
+        }
+    };
+    assert_eq!(again, first, "the same OACK");
+    // Then the transfer runs as usual (one OACK per repeat at most, never one each: the
+    // repeats sent meanwhile may bring one more before ACK 0).
+    raw.ack(tid, 0);
+    let mut received = Vec::new();
+    let mut block = 1;
+    // 3000 bytes: blocks 1 and 2 full, block 3 short.
+    while block <= 3 {
+        let (datagram, _) = raw.recv();
+        match Packet::parse(&datagram) {
+            // A repeat that crossed the second OACK may have brought a third.
+            Ok(Packet::Oack(_)) => continue,
+            Ok(Packet::Data { block: got, data }) if got == block => {
+                received.extend_from_slice(data);
+                raw.ack(tid, block);
+                block += 1;
+            }
+            Ok(Packet::Data { .. }) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(received, file);
+    let stats = server.next_session();
+    assert_eq!(stats.outcome, Outcome::Completed);
+    let t = &stats.transfer;
+    assert!(t.repeated_requests >= 1 && t.repeat_resends >= 1, "{t:?}");
+    assert!(t.repeat_resends <= 2, "{t:?}");
+    assert_eq!(t.retransmits, t.repeat_resends, "not the 30 s timer: {t:?}");
 }

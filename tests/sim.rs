@@ -30,6 +30,11 @@
 //!   bucket (GCRA), which go-back-Ns of any cause, timer included, drain. So in any span
 //!   `d`, at most `GO_BACK_BURST + d / MIN_GO_BACK_INTERVAL` of them (the session's own
 //!   interval, a round trip, is never shorter than that floor).
+//! - **Repeated requests.** The client's RRQ, when it repeats it, crosses the link like any
+//!   datagram and reaches `Session::handle_repeated_request`, as the server's driver hands
+//!   it over (admission finds it identical to the running session's). It may cause one
+//!   resend at most — of the first reply, only while nothing was acknowledged — counted as
+//!   a retransmission (a retry spent) and keeping to the clock below.
 //! - **Progress accounting.** The session's `acks` counter grows exactly for the ACKs the
 //!   oracle considers advancing; an early `handle_timeout` sends nothing; garbage gets no
 //!   reply.
@@ -138,6 +143,9 @@ enum Abort {
     AfterOack(ErrorCode),
     /// Answer this block (1-based, unwrapped) with this ERROR instead of an ACK.
     AfterBlock(u64, ErrorCode),
+    /// Acknowledge this block, then close with this ERROR (GRUB, once it has the size
+    /// `tsize` promised).
+    ClosedAfter(u64, ErrorCode),
 }
 
 /// A datagram on the link. `ack` is the simulator's god view of an ACK: the 64-bit block
@@ -171,6 +179,12 @@ struct LinkProfile {
     /// When false, a datagram is never delivered before one sent earlier in the same
     /// direction (the latency is raised to keep the order).
     reorder: bool,
+    /// With this probability a datagram takes this much longer (a busy peer: firmware
+    /// that answers late now and then).
+    hiccup: (f64, Duration),
+    /// The first this many datagrams take this much longer (firmware getting ready after
+    /// the OACK: allocating for `tsize`, opening the image).
+    slow_start: (u64, Duration),
 }
 
 impl LinkProfile {
@@ -183,6 +197,8 @@ impl LinkProfile {
             min_delay: Duration::from_millis(5),
             max_delay: Duration::from_millis(5),
             reorder: false,
+            hiccup: (0.0, Duration::ZERO),
+            slow_start: (0, Duration::ZERO),
         }
     }
 
@@ -196,6 +212,8 @@ impl LinkProfile {
             min_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(20),
             reorder: p > 0.0,
+            hiccup: (0.0, Duration::ZERO),
+            slow_start: (0, Duration::ZERO),
         }
     }
 }
@@ -205,12 +223,22 @@ struct Lane {
     profile: LinkProfile,
     rng: Rng,
     last_at: Option<Instant>,
+    /// Datagrams the profile's loss dropped, and all it was given.
+    dropped: u64,
+    offered: u64,
 }
 
 impl Lane {
     /// Delivery times of the copies of one datagram sent at `now` (empty: dropped).
     fn schedule(&mut self, now: Instant) -> Vec<Instant> {
+        self.offered += 1;
+        let slow_start = if self.offered <= self.profile.slow_start.0 {
+            self.profile.slow_start.1
+        } else {
+            Duration::ZERO
+        };
         if self.rng.chance(self.profile.loss) {
+            self.dropped += 1;
             return Vec::new();
         }
         let copies = 1 + usize::from(self.rng.chance(self.profile.dup));
@@ -218,7 +246,10 @@ impl Lane {
             .map(|_| {
                 let lo = self.profile.min_delay.as_micros() as u64;
                 let hi = self.profile.max_delay.as_micros() as u64;
-                let mut at = now + Duration::from_micros(self.rng.between(lo, hi));
+                let mut at = now + Duration::from_micros(self.rng.between(lo, hi)) + slow_start;
+                if self.profile.hiccup.0 > 0.0 && self.rng.chance(self.profile.hiccup.0) {
+                    at += self.profile.hiccup.1;
+                }
                 if !self.profile.reorder {
                     at = at.max(self.last_at.unwrap_or(at));
                 }
@@ -312,6 +343,11 @@ struct Oracle {
     go_back_clock: Option<Instant>,
     /// Go-back-Ns that duplicate ACKs caused.
     duplicate_go_backs: u64,
+    /// Repeated requests that reached the session, and the resends they caused.
+    repeated_requests: u64,
+    repeat_resends: u64,
+    /// The longest time between two advancing ACKs (or from the start to the first).
+    longest_stall: Duration,
     /// Stale ACKs delivered, and datagrams the session sent while handling them.
     stale_acks: u64,
     apprentice_replies: u64,
@@ -398,6 +434,8 @@ impl Sim {
             profile,
             rng: Rng::new(seed ^ salt),
             last_at: None,
+            dropped: 0,
+            offered: 0,
         };
         Sim {
             origin,
@@ -524,6 +562,12 @@ impl Sim {
                     {
                         self.client.abort(code, "disk full");
                     }
+                    (Some(Abort::ClosedAfter(after, code)), Some(Event::Data(_)))
+                        if self.client.blocks() == after =>
+                    {
+                        self.flush_client();
+                        self.client.abort(code, "closed");
+                    }
                     _ => {}
                 }
                 self.flush_client();
@@ -535,12 +579,9 @@ impl Sim {
     fn flush_client(&mut self) {
         while let Some(transmit) = self.client.poll_transmit() {
             let bytes = transmit.contents.to_vec();
-            if transmit.destination == SERVER {
-                // The RRQ again, to the request port: the session from this port already
-                // runs, so the server starts nothing (DESIGN.md §4). Traced only.
-                self.trace(Dir::ToServer, &bytes, false);
-                continue;
-            }
+            // The RRQ again goes to the request port: the session from this port already
+            // runs, so the server starts nothing and hands the repeat to the session
+            // (`server_input`).
             let ack = match Packet::parse(&bytes) {
                 Ok(Packet::Ack { block }) => Some(unwrap_block(self.client.blocks(), block)),
                 _ => None,
@@ -685,6 +726,9 @@ impl Sim {
                 }
             }
         }
+        if matches!(Packet::parse(&datagram.bytes), Ok(Packet::Rrq(_))) {
+            return self.repeated_request(was_done);
+        }
         let before = self.counters();
         let sent_high = self.oracle.sent_high;
         self.session.handle_datagram(self.now, &datagram.bytes);
@@ -736,6 +780,8 @@ impl Sim {
             return;
         }
         self.oracle.acked_high = Some(block);
+        let stall = self.now - self.oracle.progress_at.unwrap_or(self.origin);
+        self.oracle.longest_stall = self.oracle.longest_stall.max(stall);
         self.oracle.progress_at = Some(self.now);
         self.oracle.streak = 0;
         self.oracle.early_streak = 0;
@@ -751,6 +797,41 @@ impl Sim {
             self.violation(format!(
                 "ACK {block} (highest sent {sent_high}) caused {resent} resends"
             ));
+        }
+    }
+
+    /// The client's request again, as the driver hands it to the running session: at most
+    /// one resend, of the first reply, while nothing was acknowledged; a retransmission
+    /// (a retry spent) that keeps to the go-back clock.
+    fn repeated_request(&mut self, was_done: bool) {
+        let before = self.counters();
+        self.session.handle_repeated_request(self.now);
+        let sent = self.drain_session();
+        let after = self.counters();
+        if was_done {
+            if sent > 0 {
+                self.violation("a finished session sent something".into());
+            }
+            return;
+        }
+        self.oracle.repeated_requests += 1;
+        let retransmits = after.retransmits - before.retransmits;
+        if sent > 1 || sent != retransmits || after.early != before.early {
+            self.violation(format!(
+                "a repeated request caused {sent} datagram(s), {retransmits} retransmission(s)"
+            ));
+        }
+        if sent == 1 {
+            if self.oracle.acked_high.is_some() {
+                self.violation("a repeated request was answered after an ACK".into());
+            }
+            if self.oracle.sent_high > 1 {
+                self.violation("a repeated request resent more than the first reply".into());
+            }
+            self.check_go_back_clock("a repeated request".into());
+            self.spend_go_back();
+            self.oracle.streak += 1;
+            self.oracle.repeat_resends += 1;
         }
     }
 
@@ -1660,4 +1741,296 @@ fn lost_final_window_ack_is_final_ack_missing() {
         "{:?}",
         sim.session
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Firmware loss behaviour (issue 16, item 2)
+// ---------------------------------------------------------------------------------------
+
+/// GRUB 2: blksize 1024 and `tsize`, no window; it repeats its request 0.40 s after it
+/// went unanswered, and then about every 0.4 s.
+fn grub() -> (Request, Settings) {
+    let request = Request::new(FILE, Mode::Octet).blksize(1024).tsize();
+    let settings = Settings {
+        timeout: Duration::from_millis(400),
+        retries: 20,
+        linger: 2,
+        keep_payload: true,
+    };
+    (request, settings)
+}
+
+/// A GRUB-like scenario on the clean link (5 ms each way) with a trace.
+fn grub_sim(origin: Instant, data: &[u8]) -> Sim {
+    let (request, settings) = grub();
+    let mut sim = Sim::with_client(
+        origin,
+        0,
+        request,
+        source(data),
+        SessionConfig::default(),
+        LinkProfile::clean(),
+        settings,
+    );
+    sim.trace = Some(Vec::new());
+    sim
+}
+
+#[test]
+fn a_repeated_request_resends_a_lost_oack_before_the_timer() {
+    let origin = Instant::now();
+    let data = bytes(5000);
+    let mut sim = grub_sim(origin, &data).with_drops(drop_first(Dir::ToClient, "OACK"));
+    sim.run();
+    assert_completed(&sim, &data);
+    // The OACK is lost; GRUB repeats its request at 0.40 s and the OACK goes again when
+    // the repeat arrives, not at the 1 s timer.
+    assert_starts(&sim.client_sends(), &["400 RRQ", "410 ACK 0"]);
+    assert_starts(
+        &sim.server_sends(),
+        &["0 OACK (lost)", "405 OACK", "415 DATA 1:1024"],
+    );
+    let stats = sim.session.stats();
+    assert_eq!((stats.repeated_requests, stats.repeat_resends), (1, 1));
+    assert_eq!(stats.retransmits, 1, "a retry spent");
+    assert_eq!(sim.oracle.repeat_resends, 1);
+
+    // So is a lost DATA 1 without options: a repeat brings it again.
+    let mut sim = Sim::with_client(
+        origin,
+        0,
+        plain(),
+        source(&data),
+        SessionConfig::default(),
+        LinkProfile::clean(),
+        grub().1,
+    )
+    .with_drops(drop_first(Dir::ToClient, "DATA 1:512"));
+    sim.trace = Some(Vec::new());
+    sim.run();
+    assert_completed(&sim, &data);
+    assert_starts(
+        &sim.server_sends(),
+        &["0 DATA 1:512 (lost)", "405 DATA 1:512", "415 DATA 2:512"],
+    );
+}
+
+#[test]
+fn a_flood_of_repeated_requests_gets_no_more_than_the_timer_would_send() {
+    // Every reply is lost, and the client repeats its request every millisecond (as a
+    // spoofer would, from a victim's address): the session sends its first reply once
+    // per go-back interval at most (20 ms: nothing was measured), and no more often in
+    // all than the timer would, 1 + retries.
+    let origin = Instant::now();
+    let flood = Settings {
+        timeout: Duration::from_millis(1),
+        retries: 5000,
+        linger: 0,
+        keep_payload: true,
+    };
+    let mut sim = Sim::with_client(
+        origin,
+        0,
+        octet(1024, 1).tsize(),
+        source(&bytes(5000)),
+        SessionConfig::default(),
+        LinkProfile::clean(),
+        flood,
+    )
+    .with_drops(Box::new(|dir, _| dir == Dir::ToClient));
+    sim.trace = Some(Vec::new());
+    sim.run();
+    sim.assert_clean();
+    assert_eq!(sim.outcome, Some(Outcome::TimedOut));
+    let retries = SessionConfig::default().retries;
+    assert_eq!(
+        sim.server_sends(),
+        [
+            "0 OACK (lost)",
+            "20 OACK (lost)",
+            "40 OACK (lost)",
+            "60 OACK (lost)",
+            "80 OACK (lost)",
+            "100 OACK (lost)"
+        ]
+    );
+    let stats = sim.session.stats();
+    assert_eq!(stats.repeat_resends, u64::from(retries));
+    assert!(stats.repeated_requests > 1000, "{stats:?}");
+    // Then the timer, finding the budget spent, ends the session: 8 s after the last
+    // resend, sooner than the 31 s of the timer alone.
+    assert_eq!(
+        stats.finished,
+        Some(origin + Duration::from_millis(100) + Duration::from_secs(8))
+    );
+}
+
+#[test]
+fn grub_closing_after_the_promised_size_with_the_empty_final_data_lost_completed() {
+    // A file of exactly 8 × 1024 bytes ends with an empty DATA 9. GRUB acknowledges
+    // DATA 8, has the `tsize` bytes and closes with ERROR 0; DATA 9 is lost (here every
+    // time).
+    let origin = Instant::now();
+    let data = bytes(8 * 1024);
+    let mut sim = grub_sim(origin, &data)
+        .with_drops(Box::new(|dir, bytes| {
+            dir == Dir::ToClient && describe(bytes) == "DATA 9:0"
+        }))
+        .with_abort(Abort::ClosedAfter(8, ErrorCode::NotDefined));
+    sim.run();
+    sim.assert_clean();
+    assert_eq!(sim.outcome, Some(Outcome::Completed), "{:?}", sim.session);
+    assert!(sim.client.data() == data, "the client's bytes differ");
+    let sends = sim.client_sends();
+    assert_eq!(sends[sends.len() - 2..], ["85 ACK 8", "85 ERROR 0"]);
+    let stats = sim.session.stats();
+    assert_eq!(
+        stats.peer_error,
+        Some((ErrorCode::NotDefined, "closed".into()))
+    );
+    // One block short of that, the same ERROR is still the client's failure.
+    let mut sim = grub_sim(origin, &data).with_abort(Abort::ClosedAfter(7, ErrorCode::NotDefined));
+    sim.run();
+    sim.assert_clean();
+    assert_eq!(sim.outcome, Some(Outcome::PeerError(ErrorCode::NotDefined)));
+}
+
+/// iPXE: blksize 1432 and `tsize`, lock step; it re-sends its last ACK (or its request)
+/// after 250 ms without news, its retry timer's minimum.
+fn ipxe() -> (Request, Settings) {
+    let request = Request::new(FILE, Mode::Octet).blksize(1432).tsize();
+    let settings = Settings {
+        timeout: Duration::from_millis(250),
+        retries: 40,
+        linger: 2,
+        keep_payload: false,
+    };
+    (request, settings)
+}
+
+/// A lock-step path: one way uniform in `one_way` microseconds, never reordered.
+fn path(one_way: (u64, u64)) -> LinkProfile {
+    LinkProfile {
+        loss: 0.0,
+        dup: 0.0,
+        min_delay: Duration::from_micros(one_way.0),
+        max_delay: Duration::from_micros(one_way.1),
+        reorder: false,
+        hiccup: (0.0, Duration::ZERO),
+        slow_start: (0, Duration::ZERO),
+    }
+}
+
+/// One iPXE-like lock-step transfer of `data` over `link`, with `loss` of the datagrams
+/// towards the client dropped (as the issue measured it with nftables). The client is
+/// slow at first (its first three ACKs 8 ms late: getting ready after the OACK) and busy
+/// now and then (one ACK in a thousand 10 ms late): slow samples that the old estimate
+/// kept for good. It must complete cleanly.
+fn lock_step_run(origin: Instant, seed: u64, data: &[u8], link: LinkProfile, loss: f64) -> Sim {
+    let (request, settings) = ipxe();
+    let mut sim = Sim::with_client(
+        origin,
+        seed,
+        request,
+        source(data),
+        SessionConfig::default(),
+        link,
+        settings,
+    );
+    sim.lanes[0].profile.hiccup = (0.001, Duration::from_millis(10));
+    sim.lanes[0].profile.slow_start = (3, Duration::from_millis(8));
+    sim.lanes[1].profile.loss = loss;
+    sim.run();
+    sim.assert_clean();
+    assert_eq!(sim.outcome, Some(Outcome::Completed), "{:?}", sim.session);
+    assert!(sim.client_finished(), "{:?}", sim.client);
+    assert_eq!(sim.client.bytes(), data.len() as u64);
+    sim
+}
+
+/// How long the session took, first packet to last ACK (virtual time).
+fn session_time(sim: &Sim) -> Duration {
+    let stats = sim.session.stats();
+    stats.duration(stats.started)
+}
+
+/// Issue 16, item 2: an iPXE-like client (lock step, blksize 1432, its last ACK again
+/// after 250 ms) fetches 64 MiB with 5 % of the datagrams towards it lost. No loss may
+/// cost a full server timeout (the client's repeated ACK, or request, is a loss signal,
+/// and the early timer comes first), and the whole transfer takes at most 1.5 × the
+/// loss-free time on a path whose round trip is not far below the early timer's 2 ms
+/// floor (`SessionConfig::min_rto`; the server's timer wheel also ticks in
+/// milliseconds). On a 0.1 ms path that floor is 20 round trips, so each loss costs that
+/// and the bound is 2.5×. (With the estimate's old floor, 1.5 × the slowest sample ever,
+/// the slow start kept the early timer at 12 ms for good: 7.8–8.3× on the 0.1 ms path,
+/// 2.3–2.4× on the LAN path, the issue's 4–10× with iPXE in qemu.)
+#[test]
+fn lock_step_at_5_percent_loss_costs_little_and_never_a_full_timeout() {
+    let origin = Instant::now();
+    let size = 64 << 20;
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let timeout = SessionConfig::default().timeout;
+    // (name, one way in µs, the bound on the ratio)
+    let paths = [
+        ("qemu bridge, 0.1 ms", (40, 70), 2.5),
+        ("LAN, 0.5-0.8 ms", (250, 400), 1.5),
+        ("WAN, 10 ms", (5000, 5000), 1.5),
+    ];
+    let mut failures = Vec::new();
+    for (name, one_way, bound) in paths {
+        let clean = session_time(&lock_step_run(origin, 0, &data, path(one_way), 0.0));
+        for seed in 1..=3u64 {
+            let sim = lock_step_run(origin, seed, &data, path(one_way), 0.05);
+            let time = session_time(&sim);
+            let ratio = time.as_secs_f64() / clean.as_secs_f64();
+            let stats = sim.session.stats();
+            let full_timeouts = stats.retransmits - stats.repeat_resends;
+            let lost = sim.lanes[1].dropped;
+            eprintln!(
+                "{name}, seed {seed}: {time:?} against {clean:?} loss-free, {ratio:.3}×; \
+                 {} early, {} go-backs, {} repeat, {full_timeouts} full; longest stall {:?}; \
+                 srtt {:?} rttvar {:?}; {lost} lost",
+                stats.early_retransmits,
+                stats.go_back_acks,
+                stats.repeat_resends,
+                sim.oracle.longest_stall,
+                stats.srtt,
+                stats.rttvar,
+            );
+            if ratio > bound || full_timeouts > 0 || sim.oracle.longest_stall >= timeout {
+                failures.push(format!("{name}, seed {seed}: {ratio:.3}× {stats:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn an_edk2_gap_ack_before_three_samples_recovers_in_milliseconds() {
+    // EDK2's read: blksize 1468, windowsize 4. DATA 5 is lost; the client answers DATA 6
+    // with ACK 4 at once. Two round trips (10 ms) are measured, too few for the early
+    // timer, but the duplicate owes a go-back once DATA 5 has been out for the estimate
+    // (10 + 4 × 3.75 = 25 ms): DATA 5 goes again at 45 ms, not at the 1 s timer.
+    let origin = Instant::now();
+    let data = bytes(20 * 1468 + 100);
+    let mut sim = Sim::scripted(origin, octet(1468, 4), source(&data))
+        .with_drops(drop_first(Dir::ToClient, "DATA 5:1468"));
+    sim.run();
+    assert_completed(&sim, &data);
+    assert_starts(&sim.client_sends(), &["5 ACK 0", "15 ACK 4", "25 ACK 4"]);
+    let sends = sim.server_sends();
+    assert_eq!(
+        sends[5..10],
+        [
+            "20 DATA 5:1468 (lost)",
+            "20 DATA 6:1468",
+            "20 DATA 7:1468",
+            "20 DATA 8:1468",
+            "45 DATA 5:1468"
+        ],
+        "{sends:#?}"
+    );
+    let stats = sim.session.stats();
+    assert_eq!((stats.go_back_acks, stats.go_back_held), (1, 1));
+    assert_eq!((stats.retransmits, stats.early_retransmits), (0, 0));
 }

@@ -328,7 +328,10 @@ pub fn session_members(s: &SessionStats) -> String {
         early_retransmits,
         go_back_acks,
         go_back_held,
+        repeated_requests,
+        repeat_resends,
         srtt,
+        rttvar,
         malformed,
         peer_error,
         error_sent,
@@ -372,10 +375,13 @@ pub fn session_members(s: &SessionStats) -> String {
         ("early_retransmits", early_retransmits),
         ("go_back_acks", go_back_acks),
         ("go_back_held", go_back_held),
+        ("repeated_requests", repeated_requests),
+        ("repeat_resends", repeat_resends),
     ] {
         t.raw(name, &value.to_string());
     }
     t.raw("srtt", &srtt.map_or("null".into(), seconds));
+    t.raw("rttvar", &rttvar.map_or("null".into(), seconds));
     t.raw("malformed", &malformed.to_string());
     // Its message is the session's `error` (the peer's error comes first there).
     t.raw(
@@ -756,7 +762,10 @@ mod tests {
                 early_retransmits: 11,
                 go_back_acks: 13,
                 go_back_held: 14,
+                repeated_requests: 16,
+                repeat_resends: 17,
                 srtt: Some(Duration::from_nanos(15_625_000)),
+                rttvar: Some(Duration::from_nanos(3_906_250)),
                 malformed: 12,
                 peer_error: Some((ErrorCode::DiskFull, "disk full".into())),
                 error_sent: Some((ErrorCode::NotDefined, "sent".into())),
@@ -806,7 +815,10 @@ mod tests {
                 "early_retransmits": 11,
                 "go_back_acks": 13,
                 "go_back_held": 14,
+                "repeated_requests": 16,
+                "repeat_resends": 17,
                 "srtt": 0.015625,
+                "rttvar": 0.00390625,
                 "malformed": 12,
                 "peer_error": {"code": 3},
                 "error_sent": {"code": 0, "message": "sent"}
@@ -822,12 +834,19 @@ mod tests {
         t.negotiated.acked.clear();
         t.size_mismatch = None;
         t.srtt = None;
+        t.rttvar = None;
         t.peer_error = None;
         t.error_sent = None;
         let got = parse(&session_members(&bare));
         assert_eq!(got["error"], serde_json::Value::Null);
         let t = &got["transfer"];
-        for field in ["size_mismatch", "srtt", "peer_error", "error_sent"] {
+        for field in [
+            "size_mismatch",
+            "srtt",
+            "rttvar",
+            "peer_error",
+            "error_sent",
+        ] {
             assert_eq!(t[field], serde_json::Value::Null, "{field}: {got}");
         }
         let n = &t["negotiated"];

@@ -40,10 +40,12 @@
 //!    previous transfer, and the listener can be read before that ACK. If the session
 //!    still runs after that (at once in single-port mode, where the listener is the
 //!    session's socket): a request identical to the session's (file, mode and options)
-//!    is a repeat and is ignored; a different one, while the session is unverified,
-//!    replaces it ([`Verdict::Replace`]: the session ends, `Outcome::Evicted`, and sends
-//!    nothing more) — a spoofed request cannot claim a client's port. A different
-//!    request to a verified session is ignored too.
+//!    is a repeat, handed to the session ([`Verdict::Repeated`]: an unverified session
+//!    takes it as a sign that its first reply was lost, and may resend it under its
+//!    retransmission clock and retry budget); a different one, while the session is
+//!    unverified, replaces it ([`Verdict::Replace`]: the session ends,
+//!    `Outcome::Evicted`, and sends nothing more) — a spoofed request cannot claim a
+//!    client's port. A different request to a verified session is ignored.
 //! 8. A client already running `max_sessions_per_client` *verified* sessions gets
 //!    ERROR 0 "too many". Unverified sessions do not count there: they have
 //!    their own, smaller cap (`max_unverified_per_client`), and a request at that cap
@@ -156,6 +158,12 @@ pub(crate) enum Verdict<'a> {
     /// A request from a peer whose session runs: let the session take what its socket
     /// holds without answering, then ask [`Admission::after_catch_up`].
     CatchUp(SessionId, Request<'a>),
+    /// The peer repeated the request of this running session: tell the session
+    /// ([`Session::handle_repeated_request`]), which decides whether to resend its first
+    /// reply, then drive it.
+    ///
+    /// [`Session::handle_repeated_request`]: crate::session::Session::handle_repeated_request
+    Repeated(SessionId),
     /// Answer with this ERROR, as a session would (cut to fit, see [`fit_answer`]).
     Refuse(Reject),
     /// A datagram for no session (single-port mode): answer ERROR 5 from the listener.
@@ -769,8 +777,13 @@ impl Admission {
         let Some(running) = self.sessions.get(&peer) else {
             return self.admit(now, arrival, datagram, request, None, true, stats);
         };
-        if running.unverified.is_none() || running.signature == signature {
-            return repeat(peer, stats);
+        if running.signature == signature {
+            return repeat(peer, running.id, stats);
+        }
+        if running.unverified.is_none() {
+            stats.duplicate_requests += 1;
+            debug!("{peer}: a different request while its verified session runs, ignored");
+            return Verdict::Ignore;
         }
         debug!("{peer}: a different request replaces its unverified session");
         let id = running.id;
@@ -877,11 +890,11 @@ impl Admission {
     }
 }
 
-/// A request repeated while its peer's session runs: ignored.
-fn repeat<'a>(peer: SocketAddr, stats: &mut ServerStats) -> Verdict<'a> {
+/// A request repeated while its peer's session `id` runs: for the session to judge.
+fn repeat<'a>(peer: SocketAddr, id: SessionId, stats: &mut ServerStats) -> Verdict<'a> {
     stats.duplicate_requests += 1;
-    debug!("{peer}: repeated request while its session runs, ignored");
-    Verdict::Ignore
+    debug!("{peer}: repeated request while its session runs");
+    Verdict::Repeated(id)
 }
 
 /// What to send for `reject`, in answer to a datagram of `datagram_len` bytes, so that
@@ -1159,7 +1172,7 @@ mod tests {
     }
 
     #[test]
-    fn a_repeat_first_lets_the_session_catch_up_then_is_ignored_while_it_runs() {
+    fn a_repeat_first_lets_the_session_catch_up_then_goes_to_it_while_it_runs() {
         let mut f = Fixture::new(policy());
         let id = f.start("192.0.2.7:1000");
         let arrival = from("192.0.2.7:1000");
@@ -1168,11 +1181,12 @@ mod tests {
             panic!("no catch-up")
         };
         assert_eq!(caught_up, id);
-        // The session still runs after catching up: a repeat.
+        // The session still runs after catching up: a repeat, for the session to judge
+        // (an unverified one may resend its first reply).
         let verdict = f
             .admission
             .after_catch_up(f.now, &arrival, &datagram, request, &mut f.stats);
-        assert_eq!(verdict, Verdict::Ignore);
+        assert_eq!(verdict, Verdict::Repeated(id));
         assert_eq!(f.stats.duplicate_requests, 1);
         // It ended while catching up: the request is the client's next transfer.
         let Verdict::CatchUp(_, request) = f.judge(&arrival, &datagram) else {
@@ -1244,7 +1258,7 @@ mod tests {
         ));
         // A request from it is a repeat, without catch-up (the listener is the session's
         // socket: it has had everything sent before).
-        assert_eq!(f.judge(&arrival, &rrq("file")), Verdict::Ignore);
+        assert_eq!(f.judge(&arrival, &rrq("file")), Verdict::Repeated(id));
         assert_eq!(f.stats.duplicate_requests, 1);
         // The same port on another address is a stranger: ERROR 5 if that is no larger
         // than what it sent.
@@ -1625,7 +1639,13 @@ mod tests {
             let id = f.start("192.0.2.7:1000");
             // The answer to a request from the peer of a running session, after the
             // catch-up in the normal mode.
-            let ask = |f: &mut Fixture, datagram: &[u8]| -> Option<SessionId> {
+            #[derive(Debug, PartialEq)]
+            enum Answer {
+                Repeated,
+                Ignored,
+                Replaced(SessionId),
+            }
+            let ask = |f: &mut Fixture, datagram: &[u8]| -> Answer {
                 let verdict = match f.judge(&peer, datagram) {
                     Verdict::CatchUp(caught_up, request) => {
                         assert!(!single_port);
@@ -1636,27 +1656,39 @@ mod tests {
                     other => other,
                 };
                 match verdict {
-                    Verdict::Ignore => None,
-                    replace @ Verdict::Replace(..) => Some(f.carry_out(&peer, datagram, replace).1),
+                    Verdict::Repeated(repeated) => {
+                        assert_eq!(repeated, f.admission.sessions[&peer.peer].id);
+                        Answer::Repeated
+                    }
+                    Verdict::Ignore => Answer::Ignored,
+                    replace @ Verdict::Replace(..) => {
+                        Answer::Replaced(f.carry_out(&peer, datagram, replace).1)
+                    }
                     other => panic!("{other:?}"),
                 }
             };
+            let replaced = |answer: Answer| match answer {
+                Answer::Replaced(id) => id,
+                other => panic!("not replaced: {other:?}"),
+            };
             // The same file, mode (in any case) and options: a repeat.
-            assert_eq!(ask(&mut f, &rrq("file")), None);
-            assert_eq!(ask(&mut f, &request(1, "file", "OCTET")), None);
+            assert_eq!(ask(&mut f, &rrq("file")), Answer::Repeated);
+            assert_eq!(ask(&mut f, &request(1, "file", "OCTET")), Answer::Repeated);
             assert_eq!(f.stats.duplicate_requests, 2);
             // Another file, mode or options: the new request replaces the session.
-            let second = ask(&mut f, &rrq("other")).expect("replaced");
+            let second = replaced(ask(&mut f, &rrq("other")));
             assert_ne!(second, id);
-            let third = ask(&mut f, &request(1, "other", "netascii")).expect("replaced");
+            let third = replaced(ask(&mut f, &request(1, "other", "netascii")));
             let mut with_option = request(1, "other", "netascii");
             with_option.extend_from_slice(b"blksize\x001428\x00");
-            let fourth = ask(&mut f, &with_option).expect("replaced");
+            let fourth = replaced(ask(&mut f, &with_option));
             assert_ne!(third, fourth);
             assert_eq!(f.admission.running(), 1);
-            // Once verified, the session is the peer's: nothing replaces it.
+            // Once verified, the session is the peer's: nothing replaces it, a different
+            // request is ignored, the same one still goes to the session.
             f.verify("192.0.2.7:1000");
-            assert_eq!(ask(&mut f, &rrq("again")), None);
+            assert_eq!(ask(&mut f, &rrq("again")), Answer::Ignored);
+            assert_eq!(ask(&mut f, &with_option), Answer::Repeated);
             assert_eq!(f.admission.sessions[&peer.peer].id, fourth);
         }
     }

@@ -551,6 +551,12 @@ impl<H: Handler> Server<H> {
                 );
                 self.carry_out(arrival, datagram, verdict);
             }
+            Verdict::Repeated(id) => {
+                if let Some(entry) = self.table.get_mut(id) {
+                    entry.session.handle_repeated_request(self.now);
+                    self.drive(id);
+                }
+            }
             Verdict::Refuse(reject) => self.refuse(arrival, datagram.len(), &reject),
             Verdict::Stray => {
                 let transport = Transport::Shared(arrival.reply);

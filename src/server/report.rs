@@ -209,12 +209,24 @@ impl fmt::Display for SessionLine<'_> {
         if let Some((code, message)) = stats.error() {
             write!(f, " (ERROR {code}: {})", LogText::new(message))?;
         }
+        // Every resend by cause, then the round-trip estimate.
+        let t = &stats.transfer;
         write!(
             f,
-            ", {} retransmits, client {}",
-            stats.transfer.retransmits,
-            stats.family.as_str()
-        )
+            ", {} retransmits ({} for a repeated request), {} early, {} go-backs from ACKs, \
+             {} packets resent",
+            t.retransmits, t.repeat_resends, t.early_retransmits, t.go_back_acks, t.packets_resent,
+        )?;
+        match (t.srtt, t.rttvar) {
+            (Some(srtt), Some(rttvar)) => write!(
+                f,
+                ", srtt {:.3} ms, rttvar {:.3} ms",
+                srtt.as_secs_f64() * 1e3,
+                rttvar.as_secs_f64() * 1e3
+            )?,
+            _ => f.write_str(", srtt unmeasured")?,
+        }
+        write!(f, ", client {}", stats.family.as_str())
     }
 }
 
@@ -288,15 +300,38 @@ mod tests {
     }
 
     #[test]
+    fn the_session_line_shows_every_resend_and_the_round_trip_estimate() {
+        let mut stats = aborted(b"f", b"bye");
+        let t = &mut stats.transfer;
+        (t.retransmits, t.repeat_resends, t.early_retransmits) = (3, 1, 12);
+        (t.go_back_acks, t.packets_resent) = (5, 2515);
+        let line = SessionLine(&stats).to_string();
+        assert!(
+            line.ends_with(
+                ", 3 retransmits (1 for a repeated request), 12 early, 5 go-backs from ACKs, \
+                 2515 packets resent, srtt unmeasured"
+            ),
+            "{line}"
+        );
+        stats.transfer.srtt = Some(Duration::from_micros(105));
+        stats.transfer.rttvar = Some(Duration::from_micros(20));
+        let line = SessionLine(&stats).to_string();
+        assert!(
+            line.ends_with("packets resent, srtt 0.105 ms, rttvar 0.020 ms"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn a_session_line_is_bounded_whatever_the_peer_sent() {
         let name = vec![0x1bu8; 65_000];
         let message = vec![b'\n'; 65_000];
         let line = SessionLine(&aborted(&name, &message)).to_string();
         assert_eq!(line.lines().count(), 1);
         // Peer, two fields of at most LOG_TEXT_MAX escaped bytes with their quotes and
-        // marks, and the fixed words.
+        // marks, and the fixed words and numbers (the counters and the estimate).
         assert!(
-            line.len() < 2 * crate::stats::LOG_TEXT_MAX + 200,
+            line.len() < 2 * crate::stats::LOG_TEXT_MAX + 500,
             "{} bytes: {line}",
             line.len()
         );

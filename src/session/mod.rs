@@ -5,7 +5,8 @@
 //! 1. [`Session::new`] negotiates the options and prepares the first packet (OACK or DATA 1).
 //! 2. After creating it and after **every** input — [`handle_datagram`](Session::handle_datagram),
 //!    [`handle_packet`](Session::handle_packet), [`handle_timeout`](Session::handle_timeout),
-//!    [`handle_source_ready`](Session::handle_source_ready), [`abort`](Session::abort) — the
+//!    [`handle_source_ready`](Session::handle_source_ready),
+//!    [`handle_repeated_request`](Session::handle_repeated_request), [`abort`](Session::abort) — the
 //!    driver calls [`poll_output`](Session::poll_output) until it returns
 //!    [`Output::Wait`] or [`Output::Done`], sending every [`Output::Transmit`] to the peer.
 //!    `poll_output` takes the most datagrams the driver can send with one system call: a
@@ -40,13 +41,22 @@
 //!   ACK 1, 2, 3, … faster than that no longer gets a window per ACK (counters:
 //!   [`TransferStats::go_back_acks`], [`TransferStats::go_back_held`]).
 //! - A duplicate ACK (of the last acknowledged block) is evidence that the next DATA was
-//!   lost once that block has been out for the retransmission estimate (`srtt + 4 ×
-//!   rttvar`, at least [`SessionConfig::min_rto`]; the base timeout before three
-//!   samples), counted from its first send and from the last go-back-N: then it goes
-//!   back to it when the clock allows, so at most once per estimate, never once per
-//!   duplicate, and never for the duplicate a client sends a round trip after a resend
-//!   it did not need. Any older ACK never causes a send (Sorcerer's Apprentice). Resends
-//!   come from the stored packets, without reading the source again.
+//!   lost once that block has been out for the retransmission estimate (`srtt + max(1 ms,
+//!   4 × rttvar)`, at least [`SessionConfig::min_rto`], from the first round-trip sample
+//!   on; [`UNMEASURED_LOSS_EVIDENCE`] before any), counted from its first send and from
+//!   the last go-back-N: then it goes back to it when the clock allows, so at most once
+//!   per estimate, never once per duplicate, and never for the duplicate a client sends a
+//!   round trip after a resend it did not need. With [`SessionConfig::adaptive`], a
+//!   duplicate that comes sooner (a client that answers a gap at once) makes that go-back
+//!   owed for when the estimate has passed, unless an ACK of everything sent comes
+//!   first. Any older ACK never causes a
+//!   send (Sorcerer's Apprentice). Resends come from the stored packets, without reading
+//!   the source again.
+//! - A repeated request ([`handle_repeated_request`](Session::handle_repeated_request))
+//!   before the peer acknowledged anything says that the first reply (OACK or DATA 1) was
+//!   lost: it is resent as if the timer had fired (a retry spent), at most once per
+//!   go-back interval and clock token, so never more often than the timer schedule allows
+//!   in all.
 //! - Block numbers wrap 65535 → 0. A size that is an exact multiple of blksize ends with an
 //!   empty DATA; an empty source is one empty DATA 1.
 //! - Retries: exactly [`SessionConfig::retries`] retransmissions after the last progress,
@@ -63,10 +73,11 @@
 //!   request with `timeout 255` gets its first packet and nothing more, and ends at 60 s.
 //! - Adaptive retransmission ([`SessionConfig::adaptive`]): the round-trip time is measured
 //!   from every ACK of a packet sent once (Karn's rule: never from a resent one), smoothed
-//!   as in RFC 6298, and once three samples are in, the estimate `srtt + 4 × rttvar` (at
-//!   least 1.5 × the largest sample and [`SessionConfig::min_rto`]) is used while it is
-//!   below the timeout: a lost packet on a
-//!   fast network costs a few round trips, not a second. These early retransmissions
+//!   as in RFC 6298, and once three samples are in, the estimate `srtt + max(1 ms, 4 ×
+//!   rttvar)` (at least [`SessionConfig::min_rto`]) is used while it is below the
+//!   timeout: a lost packet on a fast network costs a few round trips, not a second.
+//!   Nothing in the estimate is kept for good: after a slow outlier it follows the path
+//!   back down within a few dozen samples. These early retransmissions
 //!   double their interval each time and stop once it reaches the timeout, so they are
 //!   bounded, and they do not spend the retry budget; the full schedule above follows
 //!   them unchanged. Before any measurement (a spoofed request is never acknowledged)
@@ -76,7 +87,12 @@
 //!   client went silent after ACK 0 holds at most one window
 //!   ([`buffer_bytes`](Session::buffer_bytes) says how much).
 //! - An ERROR from the client ends the session without a reply; code 8 right after our OACK
-//!   is a size probe ([`Outcome::Probe`]).
+//!   is a size probe ([`Outcome::Probe`]). An ERROR that comes once the client
+//!   acknowledged every byte of the file ([`Outcome::Completed`]: only an empty final
+//!   block is unacknowledged, or, before the end was read, as many bytes as the source
+//!   announced) is a client that closed after it had everything — GRUB stops reading at
+//!   the size `tsize` promised, and a lost empty final DATA used to end its successful
+//!   boot as `peer_error`. Any other ERROR is [`Outcome::PeerError`].
 //! - A read error from the source sends ERROR 0 "error reading file" (ERROR 1 "file not
 //!   found" for `io::ErrorKind::NotFound`, ERROR 2 "access violation" for
 //!   `PermissionDenied`: a streamed source may learn that late) and ends with
@@ -118,6 +134,12 @@ pub const MIN_GO_BACK_INTERVAL: Duration = Duration::from_micros(100);
 /// The interval between go-back-Ns while the session has measured no round trip yet:
 /// short enough that a loss in the first windows costs milliseconds, not a timeout.
 pub const UNMEASURED_GO_BACK_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long the first unacknowledged block must have been out before a duplicate ACK is
+/// evidence of its loss while the session has no round-trip sample (its first reply was
+/// sent twice, so Karn's rule kept the ACK out): below the shortest interval at which
+/// firmware repeats an ACK (iPXE 250 ms, GRUB 400 ms), above most round trips.
+pub const UNMEASURED_LOSS_EVIDENCE: Duration = Duration::from_millis(200);
 
 /// Go-back-Ns that ACKs may cause in a burst, each within one interval of the last: a
 /// client that loses several blocks of one flight recovers each at once, while the long
@@ -170,7 +192,9 @@ impl Default for SessionConfig {
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
-    /// Every block was sent and acknowledged.
+    /// Every block was sent and acknowledged, or the client acknowledged every byte and
+    /// then closed with an ERROR (its message is kept in
+    /// [`TransferStats::peer_error`]).
     Completed,
     /// Every block was sent, but the ACK of the last one never came (the client most
     /// likely has the whole file).
@@ -377,9 +401,11 @@ pub struct Session {
     /// The first block the last go-back-N resent, until an ACK of it or a later block
     /// times that go-back.
     go_back_from: Option<u64>,
-    /// An in-window ACK asked for a go-back-N that the clock did not allow: it is owed
-    /// when the clock allows one.
-    go_back_owed: bool,
+    /// A go-back-N an ACK asked for and did not get at once, due at this instant or when
+    /// the clock allows one, whichever is later: an in-window ACK's, which the clock did
+    /// not allow (due at once), or a duplicate ACK's that came before the evidence was
+    /// complete (due when it is).
+    go_back_owed: Option<Instant>,
     /// How long go-back-Ns took to be answered: a shorter go-back clock for a client whose
     /// resends leave the main estimate without samples.
     recovery_rtt: RttEstimator,
@@ -388,6 +414,8 @@ pub struct Session {
     progress_at: Instant,
     /// When the OACK was first sent, and whether it was sent again since.
     oack_sent_at: Option<(Instant, bool)>,
+    /// When the session last sent an OACK or DATA.
+    last_sent: Option<Instant>,
     rtt: RttEstimator,
     deadline: Option<Instant>,
     /// When the source first said `WouldBlock` for the block being read.
@@ -449,10 +477,11 @@ impl Session {
             last_go_back: None,
             go_back_clock: None,
             go_back_from: None,
-            go_back_owed: false,
+            go_back_owed: None,
             recovery_rtt: RttEstimator::default(),
             progress_at: now,
             oack_sent_at: None,
+            last_sent: None,
             rtt: RttEstimator::default(),
             deadline: None,
             stalled_since: None,
@@ -531,6 +560,11 @@ impl Session {
             Packet::Error { code, message } => {
                 let outcome = if self.state == State::Oack && code == ErrorCode::OptionNegotiation {
                     Outcome::Probe
+                } else if self.every_byte_acknowledged() {
+                    // The client closed after it had every byte (GRUB stops reading
+                    // once it has the size `tsize` promised, and answers a lost empty
+                    // final DATA's resend, or nothing, with ERROR 0 "closed").
+                    Outcome::Completed
                 } else {
                     Outcome::PeerError(code)
                 };
@@ -608,6 +642,50 @@ impl Session {
         self.source_blocked = false;
     }
 
+    /// Tells the session that its peer sent the same request again while it runs (the
+    /// driver saw a request from the session's peer identical to the one that started
+    /// it). Until the peer acknowledged anything, that says the first reply (the OACK or
+    /// DATA 1) was lost: GRUB repeats its request 0.4 s after a lost one, long before the
+    /// timer. The session then resends it as if the retransmission timer had fired now —
+    /// one retry spent ([`TransferStats::retransmits`], [`TransferStats::repeat_resends`]),
+    /// the schedule doubling on from here — but only when a retry is left, the reply has
+    /// been out for the go-back interval (a repeat that crossed it is no evidence) and the
+    /// go-back clock allows a go-back. So a flood of repeats gets no more replies than the
+    /// timer would send (`1 + retries`, the session is unverified: the request may be
+    /// spoofed), and never one per repeat. A verified session only counts the repeat
+    /// ([`TransferStats::repeated_requests`]).
+    pub fn handle_repeated_request(&mut self, now: Instant) {
+        self.now = now;
+        if !matches!(self.state, State::Oack | State::Transfer) {
+            return;
+        }
+        self.stats.repeated_requests += 1;
+        if self.is_verified() || (self.state == State::Oack && self.control_pending) {
+            return;
+        }
+        // Unverified: the first reply is all that was sent (a session without options
+        // has a window of one block).
+        let Some(sent) = self.last_sent else {
+            return;
+        };
+        let fresh = now.saturating_duration_since(sent) < self.go_back_interval();
+        if fresh || !self.go_back_allowed() || self.retries >= self.config.retries {
+            return;
+        }
+        self.deadline_early = false;
+        if !self.spend_retry() {
+            return;
+        }
+        self.stats.repeat_resends += 1;
+        if self.state == State::Oack {
+            self.spend_go_back_token();
+            self.control_pending = true;
+        } else {
+            self.go_back(false);
+            self.source_blocked = false;
+        }
+    }
+
     /// Ends the session from outside (shutdown, a panic in user code): queues an ERROR with
     /// `code` and `message` for the peer and ends with `outcome`.
     pub fn abort(&mut self, now: Instant, code: ErrorCode, message: &str, outcome: Outcome) {
@@ -651,6 +729,7 @@ impl Session {
                     if self.control_pending {
                         self.control_pending = false;
                         self.stats.packets_sent += 1;
+                        self.last_sent = Some(self.now);
                         self.oack_sent_at = match self.oack_sent_at {
                             None => Some((self.now, false)),
                             Some((at, _)) => Some((at, true)),
@@ -861,6 +940,7 @@ impl Session {
         let payload = (len - DATA_HEADER_LEN) as u64;
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += payload;
+        self.last_sent = Some(self.now);
         if block <= self.high_sent {
             self.stats.packets_resent += 1;
             self.stats.bytes_resent += payload;
@@ -1060,13 +1140,13 @@ impl Session {
                     } else {
                         self.stats.go_back_held += 1;
                         self.next = self.next.max(self.high_sent + 1);
-                        self.go_back_owed = true;
+                        self.go_back_owed = Some(self.now);
                     }
                     // Still in flight: the timer runs from now (a send re-arms it).
                     self.arm_retransmit();
                 } else {
                     // Everything sent is acknowledged: nothing is missing.
-                    self.go_back_owed = false;
+                    self.go_back_owed = None;
                 }
             }
             State::Error(_) | State::Done(_) => {}
@@ -1076,7 +1156,13 @@ impl Session {
     /// A duplicate ACK: the block after it was most likely lost. Resend from it when the
     /// retransmission estimate has passed since the last go-back-N and since that block
     /// was first sent (a duplicate that crossed it on the way is no evidence), and the
-    /// go-back clock allows it.
+    /// go-back clock allows it. With adaptive retransmission, a duplicate that comes
+    /// sooner makes that go-back owed once the estimate has passed, unless an ACK that
+    /// acknowledges everything sent comes first: a client that answers a gap at once
+    /// (EDK2 with a window) is not left waiting for the full timeout while the session
+    /// has too few samples to retransmit early on its own. (It is an early retransmission
+    /// that the client's signal arms; without adaptive retransmission only the fixed
+    /// schedule runs.)
     fn on_duplicate_ack(&mut self) {
         if self.next == self.base {
             return;
@@ -1085,27 +1171,31 @@ impl Session {
         let since = self
             .last_go_back
             .map_or(first_sent, |at| at.max(first_sent));
-        let evidence = self.now.saturating_duration_since(since) >= self.duplicate_evidence();
-        if evidence && self.go_back_allowed() {
+        let due = since + self.duplicate_evidence();
+        if self.now >= due && self.go_back_allowed() {
             self.go_back(true);
-        } else {
-            self.stats.go_back_held += 1;
+            return;
+        }
+        self.stats.go_back_held += 1;
+        if self.config.adaptive {
+            let due = due.max(self.now);
+            self.go_back_owed = Some(self.go_back_owed.map_or(due, |owed| owed.min(due)));
         }
     }
 
     /// How long the first unacknowledged block must have been out, and the last go-back-N
     /// ago, before a duplicate ACK counts as evidence that it was lost: the retransmission
-    /// estimate ([`SessionConfig::min_rto`] at least; the base timeout before three
-    /// samples), never below the go-back interval nor above the base timeout. Not one
-    /// round trip: the client answers a go-back's redundant resends with duplicates of its
-    /// last ACK one round trip later, and those must not make the next window go twice
-    /// (with the bare round trip, one stray duplicate ACK had every later window sent
-    /// twice).
+    /// estimate, `srtt + max(1 ms, 4 × rttvar)` from the first round-trip sample on
+    /// ([`SessionConfig::min_rto`] at least; [`UNMEASURED_LOSS_EVIDENCE`] before any
+    /// sample), never below the go-back interval nor above the base timeout. Not one round
+    /// trip: the client answers a go-back's redundant resends with duplicates of its last
+    /// ACK one round trip later, and those must not make the next window go twice (with
+    /// the bare round trip, one stray duplicate ACK had every later window sent twice).
     fn duplicate_evidence(&self) -> Duration {
         let base = self.params.timeout.unwrap_or(self.config.timeout);
         self.rtt
-            .rto(self.config.min_rto)
-            .unwrap_or(base)
+            .loss_evidence(self.config.min_rto)
+            .unwrap_or(UNMEASURED_LOSS_EVIDENCE)
             .max(self.go_back_interval())
             .min(base)
     }
@@ -1143,10 +1233,11 @@ impl Session {
     /// When a go-back-N that an in-window ACK asked for, and the clock did not allow, is
     /// due.
     fn owed_go_back_at(&self) -> Option<Instant> {
-        if !self.go_back_owed || self.state != State::Transfer || self.next == self.base {
+        let owed = self.go_back_owed?;
+        if self.state != State::Transfer || self.next == self.base {
             return None;
         }
-        Some(self.go_back_allowed_at().unwrap_or(self.now))
+        Some(self.go_back_allowed_at().map_or(owed, |at| at.max(owed)))
     }
 
     /// Sends again from the first unacknowledged block: because of an ACK (counted in
@@ -1154,15 +1245,22 @@ impl Session {
     fn go_back(&mut self, ack: bool) {
         self.next = self.base;
         self.last_go_back = Some(self.now);
+        self.spend_go_back_token();
+        self.go_back_from = Some(self.base);
+        self.go_back_owed = None;
+        if ack {
+            self.stats.go_back_acks += 1;
+        }
+    }
+
+    /// Moves the go-back clock on by one interval (see [`go_back_allowed_at`]).
+    ///
+    /// [`go_back_allowed_at`]: Self::go_back_allowed_at
+    fn spend_go_back_token(&mut self) {
         let clock = self
             .go_back_clock
             .map_or(self.now, |clock| clock.max(self.now));
         self.go_back_clock = Some(clock + self.go_back_interval());
-        self.go_back_from = Some(self.base);
-        self.go_back_owed = false;
-        if ack {
-            self.stats.go_back_acks += 1;
-        }
     }
 
     /// Progress was made: the retry budget and the timer start over.
@@ -1178,6 +1276,7 @@ impl Session {
     fn sample_rtt(&mut self, sent: Instant) {
         self.rtt.sample(self.now.saturating_duration_since(sent));
         self.stats.srtt = self.rtt.srtt();
+        self.stats.rttvar = self.rtt.rttvar();
     }
 
     /// Arms the retransmission timer for a packet sent now: early when the measured
@@ -1212,6 +1311,21 @@ impl Session {
         self.stats.retransmits += 1;
         self.retransmission = Some(Retransmission::Timeout);
         true
+    }
+
+    /// Whether the peer acknowledged every payload byte: every block before `base` is
+    /// full, so that is `(base - 1) × blksize` bytes, and the file has that many — all of
+    /// it read (only an empty final block, or nothing, is unacknowledged), or, before the
+    /// end was read, as many as the source announced and no more read.
+    fn every_byte_acknowledged(&self) -> bool {
+        if self.state != State::Transfer {
+            return false;
+        }
+        let acknowledged = (self.base - 1) * u64::from(self.params.blksize);
+        match self.last {
+            Some(_) => acknowledged >= self.stats.bytes_read,
+            None => self.announced == Some(acknowledged) && self.stats.bytes_read == acknowledged,
+        }
     }
 
     /// The peer stopped answering: the session ends, silently.
@@ -1799,6 +1913,239 @@ mod tests {
                 Output::Done(Outcome::PeerError(ErrorCode::NotDefined))
             )
         );
+    }
+
+    fn close(h: &mut Harness) -> (Vec<Vec<u8>>, Output<'static>) {
+        h.session
+            .handle_datagram(h.now, b"\x00\x05\x00\x00closed\x00");
+        h.drain()
+    }
+
+    #[test]
+    fn a_client_that_closes_after_every_byte_was_acknowledged_completed() {
+        // GRUB: blksize 1024 and tsize; a file of exactly 3 × 1024 bytes ends with an
+        // empty DATA 4. GRUB acknowledges DATA 3, has every byte `tsize` promised and
+        // closes: when DATA 4 is lost, its ERROR 0 "closed" comes instead of ACK 4.
+        let options = b"blksize\x001024\x00tsize\x000\x00";
+        let mut h = Harness::new(options, vec![9; 3 * 1024], SessionConfig::default());
+        h.drain();
+        for block in 0..3 {
+            assert_eq!(blocks(&h.ack(block)), vec![block + 1]);
+        }
+        assert_eq!(h.ack(3), vec![data(4, b"")]);
+        assert_eq!(close(&mut h), (vec![], Output::Done(Outcome::Completed)));
+        let stats = h.session.stats();
+        assert_eq!(stats.outcome, Some(Outcome::Completed));
+        assert_eq!(
+            stats.peer_error,
+            Some((ErrorCode::NotDefined, "closed".into())),
+            "the client's ERROR is kept"
+        );
+
+        // Before the last full block is acknowledged, the same ERROR is a failure.
+        let mut h = Harness::new(options, vec![9; 3 * 1024], SessionConfig::default());
+        h.drain();
+        for block in 0..2 {
+            h.ack(block);
+        }
+        let failed = || Output::Done(Outcome::PeerError(ErrorCode::NotDefined));
+        assert_eq!(close(&mut h), (vec![], failed()));
+        // So it is when the last block carries data: only its ACK acknowledges it.
+        let mut h = Harness::new(options, vec![9; 3 * 1024 + 5], SessionConfig::default());
+        h.drain();
+        for block in 0..4 {
+            h.ack(block);
+        }
+        assert_eq!(close(&mut h), (vec![], failed()));
+        // And right after the OACK nothing was acknowledged.
+        let mut h = Harness::new(options, vec![9; 3 * 1024], SessionConfig::default());
+        h.drain();
+        assert_eq!(close(&mut h), (vec![], failed()));
+
+        // With a window: blocks 1..=4 full and an empty 5 go out together; ACK 4 is
+        // every byte.
+        let options = b"blksize\x008\x00windowsize\x008\x00";
+        let mut h = Harness::new(options, vec![9; 32], SessionConfig::default());
+        h.drain();
+        assert_eq!(blocks(&h.ack(0)), vec![1, 2, 3, 4, 5]);
+        // The client lost DATA 5: a go-back resends it (and that is lost too).
+        assert_eq!(blocks(&h.ack(4)), vec![5]);
+        assert_eq!(close(&mut h), (vec![], Output::Done(Outcome::Completed)));
+        let mut h = Harness::new(options, vec![9; 32], SessionConfig::default());
+        h.drain();
+        h.ack(0);
+        assert!(h.ack(3).len() == 2, "a go-back from 4");
+        assert_eq!(close(&mut h), (vec![], failed()));
+    }
+
+    /// A source of `data` that announces its size and then would block for ever: the end
+    /// is never read.
+    struct Unended {
+        data: Vec<u8>,
+        pos: usize,
+    }
+
+    impl ResponseData for Unended {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.pos == self.data.len() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+
+        fn size(&self) -> Option<u64> {
+            Some(self.data.len() as u64)
+        }
+    }
+
+    #[test]
+    fn before_the_end_is_read_every_byte_is_the_announced_size() {
+        let start = Instant::now();
+        let source = Unended {
+            data: vec![4; 2 * 512],
+            pos: 0,
+        };
+        let mut h = Harness {
+            now: start,
+            session: Session::new(
+                start,
+                Options::parse(b"tsize\x000\x00").unwrap(),
+                Mode::Octet,
+                Box::new(source),
+                SessionConfig::default(),
+            ),
+        };
+        h.drain();
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        assert_eq!(blocks(&h.ack(1)), vec![2]);
+        // Block 3 would block: its end is unknown, but the client has the 1024 bytes
+        // announced.
+        assert!(h.ack(2).is_empty());
+        assert_eq!(close(&mut h), (vec![], Output::Done(Outcome::Completed)));
+    }
+
+    #[test]
+    fn a_repeated_request_resends_a_lost_first_reply_clocked_within_the_retries() {
+        let ms = Duration::from_millis;
+        let options = b"blksize\x001024\x00tsize\x000\x00";
+        let mut h = Harness::new(options, vec![1; 5000], SessionConfig::default());
+        // Repeated before the first reply went out: nothing to resend.
+        h.session.handle_repeated_request(h.now);
+        let (sent, _) = h.drain();
+        assert_eq!(sent.len(), 1, "one OACK");
+        let oack = sent[0].clone();
+        let start = h.now;
+        // GRUB: the OACK was lost, the request comes again at 0.40 s and 0.83 s. Each
+        // time the OACK goes again, as if the timer had fired: a retry spent, and the
+        // interval doubled from there.
+        h.now = start + ms(400);
+        h.session.handle_repeated_request(h.now);
+        assert_eq!(
+            h.drain(),
+            (vec![oack.clone()], Output::Wait(h.now + ms(2000)))
+        );
+        // A repeat within the go-back interval (20 ms while nothing was measured) may
+        // have crossed that resend: no evidence.
+        assert_eq!(UNMEASURED_GO_BACK_INTERVAL, ms(20));
+        h.now += ms(19);
+        h.session.handle_repeated_request(h.now);
+        assert!(h.drain().0.is_empty());
+        h.now = start + ms(830);
+        h.session.handle_repeated_request(h.now);
+        assert_eq!(
+            h.drain(),
+            (vec![oack.clone()], Output::Wait(h.now + ms(4000)))
+        );
+        let stats = h.session.stats();
+        assert_eq!(
+            (
+                stats.repeated_requests,
+                stats.repeat_resends,
+                stats.retransmits
+            ),
+            (4, 2, 2)
+        );
+        // A flood of repeats, one a millisecond: one resend per interval, and no more
+        // than the retry budget allows (5), so never more than the timer would send.
+        let mut resent_at = Vec::new();
+        for _ in 0..1000 {
+            h.now += ms(1);
+            h.session.handle_repeated_request(h.now);
+            let (sent, _) = h.drain();
+            assert!(sent.iter().all(|p| *p == oack));
+            resent_at.extend(sent.iter().map(|_| (h.now - start).as_millis()));
+        }
+        assert_eq!(resent_at, [850, 870, 890]);
+        let stats = h.session.stats();
+        assert_eq!((stats.repeat_resends, stats.retransmits), (5, 5));
+        assert_eq!(stats.packets_sent, 1 + 5);
+        // The budget is spent: the timer ends the session (8 s after the last resend).
+        let (interval, sent) = fire(&mut h);
+        assert!(sent.is_empty());
+        assert_eq!(interval, Duration::from_secs(8) - ms(1000 - 60));
+        assert_eq!(h.session.stats().outcome, Some(Outcome::TimedOut));
+
+        // Without options the first reply is DATA 1.
+        let mut h = Harness::new(b"", vec![1; 5000], SessionConfig::default());
+        assert_eq!(blocks(&h.drain().0), vec![1]);
+        h.now += ms(400);
+        h.session.handle_repeated_request(h.now);
+        assert_eq!(blocks(&h.drain().0), vec![1]);
+        let stats = h.session.stats();
+        assert_eq!((stats.packets_resent, stats.retransmits), (1, 1));
+        // Once the peer acknowledged something, a repeat is only counted.
+        h.now += ms(10);
+        assert_eq!(blocks(&h.ack(1)), vec![2]);
+        h.now += ms(400);
+        h.session.handle_repeated_request(h.now);
+        assert!(h.drain().0.is_empty());
+        let stats = h.session.stats();
+        assert_eq!((stats.repeated_requests, stats.repeat_resends), (2, 1));
+    }
+
+    #[test]
+    fn duplicates_before_the_early_timer_has_samples_still_recover_in_milliseconds() {
+        // EDK2: windowsize 4. Two round trips of 1 ms measured (too few for the early
+        // timer), then DATA 5 is lost and the client answers 6, 7 and 8 with ACK 4 at
+        // once. Those duplicates come too soon to be evidence, but owe a go-back once
+        // DATA 5 has been out for the estimate (1 + 4 × 0.375 = 2.5 ms), not the 1 s
+        // timer.
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        let options = b"blksize\x008\x00windowsize\x004\x00";
+        let mut h = Harness::new(options, vec![3; 800], SessionConfig::default());
+        h.drain();
+        h.now += ms(1);
+        assert_eq!(blocks(&h.ack(0)), vec![1, 2, 3, 4]);
+        h.now += ms(1);
+        assert_eq!(blocks(&h.ack(4)), vec![5, 6, 7, 8]);
+        let sent = h.now;
+        for _ in 0..3 {
+            h.now += us(200);
+            assert!(h.ack(4).is_empty());
+        }
+        assert_eq!(h.drain().1, Output::Wait(sent + us(2500)));
+        assert_eq!(
+            blocks(&h.advance(sent + us(2500) - h.now)),
+            vec![5, 6, 7, 8]
+        );
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.go_back_held), (1, 3));
+        assert_eq!((stats.retransmits, stats.early_retransmits), (0, 0));
+        // An ACK of everything sent cancels what duplicates owe.
+        h.now += ms(1);
+        assert_eq!(blocks(&h.ack(8)), vec![9, 10, 11, 12]);
+        h.now += us(100);
+        assert!(h.ack(8).is_empty());
+        h.now += ms(1);
+        assert_eq!(blocks(&h.ack(12)), vec![13, 14, 15, 16]);
+        let Output::Wait(next) = h.drain().1 else {
+            panic!("not waiting")
+        };
+        assert!(next > h.now + ms(2), "nothing owed");
     }
 
     #[test]
@@ -2672,20 +3019,36 @@ mod tests {
             adaptive: false,
             ..SessionConfig::default()
         };
+        let ms = Duration::from_millis;
+        // Adaptive retransmission off: duplicates that come too soon owe nothing, only
+        // the 1 s timer runs.
         let mut h = Harness::new(b"tsize\x000\x00", vec![7; 2000], config);
         h.drain();
-        // ACK 0 at once: a round trip of 0, so the go-back clock alone would allow a
-        // go-back every MIN_GO_BACK_INTERVAL. A duplicate needs more: evidence, DATA 1
-        // out for the retransmission estimate, here (one sample) the base timeout.
+        h.now += ms(10);
         assert_eq!(blocks(&h.ack(0)), vec![1]);
-        // A hundred duplicates while DATA 1 is fresh: nothing.
+        assert!(h.ack(0).is_empty());
+        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+        // Adaptive (the default): with one sample the early timer does not run yet, but
+        // duplicates owe a go-back.
+        let config = SessionConfig::default();
+        let mut h = Harness::new(b"tsize\x000\x00", vec![7; 2000], config);
+        h.drain();
+        // ACK 0 after 10 ms: one round-trip sample, so the go-back clock alone would
+        // allow a go-back every 10 ms. A duplicate needs more: evidence, DATA 1 out for
+        // the retransmission estimate, after one sample RFC 6298's first interval,
+        // srtt + 4 × srtt / 2 = 30 ms.
+        h.now += ms(10);
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        // A hundred duplicates while DATA 1 is fresh: nothing at once. They owe one
+        // go-back, due when the evidence is complete.
         for _ in 0..100 {
             assert!(h.ack(0).is_empty());
         }
-        h.now += Duration::from_millis(999);
+        assert_eq!(h.drain().1, Output::Wait(h.now + ms(30)));
+        h.now += ms(29);
         assert!(h.ack(0).is_empty());
-        // DATA 1 has been out for a whole second: the next duplicate resends it, once.
-        h.now += Duration::from_millis(1);
+        // DATA 1 has been out for 30 ms: the next duplicate resends it, once.
+        h.now += ms(1);
         assert_eq!(blocks(&h.ack(0)), vec![1]);
         for _ in 0..100 {
             assert!(h.ack(0).is_empty());
@@ -2693,16 +3056,31 @@ mod tests {
         let stats = h.session.stats();
         assert_eq!((stats.go_back_acks, stats.go_back_held), (1, 201));
         assert_eq!((stats.packets_resent, stats.retransmits), (1, 0));
-        // The resend restarted the timer, and the evidence: a duplicate 1 s later resends
-        // again, before the timer would.
+        // The resend restarted the evidence: the duplicates after it owe one go-back
+        // 30 ms on (long before the 1 s timer), made then if nothing was acknowledged.
+        assert_eq!(h.drain().1, Output::Wait(h.now + ms(30)));
+        assert!(h.advance(ms(29)).is_empty());
+        assert_eq!(blocks(&h.advance(ms(1))), vec![1]);
         assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
-        h.now += Duration::from_secs(1);
-        assert_eq!(blocks(&h.ack(0)), vec![1]);
         // Older ACKs never resend.
         assert_eq!(blocks(&h.ack(1)), vec![2]);
         h.now += Duration::from_secs(5);
         assert!(h.ack(0).is_empty());
-        assert_eq!(h.session.stats().go_back_acks, 2);
+        let stats = h.session.stats();
+        assert_eq!((stats.go_back_acks, stats.retransmits), (2, 0));
+
+        // With no sample at all (the OACK went twice, so ACK 0 measured nothing: Karn's
+        // rule), the evidence is UNMEASURED_LOSS_EVIDENCE.
+        let mut h = Harness::new(b"tsize\x000\x00", vec![7; 2000], config);
+        h.drain();
+        assert_eq!(h.advance(Duration::from_secs(1)).len(), 1);
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        assert!(h.ack(0).is_empty());
+        assert_eq!(UNMEASURED_LOSS_EVIDENCE, ms(200));
+        assert_eq!(h.drain().1, Output::Wait(h.now + ms(200)));
+        h.now += ms(200);
+        assert_eq!(blocks(&h.ack(0)), vec![1]);
+        assert_eq!(h.session.stats().go_back_acks, 1);
 
         // With an estimate (three 10 ms round trips: 21.25 ms), the evidence takes that
         // long, not one round trip: a duplicate that comes a round trip after a resend is
