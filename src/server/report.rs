@@ -309,7 +309,7 @@ mod tests {
         assert!(
             line.ends_with(
                 ", 3 retransmits (1 for a repeated request), 12 early, 5 go-backs from ACKs, \
-                 2515 packets resent, srtt unmeasured"
+                 2515 packets resent, srtt unmeasured, client other"
             ),
             "{line}"
         );
@@ -317,7 +317,7 @@ mod tests {
         stats.transfer.rttvar = Some(Duration::from_micros(20));
         let line = SessionLine(&stats).to_string();
         assert!(
-            line.ends_with("packets resent, srtt 0.105 ms, rttvar 0.020 ms"),
+            line.ends_with("packets resent, srtt 0.105 ms, rttvar 0.020 ms, client other"),
             "{line}"
         );
     }
