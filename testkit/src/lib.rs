@@ -11,6 +11,9 @@
 //! - [`rng`]: the one seeded pseudo-random generator.
 //! - [`sys`]: the descriptor limit, descriptor count, CPU time, resident memory.
 //! - [`net`]: loopback addresses.
+//! - [`netns`]: network namespaces and the processes run in them, killed and deleted on
+//!   drop (the firmware netboot tests).
+//! - [`pcap`]: the UDP datagrams of a packet capture (qemu's `filter-dump`).
 //!
 //! Every socket has a read timeout ([`WAIT`]): a broken server fails a test, never hangs
 //! it.
@@ -27,6 +30,8 @@ use std::time::Duration;
 pub mod client;
 pub mod files;
 pub mod net;
+pub mod netns;
+pub mod pcap;
 pub mod real;
 pub mod rng;
 pub mod server;
@@ -35,6 +40,7 @@ pub mod sys;
 pub use client::*;
 pub use files::*;
 pub use net::*;
+pub use netns::*;
 pub use real::*;
 pub use rng::Rng;
 pub use server::*;
