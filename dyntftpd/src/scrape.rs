@@ -90,13 +90,30 @@ fn serve(listener: &TcpListener, snapshot: &Snapshot) {
 /// Reads one request from `stream` and replies, within [`CONNECTION_DEADLINE`].
 fn answer(mut stream: TcpStream, snapshot: &Snapshot) -> io::Result<()> {
     let deadline = Instant::now() + CONNECTION_DEADLINE;
+    let reader = stream.try_clone()?;
+    let reply = read_reply(&reader, snapshot, || {
+        reader.set_read_timeout(Some(remaining(deadline)?))
+    })?;
+    stream.set_write_timeout(Some(remaining(deadline)?))?;
+    stream.write_all(&reply.to_bytes())?;
+    stream.flush()
+}
+
+/// Reads a request head from `stream`, at most [`MAX_REQUEST_BYTES`], calling
+/// `before_read` before each read (to set its timeout), and returns the reply to it.
+/// An error when the stream ends or fails first.
+fn read_reply(
+    mut stream: impl Read,
+    snapshot: &Snapshot,
+    mut before_read: impl FnMut() -> io::Result<()>,
+) -> io::Result<Reply> {
     let mut head = [0u8; MAX_REQUEST_BYTES];
     let mut len = 0;
-    let reply = loop {
+    loop {
         if len == head.len() {
-            break Reply::status(431, "Request Header Fields Too Large");
+            return Ok(Reply::status(431, "Request Header Fields Too Large"));
         }
-        stream.set_read_timeout(Some(remaining(deadline)?))?;
+        before_read()?;
         let n = stream.read(&mut head[len..])?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -104,13 +121,10 @@ fn answer(mut stream: TcpStream, snapshot: &Snapshot) -> io::Result<()> {
         len += n;
         match Request::parse(&head[..len]) {
             Parsed::Partial => continue,
-            Parsed::Complete(request) => break route(&request, snapshot),
-            Parsed::Bad(reply) => break reply,
+            Parsed::Complete(request) => return Ok(route(&request, snapshot)),
+            Parsed::Bad(reply) => return Ok(reply),
         }
-    };
-    stream.set_write_timeout(Some(remaining(deadline)?))?;
-    stream.write_all(&reply.to_bytes())?;
-    stream.flush()
+    }
 }
 
 /// Time left until `deadline`, or a timeout error once it has passed.
@@ -290,6 +304,51 @@ mod tests {
         }
         request.extend_from_slice(b"\r\n");
         assert!(matches!(Request::parse(&request), Parsed::Bad(r) if r.code == 431));
+    }
+
+    /// Yields one byte per read, as a slow client's segments arrive.
+    struct ByteByByte<'a>(&'a [u8]);
+
+    impl Read for ByteByByte<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let Some((first, rest)) = self.0.split_first() else {
+                return Ok(0);
+            };
+            out[0] = *first;
+            self.0 = rest;
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn the_head_is_read_in_pieces_and_bounded() {
+        let snapshot = Snapshot::new("a 0\n".into());
+        let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut reads = 0;
+        let reply = read_reply(ByteByByte(request), &snapshot, || {
+            reads += 1;
+            Ok(())
+        });
+        assert_eq!(reply.map(|r| r.code).ok(), Some(200));
+        assert_eq!(reads, request.len());
+
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        huge.resize(3 * MAX_REQUEST_BYTES, b'a');
+        let reply = read_reply(&huge[..], &snapshot, || Ok(()));
+        assert_eq!(reply.map(|r| r.code).ok(), Some(431));
+
+        let cut = read_reply(&request[..10], &snapshot, || Ok(()));
+        assert_eq!(
+            cut.map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::UnexpectedEof)
+        );
+        let timed_out = read_reply(&request[..], &snapshot, || {
+            Err(io::ErrorKind::TimedOut.into())
+        });
+        assert_eq!(
+            timed_out.map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::TimedOut)
+        );
     }
 
     #[test]

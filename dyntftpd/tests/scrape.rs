@@ -244,3 +244,27 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One connection at a time, each cut off at its deadline: a scraper that connects and
+/// sends nothing holds the endpoint only until then; the next scrape is answered after it.
+#[test]
+fn a_stalled_scraper_is_cut_off() {
+    let root = TempDir::new("scrape-stall-root");
+    let logs = TempDir::new("scrape-stall-log");
+    let daemon = Daemon::start(root.path(), &logs.path().join("dyntftpd.log"));
+    let mut stalled = TcpStream::connect_timeout(&daemon.http, IO_TIMEOUT).expect("connect");
+    stalled.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stalled
+        .write_all(b"GET /metrics HTTP/1.1\r\n")
+        .expect("send");
+    // Waits behind the stalled connection, then is answered.
+    let health = get(daemon.http, "/healthz");
+    assert_eq!((health.code, health.body.as_str()), (200, "ok\n"));
+    // The stalled one was closed without a reply.
+    let mut rest = Vec::new();
+    let closed = stalled.read_to_end(&mut rest);
+    assert!(
+        matches!(closed, Ok(0)) || closed.is_err(),
+        "{closed:?} {rest:?}"
+    );
+}
