@@ -81,6 +81,8 @@ pub struct Config {
     pub verbose: u32,
     pub quiet: bool,
     pub metrics_file: Option<PathBuf>,
+    /// Where `/metrics` and `/healthz` are served over HTTP.
+    pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub log_file: Option<PathBuf>,
 }
@@ -121,6 +123,7 @@ impl Default for Config {
             verbose: 0,
             quiet: false,
             metrics_file: None,
+            metrics_listen: None,
             log_format: LogFormat::Text,
             log_file: None,
         }
@@ -209,6 +212,9 @@ impl Config {
         let _ = writeln!(out, "quiet = {}", self.quiet);
         if let Some(path) = &self.metrics_file {
             let _ = writeln!(out, "metrics-file = {}", path.display());
+        }
+        if let Some(addr) = &self.metrics_listen {
+            let _ = writeln!(out, "metrics-listen = {addr}");
         }
         let _ = writeln!(out, "log-format = {}", self.log_format.as_str());
         if let Some(path) = &self.log_file {
@@ -338,6 +344,14 @@ impl Config {
             "metrics-file" if !text.is_empty() && !text.ends_with('/') => {
                 self.metrics_file = Some(PathBuf::from(text))
             }
+            "metrics-listen" => {
+                self.metrics_listen = Some(text.parse::<SocketAddr>().map_err(|_| {
+                    format!(
+                        "{} (expected ADDR:PORT, e.g. 127.0.0.1:9169 or [::]:9169)",
+                        bad()
+                    )
+                })?)
+            }
             "log-format" => {
                 self.log_format = match text {
                     "text" => LogFormat::Text,
@@ -391,7 +405,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 35] = [
+pub const FILE_KEYS: [&str; 36] = [
     "listen",
     "root",
     "timeout",
@@ -425,6 +439,7 @@ pub const FILE_KEYS: [&str; 35] = [
     "verbose",
     "quiet",
     "metrics-file",
+    "metrics-listen",
     "log-format",
     "log-file",
 ];
@@ -666,6 +681,12 @@ pub fn options() -> Options {
         "metrics-file",
         "write Prometheus metrics to PATH every stats interval (atomically, for node_exporter's textfile collector)",
         "PATH",
+    );
+    opts.optopt(
+        "",
+        "metrics-listen",
+        "serve GET /metrics (Prometheus text, refreshed every stats interval) and GET /healthz over HTTP on ADDR:PORT",
+        "ADDR:PORT",
     );
     opts.optopt(
         "",
@@ -994,6 +1015,26 @@ mod tests {
         ] {
             let err = parse_args(&args(bad)).err().unwrap_or_default();
             assert!(err.contains(needle), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn metrics_listen_from_flag_and_file() {
+        assert_eq!(config(&[]).metrics_listen, None);
+        let c = config(&["--metrics-listen", "[::1]:9169"]);
+        assert_eq!(c.metrics_listen, "[::1]:9169".parse().ok());
+        let file = File::new("scrape", "metrics-listen = 127.0.0.1:9169\n");
+        let c = config(&["--config", file.arg()]);
+        assert_eq!(c.metrics_listen, "127.0.0.1:9169".parse().ok());
+        let check = parse_args(&args(&["--check-config", "--config", file.arg()]));
+        assert!(
+            matches!(check, Ok(Command::Print(t)) if t.contains("metrics-listen = 127.0.0.1:9169\n"))
+        );
+        for bad in ["9169", "localhost:9169", ""] {
+            let err = parse_args(&args(&["--metrics-listen", bad]))
+                .err()
+                .unwrap_or_default();
+            assert!(err.contains("--metrics-listen"), "{bad:?}: {err}");
         }
     }
 

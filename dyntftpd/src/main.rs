@@ -2,6 +2,7 @@
 
 mod config;
 mod logging;
+mod scrape;
 mod systemd;
 
 use std::ffi::CString;
@@ -19,6 +20,7 @@ use log::{error, info, warn};
 
 use config::{Command, Config};
 use logging::JsonSink;
+use scrape::Snapshot;
 use systemd::ServiceManager;
 
 /// Exit code for a bad command line.
@@ -66,21 +68,27 @@ fn main() -> ExitCode {
 }
 
 /// Serves files through [`FsHandler`] and turns the statistics callbacks into JSON log
-/// records and the metrics file. Cloned once per worker; only worker 0's clone receives
-/// the (added-up) server statistics, so only it writes the metrics file.
+/// records, the metrics file and the scrape endpoint's snapshot. Cloned once per worker;
+/// only worker 0's clone receives the (added-up) server statistics, so only it writes the
+/// metrics file and publishes the snapshot.
 #[derive(Clone)]
 struct Ops {
     files: Remap<FsHandler, Rules>,
     json: Option<Arc<JsonSink>>,
-    metrics: Option<(Metrics, PathBuf)>,
+    metrics: Metrics,
+    metrics_file: Option<PathBuf>,
+    scrape: Option<Snapshot>,
 }
 
 impl Ops {
-    fn write_metrics(&self) {
-        if let Some((metrics, path)) = &self.metrics {
-            if let Err(e) = metrics.write_file(path) {
+    fn publish_metrics(&self) {
+        if let Some(path) = &self.metrics_file {
+            if let Err(e) = self.metrics.write_file(path) {
                 warn!("cannot write the metrics file {}: {e}", path.display());
             }
+        }
+        if let Some(snapshot) = &self.scrape {
+            snapshot.publish(self.metrics.render());
         }
     }
 }
@@ -102,10 +110,8 @@ impl Handler for Ops {
         if let Some(json) = &self.json {
             json.stats(stats);
         }
-        if let Some((metrics, _)) = &mut self.metrics {
-            metrics.add(stats);
-        }
-        self.write_metrics();
+        self.metrics.add(stats);
+        self.publish_metrics();
     }
 }
 
@@ -133,13 +139,16 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
         rules = rules.strip_prefix(prefix.as_bytes());
     }
     let files = Remap::new(files, rules);
+    // Every series at zero until the first stats report.
+    let scrape = config
+        .metrics_listen
+        .map(|_| Snapshot::new(Metrics::new().render()));
     let handler = Ops {
         files,
         json,
-        metrics: config
-            .metrics_file
-            .clone()
-            .map(|path| (Metrics::new(), path)),
+        metrics: Metrics::new(),
+        metrics_file: config.metrics_file.clone(),
+        scrape: scrape.clone(),
     };
     let builder = config.configure(ServerBuilder::new(handler));
     let listen = if config.listen.is_empty() && inherited.is_empty() {
@@ -161,8 +170,15 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
     let server = builder
         .build_workers(config.workers)
         .map_err(|e| e.to_string())?;
+    // Bound before privileges are dropped (the port may be below 1024), served after.
+    let scrape_listener = config.metrics_listen.map(scrape::bind).transpose()?;
     if let Some(user) = &config.user {
         drop_privileges(user)?;
+    }
+    if let (Some(listener), Some(snapshot)) = (scrape_listener, scrape) {
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        scrape::spawn(listener, snapshot)?;
+        info!("serving /metrics and /healthz on http://{addr}");
     }
     // The file exists, with every series at zero, from the start; written only now, as
     // the service user, so that it is that user's file (never root's, through a link a
