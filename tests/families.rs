@@ -176,3 +176,39 @@ fn each_firmware_lands_in_its_family(mode: Mode) {
         assert_eq!(stats.family, family, "{name}");
     }
 }
+
+/// A source whose `size` panics.
+struct PanicsInSize;
+
+impl ResponseData for PanicsInSize {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Ok(0)
+    }
+
+    fn size(&self) -> Option<u64> {
+        panic!("size panicked (expected by the test)")
+    }
+}
+
+struct Panicky;
+
+impl Handler for Panicky {
+    fn open(&mut self, _: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+        Ok(Box::new(PanicsInSize))
+    }
+}
+
+both_modes!(the_size_check_for_a_client_without_rollover_survives_a_panicking_source);
+/// The Raspberry Pi's size check asks the source its size before the session does: a
+/// panic there ends only that request, with ERROR 0.
+fn the_size_check_for_a_client_without_rollover_survives_a_panicking_source(mode: Mode) {
+    let server = spawn_server(mode, net::v4(), || Box::new(Panicky), |b| b);
+    for _ in 0..2 {
+        let raw = Raw::new(server.addr);
+        let pi = [("tsize", "0"), ("blksize", "1024")];
+        assert_eq!(
+            first_answer(&raw, &server, "1a2b3c4d/start4.elf", &pi),
+            Err(0)
+        );
+    }
+}

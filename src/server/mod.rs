@@ -681,7 +681,22 @@ impl<H: Handler> Server<H> {
         let mut config = self.settings.config;
         let limits = self.session_limits(arrival);
         config.limits = self.table.window_limits(limits);
-        if let Some(reject) = too_large_for(family, &request, mode, source.size(), &config) {
+        // Only a client that cannot roll block numbers over needs the size here; the
+        // source's `size` is user code, so it runs under the panic guard.
+        let size = if family.wraps_block_numbers() {
+            None
+        } else {
+            let source = &source;
+            self.user_code
+                .run(
+                    &mut self.stats,
+                    self.now,
+                    |f| write!(f, "{peer}: the size of {filename:?}"),
+                    || source.size(),
+                )
+                .flatten()
+        };
+        if let Some(reject) = too_large_for(family, &request, mode, size, &config) {
             debug!("{peer}: {} refused: {reject}", LogText::new(filename));
             let what = |f: &mut fmt::Formatter<'_>| {
                 write!(f, "{peer}: dropping the source of {filename:?}")
