@@ -94,7 +94,7 @@
 #     (request storm and slow start included). Each case is bounded in time.
 #   After a cut case the script waits (at most 6 s) until the server has been idle for a
 #   second, so that its retransmissions to abandoned clients do not count in the next case.
-#   The ratios are to dnsmasq when it runs (to dyntftpd otherwise).
+#   The ratios are to dnsmasq when it runs (to dyntftpd otherwise). No raw UDP ceiling.
 #
 # --cpu-quota PCT: each server (with its threads and children) runs in its own cgroup
 # limited to PCT % of one CPU (cgroup v2 cpu.max "QUOTA 100000", or cgroup v1
