@@ -2,17 +2,19 @@
 # A boot storm against one dyntftpd loop: N clients start at once, each fetching the same
 # file (1 MiB by default, blksize 1428), and every byte is verified. Prints, per run:
 # sessions/s, aggregate MB/s, p50/p99/max session latency, the load generator's own CPU,
-# the server's CPU seconds and CPU per datagram sent, and the server's memory (RSS when
-# idle, peak RSS, and the difference per session).
+# the server's CPU seconds and CPU per datagram (per datagram it sent, from its metrics:
+# us/dgram; per datagram the load generator received, as bench/compare.sh counts it:
+# us/rcvd), and the server's memory (RSS when idle, peak RSS, and the difference per
+# session).
 #
-#   bash bench/storm.sh            # 100 and 10,000 clients in lock step, 10,000 with windowsize 16
+#   bash bench/storm.sh            # 100, 1,000 and 10,000 clients in lock step, 10,000 with windowsize 16
 #   bash bench/storm.sh --quick    # 100 and 1,000 clients
 #   bash bench/storm.sh --clients 5000 --windowsize 16 --workers 2
 #
 # The server runs on CPU 0 and the load generator on CPU 1 (taskset), when there are two.
 # The file is served from dyntftpd's memory cache (--cache), so each session holds one
 # socket and nothing else; --max-sessions is set above the client count. Comparing the CPU
-# per datagram of the 100- and the 10,000-client runs shows whether the per-packet work
+# per datagram of the 100-, 1,000- and 10,000-client runs shows whether the per-packet work
 # grows with the number of sessions (it should not: slab, timer wheel and token lookup are
 # O(1)). Every server and load generator started here is stopped by its PID.
 set -euo pipefail
@@ -40,7 +42,7 @@ done
 if [ -n "$custom_clients" ]; then
     runs=("$custom_clients $custom_window")
 elif [ "${#runs[@]}" -eq 0 ]; then
-    runs=("100 1" "10000 1" "10000 16")
+    runs=("100 1" "1000 1" "10000 1" "10000 16")
 fi
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -97,9 +99,9 @@ hz=$(getconf CLK_TCK)
 
 cpu_model=$(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
 echo "Machine: ${cpu_model:-unknown CPU}, $(nproc) CPUs, $(uname -sr), loopback; file $size bytes, blksize 1428, $workers worker(s)"
-printf '%-8s %-6s %-9s %-11s %-8s %-25s %-9s %-10s %-10s %-9s %-9s %-10s\n' \
+printf '%-8s %-6s %-9s %-11s %-8s %-25s %-9s %-10s %-10s %-8s %-9s %-9s %-10s\n' \
     clients window ok/failed sessions/s MB/s "latency ms p50/p99/max" \
-    "lg CPU%" "server s" "us/dgram" "RSS idle" "RSS peak" "KiB/sess"
+    "lg CPU%" "server s" "us/dgram" "us/rcvd" "RSS idle" "RSS peak" "KiB/sess"
 
 port_base=$((20000 + RANDOM % 20000))
 for run in "${runs[@]}"; do
@@ -145,13 +147,16 @@ for run in "${runs[@]}"; do
     cpu_s=$(awk -v t=$((cpu1 - cpu0)) -v hz="$hz" 'BEGIN { printf "%.2f", t / hz }')
     us_per=$(awk -v t=$((cpu1 - cpu0)) -v hz="$hz" -v d="${datagrams:-0}" \
         'BEGIN { if (d > 0) printf "%.2f", t / hz * 1e6 / d; else print "-" }')
+    received=$(kv "$line" datagrams_received)
+    us_rcvd=$(awk -v t=$((cpu1 - cpu0)) -v hz="$hz" -v d="${received:-0}" \
+        'BEGIN { if (d > 0) printf "%.2f", t / hz * 1e6 / d; else print "-" }')
     per_session=$(awk -v a="$rss_idle" -v b="$rss_peak" -v n="$clients" \
         'BEGIN { printf "%.1f", (b - a) / n }')
-    printf '%-8s %-6s %-9s %-11s %-8s %-25s %-9s %-10s %-10s %-9s %-9s %-10s\n' \
+    printf '%-8s %-6s %-9s %-11s %-8s %-25s %-9s %-10s %-10s %-8s %-9s %-9s %-10s\n' \
         "$clients" "$window" "$(kv "$line" ok)/$(kv "$line" failed)" \
         "$(kv "$line" sessions_per_s)" "$(kv "$line" payload_mb_per_s)" \
         "$(kv "$line" p50_ms)/$(kv "$line" p99_ms)/$(kv "$line" max_ms)" \
-        "$(kv "$line" cpu_pct)" "$cpu_s" "$us_per" "${rss_idle}K" "${rss_peak}K" "$per_session"
+        "$(kv "$line" cpu_pct)" "$cpu_s" "$us_per" "$us_rcvd" "${rss_idle}K" "${rss_peak}K" "$per_session"
     if [ "$(kv "$line" failed)" != "0" ]; then
         echo "  failures: $(kv "$line" failures)" >&2
     fi

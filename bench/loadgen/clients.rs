@@ -339,6 +339,7 @@ impl Loadgen {
                     break;
                 }
             };
+            self.stats.datagrams_received += 1;
             let now = Instant::now();
             if let Step::Done(result) = self.on_datagram(id, &buf[..len], from, now) {
                 self.finish(id, result, now);
@@ -366,6 +367,7 @@ impl Loadgen {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => break Err(e),
             };
+            self.stats.datagrams_received += n as u64;
             let now = Instant::now();
             for i in 0..n {
                 let (data, from, to) = batch.datagram(i);

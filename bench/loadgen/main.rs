@@ -69,7 +69,8 @@
 //! bound: transfers still in flight then fail with reason `time limit`, and the verified
 //! bytes they had received count in *delivered MB/s* (slow lossy runs stay bounded). The report gives transfers
 //! ok/failed, sessions/s, payload MB/s (10^6 bytes), latency from the first RRQ to the
-//! final block (p50, p90, p99, max), client retransmits, failures by reason, whether the
+//! final block (p50, p90, p99, max), client retransmits, the datagrams the clients received
+//! (the denominator of a server's CPU per datagram), failures by reason, whether the
 //! server acknowledged windowsize and blksize in its OACK (a server that ignores an option
 //! leaves it out), and the load generator's own CPU time (getrusage) as a share of wall
 //! time: when it nears 100 %, the load generator is the bottleneck, not the server.

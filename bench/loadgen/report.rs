@@ -25,6 +25,9 @@ pub struct Stats {
     pub foreign: u64,
     /// Datagrams of shared-socket clients the kernel refused to send (no buffer space).
     pub send_drops: u64,
+    /// Datagrams the clients received (from the server, or for a transfer that had
+    /// ended): the denominator of the server's CPU per datagram in bench/compare.sh.
+    pub datagrams_received: u64,
     pub failures: BTreeMap<String, u64>,
     pub ws_acked: u64,
     pub ws_not_acked: u64,
@@ -72,7 +75,7 @@ pub fn tftp(c: &Config, s: &mut Stats, wall: Duration, cpu: Cpu, pass: bool) -> 
             "mode=tftp ok={} failed={} elapsed_s={:.6} sessions_per_s={:.3} \
              payload_mb_per_s={:.3} delivered_mb_per_s={delivered_mb_per_s:.3} \
              p50_ms={} p90_ms={} p99_ms={} max_ms={} client_retransmits={} gap_acks={} \
-             dropped={} send_drops={} partial_bytes={} windowsize_acknowledged={} \
+             dropped={} send_drops={} datagrams_received={} partial_bytes={} windowsize_acknowledged={} \
              blksize_acknowledged={} negotiated_blksize={} negotiated_windowsize={} \
              cpu_s={:.3} cpu_pct={cpu_pct:.1} client_sockets={} failures={} pass={pass}",
             s.ok,
@@ -88,6 +91,7 @@ pub fn tftp(c: &Config, s: &mut Stats, wall: Duration, cpu: Cpu, pass: bool) -> 
             s.gap_acks,
             s.dropped,
             s.send_drops,
+            s.datagrams_received,
             s.partial_bytes,
             ws_acked.token(),
             bs_acked.token(),
@@ -150,6 +154,7 @@ pub fn tftp(c: &Config, s: &mut Stats, wall: Duration, cpu: Cpu, pass: bool) -> 
             .raw("dropped_packets", s.dropped)
             .raw("foreign_packets", s.foreign)
             .raw("send_drops", s.send_drops)
+            .raw("datagrams_received", s.datagrams_received)
             .raw("failures", failures.end())
             .str("windowsize_acknowledged", &ws_acked.text())
             .str("blksize_acknowledged", &bs_acked.text())
@@ -209,8 +214,8 @@ pub fn tftp(c: &Config, s: &mut Stats, wall: Duration, cpu: Cpu, pass: bool) -> 
     let _ = writeln!(
         out,
         "client retransmits: {} (gap acks {}, dropped packets {}, foreign packets {}, \
-         send drops {})",
-        s.retransmits, s.gap_acks, s.dropped, s.foreign, s.send_drops
+         send drops {}); datagrams received: {}",
+        s.retransmits, s.gap_acks, s.dropped, s.foreign, s.send_drops, s.datagrams_received
     );
     if s.failures.is_empty() {
         let _ = writeln!(out, "failures: none");
