@@ -748,13 +748,8 @@ fn json_log_has_one_object_per_session_and_per_report() {
         .fetch(daemon.addr, "bad\u{1}name\n", "octet", &[])
         .unwrap_err();
     assert_eq!(err.code(), Some(2));
-    let parse = |text: &str| -> Vec<serde_json::Value> {
-        text.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect()
-    };
     eventually("2 session records and a report of 3 requests", || {
-        let records = parse(&std::fs::read_to_string(&log).ok()?);
+        let records = json_records(&std::fs::read_to_string(&log).ok()?);
         let sessions = records.iter().filter(|r| r["type"] == "session").count();
         let reported: u64 = records
             .iter()
@@ -766,7 +761,11 @@ fn json_log_has_one_object_per_session_and_per_report() {
     daemon.stop();
 
     let text = std::fs::read_to_string(&log).unwrap();
-    let records = parse(&text);
+    assert!(
+        text.ends_with('\n'),
+        "the last record is whole once stopped"
+    );
+    let records = json_records(&text);
     for r in &records {
         assert!(r.is_object(), "{r}");
         let time = r["time"].as_str().unwrap();
@@ -904,11 +903,7 @@ fn json_session_records_of_a_flood_are_bounded_and_counted() {
     }
     let elapsed = started.elapsed();
     let (sessions, held_back) = eventually("every session written or counted", || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        let records: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect();
+        let records = json_records(&std::fs::read_to_string(&log).ok()?);
         let sessions = records.iter().filter(|r| r["type"] == "session").count();
         let held_back: u64 = records
             .iter()
@@ -925,6 +920,16 @@ fn json_session_records_of_a_flood_are_bounded_and_counted() {
         held_back as usize >= n - 100 * periods,
         "{held_back} held back"
     );
+}
+
+/// The JSON records of a log file's complete lines: while the daemon runs, the last line
+/// may be half written when the test reads the file.
+fn json_records(text: &str) -> Vec<serde_json::Value> {
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
 }
 
 /// A ready daemon serving `root` with `extra` flags, logging JSON to a file (returned with
