@@ -103,6 +103,8 @@
 //!   [`SessionConfig::source_timeout`]. `Interrupted` is retried at once, but more than a
 //!   few times in a row counts as `WouldBlock`.
 
+mod output;
+mod recovery;
 mod rtt;
 
 use std::io::{self, IoSliceMut};
@@ -115,6 +117,10 @@ use crate::packet::{
 use crate::response::{Netascii, ResponseData};
 use crate::stats::TransferStats;
 
+pub use output::{Outcome, Output, Retransmission, Transmit};
+pub use recovery::{
+    GO_BACK_BURST, MIN_GO_BACK_INTERVAL, UNMEASURED_GO_BACK_INTERVAL, UNMEASURED_LOSS_EVIDENCE,
+};
 use rtt::RttEstimator;
 
 /// `Interrupted` errors in a row after which a source counts as not ready (`WouldBlock`),
@@ -123,29 +129,6 @@ const MAX_INTERRUPTED: u32 = 16;
 
 /// Most blocks read with one vectored read (a window's worth for the usual windows).
 const MAX_VECTORED: usize = 64;
-
-/// The shortest interval between two go-back-Ns that ACKs or early retransmissions cause
-/// (unless the base timeout is shorter): a peer cannot shrink it, so whatever round trips
-/// a forged ACK stream pretends, ACKs release at most one window per 100 µs on top of
-/// what they acknowledge (after a burst of [`GO_BACK_BURST`]), and never more than one
-/// window per ACK.
-pub const MIN_GO_BACK_INTERVAL: Duration = Duration::from_micros(100);
-
-/// The interval between go-back-Ns while the session has measured no round trip yet:
-/// short enough that a loss in the first windows costs milliseconds, not a timeout.
-pub const UNMEASURED_GO_BACK_INTERVAL: Duration = Duration::from_millis(20);
-
-/// How long the first unacknowledged block must have been out before a duplicate ACK is
-/// evidence of its loss while the session has no round-trip sample (its first reply was
-/// sent twice, so Karn's rule kept the ACK out): below the shortest interval at which
-/// firmware repeats an ACK (iPXE 250 ms, GRUB 400 ms), above most round trips.
-pub const UNMEASURED_LOSS_EVIDENCE: Duration = Duration::from_millis(200);
-
-/// Go-back-Ns that ACKs may cause in a burst, each within one interval of the last: a
-/// client that loses several blocks of one flight recovers each at once, while the long
-/// run stays at one go-back per interval (a token bucket of this size, refilled one token
-/// per interval).
-pub const GO_BACK_BURST: u32 = 4;
 
 /// Server policy for sessions. Clients never change it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,156 +169,6 @@ impl Default for SessionConfig {
             progress_timeout: Duration::from_secs(60),
         }
     }
-}
-
-/// How a session ended.
-#[non_exhaustive]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    /// Every block was sent and acknowledged, or the client acknowledged every byte and
-    /// then closed with an ERROR (its message is kept in
-    /// [`TransferStats::peer_error`]).
-    Completed,
-    /// Every block was sent, but the ACK of the last one never came (the client most
-    /// likely has the whole file).
-    FinalAckMissing,
-    /// The client stopped answering before the end; retries exhausted.
-    TimedOut,
-    /// The client answered our OACK with ERROR 8: a size probe (UEFI firmware does this
-    /// before the real request). Not a failure.
-    Probe,
-    /// The client sent an ERROR with this code.
-    PeerError(ErrorCode),
-    /// The client sent a packet that has no place in a read transfer (DATA, a request,
-    /// an OACK); it got ERROR 4.
-    IllegalOperation,
-    /// The source failed to read; the client got ERROR 0.
-    ReadFailed,
-    /// The source stayed not ready for longer than the source timeout; the client got
-    /// ERROR 0.
-    SourceStalled,
-    /// User code (handler or source) panicked; the client got ERROR 0.
-    Panicked,
-    /// The server shut down before the transfer ended; the client got ERROR 0.
-    ShutDown,
-    /// The session never got an ACK and gave way to a newer request (a full server, the
-    /// client's cap of unverified sessions, or a different request from the same address
-    /// and port); nothing more was sent.
-    Evicted,
-    /// The kernel reported the client unreachable (an ICMP port or host unreachable for a
-    /// session socket of the normal mode: nobody listens there, or the request was
-    /// spoofed); nothing more was sent.
-    PeerUnreachable,
-}
-
-impl Outcome {
-    /// Every outcome, one of each kind ([`PeerError`](Outcome::PeerError) with code 0):
-    /// what a metrics exporter lists so that each series exists from the start.
-    pub const ALL: [Outcome; 12] = [
-        Outcome::Completed,
-        Outcome::FinalAckMissing,
-        Outcome::Probe,
-        Outcome::TimedOut,
-        Outcome::PeerError(ErrorCode::NotDefined),
-        Outcome::IllegalOperation,
-        Outcome::ReadFailed,
-        Outcome::SourceStalled,
-        Outcome::Panicked,
-        Outcome::ShutDown,
-        Outcome::Evicted,
-        Outcome::PeerUnreachable,
-    ];
-
-    /// The outcome named `name` by [`as_str`](Self::as_str) (`peer_error` gives
-    /// `PeerError` with code 0).
-    pub fn from_name(name: &str) -> Option<Outcome> {
-        Outcome::ALL.into_iter().find(|o| o.as_str() == name)
-    }
-
-    /// True for outcomes that are not failures: completed, final ACK missing, probe.
-    pub fn is_success(self) -> bool {
-        matches!(
-            self,
-            Outcome::Completed | Outcome::FinalAckMissing | Outcome::Probe
-        )
-    }
-
-    /// A short lower-case name for logs and metrics labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Completed => "completed",
-            Outcome::FinalAckMissing => "final_ack_missing",
-            Outcome::TimedOut => "timed_out",
-            Outcome::Probe => "probe",
-            Outcome::PeerError(_) => "peer_error",
-            Outcome::IllegalOperation => "illegal_operation",
-            Outcome::ReadFailed => "read_failed",
-            Outcome::SourceStalled => "source_stalled",
-            Outcome::Panicked => "panicked",
-            Outcome::ShutDown => "shut_down",
-            Outcome::Evicted => "evicted",
-            Outcome::PeerUnreachable => "peer_unreachable",
-        }
-    }
-}
-
-/// Datagrams to send to the peer: one, or several DATA packets back to back for one UDP
-/// GSO send (when the driver allowed more than one, see [`Session::poll_output`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Transmit<'a> {
-    /// The datagrams, back to back: each [`segment_size`](Self::segment_size) bytes long
-    /// but the last, which may be shorter.
-    pub contents: &'a [u8],
-    /// The length of every datagram but the last (the whole of `contents` when there is
-    /// one datagram).
-    pub segment_size: usize,
-    /// How many datagrams `contents` holds (at least 1).
-    pub datagrams: usize,
-    /// DATA payload bytes they carry, headers excluded (0 for an OACK or an ERROR).
-    pub payload: u64,
-    /// Set on the first transmission after a retransmission timer fired: these datagrams
-    /// start the resend it caused (counted in [`TransferStats::retransmits`] or
-    /// [`TransferStats::early_retransmits`]).
-    pub retransmission: Option<Retransmission>,
-}
-
-impl<'a> Transmit<'a> {
-    /// A transmit of one datagram.
-    fn single(contents: &'a [u8], payload: u64, retransmission: Option<Retransmission>) -> Self {
-        Transmit {
-            contents,
-            segment_size: contents.len(),
-            datagrams: 1,
-            payload,
-            retransmission,
-        }
-    }
-
-    /// The datagrams one by one, cut at `segment_size` (for a driver that cannot send
-    /// them in one call).
-    pub fn segments(&self) -> impl Iterator<Item = &'a [u8]> {
-        self.contents.chunks(self.segment_size.max(1))
-    }
-}
-
-/// Which retransmission timer caused a resend (see [`SessionConfig::adaptive`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Retransmission {
-    /// The full timeout: one retry spent.
-    Timeout,
-    /// An early, adaptive one: no retry spent.
-    Early,
-}
-
-/// What the driver must do next.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Output<'a> {
-    /// Send these datagrams to the peer, then call `poll_output` again.
-    Transmit(Transmit<'a>),
-    /// Nothing to send; call `handle_timeout` at this instant (or earlier input).
-    Wait(Instant),
-    /// The session is over.
-    Done(Outcome),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1151,116 +984,6 @@ impl Session {
             }
             State::Error(_) | State::Done(_) => {}
         }
-    }
-
-    /// A duplicate ACK: the block after it was most likely lost. Resend from it when the
-    /// retransmission estimate has passed since the last go-back-N and since that block
-    /// was first sent (a duplicate that crossed it on the way is no evidence), and the
-    /// go-back clock allows it. With adaptive retransmission, a duplicate that comes
-    /// sooner makes that go-back owed once the estimate has passed, unless an ACK that
-    /// acknowledges everything sent comes first: a client that answers a gap at once
-    /// (EDK2 with a window) is not left waiting for the full timeout while the session
-    /// has too few samples to retransmit early on its own. (It is an early retransmission
-    /// that the client's signal arms; without adaptive retransmission only the fixed
-    /// schedule runs.)
-    fn on_duplicate_ack(&mut self) {
-        if self.next == self.base {
-            return;
-        }
-        let first_sent = self.sent_at[self.slot(self.base)].0;
-        let since = self
-            .last_go_back
-            .map_or(first_sent, |at| at.max(first_sent));
-        let due = since + self.duplicate_evidence();
-        if self.now >= due && self.go_back_allowed() {
-            self.go_back(true);
-            return;
-        }
-        self.stats.go_back_held += 1;
-        if self.config.adaptive {
-            let due = due.max(self.now);
-            self.go_back_owed = Some(self.go_back_owed.map_or(due, |owed| owed.min(due)));
-        }
-    }
-
-    /// How long the first unacknowledged block must have been out, and the last go-back-N
-    /// ago, before a duplicate ACK counts as evidence that it was lost: the retransmission
-    /// estimate, `srtt + max(1 ms, 4 × rttvar)` from the first round-trip sample on
-    /// ([`SessionConfig::min_rto`] at least; [`UNMEASURED_LOSS_EVIDENCE`] before any
-    /// sample), never below the go-back interval nor above the base timeout. Not one round
-    /// trip: the client answers a go-back's redundant resends with duplicates of its last
-    /// ACK one round trip later, and those must not make the next window go twice (with
-    /// the bare round trip, one stray duplicate ACK had every later window sent twice).
-    fn duplicate_evidence(&self) -> Duration {
-        let base = self.params.timeout.unwrap_or(self.config.timeout);
-        self.rtt
-            .loss_evidence(self.config.min_rto)
-            .unwrap_or(UNMEASURED_LOSS_EVIDENCE)
-            .max(self.go_back_interval())
-            .min(base)
-    }
-
-    /// When the go-back clock next allows a go-back-N (`None`: now, nothing was spent).
-    fn go_back_allowed_at(&self) -> Option<Instant> {
-        let tolerance = self.go_back_interval() * (GO_BACK_BURST - 1);
-        self.go_back_clock
-            .map(|clock| clock.checked_sub(tolerance).unwrap_or(clock))
-    }
-
-    /// Whether an ACK (or an early retransmission) may cause a go-back-N now.
-    fn go_back_allowed(&self) -> bool {
-        self.go_back_allowed_at().is_none_or(|at| self.now >= at)
-    }
-
-    /// The least time between two go-back-Ns an ACK (or an early retransmission) causes:
-    /// one round trip, as TCP's fast recovery — the smoothed round trip or the smoothed
-    /// time go-back-Ns took to be answered, whichever is shorter
-    /// ([`UNMEASURED_GO_BACK_INTERVAL`] before either exists) — never below
-    /// [`MIN_GO_BACK_INTERVAL`], never above the base timeout (the client's or the
-    /// server's, undoubled: a returning ACK shows the path works, so there is nothing to
-    /// back off from). An ACK inside the window is a loss signal, not a guess, so the
-    /// floor is far below the early timer's [`SessionConfig::min_rto`].
-    fn go_back_interval(&self) -> Duration {
-        let base = self.params.timeout.unwrap_or(self.config.timeout);
-        let measured = [self.rtt.srtt(), self.recovery_rtt.srtt()]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(UNMEASURED_GO_BACK_INTERVAL);
-        measured.max(MIN_GO_BACK_INTERVAL).min(base)
-    }
-
-    /// When a go-back-N that an in-window ACK asked for, and the clock did not allow, is
-    /// due.
-    fn owed_go_back_at(&self) -> Option<Instant> {
-        let owed = self.go_back_owed?;
-        if self.state != State::Transfer || self.next == self.base {
-            return None;
-        }
-        Some(self.go_back_allowed_at().map_or(owed, |at| at.max(owed)))
-    }
-
-    /// Sends again from the first unacknowledged block: because of an ACK (counted in
-    /// [`TransferStats::go_back_acks`]) or of the timer (counted by the caller).
-    fn go_back(&mut self, ack: bool) {
-        self.next = self.base;
-        self.last_go_back = Some(self.now);
-        self.spend_go_back_token();
-        self.go_back_from = Some(self.base);
-        self.go_back_owed = None;
-        if ack {
-            self.stats.go_back_acks += 1;
-        }
-    }
-
-    /// Moves the go-back clock on by one interval (see [`go_back_allowed_at`]).
-    ///
-    /// [`go_back_allowed_at`]: Self::go_back_allowed_at
-    fn spend_go_back_token(&mut self) {
-        let clock = self
-            .go_back_clock
-            .map_or(self.now, |clock| clock.max(self.now));
-        self.go_back_clock = Some(clock + self.go_back_interval());
     }
 
     /// Progress was made: the retry budget and the timer start over.
