@@ -82,8 +82,11 @@ fn every_session_and_refusal_answers_from_a_port_of_the_range() {
 
 #[test]
 fn a_full_range_makes_the_next_request_wait_for_a_port() {
-    let ports = free_ports(2);
+    // Three ports, one of them held by another socket (as another program might): the
+    // server may run three sessions but finds only two ports.
+    let ports = free_ports(3);
     let range = ports.clone();
+    let _other = UdpSocket::bind(("127.0.0.1", *ports.end())).expect("hold a port");
     let root = standard_root();
     // A long timeout: nothing is resent while the test holds sessions open.
     let mut server = spawn_fs_with(Mode::OwnPort, v4(), root.path(), move |b| {
@@ -128,4 +131,38 @@ fn a_full_range_makes_the_next_request_wait_for_a_port() {
     assert_eq!(total.sessions_started, 3);
     assert!(total.rejected.is_empty(), "{:?}", total.rejected);
     assert_eq!((total.busy, total.descriptor_pauses), (0, 0));
+}
+
+#[test]
+fn a_range_held_by_unacknowledged_requests_gives_their_slots_away() {
+    // Two ports, both taken by requests that are never acknowledged (what spoofed ones
+    // look like): max_sessions is the range's size, so a third request takes the oldest
+    // one's slot once it has had its retransmission timeout, instead of waiting for a
+    // port that will not free for the whole retry schedule.
+    let ports = free_ports(2);
+    let range = ports.clone();
+    let root = standard_root();
+    let mut server = spawn_fs_with(Mode::OwnPort, v4(), root.path(), move |b| {
+        b.port_range(range)
+            .timeout(Duration::from_millis(200))
+            .stats_interval(Duration::from_millis(50))
+    });
+    let silent: Vec<Raw> = (0..2).map(|_| Raw::new(server.addr)).collect();
+    for raw in &silent {
+        raw.rrq(server.addr, b"small.txt", "octet", &[]);
+        let (_, _, tid) = raw.expect_data();
+        assert!(ports.contains(&tid.port()), "{tid}");
+    }
+    let client = Client::new(Mode::OwnPort, server.addr);
+    let got = client
+        .fetch(server.addr, "small.txt", "octet", &[])
+        .expect("served from a port of the range");
+    assert_eq!(got.data, SMALL);
+    assert!(ports.contains(&got.server.port()), "{}", got.server);
+    let sessions = server.sessions(2);
+    let outcomes: Vec<Outcome> = sessions.iter().map(|s| s.outcome).collect();
+    assert!(outcomes.contains(&Outcome::Evicted), "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::Completed), "{outcomes:?}");
+    let total = sum_reports(&server.stop().1);
+    assert_eq!(total.port_pauses, 0, "no request waited for a port");
 }

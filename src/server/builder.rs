@@ -392,7 +392,8 @@ impl<H: Handler> ServerBuilder<H> {
     /// new requests wait, as when file descriptors run out, until a session ends (or a
     /// second passes); this is counted in
     /// [`ServerStats::port_pauses`](crate::stats::ServerStats::port_pauses) and logged.
-    /// The range must not be empty nor include port 0; it cannot be combined with
+    /// `max_sessions` is at most the range's size. The range must not be empty nor include
+    /// port 0; it cannot be combined with
     /// [`single_port`](Self::single_port), which opens no session sockets. Several
     /// [`Workers`](super::Workers) share the range (each skips the others' ports).
     /// Ports below 1024 need the privilege to bind them after privileges are dropped.
@@ -480,9 +481,18 @@ impl<H: Handler> ServerBuilder<H> {
     }
 
     /// `max_sessions`, or the default (see [`max_sessions`](Self::max_sessions)).
+    /// With a [`port_range`](Self::port_range), never more than the range holds: each
+    /// session holds one of its ports, so that a range taken by requests that are never
+    /// acknowledged (spoofed ones) frees a slot the way a full server does, by giving the
+    /// oldest one's slot to the next request, instead of making every request wait.
     pub(super) fn resolved_max_sessions(&self) -> usize {
-        self.max_sessions
-            .unwrap_or_else(|| default_max_sessions(self.settings.window_memory))
+        let max = self
+            .max_sessions
+            .unwrap_or_else(|| default_max_sessions(self.settings.window_memory));
+        match self.settings.port_range {
+            Some((low, high)) => max.min(usize::from(high - low) + 1),
+            None => max,
+        }
     }
 
     /// Checks the settings as [`build`](Self::build) does, without binding anything: what
