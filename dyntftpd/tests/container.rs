@@ -188,18 +188,6 @@ impl Drop for Removed<'_> {
     }
 }
 
-/// Polls `check` until it returns Some, for at most `wait`.
-fn eventually<T>(what: &str, wait: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + wait;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn container_image_serves_its_volume() {
     let Some(tools) = Tools::find() else {

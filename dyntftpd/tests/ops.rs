@@ -211,15 +211,8 @@ fn pass_socket(command: &mut Command, fd: i32, pid: ListenPid, notify: Option<&s
 }
 
 /// Polls `check` until it returns Some, for at most [`WAIT`].
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
+fn eventually<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    testkit::eventually(what, WAIT, check)
 }
 
 fn root_arg(root: &TempDir) -> &str {

@@ -104,3 +104,23 @@ macro_rules! both_modes {
         )+
     };
 }
+
+/// Polls `check` until it returns `Some`, for at most `wait` (every 25 ms): for what a
+/// test can only observe from outside, such as a child process's log file.
+pub fn eventually<T>(
+    what: &str,
+    wait: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}
