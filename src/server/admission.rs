@@ -1337,15 +1337,22 @@ mod tests {
         assert!(f.admission.queued.is_empty());
     }
 
-    #[test]
-    fn running_out_of_descriptors_pauses_requests_until_a_session_ends_or_time_passes() {
+    /// A fixture with one session running and a second request admitted (the driver is
+    /// about to find it no descriptor or no port).
+    fn admitted_while_one_runs() -> (Fixture, Arrival, Vec<u8>) {
         let mut f = Fixture::new(policy());
         f.start("192.0.2.1:1000");
         let arrival = from("192.0.2.2:1000");
         let datagram = rrq("late");
         let Verdict::Start(..) = f.judge(&arrival, &datagram) else {
-            panic!()
+            panic!("the request is admitted")
         };
+        (f, arrival, datagram)
+    }
+
+    #[test]
+    fn running_out_of_descriptors_pauses_requests_until_a_session_ends_or_time_passes() {
+        let (mut f, arrival, datagram) = admitted_while_one_runs();
         // The driver found no descriptor for the session.
         f.admission
             .wait_for_descriptors(f.now, &arrival, &datagram, &mut f.stats);
@@ -1396,13 +1403,7 @@ mod tests {
 
     #[test]
     fn a_full_port_range_pauses_requests_as_descriptors_do_and_is_counted_apart() {
-        let mut f = Fixture::new(policy());
-        f.start("192.0.2.1:1000");
-        let arrival = from("192.0.2.2:1000");
-        let datagram = rrq("late");
-        let Verdict::Start(..) = f.judge(&arrival, &datagram) else {
-            panic!()
-        };
+        let (mut f, arrival, datagram) = admitted_while_one_runs();
         // The driver found no free port for the session's socket.
         f.admission
             .wait_for_ports(f.now, &arrival, &datagram, &mut f.stats);
