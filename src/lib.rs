@@ -150,6 +150,7 @@
 //! `server` and `fs` call: it is the only module with `unsafe`.
 
 pub mod client;
+pub mod deferred;
 pub mod family;
 pub mod fs;
 pub mod handler;
@@ -169,7 +170,7 @@ mod timer;
 
 pub use family::ClientFamily;
 pub use fs::{CacheStats, FsHandler};
-pub use handler::{Handler, Notifier, ReadRequest, Reject};
+pub use handler::{Handler, Notifier, ReadRequest, Reject, SessionNotes};
 pub use limit::Rate;
 pub use metrics::Metrics;
 pub use options::{Limits, Negotiated};
