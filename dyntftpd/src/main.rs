@@ -2,6 +2,7 @@
 
 mod config;
 mod logging;
+mod router;
 mod scrape;
 mod systemd;
 
