@@ -126,6 +126,8 @@
 //!                  stream    ResponseData fed from another thread (bounded, notifying)
 //!                  handler   Handler trait: per-request factory + stats hooks
 //!                  remap     Remap: rewrite names before a handler sees them
+//!                  backend   SingleFlight, TtlCache: one backend call per key, 404s and sizes
+//!                            remembered (socket-free, clock-free)
 //!                  fs        FsHandler: a root directory, confined with openat2
 //!                   ├ resolve   names to open files beneath the root: the two resolvers, case
 //!                   └ cache     hot files held in memory, shared by the sessions sending them
@@ -149,6 +151,7 @@
 //! and directory listings, the descriptor limit) are in `sys`, behind safe functions that
 //! `server` and `fs` call: it is the only module with `unsafe`.
 
+pub mod backend;
 pub mod client;
 pub mod family;
 pub mod fs;
