@@ -82,6 +82,7 @@ fn open_all(handler: &mut FsHandler, names: &[Vec<u8>]) -> (Duration, usize) {
             mode: Mode::Octet,
             options: Options::EMPTY,
             notifier: &notifier,
+            notes: &dyntftp::SessionNotes::default(),
         };
         found += usize::from(handler.open(&request).is_ok());
     }

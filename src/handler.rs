@@ -6,6 +6,7 @@
 //! session concerned.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,10 @@ pub struct ReadRequest<'a> {
     /// Wakes this request's session when its source, having returned `WouldBlock`, has
     /// data again. Clone it into the source or its producer thread.
     pub notifier: &'a Notifier,
+    /// What the handler notes about the session it starts (see
+    /// [`set_label`](ReadRequest::set_label)); the server copies it into the session's
+    /// [`SessionStats`].
+    pub notes: &'a SessionNotes,
 }
 
 impl ReadRequest<'_> {
@@ -45,6 +50,40 @@ impl ReadRequest<'_> {
     /// options and filename (see [`ClientFamily`]).
     pub fn family(&self) -> ClientFamily {
         ClientFamily::classify(self.filename, self.options)
+    }
+
+    /// Names what answered this request — a routing rule, a backend — for the session's
+    /// log line and [`SessionStats::label`], cut to [`MAX_LABEL_LEN`] bytes. The last call
+    /// wins. Keep the set of labels small (one per rule, not per client): exporters count
+    /// sessions per label.
+    pub fn set_label(&self, label: &str) {
+        self.notes.set_label(label);
+    }
+}
+
+/// The longest label [`ReadRequest::set_label`] keeps, in bytes.
+pub const MAX_LABEL_LEN: usize = 64;
+
+/// What a handler notes about the session a request starts, through
+/// [`ReadRequest::set_label`]. The server makes one per request; make one with
+/// `SessionNotes::default()` to call a handler outside a server.
+#[derive(Debug, Default)]
+pub struct SessionNotes {
+    label: RefCell<Option<Arc<str>>>,
+}
+
+impl SessionNotes {
+    fn set_label(&self, label: &str) {
+        let mut end = label.len().min(MAX_LABEL_LEN);
+        while !label.is_char_boundary(end) {
+            end -= 1;
+        }
+        *self.label.borrow_mut() = Some(Arc::from(&label[..end]));
+    }
+
+    /// The label set for the request, if any.
+    pub fn label(&self) -> Option<Arc<str>> {
+        self.label.borrow().clone()
     }
 }
 

@@ -130,6 +130,22 @@ impl Negotiated {
         !self.acked.is_empty()
     }
 
+    /// Answers `tsize` with `size` once it is known, in the place the client asked for it;
+    /// `None` leaves it out of the answer. Nothing changes when `tsize` was not
+    /// acknowledged (the client did not ask, or negotiation ran without a size).
+    pub fn set_tsize(&mut self, size: Option<u64>) {
+        let Some(at) = self.acked.iter().position(|(k, _)| *k == OptionKind::Tsize) else {
+            return;
+        };
+        match size {
+            Some(size) => self.acked[at].1 = size,
+            None => {
+                self.acked.remove(at);
+            }
+        }
+        self.tsize = size;
+    }
+
     /// Appends the OACK packet to `out` (nothing when [`has_oack`](Self::has_oack) is false).
     pub fn write_oack(&self, out: &mut Vec<u8>) {
         if !self.has_oack() {

@@ -346,6 +346,7 @@ mod tests {
             mode: Mode::Octet,
             options: Options::EMPTY,
             notifier: &notifier,
+            notes: &crate::handler::SessionNotes::default(),
         };
         let mut source = h.open(&req)?;
         let mut buf = vec![0u8; 256];

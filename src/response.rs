@@ -7,6 +7,9 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::sync::Arc;
+use std::task::Poll;
+
+use crate::handler::Reject;
 
 /// The bytes of one transfer (fbtftp's `ResponseData`).
 pub trait ResponseData {
@@ -31,6 +34,16 @@ pub trait ResponseData {
     fn size(&self) -> Option<u64> {
         None
     }
+
+    /// Whether the source is open yet: `Pending` holds the session's first answer (OACK or
+    /// DATA 1) until the source is woken through the request's notifier and says `Ready`;
+    /// `Ready(Err(reject))` refuses the request with that ERROR. Only a
+    /// [`Deferred`](crate::deferred::Deferred) source is ever pending (see
+    /// [`deferred`](crate::deferred)); a source wrapping another forwards this. The
+    /// default is `Ready(Ok(()))`.
+    fn poll_open(&mut self) -> Poll<Result<(), Reject>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl<R: ResponseData + ?Sized> ResponseData for Box<R> {
@@ -42,6 +55,9 @@ impl<R: ResponseData + ?Sized> ResponseData for Box<R> {
     }
     fn size(&self) -> Option<u64> {
         (**self).size()
+    }
+    fn poll_open(&mut self) -> Poll<Result<(), Reject>> {
+        (**self).poll_open()
     }
 }
 
@@ -162,6 +178,10 @@ impl<R: ResponseData> Netascii<R> {
 }
 
 impl<R: ResponseData> ResponseData for Netascii<R> {
+    fn poll_open(&mut self) -> Poll<Result<(), Reject>> {
+        self.inner.poll_open()
+    }
+
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);

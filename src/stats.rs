@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::family::ClientFamily;
@@ -82,6 +83,10 @@ pub struct TransferStats {
     /// the peer acknowledged anything: the first reply was lost. Counted in
     /// [`retransmits`](Self::retransmits) too.
     pub repeat_resends: u64,
+    /// How long a [`Deferred`](crate::deferred::Deferred) source took to open (the first
+    /// answer waited that long); `None` for a source that was open at once, or never
+    /// opened.
+    pub open_wait: Option<Duration>,
     /// Smoothed round-trip time measured from ACKs, if any was measured.
     pub srtt: Option<Duration>,
     /// Mean deviation of the measured round-trip time, if any was measured: the early
@@ -122,6 +127,7 @@ impl TransferStats {
             go_back_held: 0,
             repeated_requests: 0,
             repeat_resends: 0,
+            open_wait: None,
             srtt: None,
             rttvar: None,
             malformed: 0,
@@ -163,6 +169,9 @@ pub struct SessionStats {
     pub requested: Vec<(String, String)>,
     /// The client family the request looked like.
     pub family: ClientFamily,
+    /// What the handler named as having answered (see
+    /// [`ReadRequest::set_label`](crate::ReadRequest::set_label)), if it did.
+    pub label: Option<Arc<str>>,
     /// Wall-clock time the session started.
     pub start_time: SystemTime,
     /// How long it lasted.
@@ -617,6 +626,7 @@ mod tests {
             mode: Mode::Octet,
             requested: Vec::new(),
             family: ClientFamily::Other,
+            label: None,
             start_time: SystemTime::UNIX_EPOCH,
             duration: Duration::ZERO,
             outcome,

@@ -669,6 +669,7 @@ fn handler_open_confines_like_open_file() {
             mode: dyntftp::Mode::Octet,
             options: dyntftp::packet::Options::EMPTY,
             notifier: &notifier,
+            notes: &dyntftp::SessionNotes::default(),
         };
         let got = match handler.open(&request) {
             Ok(mut source) => {

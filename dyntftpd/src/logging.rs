@@ -270,6 +270,7 @@ pub fn session_members(s: &SessionStats) -> String {
         mode,
         requested,
         family,
+        label,
         start_time,
         duration,
         outcome,
@@ -281,6 +282,11 @@ pub fn session_members(s: &SessionStats) -> String {
     o.string("filename", &cut(filename, LOG_TEXT_MAX));
     o.string("mode", mode.as_str());
     o.string("family", family.as_str());
+    // dyntftpd's router names its rules with the label.
+    match label {
+        Some(rule) => o.string("rule", rule),
+        None => o.raw("rule", "null"),
+    }
     let mut list = String::from("[");
     for (i, (name, value)) in requested.iter().take(MAX_LOGGED_OPTIONS).enumerate() {
         if i > 0 {
@@ -330,6 +336,7 @@ pub fn session_members(s: &SessionStats) -> String {
         go_back_held,
         repeated_requests,
         repeat_resends,
+        open_wait,
         srtt,
         rttvar,
         malformed,
@@ -380,6 +387,7 @@ pub fn session_members(s: &SessionStats) -> String {
     ] {
         t.raw(name, &value.to_string());
     }
+    t.raw("open_wait", &open_wait.map_or("null".into(), seconds));
     t.raw("srtt", &srtt.map_or("null".into(), seconds));
     t.raw("rttvar", &rttvar.map_or("null".into(), seconds));
     t.raw("malformed", &malformed.to_string());
@@ -733,6 +741,7 @@ mod tests {
                 ("tsize".into(), "0".into()),
             ],
             family: dyntftp::ClientFamily::Other,
+            label: Some("per-mac".into()),
             start_time: UNIX_EPOCH + Duration::from_millis(951_782_400_123),
             duration: Duration::from_millis(500),
             outcome: Outcome::PeerError(ErrorCode::DiskFull),
@@ -764,6 +773,7 @@ mod tests {
                 go_back_held: 14,
                 repeated_requests: 16,
                 repeat_resends: 17,
+                open_wait: Some(Duration::from_millis(250)),
                 srtt: Some(Duration::from_nanos(15_625_000)),
                 rttvar: Some(Duration::from_nanos(3_906_250)),
                 malformed: 12,
@@ -785,6 +795,7 @@ mod tests {
             "filename": "boot/pxelinux.0",
             "mode": "octet",
             "family": "other",
+            "rule": "per-mac",
             "requested": [["blksize", "1428"], ["tsize", "0"]],
             "requested_omitted": 0,
             "start_time": "2000-02-29T00:00:00.123Z",
@@ -817,6 +828,7 @@ mod tests {
                 "go_back_held": 14,
                 "repeated_requests": 16,
                 "repeat_resends": 17,
+                "open_wait": 0.25,
                 "srtt": 0.015625,
                 "rttvar": 0.00390625,
                 "malformed": 12,
@@ -835,12 +847,17 @@ mod tests {
         t.size_mismatch = None;
         t.srtt = None;
         t.rttvar = None;
+        t.open_wait = None;
+        bare.label = None;
+        let t = &mut bare.transfer;
         t.peer_error = None;
         t.error_sent = None;
         let got = parse(&session_members(&bare));
         assert_eq!(got["error"], serde_json::Value::Null);
+        assert_eq!(got["rule"], serde_json::Value::Null);
         let t = &got["transfer"];
         for field in [
+            "open_wait",
             "size_mismatch",
             "srtt",
             "rttvar",

@@ -404,6 +404,8 @@ mod tests {
             mode: crate::packet::Mode::Octet,
             options: crate::packet::Options::EMPTY,
             notifier,
+            // Leaked: a test helper's request outlives this call.
+            notes: Box::leak(Box::default()),
         }
     }
 
@@ -447,6 +449,7 @@ mod tests {
                 mode: crate::packet::Mode::Octet,
                 options: crate::packet::Options::EMPTY,
                 notifier: &crate::handler::Notifier::detached(),
+                notes: &crate::handler::SessionNotes::default(),
             };
             let mut source = h.open(&request).unwrap();
             assert_eq!(source.size(), Some(10));

@@ -336,6 +336,15 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
+    /// How long a session waits for a [`Deferred`](crate::deferred::Deferred) source to
+    /// open before its client gets ERROR 0 (default 2 s, below the 4 s after which EDK2
+    /// firmware repeats a request; must be more than zero; see
+    /// [`SessionConfig::open_timeout`]).
+    pub fn open_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.config.open_timeout = timeout;
+        self
+    }
+
     /// The request rate each client may send to the listeners, as a token bucket;
     /// `None` for no limit. Datagrams over the rate are dropped without an answer (an
     /// answer is what a reflection attack wants) and counted in
@@ -521,6 +530,9 @@ impl<H: Handler> ServerBuilder<H> {
             return Err(Error::Config(
                 "progress timeout must be more than zero".into(),
             ));
+        }
+        if self.settings.config.open_timeout.is_zero() {
+            return Err(Error::Config("open timeout must be more than zero".into()));
         }
         if self.settings.stats_interval.is_zero() {
             return Err(Error::Config(

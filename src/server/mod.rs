@@ -74,7 +74,7 @@ use log::{debug, info};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::family::{too_large_without_rollover, ClientFamily};
-use crate::handler::{Handler, Notifier, ReadRequest, Reject};
+use crate::handler::{Handler, Notifier, ReadRequest, Reject, SessionNotes};
 use crate::limit::LogLimiter;
 use crate::options::{negotiate, Limits};
 use crate::packet::{ErrorCode, Mode, Packet, Request, MAX_DATAGRAM};
@@ -631,6 +631,7 @@ impl<H: Handler> Server<H> {
         };
         let id = self.table.next_id();
         let notifier = Notifier::new(self.source_ready.clone(), id);
+        let notes = SessionNotes::default();
         let read_request = ReadRequest {
             peer,
             local: arrival.local,
@@ -638,9 +639,10 @@ impl<H: Handler> Server<H> {
             mode,
             options: request.options,
             notifier: &notifier,
+            notes: &notes,
         };
         // What the session keeps of the request (bounded), also for the log lines here.
-        let info = RequestInfo::new(
+        let mut info = RequestInfo::new(
             peer,
             arrival.local,
             request.filename,
@@ -657,6 +659,7 @@ impl<H: Handler> Server<H> {
             |f| write!(f, "{peer}: the handler opening {filename:?}"),
             || handler.open(&read_request),
         );
+        info.label = notes.label();
         let source = match opened {
             Some(Ok(source)) => source,
             Some(Err(reject)) if reject.retry_later => {
@@ -681,6 +684,7 @@ impl<H: Handler> Server<H> {
         let mut config = self.settings.config;
         let limits = self.session_limits(arrival);
         config.limits = self.table.window_limits(limits);
+        config.block_rollover = family.wraps_block_numbers();
         // Only a client that cannot roll block numbers over needs the size here; the
         // source's `size` is user code, so it runs under the panic guard.
         let size = if family.wraps_block_numbers() {

@@ -132,6 +132,7 @@ impl<H: Handler> Server<H> {
             mode: request.mode,
             requested: request.options,
             family: request.family,
+            label: request.label,
             start_time: request.start_time,
             duration: transfer.duration(self.now),
             outcome,
@@ -226,7 +227,11 @@ impl fmt::Display for SessionLine<'_> {
             )?,
             _ => f.write_str(", srtt unmeasured")?,
         }
-        write!(f, ", client {}", stats.family.as_str())
+        write!(f, ", client {}", stats.family.as_str())?;
+        match &stats.label {
+            Some(label) => write!(f, ", by {}", LogText::new(label.as_bytes())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -271,6 +276,7 @@ mod tests {
             mode: Mode::Octet,
             requested: Vec::new(),
             family: crate::ClientFamily::Other,
+            label: None,
             start_time: std::time::SystemTime::UNIX_EPOCH,
             duration: Duration::from_millis(1),
             outcome: Outcome::PeerError(ErrorCode::NotDefined),

@@ -117,6 +117,8 @@ pub(super) struct RequestInfo {
     /// The client family the request looks like.
     pub(super) family: ClientFamily,
     pub(super) start_time: SystemTime,
+    /// The handler's label for the session ([`ReadRequest::set_label`](crate::ReadRequest::set_label)).
+    pub(super) label: Option<Arc<str>>,
 }
 
 impl RequestInfo {
@@ -148,6 +150,7 @@ impl RequestInfo {
             family: ClientFamily::classify(filename, options_raw),
             options,
             start_time,
+            label: None,
         }
     }
 

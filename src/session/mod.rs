@@ -21,6 +21,12 @@
 //! # Behaviour
 //!
 //! - Starts with an OACK (then waits for ACK 0) when any option was accepted, else DATA 1.
+//!   A source not open yet ([`ResponseData::poll_open`] pending: a
+//!   [`Deferred`](crate::deferred::Deferred) one) holds that first answer: the session sends
+//!   nothing, counts repeated requests and ignores ACKs until
+//!   [`handle_source_ready`](Session::handle_source_ready) finds it open (the OACK then
+//!   carries its size as `tsize`) or refused ([`Outcome::Refused`], its ERROR), or until
+//!   [`SessionConfig::open_timeout`] (ERROR 0, [`Outcome::SourceStalled`]).
 //! - Sends up to `window` blocks (RFC 7440), then waits. An ACK for the last block sent
 //!   slides the window; an ACK for an earlier block of the window means the client lost
 //!   the rest, so sending resumes right after the acknowledged block (go-back-N).
@@ -103,11 +109,13 @@
 //!   [`SessionConfig::source_timeout`]. `Interrupted` is retried at once, but more than a
 //!   few times in a row counts as `WouldBlock`.
 
+mod opening;
 mod output;
 mod recovery;
 mod rtt;
 
 use std::io::{self, IoSliceMut};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::options::{negotiate, Limits, Negotiated};
@@ -155,6 +163,15 @@ pub struct SessionConfig {
     /// their `timeout` option (dnsmasq abandons a transfer after 120 s; half of that
     /// halves what a spoofed request holds).
     pub progress_timeout: Duration,
+    /// How long a [`Deferred`](crate::deferred::Deferred) source may stay unopened before
+    /// the client gets ERROR 0 ([`Outcome::SourceStalled`]); never more than
+    /// `progress_timeout`. Default 2 s.
+    pub open_timeout: Duration,
+    /// Whether the client rolls block numbers over past 65,535. A client that cannot (the
+    /// Raspberry Pi EEPROM) gets ERROR 3 for a file of more blocks when a deferred source
+    /// opens (the server refuses a source that is open at once before any session).
+    /// Default true.
+    pub block_rollover: bool,
 }
 
 impl Default for SessionConfig {
@@ -167,12 +184,16 @@ impl Default for SessionConfig {
             adaptive: true,
             min_rto: Duration::from_millis(2),
             progress_timeout: Duration::from_secs(60),
+            open_timeout: Duration::from_secs(2),
+            block_rollover: true,
         }
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
+    /// The source is not open yet (a deferred open): nothing sent; waiting for it.
+    Opening,
     /// OACK to be sent or sent; waiting for ACK 0.
     Oack,
     /// Sending data.
@@ -279,21 +300,22 @@ impl Session {
             Mode::Netascii => Box::new(Netascii::new(source)),
             Mode::Octet | Mode::Mail => source,
         };
-        let announced = source.size();
-        let params = negotiate(options, &config.limits, announced);
-        let mut control = Vec::new();
-        params.write_oack(&mut control);
-        let state = if params.has_oack() {
-            State::Oack
-        } else {
-            State::Transfer
-        };
-        Session {
-            state,
+        let mut source = source;
+        let opening = source.poll_open();
+        let open = matches!(opening, Poll::Ready(Ok(())));
+        let announced = if open { source.size() } else { None };
+        // Until the source opens, `tsize` keeps its place in the answer with a size of 0.
+        let params = negotiate(
+            options,
+            &config.limits,
+            announced.or(Some(0).filter(|_| !open)),
+        );
+        let mut session = Session {
+            state: State::Opening,
             source,
             config,
-            control_pending: !control.is_empty(),
-            control,
+            control_pending: false,
+            control: Vec::new(),
             ring: Vec::new(),
             lens: Vec::new(),
             base: 1,
@@ -323,7 +345,13 @@ impl Session {
             stats: TransferStats::new(now, params.clone()),
             announced,
             params,
+        };
+        match opening {
+            Poll::Ready(Ok(())) => session.start_transfer(),
+            Poll::Ready(Err(reject)) => session.refuse(&reject),
+            Poll::Pending => session.source_blocked = true,
         }
+        session
     }
 
     /// The negotiated transfer parameters.
@@ -341,6 +369,7 @@ impl Session {
         match self.state {
             State::Done(_) => None,
             State::Error(_) => self.deadline,
+            State::Opening => Some(self.open_deadline()),
             State::Oack | State::Transfer => Some(self.with_progress_deadline(self.deadline)),
         }
     }
@@ -389,6 +418,8 @@ impl Session {
             return;
         }
         match packet {
+            // Nothing was sent yet: an ACK acknowledges nothing.
+            Packet::Ack { .. } if self.state == State::Opening => self.stats.unexpected_acks += 1,
             Packet::Ack { block } => self.on_ack(block),
             Packet::Error { code, message } => {
                 let outcome = if self.state == State::Oack && code == ErrorCode::OptionNegotiation {
@@ -419,6 +450,9 @@ impl Session {
     /// up (retries spent, or no progress for the progress timeout).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
+        if self.state == State::Opening {
+            return self.open_timed_out();
+        }
         if matches!(self.state, State::Oack | State::Transfer) && now >= self.progress_deadline() {
             self.progress_timed_out();
             return;
@@ -465,7 +499,7 @@ impl Session {
                     );
                 }
             }
-            State::Error(_) | State::Done(_) => {}
+            State::Opening | State::Error(_) | State::Done(_) => {}
         }
     }
 
@@ -489,11 +523,14 @@ impl Session {
     /// ([`TransferStats::repeated_requests`]).
     pub fn handle_repeated_request(&mut self, now: Instant) {
         self.now = now;
-        if !matches!(self.state, State::Oack | State::Transfer) {
+        if !matches!(self.state, State::Opening | State::Oack | State::Transfer) {
             return;
         }
         self.stats.repeated_requests += 1;
-        if self.is_verified() || (self.state == State::Oack && self.control_pending) {
+        if self.state == State::Opening
+            || self.is_verified()
+            || (self.state == State::Oack && self.control_pending)
+        {
             return;
         }
         // Unverified: the first reply is all that was sent (a session without options
@@ -557,6 +594,11 @@ impl Session {
                         return Output::Transmit(Transmit::single(&self.control, 0, None));
                     }
                     self.finish(outcome);
+                }
+                State::Opening => {
+                    if !self.poll_opening() {
+                        return Output::Wait(self.open_deadline());
+                    }
                 }
                 State::Oack => {
                     if self.control_pending {
@@ -982,7 +1024,7 @@ impl Session {
                     self.go_back_owed = None;
                 }
             }
-            State::Error(_) | State::Done(_) => {}
+            State::Opening | State::Error(_) | State::Done(_) => {}
         }
     }
 
@@ -1250,6 +1292,7 @@ mod tests {
                 | Outcome::Panicked
                 | Outcome::ShutDown
                 | Outcome::Evicted
+                | Outcome::Refused
                 | Outcome::PeerUnreachable => {}
             }
             assert_eq!(Outcome::from_name(outcome.as_str()), Some(outcome));

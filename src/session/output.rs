@@ -44,6 +44,9 @@ pub enum Outcome {
     /// client's cap of unverified sessions, or a different request from the same address
     /// and port); nothing more was sent.
     Evicted,
+    /// The source refused the request once it opened (a deferred open, see
+    /// [`deferred`](crate::deferred)): the client got its ERROR instead of any OACK.
+    Refused,
     /// The kernel reported the client unreachable (an ICMP port or host unreachable for a
     /// session socket of the normal mode: nobody listens there, or the request was
     /// spoofed); nothing more was sent.
@@ -53,7 +56,7 @@ pub enum Outcome {
 impl Outcome {
     /// Every outcome, one of each kind ([`PeerError`](Outcome::PeerError) with code 0):
     /// what a metrics exporter lists so that each series exists from the start.
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Completed,
         Outcome::FinalAckMissing,
         Outcome::Probe,
@@ -65,6 +68,7 @@ impl Outcome {
         Outcome::Panicked,
         Outcome::ShutDown,
         Outcome::Evicted,
+        Outcome::Refused,
         Outcome::PeerUnreachable,
     ];
 
@@ -96,6 +100,7 @@ impl Outcome {
             Outcome::Panicked => "panicked",
             Outcome::ShutDown => "shut_down",
             Outcome::Evicted => "evicted",
+            Outcome::Refused => "refused",
             Outcome::PeerUnreachable => "peer_unreachable",
         }
     }
