@@ -970,7 +970,31 @@ pub fn options() -> Options {
     opts.optflag(
         "",
         "check-config",
-        "check the flags and the configuration file as start-up does, print the resulting settings and exit",
+        "check the flags and the configuration file as start-up does, print the resulting settings and the router's rules, and exit",
+    );
+    opts.optopt(
+        "",
+        "dry-run",
+        "print which rule would answer a request for NAME and what it would answer (the file, the rendered template, the URL), then exit without serving",
+        "NAME",
+    );
+    opts.optopt(
+        "",
+        "dry-run-client",
+        "the client address of the --dry-run request (default 127.0.0.1)",
+        "IP",
+    );
+    opts.optopt(
+        "",
+        "dry-run-local",
+        "the address the --dry-run request reaches (default: the first --listen address, else 127.0.0.1)",
+        "IP",
+    );
+    opts.optopt(
+        "",
+        "dry-run-mac",
+        "the client MAC of the --dry-run request (default: from NAME's per-machine forms, e.g. pxelinux.cfg/01-aa-bb-cc-dd-ee-ff)",
+        "MAC",
     );
     opts.optflagmulti("v", "verbose", "more logging: -v debug, -vv trace");
     opts.optflag("q", "quiet", "log warnings and errors only");
@@ -988,8 +1012,65 @@ pub fn usage(opts: &Options) -> String {
 pub enum Command {
     /// Serve with these settings.
     Serve(Box<Config>),
-    /// Print this text and exit 0 (help, version, `--check-config`).
+    /// Print this text and exit 0 (help, version).
     Print(String),
+    /// `--check-config`: print these settings and the router's rules, exit 0.
+    Check(Box<Config>),
+    /// `--dry-run`: print what would answer this request, exit 0.
+    DryRun(Box<Config>, DryRunRequest),
+}
+
+/// The request `--dry-run` tries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DryRunRequest {
+    /// The name, as a client would send it.
+    pub name: String,
+    /// The client (port 0).
+    pub client: SocketAddr,
+    /// The address it reaches.
+    pub local: SocketAddr,
+    /// The client's MAC, when given.
+    pub mac: Option<dyntftp::mac::MacAddr>,
+}
+
+/// The `--dry-run` flags, when `--dry-run` is given.
+fn dry_run_request(m: &Matches, config: &Config) -> Result<Option<DryRunRequest>, String> {
+    let Some(name) = m.opt_str("dry-run") else {
+        for flag in ["dry-run-client", "dry-run-local", "dry-run-mac"] {
+            if m.opt_present(flag) {
+                return Err(format!("--{flag} needs --dry-run"));
+            }
+        }
+        return Ok(None);
+    };
+    let ip = |flag: &str, default: std::net::IpAddr| match m.opt_str(flag) {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<std::net::IpAddr>()
+            .map_err(|_| format!("invalid value for --{flag}: {text:?} (expected an IP address)")),
+    };
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let listen = config.listen.first().copied();
+    let local_default = listen
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(loopback);
+    let local = SocketAddr::new(
+        ip("dry-run-local", local_default)?,
+        listen.map_or(69, |a| a.port()),
+    );
+    let mac = match m.opt_str("dry-run-mac") {
+        None => None,
+        Some(text) => Some(dyntftp::mac::MacAddr::parse(&text).ok_or_else(|| {
+            format!("invalid value for --dry-run-mac: {text:?} (expected aa:bb:cc:dd:ee:ff)")
+        })?),
+    };
+    Ok(Some(DryRunRequest {
+        name,
+        client: SocketAddr::new(ip("dry-run-client", loopback)?, 0),
+        local,
+        mac,
+    }))
 }
 
 /// Reads the command line (and the file `--config` names). An error is a usage error.
@@ -1019,8 +1100,15 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
     }
     apply_flags(&mut config, &m)?;
     config.validate()?;
+    let dry_run = dry_run_request(&m, &config)?;
     if m.opt_present("check-config") {
-        return Ok(Command::Print(config.to_toml()?));
+        if dry_run.is_some() {
+            return Err("--check-config and --dry-run exclude each other".into());
+        }
+        return Ok(Command::Check(Box::new(config)));
+    }
+    if let Some(request) = dry_run {
+        return Ok(Command::DryRun(Box::new(config), request));
     }
     Ok(Command::Serve(Box::new(config)))
 }
@@ -1292,13 +1380,57 @@ mod tests {
         assert_eq!(c.metrics_listen, "127.0.0.1:9169".parse().ok());
         let check = parse_args(&args(&["--check-config", "--config", file.arg()]));
         assert!(
-            matches!(check, Ok(Command::Print(t)) if t.contains("metrics-listen = \"127.0.0.1:9169\"\n"))
+            matches!(check, Ok(Command::Check(c)) if c.to_toml().unwrap().contains("metrics-listen = \"127.0.0.1:9169\"\n"))
         );
         for bad in ["9169", "localhost:9169", ""] {
             let err = parse_args(&args(&["--metrics-listen", bad]))
                 .err()
                 .unwrap_or_default();
             assert!(err.contains("--metrics-listen"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn dry_run_flags() {
+        let Ok(Command::DryRun(_, request)) = parse_args(&args(&[
+            "-l",
+            "10.0.0.1:6969",
+            "--dry-run",
+            "pxelinux.0",
+            "--dry-run-client",
+            "10.0.0.5",
+            "--dry-run-mac",
+            "AA-BB-CC-DD-EE-01",
+        ])) else {
+            panic!()
+        };
+        assert_eq!(request.name, "pxelinux.0");
+        assert_eq!(request.client, "10.0.0.5:0".parse().unwrap());
+        assert_eq!(request.local, "10.0.0.1:6969".parse().unwrap());
+        assert_eq!(request.mac.unwrap().to_string(), "aa:bb:cc:dd:ee:01");
+        let Ok(Command::DryRun(_, request)) = parse_args(&args(&["--dry-run", "x"])) else {
+            panic!()
+        };
+        assert_eq!(request.client, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(request.local, "127.0.0.1:69".parse().unwrap());
+        assert_eq!(request.mac, None);
+        for (list, why) in [
+            (
+                &["--dry-run-client", "10.0.0.5"][..],
+                "--dry-run-client needs --dry-run",
+            ),
+            (
+                &["--dry-run", "x", "--dry-run-client", "h"],
+                "invalid value for --dry-run-client",
+            ),
+            (
+                &["--dry-run", "x", "--dry-run-mac", "aa:bb"],
+                "invalid value for --dry-run-mac",
+            ),
+            (&["--dry-run", "x", "--check-config"], "exclude each other"),
+        ] {
+            let err = parse_args(&args(list)).err().unwrap_or_default();
+            assert!(err.contains(why), "{list:?}: {err}");
         }
     }
 
@@ -1311,7 +1443,7 @@ mod tests {
             matches!(parse_args(&args(&["-V"])), Ok(Command::Print(t)) if t.starts_with("dyntftpd "))
         );
         assert!(
-            matches!(parse_args(&args(&["--check-config", "--retries", "9"])), Ok(Command::Print(t)) if t.contains("retries = 9\n"))
+            matches!(parse_args(&args(&["--check-config", "--retries", "9"])), Ok(Command::Check(c)) if c.to_toml().unwrap().contains("retries = 9\n"))
         );
     }
 
@@ -1484,15 +1616,17 @@ mod tests {
             "roundtrip",
             "listen = \"127.0.0.1:69\"\nmax-sessions = 4\nquiet = true\n",
         );
-        let Ok(Command::Print(text)) = parse_args(&args(&["-c", file.arg(), "--check-config"]))
+        let Ok(Command::Check(config)) = parse_args(&args(&["-c", file.arg(), "--check-config"]))
         else {
             panic!()
         };
+        let text = config.to_toml().unwrap();
         let again = File::new("roundtrip2", &text);
-        let Ok(Command::Print(text2)) = parse_args(&args(&["-c", again.arg(), "--check-config"]))
+        let Ok(Command::Check(config)) = parse_args(&args(&["-c", again.arg(), "--check-config"]))
         else {
             panic!()
         };
+        let text2 = config.to_toml().unwrap();
         assert_eq!(text, text2);
         assert!(text.contains("max-sessions = 4\n") && text.contains("quiet = true\n"));
         assert!(text.contains("listen = [\"127.0.0.1:69\"]\n"), "{text}");

@@ -12,15 +12,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use dyntftp::remap::{Remap, Rules};
 use dyntftp::{
-    FsHandler, Handler, Metrics, ReadRequest, Reject, ResponseData, ServerBuilder, ServerStats,
-    SessionStats,
+    Handler, Metrics, ReadRequest, Reject, ResponseData, ServerBuilder, ServerStats, SessionStats,
 };
 use log::{error, info, warn};
 
-use config::{Command, Config};
+use config::{Command, Config, DryRunRequest};
 use logging::JsonSink;
+use router::{Defaults, DryRun, Router, RouterConfig};
 use scrape::Snapshot;
 use systemd::ServiceManager;
 
@@ -34,6 +33,8 @@ fn main() -> ExitCode {
         .and_then(|args| config::parse_args(&args))
     {
         Ok(Command::Serve(config)) => *config,
+        Ok(Command::Check(config)) => return check_config(&config),
+        Ok(Command::DryRun(config, request)) => return dry_run(&config, &request),
         Ok(Command::Print(text)) => {
             print!("{text}");
             if !text.ends_with('\n') {
@@ -48,6 +49,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let routes = match RouterConfig::read(&defaults(&config), config_file(&config)) {
+        Ok(routes) => routes,
+        Err(why) => {
+            eprintln!("dyntftpd: {why}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let json = match logging::init(
         config.log_format,
         config.log_level(),
@@ -59,7 +67,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match serve(config, json) {
+    match serve(config, routes, json) {
         Ok(code) => code,
         Err(why) => {
             error!("{why}");
@@ -68,13 +76,81 @@ fn main() -> ExitCode {
     }
 }
 
-/// Serves files through [`FsHandler`] and turns the statistics callbacks into JSON log
+/// What the router starts from: the `root` directory and the remapping settings.
+fn defaults(config: &Config) -> Defaults {
+    Defaults {
+        root: config.root.clone(),
+        ignore_case: config.ignore_case,
+        unique_root: config.unique_root,
+        lowercase: config.lowercase,
+        strip_prefix: config.strip_prefix.clone(),
+        cache: config.cache,
+    }
+}
+
+/// The configuration file's path and text, for the router's tables.
+fn config_file(config: &Config) -> Option<(&std::path::Path, &str)> {
+    config
+        .config_file
+        .as_ref()
+        .map(|(path, text)| (path.as_path(), text.as_str()))
+}
+
+/// `--check-config`: the settings, then the rules (as comments); a bad rule exits 2.
+fn check_config(config: &Config) -> ExitCode {
+    let checked = config.to_toml().and_then(|settings| {
+        let routes = RouterConfig::read(&defaults(config), config_file(config))?;
+        Ok(settings + &routes.describe(&config.root, config.upstream.as_deref()))
+    });
+    match checked {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("dyntftpd: {why}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// `--dry-run`: which rule answers the request and what it answers; nothing is served.
+fn dry_run(config: &Config, request: &DryRunRequest) -> ExitCode {
+    let defaults = defaults(config);
+    let routes = match RouterConfig::read(&defaults, config_file(config)) {
+        Ok(routes) => routes,
+        Err(why) => {
+            eprintln!("dyntftpd: {why}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match Router::new(routes, &defaults, config.upstream.as_deref(), None) {
+        Ok(router) => {
+            print!(
+                "{}",
+                router.dry_run(&DryRun {
+                    name: request.name.clone(),
+                    client: request.client,
+                    local: request.local,
+                    mac: request.mac,
+                })
+            );
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("dyntftpd: {why}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Serves files through the [`Router`] and turns the statistics callbacks into JSON log
 /// records, the metrics file and the scrape endpoint's snapshot. Cloned once per worker;
 /// only worker 0's clone receives the (added-up) server statistics, so only it writes the
 /// metrics file and publishes the snapshot.
 #[derive(Clone)]
 struct Ops {
-    files: Remap<FsHandler, Rules>,
+    files: Router,
     json: Option<Arc<JsonSink>>,
     metrics: Metrics,
     metrics_file: Option<PathBuf>,
@@ -116,7 +192,11 @@ impl Handler for Ops {
     }
 }
 
-fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String> {
+fn serve(
+    config: Config,
+    routes: RouterConfig,
+    json: Option<Arc<JsonSink>>,
+) -> Result<ExitCode, String> {
     // Both change the environment: before any thread starts.
     let inherited = systemd::listen_fds()?;
     let service_manager = ServiceManager::from_env().unwrap_or_else(|why| {
@@ -126,20 +206,11 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
     // Block the shutdown signals before any thread starts, so only the signal thread
     // receives them.
     let signals = block_signals()?;
-    let files = FsHandler::new(&config.root)
-        .map_err(|e| format!("cannot serve {}: {e}", config.root.display()))?
-        .ignore_case(config.ignore_case)
-        .unique_root(config.unique_root)
-        .cache(config.cache);
-    // Backslashes and case first, so that prefixes match however the client wrote them.
-    let mut rules = Rules::new().backslash();
-    if config.lowercase {
-        rules = rules.lowercase();
+    let (rules, hosts) = (routes.rules.len(), routes.inventory.len());
+    let files = Router::new(routes, &defaults(&config), config.upstream.as_deref(), None)?;
+    if rules > 0 || hosts > 0 {
+        info!("router: {rules} rules, {hosts} hosts in the inventory");
     }
-    for prefix in &config.strip_prefix {
-        rules = rules.strip_prefix(prefix.as_bytes());
-    }
-    let files = Remap::new(files, rules);
     // Every series at zero until the first stats report.
     let scrape = config
         .metrics_listen

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::compat::MacAddr;
 use super::rules::{read_bounded, ConfigError};
+use dyntftp::mac::MacAddr;
 
 /// The largest inventory file read.
 pub const MAX_INVENTORY_BYTES: u64 = 16 << 20;

@@ -14,8 +14,8 @@ use std::path::Path;
 
 use ipnet::IpNet;
 
-use super::compat::MacAddr;
 use super::inventory::{Host, Inventory};
+use dyntftp::mac::MacAddr;
 
 /// What is known of one request, for matching and for the actions.
 pub struct Facts<'a> {

@@ -15,7 +15,6 @@
 //! per request; templates are bounded by [`template::RENDER_FUEL`] and
 //! [`template::MAX_OUTPUT_BYTES`].
 
-mod compat;
 mod inventory;
 mod matcher;
 mod rules;
@@ -30,8 +29,8 @@ use std::sync::Arc;
 use dyntftp::remap::{Remap, Rules};
 use dyntftp::{BytesSource, ErrorCode, FsHandler, Handler, ReadRequest, Reject, ResponseData};
 
-pub use compat::MacAddr;
-pub use rules::{ConfigError, Defaults};
+pub use dyntftp::mac::MacAddr;
+pub use rules::{Defaults, RouterConfig};
 
 use inventory::Inventory;
 use matcher::{Captures, Facts};
@@ -76,23 +75,62 @@ pub struct DryRun {
     pub mac: Option<MacAddr>,
 }
 
+impl RouterConfig {
+    /// Reads and checks the router's tables in the configuration file (its path and
+    /// text); no file, no rules. Errors name the file, line, column, rule and key.
+    pub fn read(defaults: &Defaults, file: Option<(&Path, &str)>) -> Result<RouterConfig, String> {
+        match file {
+            Some((path, text)) => rules::parse(path, text, defaults).map_err(|e| e.to_string()),
+            None => Ok(RouterConfig {
+                rules: Vec::new(),
+                inventory: Inventory::default(),
+            }),
+        }
+    }
+
+    /// The rules, one per line (`# rule "NAME": MATCHES -> ACTION`, and whether it looks
+    /// up the client's MAC), then the fallback:
+    /// what `--check-config` prints after the settings (TOML comments, so that the output
+    /// stays a valid configuration file).
+    pub fn describe(&self, root: &Path, upstream: Option<&str>) -> String {
+        let mut out = String::new();
+        for rule in &self.rules {
+            let mac = rule.matches.needs_mac() || rule.action.needs_mac();
+            let _ = writeln!(
+                out,
+                "# rule {:?}: {} -> {}{}",
+                rule.name,
+                rule.matches.describe(),
+                rule.action.describe(),
+                if mac { " (looks up the MAC)" } else { "" }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# otherwise: directory = {:?}{}",
+            root.display().to_string(),
+            match upstream {
+                Some(url) => format!(", then upstream = {url:?}"),
+                None => String::new(),
+            }
+        );
+        if self.inventory.len() > 0 {
+            let _ = writeln!(out, "# inventory: {} hosts", self.inventory.len());
+        }
+        out
+    }
+}
+
 impl Router {
-    /// Builds the router from the defaults, the configuration file (its path and text),
-    /// the `upstream` URL and the HTTP client for `http` rules and the upstream. Errors
-    /// name the file, the line, the rule and the key.
+    /// Builds the router from its tables, the defaults (whose `root` it opens), the
+    /// `upstream` URL and the HTTP client for `http` rules and the upstream.
     pub fn new(
+        config: RouterConfig,
         defaults: &Defaults,
-        file: Option<(&Path, &str)>,
         upstream: Option<&str>,
         http: Option<HttpOpener>,
     ) -> Result<Router, String> {
-        let (rules, inventory) = match file {
-            Some((path, text)) => {
-                let config = rules::parse(path, text, defaults).map_err(|e| e.to_string())?;
-                (config.rules, config.inventory)
-            }
-            None => (Vec::new(), Inventory::default()),
-        };
+        let RouterConfig { rules, inventory } = config;
         let root = FsHandler::new(&defaults.root)
             .map_err(|e| format!("cannot serve {}: {e}", defaults.root.display()))?
             .ignore_case(defaults.ignore_case)
@@ -123,39 +161,6 @@ impl Router {
             upstream,
             http,
         })
-    }
-
-    /// The number of rules.
-    pub fn len(&self) -> usize {
-        self.rules.len()
-    }
-
-    /// The rules, one per line (`rule NAME: MATCHES -> ACTION`), then the fallback: what
-    /// `--check-config` prints after the settings.
-    pub fn describe(&self) -> String {
-        let mut out = String::new();
-        for rule in &self.rules {
-            let _ = writeln!(
-                out,
-                "# rule {:?}: {} -> {}",
-                rule.name,
-                rule.matches.describe(),
-                rule.action.describe()
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# otherwise: directory = {:?}{}",
-            self.root_path.display().to_string(),
-            match &self.upstream {
-                Some(url) => format!(", then http = {:?}", url.as_str()),
-                None => String::new(),
-            }
-        );
-        if self.inventory.len() > 0 {
-            let _ = writeln!(out, "# inventory: {} hosts", self.inventory.len());
-        }
-        out
     }
 
     /// The first rule that matches, with its captures.
@@ -345,7 +350,7 @@ impl Handler for Router {
     fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
         let mut name = request.filename.to_vec();
         self.remap.apply(&mut name);
-        let lookup = || compat::request_mac(request);
+        let lookup = || request.mac();
         let facts = Facts::new(
             trim_leading_slashes(&name),
             request.peer,

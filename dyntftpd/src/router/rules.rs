@@ -6,6 +6,7 @@
 //! Relative paths (`directory`, `template`, `inventory`) are relative to the directory of
 //! the configuration file.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::Read as _;
@@ -19,11 +20,11 @@ use dyntftp::{ErrorCode, FsHandler, Reject};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::compat::MacAddr;
 use super::inventory::Inventory;
 use super::matcher::{HostMatch, Matches, NamePattern};
 use super::template::Template;
 use super::url::UrlTemplate;
+use dyntftp::mac::MacAddr;
 
 /// The most rules a file may have: matching costs one pass over them per request.
 pub const MAX_RULES: usize = 1000;
@@ -35,8 +36,8 @@ pub const MAX_REFUSE_MESSAGE: usize = 200;
 pub struct ConfigError {
     /// The file.
     pub file: PathBuf,
-    /// The line, when known.
-    pub line: Option<usize>,
+    /// The line and column, when known.
+    pub position: Option<(usize, usize)>,
     /// What is wrong.
     pub why: String,
 }
@@ -46,15 +47,15 @@ impl ConfigError {
     pub fn new(file: &Path, why: impl Into<String>) -> ConfigError {
         ConfigError {
             file: file.to_path_buf(),
-            line: None,
+            position: None,
             why: why.into(),
         }
     }
 
-    /// An error on `line` of `file`.
-    pub fn at_line(file: &Path, line: usize, why: impl Into<String>) -> ConfigError {
+    /// An error at byte `offset` of `file`'s `text`.
+    pub fn at(file: &Path, text: &str, offset: usize, why: impl Into<String>) -> ConfigError {
         ConfigError {
-            line: Some(line),
+            position: Some(line_and_column(text, offset)),
             ..ConfigError::new(file, why)
         }
     }
@@ -62,8 +63,13 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{line}: {}", self.file.display(), self.why),
+        match self.position {
+            Some((line, column)) => write!(
+                f,
+                "{}: line {line}, column {column}: {}",
+                self.file.display(),
+                self.why
+            ),
             None => write!(f, "{}: {}", self.file.display(), self.why),
         }
     }
@@ -181,11 +187,19 @@ struct Tables {
     inventory: Option<Spanned<String>>,
 }
 
-/// The router's part of the file, any content: where each rule is, for error messages.
+/// The router's part of the file, any content: where each rule and key is, for error
+/// messages.
 #[derive(Deserialize)]
 struct RuleSpans {
     #[serde(default)]
-    rule: Vec<Spanned<toml::Table>>,
+    rule: Vec<Spanned<BTreeMap<Spanned<String>, toml::Value>>>,
+}
+
+/// Where a rule is in the file: its table, its name and its keys.
+struct RulePlace {
+    span: Range<usize>,
+    name: String,
+    keys: Vec<(String, usize)>,
 }
 
 /// What a rule does.
@@ -259,31 +273,51 @@ pub struct RouterConfig {
     pub inventory: Inventory,
 }
 
-/// The 1-based line of byte `offset` in `text`.
-fn line_of(text: &str, offset: usize) -> usize {
-    text.get(..offset).unwrap_or(text).matches('\n').count() + 1
+/// The 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 /// Reads the router's tables from the configuration file `file`'s `text`.
 pub fn parse(file: &Path, text: &str, defaults: &Defaults) -> Result<RouterConfig, ConfigError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let base = file.parent().unwrap_or(Path::new("."));
-    let spans: Vec<(Range<usize>, String)> = match toml::from_str::<RuleSpans>(text) {
+    let places: Vec<RulePlace> = match toml::from_str::<RuleSpans>(text) {
         Ok(spans) => spans
             .rule
             .iter()
             .enumerate()
             .map(|(i, rule)| {
-                let name = match rule.get_ref().get("name") {
-                    Some(toml::Value::String(name)) => name.clone(),
-                    _ => format!("rule-{}", i + 1),
-                };
-                (rule.span(), name)
+                let name = rule
+                    .get_ref()
+                    .iter()
+                    .find(|(key, _)| key.get_ref() == "name")
+                    .and_then(|(_, value)| value.as_str())
+                    .map_or_else(|| format!("rule-{}", i + 1), str::to_string);
+                let keys = rule
+                    .get_ref()
+                    .keys()
+                    .map(|key| (key.get_ref().clone(), key.span().start))
+                    .collect();
+                RulePlace {
+                    span: rule.span(),
+                    name,
+                    keys,
+                }
             })
             .collect(),
         Err(e) => return Err(toml_error(file, text, &e, &[])),
     };
-    let tables: Tables = toml::from_str(text).map_err(|e| toml_error(file, text, &e, &spans))?;
+    let tables: Tables = toml::from_str(text).map_err(|e| toml_error(file, text, &e, &places))?;
     if tables.rule.len() > MAX_RULES {
         return Err(ConfigError::new(
             file,
@@ -298,14 +332,20 @@ pub fn parse(file: &Path, text: &str, defaults: &Defaults) -> Result<RouterConfi
     }
     let mut rules: Vec<Rule> = Vec::with_capacity(tables.rule.len());
     for (i, spec) in tables.rule.into_iter().enumerate() {
-        let line = line_of(text, spec.span().start);
+        let start = spec.span().start;
         let spec = spec.into_inner();
         let name = spec
             .name
             .clone()
             .unwrap_or_else(|| format!("rule-{}", i + 1));
+        let keys = places.get(i).map(|p| p.keys.as_slice()).unwrap_or_default();
+        // At the key, or at the rule's table when the key is not in it.
         let at = |key: &str, why: String| {
-            ConfigError::at_line(file, line, format!("rule {name:?}: {key}: {why}"))
+            let offset = keys
+                .iter()
+                .find(|(k, _)| k == key)
+                .map_or(start, |(_, offset)| *offset);
+            ConfigError::at(file, text, offset, format!("rule {name:?}: {key}: {why}"))
         };
         if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
             return Err(at("name", "expected 1 to 64 printable characters".into()));
@@ -321,38 +361,33 @@ pub fn parse(file: &Path, text: &str, defaults: &Defaults) -> Result<RouterConfi
 
 /// A TOML or serde error as `FILE:LINE: rule "NAME": KEY: message`, with the rule when
 /// the error is inside one and the key when the line has one.
-fn toml_error(
-    file: &Path,
-    text: &str,
-    e: &toml::de::Error,
-    rules: &[(Range<usize>, String)],
-) -> ConfigError {
+fn toml_error(file: &Path, text: &str, e: &toml::de::Error, rules: &[RulePlace]) -> ConfigError {
     let message = e.message().trim_end();
     let Some(span) = e.span() else {
         return ConfigError::new(file, message);
     };
-    let line = line_of(text, span.start);
+    let (line, _) = line_and_column(text, span.start);
     // The rule whose table the error is in: the last to start before it, when no other
     // table starts in between.
     let rule = rules
         .iter()
         .rev()
-        .find(|(range, _)| range.start <= span.start)
-        .filter(|(range, _)| {
-            let between = text.get(range.start..span.start).unwrap_or_default();
+        .find(|place| place.span.start <= span.start)
+        .filter(|place| {
+            let between = text.get(place.span.start..span.start).unwrap_or_default();
             !between
                 .lines()
                 .skip(1)
                 .any(|line| line.trim_start().starts_with('['))
         })
-        .map(|(_, name)| format!("rule {name:?}: "))
+        .map(|place| format!("rule {:?}: ", place.name))
         .unwrap_or_default();
     let line_text = text.lines().nth(line - 1).unwrap_or_default();
     let key = match line_text.split_once('=') {
         Some((key, _)) if !message.contains("field `") => format!("{}: ", key.trim()),
         _ => String::new(),
     };
-    ConfigError::at_line(file, line, format!("{rule}{key}{message}"))
+    ConfigError::at(file, text, span.start, format!("{rule}{key}{message}"))
 }
 
 /// Checks one rule (all but its name).
@@ -692,67 +727,67 @@ name = "node1"
         for (text, want) in [
             (
                 "[[rule]]\nname = \"a\"\nbogus = 1\nempty = true\n",
-                "3: rule \"a\": unknown field `bogus`, expected one of",
+                "line 3, column 1: rule \"a\": unknown field `bogus`, expected one of",
             ),
             (
                 "[[rule]]\nempty = true\n[[rule]]\nfilename = 3\nempty = true\n",
-                "4: rule \"rule-2\": filename: invalid type: integer `3`, expected a string",
+                "line 4, column 12: rule \"rule-2\": filename: invalid type: integer `3`, expected a string",
             ),
             (
                 "[[rule]]\nfilename = \"a\"\n",
-                "1: rule \"rule-1\": action: expected one of directory, template, http, empty or refuse",
+                "line 1, column 1: rule \"rule-1\": action: expected one of directory, template, http, empty or refuse",
             ),
             (
                 "[[rule]]\nname = \"two\"\nempty = true\nrefuse = { code = 1 }\n",
-                "1: rule \"two\": refuse: a rule has one action, and this one has empty and refuse",
+                "line 4, column 1: rule \"two\": refuse: a rule has one action, and this one has empty and refuse",
             ),
             (
                 "[[rule]]\nfilename = \"a[\"\nempty = true\n",
-                "1: rule \"rule-1\": filename: unclosed character class; missing ']'",
+                "line 2, column 1: rule \"rule-1\": filename: unclosed character class; missing ']'",
             ),
             (
                 "[[rule]]\nregex = \"(\"\nempty = true\n",
-                "1: rule \"rule-1\": regex: regex parse error",
+                "line 2, column 1: rule \"rule-1\": regex: regex parse error",
             ),
             (
                 "[[rule]]\nclient = [\"10.0.0.0/33\"]\nempty = true\n",
-                "1: rule \"rule-1\": client: \"10.0.0.0/33\" is not a network",
+                "line 2, column 1: rule \"rule-1\": client: \"10.0.0.0/33\" is not a network",
             ),
             (
                 "[[rule]]\nlocal = [\"10.0.0\"]\nempty = true\n",
-                "1: rule \"rule-1\": local: \"10.0.0\" is not an IP address",
+                "line 2, column 1: rule \"rule-1\": local: \"10.0.0\" is not an IP address",
             ),
             (
                 "[[rule]]\nmac = [\"aa:bb\"]\nempty = true\n",
-                "1: rule \"rule-1\": mac: \"aa:bb\" is not a MAC address",
+                "line 2, column 1: rule \"rule-1\": mac: \"aa:bb\" is not a MAC address",
             ),
             (
                 "[[rule]]\nhost = \"nobody\"\nempty = true\n",
-                "1: rule \"rule-1\": host: no host in the inventory is named \"nobody\"",
+                "line 2, column 1: rule \"rule-1\": host: no host in the inventory is named \"nobody\"",
             ),
             (
                 "[[rule]]\ndirectory = \"missing\"\n",
-                "1: rule \"rule-1\": directory: cannot serve",
+                "line 2, column 1: rule \"rule-1\": directory: cannot serve",
             ),
             (
                 "[[rule]]\ntemplate = \"missing.j2\"\n",
-                "1: rule \"rule-1\": template: ",
+                "line 2, column 1: rule \"rule-1\": template: ",
             ),
             (
                 "[[rule]]\nhttp = \"http://r/{nope}\"\n",
-                "1: rule \"rule-1\": http: unknown placeholder {nope}",
+                "line 2, column 1: rule \"rule-1\": http: unknown placeholder {nope}",
             ),
             (
                 "[[rule]]\nempty = true\nignore-case = true\n",
-                "1: rule \"rule-1\": ignore-case: only with directory",
+                "line 3, column 1: rule \"rule-1\": ignore-case: only with directory",
             ),
             (
                 "[[rule]]\nrefuse = { code = 9 }\n",
-                "1: rule \"rule-1\": refuse: code 9 is not a TFTP error code (0 to 7)",
+                "line 2, column 1: rule \"rule-1\": refuse: code 9 is not a TFTP error code (0 to 7)",
             ),
             (
                 "[[rule]]\nname = \"x\"\nempty = true\n[[rule]]\nname = \"x\"\nempty = true\n",
-                "4: rule \"x\": name: \"x\" names an earlier rule too",
+                "line 5, column 1: rule \"x\": name: \"x\" names an earlier rule too",
             ),
             (
                 "[host.\"zz\"]\nname = \"a\"\n",
@@ -760,11 +795,7 @@ name = "node1"
             ),
         ] {
             let err = parse_text(&dir, text).err().unwrap_or_else(|| panic!("{text}: accepted"));
-            let want = if want.starts_with(|c: char| c.is_ascii_digit()) {
-                format!("{file}:{want}")
-            } else {
-                format!("{file}: {want}")
-            };
+            let want = format!("{file}: {want}");
             assert!(err.starts_with(&want), "{text}\n got: {err}\nwant: {want}");
         }
     }

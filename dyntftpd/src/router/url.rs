@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 
 use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use super::compat::MacAddr;
 use super::matcher::Captures;
+use dyntftp::mac::MacAddr;
 
 /// Kept as they are: RFC 3986's unreserved characters.
 const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
