@@ -85,6 +85,14 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub log_file: Option<PathBuf>,
+    /// The HTTP repository names not found under `root` come from.
+    pub upstream: Option<String>,
+    /// Its connect, headers and per-read timeout.
+    pub upstream_timeout: Duration,
+    /// Bytes of its bodies kept in memory; 0 for none.
+    pub upstream_cache: u64,
+    /// Its worker threads.
+    pub upstream_workers: usize,
 }
 
 impl Default for Config {
@@ -126,6 +134,10 @@ impl Default for Config {
             metrics_listen: None,
             log_format: LogFormat::Text,
             log_file: None,
+            upstream: None,
+            upstream_timeout: Duration::from_secs(10),
+            upstream_cache: 256 << 20,
+            upstream_workers: 16,
         }
     }
 }
@@ -220,6 +232,16 @@ impl Config {
         if let Some(path) = &self.log_file {
             let _ = writeln!(out, "log-file = {}", path.display());
         }
+        if let Some(url) = &self.upstream {
+            let _ = writeln!(out, "upstream = {url}");
+        }
+        let _ = writeln!(
+            out,
+            "upstream-timeout = {}",
+            self.upstream_timeout.as_secs_f64()
+        );
+        let _ = writeln!(out, "upstream-cache = {}", self.upstream_cache);
+        let _ = writeln!(out, "upstream-workers = {}", self.upstream_workers);
         out
     }
 
@@ -360,6 +382,22 @@ impl Config {
                 }
             }
             "log-file" if !text.is_empty() => self.log_file = Some(PathBuf::from(text)),
+            "upstream" if text.starts_with("http://") || text.starts_with("https://") => {
+                self.upstream = Some(text.to_string())
+            }
+            "upstream-timeout" => {
+                self.upstream_timeout = seconds(text, MIN_TIMEOUT)
+                    .ok_or_else(|| format!("{} (at least {MIN_TIMEOUT:?})", bad()))?
+            }
+            "upstream-cache" => {
+                self.upstream_cache = bytes(text).ok_or_else(|| {
+                    format!("{} (expected bytes, e.g. 0, 512K, 256M or 2G)", bad())
+                })?
+            }
+            "upstream-workers" => {
+                self.upstream_workers =
+                    number(text, |n: &usize| (1..=1024).contains(n)).ok_or_else(bad)?
+            }
             _ if FILE_KEYS.contains(&key) => return Err(bad()),
             _ => return Err(format!("unknown setting {key:?}")),
         }
@@ -405,7 +443,7 @@ impl Config {
 }
 
 /// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 36] = [
+pub const FILE_KEYS: [&str; 40] = [
     "listen",
     "root",
     "timeout",
@@ -442,6 +480,10 @@ pub const FILE_KEYS: [&str; 36] = [
     "metrics-listen",
     "log-format",
     "log-file",
+    "upstream",
+    "upstream-timeout",
+    "upstream-cache",
+    "upstream-workers",
 ];
 
 /// `LOW:HIGH`, two ports with 1 <= LOW <= HIGH.
@@ -699,6 +741,30 @@ pub fn options() -> Options {
         "log-file",
         "append the log to PATH instead of standard error",
         "PATH",
+    );
+    opts.optopt(
+        "",
+        "upstream",
+        "serve names not found under the root from this HTTP(S) repository: URL + name (one GET per name at a time, tsize from Content-Length)",
+        "URL",
+    );
+    opts.optopt(
+        "",
+        "upstream-timeout",
+        "seconds the repository may take to connect, to answer, and between body reads (default 10)",
+        "SECS",
+    );
+    opts.optopt(
+        "",
+        "upstream-cache",
+        "keep up to BYTES of repository files in memory, revalidated after 60 s (suffix K, M or G; default 256M, 0: off)",
+        "BYTES",
+    );
+    opts.optopt(
+        "",
+        "upstream-workers",
+        "threads fetching from the repository, 1..1024 (default 16; 4 queued requests each)",
+        "N",
     );
     opts.optopt(
         "c",

@@ -4,6 +4,7 @@ mod config;
 mod logging;
 mod scrape;
 mod systemd;
+mod upstream;
 
 use std::ffi::CString;
 use std::net::SocketAddr;
@@ -13,10 +14,10 @@ use std::sync::Arc;
 
 use dyntftp::remap::{Remap, Rules};
 use dyntftp::{
-    FsHandler, Handler, Metrics, ReadRequest, Reject, ResponseData, ServerBuilder, ServerStats,
-    SessionStats,
+    ErrorCode, FsHandler, Handler, Metrics, ReadRequest, Reject, ResponseData, ServerBuilder,
+    ServerStats, SessionStats,
 };
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use config::{Command, Config};
 use logging::JsonSink;
@@ -78,6 +79,8 @@ struct Ops {
     metrics: Metrics,
     metrics_file: Option<PathBuf>,
     scrape: Option<Snapshot>,
+    /// `--upstream`: the repository URL and its source, for names not found under root.
+    upstream: Option<(Arc<str>, upstream::Upstream)>,
 }
 
 impl Ops {
@@ -95,7 +98,12 @@ impl Ops {
 
 impl Handler for Ops {
     fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
-        self.files.open(request)
+        match (self.files.open(request), &self.upstream) {
+            (Err(reject), Some((base, upstream))) if reject.code == ErrorCode::FileNotFound => {
+                upstream.open(&upstream::join(base, request.filename)?, request)
+            }
+            (opened, _) => opened,
+        }
     }
 
     fn session_finished(&mut self, stats: &SessionStats) {
@@ -112,6 +120,9 @@ impl Handler for Ops {
         }
         self.metrics.add(stats);
         self.publish_metrics();
+        if let Some((_, upstream)) = &self.upstream {
+            debug!("upstream: {}", upstream.stats());
+        }
     }
 }
 
@@ -143,7 +154,21 @@ fn serve(config: Config, json: Option<Arc<JsonSink>>) -> Result<ExitCode, String
     let scrape = config
         .metrics_listen
         .map(|_| Snapshot::new(Metrics::new().render()));
+    let upstream = match &config.upstream {
+        Some(url) => {
+            let settings = upstream::UpstreamSettings {
+                timeout: config.upstream_timeout,
+                workers: config.upstream_workers,
+                cache_bytes: config.upstream_cache,
+            };
+            let source = upstream::Upstream::start(settings)
+                .map_err(|e| format!("cannot start the upstream workers: {e}"))?;
+            Some((Arc::from(url.as_str()), source))
+        }
+        None => None,
+    };
     let handler = Ops {
+        upstream,
         files,
         json,
         metrics: Metrics::new(),
