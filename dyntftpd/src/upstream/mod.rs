@@ -123,6 +123,8 @@ pub(crate) struct Waiter {
 /// What the event loop and the workers share.
 pub(crate) struct Core {
     settings: UpstreamSettings,
+    /// How long a cached body is served without revalidation ([`MAX_AGE`]).
+    max_age: Duration,
     /// The cache and the bodies streaming uncached. Locked before `flights`.
     bodies: Mutex<Bodies>,
     flights: SingleFlight<String, Waiter>,
@@ -163,9 +165,14 @@ fn busy() -> Reject {
 impl Upstream {
     /// Starts the worker pool.
     pub fn start(settings: UpstreamSettings) -> io::Result<Upstream> {
+        Upstream::start_with(settings, MAX_AGE)
+    }
+
+    fn start_with(settings: UpstreamSettings, max_age: Duration) -> io::Result<Upstream> {
         let workers = settings.workers.max(1);
         let queue_len = workers * QUEUE_PER_WORKER;
         let core = Arc::new(Core {
+            max_age,
             bodies: Mutex::new(Bodies {
                 cache: Cache::new(settings.cache_bytes),
                 streaming: HashMap::new(),
@@ -204,7 +211,7 @@ impl Upstream {
         let mut bodies = core.lock_bodies();
         let mut stale = None;
         if let Some((body, validated)) = bodies.cache.get(url) {
-            let fresh = now.saturating_duration_since(validated) < MAX_AGE;
+            let fresh = now.saturating_duration_since(validated) < core.max_age;
             if !body.is_complete() || fresh {
                 // Fresh, or still arriving (and so just validated): read it from memory.
                 if let Some(reader) = body.reader(request.notifier) {
@@ -327,5 +334,188 @@ impl std::fmt::Display for UpstreamStats {
             self.cached_entries,
             self.streaming_bytes
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! In-process, against a loopback repository (tiny_http): what the daemon tests cannot
+    //! reach without waiting [`MAX_AGE`] — revalidation — and the uncached window.
+
+    use super::*;
+    use std::net::SocketAddr;
+    use std::task::Poll;
+    use std::thread::{self, JoinHandle};
+
+    use dyntftp::handler::SessionNotes;
+    use dyntftp::packet::Options;
+    use dyntftp::Mode;
+
+    const SETTINGS: UpstreamSettings = UpstreamSettings {
+        timeout: Duration::from_secs(5),
+        workers: 2,
+        cache_bytes: 1 << 20,
+    };
+
+    /// Answers `count` GETs with `body` (ETag "v1"; 304 for If-None-Match "v1") and
+    /// returns the If-None-Match header of each.
+    fn repository(body: Vec<u8>, count: usize) -> (String, JoinHandle<Vec<Option<String>>>) {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/file", server.server_addr().to_ip().unwrap());
+        let answers = thread::spawn(move || {
+            (0..count)
+                .map(|_| {
+                    let request = server
+                        .recv_timeout(Duration::from_secs(10))
+                        .unwrap()
+                        .expect("a GET within 10 s");
+                    let tag = request
+                        .headers()
+                        .iter()
+                        .find(|h| h.field.equiv("If-None-Match"))
+                        .map(|h| h.value.to_string());
+                    let etag = tiny_http::Header::from_bytes("ETag", "\"v1\"").unwrap();
+                    let response = if tag.as_deref() == Some("\"v1\"") {
+                        tiny_http::Response::empty(304).with_header(etag).boxed()
+                    } else {
+                        tiny_http::Response::from_data(body.clone())
+                            .with_header(etag)
+                            .with_chunked_threshold(usize::MAX)
+                            .boxed()
+                    };
+                    request.respond(response).unwrap();
+                    tag
+                })
+                .collect()
+        });
+        (url, answers)
+    }
+
+    /// Opens `url` as a session would and reads it whole (polling, bounded).
+    fn fetch(upstream: &Upstream, url: &str) -> Result<Vec<u8>, Reject> {
+        let (notifier, notes) = (Notifier::detached(), SessionNotes::default());
+        let peer = SocketAddr::from(([127, 0, 0, 1], 4000));
+        let request = ReadRequest {
+            peer,
+            local: peer,
+            filename: b"file",
+            mode: Mode::Octet,
+            options: Options::EMPTY,
+            notifier: &notifier,
+            notes: &notes,
+        };
+        let mut source = upstream.open(url, &request)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut data = Vec::new();
+        let mut buf = [0u8; 1000];
+        loop {
+            assert!(Instant::now() < deadline, "no end within 10 s");
+            match source.poll_open() {
+                Poll::Pending => {}
+                Poll::Ready(Err(reject)) => return Err(reject),
+                Poll::Ready(Ok(())) => match source.read(&mut buf) {
+                    Ok(0) => return Ok(data),
+                    Ok(n) => {
+                        data.extend_from_slice(&buf[..n]);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(Reject::new(ErrorCode::NotDefined, e.to_string())),
+                },
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn an_old_cached_body_is_revalidated_and_reused_on_304() {
+        let (url, answers) = repository(b"hello".to_vec(), 2);
+        // Every cached body is old at once: each request revalidates.
+        let upstream = Upstream::start_with(SETTINGS, Duration::ZERO).unwrap();
+        assert_eq!(fetch(&upstream, &url).unwrap(), b"hello");
+        assert_eq!(fetch(&upstream, &url).unwrap(), b"hello");
+        assert_eq!(answers.join().unwrap(), [None, Some("\"v1\"".into())]);
+        let stats = upstream.stats();
+        assert_eq!(
+            (stats.gets, stats.revalidations, stats.cache_hits),
+            (2, 1, 0)
+        );
+        assert_eq!((stats.cached_bytes, stats.cached_entries), (5, 1));
+    }
+
+    #[test]
+    fn a_fresh_cached_body_is_served_without_a_get() {
+        let (url, answers) = repository(b"hello".to_vec(), 1);
+        let upstream = Upstream::start(SETTINGS).unwrap();
+        for _ in 0..3 {
+            assert_eq!(fetch(&upstream, &url).unwrap(), b"hello");
+        }
+        assert_eq!(answers.join().unwrap(), [None]);
+        let stats = upstream.stats();
+        assert_eq!((stats.gets, stats.cache_hits), (1, 2));
+    }
+
+    #[test]
+    fn a_body_larger_than_the_cache_streams_and_is_not_kept() {
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (url, answers) = repository(body.clone(), 2);
+        let settings = UpstreamSettings {
+            cache_bytes: 1000,
+            ..SETTINGS
+        };
+        let upstream = Upstream::start(settings).unwrap();
+        for _ in 0..2 {
+            assert!(fetch(&upstream, &url).unwrap() == body);
+        }
+        assert_eq!(answers.join().unwrap(), [None, None]);
+        let stats = upstream.stats();
+        assert_eq!(
+            (stats.gets, stats.cached_bytes, stats.streaming_bytes),
+            (2, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        // One worker, held by a GET that gets no answer; its queue of 4 fills; the next
+        // new URL is refused without waiting.
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", server.server_addr().to_ip().unwrap());
+        let settings = UpstreamSettings {
+            workers: 1,
+            timeout: Duration::from_secs(2),
+            ..SETTINGS
+        };
+        let upstream = Upstream::start(settings).unwrap();
+        let (notifier, notes) = (Notifier::detached(), SessionNotes::default());
+        let peer = SocketAddr::from(([127, 0, 0, 1], 4000));
+        let request = ReadRequest {
+            peer,
+            local: peer,
+            filename: b"file",
+            mode: Mode::Octet,
+            options: Options::EMPTY,
+            notifier: &notifier,
+            notes: &notes,
+        };
+        let mut held = Vec::new();
+        let first = upstream.open(&format!("{base}/0"), &request).unwrap();
+        held.push(first);
+        // The worker has taken the first job once the repository sees its GET.
+        let _ = server
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("the first GET");
+        for i in 1..=QUEUE_PER_WORKER {
+            held.push(upstream.open(&format!("{base}/{i}"), &request).unwrap());
+        }
+        let Err(refused) = upstream.open(&format!("{base}/full"), &request) else {
+            panic!("a request past the queue was accepted");
+        };
+        assert_eq!(refused.code, ErrorCode::NotDefined);
+        // A request for a URL already in flight still joins it.
+        held.push(upstream.open(&format!("{base}/1"), &request).unwrap());
+        let stats = upstream.stats();
+        assert_eq!((stats.busy, stats.joined), (1, 1));
     }
 }
