@@ -199,6 +199,20 @@ impl Metrics {
                 label_value(family)
             );
         }
+        header(
+            &mut out,
+            "dyntftp_sessions_by_label_total",
+            "Transfer sessions ended, by the label their handler gave them (in dyntftpd: \
+             the rule that answered).",
+            "counter",
+        );
+        for (label, n) in &t.sessions_by_label {
+            let _ = writeln!(
+                out,
+                "dyntftp_sessions_by_label_total{{label=\"{}\"}} {n}",
+                label_value(label)
+            );
+        }
         counter(
             &mut out,
             "dyntftp_malformed_datagrams_total",
