@@ -100,6 +100,8 @@ impl Metrics {
     /// | `dyntftp_duplicate_requests_total` | counter | |
     /// | `dyntftp_sessions_started_total` | counter | |
     /// | `dyntftp_sessions_total` | counter | `outcome` ([`Outcome::as_str`]) |
+    /// | `dyntftp_sessions_by_client_total` | counter | `family` ([`ClientFamily::as_str`]) |
+    /// | `dyntftp_sessions_by_label_total` | counter | `label` ([`ReadRequest::set_label`](crate::ReadRequest::set_label); at most [`MAX_LABELS`](crate::stats::MAX_LABELS), then `other`) |
     /// | `dyntftp_malformed_datagrams_total` | counter | |
     /// | `dyntftp_stray_datagrams_total` | counter | |
     /// | `dyntftp_datagrams_sent_total` | counter | |
