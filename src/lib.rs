@@ -96,6 +96,10 @@
 //! # let _ = Upstream;
 //! ```
 //!
+//! A source whose size a backend must tell first (UEFI firmware needs `tsize` in the
+//! first OACK) is a [`deferred::Deferred`] one: the session holds its first answer until
+//! the [`deferred::Opener`] completes from another thread, with the source or a refusal.
+//!
 //! `examples/http_proxy.rs` does this for real, streaming each file from an HTTP
 //! repository on a pool of worker threads; `examples/grub_config.rs` renders boot
 //! configurations per client; `examples/static_files.rs` is fbtftp's README server.
@@ -124,6 +128,7 @@
 //!                      ▼
 //!                  response  ResponseData trait + file/bytes/reader sources, netascii
 //!                  stream    ResponseData fed from another thread (bounded, notifying)
+//!                  deferred  a source opened later from another thread (the OACK waits)
 //!                  handler   Handler trait: per-request factory + stats hooks
 //!                  remap     Remap: rewrite names before a handler sees them
 //!                  fs        FsHandler: a root directory, confined with openat2

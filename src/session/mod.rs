@@ -21,6 +21,12 @@
 //! # Behaviour
 //!
 //! - Starts with an OACK (then waits for ACK 0) when any option was accepted, else DATA 1.
+//!   A source not open yet ([`ResponseData::poll_open`] pending: a
+//!   [`Deferred`](crate::deferred::Deferred) one) holds that first answer: the session sends
+//!   nothing, counts repeated requests and ignores ACKs until
+//!   [`handle_source_ready`](Session::handle_source_ready) finds it open (the OACK then
+//!   carries its size as `tsize`) or refused ([`Outcome::Refused`], its ERROR), or until
+//!   [`SessionConfig::open_timeout`] (ERROR 0, [`Outcome::SourceStalled`]).
 //! - Sends up to `window` blocks (RFC 7440), then waits. An ACK for the last block sent
 //!   slides the window; an ACK for an earlier block of the window means the client lost
 //!   the rest, so sending resumes right after the acknowledged block (go-back-N).
