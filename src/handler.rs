@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::family::ClientFamily;
+use crate::mac::MacAddr;
 use crate::packet::{ErrorCode, Mode, Options};
 use crate::response::ResponseData;
 use crate::server::SessionId;
@@ -58,6 +59,21 @@ impl ReadRequest<'_> {
     /// sessions per label.
     pub fn set_label(&self, label: &str) {
         self.notes.set_label(label);
+    }
+
+    /// The client's MAC address: the kernel's neighbour table entry for the peer's IP
+    /// (the client's own hardware address, known only for a client on a link of this
+    /// host), else the one in a per-machine file name (`pxelinux.cfg/01-aa-bb-…`,
+    /// `grub.cfg-01-…`, `<mac>/…`; see [`MacAddr::from_filename`]); `None` when neither
+    /// says.
+    ///
+    /// Cost: one rtnetlink round trip ([`MacAddr::neighbour`]: a dump of one family's
+    /// table, bounded), made only when this is called, on the calling thread; call it
+    /// once per request, only when a decision needs it. Both answers can be forged: a
+    /// client names any file, and anyone on the link can answer ARP or NDP for the
+    /// address it sends from. Choose content by it, never grant access by it.
+    pub fn mac(&self) -> Option<MacAddr> {
+        MacAddr::neighbour(self.peer.ip()).or_else(|| MacAddr::from_filename(self.filename))
     }
 }
 

@@ -131,6 +131,9 @@
 //!                  deferred  a source opened later from another thread (the OACK waits)
 //!                  handler   Handler trait: per-request factory + stats hooks
 //!                  remap     Remap: rewrite names before a handler sees them
+//!                  backend   SingleFlight, TtlCache: one backend call per key, 404s and sizes
+//!                            remembered (socket-free, clock-free)
+//!                  mac       MacAddr: from per-machine file names, the neighbour table
 //!                  fs        FsHandler: a root directory, confined with openat2
 //!                   ├ resolve   names to open files beneath the root: the two resolvers, case
 //!                   └ cache     hot files held in memory, shared by the sessions sending them
@@ -143,7 +146,8 @@
 //!                  timer     hashed timer wheel keyed by session (no clock reads)
 //!                  limit     per-client request rate and session counts; log-line limits
 //!                  spin      adaptive busy polling: when to poll instead of sleeping
-//!                  sys       the system calls std lacks (sockets, openat2, fd limit): all unsafe
+//!                  sys       the system calls std lacks (sockets, openat2, fd limit,
+//!                            netlink neighbours): all unsafe
 //! ```
 //!
 //! [`server`] is the driver: the only module that uses mio or reads the clock. Everything
@@ -151,15 +155,18 @@
 //! can be driven by a virtual clock and a simulated lossy network (see `tests/sim.rs`),
 //! against the sans-IO client in [`client`].
 //! The system calls std does not offer (socket options, PKTINFO and GSO sends, `openat2`
-//! and directory listings, the descriptor limit) are in `sys`, behind safe functions that
-//! `server` and `fs` call: it is the only module with `unsafe`.
+//! and directory listings, the descriptor limit, the netlink neighbour dump) are in `sys`,
+//! behind safe functions that `server`, `fs` and `mac` call: it is the only module with
+//! `unsafe`.
 
+pub mod backend;
 pub mod client;
 pub mod deferred;
 pub mod family;
 pub mod fs;
 pub mod handler;
 mod limit;
+pub mod mac;
 pub mod metrics;
 pub mod options;
 pub mod packet;
@@ -177,6 +184,7 @@ pub use family::ClientFamily;
 pub use fs::{CacheStats, FsHandler};
 pub use handler::{Handler, Notifier, ReadRequest, Reject, SessionNotes};
 pub use limit::Rate;
+pub use mac::MacAddr;
 pub use metrics::Metrics;
 pub use options::{Limits, Negotiated};
 pub use packet::{ErrorCode, Mode, Packet, ParseError};

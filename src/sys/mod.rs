@@ -9,16 +9,19 @@
 //! - [`fs`]: `openat`, `openat2`, `fstatat` and `fdopendir`/`readdir` relative to a
 //!   directory descriptor, for the confinement in `crate::fs`.
 //! - [`process`]: the file-descriptor limit.
+//! - [`neigh`]: the kernel's neighbour table (ARP, NDP) over rtnetlink, for `crate::mac`.
 //!
 //! No policy, no mio and no clock here: the driver (`server`) wraps these sockets, and
 //! `crate::fs` decides what may be opened. Everything is re-exported at this level, so
 //! callers write `sys::bind_listener` or `sys::openat2`.
 
 mod fs;
+mod neigh;
 mod net;
 mod process;
 
 pub use fs::{for_each_entry, lstat_at, openat, openat2};
+pub use neigh::for_each_neighbour;
 pub use net::{
     bind_connected, bind_connected_in, bind_listener, enable_pktinfo, interface_mtu,
     recv_with_destination, send_from, send_segments, set_recv_buffer, set_send_buffer, unmap,
