@@ -1,8 +1,8 @@
-//! dyntftpd's settings: command-line flags and the `--config` file, which takes the same
-//! settings as `key = value` lines. Flags override the file.
+//! dyntftpd's settings: command-line flags and the `--config` file, a TOML file whose
+//! top-level keys are the long flags' names. Flags override the file.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -15,6 +15,8 @@ use dyntftp::server::DEFAULT_BUSY_POLL;
 use dyntftp::{Handler, Limits, Rate, ReadRequest, Reject, ResponseData, ServerBuilder};
 use getopts::{Matches, Options};
 use log::LevelFilter;
+use serde::Serialize;
+use toml::Spanned;
 
 /// How log records are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +78,16 @@ pub struct Config {
     pub strip_prefix: Vec<String>,
     /// Bytes of served files kept in memory; 0 for no cache.
     pub cache: u64,
+    /// The HTTP(S) repository names not found under `root` come from.
+    pub upstream: Option<String>,
+    /// The timeout of the repository's requests.
+    pub upstream_timeout: Duration,
+    /// Bytes of the repository's files kept in memory; 0 for no cache.
+    pub upstream_cache: u64,
+    /// Threads that fetch from the repository.
+    pub upstream_workers: usize,
+    /// The longest a request waits for a dynamic source before it gets ERROR 0.
+    pub open_timeout: Duration,
     pub stats_interval: Duration,
     pub user: Option<String>,
     pub verbose: u32,
@@ -85,14 +97,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub log_file: Option<PathBuf>,
-    /// The HTTP repository names not found under `root` come from.
-    pub upstream: Option<String>,
-    /// Its connect, headers and per-read timeout.
-    pub upstream_timeout: Duration,
-    /// Bytes of its bodies kept in memory; 0 for none.
-    pub upstream_cache: u64,
-    /// Its worker threads.
-    pub upstream_workers: usize,
+    /// The `--config` file's path and text (without a byte-order mark): its `rule`,
+    /// `inventory` and `host` entries are the router's, which parses them itself.
+    #[allow(dead_code, reason = "read by the router")]
+    pub config_file: Option<(PathBuf, String)>,
 }
 
 impl Default for Config {
@@ -126,6 +134,11 @@ impl Default for Config {
             lowercase: false,
             strip_prefix: Vec::new(),
             cache: 0,
+            upstream: None,
+            upstream_timeout: Duration::from_secs(10),
+            upstream_cache: 256 << 20,
+            upstream_workers: 16,
+            open_timeout: dyntftp::SessionConfig::default().open_timeout,
             stats_interval: Duration::from_secs(60),
             user: None,
             verbose: 0,
@@ -134,12 +147,71 @@ impl Default for Config {
             metrics_listen: None,
             log_format: LogFormat::Text,
             log_file: None,
-            upstream: None,
-            upstream_timeout: Duration::from_secs(10),
-            upstream_cache: 256 << 20,
-            upstream_workers: 16,
+            config_file: None,
         }
     }
+}
+
+/// The settings as a configuration file, in the flags' order: what `--check-config`
+/// prints, through toml's writer.
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct FileSettings<'a> {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    listen: Vec<String>,
+    root: &'a str,
+    timeout: f64,
+    retries: u32,
+    max_blksize: u16,
+    max_window: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_sessions: Option<usize>,
+    rate_limit: f64,
+    rate_burst: u32,
+    max_per_client: u32,
+    max_unverified_per_client: u32,
+    progress_timeout: f64,
+    window_memory: u64,
+    single_port_max_blksize: u16,
+    single_port_max_window: u16,
+    limit_loopback: bool,
+    adaptive_timeout: bool,
+    udp_gso: bool,
+    busy_poll: u64,
+    single_port: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port_range: Option<String>,
+    mtu_blksize: bool,
+    workers: usize,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    strip_prefix: &'a [String],
+    lowercase: bool,
+    ignore_case: bool,
+    unique_root: bool,
+    cache: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<&'a str>,
+    upstream_timeout: f64,
+    upstream_cache: u64,
+    upstream_workers: usize,
+    open_timeout: f64,
+    stats_interval: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_file: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<String>,
+    log_format: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_file: Option<&'a str>,
+    verbose: u32,
+    quiet: bool,
+}
+
+/// A path as the file writes it (paths come from UTF-8 arguments and files).
+fn path_text(path: &Path) -> &str {
+    path.to_str().unwrap_or_default()
 }
 
 impl Config {
@@ -153,102 +225,60 @@ impl Config {
         }
     }
 
-    /// The settings as a configuration file (what `--check-config` prints).
-    pub fn to_file_text(&self) -> String {
-        let mut out = String::new();
-        for addr in &self.listen {
-            let _ = writeln!(out, "listen = {addr}");
-        }
-        let _ = writeln!(out, "root = {}", self.root.display());
-        let _ = writeln!(out, "timeout = {}", self.timeout.as_secs_f64());
-        let _ = writeln!(out, "retries = {}", self.retries);
-        let _ = writeln!(out, "max-blksize = {}", self.max_blksize);
-        let _ = writeln!(out, "max-window = {}", self.max_window);
-        if let Some(max) = self.max_sessions {
-            let _ = writeln!(out, "max-sessions = {max}");
-        }
-        let _ = writeln!(out, "rate-limit = {}", self.rate_limit);
-        let _ = writeln!(out, "rate-burst = {}", self.rate_burst);
-        let _ = writeln!(out, "max-per-client = {}", self.max_per_client);
-        let _ = writeln!(
-            out,
-            "max-unverified-per-client = {}",
-            self.max_unverified_per_client
-        );
-        let _ = writeln!(out, "limit-loopback = {}", self.limit_loopback);
-        let _ = writeln!(
-            out,
-            "progress-timeout = {}",
-            self.progress_timeout.as_secs_f64()
-        );
-        let _ = writeln!(out, "window-memory = {}", self.window_memory);
-        let _ = writeln!(
-            out,
-            "single-port-max-blksize = {}",
-            self.single_port_max_blksize
-        );
-        let _ = writeln!(
-            out,
-            "single-port-max-window = {}",
-            self.single_port_max_window
-        );
-        let _ = writeln!(
-            out,
-            "adaptive-timeout = {}",
-            if self.adaptive_timeout { "on" } else { "off" }
-        );
-        let _ = writeln!(out, "udp-gso = {}", if self.udp_gso { "on" } else { "off" });
-        let _ = writeln!(out, "busy-poll = {}", self.busy_poll);
-        let _ = writeln!(out, "single-port = {}", self.single_port);
-        if let Some((low, high)) = self.port_range {
-            let _ = writeln!(out, "port-range = {low}:{high}");
-        }
-        let _ = writeln!(out, "mtu-blksize = {}", on_off(self.mtu_blksize));
-        let _ = writeln!(out, "workers = {}", self.workers);
-        let _ = writeln!(out, "ignore-case = {}", self.ignore_case);
-        let _ = writeln!(out, "unique-root = {}", self.unique_root);
-        let _ = writeln!(out, "lowercase = {}", self.lowercase);
-        for prefix in &self.strip_prefix {
-            let _ = writeln!(out, "strip-prefix = {prefix}");
-        }
-        let _ = writeln!(out, "cache = {}", self.cache);
-        let _ = writeln!(
-            out,
-            "stats-interval = {}",
-            self.stats_interval.as_secs_f64()
-        );
-        if let Some(user) = &self.user {
-            let _ = writeln!(out, "user = {user}");
-        }
-        let _ = writeln!(out, "verbose = {}", self.verbose);
-        let _ = writeln!(out, "quiet = {}", self.quiet);
-        if let Some(path) = &self.metrics_file {
-            let _ = writeln!(out, "metrics-file = {}", path.display());
-        }
-        if let Some(addr) = &self.metrics_listen {
-            let _ = writeln!(out, "metrics-listen = {addr}");
-        }
-        let _ = writeln!(out, "log-format = {}", self.log_format.as_str());
-        if let Some(path) = &self.log_file {
-            let _ = writeln!(out, "log-file = {}", path.display());
-        }
-        if let Some(url) = &self.upstream {
-            let _ = writeln!(out, "upstream = {url}");
-        }
-        let _ = writeln!(
-            out,
-            "upstream-timeout = {}",
-            self.upstream_timeout.as_secs_f64()
-        );
-        let _ = writeln!(out, "upstream-cache = {}", self.upstream_cache);
-        let _ = writeln!(out, "upstream-workers = {}", self.upstream_workers);
-        out
+    /// The settings as a TOML configuration file (what `--check-config` prints), which
+    /// reads back as the same settings.
+    pub fn to_toml(&self) -> Result<String, String> {
+        let settings = FileSettings {
+            listen: self.listen.iter().map(|a| a.to_string()).collect(),
+            root: path_text(&self.root),
+            timeout: self.timeout.as_secs_f64(),
+            retries: self.retries,
+            max_blksize: self.max_blksize,
+            max_window: self.max_window,
+            max_sessions: self.max_sessions,
+            rate_limit: self.rate_limit,
+            rate_burst: self.rate_burst,
+            max_per_client: self.max_per_client,
+            max_unverified_per_client: self.max_unverified_per_client,
+            progress_timeout: self.progress_timeout.as_secs_f64(),
+            window_memory: self.window_memory,
+            single_port_max_blksize: self.single_port_max_blksize,
+            single_port_max_window: self.single_port_max_window,
+            limit_loopback: self.limit_loopback,
+            adaptive_timeout: self.adaptive_timeout,
+            udp_gso: self.udp_gso,
+            busy_poll: self.busy_poll,
+            single_port: self.single_port,
+            port_range: self.port_range.map(|(low, high)| format!("{low}:{high}")),
+            mtu_blksize: self.mtu_blksize,
+            workers: self.workers,
+            strip_prefix: &self.strip_prefix,
+            lowercase: self.lowercase,
+            ignore_case: self.ignore_case,
+            unique_root: self.unique_root,
+            cache: self.cache,
+            upstream: self.upstream.as_deref(),
+            upstream_timeout: self.upstream_timeout.as_secs_f64(),
+            upstream_cache: self.upstream_cache,
+            upstream_workers: self.upstream_workers,
+            open_timeout: self.open_timeout.as_secs_f64(),
+            stats_interval: self.stats_interval.as_secs_f64(),
+            user: self.user.as_deref(),
+            metrics_file: self.metrics_file.as_deref().map(path_text),
+            metrics_listen: self.metrics_listen.map(|a| a.to_string()),
+            log_format: self.log_format.as_str(),
+            log_file: self.log_file.as_deref().map(path_text),
+            verbose: self.verbose,
+            quiet: self.quiet,
+        };
+        toml::to_string(&settings).map_err(|e| format!("cannot print the settings: {e}"))
     }
 
-    /// Sets the setting `key` (a long flag name) from `text`. On a bad value, says why:
-    /// `invalid value for {prefix}{key}: "{text}"`.
-    fn set(&mut self, key: &str, text: &str, prefix: &str) -> Result<(), String> {
-        let bad = || format!("invalid value for {prefix}{key}: {text:?}");
+    /// Sets the setting `key` (a long flag's name) from `text`. On a bad value, says why:
+    /// `invalid value for {name}: {shown}`, with `name` and `shown` as the user wrote them
+    /// (`--timeout` and `"abc"` for a flag, `timeout` and `true` in the file).
+    fn set(&mut self, key: &str, text: &str, name: &str, shown: &str) -> Result<(), String> {
+        let bad = || format!("invalid value for {name}: {shown}");
         match key {
             "listen" => {
                 let addr = text.parse::<SocketAddr>().map_err(|_| {
@@ -342,13 +372,38 @@ impl Config {
             "workers" => {
                 self.workers = number(text, |n: &usize| (1..=1024).contains(n)).ok_or_else(bad)?
             }
-            "cache" => {
-                self.cache = bytes(text).ok_or_else(|| {
+            "cache" | "upstream-cache" => {
+                let size = bytes(text).ok_or_else(|| {
                     format!(
                         "{} (expected bytes, e.g. 0, 65536, 512K, 256M or 2G)",
                         bad()
                     )
-                })?
+                })?;
+                match key {
+                    "cache" => self.cache = size,
+                    _ => self.upstream_cache = size,
+                }
+            }
+            "upstream" => {
+                if !http_url(text) {
+                    return Err(format!(
+                        "{} (expected an http:// or https:// URL, e.g. http://repo.example/boot/)",
+                        bad()
+                    ));
+                }
+                self.upstream = Some(text.to_string());
+            }
+            "upstream-timeout" => {
+                self.upstream_timeout = seconds(text, MIN_UPSTREAM_TIMEOUT)
+                    .ok_or_else(|| format!("{} (at least {MIN_UPSTREAM_TIMEOUT:?})", bad()))?
+            }
+            "upstream-workers" => {
+                self.upstream_workers =
+                    number(text, |n: &usize| (1..=256).contains(n)).ok_or_else(bad)?
+            }
+            "open-timeout" => {
+                self.open_timeout = seconds(text, MIN_OPEN_TIMEOUT)
+                    .ok_or_else(|| format!("{} (at least {MIN_OPEN_TIMEOUT:?})", bad()))?
             }
             "stats-interval" => {
                 self.stats_interval = seconds(text, MIN_STATS_INTERVAL)
@@ -382,109 +437,232 @@ impl Config {
                 }
             }
             "log-file" if !text.is_empty() => self.log_file = Some(PathBuf::from(text)),
-            "upstream" if text.starts_with("http://") || text.starts_with("https://") => {
-                self.upstream = Some(text.to_string())
-            }
-            "upstream-timeout" => {
-                self.upstream_timeout = seconds(text, MIN_TIMEOUT)
-                    .ok_or_else(|| format!("{} (at least {MIN_TIMEOUT:?})", bad()))?
-            }
-            "upstream-cache" => {
-                self.upstream_cache = bytes(text).ok_or_else(|| {
-                    format!("{} (expected bytes, e.g. 0, 512K, 256M or 2G)", bad())
-                })?
-            }
-            "upstream-workers" => {
-                self.upstream_workers =
-                    number(text, |n: &usize| (1..=1024).contains(n)).ok_or_else(bad)?
-            }
-            _ if FILE_KEYS.contains(&key) => return Err(bad()),
+            _ if kind(key).is_some() => return Err(bad()),
             _ => return Err(format!("unknown setting {key:?}")),
         }
         Ok(())
     }
 
-    /// Applies a configuration file's text; errors name `path` and the line.
+    /// Sets a flag's setting from its value on the command line.
+    fn set_flag(&mut self, key: &str, text: &str) -> Result<(), String> {
+        self.set(key, text, &format!("--{key}"), &format!("{text:?}"))
+    }
+
+    /// Applies a TOML configuration file's text; errors start with `path` and the line
+    /// and column.
     fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), String> {
-        let mut seen: Vec<(&str, usize)> = Vec::new();
-        // Editors on some systems start a UTF-8 file with a byte-order mark.
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        for (i, raw) in text.lines().enumerate() {
-            let line = i + 1;
-            let at = |why: String| format!("{}:{line}: {why}", path.display());
-            let trimmed = raw.trim();
-            if trimmed.is_empty() || trimmed.starts_with('#') {
+        let at = |offset: usize, why: String| {
+            let (line, column) = line_and_column(text, offset);
+            format!("{}: line {line}, column {column}: {why}", path.display())
+        };
+        let table: BTreeMap<Spanned<String>, Spanned<toml::Value>> =
+            toml::from_str(text).map_err(|e| {
+                let offset = e.span().map_or(0, |span| span.start);
+                let mut why = e.message().trim_end().to_string();
+                if let Some(hint) = toml_hint(text, offset, &why) {
+                    why.push_str(&hint);
+                }
+                at(offset, why)
+            })?;
+        // In the order of the file, so that the first mistake is the one reported.
+        let mut entries: Vec<_> = table.into_iter().collect();
+        entries.sort_by_key(|(key, _)| key.span().start);
+        for (key, value) in entries {
+            let name = key.get_ref().as_str();
+            if ROUTER_KEYS.contains(&name) {
                 continue;
             }
-            let Some((key, value)) = trimmed.split_once('=') else {
-                return Err(at(format!("expected `key = value`, found {trimmed:?}")));
+            let Some(kind) = kind(name) else {
+                return Err(at(key.span().start, format!("unknown key {name:?}")));
             };
-            let key = key.trim();
-            let value = value.trim();
-            let value = match value.strip_prefix('"') {
-                Some(rest) => rest
-                    .strip_suffix('"')
-                    .ok_or_else(|| at(format!("unterminated quote in {value:?}")))?,
-                None => value,
+            let offset = value.span().start;
+            let value = value.into_inner();
+            let Some(texts) = kind.texts(&value) else {
+                return Err(at(
+                    offset,
+                    format!(
+                        "invalid value for {name}: {value} (expected {})",
+                        kind.expected()
+                    ),
+                ));
             };
-            if !FILE_KEYS.contains(&key) {
-                return Err(at(format!("unknown setting {key:?}")));
+            for (text, shown) in texts {
+                self.set(name, &text, name, &shown)
+                    .map_err(|why| at(offset, why))?;
             }
-            if key != "listen" && key != "strip-prefix" {
-                if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
-                    return Err(at(format!("{key} is already set on line {first}")));
-                }
-                seen.push((key, line));
-            }
-            self.set(key, value, "").map_err(at)?;
         }
         Ok(())
     }
 }
 
-/// The settings a configuration file may hold: every flag but these four.
-pub const FILE_KEYS: [&str; 40] = [
-    "listen",
-    "root",
-    "timeout",
-    "retries",
-    "max-blksize",
-    "max-window",
-    "max-sessions",
-    "rate-limit",
-    "rate-burst",
-    "max-per-client",
-    "max-unverified-per-client",
-    "limit-loopback",
-    "progress-timeout",
-    "window-memory",
-    "single-port-max-blksize",
-    "single-port-max-window",
-    "adaptive-timeout",
-    "udp-gso",
-    "busy-poll",
-    "single-port",
-    "port-range",
-    "mtu-blksize",
-    "workers",
-    "ignore-case",
-    "unique-root",
-    "lowercase",
-    "strip-prefix",
-    "cache",
-    "stats-interval",
-    "user",
-    "verbose",
-    "quiet",
-    "metrics-file",
-    "metrics-listen",
-    "log-format",
-    "log-file",
-    "upstream",
-    "upstream-timeout",
-    "upstream-cache",
-    "upstream-workers",
+/// 1-based line and column (in characters) of the byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text_before(text, offset);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
+
+/// The text before byte `offset` (or before the character it falls in).
+fn text_before(text: &str, offset: usize) -> &str {
+    let end = (0..=offset.min(text.len()))
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    &text[..end]
+}
+
+/// How to fix a TOML syntax error (`message` at `offset`) on a line that sets a known
+/// setting, where a file of the old `key = value` format fails: an unquoted string, or a
+/// repeatable setting given on several lines.
+fn toml_hint(text: &str, offset: usize, message: &str) -> Option<String> {
+    let line_start = text_before(text, offset).rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let (key, value) = line.split_once('=')?;
+    let (key, value) = (key.trim(), value.trim());
+    let kind = kind(key)?;
+    if message == "duplicate key" && matches!(kind, Kind::List) {
+        return Some(format!(
+            " ({key} takes several values as one array, e.g. {key} = [\"a\", \"b\"])"
+        ));
+    }
+    let unquoted = !value.is_empty() && !value.starts_with(['"', '\'', '[', '{']);
+    if !unquoted || !matches!(kind, Kind::Text | Kind::List | Kind::Bytes | Kind::OnOff) {
+        return None;
+    }
+    let string = toml::Value::String(value.to_string());
+    let fixed = match kind {
+        Kind::List => toml::Value::Array(vec![string]),
+        _ => string,
+    };
+    Some(format!(
+        " (the configuration file is TOML, no longer `key = value` lines: strings are \
+         quoted, e.g. {key} = {fixed})"
+    ))
+}
+
+/// What a setting's value may be in the file. Every value goes through
+/// [`Config::set`], as the flags' do: the file and the flags refuse the same.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// A string.
+    Text,
+    /// A string, or an array of strings (a repeatable flag).
+    List,
+    /// An integer.
+    Integer,
+    /// An integer or a float (seconds, a rate).
+    Number,
+    /// An integer, or a string with a K, M or G suffix.
+    Bytes,
+    /// A boolean (`true` or `false`).
+    Flag,
+    /// A boolean, or the flag's own `"on"` or `"off"`.
+    OnOff,
+}
+
+impl Kind {
+    /// The flag texts `value` stands for, each with the value as the file shows it; `None`
+    /// if `value` is of the wrong type.
+    fn texts(self, value: &toml::Value) -> Option<Vec<(String, String)>> {
+        use toml::Value as V;
+        let one = |text: String| Some(vec![(text, value.to_string())]);
+        match (self, value) {
+            (Kind::List, V::Array(items)) => items
+                .iter()
+                .map(|item| Some((item.as_str()?.to_string(), item.to_string())))
+                .collect(),
+            (Kind::Text | Kind::List | Kind::Bytes | Kind::OnOff, V::String(s)) => one(s.clone()),
+            (Kind::Integer | Kind::Number | Kind::Bytes, V::Integer(n)) => one(n.to_string()),
+            (Kind::Number, V::Float(x)) => one(x.to_string()),
+            (Kind::Flag, V::Boolean(on)) => one(on.to_string()),
+            (Kind::OnOff, V::Boolean(on)) => one(on_off(*on).to_string()),
+            _ => None,
+        }
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Text => "a string",
+            Kind::List => "a string or an array of strings",
+            Kind::Integer => "an integer",
+            Kind::Number => "a number",
+            Kind::Bytes => "an integer or a string such as \"64M\"",
+            Kind::Flag => "true or false",
+            Kind::OnOff => "true or false (or \"on\" or \"off\")",
+        }
+    }
+}
+
+/// The settings a configuration file may hold (every flag but `--config`,
+/// `--check-config`, `--help` and `--version`), with the type of each value.
+const SETTINGS: [(&str, Kind); 41] = [
+    ("listen", Kind::List),
+    ("root", Kind::Text),
+    ("timeout", Kind::Number),
+    ("retries", Kind::Integer),
+    ("max-blksize", Kind::Integer),
+    ("max-window", Kind::Integer),
+    ("max-sessions", Kind::Integer),
+    ("rate-limit", Kind::Number),
+    ("rate-burst", Kind::Integer),
+    ("max-per-client", Kind::Integer),
+    ("max-unverified-per-client", Kind::Integer),
+    ("limit-loopback", Kind::Flag),
+    ("progress-timeout", Kind::Number),
+    ("window-memory", Kind::Bytes),
+    ("single-port-max-blksize", Kind::Integer),
+    ("single-port-max-window", Kind::Integer),
+    ("adaptive-timeout", Kind::OnOff),
+    ("udp-gso", Kind::OnOff),
+    ("busy-poll", Kind::Integer),
+    ("single-port", Kind::Flag),
+    ("port-range", Kind::Text),
+    ("mtu-blksize", Kind::OnOff),
+    ("workers", Kind::Integer),
+    ("ignore-case", Kind::Flag),
+    ("unique-root", Kind::Flag),
+    ("lowercase", Kind::Flag),
+    ("strip-prefix", Kind::List),
+    ("cache", Kind::Bytes),
+    ("upstream", Kind::Text),
+    ("upstream-timeout", Kind::Number),
+    ("upstream-cache", Kind::Bytes),
+    ("upstream-workers", Kind::Integer),
+    ("open-timeout", Kind::Number),
+    ("stats-interval", Kind::Number),
+    ("user", Kind::Text),
+    ("verbose", Kind::Integer),
+    ("quiet", Kind::Flag),
+    ("metrics-file", Kind::Text),
+    ("metrics-listen", Kind::Text),
+    ("log-format", Kind::Text),
+    ("log-file", Kind::Text),
 ];
+
+/// The top-level keys that belong to the router, which reads them from
+/// [`Config::config_file`]: accepted here, not checked.
+pub const ROUTER_KEYS: [&str; 3] = ["rule", "inventory", "host"];
+
+/// The type of the setting `key`; `None` if there is no such setting.
+fn kind(key: &str) -> Option<Kind> {
+    SETTINGS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, kind)| *kind)
+}
+
+/// An `http://` or `https://` URL with a host: printable ASCII, no spaces.
+fn http_url(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"));
+    rest.is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+        && text.bytes().all(|b| b.is_ascii_graphic())
+}
 
 /// `LOW:HIGH`, two ports with 1 <= LOW <= HIGH.
 fn port_range(text: &str) -> Option<(u16, u16)> {
@@ -505,7 +683,8 @@ fn number<T: FromStr>(text: &str, check: impl Fn(&T) -> bool) -> Option<T> {
     text.parse::<T>().ok().filter(check)
 }
 
-/// A byte count, with an optional K, M or G suffix (powers of 1024).
+/// A byte count, with an optional K, M or G suffix (powers of 1024), at most
+/// `i64::MAX` (the largest TOML integer, so that `--check-config` can print it).
 fn bytes(text: &str) -> Option<u64> {
     let (digits, unit) = match text.char_indices().last()? {
         (i, 'K' | 'k') => (&text[..i], 1u64 << 10),
@@ -513,7 +692,11 @@ fn bytes(text: &str) -> Option<u64> {
         (i, 'G' | 'g') => (&text[..i], 1 << 30),
         _ => (text, 1),
     };
-    digits.parse::<u64>().ok()?.checked_mul(unit)
+    digits
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(unit)
+        .filter(|b| i64::try_from(*b).is_ok())
 }
 
 /// Seconds from `min` to a day, fractions allowed.
@@ -527,6 +710,12 @@ fn seconds(text: &str, min: Duration) -> Option<Duration> {
 /// The shortest `--timeout`: below it, retransmissions would come as fast as the timer
 /// fires.
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+
+/// The shortest `--upstream-timeout`: as `--timeout`, more than zero.
+pub const MIN_UPSTREAM_TIMEOUT: Duration = MIN_TIMEOUT;
+
+/// The shortest `--open-timeout`: a dynamic source gets at least this long to open.
+pub const MIN_OPEN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The shortest `--stats-interval`: each report rewrites the metrics file.
 pub const MIN_STATS_INTERVAL: Duration = Duration::from_secs(1);
@@ -708,6 +897,36 @@ pub fn options() -> Options {
     );
     opts.optopt(
         "",
+        "upstream",
+        "names not found under --root come from this HTTP(S) repository, an http:// or https:// URL (default: none)",
+        "URL",
+    );
+    opts.optopt(
+        "",
+        "upstream-timeout",
+        "timeout in seconds of a request to the --upstream repository (default 10, at least 0.01)",
+        "SECS",
+    );
+    opts.optopt(
+        "",
+        "upstream-cache",
+        "keep up to BYTES of the --upstream repository's files in memory (suffix K, M or G; default 256M; 0: no cache)",
+        "BYTES",
+    );
+    opts.optopt(
+        "",
+        "upstream-workers",
+        "threads fetching from the --upstream repository, 1..256 (default 16)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "open-timeout",
+        "longest time in seconds a request waits for a dynamic source (the repository) to open before it gets ERROR 0; nothing is sent meanwhile (default 2, at least 0.1; never longer than --progress-timeout)",
+        "SECS",
+    );
+    opts.optopt(
+        "",
         "stats-interval",
         "seconds between server statistics reports (default 60, at least 1)",
         "SECS",
@@ -743,33 +962,9 @@ pub fn options() -> Options {
         "PATH",
     );
     opts.optopt(
-        "",
-        "upstream",
-        "serve names not found under the root from this HTTP(S) repository: URL + name (one GET per name at a time, tsize from Content-Length)",
-        "URL",
-    );
-    opts.optopt(
-        "",
-        "upstream-timeout",
-        "seconds the repository may take to connect, to answer, and between body reads (default 10)",
-        "SECS",
-    );
-    opts.optopt(
-        "",
-        "upstream-cache",
-        "keep up to BYTES of repository files in memory, revalidated after 60 s (suffix K, M or G; default 256M, 0: off)",
-        "BYTES",
-    );
-    opts.optopt(
-        "",
-        "upstream-workers",
-        "threads fetching from the repository, 1..1024 (default 16; 4 queued requests each)",
-        "N",
-    );
-    opts.optopt(
         "c",
         "config",
-        "read settings from FILE (key = value lines, keys named like the long flags; a regular file of at most 1 MiB); flags override it",
+        "read settings from FILE, a TOML file whose keys are the long flags' names (a regular file of at most 1 MiB); flags override it",
         "FILE",
     );
     opts.optflag(
@@ -817,12 +1012,15 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
     if let Some(path) = m.opt_str("config") {
         let path = PathBuf::from(path);
         let text = read_config_file(&path)?;
+        // Editors on some systems start a UTF-8 file with a byte-order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text).to_string();
         config.apply_file(&path, &text)?;
+        config.config_file = Some((path, text));
     }
     apply_flags(&mut config, &m)?;
     config.validate()?;
     if m.opt_present("check-config") {
-        return Ok(Command::Print(config.to_file_text()));
+        return Ok(Command::Print(config.to_toml()?));
     }
     Ok(Command::Serve(Box::new(config)))
 }
@@ -891,6 +1089,7 @@ impl Config {
             )
             .limit_loopback(self.limit_loopback)
             .progress_timeout(self.progress_timeout)
+            .open_timeout(self.open_timeout)
             .window_memory(usize::try_from(self.window_memory).unwrap_or(usize::MAX))
             .single_port_limits(Limits {
                 max_blksize: self.single_port_max_blksize,
@@ -939,13 +1138,13 @@ impl Handler for NoFiles {
 
 /// Applies the command-line flags over the settings from the file.
 fn apply_flags(config: &mut Config, m: &Matches) -> Result<(), String> {
-    for key in FILE_KEYS {
+    for (key, _) in SETTINGS {
         match key {
             "verbose" | "quiet" => continue,
             // Flags without a value.
             "single-port" | "ignore-case" | "unique-root" | "lowercase" | "limit-loopback" => {
                 if m.opt_present(key) {
-                    config.set(key, "true", "--")?;
+                    config.set_flag(key, "true")?;
                 }
                 continue;
             }
@@ -954,7 +1153,7 @@ fn apply_flags(config: &mut Config, m: &Matches) -> Result<(), String> {
             _ => {}
         }
         for value in m.opt_strs(key) {
-            config.set(key, &value, "--")?;
+            config.set_flag(key, &value)?;
         }
     }
     let (quiet, verbose) = (m.opt_present("q"), m.opt_count("v"));
@@ -992,7 +1191,7 @@ mod tests {
     impl File {
         fn new(tag: &str, text: &str) -> File {
             let path = std::env::temp_dir()
-                .join(format!("dyntftpd-config-{tag}-{}.conf", std::process::id()));
+                .join(format!("dyntftpd-config-{tag}-{}.toml", std::process::id()));
             std::fs::write(&path, text).unwrap();
             File(path)
         }
@@ -1089,12 +1288,12 @@ mod tests {
         assert_eq!(config(&[]).metrics_listen, None);
         let c = config(&["--metrics-listen", "[::1]:9169"]);
         assert_eq!(c.metrics_listen, "[::1]:9169".parse().ok());
-        let file = File::new("scrape", "metrics-listen = 127.0.0.1:9169\n");
+        let file = File::new("scrape", "metrics-listen = \"127.0.0.1:9169\"\n");
         let c = config(&["--config", file.arg()]);
         assert_eq!(c.metrics_listen, "127.0.0.1:9169".parse().ok());
         let check = parse_args(&args(&["--check-config", "--config", file.arg()]));
         assert!(
-            matches!(check, Ok(Command::Print(t)) if t.contains("metrics-listen = 127.0.0.1:9169\n"))
+            matches!(check, Ok(Command::Print(t)) if t.contains("metrics-listen = \"127.0.0.1:9169\"\n"))
         );
         for bad in ["9169", "localhost:9169", ""] {
             let err = parse_args(&args(&["--metrics-listen", bad]))
@@ -1127,7 +1326,7 @@ mod tests {
         assert!(c.adaptive_timeout);
         let file = File::new(
             "limits",
-            "rate-limit = 2.5\nrate-burst = 10\nmax-per-client = 0\nadaptive-timeout = off\n",
+            "rate-limit = 2.5\nrate-burst = 10\nmax-per-client = 0\nadaptive-timeout = \"off\"\n",
         );
         let c = config(&["--config", file.arg(), "--rate-burst", "20"]);
         assert_eq!((c.rate_limit, c.rate_burst, c.max_per_client), (2.5, 20, 0));
@@ -1153,15 +1352,18 @@ mod tests {
         }
         let file = File::new("single", "single-port = true\n");
         assert!(config(&["--config", file.arg()]).single_port);
-        let file = File::new("single-bad", "single-port = yes\n");
+        let file = File::new("single-bad", "single-port = \"yes\"\n");
         let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
-        assert!(err.contains(":1: invalid value for single-port"), "{err}");
-        let text = c.to_file_text();
+        assert!(
+            err.contains(": line 1, column 15: invalid value for single-port: \"yes\""),
+            "{err}"
+        );
+        let text = c.to_toml().unwrap();
         for line in [
             "rate-limit = 2.5\n",
             "rate-burst = 20\n",
             "max-per-client = 0\n",
-            "adaptive-timeout = off\n",
+            "adaptive-timeout = false\n",
         ] {
             assert!(text.contains(line), "{line:?} in {text}");
         }
@@ -1188,7 +1390,7 @@ mod tests {
         assert_eq!(c.cache, 0);
         let file = File::new(
             "remap",
-            "strip-prefix = /tftpboot\nstrip-prefix = boot\nignore-case = true\ncache = 2M\n",
+            "strip-prefix = [\"/tftpboot\", \"boot\"]\nignore-case = true\ncache = \"2M\"\n",
         );
         let c = config(&["--config", file.arg(), "--unique-root", "--lowercase"]);
         assert_eq!(c.strip_prefix, ["/tftpboot", "boot"]);
@@ -1200,15 +1402,29 @@ mod tests {
         assert_eq!(config(&["--cache", "512K"]).cache, 512 << 10);
         assert_eq!(config(&["--cache", "1g"]).cache, 1 << 30);
         assert_eq!(config(&["--cache", "4096"]).cache, 4096);
-        for bad in ["", "K", "-1", "1.5M", "99999999999G", "1T"] {
+        for bad in [
+            "",
+            "K",
+            "-1",
+            "1.5M",
+            "99999999999G",
+            "1T",
+            "9223372036854775808",
+        ] {
             let err = parse_args(&args(&["--cache", bad]))
                 .err()
                 .unwrap_or_default();
             assert!(err.contains("invalid value for --cache"), "{bad:?}: {err}");
         }
-        let file = File::new("remap-bad", "lowercase = yes\n");
+        let file = File::new("remap-bad", "lowercase = \"yes\"\n");
         let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
-        assert!(err.contains(":1: invalid value for lowercase"), "{err}");
+        assert!(
+            err.contains(": line 1, column 13: invalid value for lowercase"),
+            "{err}"
+        );
+        // One prefix may be a plain string.
+        let file = File::new("remap-one", "strip-prefix = \"/tftpboot/\"\n");
+        assert_eq!(config(&["-c", file.arg()]).strip_prefix, ["/tftpboot/"]);
     }
 
     #[test]
@@ -1217,8 +1433,7 @@ mod tests {
             "all",
             "# dyntftpd settings\n\
              \n\
-             listen = 127.0.0.1:6969\n\
-             listen = [::1]:6969\n\
+             listen = [\"127.0.0.1:6969\", \"[::1]:6969\"]\n\
              root = \"/srv/tftp boot\"\n\
              timeout = 2.5\n\
              retries = 7\n\
@@ -1226,12 +1441,12 @@ mod tests {
              max-window = 8\n\
              max-sessions = 100\n\
              stats-interval = 30\n\
-             user = tftp\n\
-             \x20 verbose = 1  \n\
+             user = 'tftp'\n\
+             \x20 verbose = 1  # a comment\n\
              quiet = false\n\
-             metrics-file = /var/lib/m.prom\n\
-             log-format = json\n\
-             log-file = /var/log/dyntftpd.log\n",
+             metrics-file = \"/var/lib/m.prom\"\n\
+             log-format = \"json\"\n\
+             log-file = \"/var/log/dyntftpd.log\"\n",
         );
         let c = config(&["--config", file.arg()]);
         assert_eq!(c.listen.len(), 2);
@@ -1268,7 +1483,7 @@ mod tests {
     fn check_config_output_reads_back_the_same() {
         let file = File::new(
             "roundtrip",
-            "listen = 127.0.0.1:69\nmax-sessions = 4\nquiet = true\n",
+            "listen = \"127.0.0.1:69\"\nmax-sessions = 4\nquiet = true\n",
         );
         let Ok(Command::Print(text)) = parse_args(&args(&["-c", file.arg(), "--check-config"]))
         else {
@@ -1281,6 +1496,7 @@ mod tests {
         };
         assert_eq!(text, text2);
         assert!(text.contains("max-sessions = 4\n") && text.contains("quiet = true\n"));
+        assert!(text.contains("listen = [\"127.0.0.1:69\"]\n"), "{text}");
     }
 
     #[test]
@@ -1314,9 +1530,9 @@ mod tests {
         );
         c.validate().expect("valid");
         // What --check-config prints reads back as the same settings.
-        let file = File::new("hardening", &c.to_file_text());
+        let file = File::new("hardening", &c.to_toml().unwrap());
         let again = config(&["--config", file.arg()]);
-        assert_eq!(again.to_file_text(), c.to_file_text());
+        assert_eq!(again.to_toml(), c.to_toml());
         for (flag, value) in [
             ("--progress-timeout", "0.5"),
             ("--window-memory", "1K"),
@@ -1339,14 +1555,15 @@ mod tests {
             config(&["--port-range", "69:69"]).port_range,
             Some((69, 69))
         );
-        let text = c.to_file_text();
+        let text = c.to_toml().unwrap();
         assert!(
-            text.contains("port-range = 50000:50999\n") && text.contains("mtu-blksize = off\n"),
+            text.contains("port-range = \"50000:50999\"\n")
+                && text.contains("mtu-blksize = false\n"),
             "{text}"
         );
         let file = File::new("ports", &text);
         let again = config(&["--config", file.arg()]);
-        assert_eq!(again.to_file_text(), text);
+        assert_eq!(again.to_toml().unwrap(), text);
         // The flag overrides the file.
         let c = config(&["--config", file.arg(), "--port-range", "7000:7001"]);
         assert_eq!(c.port_range, Some((7000, 7001)));
@@ -1388,11 +1605,11 @@ mod tests {
         let file = File::new("loopback", "limit-loopback = true\n");
         let c = config(&["--config", file.arg()]);
         assert!(c.limit_loopback);
-        assert!(c.to_file_text().contains("limit-loopback = true\n"));
-        let file = File::new("loopback-bad", "limit-loopback = on\n");
+        assert!(c.to_toml().unwrap().contains("limit-loopback = true\n"));
+        let file = File::new("loopback-bad", "limit-loopback = \"on\"\n");
         let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
         assert!(
-            err.contains(":1: invalid value for limit-loopback"),
+            err.contains(": line 1, column 18: invalid value for limit-loopback: \"on\" (expected true or false)"),
             "{err}"
         );
     }
@@ -1437,16 +1654,30 @@ mod tests {
         c.timeout = Duration::ZERO;
         let err = c.validate().unwrap_err();
         assert!(err.contains("timeout must be more than zero"), "{err}");
+        // The open timeout reaches the library too.
+        let mut c = config(&[]);
+        c.open_timeout = Duration::ZERO;
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("open timeout must be more than zero"), "{err}");
     }
 
     #[test]
     fn a_byte_order_mark_is_accepted() {
         let file = File::new("bom", "\u{feff}retries = 9\n");
-        assert_eq!(config(&["--config", file.arg()]).retries, 9);
+        let c = config(&["--config", file.arg()]);
+        assert_eq!(c.retries, 9);
+        // The router gets the text without it.
+        assert_eq!(
+            c.config_file,
+            Some((file.0.clone(), "retries = 9\n".to_string()))
+        );
         // Only at the very start.
         let file = File::new("bom-late", "retries = 9\n\u{feff}timeout = 2\n");
         let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
-        assert!(err.contains(":2: unknown setting"), "{err}");
+        assert!(
+            err.starts_with(&format!("{}: line 2, column 1: ", file.arg())),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1486,29 +1717,399 @@ mod tests {
     }
 
     #[test]
-    fn file_errors_name_the_file_and_line() {
-        for (text, line, needle) in [
-            ("retries = 3\nbogus = 1\n", 2, "unknown setting \"bogus\""),
+    fn file_errors_name_the_file_line_and_column() {
+        for (text, place, needle) in [
+            (
+                "retries = 3\n\nfoo = 1\n",
+                "3, column 1",
+                "unknown key \"foo\"",
+            ),
             (
                 "\n\nmax-blksize = 7\n",
-                3,
-                "invalid value for max-blksize: \"7\"",
+                "3, column 15",
+                "invalid value for max-blksize: 7",
             ),
-            ("root\n", 1, "expected `key = value`"),
-            ("timeout = 1\ntimeout = 2\n", 2, "already set on line 1"),
-            ("listen = nowhere\n", 1, "invalid value for listen"),
-            ("quiet = maybe\n", 1, "invalid value for quiet"),
-            ("root = \"/srv\n", 1, "unterminated quote"),
-            ("config = /etc/x\n", 1, "unknown setting \"config\""),
-            ("quiet = true\nverbose = 2\n", 0, "exclude each other"),
+            ("root\n", "1, column 5", "expected"),
+            ("timeout = 1\ntimeout = 2\n", "2, column 1", "duplicate key"),
+            (
+                "listen = \"nowhere\"\n",
+                "1, column 10",
+                "invalid value for listen: \"nowhere\" (expected ADDR:PORT",
+            ),
+            (
+                "listen = [\"127.0.0.1:69\", \"nowhere\"]\n",
+                "1, column 10",
+                "invalid value for listen: \"nowhere\"",
+            ),
+            (
+                "quiet = \"maybe\"\n",
+                "1, column 9",
+                "invalid value for quiet: \"maybe\" (expected true or false)",
+            ),
+            ("root = \"/srv\n", "1, column", "invalid basic string"),
+            (
+                "config = \"/etc/x\"\n",
+                "1, column 1",
+                "unknown key \"config\"",
+            ),
+            (
+                "retries = 1.5\n",
+                "1, column 11",
+                "invalid value for retries: 1.5 (expected an integer)",
+            ),
+            (
+                "retries = -1\n",
+                "1, column 11",
+                "invalid value for retries: -1",
+            ),
+            (
+                "timeout = \"2\"\n",
+                "1, column 11",
+                "invalid value for timeout: \"2\" (expected a number)",
+            ),
+            (
+                "[upstream]\ntimeout = 5\n",
+                "1, column 1",
+                "invalid value for upstream: ",
+            ),
+            ("[listen]\n", "1, column 1", "invalid value for listen"),
+            (
+                "cache = 1.5\n",
+                "1, column 9",
+                "(expected an integer or a string such as \"64M\")",
+            ),
+            (
+                "strip-prefix = [[\"a\"]]\n",
+                "1, column 16",
+                "(expected a string or an array of strings)",
+            ),
+            // Unicode before the mistake: the column counts characters.
+            (
+                "root = \"/srv/é\" \nverbose = 3\n",
+                "2, column 11",
+                "invalid value for verbose: 3",
+            ),
+            ("user = \"é\"; x = 1\n", "1, column 11", "expected"),
         ] {
             let file = File::new("bad", text);
             let err = parse_args(&args(&["--config", file.arg()]))
                 .err()
                 .unwrap_or_default();
-            let place = format!("{}:{line}: ", file.arg());
+            assert!(
+                err.starts_with(&format!("{}: line {place}", file.arg())),
+                "{text:?}: {err}"
+            );
             assert!(err.contains(needle), "{text:?}: {err}");
-            assert!(line == 0 || err.starts_with(&place), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
         }
+        let file = File::new("both", "quiet = true\nverbose = 2\n");
+        let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
+        assert!(err.contains("exclude each other"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_error_has_the_documented_shape() {
+        let file = File::new("unknown", "root = \"/srv\"\n# two\nfoo = 1\n");
+        let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
+        assert_eq!(
+            err,
+            format!("{}: line 3, column 1: unknown key \"foo\"", file.arg())
+        );
+    }
+
+    #[test]
+    fn a_file_in_the_old_format_is_told_about_toml() {
+        for (text, fix) in [
+            ("root = /srv/tftp\n", "root = \"/srv/tftp\""),
+            ("# old\nretries = 3\ncache = 2M\n", "cache = \"2M\""),
+            ("listen = 127.0.0.1:69\n", "listen = [\"127.0.0.1:69\"]"),
+            ("adaptive-timeout = off\n", "adaptive-timeout = \"off\""),
+            ("log-file = C:\\log\n", "log-file = 'C:\\log'"),
+        ] {
+            let file = File::new("old", text);
+            let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
+            assert!(
+                err.contains("the configuration file is TOML"),
+                "{text:?}: {err}"
+            );
+            assert!(err.contains(&format!("e.g. {fix})")), "{text:?}: {err}");
+            // The suggestion itself reads.
+            let fixed = File::new("old-fixed", &format!("{fix}\n"));
+            assert!(
+                parse_args(&args(&["--config", fixed.arg()])).is_ok(),
+                "{fix}"
+            );
+        }
+        // Other TOML mistakes get no such hint: not a setting, a quoted value, a number.
+        for text in [
+            "[[rule]\n",
+            "root = \"/srv\n",
+            "timeout = 1.5.3\n",
+            "bogus = x\n",
+        ] {
+            let file = File::new("not-old", text);
+            let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
+            assert!(!err.contains("is TOML"), "{text:?}: {err}");
+        }
+        // The old format repeated listen and strip-prefix lines.
+        let file = File::new(
+            "old-repeated",
+            "strip-prefix = \"/a\"\nstrip-prefix = \"/b\"\n",
+        );
+        let err = parse_args(&args(&["--config", file.arg()])).err().unwrap();
+        assert!(
+            err.contains("line 2, column 1: duplicate key (strip-prefix takes several values as one array, e.g. strip-prefix = [\"a\", \"b\"])"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_values_go_through_the_flags_checks() {
+        // (key, the value in the file, the same value as a flag): both refused, for the
+        // same reason.
+        for (key, in_file, as_flag) in [
+            ("timeout", "0.001", "0.001"),
+            ("timeout", "nan", "NaN"),
+            ("timeout", "100000", "100000"),
+            ("progress-timeout", "0.5", "0.5"),
+            ("stats-interval", "0", "0"),
+            ("max-blksize", "65465", "65465"),
+            ("max-window", "0", "0"),
+            ("max-sessions", "0", "0"),
+            ("retries", "1001", "1001"),
+            ("rate-limit", "-1", "-1"),
+            ("rate-burst", "0", "0"),
+            ("max-per-client", "-1", "-1"),
+            ("window-memory", "\"1K\"", "1K"),
+            ("window-memory", "1024", "1024"),
+            ("single-port-max-blksize", "7", "7"),
+            ("single-port-max-window", "0", "0"),
+            ("adaptive-timeout", "\"maybe\"", "maybe"),
+            ("udp-gso", "\"yes\"", "yes"),
+            ("busy-poll", "10001", "10001"),
+            ("port-range", "\"10:9\"", "10:9"),
+            ("mtu-blksize", "\"1\"", "1"),
+            ("workers", "1025", "1025"),
+            ("cache", "\"1T\"", "1T"),
+            ("cache", "-1", "-1"),
+            ("upstream", "\"ftp://repo/\"", "ftp://repo/"),
+            ("upstream", "\"http://\"", "http://"),
+            ("upstream", "\"http:///path\"", "http:///path"),
+            ("upstream", "\"http://repo/a b\"", "http://repo/a b"),
+            ("upstream-timeout", "0", "0"),
+            ("upstream-cache", "\"2X\"", "2X"),
+            ("upstream-workers", "0", "0"),
+            ("upstream-workers", "257", "257"),
+            ("open-timeout", "0.05", "0.05"),
+            ("metrics-listen", "\"9169\"", "9169"),
+            ("log-format", "\"yaml\"", "yaml"),
+            ("metrics-file", "\"/var/lib/\"", "/var/lib/"),
+            ("root", "\"\"", ""),
+        ] {
+            let file = File::new("same", &format!("{key} = {in_file}\n"));
+            let from_file = parse_args(&args(&["--config", file.arg()]))
+                .err()
+                .unwrap_or_default();
+            let flag = format!("--{key}");
+            let from_flag = parse_args(&args(&[&flag, as_flag]))
+                .err()
+                .unwrap_or_default();
+            let file_why = from_file
+                .split_once(&format!("invalid value for {key}: {in_file}"))
+                .map(|(_, why)| why);
+            let flag_why = from_flag
+                .split_once(&format!("invalid value for {flag}: {as_flag:?}"))
+                .map(|(_, why)| why);
+            assert!(
+                file_why.is_some() && file_why == flag_why,
+                "{key}: {from_file} | {from_flag}"
+            );
+        }
+        // -v counts; the file's verbose is 0, 1 or 2.
+        let file = File::new("verbose", "verbose = 3\n");
+        let err = parse_args(&args(&["-c", file.arg()])).err().unwrap();
+        assert!(err.ends_with("invalid value for verbose: 3"), "{err}");
+    }
+
+    #[test]
+    fn upstream_and_open_timeout_settings() {
+        let c = config(&[]);
+        assert_eq!(c.upstream, None);
+        assert_eq!(c.upstream_timeout, Duration::from_secs(10));
+        assert_eq!(c.upstream_cache, 256 << 20);
+        assert_eq!(c.upstream_workers, 16);
+        assert_eq!(c.open_timeout, Duration::from_secs(2));
+        let file = File::new(
+            "upstream",
+            "upstream = \"https://repo.example/boot/\"\nupstream-timeout = 2.5\n\
+             upstream-cache = \"64M\"\nupstream-workers = 4\nopen-timeout = 0.1\n",
+        );
+        let c = config(&["-c", file.arg()]);
+        assert_eq!(c.upstream.as_deref(), Some("https://repo.example/boot/"));
+        assert_eq!(c.upstream_timeout, Duration::from_millis(2500));
+        assert_eq!(c.upstream_cache, 64 << 20);
+        assert_eq!(c.upstream_workers, 4);
+        assert_eq!(c.open_timeout, Duration::from_millis(100));
+        // Flags override the file.
+        let c = config(&[
+            "-c",
+            file.arg(),
+            "--upstream",
+            "HTTP://other:8080",
+            "--upstream-cache",
+            "0",
+            "--upstream-workers",
+            "256",
+            "--open-timeout",
+            "3",
+            "--upstream-timeout",
+            "0.01",
+        ]);
+        assert_eq!(c.upstream.as_deref(), Some("HTTP://other:8080"));
+        assert_eq!((c.upstream_cache, c.upstream_workers), (0, 256));
+        assert_eq!(c.open_timeout, Duration::from_secs(3));
+        assert_eq!(c.upstream_timeout, Duration::from_millis(10));
+        let text = c.to_toml().unwrap();
+        for line in [
+            "upstream = \"HTTP://other:8080\"\n",
+            "upstream-cache = 0\n",
+            "upstream-workers = 256\n",
+            "open-timeout = 3.0\n",
+            "upstream-timeout = 0.01\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
+        let err = parse_args(&args(&["--open-timeout", "0.09"]))
+            .err()
+            .unwrap();
+        assert!(err.contains("(at least 100ms)"), "{err}");
+    }
+
+    #[test]
+    fn every_setting_is_printed_and_reads_back() {
+        // Every setting away from its default, every optional one present.
+        let c = config(&[
+            "-l",
+            "127.0.0.1:6969",
+            "-l",
+            "[::1]:6969",
+            "-r",
+            "/srv/tftp \"boot\"",
+            "--timeout",
+            "0.3",
+            "--retries",
+            "9",
+            "--max-blksize",
+            "1400",
+            "--max-window",
+            "4",
+            "--max-sessions",
+            "77",
+            "--rate-limit",
+            "0.5",
+            "--rate-burst",
+            "3",
+            "--max-per-client",
+            "0",
+            "--max-unverified-per-client",
+            "1",
+            "--limit-loopback",
+            "--progress-timeout",
+            "12.5",
+            "--window-memory",
+            "1G",
+            "--single-port-max-blksize",
+            "512",
+            "--single-port-max-window",
+            "2",
+            "--adaptive-timeout",
+            "off",
+            "--udp-gso",
+            "off",
+            "--busy-poll",
+            "0",
+            "--port-range",
+            "7000:7100",
+            "--mtu-blksize",
+            "off",
+            "--workers",
+            "3",
+            "--ignore-case",
+            "--unique-root",
+            "--lowercase",
+            "--strip-prefix",
+            "/tftpboot/",
+            "--strip-prefix",
+            "boot\\",
+            "--cache",
+            "9223372036854775807",
+            "--upstream",
+            "http://repo/{x}?a=\"b\"",
+            "--upstream-timeout",
+            "1e-2",
+            "--upstream-cache",
+            "1K",
+            "--upstream-workers",
+            "1",
+            "--open-timeout",
+            "86400",
+            "--stats-interval",
+            "1.25",
+            "-u",
+            "tftp",
+            "--metrics-file",
+            "/run/m.prom",
+            "--metrics-listen",
+            "[::1]:9169",
+            "--log-format",
+            "json",
+            "--log-file",
+            "/var/log/dyntftpd.log",
+            "-vv",
+        ]);
+        let text = c.to_toml().unwrap();
+        let printed: toml::Table = toml::from_str(&text).unwrap();
+        let keys: Vec<&str> = printed.keys().map(String::as_str).collect();
+        let mut all: Vec<&str> = SETTINGS.iter().map(|(k, _)| *k).collect();
+        all.sort_unstable();
+        assert_eq!(keys, all, "every setting, once");
+        let file = File::new("everything", &text);
+        let again = config(&["-c", file.arg()]);
+        assert_eq!(again.to_toml().unwrap(), text);
+        // Field by field, not only through the printer.
+        let mut again = again;
+        again.config_file = None;
+        assert_eq!(format!("{again:?}"), format!("{c:?}"));
+        // Only the settings: the default file is empty of optional keys.
+        let default = config(&[]).to_toml().unwrap();
+        for key in ["listen", "max-sessions", "port-range", "upstream =", "user"] {
+            assert!(!default.contains(key), "{key} in {default}");
+        }
+    }
+
+    #[test]
+    fn the_routers_keys_are_accepted_and_the_file_is_kept() {
+        let text = "root = \"/srv\"\ninventory = \"/etc/dyntftpd/hosts.toml\"\n\n\
+                    [[rule]]\nfilename = \"grub/*\"\nbogus = 1\n\n[[rule]]\nempty = true\n\n\
+                    [host.\"aa:bb:cc:dd:ee:ff\"]\nname = \"node1\"\n";
+        let file = File::new("router", text);
+        let c = config(&["-c", file.arg()]);
+        assert_eq!(c.root, PathBuf::from("/srv"));
+        assert_eq!(c.config_file, Some((file.0.clone(), text.to_string())));
+        assert_eq!(config(&[]).config_file, None);
+        // The settings still come before the tables: a setting after one is inside it.
+        let file = File::new("router-late", "[[rule]]\nempty = true\n");
+        assert!(parse_args(&args(&["-c", file.arg()])).is_ok());
+    }
+
+    #[test]
+    fn line_and_column_count_characters() {
+        let text = "ab\né = 1\n";
+        assert_eq!(line_and_column(text, 0), (1, 1));
+        assert_eq!(line_and_column(text, 3), (2, 1));
+        assert_eq!(line_and_column(text, 6), (2, 3));
+        // Inside a character: that character's column.
+        assert_eq!(line_and_column(text, 4), (2, 1));
+        assert_eq!(line_and_column(text, 100), (3, 1));
     }
 }

@@ -34,8 +34,8 @@ fn bad_flags_and_values_exit_2_with_reason_and_usage() {
             "invalid value for --log-format: \"xml\"",
         ),
         (
-            &["--config", "/nonexistent/dyntftpd.conf"],
-            "cannot read /nonexistent/dyntftpd.conf",
+            &["--config", "/nonexistent/dyntftpd.toml"],
+            "cannot read /nonexistent/dyntftpd.toml",
         ),
     ] {
         let out = dyntftpd(args);
@@ -120,11 +120,11 @@ fn config_must_be_a_small_regular_file() {
     assert!(usage_error(&["--config", "/dev/zero"]).contains("not a regular file"));
     assert!(usage_error(&["--config", "/"]).contains("not a regular file"));
     let dir = testkit::TempDir::new("cli-config");
-    let big = dir.write("big.conf", &vec![b'#'; 2 << 20]);
+    let big = dir.write("big.toml", &vec![b'#'; 2 << 20]);
     let first = usage_error(&["--config", big.to_str().unwrap()]);
     assert!(first.contains("more than the 1048576"), "{first}");
     // A FIFO would block a plain open until a writer came.
-    let fifo = dir.path().join("fifo.conf");
+    let fifo = dir.path().join("fifo.toml");
     match Command::new("mkfifo").arg(&fifo).status() {
         Ok(status) if status.success() => {
             let first = usage_error(&["--config", fifo.to_str().unwrap(), "--check-config"]);
@@ -138,7 +138,7 @@ fn config_must_be_a_small_regular_file() {
 fn a_config_file_may_start_with_a_byte_order_mark() {
     let dir = testkit::TempDir::new("cli-bom");
     let path = dir.write(
-        "bom.conf",
+        "bom.toml",
         "\u{feff}retries = 9\nlimit-loopback = true\n".as_bytes(),
     );
     let out = dyntftpd(&["--config", path.to_str().unwrap(), "--check-config"]);
@@ -148,6 +148,134 @@ fn a_config_file_may_start_with_a_byte_order_mark() {
         text.contains("retries = 9\n") && text.contains("limit-loopback = true\n"),
         "{text}"
     );
+}
+
+/// Runs `dyntftpd --config FILE ARGS`, FILE holding `text`; returns the exit status,
+/// standard output and standard error.
+fn with_config(text: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let dir = testkit::TempDir::new("cli-toml");
+    let path = dir.write("dyntftpd.toml", text.as_bytes());
+    let out = dyntftpd(&[&["--config", path.to_str().unwrap()][..], args].concat());
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr(&out).replace(path.to_str().unwrap(), "FILE"),
+    )
+}
+
+#[test]
+fn config_errors_name_the_file_line_and_column_and_exit_2() {
+    for (text, first) in [
+        (
+            "root = \"/srv\"\n# two\nfoo = 1\n",
+            "dyntftpd: FILE: line 3, column 1: unknown key \"foo\"",
+        ),
+        (
+            "\n  workers = 0\n",
+            "dyntftpd: FILE: line 2, column 13: invalid value for workers: 0",
+        ),
+        (
+            "upstream-workers = 300\n",
+            "dyntftpd: FILE: line 1, column 20: invalid value for upstream-workers: 300",
+        ),
+        (
+            "upstream = \"ftp://repo/\"\n",
+            "dyntftpd: FILE: line 1, column 12: invalid value for upstream: \"ftp://repo/\" \
+             (expected an http:// or https:// URL, e.g. http://repo.example/boot/)",
+        ),
+        (
+            "listen = [\"127.0.0.1:69\", 69]\n",
+            "dyntftpd: FILE: line 1, column 10: invalid value for listen: [\"127.0.0.1:69\", 69] \
+             (expected a string or an array of strings)",
+        ),
+    ] {
+        let (code, _, err) = with_config(text, &["--check-config"]);
+        assert_eq!(code, Some(2), "{text:?}: {err}");
+        assert_eq!(err.lines().next(), Some(first), "{text:?}");
+        assert!(err.contains("Usage: dyntftpd"), "{err}");
+    }
+    // The same mistake as a flag: the same reason.
+    let first = usage_error(&["--upstream-workers", "300"]);
+    assert_eq!(
+        first,
+        "dyntftpd: invalid value for --upstream-workers: \"300\""
+    );
+}
+
+#[test]
+fn a_config_file_in_the_old_format_is_told_about_toml() {
+    let (code, _, err) = with_config(
+        "# dyntftpd.conf of an earlier version\nretries = 3\nroot = /srv/tftp\n",
+        &["--check-config"],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("dyntftpd: FILE: line 3, column 8: ")
+            && first.ends_with(
+                "(the configuration file is TOML, no longer `key = value` lines: \
+                 strings are quoted, e.g. root = \"/srv/tftp\")"
+            ),
+        "{first}"
+    );
+}
+
+#[test]
+fn check_config_prints_toml_that_reads_back_the_same() {
+    let (code, printed, err) = with_config(
+        "listen = \"127.0.0.1:6969\"\nstrip-prefix = \"/tftpboot/\"\nudp-gso = \"off\"\n\
+         cache = \"1M\"\nupstream = \"http://repo/boot/\"\n\n[[rule]]\nempty = true\n",
+        &["--check-config", "--open-timeout", "0.5"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    for line in [
+        "listen = [\"127.0.0.1:6969\"]\n",
+        "strip-prefix = [\"/tftpboot/\"]\n",
+        "udp-gso = false\n",
+        "cache = 1048576\n",
+        "upstream = \"http://repo/boot/\"\n",
+        "open-timeout = 0.5\n",
+    ] {
+        assert!(printed.contains(line), "{line:?} in {printed}");
+    }
+    let (code, again, err) = with_config(&printed, &["--check-config"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(again, printed);
+}
+
+#[test]
+fn the_example_configuration_file_lists_every_setting() {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dyntftpd.toml")).unwrap();
+    // As shipped, every setting is commented out: the defaults.
+    let (code, as_shipped, err) = with_config(&example, &["--check-config"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        as_shipped,
+        String::from_utf8_lossy(&dyntftpd(&["--check-config"]).stdout)
+    );
+    // Uncommented, it is valid and sets every setting: --check-config prints every
+    // setting there is once all the optional ones are set.
+    let uncommented: String = example
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(setting) if setting.contains(" = ") => format!("{setting}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let (code, printed, err) = with_config(&uncommented, &["--check-config"]);
+    assert_eq!(code, Some(0), "{err}\n{uncommented}");
+    let keys = |text: &str| -> Vec<String> {
+        let mut keys: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split_once(" = "))
+            .map(|(k, _)| k.trim().to_string())
+            .filter(|k| !k.starts_with('#'))
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(keys(&uncommented), keys(&printed));
 }
 
 #[test]

@@ -976,14 +976,15 @@ fn config_file_settings_apply_and_flags_override_them() {
     let out = TempDir::new("config");
     let prom = out.path().join("m.prom");
     let log = out.path().join("d.log");
+    // Debug quoting is a TOML basic string for these plain ASCII paths.
     let conf = out.write(
-        "dyntftpd.conf",
+        "dyntftpd.toml",
         format!(
-            "# settings\nroot = {}\nmax-blksize = 600\nstats-interval = 1\n\
-             metrics-file = {}\nlog-format = json\nlog-file = {}\nquiet = true\n",
-            root.path().display(),
-            prom.display(),
-            log.display()
+            "# settings\nroot = {:?}\nmax-blksize = 600\nstats-interval = 1\n\
+             metrics-file = {:?}\nlog-format = \"json\"\nlog-file = {:?}\nquiet = true\n",
+            root.path().display().to_string(),
+            prom.display().to_string(),
+            log.display().to_string()
         )
         .as_bytes(),
     );
@@ -1018,19 +1019,23 @@ fn config_file_errors_name_file_and_line_and_exit_2() {
     let dir = TempDir::new("config-bad");
     for (text, want) in [
         (
-            "root = /srv\nmax-window = 0\n",
-            ":2: invalid value for max-window: \"0\"",
+            "root = \"/srv\"\nmax-window = 0\n",
+            ": line 2, column 14: invalid value for max-window: 0",
         ),
         (
-            "# ok\n\nlisten-on = 1.2.3.4:69\n",
-            ":3: unknown setting \"listen-on\"",
+            "# ok\n\nlisten-on = \"1.2.3.4:69\"\n",
+            ": line 3, column 1: unknown key \"listen-on\"",
         ),
         (
-            "log-format = yaml\n",
-            ":1: invalid value for log-format: \"yaml\" (expected text or json)",
+            "log-format = \"yaml\"\n",
+            ": line 1, column 14: invalid value for log-format: \"yaml\" (expected text or json)",
+        ),
+        (
+            "timeout = \"2\"\n",
+            ": line 1, column 11: invalid value for timeout: \"2\" (expected a number)",
         ),
     ] {
-        let conf = dir.write("bad.conf", text.as_bytes());
+        let conf = dir.write("dyntftpd.toml", text.as_bytes());
         let out = Command::new(BIN)
             .arg("--config")
             .arg(&conf)
@@ -1129,19 +1134,15 @@ fn man_page_and_help_name_the_same_flags() {
         );
     }
     assert!(examples >= 3, "{examples} examples");
-    // So is its example configuration file (the `key = value` lines).
-    let conf: String = page
-        .lines()
-        .filter(|l| {
-            l.split_once(" = ").is_some_and(|(k, _)| {
-                !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '-')
-            })
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
+    // So is its example configuration file (the example that starts with its path).
+    let conf = page
+        .split(".EX\n# /etc/dyntftpd/dyntftpd.toml\n")
+        .nth(1)
+        .and_then(|s| s.split("\n.EE").next())
+        .expect("an example configuration file");
     assert!(conf.lines().count() >= 5, "{conf}");
     let dir = TempDir::new("man-conf");
-    let path = dir.write("dyntftpd.conf", conf.as_bytes());
+    let path = dir.write("dyntftpd.toml", conf.as_bytes());
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&path)
@@ -1203,12 +1204,12 @@ fn readme_operations_section_matches_the_repository() {
     assert!(ops.contains("mkdir -p /srv/tftp") && service.contains("--root /srv/tftp"));
     // Its example configuration file is valid.
     let conf = ops
-        .split("```ini\n")
+        .split("```toml\n")
         .nth(1)
         .and_then(|s| s.split("```").next())
         .expect("an example configuration file");
     let dir = TempDir::new("readme-conf");
-    let path = dir.write("dyntftpd.conf", conf.as_bytes());
+    let path = dir.write("dyntftpd.toml", conf.as_bytes());
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&path)

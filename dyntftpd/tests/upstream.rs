@@ -492,3 +492,19 @@ fn error_packet(code: u16, message: &str) -> Vec<u8> {
     packet.push(0);
     packet
 }
+
+#[test]
+fn a_per_machine_name_sends_its_mac() {
+    let s = setup(
+        Mode::OwnPort,
+        &[("pxelinux.cfg/01-aa-bb-cc-dd-ee-ff", b"menu".to_vec())],
+    );
+    let name = "files/pxelinux.cfg/01-aa-bb-cc-dd-ee-ff";
+    let got = fetch(Mode::OwnPort, s.daemon.addr, name, "octet", &[]).unwrap();
+    assert_eq!(got.data, b"menu");
+    let headers = s.repository.headers(&format!("/{name}"), 0);
+    assert_eq!(
+        headers.get("x-tftp-mac").map(String::as_str),
+        Some("aa:bb:cc:dd:ee:ff")
+    );
+}

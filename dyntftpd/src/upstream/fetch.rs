@@ -43,7 +43,7 @@ impl RequestHeaders {
             ip: request.peer.ip().to_string(),
             port: request.peer.port().to_string(),
             file: header_value(request.filename),
-            mac: None,
+            mac: request.mac().map(|mac| mac.to_string()),
         }
     }
 }

@@ -30,7 +30,6 @@
 //! - Time: connecting ≤ `timeout`, the response headers ≤ `timeout` after the request, and
 //!   no read of the body waits more than `timeout`: a stalled repository fails the body.
 
-mod backend_shim;
 mod cache;
 mod fetch;
 mod shared;
@@ -43,7 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use backend_shim::{Joined, SingleFlight, TtlCache};
+use dyntftp::backend::{Joined, SingleFlight, TtlCache};
 use dyntftp::deferred::{deferred, Opener};
 use dyntftp::{ErrorCode, Notifier, ReadRequest, Reject, ResponseData};
 
