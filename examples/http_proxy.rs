@@ -11,34 +11,30 @@
 //!
 //! # How it stays off the event loop
 //!
-//! `open` never talks to HTTP: it checks the name, creates a [`stream::channel`], queues a
+//! `open` never talks to HTTP: it checks the name, makes a [`deferred`] source, queues a
 //! job for a small pool of worker threads (`--workers`, default 16) and returns the
-//! channel's source at once. A worker issues the GET and copies the body into the channel;
+//! source at once. The session then waits, sending nothing, until a worker has the
+//! response headers: it completes the [`Opener`] with a [`stream::channel`] source whose
+//! size is the `Content-Length`, so the OACK carries `tsize` on the first request, or
+//! refuses with the status's ERROR. The worker then copies the body into the channel;
 //! the session sends blocks as they arrive, parks (costing nothing) when the buffer is
 //! empty, and throttles the worker when the TFTP client is slower than the HTTP server.
-//! A slow or stuck repository therefore never delays other sessions; a session whose
-//! bytes do not come within the server's source timeout (30 s) ends with ERROR 0.
+//! A slow or stuck repository therefore never delays other sessions; headers that do not
+//! come within the server's open timeout (2 s) end the session with ERROR 0, a body
+//! that stops for the source timeout (30 s) too.
 //!
-//! # What the client sees, and the trade-off
-//!
-//! The OACK (and so `tsize`) is built when `open` returns, before any HTTP response
-//! exists. Waiting there for the response headers would block every other session, so
-//! this server does not. Instead it remembers, per name and for `--meta-ttl` seconds
-//! (default 60), what the last GET said:
+//! # What the client sees
 //!
 //! | situation | client sees |
 //! |---|---|
-//! | first request for a name, HTTP 200 | the file; no `tsize` in the OACK (the size is not known yet) |
-//! | later requests within the TTL, HTTP 200 | the file, with `tsize` from the last `Content-Length` |
-//! | HTTP 404/410, first time | the transfer starts (an OACK if options were asked), then ERROR 1 "file not found" |
-//! | HTTP 404/410 known within the TTL | ERROR 1 "file not found" at once |
-//! | any other HTTP status, connection error, body cut short | ERROR 0 "error reading file" after the blocks already sent |
-//! | the file changed size upstream since `tsize` was answered | ERROR 0 (never a transfer of another length than announced) |
+//! | HTTP 200 with `Content-Length` | the file, `tsize` in the OACK (also on the first request) |
+//! | HTTP 200 without `Content-Length` | the file; no `tsize` |
+//! | HTTP 404/410 | ERROR 1 "file not found", before any OACK; for `--meta-ttl` seconds (default 60) at once, without asking HTTP again |
+//! | any other status, connection error | ERROR 0 "error reading file", before any OACK |
+//! | body cut short or longer than `Content-Length` | ERROR 0 after the blocks already sent (never a transfer of another length than announced) |
 //!
-//! PXE firmware usually probes `tsize` first and asks again, so the second request of a
-//! boot gets `tsize`. A library feature that would answer it on the first request — a
-//! *deferred open*, where the handler returns "pending" and the session's OACK waits for
-//! the producer's headers — is not needed for this trade-off and is not in dyntftp yet.
+//! Each request makes its own GET: dyntftpd's `--upstream` adds one GET for a crowd
+//! asking for the same file, a cache and revalidation.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -47,50 +43,46 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use dyntftp::deferred::{deferred, Opener};
 use dyntftp::{
-    stream, ErrorCode, FsHandler, Handler, ReadRequest, Reject, ResponseData, ServerBuilder,
-    SessionStats, StreamWriter,
+    stream, ErrorCode, FsHandler, Handler, Notifier, ReadRequest, Reject, ResponseData,
+    ServerBuilder, SessionStats,
 };
 
 /// Buffer per session between the HTTP body and the TFTP session.
 const STREAM_CAPACITY: usize = 256 * 1024;
 
-/// What the last GET of a name said.
-#[derive(Clone, Copy, Debug)]
-enum Meta {
-    Size(u64),
-    Missing,
-}
-
-type MetaCache = Arc<Mutex<HashMap<String, (Meta, Instant)>>>;
+/// Names the repository answered 404 or 410 for, and when.
+type Missing = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// One GET to run on a worker.
 struct Job {
     url: String,
     key: String,
-    writer: StreamWriter,
-    /// The size given as `tsize`, if any: the body must have exactly this length.
-    announced: Option<u64>,
+    opener: Opener,
+    /// Wakes the session as the body arrives (the stream's notifier).
+    notifier: Notifier,
 }
 
 struct HttpProxy {
     base_url: String,
     local: Option<FsHandler>,
     jobs: mpsc::Sender<Job>,
-    meta: MetaCache,
+    missing: Missing,
     meta_ttl: Duration,
 }
 
 impl HttpProxy {
-    fn cached(&self, key: &str) -> Option<Meta> {
-        let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
-        match meta.get(key) {
-            Some((m, at)) if at.elapsed() < self.meta_ttl => Some(*m),
+    /// Whether the repository said 404 for `key` within the TTL.
+    fn known_missing(&self, key: &str) -> bool {
+        let mut missing = self.missing.lock().unwrap_or_else(|e| e.into_inner());
+        match missing.get(key) {
+            Some(at) if at.elapsed() < self.meta_ttl => true,
             Some(_) => {
-                meta.remove(key);
-                None
+                missing.remove(key);
+                false
             }
-            None => None,
+            None => false,
         }
     }
 }
@@ -110,22 +102,16 @@ impl Handler for HttpProxy {
             .map(|p| percent_encode(p))
             .collect::<Vec<_>>()
             .join("/");
-        let announced = match self.cached(&key) {
-            Some(Meta::Missing) => return Err(Reject::not_found()),
-            Some(Meta::Size(size)) => Some(size),
-            None => None,
-        };
-        let (writer, source) = stream::channel(req.notifier, STREAM_CAPACITY);
-        if let Some(size) = announced {
-            // Before `open` returns: this answers tsize.
-            writer.set_size(size);
+        if self.known_missing(&key) {
+            return Err(Reject::not_found());
         }
+        let (opener, source) = deferred(req.notifier);
         let url = format!("{}/{key}", self.base_url);
         let job = Job {
             url,
             key,
-            writer,
-            announced,
+            opener,
+            notifier: req.notifier.clone(),
         };
         if self.jobs.send(job).is_err() {
             return Err(Reject::new(ErrorCode::NotDefined, "no HTTP worker"));
@@ -160,70 +146,59 @@ fn percent_encode(component: &[u8]) -> String {
 }
 
 /// Runs jobs until the handler (and so the job queue) is gone.
-fn worker(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, agent: ureq::Agent, meta: MetaCache) {
+fn worker(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, agent: ureq::Agent, missing: Missing) {
     loop {
         let job = match jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
             Ok(job) => job,
             Err(_) => return,
         };
-        if job.writer.is_closed() {
-            continue; // the client left while the job was queued
+        if job.opener.is_abandoned() {
+            continue; // the session ended while the job was queued
         }
         let url = job.url.clone();
-        if let Err(e) = fetch(job, &agent, &meta) {
+        if let Err(e) = fetch(job, &agent, &missing) {
             eprintln!("GET {url}: {e}");
         }
     }
 }
 
-/// GETs `job.url` into its stream. Every early return drops or fails the writer, which
-/// ends the session with ERROR 0 — never with a short success.
-fn fetch(job: Job, agent: &ureq::Agent, meta: &MetaCache) -> io::Result<()> {
+/// GETs `job.url`: completes the opener from the response headers, then copies the body
+/// into the stream. A failure before the headers refuses the request; every later early
+/// return fails or drops the writer, which ends the session with ERROR 0 — never with a
+/// short success.
+fn fetch(job: Job, agent: &ureq::Agent, missing: &Missing) -> io::Result<()> {
     let Job {
         url,
         key,
-        mut writer,
-        announced,
+        opener,
+        notifier,
     } = job;
-    let remember = |m: Option<Meta>| {
-        let mut cache = meta.lock().unwrap_or_else(|e| e.into_inner());
-        match m {
-            Some(m) => cache.insert(key.clone(), (m, Instant::now())),
-            None => cache.remove(&key),
-        };
-    };
+    let read_error = || Reject::new(ErrorCode::NotDefined, "error reading file");
     let response = match agent.get(&url).call() {
         Ok(response) => response,
         Err(e) => {
-            let e = io::Error::other(e);
-            let message = e.to_string();
-            writer.fail(e);
-            return Err(io::Error::other(message));
+            opener.refuse(read_error());
+            return Err(io::Error::other(e));
         }
     };
     let status = response.status().as_u16();
     if status == 404 || status == 410 {
-        remember(Some(Meta::Missing));
-        writer.fail(io::Error::new(io::ErrorKind::NotFound, "HTTP not found"));
+        let mut missing = missing.lock().unwrap_or_else(|e| e.into_inner());
+        missing.insert(key, Instant::now());
+        opener.refuse(Reject::not_found());
         return Err(io::Error::other(format!("HTTP {status}")));
     }
     if !(200..300).contains(&status) {
-        remember(None);
-        writer.fail(io::Error::other(format!("HTTP {status}")));
+        opener.refuse(read_error());
         return Err(io::Error::other(format!("HTTP {status}")));
     }
-    let length = response.body().content_length();
-    remember(length.map(Meta::Size));
-    match (announced, length) {
-        (Some(told), Some(actual)) if told != actual => {
-            let e = format!("size changed upstream: tsize said {told}, now {actual}");
-            writer.fail(io::Error::other(e.clone()));
-            return Err(io::Error::other(e));
-        }
-        // Enforced by the stream: a body cut short fails instead of ending early.
-        (None, Some(actual)) => writer.set_size(actual),
-        _ => {}
+    let (mut writer, source) = stream::channel(&notifier, STREAM_CAPACITY);
+    if let Some(length) = response.body().content_length() {
+        // Before the source opens: this answers tsize, and the stream enforces it (a
+        // body cut short fails instead of ending early).
+        writer.set_size(length);
     }
+    opener.open(Box::new(source));
     let mut body = response.into_body().into_reader();
     match io::copy(&mut body, &mut writer) {
         Ok(_) => {
@@ -268,7 +243,7 @@ fn main() {
     opts.optopt(
         "",
         "meta-ttl",
-        "seconds to remember sizes and 404s (default 60)",
+        "seconds to remember 404s (default 60)",
         "SECS",
     );
     opts.optflag("h", "help", "print this help");
@@ -301,21 +276,21 @@ fn main() {
         .timeout_recv_response(Some(Duration::from_secs(20)))
         .build()
         .into();
-    let meta = MetaCache::default();
+    let missing = Missing::default();
     let (jobs_tx, jobs_rx) = mpsc::channel();
     let jobs_rx = Arc::new(Mutex::new(jobs_rx));
     for i in 0..workers.max(1) {
-        let (jobs, agent, meta) = (Arc::clone(&jobs_rx), agent.clone(), Arc::clone(&meta));
+        let (jobs, agent, missing) = (Arc::clone(&jobs_rx), agent.clone(), Arc::clone(&missing));
         thread::Builder::new()
             .name(format!("http-{i}"))
-            .spawn(move || worker(jobs, agent, meta))
+            .spawn(move || worker(jobs, agent, missing))
             .unwrap_or_else(|e| fail(&format!("cannot start a worker: {e}")));
     }
     let handler = HttpProxy {
         base_url: base_url.trim_end_matches('/').to_string(),
         local,
         jobs: jobs_tx,
-        meta,
+        missing,
         meta_ttl,
     };
     let mut server = match ServerBuilder::new(handler).bind(listen).build() {

@@ -100,6 +100,8 @@ impl Metrics {
     /// | `dyntftp_duplicate_requests_total` | counter | |
     /// | `dyntftp_sessions_started_total` | counter | |
     /// | `dyntftp_sessions_total` | counter | `outcome` ([`Outcome::as_str`]) |
+    /// | `dyntftp_sessions_by_client_total` | counter | `family` ([`ClientFamily::as_str`]) |
+    /// | `dyntftp_sessions_by_label_total` | counter | `label` ([`ReadRequest::set_label`](crate::ReadRequest::set_label); at most [`MAX_LABELS`](crate::stats::MAX_LABELS), then `other`) |
     /// | `dyntftp_malformed_datagrams_total` | counter | |
     /// | `dyntftp_stray_datagrams_total` | counter | |
     /// | `dyntftp_datagrams_sent_total` | counter | |
@@ -197,6 +199,20 @@ impl Metrics {
                 out,
                 "dyntftp_sessions_by_client_total{{family=\"{}\"}} {n}",
                 label_value(family)
+            );
+        }
+        header(
+            &mut out,
+            "dyntftp_sessions_by_label_total",
+            "Transfer sessions ended, by the label their handler gave them (in dyntftpd: \
+             the rule that answered).",
+            "counter",
+        );
+        for (label, n) in &t.sessions_by_label {
+            let _ = writeln!(
+                out,
+                "dyntftp_sessions_by_label_total{{label=\"{}\"}} {n}",
+                label_value(label)
             );
         }
         counter(

@@ -227,6 +227,10 @@ pub struct ServerStats {
     /// Sessions started, by the client family their request looked like
     /// ([`ClientFamily::as_str`]).
     pub sessions_by_family: BTreeMap<&'static str, u64>,
+    /// Sessions ended, by the label their handler gave them
+    /// ([`ReadRequest::set_label`](crate::ReadRequest::set_label)); at most
+    /// [`MAX_LABELS`] labels, the sessions of any other under `other`.
+    pub sessions_by_label: BTreeMap<Arc<str>, u64>,
     /// Datagrams on a listener that did not parse, or had an opcode other than RRQ/WRQ.
     pub malformed: u64,
     /// Datagrams on a session socket from another address or port (answered with ERROR 5).
@@ -270,7 +274,28 @@ pub struct ServerStats {
     pub session_durations: DurationHistogram,
 }
 
+/// The most distinct labels [`ServerStats::sessions_by_label`] keeps, besides `other`.
+pub const MAX_LABELS: usize = 64;
+
+/// Where [`ServerStats::sessions_by_label`] counts the sessions of labels past the cap.
+const OTHER_LABEL: &str = "other";
+
 impl ServerStats {
+    /// Adds `n` sessions to `label`'s count, or to `other`'s once [`MAX_LABELS`] labels
+    /// are counted: a handler whose labels vary per client cannot grow the map (or the
+    /// metrics) without bound.
+    pub fn count_label(&mut self, label: &Arc<str>, n: u64) {
+        let labels = &mut self.sessions_by_label;
+        let others = usize::from(labels.contains_key(OTHER_LABEL));
+        if let Some(count) = labels.get_mut(label) {
+            *count += n;
+        } else if labels.len() - others < MAX_LABELS || &**label == OTHER_LABEL {
+            labels.insert(Arc::clone(label), n);
+        } else {
+            *labels.entry(Arc::from(OTHER_LABEL)).or_default() += n;
+        }
+    }
+
     /// Adds another report's counters, gauge and histogram to these (the interval is
     /// the longer of the two): how the reports of several workers, or of several
     /// intervals, are summed.
@@ -288,6 +313,9 @@ impl ServerStats {
         }
         for (family, n) in &other.sessions_by_family {
             *self.sessions_by_family.entry(family).or_default() += n;
+        }
+        for (label, n) in &other.sessions_by_label {
+            self.count_label(label, *n);
         }
         self.malformed += other.malformed;
         self.stray_datagrams += other.stray_datagrams;
@@ -717,5 +745,22 @@ mod tests {
             want.record(Duration::from_millis(d));
         }
         assert_eq!(a, want);
+    }
+
+    #[test]
+    fn labels_are_counted_up_to_the_cap_then_under_other() {
+        let mut stats = ServerStats::default();
+        for i in 0..MAX_LABELS + 10 {
+            stats.count_label(&Arc::from(format!("rule-{i}")), 1);
+        }
+        stats.count_label(&Arc::from("rule-0"), 2);
+        assert_eq!(stats.sessions_by_label.len(), MAX_LABELS + 1);
+        assert_eq!(stats.sessions_by_label["rule-0"], 3);
+        assert_eq!(stats.sessions_by_label["other"], 10);
+        let mut merged = ServerStats::default();
+        merged.merge(&stats);
+        merged.merge(&stats);
+        assert_eq!(merged.sessions_by_label.len(), MAX_LABELS + 1);
+        assert_eq!(merged.sessions_by_label["other"], 20);
     }
 }

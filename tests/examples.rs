@@ -409,11 +409,10 @@ fn http_proxy_maps_http_answers_to_tftp() {
     );
     let addr = proxy.addr;
 
-    // First request for a name: the size is not known when the OACK is built.
+    // The first request for a name already gets tsize: the OACK waits for the headers.
     let first = fetch(Mode::OwnPort, addr, "sized.bin", "octet", &[("tsize", "0")]).unwrap();
     assert!(first.data == sized);
-    assert_eq!(first.oack, None, "nothing to acknowledge without a size");
-    // The next one gets tsize from the Content-Length the first GET saw.
+    assert_eq!(first.oack_value("tsize"), Some("100000"));
     let second = fetch(Mode::OwnPort, addr, "sized.bin", "octet", &[("tsize", "0")]).unwrap();
     assert_eq!(second.oack_value("tsize"), Some("100000"));
     assert!(second.data == sized);
@@ -444,9 +443,8 @@ fn http_proxy_maps_http_answers_to_tftp() {
     let escape = fetch(Mode::OwnPort, addr, "../secret", "octet", &[]).unwrap_err();
     assert_eq!(escape.code(), Some(2), "{escape:?}");
 
-    // 404: ERROR 1 either way; the first time from the stream (the session learns it
-    // from the source's NotFound error), within the TTL at open time, without asking
-    // HTTP again.
+    // 404: ERROR 1 either way, before any OACK; the first time once the GET answered,
+    // within the TTL at open time, without asking HTTP again.
     for (round, want) in [(1, (1, "file not found")), (2, (1, "file not found"))] {
         match fetch(
             Mode::OwnPort,

@@ -138,7 +138,7 @@ impl Default for Config {
             upstream_timeout: Duration::from_secs(10),
             upstream_cache: 256 << 20,
             upstream_workers: 16,
-            open_timeout: Duration::from_secs(2),
+            open_timeout: dyntftp::SessionConfig::default().open_timeout,
             stats_interval: Duration::from_secs(60),
             user: None,
             verbose: 0,
@@ -922,7 +922,7 @@ pub fn options() -> Options {
     opts.optopt(
         "",
         "open-timeout",
-        "longest time in seconds a request waits for a dynamic source (the repository) to open before it gets ERROR 0; nothing is sent meanwhile (default 2, at least 0.1)",
+        "longest time in seconds a request waits for a dynamic source (the repository) to open before it gets ERROR 0; nothing is sent meanwhile (default 2, at least 0.1; never longer than --progress-timeout)",
         "SECS",
     );
     opts.optopt(
@@ -1177,6 +1177,7 @@ impl Config {
             )
             .limit_loopback(self.limit_loopback)
             .progress_timeout(self.progress_timeout)
+            .open_timeout(self.open_timeout)
             .window_memory(usize::try_from(self.window_memory).unwrap_or(usize::MAX))
             .single_port_limits(Limits {
                 max_blksize: self.single_port_max_blksize,
@@ -1787,6 +1788,11 @@ mod tests {
         c.timeout = Duration::ZERO;
         let err = c.validate().unwrap_err();
         assert!(err.contains("timeout must be more than zero"), "{err}");
+        // The open timeout reaches the library too.
+        let mut c = config(&[]);
+        c.open_timeout = Duration::ZERO;
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("open timeout must be more than zero"), "{err}");
     }
 
     #[test]

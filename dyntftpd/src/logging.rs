@@ -416,6 +416,7 @@ pub fn stats_members(s: &ServerStats) -> String {
         sessions_started,
         sessions_finished,
         sessions_by_family,
+        sessions_by_label,
         malformed,
         stray_datagrams,
         datagrams_sent,
@@ -455,6 +456,12 @@ pub fn stats_members(s: &ServerStats) -> String {
         by_family.raw(family, &n.to_string());
     }
     o.raw("sessions_by_family", &by_family.object());
+    // dyntftpd labels sessions with the router's rule names.
+    let mut by_rule = Members::default();
+    for (rule, n) in sessions_by_label {
+        by_rule.raw(rule, &n.to_string());
+    }
+    o.raw("sessions_by_rule", &by_rule.object());
     o.raw("sessions_failed", &s.sessions_failed().to_string());
     for (name, value) in [
         ("malformed", malformed),
@@ -653,6 +660,7 @@ mod tests {
             sessions_started: 6,
             sessions_finished: [("completed", 7), ("timed_out", 8)].into(),
             sessions_by_family: [("grub", 5), ("uefi", 1)].into(),
+            sessions_by_label: [("per-mac".into(), 4)].into(),
             malformed: 9,
             stray_datagrams: 10,
             datagrams_sent: 11,
@@ -696,6 +704,7 @@ mod tests {
             "sessions_finished": {"completed": 7, "timed_out": 8},
             "sessions_failed": 8,
             "sessions_by_family": {"grub": 5, "uefi": 1},
+            "sessions_by_rule": {"per-mac": 4},
             "malformed": 9,
             "stray_datagrams": 10,
             "datagrams_sent": 11,

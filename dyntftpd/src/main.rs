@@ -5,6 +5,7 @@ mod logging;
 mod router;
 mod scrape;
 mod systemd;
+mod upstream;
 
 use std::ffi::CString;
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use dyntftp::{
     Handler, Metrics, ReadRequest, Reject, ResponseData, ServerBuilder, ServerStats, SessionStats,
 };
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use config::{Command, Config, DryRunRequest};
 use logging::JsonSink;
@@ -124,6 +125,7 @@ fn dry_run(config: &Config, request: &DryRunRequest) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Nothing is fetched: the dry run only shows the URL.
     match Router::new(routes, &defaults, config.upstream.as_deref(), None) {
         Ok(router) => {
             print!(
@@ -155,6 +157,8 @@ struct Ops {
     metrics: Metrics,
     metrics_file: Option<PathBuf>,
     scrape: Option<Snapshot>,
+    /// The HTTP client of `http` rules and `--upstream`, for its statistics.
+    upstream: Option<upstream::Upstream>,
 }
 
 impl Ops {
@@ -189,6 +193,9 @@ impl Handler for Ops {
         }
         self.metrics.add(stats);
         self.publish_metrics();
+        if let Some(upstream) = &self.upstream {
+            debug!("upstream: {}", upstream.stats());
+        }
     }
 }
 
@@ -207,7 +214,26 @@ fn serve(
     // receives them.
     let signals = block_signals()?;
     let (rules, hosts) = (routes.rules.len(), routes.inventory.len());
-    let files = Router::new(routes, &defaults(&config), config.upstream.as_deref(), None)?;
+    // The HTTP client's workers run only when something uses them.
+    let upstream = match config.upstream.is_some() || routes.uses_http() {
+        true => {
+            let settings = upstream::UpstreamSettings {
+                timeout: config.upstream_timeout,
+                workers: config.upstream_workers,
+                cache_bytes: config.upstream_cache,
+            };
+            let source = upstream::Upstream::start(settings)
+                .map_err(|e| format!("cannot start the upstream workers: {e}"))?;
+            Some(source)
+        }
+        false => None,
+    };
+    let files = Router::new(
+        routes,
+        &defaults(&config),
+        config.upstream.as_deref(),
+        upstream.clone(),
+    )?;
     if rules > 0 || hosts > 0 {
         info!("router: {rules} rules, {hosts} hosts in the inventory");
     }
@@ -216,6 +242,7 @@ fn serve(
         .metrics_listen
         .map(|_| Snapshot::new(Metrics::new().render()));
     let handler = Ops {
+        upstream,
         files,
         json,
         metrics: Metrics::new(),

@@ -114,6 +114,9 @@ impl<H: Handler> Server<H> {
             .sessions_finished
             .entry(outcome.as_str())
             .or_default() += 1;
+        if let Some(label) = &entry.request.label {
+            self.stats.count_label(label, 1);
+        }
         let transfer = entry.session.stats().clone();
         let request = entry.request;
         self.user_code.drop(

@@ -36,11 +36,9 @@ use inventory::Inventory;
 use matcher::{Captures, Facts};
 use rules::{Action, Rule};
 use template::{Template, TemplateVars};
-use url::{UrlError, UrlTemplate, UrlValues};
+use url::{UrlTemplate, UrlValues};
 
-/// Opens an HTTP URL for a request without blocking (the upstream's `open`).
-pub type HttpOpener =
-    Arc<dyn Fn(&str, &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> + Send + Sync>;
+use crate::upstream::{self, Upstream};
 
 /// The session label of answers from the `root` directory.
 pub const ROOT_LABEL: &str = "root";
@@ -57,9 +55,10 @@ pub struct Router {
     remap: Rules,
     root: Remap<FsHandler, Rules>,
     root_path: PathBuf,
-    /// `upstream` joined with `{path}`.
-    upstream: Option<UrlTemplate>,
-    http: Option<HttpOpener>,
+    /// `upstream`: the URL below which names missing under `root` are fetched.
+    upstream: Option<Arc<str>>,
+    /// The HTTP client (`None` in a dry run, which fetches nothing).
+    http: Option<Upstream>,
 }
 
 /// A request to try without serving it (`--dry-run`).
@@ -86,6 +85,13 @@ impl RouterConfig {
                 inventory: Inventory::default(),
             }),
         }
+    }
+
+    /// Whether a rule fetches over HTTP.
+    pub fn uses_http(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(r.action, Action::Http(_)))
     }
 
     /// The rules, one per line (`# rule "NAME": MATCHES -> ACTION`, and whether it looks
@@ -123,12 +129,13 @@ impl RouterConfig {
 
 impl Router {
     /// Builds the router from its tables, the defaults (whose `root` it opens), the
-    /// `upstream` URL and the HTTP client for `http` rules and the upstream.
+    /// `upstream` URL and the HTTP client for `http` rules and the upstream (`None`: the
+    /// router only describes what it would fetch, for the dry run).
     pub fn new(
         config: RouterConfig,
         defaults: &Defaults,
         upstream: Option<&str>,
-        http: Option<HttpOpener>,
+        http: Option<Upstream>,
     ) -> Result<Router, String> {
         let RouterConfig { rules, inventory } = config;
         let root = FsHandler::new(&defaults.root)
@@ -136,29 +143,13 @@ impl Router {
             .ignore_case(defaults.ignore_case)
             .unique_root(defaults.unique_root)
             .cache(defaults.cache);
-        let upstream = upstream
-            .map(|base| {
-                let joined = match base.ends_with('/') {
-                    true => format!("{base}{{path}}"),
-                    false => format!("{base}/{{path}}"),
-                };
-                UrlTemplate::parse(&joined, &[]).map_err(|e| format!("upstream: {e}"))
-            })
-            .transpose()?;
-        let needs_http =
-            upstream.is_some() || rules.iter().any(|r| matches!(r.action, Action::Http(_)));
-        if needs_http && http.is_none() {
-            return Err(
-                "http rules and upstream need the HTTP client, which is not available".into(),
-            );
-        }
         Ok(Router {
             rules,
             inventory: Arc::new(inventory),
             remap: defaults.remap(),
             root: Remap::new(root, defaults.remap()),
             root_path: defaults.root.clone(),
-            upstream,
+            upstream: upstream.map(Arc::from),
             http,
         })
     }
@@ -199,9 +190,16 @@ impl Router {
                 &self.root_path,
                 query,
             );
-            if let Some(url) = &self.upstream {
+            if let Some(base) = &self.upstream {
                 let _ = write!(out, "if not found there: ");
-                dry_run_url(&mut out, url, &facts, &Captures::default());
+                match upstream::join(base, matched) {
+                    Ok(url) => {
+                        let _ = writeln!(out, "http: GET {url}");
+                    }
+                    Err(reject) => {
+                        let _ = writeln!(out, "answer: {reject}");
+                    }
+                }
             }
             return out;
         };
@@ -275,17 +273,13 @@ impl Router {
         }
     }
 
-    /// Opens `url` through the HTTP client.
-    fn open_url(
-        &self,
-        url: &UrlTemplate,
-        facts: &Facts<'_>,
-        captures: &Captures,
-        request: &ReadRequest<'_>,
-    ) -> Result<Box<dyn ResponseData>, Reject> {
-        let url = url_for(url, facts, captures)?;
-        let http = self.http.as_ref().ok_or_else(Reject::not_found)?;
-        http(&url, request)
+    /// Fetches `url` through the HTTP client.
+    fn fetch(&self, url: &str, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+        match &self.http {
+            Some(http) => http.open(url, request),
+            // Only a dry run has no client, and it does not serve.
+            None => Err(Reject::new(ErrorCode::NotDefined, "no HTTP client")),
+        }
     }
 }
 
@@ -297,10 +291,6 @@ fn url_for(url: &UrlTemplate, facts: &Facts<'_>, captures: &Captures) -> Result<
         peer: facts.peer,
         mac,
         captures,
-    })
-    .map_err(|e| match e {
-        UrlError::NoMac => Reject::not_found(),
-        UrlError::DotSegment => Reject::access_violation(),
     })
 }
 
@@ -361,9 +351,9 @@ impl Handler for Router {
             request.set_label(ROOT_LABEL);
             return match self.root.open(request) {
                 Err(reject) if reject.code == ErrorCode::FileNotFound => match &self.upstream {
-                    Some(url) => {
+                    Some(base) => {
                         request.set_label(UPSTREAM_LABEL);
-                        self.open_url(url, &facts, &captures_none(), request)
+                        self.fetch(&upstream::join(base, facts.name)?, request)
                     }
                     None => Err(reject),
                 },
@@ -382,7 +372,7 @@ impl Handler for Router {
                     }
                 }
             }
-            Action::Http(url) => self.open_url(url, &facts, &captures, request),
+            Action::Http(url) => self.fetch(&url_for(url, &facts, &captures)?, request),
             Action::Empty => Ok(Box::new(BytesSource::new(Vec::new()))),
             Action::Refuse(reject) => Err(reject.clone()),
             Action::Directory { .. } => match &mut self.rules[i].action {
@@ -391,8 +381,4 @@ impl Handler for Router {
             },
         }
     }
-}
-
-fn captures_none() -> Captures {
-    Captures::default()
 }

@@ -2,11 +2,14 @@
 //! (the remapped name, `/` kept), `{ip}` (the client's address), `{port}` (its port),
 //! `{mac}` (`aa:bb:cc:dd:ee:ff`), `{mac_dashed}` and the capture names and numbers of the
 //! rule's `regex`. Everything put into the URL is percent-encoded but the unreserved
-//! characters (RFC 3986), and a `.` or `..` path segment is refused, so that a client's
-//! name cannot reach outside the URL's path.
+//! characters (RFC 3986). `{path}` is split and confined as a directory's names are
+//! ([`dyntftp::fs::components`]: `..` cannot climb above it), and a capture that is `.` or
+//! `..` is refused, so that a client's name cannot reach outside the URL's path.
 
 use std::fmt::Write as _;
 
+use dyntftp::fs::components;
+use dyntftp::Reject;
 use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::matcher::Captures;
@@ -18,9 +21,6 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
-
-/// In `{path}`, also `/`.
-const PATH: &AsciiSet = &UNRESERVED.remove(b'/');
 
 /// One piece of a URL template.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,15 +39,6 @@ enum Piece {
 pub struct UrlTemplate {
     text: String,
     pieces: Vec<Piece>,
-}
-
-/// Why a URL could not be made for a request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum UrlError {
-    /// The template uses the MAC, and the client's is not known.
-    NoMac,
-    /// A value would have been a `.` or `..` path segment.
-    DotSegment,
 }
 
 /// What a URL is made of for one request.
@@ -118,19 +109,22 @@ impl UrlTemplate {
             .any(|p| matches!(p, Piece::Mac | Piece::MacDashed))
     }
 
-    /// The URL for one request.
-    pub fn render(&self, values: &UrlValues<'_>) -> Result<String, UrlError> {
+    /// The URL for one request, or the refusal: ERROR 1 when the template uses the MAC
+    /// and the client's is not known, the directory's refusals for `{path}`, ERROR 2 for a
+    /// capture that is `.` or `..`.
+    pub fn render(&self, values: &UrlValues<'_>) -> Result<String, Reject> {
         let mut url = String::with_capacity(self.text.len() + values.path.len() * 3);
-        let mac = || values.mac.ok_or(UrlError::NoMac);
+        let mac = || values.mac.ok_or_else(Reject::not_found);
         for piece in &self.pieces {
             match piece {
                 Piece::Text(text) => url.push_str(text),
                 Piece::Path => {
-                    let is_dot = |s: &[u8]| s == b"." || s == b"..";
-                    if values.path.split(|b| *b == b'/').any(is_dot) {
-                        return Err(UrlError::DotSegment);
+                    for (i, part) in components(values.path)?.into_iter().enumerate() {
+                        if i > 0 {
+                            url.push('/');
+                        }
+                        let _ = write!(url, "{}", percent_encode(part, UNRESERVED));
                     }
-                    let _ = write!(url, "{}", percent_encode(values.path, PATH));
                 }
                 Piece::Ip => {
                     let ip = values.peer.ip().to_canonical().to_string();
@@ -147,7 +141,7 @@ impl UrlTemplate {
                 Piece::Capture(name) => {
                     let value = values.captures.0.get(name).map_or("", String::as_str);
                     if value == "." || value == ".." {
-                        return Err(UrlError::DotSegment);
+                        return Err(Reject::access_violation());
                     }
                     let _ = write!(url, "{}", percent_encode(value.as_bytes(), UNRESERVED));
                 }
@@ -166,7 +160,7 @@ mod tests {
         path: &str,
         captures: &[(&str, &str)],
         mac: Option<MacAddr>,
-    ) -> Result<String, UrlError> {
+    ) -> Result<String, u16> {
         let names: Vec<String> = captures.iter().map(|(k, _)| k.to_string()).collect();
         let template = UrlTemplate::parse(template, &names).unwrap();
         let captures = Captures(
@@ -175,12 +169,14 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         );
-        template.render(&UrlValues {
-            path: path.as_bytes(),
-            peer: "10.0.0.5:2070".parse().unwrap(),
-            mac,
-            captures: &captures,
-        })
+        template
+            .render(&UrlValues {
+                path: path.as_bytes(),
+                peer: "10.0.0.5:2070".parse().unwrap(),
+                mac,
+                captures: &captures,
+            })
+            .map_err(|reject| reject.code.to_u16())
     }
 
     #[test]
@@ -204,27 +200,26 @@ mod tests {
     }
 
     #[test]
-    fn dot_segments_and_a_missing_mac_are_refused() {
+    fn path_is_confined_and_a_missing_mac_is_refused() {
+        // Resolved as a directory resolves names: never above the URL's path.
         assert_eq!(
-            render("http://r/{path}", "a/../b", &[], None),
-            Err(UrlError::DotSegment)
+            render("http://r/b/{path}", "a/../c", &[], None).unwrap(),
+            "http://r/b/c"
         );
         assert_eq!(
-            render("http://r/{path}", "./b", &[], None),
-            Err(UrlError::DotSegment)
+            render("http://r/b/{path}", "/./c//d", &[], None).unwrap(),
+            "http://r/b/c/d"
         );
         assert_eq!(
-            render("http://r/{path}", "a/..b", &[], None).unwrap(),
-            "http://r/a/..b"
+            render("http://r/b/{path}", "a/..b", &[], None).unwrap(),
+            "http://r/b/a/..b"
         );
         assert_eq!(
-            render("http://r/x/{c}", "y", &[("c", "..")], None),
-            Err(UrlError::DotSegment)
+            render("http://r/b/{path}", "../etc/passwd", &[], None),
+            Err(2)
         );
-        assert_eq!(
-            render("http://r/{mac}", "y", &[], None),
-            Err(UrlError::NoMac)
-        );
+        assert_eq!(render("http://r/x/{c}", "y", &[("c", "..")], None), Err(2));
+        assert_eq!(render("http://r/{mac}", "y", &[], None), Err(1));
     }
 
     #[test]
