@@ -299,6 +299,9 @@ fn dry_run_url(out: &mut String, url: &UrlTemplate, facts: &Facts<'_>, captures:
         Ok(url) => {
             let _ = writeln!(out, "http: GET {url}");
         }
+        Err(reject) if url.uses_mac() && facts.mac().is_none() => {
+            let _ = writeln!(out, "answer: {reject} (the URL needs the client's MAC)");
+        }
         Err(reject) => {
             let _ = writeln!(out, "answer: {reject}");
         }

@@ -1,6 +1,9 @@
 //! `template` actions: a minijinja template, read and compiled at start-up, rendered per
 //! request on the event loop into memory.
 //!
+//! Whitespace as Ansible renders Jinja: the template's last newline is kept, and the
+//! newline after a block tag (`{% if … %}`, `{% endfor %}`) is removed.
+//!
 //! Bounds: the source is at most [`MAX_TEMPLATE_BYTES`]; one rendering does at most
 //! [`RENDER_FUEL`] steps of minijinja's machine and writes at most [`MAX_OUTPUT_BYTES`]
 //! (more is an error, answered with ERROR 0). Templates cannot read files: minijinja is
@@ -89,6 +92,14 @@ impl Template {
         let mut env = Environment::new();
         env.set_fuel(Some(RENDER_FUEL));
         env.set_recursion_limit(64);
+        // As Ansible renders Jinja: the last newline stays, and a line holding only a
+        // block tag ({% if %}, {% for %}) leaves no empty line.
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .keep_trailing_newline(true)
+            .trim_blocks(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        env.set_syntax(syntax);
         env.add_template_owned(name.clone(), source)
             .map_err(|e| e.to_string())?;
         let uses_mac = env
