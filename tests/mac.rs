@@ -271,6 +271,7 @@ fn a_server_learns_the_mac_of_an_on_link_client_from_its_first_request() {
 fn off_link_requests_fall_back_to_the_file_name() {
     // Over loopback the kernel has no neighbour entry: only the name can tell.
     let notifier = Notifier::detached();
+    let notes = dyntftp::handler::SessionNotes::default();
     let request = |peer: &str, filename: &'static [u8]| ReadRequest {
         peer: peer.parse().unwrap(),
         local: "127.0.0.1:69".parse().unwrap(),
@@ -278,6 +279,7 @@ fn off_link_requests_fall_back_to_the_file_name() {
         mode: dyntftp::Mode::Octet,
         options: Options::parse(b"").unwrap(),
         notifier: &notifier,
+        notes: &notes,
     };
     let named = Some(mac("aa:bb:cc:00:11:22"));
     assert_eq!(

@@ -25,7 +25,7 @@ use testkit::*;
 /// `files/NAME` serves NAME (with an ETag, 304 for a matching If-None-Match);
 /// `slow/NAME` the same after holding the headers back (a crowd forms meanwhile);
 /// `stall/…` never answers; `die/NAME` announces NAME's length and dies halfway through;
-/// anything else is 404.
+/// `error/…` is 500; anything else is 404.
 struct Repository {
     addr: SocketAddr,
     /// Every request: (path, headers with lower-case names).
@@ -166,6 +166,9 @@ fn answer(request: tiny_http::Request, files: &HashMap<&'static str, Vec<u8>>, s
                 tiny_http::Response::new(200.into(), Vec::new(), half, Some(data.len()), None)
                     .with_chunked_threshold(usize::MAX);
             let _ = request.respond(response);
+        }
+        ("error", _) => {
+            let _ = request.respond(tiny_http::Response::empty(500));
         }
         _ => {
             let _ = request.respond(tiny_http::Response::empty(404));
@@ -506,5 +509,35 @@ fn a_per_machine_name_sends_its_mac() {
     assert_eq!(
         headers.get("x-tftp-mac").map(String::as_str),
         Some("aa:bb:cc:dd:ee:ff")
+    );
+}
+
+#[test]
+fn failures_do_not_flood_the_log() {
+    const REQUESTS: usize = 40;
+    let s = setup(Mode::OwnPort, &[]);
+    let start = std::time::Instant::now();
+    for i in 0..REQUESTS {
+        let name = format!("error/{i}");
+        let err = fetch(Mode::OwnPort, s.daemon.addr, &name, "octet", &[]).unwrap_err();
+        assert_eq!(err.code(), Some(0), "{err:?}");
+    }
+    // One GET each (a 500 is not remembered), but at most 10 warnings per 10 s.
+    let gets = (0..REQUESTS)
+        .filter(|i| s.repository.gets(&format!("/error/{i}")) == 1)
+        .count();
+    assert_eq!(gets, REQUESTS);
+    s.daemon.stats_line(&format!("{REQUESTS} failed"));
+    let warnings = s
+        .daemon
+        .log()
+        .lines()
+        .filter(|line| line.contains("[WARN]") && line.contains("upstream: GET"))
+        .count();
+    // The limiter's periods the requests spanned (one, unless this machine is very slow).
+    let periods = start.elapsed().as_secs() as usize / 10 + 1;
+    assert!(
+        (1..=10 * periods).contains(&warnings) && warnings < REQUESTS,
+        "{warnings} warnings in {periods} periods"
     );
 }

@@ -25,7 +25,8 @@
 //! - Memory: cached and in-flight cached bodies ≤ `cache_bytes` (a body in use is never
 //!   evicted; a body that does not fit is not kept), plus, per GET whose body is not kept
 //!   (larger than the room, or no Content-Length), a window of [`STREAM_WINDOW`] bytes past
-//!   its slowest reader: ≤ `cache_bytes + workers × STREAM_WINDOW` in all.
+//!   its slowest reader plus one read of 64 KiB: ≤ `cache_bytes + workers × (STREAM_WINDOW
+//!   + 64 KiB)` in all. Sessions hold no copy: they read the shared bodies.
 //! - Log: a debug line per GET; warnings at most [`WARN_BURST`] per [`WARN_PERIOD`].
 //! - Time: connecting ≤ `timeout`, the response headers ≤ `timeout` after the request, and
 //!   no read of the body waits more than `timeout`: a stalled repository fails the body.
@@ -472,6 +473,80 @@ mod tests {
             (stats.gets, stats.cached_bytes, stats.streaming_bytes),
             (2, 0, 0)
         );
+    }
+
+    #[test]
+    fn requests_joined_to_an_uncached_body_share_one_get_within_the_window() {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/big", server.server_addr().to_ip().unwrap());
+        let settings = UpstreamSettings {
+            cache_bytes: 0,
+            ..SETTINGS
+        };
+        let upstream = Upstream::start(settings).unwrap();
+        let (notifier, notes) = (Notifier::detached(), SessionNotes::default());
+        let peer = SocketAddr::from(([127, 0, 0, 1], 4000));
+        let request = ReadRequest {
+            peer,
+            local: peer,
+            filename: b"big",
+            mode: Mode::Octet,
+            options: Options::EMPTY,
+            notifier: &notifier,
+            notes: &notes,
+        };
+        // Both requests wait for the headers the repository holds back.
+        let mut sources: Vec<_> = (0..2)
+            .map(|_| upstream.open(&url, &request).unwrap())
+            .collect();
+        let get = server
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("one GET");
+        let body: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+        let answer = {
+            let body = body.clone();
+            thread::spawn(move || {
+                let response =
+                    tiny_http::Response::from_data(body).with_chunked_threshold(usize::MAX);
+                let _ = get.respond(response);
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut got = [Vec::new(), Vec::new()];
+        let mut done = [false, false];
+        let mut buf = vec![0u8; 1468];
+        while !done.iter().all(|d| *d) {
+            assert!(Instant::now() < deadline, "no end within 20 s");
+            for (i, source) in sources.iter_mut().enumerate() {
+                if done[i] || source.poll_open().is_pending() {
+                    continue;
+                }
+                // The second reader takes one block per turn of the first's four: the
+                // window past the slowest holds the rest back.
+                for _ in 0..(if i == 0 { 4 } else { 1 }) {
+                    match source.read(&mut buf) {
+                        Ok(0) => done[i] = true,
+                        Ok(n) => got[i].extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                    if done[i] {
+                        break;
+                    }
+                }
+            }
+            let streaming = upstream.stats().streaming_bytes;
+            assert!(
+                streaming <= STREAM_WINDOW + 64 * 1024,
+                "{streaming} bytes held"
+            );
+        }
+        answer.join().unwrap();
+        assert!(got[0] == body && got[1] == body, "content differs");
+        assert!(server.try_recv().unwrap().is_none(), "a second GET");
+        let stats = upstream.stats();
+        assert_eq!((stats.gets, stats.joined, stats.cached_bytes), (1, 1, 0));
     }
 
     #[test]
