@@ -801,6 +801,21 @@ name = "node1"
     }
 
     #[test]
+    fn the_rule_count_is_bounded() {
+        let dir = Dir::new("many");
+        let rule = "[[rule]]\nempty = true\n";
+        assert_eq!(
+            parse_text(&dir, &rule.repeat(MAX_RULES))
+                .unwrap()
+                .rules
+                .len(),
+            MAX_RULES
+        );
+        let err = parse_text(&dir, &rule.repeat(MAX_RULES + 1)).err().unwrap();
+        assert!(err.ends_with(": 1001 rules, more than 1000"), "{err}");
+    }
+
+    #[test]
     fn a_bad_template_names_its_line() {
         let dir = Dir::new("template");
         std::fs::write(dir.0.join("bad.j2"), "ok\n{% if %}\n").unwrap();
