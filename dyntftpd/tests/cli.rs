@@ -239,7 +239,10 @@ fn check_config_prints_toml_that_reads_back_the_same() {
         assert!(printed.contains(line), "{line:?} in {printed}");
     }
     // The rules follow as comments (the router's list): the settings read back the same.
-    assert!(printed.contains("\n# rule \"rule-1\": any -> empty = true\n"), "{printed}");
+    assert!(
+        printed.contains("\n# rule \"rule-1\": any -> empty = true\n"),
+        "{printed}"
+    );
     let settings = |text: &str| -> String {
         text.lines()
             .filter(|l| !l.starts_with('#'))
