@@ -160,7 +160,18 @@ fn run(core: &Core, agent: &ureq::Agent, job: Job) {
             ""
         }
     );
-    let outcome = fetch(core, agent, &job);
+    // A panic (in ureq, say) must not leave the URL's waiters, and every later request
+    // for it, joined to a GET that will never end.
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fetch(core, agent, &job)))
+            .unwrap_or_else(|_| {
+                refuse_all(
+                    core,
+                    &job.url,
+                    Reject::new(ErrorCode::NotDefined, "error reading file"),
+                    Outcome::Failed("the worker panicked".into()),
+                )
+            });
     match outcome {
         Outcome::Served => {}
         Outcome::Revalidated => bump(&core.counters.revalidations),
@@ -290,7 +301,11 @@ fn serve(core: &Core, url: &str, response: ureq::http::Response<ureq::Body>) -> 
         (body, core.flights.finish(&url.to_owned()))
     };
     attach(waiters, &body);
-    let result = read_body(response.into_body(), &body);
+    let result = {
+        // Its readers get an error, not a wait, should the worker panic meanwhile.
+        let _unwinding = FailOnUnwind(&body);
+        read_body(response.into_body(), &body)
+    };
     let mut bodies = core.lock_bodies();
     if bodies
         .streaming
@@ -309,6 +324,17 @@ fn serve(core: &Core, url: &str, response: ureq::http::Response<ureq::Body>) -> 
                 Some(why) => Outcome::Failed(why),
                 None => Outcome::Served,
             }
+        }
+    }
+}
+
+/// Fails a body when dropped during a panic.
+struct FailOnUnwind<'a>(&'a Body);
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.fail("the worker panicked".into());
         }
     }
 }

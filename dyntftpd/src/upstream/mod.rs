@@ -575,8 +575,9 @@ mod tests {
         let mut held = Vec::new();
         let first = upstream.open(&format!("{base}/0"), &request).unwrap();
         held.push(first);
-        // The worker has taken the first job once the repository sees its GET.
-        let _ = server
+        // The worker has taken the first job once the repository sees its GET, left
+        // unanswered (held here: a dropped request would be answered 500).
+        let _first_get = server
             .recv_timeout(Duration::from_secs(10))
             .unwrap()
             .expect("the first GET");
