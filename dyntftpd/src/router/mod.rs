@@ -377,7 +377,16 @@ impl Handler for Router {
             }
             Action::Http(url) => self.fetch(&url_for(url, &facts, &captures)?, request),
             Action::Empty => Ok(Box::new(BytesSource::new(Vec::new()))),
-            Action::Refuse(reject) => Err(reject.clone()),
+            Action::Refuse(reject) => {
+                // A refusal starts no session, so no session line names the rule.
+                log::debug!(
+                    "{}: rule {:?} refuses {:?}: {reject}",
+                    request.peer,
+                    self.rules[i].name,
+                    String::from_utf8_lossy(facts.name)
+                );
+                Err(reject.clone())
+            }
             Action::Directory { .. } => match &mut self.rules[i].action {
                 Action::Directory { files, .. } => files.open(request),
                 _ => unreachable!("matched as a directory above"),
