@@ -6,7 +6,7 @@
 //! session concerned.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,8 +72,18 @@ impl ReadRequest<'_> {
     /// once per request, only when a decision needs it. Both answers can be forged: a
     /// client names any file, and anyone on the link can answer ARP or NDP for the
     /// address it sends from. Choose content by it, never grant access by it.
+    ///
+    /// The answer is kept with the request's [`SessionNotes`]: a second call (by a
+    /// wrapped handler, a backend) costs nothing, and the session's
+    /// [`SessionStats::mac`] and log line carry it.
     pub fn mac(&self) -> Option<MacAddr> {
-        MacAddr::neighbour(self.peer.ip()).or_else(|| MacAddr::from_filename(self.filename))
+        if let Some(known) = self.notes.mac.get() {
+            return known;
+        }
+        let mac =
+            MacAddr::neighbour(self.peer.ip()).or_else(|| MacAddr::from_filename(self.filename));
+        self.notes.mac.set(Some(mac));
+        mac
     }
 }
 
@@ -81,11 +91,14 @@ impl ReadRequest<'_> {
 pub const MAX_LABEL_LEN: usize = 64;
 
 /// What a handler notes about the session a request starts, through
-/// [`ReadRequest::set_label`]. The server makes one per request; make one with
-/// `SessionNotes::default()` to call a handler outside a server.
+/// [`ReadRequest::set_label`], and the MAC [`ReadRequest::mac`] looked up. The server
+/// makes one per request; make one with `SessionNotes::default()` to call a handler
+/// outside a server.
 #[derive(Debug, Default)]
 pub struct SessionNotes {
     label: RefCell<Option<Arc<str>>>,
+    /// `None` until [`ReadRequest::mac`] looked; then what it found.
+    mac: Cell<Option<Option<MacAddr>>>,
 }
 
 impl SessionNotes {
@@ -100,6 +113,11 @@ impl SessionNotes {
     /// The label set for the request, if any.
     pub fn label(&self) -> Option<Arc<str>> {
         self.label.borrow().clone()
+    }
+
+    /// The client's MAC, if [`ReadRequest::mac`] was asked and found one.
+    pub fn mac(&self) -> Option<MacAddr> {
+        self.mac.get().flatten()
     }
 }
 

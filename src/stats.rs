@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::family::ClientFamily;
 use crate::limit::{LogDecision, LogLimiter};
+use crate::mac::MacAddr;
 use crate::options::Negotiated;
 use crate::packet::{ErrorCode, Mode};
 use crate::session::Outcome;
@@ -172,6 +173,9 @@ pub struct SessionStats {
     /// What the handler named as having answered (see
     /// [`ReadRequest::set_label`](crate::ReadRequest::set_label)), if it did.
     pub label: Option<Arc<str>>,
+    /// The client's MAC, when the handler asked for it
+    /// ([`ReadRequest::mac`](crate::ReadRequest::mac)) and it was known.
+    pub mac: Option<MacAddr>,
     /// Wall-clock time the session started.
     pub start_time: SystemTime,
     /// How long it lasted.
@@ -655,6 +659,7 @@ mod tests {
             requested: Vec::new(),
             family: ClientFamily::Other,
             label: None,
+            mac: None,
             start_time: SystemTime::UNIX_EPOCH,
             duration: Duration::ZERO,
             outcome,

@@ -226,7 +226,7 @@ fn a_server_learns_the_mac_of_an_on_link_client_from_its_first_request() {
     }
     // Dual stack: IPv4 clients come in IPv4-mapped and are looked up as IPv4.
     let bind: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
-    let server = in_namespace(&server_ns, move || {
+    let mut server = in_namespace(&server_ns, move || {
         spawn_server(Mode::OwnPort, bind, || Box::new(ShowMac), |b| b)
     });
     let fetch_from = |client_ip: &str, server_ip: &str, name: &str| {
@@ -264,6 +264,10 @@ fn a_server_learns_the_mac_of_an_on_link_client_from_its_first_request() {
             "02:00:00:ec:00:01"
         );
     }
+    // What the handler looked up is the session's, for its log line.
+    for stats in server.sessions(if v6 { 3 } else { 2 }) {
+        assert_eq!(stats.mac, Some(mac("02:00:00:ec:00:01")), "{stats:?}");
+    }
     drop(server);
 }
 
@@ -271,7 +275,7 @@ fn a_server_learns_the_mac_of_an_on_link_client_from_its_first_request() {
 fn off_link_requests_fall_back_to_the_file_name() {
     // Over loopback the kernel has no neighbour entry: only the name can tell.
     let notifier = Notifier::detached();
-    let notes = dyntftp::handler::SessionNotes::default();
+    // Each request its own notes: they keep the MAC once looked up.
     let request = |peer: &str, filename: &'static [u8]| ReadRequest {
         peer: peer.parse().unwrap(),
         local: "127.0.0.1:69".parse().unwrap(),
@@ -279,7 +283,7 @@ fn off_link_requests_fall_back_to_the_file_name() {
         mode: dyntftp::Mode::Octet,
         options: Options::parse(b"").unwrap(),
         notifier: &notifier,
-        notes: &notes,
+        notes: Box::leak(Box::default()),
     };
     let named = Some(mac("aa:bb:cc:00:11:22"));
     assert_eq!(
@@ -295,4 +299,19 @@ fn off_link_requests_fall_back_to_the_file_name() {
         named
     );
     assert_eq!(request("127.0.0.1:1000", b"pxelinux.0").mac(), None);
+    // Looked up once per request: the notes keep the answer, for a second caller and
+    // for the session's statistics.
+    let notes = dyntftp::handler::SessionNotes::default();
+    let req = ReadRequest {
+        notes: &notes,
+        ..request("127.0.0.1:1000", b"pxelinux.cfg/01-aa-bb-cc-00-11-22")
+    };
+    assert_eq!(notes.mac(), None);
+    assert_eq!(req.mac(), named);
+    assert_eq!(notes.mac(), named);
+    let renamed = ReadRequest {
+        filename: b"pxelinux.0",
+        ..req
+    };
+    assert_eq!(renamed.mac(), named, "the same request's answer");
 }

@@ -271,6 +271,7 @@ pub fn session_members(s: &SessionStats) -> String {
         requested,
         family,
         label,
+        mac,
         start_time,
         duration,
         outcome,
@@ -286,6 +287,10 @@ pub fn session_members(s: &SessionStats) -> String {
     match label {
         Some(rule) => o.string("rule", rule),
         None => o.raw("rule", "null"),
+    }
+    match mac {
+        Some(mac) => o.string("mac", &mac.to_string()),
+        None => o.raw("mac", "null"),
     }
     let mut list = String::from("[");
     for (i, (name, value)) in requested.iter().take(MAX_LOGGED_OPTIONS).enumerate() {
@@ -751,6 +756,7 @@ mod tests {
             ],
             family: dyntftp::ClientFamily::Other,
             label: Some("per-mac".into()),
+            mac: Some(dyntftp::MacAddr([0x02, 0, 0, 0, 0, 0x17])),
             start_time: UNIX_EPOCH + Duration::from_millis(951_782_400_123),
             duration: Duration::from_millis(500),
             outcome: Outcome::PeerError(ErrorCode::DiskFull),
@@ -805,6 +811,7 @@ mod tests {
             "mode": "octet",
             "family": "other",
             "rule": "per-mac",
+            "mac": "02:00:00:00:00:17",
             "requested": [["blksize", "1428"], ["tsize", "0"]],
             "requested_omitted": 0,
             "start_time": "2000-02-29T00:00:00.123Z",
@@ -858,12 +865,14 @@ mod tests {
         t.rttvar = None;
         t.open_wait = None;
         bare.label = None;
+        bare.mac = None;
         let t = &mut bare.transfer;
         t.peer_error = None;
         t.error_sent = None;
         let got = parse(&session_members(&bare));
         assert_eq!(got["error"], serde_json::Value::Null);
         assert_eq!(got["rule"], serde_json::Value::Null);
+        assert_eq!(got["mac"], serde_json::Value::Null);
         let t = &got["transfer"];
         for field in [
             "open_wait",

@@ -660,6 +660,7 @@ impl<H: Handler> Server<H> {
             || handler.open(&read_request),
         );
         info.label = notes.label();
+        info.mac = notes.mac();
         let source = match opened {
             Some(Ok(source)) => source,
             Some(Err(reject)) if reject.retry_later => {

@@ -136,6 +136,7 @@ impl<H: Handler> Server<H> {
             requested: request.options,
             family: request.family,
             label: request.label,
+            mac: request.mac,
             start_time: request.start_time,
             duration: transfer.duration(self.now),
             outcome,
@@ -231,6 +232,9 @@ impl fmt::Display for SessionLine<'_> {
             _ => f.write_str(", srtt unmeasured")?,
         }
         write!(f, ", client {}", stats.family.as_str())?;
+        if let Some(mac) = stats.mac {
+            write!(f, ", mac {mac}")?;
+        }
         match &stats.label {
             Some(label) => write!(f, ", by {}", LogText::new(label.as_bytes())),
             None => Ok(()),
@@ -280,6 +284,7 @@ mod tests {
             requested: Vec::new(),
             family: crate::ClientFamily::Other,
             label: None,
+            mac: None,
             start_time: std::time::SystemTime::UNIX_EPOCH,
             duration: Duration::from_millis(1),
             outcome: Outcome::PeerError(ErrorCode::NotDefined),

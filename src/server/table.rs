@@ -119,6 +119,8 @@ pub(super) struct RequestInfo {
     pub(super) start_time: SystemTime,
     /// The handler's label for the session ([`ReadRequest::set_label`](crate::ReadRequest::set_label)).
     pub(super) label: Option<Arc<str>>,
+    /// The client's MAC, if the handler looked it up.
+    pub(super) mac: Option<crate::mac::MacAddr>,
 }
 
 impl RequestInfo {
@@ -151,6 +153,7 @@ impl RequestInfo {
             options,
             start_time,
             label: None,
+            mac: None,
         }
     }
 
