@@ -5,31 +5,12 @@
 //! server, on threads that entered them. The namespaces (and their devices) are deleted
 //! on drop.
 
-use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::thread;
 
 use dyntftp::mac::MacAddr;
 use dyntftp::packet::Options;
 use dyntftp::{BytesSource, Handler, Notifier, ReadRequest, Reject, ResponseData};
 use testkit::*;
-
-/// Runs `f` on a new thread in network namespace `ns`: netlink and other sockets it makes,
-/// and threads it starts, belong to that namespace.
-fn in_namespace<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.name());
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns with a namespace descriptor that stays open for the call; it
-        // changes only this thread's network namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("namespace thread panicked")
-}
 
 /// Runs each `ip -n <ns>` command of `steps`, panicking with the first failure.
 fn setup(ns: &NetNs, steps: &[&str]) {
@@ -47,7 +28,7 @@ fn mac(text: &str) -> MacAddr {
 /// Looks `ips` up in `ns`'s neighbour table: one answer per address.
 fn lookup(ns: &NetNs, ips: &[&str]) -> Vec<Option<MacAddr>> {
     let ips: Vec<IpAddr> = ips.iter().map(|ip| ip.parse().unwrap()).collect();
-    in_namespace(ns, move || {
+    in_namespace(ns.name(), move || {
         ips.into_iter().map(MacAddr::neighbour).collect()
     })
 }
@@ -226,12 +207,12 @@ fn a_server_learns_the_mac_of_an_on_link_client_from_its_first_request() {
     }
     // Dual stack: IPv4 clients come in IPv4-mapped and are looked up as IPv4.
     let bind: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
-    let mut server = in_namespace(&server_ns, move || {
+    let mut server = in_namespace(server_ns.name(), move || {
         spawn_server(Mode::OwnPort, bind, || Box::new(ShowMac), |b| b)
     });
     let fetch_from = |client_ip: &str, server_ip: &str, name: &str| {
         let client_ip: IpAddr = client_ip.parse().unwrap();
-        let socket = in_namespace(&client_ns, move || {
+        let socket = in_namespace(client_ns.name(), move || {
             UdpSocket::bind((client_ip, 0)).expect("bind client")
         });
         socket.set_read_timeout(Some(WAIT)).expect("set timeout");

@@ -6,11 +6,8 @@
 //! client's sockets are made on threads that entered those namespaces. Loopback, with its
 //! 65536-byte MTU, keeps the largest blksize.
 
-use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
-use std::thread;
 
 use dyntftp::Packet;
 use testkit::*;
@@ -102,22 +99,6 @@ impl Drop for Link {
             let _ = ip(&["netns", "del", ns]);
         }
     }
-}
-
-/// Runs `f` on a new thread in network namespace `ns`: sockets it makes, and threads it
-/// starts, belong to that namespace.
-fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns with a namespace descriptor that stays open for the call; it
-        // changes only this thread's network namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("namespace thread panicked")
 }
 
 /// A server on `bind` in namespace `ns`, serving `big.bin`, with the MTU clamp `clamp`.

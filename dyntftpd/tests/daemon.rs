@@ -5,112 +5,39 @@
 //! curl is skipped with a loud `SKIPPED:` line where it is not installed, unless
 //! `DYNTFTP_REQUIRE_CLIENTS=1`, which turns a missing client into a failure.
 
-use std::fs::{self, File};
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use dyntftp::Packet;
 use testkit::*;
 
-/// A running `dyntftpd`, killed (by its own PID) and reaped on drop.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    stderr: PathBuf,
+/// Starts dyntftpd in `mode` on a free 127.0.0.1 port serving `root`, and waits until
+/// it answers.
+fn start(mode: Mode, root: &Path, logs: &Path) -> Daemon {
+    start_with(mode, root, logs, &[])
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    /// Starts dyntftpd in `mode` on a free 127.0.0.1 port serving `root`, and waits until
-    /// it answers.
-    fn start(mode: Mode, root: &Path, logs: &Path) -> Daemon {
-        Daemon::start_with(mode, root, logs, &[])
-    }
-
-    /// [`Daemon::start`] with extra flags.
-    fn start_with(mode: Mode, root: &Path, logs: &Path, flags: &[&str]) -> Daemon {
-        // Pick a free port: bind port 0, read it, release it.
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let stderr = logs.join(format!("dyntftpd-{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_dyntftpd"))
-            .args(["-l", &addr.to_string(), "-r"])
-            .arg(root)
-            .args(["--timeout", "0.25", "--retries", "3"])
-            .args(mode.is_single_port().then_some("--single-port"))
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start dyntftpd");
-        let mut daemon = Daemon {
-            child,
-            addr,
-            stderr,
-        };
-        daemon.wait_ready();
-        daemon
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Sends a probe RRQ for a missing file until ERROR 1 comes back (bounded).
-    fn wait_ready(&mut self) {
-        let probe = Raw::new(self.addr);
-        for _ in 0..100 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("dyntftpd exited early: {status}\n{}", self.log());
-            }
-            probe.rrq(self.addr, b"readiness-probe-missing", "octet", &[]);
-            if let Some((reply, _)) = probe.recv_within(Duration::from_millis(100)) {
-                match Packet::parse(&reply) {
-                    Ok(Packet::Error { code, .. }) if code.to_u16() == 1 => return,
-                    other => panic!("unexpected probe reply {other:?}"),
-                }
-            }
-        }
-        panic!("dyntftpd did not answer within 10 s\n{}", self.log());
-    }
-
-    /// Waits (bounded) for the process to exit.
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!("dyntftpd did not exit within {within:?}\n{}", self.log());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
-        // SAFETY: kill(2) with the PID of our own child, which has not been reaped yet
-        // (Daemon owns the Child and only waits for it here or on drop).
-        let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
+/// [`start`] with extra flags.
+fn start_with(mode: Mode, root: &Path, logs: &Path, flags: &[&str]) -> Daemon {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dyntftpd"));
+    command
+        .args(["-l", &addr.to_string(), "-r"])
+        .arg(root)
+        .args(["--timeout", "0.25", "--retries", "3"])
+        .args(mode.is_single_port().then_some("--single-port"))
+        .args(flags);
+    let log = logs.join(format!("dyntftpd-{}.log", addr.port()));
+    let mut daemon = Daemon::spawn(command, addr, &log);
+    daemon.wait_until_answered(
+        b"readiness-probe-missing",
+        |reply| matches!(reply, Packet::Error { code, .. } if code.to_u16() == 1),
+    );
+    daemon
 }
 
 fn daemon_root() -> TempDir {
@@ -125,7 +52,7 @@ both_modes!(dyntftpd_serves_files);
 fn dyntftpd_serves_files(mode: Mode) {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");
-    let daemon = Daemon::start(mode, root.path(), out.path());
+    let daemon = start(mode, root.path(), out.path());
     for (name, want) in client_files() {
         for options in [&[][..], &[("blksize", "1428"), ("windowsize", "16")]] {
             let got = fetch(mode, daemon.addr, name, "octet", options)
@@ -156,7 +83,7 @@ fn dyntftpd_rewrites_names_and_serves_per_client_roots(mode: Mode) {
     root.write("host.cfg", b"shared config");
     root.write("127.0.0.1/host.cfg", b"config of 127.0.0.1");
     let out = TempDir::new("daemon-out");
-    let daemon = Daemon::start_with(
+    let daemon = start_with(
         mode,
         root.path(),
         out.path(),
@@ -197,7 +124,7 @@ fn dyntftpd_looks_names_up_ignoring_case_and_caches_files(mode: Mode) {
     let root = TempDir::new("daemon-case");
     root.write("Boot/PxeLinux.0", &pseudo_random(100_000, 5));
     let out = TempDir::new("daemon-out");
-    let daemon = Daemon::start_with(
+    let daemon = start_with(
         mode,
         root.path(),
         out.path(),
@@ -209,7 +136,7 @@ fn dyntftpd_looks_names_up_ignoring_case_and_caches_files(mode: Mode) {
         assert!(got.data == pseudo_random(100_000, 5), "content differs");
     }
     // Without --ignore-case the same name is not found.
-    let strict = Daemon::start(mode, root.path(), out.path());
+    let strict = start(mode, root.path(), out.path());
     let err = fetch(mode, strict.addr, "boot/pxelinux.0", "octet", &[]).unwrap_err();
     assert_eq!(err.code(), Some(1), "{err:?}");
 }
@@ -218,7 +145,7 @@ both_modes!(dyntftpd_with_two_workers_serves_and_stops);
 fn dyntftpd_with_two_workers_serves_and_stops(mode: Mode) {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");
-    let mut daemon = Daemon::start_with(mode, root.path(), out.path(), &["--workers", "2"]);
+    let mut daemon = start_with(mode, root.path(), out.path(), &["--workers", "2"]);
     // Twenty clients on twenty ports: both loops take some.
     let handles: Vec<_> = (0..20)
         .map(|i| {
@@ -243,7 +170,7 @@ both_modes!(dyntftpd_exits_0_on_sigterm);
 fn dyntftpd_exits_0_on_sigterm(mode: Mode) {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");
-    let mut daemon = Daemon::start(mode, root.path(), out.path());
+    let mut daemon = start(mode, root.path(), out.path());
     let got = fetch(mode, daemon.addr, "small.txt", "octet", &[]).unwrap();
     assert_eq!(got.data, SMALL);
     daemon.signal(libc::SIGTERM);
@@ -268,7 +195,7 @@ both_modes!(dyntftpd_limit_loopback_applies_the_per_client_cap_to_loopback);
 fn dyntftpd_limit_loopback_applies_the_per_client_cap_to_loopback(mode: Mode) {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");
-    let limited = Daemon::start_with(
+    let limited = start_with(
         mode,
         root.path(),
         out.path(),
@@ -282,7 +209,7 @@ fn dyntftpd_limit_loopback_applies_the_per_client_cap_to_loopback(mode: Mode) {
     assert!(message.contains("too many"), "{message}");
 
     // Without the flag, loopback is exempt: the same second request is served.
-    let exempt = Daemon::start_with(mode, root.path(), out.path(), &["--max-per-client", "1"]);
+    let exempt = start_with(mode, root.path(), out.path(), &["--max-per-client", "1"]);
     let _held = hold_a_verified_session(exempt.addr);
     let second = Raw::new(exempt.addr);
     second.rrq(exempt.addr, b"small.txt", "octet", &[]);
@@ -319,13 +246,13 @@ both_modes!(dyntftpd_logs_a_forged_error_message_as_one_escaped_line);
 fn dyntftpd_logs_a_forged_error_message_as_one_escaped_line(mode: Mode) {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");
-    let daemon = Daemon::start(mode, root.path(), out.path());
+    let daemon = start(mode, root.path(), out.path());
     let raw = Raw::new(daemon.addr);
     raw.rrq(daemon.addr, b"small.txt", "octet", &[]);
     let (_, _, tid) = raw.expect_data();
     send_error(&raw, tid, FORGED);
     let log = wait_for_log(&daemon, "outcome peer_error");
-    let bytes = fs::read(&daemon.stderr).unwrap();
+    let bytes = fs::read(&daemon.log_path).unwrap();
     assert!(
         !bytes.iter().any(|b| b.is_ascii_control() && *b != b'\n'),
         "a control byte in the log:\n{log}"
@@ -354,7 +281,7 @@ both_modes!(dyntftpd_bounds_the_session_lines_of_a_flood);
 fn dyntftpd_bounds_the_session_lines_of_a_flood(mode: Mode) {
     let root = daemon_root();
     let out = TempDir::new("daemon-out");
-    let daemon = Daemon::start_with(mode, root.path(), out.path(), &["--stats-interval", "1"]);
+    let daemon = start_with(mode, root.path(), out.path(), &["--stats-interval", "1"]);
     // Sessions that fail before any ACK, as spoofed requests do: each client aborts at
     // once with an ERROR instead of an ACK, so no session waits for a timeout.
     let started = Instant::now();

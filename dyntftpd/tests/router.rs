@@ -6,10 +6,9 @@
 //! the rule in the JSON session log, configuration errors, `--check-config` and
 //! `--dry-run`.
 
-use std::fs::{self, File};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -74,7 +73,8 @@ impl Setup {
     /// Starts the daemon on `ip`, port 0, with a JSON log.
     fn start_on(&self, ip: &str) -> Daemon {
         let log = self.dir.path().join(format!("log-{ip}.json"));
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("--config")
             .arg(self.config())
             .args([
@@ -85,21 +85,10 @@ impl Setup {
                 "--retries",
                 "3",
             ])
-            .args(["--log-format", "json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("start dyntftpd");
-        let mut daemon = Daemon {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-        };
+            .args(["--log-format", "json"]);
+        let mut daemon = Daemon::spawn(command, SocketAddr::from(([127, 0, 0, 1], 0)), &log);
         daemon.addr = eventually("dyntftpd's serving line", WAIT, || {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("dyntftpd exited: {status}\n{}", daemon.log_text());
-            }
+            daemon.assert_running();
             daemon.records().iter().find_map(|r| {
                 let message = r["message"].as_str()?;
                 let rest = message.strip_prefix("serving ")?;
@@ -111,30 +100,22 @@ impl Setup {
     }
 }
 
-/// A running dyntftpd, killed (by its own PID) and reaped on drop.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
+/// What the tests read from a running dyntftpd: its JSON log, its files.
+trait Served {
+    /// The complete JSON lines of the log.
+    fn records(&self) -> Vec<serde_json::Value>;
+    /// Fetches `name`: its content, or the ERROR's code and message.
+    fn get(&self, name: &str) -> Result<Vec<u8>, (u16, String)>;
+    /// Fetches `name` and returns its content as text.
+    fn text(&self, name: &str) -> String;
+    /// Waits for the session record of `name` in the JSON log.
+    fn session(&self, name: &str) -> serde_json::Value;
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
+impl Served for Daemon {
     /// The complete JSON lines of the log.
     fn records(&self) -> Vec<serde_json::Value> {
-        self.log_text()
+        self.log()
             .lines()
             .filter_map(|line| serde_json::from_str(line).ok())
             .collect()
@@ -148,7 +129,7 @@ impl Daemon {
         match fetch(Mode::OwnPort, self.addr, name, "octet", &options) {
             Ok(got) => Ok(got.data),
             Err(ClientError::Error { code, message, .. }) => Err((code, message)),
-            Err(e) => panic!("{name}: {e:?}\n{}", self.log_text()),
+            Err(e) => panic!("{name}: {e:?}\n{}", self.log()),
         }
     }
 
@@ -156,7 +137,7 @@ impl Daemon {
     fn text(&self, name: &str) -> String {
         let data = self
             .get(name)
-            .unwrap_or_else(|e| panic!("{name}: {e:?}\n{}", self.log_text()));
+            .unwrap_or_else(|e| panic!("{name}: {e:?}\n{}", self.log()));
         String::from_utf8(data).unwrap()
     }
 
@@ -736,5 +717,5 @@ template = "broken.j2"
     eventually("the warnings", WAIT, || {
         (warnings("huge.j2") == 1 && warnings("broken.j2") == 1).then_some(())
     });
-    assert_eq!(warnings("huge.j2"), 1, "{}", daemon.log_text());
+    assert_eq!(warnings("huge.j2"), 1, "{}", daemon.log());
 }

@@ -4,11 +4,10 @@
 //! repository that stalls no one else, a body cut short that is an ERROR, and the cache.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
 use std::io::{self, Read};
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -189,88 +188,39 @@ impl Read for Dying {
 // The daemon
 // ---------------------------------------------------------------------------------------
 
-/// A running `dyntftpd`, killed (by its own PID) and reaped on drop.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    stderr: PathBuf,
+/// dyntftpd serving `root`, and `repository` for the other names.
+fn start(mode: Mode, root: &Path, logs: &Path, repository: &Repository) -> Daemon {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dyntftpd"));
+    command
+        .args(["-l", &addr.to_string(), "-r"])
+        .arg(root)
+        .args(["--timeout", "0.25", "--retries", "3"])
+        .args(mode.is_single_port().then_some("--single-port"))
+        .args(["--upstream", &repository.url()])
+        .args(["--upstream-timeout", "1", "--upstream-workers", "4"])
+        // The upstream's counters at debug level, every second.
+        .args(["-v", "--stats-interval", "1"]);
+    let log = logs.join(format!("dyntftpd-{}.log", addr.port()));
+    let mut daemon = Daemon::spawn(command, addr, &log);
+    // A name under --root answers once the daemon is up.
+    daemon.wait_until_answered(b"ready.txt", |reply| {
+        matches!(reply, Packet::Data { block: 1, .. })
+    });
+    daemon
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    /// dyntftpd serving `root`, and `repository` for the other names.
-    fn start(mode: Mode, root: &Path, logs: &Path, repository: &Repository) -> Daemon {
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let stderr = logs.join(format!("dyntftpd-{port}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_dyntftpd"))
-            .args(["-l", &addr.to_string(), "-r"])
-            .arg(root)
-            .args(["--timeout", "0.25", "--retries", "3"])
-            .args(mode.is_single_port().then_some("--single-port"))
-            .args(["--upstream", &repository.url()])
-            .args(["--upstream-timeout", "1", "--upstream-workers", "4"])
-            // The upstream's counters at debug level, every second.
-            .args(["-v", "--stats-interval", "1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start dyntftpd");
-        let mut daemon = Daemon {
-            child,
-            addr,
-            stderr,
-        };
-        daemon.wait_ready();
+/// The last upstream statistics line of `daemon`'s log once it says `want`.
+fn stats_line(daemon: &Daemon, want: &str) -> String {
+    eventually("the upstream statistics", Duration::from_secs(10), || {
         daemon
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// A name under --root answers once the daemon is up.
-    fn wait_ready(&mut self) {
-        let probe = Raw::new(self.addr);
-        for _ in 0..100 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("dyntftpd exited early: {status}\n{}", self.log());
-            }
-            probe.rrq(self.addr, b"ready.txt", "octet", &[]);
-            if let Some((reply, _)) = probe.recv_within(Duration::from_millis(100)) {
-                match Packet::parse(&reply) {
-                    Ok(Packet::Data { block: 1, .. }) => return,
-                    other => panic!("unexpected probe reply {other:?}"),
-                }
-            }
-        }
-        panic!("dyntftpd did not answer within 10 s\n{}", self.log());
-    }
-
-    /// The last upstream statistics line once it says `want`.
-    fn stats_line(&self, want: &str) -> String {
-        eventually("the upstream statistics", Duration::from_secs(10), || {
-            self.log()
-                .lines()
-                .rev()
-                .find(|line| line.contains("upstream: ") && line.contains(" GETs, "))
-                .filter(|line| line.contains(want))
-                .map(str::to_owned)
-        })
-    }
+            .log()
+            .lines()
+            .rev()
+            .find(|line| line.contains("upstream: ") && line.contains(" GETs, "))
+            .filter(|line| line.contains(want))
+            .map(str::to_owned)
+    })
 }
 
 struct Setup {
@@ -286,7 +236,7 @@ fn setup(mode: Mode, files: &[(&'static str, Vec<u8>)]) -> Setup {
     root.write("ready.txt", b"ready");
     root.write("local.bin", &pseudo_random(50_000, 9));
     let logs = TempDir::new("upstream-logs");
-    let daemon = Daemon::start(mode, root.path(), logs.path(), &repository);
+    let daemon = start(mode, root.path(), logs.path(), &repository);
     Setup {
         repository,
         daemon,
@@ -403,9 +353,10 @@ fn a_crowd_for_one_cold_file_makes_one_get() {
         "one GET for the crowd"
     );
     // The cache holds the one body, and nothing streams any more.
-    let line = s
-        .daemon
-        .stats_line("200000 bytes in 1 cached bodies, 0 bytes streaming");
+    let line = stats_line(
+        &s.daemon,
+        "200000 bytes in 1 cached bodies, 0 bytes streaming",
+    );
     println!("after the crowd: {line}");
     assert!(line.contains(" 1 GETs, "), "{line}");
 }
@@ -484,7 +435,7 @@ fn a_cached_file_is_served_again_without_a_get() {
         assert_eq!(got.oack_value("tsize"), Some("13"));
     }
     assert_eq!(s.repository.gets("/files/grub.cfg"), 1);
-    s.daemon.stats_line("2 cache hits");
+    stats_line(&s.daemon, "2 cache hits");
 }
 
 /// An ERROR packet as a client sends it.
@@ -527,7 +478,7 @@ fn failures_do_not_flood_the_log() {
         .filter(|i| s.repository.gets(&format!("/error/{i}")) == 1)
         .count();
     assert_eq!(gets, REQUESTS);
-    s.daemon.stats_line(&format!("{REQUESTS} failed"));
+    stats_line(&s.daemon, &format!("{REQUESTS} failed"));
     let warnings = s
         .daemon
         .log()

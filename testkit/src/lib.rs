@@ -28,6 +28,7 @@
 use std::time::Duration;
 
 pub mod client;
+pub mod daemon;
 pub mod files;
 pub mod net;
 pub mod netns;
@@ -38,6 +39,7 @@ pub mod server;
 pub mod sys;
 
 pub use client::*;
+pub use daemon::{free_udp_port, Daemon};
 pub use files::*;
 pub use net::*;
 pub use netns::*;

@@ -8,6 +8,7 @@
 //! `DYNTFTP_REQUIRE_CLIENTS=1` ([`require_clients`]) makes that a failure.
 
 use std::fs::{self, File};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -113,6 +114,22 @@ impl Drop for NetNs {
     }
 }
 
+/// Runs `f` on a new thread in the network namespace named `name`: sockets it makes, and
+/// threads it starts, belong to that namespace.
+pub fn in_namespace<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns with a namespace descriptor that stays open for the call; it
+        // changes only this thread's network namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("namespace thread panicked")
+}
+
 /// A process started for a test, its standard output and error appended to a log file;
 /// killed (by its own PID) and reaped on drop.
 pub struct Background {
@@ -203,6 +220,15 @@ impl Background {
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: kill(2) with the PID of our own child, which has not been reaped yet
+        // (Background owns the Child and only reaps it in stop, or when it has exited).
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
     }
 
     /// Kills the process (if it still runs) and reaps it.

@@ -334,30 +334,37 @@ pub(super) fn kind(key: &str) -> Option<Kind> {
 /// Reads a configuration file: a regular file (not a device, FIFO or directory, which
 /// could block or never end) of at most [`MAX_CONFIG_BYTES`], in UTF-8.
 pub(super) fn read_config_file(path: &Path) -> Result<String, String> {
-    let cannot = |why: String| format!("cannot read {}: {why}", path.display());
+    read_bounded(path, MAX_CONFIG_BYTES)
+        .map_err(|why| format!("cannot read {}: {why}", path.display()))
+}
+
+/// Reads a regular file (not a device, FIFO or directory, which could block or never end)
+/// of at most `max` bytes, in UTF-8: the configuration file, and the templates and
+/// inventory it names. The error says why, without the path.
+pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<String, String> {
     // Non-blocking: opening a FIFO without a writer would wait forever.
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| cannot(e.to_string()))?;
-    let metadata = file.metadata().map_err(|e| cannot(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
+    let metadata = file.metadata().map_err(|e| e.to_string())?;
     if !metadata.is_file() {
-        return Err(cannot("not a regular file".into()));
+        return Err("not a regular file".into());
     }
-    if metadata.len() > MAX_CONFIG_BYTES {
-        return Err(cannot(format!(
-            "{} bytes, more than the {MAX_CONFIG_BYTES} a configuration file may have",
+    if metadata.len() > max {
+        return Err(format!(
+            "{} bytes, more than the {max} this file may have",
             metadata.len()
-        )));
+        ));
     }
     let mut text = String::new();
     // Bounded again, in case the file grows while it is read.
-    File::take(file, MAX_CONFIG_BYTES + 1)
+    File::take(file, max + 1)
         .read_to_string(&mut text)
-        .map_err(|e| cannot(e.to_string()))?;
-    if text.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(cannot("the file grew past the size limit".into()));
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > max {
+        return Err("the file grew past the size limit".into());
     }
     Ok(text)
 }

@@ -3,6 +3,7 @@
 
 mod file;
 
+pub(crate) use file::read_bounded;
 use file::{kind, read_config_file, SETTINGS};
 
 use std::ffi::OsString;
@@ -367,7 +368,7 @@ fn number<T: FromStr>(text: &str, check: impl Fn(&T) -> bool) -> Option<T> {
 
 /// A byte count, with an optional K, M or G suffix (powers of 1024), at most
 /// `i64::MAX` (the largest TOML integer, so that `--check-config` can print it).
-fn bytes(text: &str) -> Option<u64> {
+pub(crate) fn bytes(text: &str) -> Option<u64> {
     let (digits, unit) = match text.char_indices().last()? {
         (i, 'K' | 'k') => (&text[..i], 1u64 << 10),
         (i, 'M' | 'm') => (&text[..i], 1 << 20),

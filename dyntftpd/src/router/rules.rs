@@ -8,11 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::Read as _;
 use std::net::IpAddr;
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use dyntftp::remap::{Remap, Rules};
@@ -75,30 +72,11 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Reads a regular file of at most `max` bytes, in UTF-8 (not a FIFO or device, which
-/// could block or never end).
+/// Reads a template or inventory file of at most `max` bytes (see
+/// [`config::read_bounded`](crate::config::read_bounded)).
 pub fn read_bounded(path: &Path, max: u64) -> Result<String, ConfigError> {
-    let cannot = |why: String| ConfigError::new(path, format!("cannot read: {why}"));
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| cannot(e.to_string()))?;
-    let metadata = file.metadata().map_err(|e| cannot(e.to_string()))?;
-    if !metadata.is_file() {
-        return Err(cannot("not a regular file".into()));
-    }
-    if metadata.len() > max {
-        return Err(cannot(format!("{} bytes, more than {max}", metadata.len())));
-    }
-    let mut text = String::new();
-    File::take(file, max + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| cannot(e.to_string()))?;
-    if text.len() as u64 > max {
-        return Err(cannot(format!("more than {max} bytes")));
-    }
-    Ok(text)
+    crate::config::read_bounded(path, max)
+        .map_err(|why| ConfigError::new(path, format!("cannot read: {why}")))
 }
 
 /// The settings the rules start from: today's `root` and remapping options.
@@ -492,7 +470,7 @@ fn check_rule(
         let cache = match &spec.cache {
             None => 0,
             Some(Bytes::Count(n)) => *n,
-            Some(Bytes::Text(text)) => bytes(text).ok_or_else(|| {
+            Some(Bytes::Text(text)) => crate::config::bytes(text).ok_or_else(|| {
                 at(
                     "cache",
                     format!("{text:?} is not a byte count (e.g. 0, 65536, 512K, 256M or 2G)"),
@@ -604,17 +582,6 @@ fn refusal(spec: RefuseSpec) -> Result<Reject, String> {
         ));
     }
     Ok(Reject::new(ErrorCode::from_u16(spec.code), message))
-}
-
-/// A byte count, with an optional K, M or G suffix (powers of 1024), as `cache` takes.
-fn bytes(text: &str) -> Option<u64> {
-    let (digits, unit) = match text.char_indices().last()? {
-        (i, 'K' | 'k') => (&text[..i], 1u64 << 10),
-        (i, 'M' | 'm') => (&text[..i], 1 << 20),
-        (i, 'G' | 'g') => (&text[..i], 1 << 30),
-        _ => (text, 1),
-    };
-    digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 #[cfg(test)]
