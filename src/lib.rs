@@ -183,7 +183,7 @@ mod timer;
 pub use family::ClientFamily;
 pub use fs::{CacheStats, FsHandler};
 pub use handler::{Handler, Notifier, ReadRequest, Reject, SessionNotes};
-pub use limit::Rate;
+pub use limit::{LogDecision, LogLimiter, Rate};
 pub use mac::MacAddr;
 pub use metrics::Metrics;
 pub use options::{Limits, Negotiated};

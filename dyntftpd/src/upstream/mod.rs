@@ -35,7 +35,6 @@ mod cache;
 mod fetch;
 mod shared;
 mod url;
-mod warn_limit;
 
 use std::collections::HashMap;
 use std::io;
@@ -50,7 +49,7 @@ use dyntftp::{ErrorCode, Notifier, ReadRequest, Reject, ResponseData};
 use cache::Cache;
 use fetch::{Job, JobQueue, RequestHeaders, Workers};
 use shared::Body;
-use warn_limit::{Verdict, WarnLimit};
+use dyntftp::{LogDecision, LogLimiter};
 
 pub use url::join;
 
@@ -131,7 +130,7 @@ pub(crate) struct Core {
     not_found: Mutex<TtlCache<String, ()>>,
     queue: JobQueue,
     counters: Counters,
-    warnings: Mutex<WarnLimit>,
+    warnings: Mutex<LogLimiter>,
 }
 
 pub(crate) struct Bodies {
@@ -181,7 +180,7 @@ impl Upstream {
             not_found: Mutex::new(TtlCache::new(NOT_FOUND_CAPACITY, NOT_FOUND_TTL)),
             queue: JobQueue::new(queue_len),
             counters: Counters::default(),
-            warnings: Mutex::new(WarnLimit::new(WARN_BURST, WARN_PERIOD)),
+            warnings: Mutex::new(LogLimiter::new(WARN_PERIOD, WARN_BURST)),
             settings: UpstreamSettings {
                 workers,
                 ..settings
@@ -306,11 +305,11 @@ impl Core {
             .unwrap_or_else(|e| e.into_inner())
             .check(Instant::now());
         match verdict {
-            Verdict::Log { suppressed: 0 } => log::warn!("upstream: {message}"),
-            Verdict::Log { suppressed } => {
+            LogDecision::Log { suppressed: 0 } => log::warn!("upstream: {message}"),
+            LogDecision::Log { suppressed } => {
                 log::warn!("upstream: {message} ({suppressed} similar warnings suppressed)")
             }
-            Verdict::Drop => {}
+            LogDecision::Suppress => {}
         }
     }
 }
