@@ -44,12 +44,11 @@ use std::time::{Duration, Instant};
 
 use dyntftp::backend::{Joined, SingleFlight, TtlCache};
 use dyntftp::deferred::{deferred, Opener};
-use dyntftp::{ErrorCode, Notifier, ReadRequest, Reject, ResponseData};
+use dyntftp::{ErrorCode, LogDecision, LogLimiter, Notifier, ReadRequest, Reject, ResponseData};
 
 use cache::Cache;
 use fetch::{Job, JobQueue, RequestHeaders, Workers};
 use shared::Body;
-use dyntftp::{LogDecision, LogLimiter};
 
 pub use url::join;
 
