@@ -56,6 +56,7 @@ mod admission;
 mod budget;
 mod builder;
 mod mtu;
+mod quota;
 mod report;
 mod table;
 mod transport;

@@ -46,6 +46,7 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
         }
         if n == 1 {
             self.validate()?;
+            self.resolve_busy_poll(1);
             let max_sessions = self.resolved_max_sessions();
             let sockets = self.bind_all(false)?;
             return Ok(Workers {
@@ -65,6 +66,7 @@ impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
             ));
         }
         self.validate()?;
+        self.resolve_busy_poll(n);
         let total = self.resolved_max_sessions();
         let per_worker = (total / n).max(1);
         let settings = self.settings.per_worker(n);

@@ -38,7 +38,8 @@ struct FileSettings<'a> {
     limit_loopback: bool,
     adaptive_timeout: bool,
     udp_gso: bool,
-    busy_poll: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    busy_poll: Option<u64>,
     single_port: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     port_range: Option<String>,

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use dyntftp::server::DEFAULT_BUSY_POLL;
 use dyntftp::{Handler, Limits, Rate, ReadRequest, Reject, ResponseData, ServerBuilder};
 use getopts::{Matches, Options};
 use log::LevelFilter;
@@ -63,8 +62,9 @@ pub struct Config {
     pub single_port_max_window: u16,
     pub adaptive_timeout: bool,
     pub udp_gso: bool,
-    /// Microseconds to poll without sleeping while sessions run.
-    pub busy_poll: u64,
+    /// Microseconds to poll without sleeping while sessions run; `None`: the library's
+    /// default for the CPU quota.
+    pub busy_poll: Option<u64>,
     pub single_port: bool,
     /// The ports session sockets bind, first and last; `None`: any.
     pub port_range: Option<(u16, u16)>,
@@ -123,7 +123,7 @@ impl Default for Config {
             single_port_max_window: dyntftp::server::SINGLE_PORT_LIMITS.max_window,
             adaptive_timeout: true,
             udp_gso: true,
-            busy_poll: DEFAULT_BUSY_POLL.as_micros() as u64,
+            busy_poll: None,
             single_port: false,
             port_range: None,
             mtu_blksize: true,
@@ -256,7 +256,9 @@ impl Config {
                 }
             }
             "strip-prefix" if !text.is_empty() => self.strip_prefix.push(text.to_string()),
-            "busy-poll" => self.busy_poll = number(text, |n: &u64| *n <= 10_000).ok_or_else(bad)?,
+            "busy-poll" => {
+                self.busy_poll = Some(number(text, |n: &u64| *n <= 10_000).ok_or_else(bad)?)
+            }
             "workers" => {
                 self.workers = number(text, |n: &usize| (1..=1024).contains(n)).ok_or_else(bad)?
             }
@@ -525,7 +527,7 @@ pub fn options() -> Options {
     opts.optopt(
         "",
         "busy-poll",
-        "adaptive busy polling: while transfers run and datagrams keep coming within USECS, poll that long without sleeping before blocking (faster lock-step transfers for CPU time; 0..10000, default 50, 0: off)",
+        "adaptive busy polling: while transfers run and datagrams keep coming within USECS, poll that long without sleeping before blocking (faster lock-step transfers for CPU time; 0..10000, 0: off; default 50, or 0 when the cgroup's CPU quota is below one CPU per worker)",
         "USECS",
     );
     opts.optflag(
@@ -839,10 +841,12 @@ impl Config {
             })
             .adaptive_timeout(self.adaptive_timeout)
             .udp_gso(self.udp_gso)
-            .busy_poll(Duration::from_micros(self.busy_poll))
             .single_port(self.single_port)
             .mtu_blksize(self.mtu_blksize)
             .stats_interval(self.stats_interval);
+        if let Some(spin) = self.busy_poll {
+            builder = builder.busy_poll(Duration::from_micros(spin));
+        }
         if let Some(max) = self.max_sessions {
             builder = builder.max_sessions(max);
         }
@@ -1119,9 +1123,9 @@ mod tests {
         assert!(config(&["--single-port"]).single_port);
         assert_eq!(c.workers, 1);
         assert!(c.udp_gso);
-        assert_eq!(c.busy_poll, 50);
-        assert_eq!(config(&["--busy-poll", "0"]).busy_poll, 0);
-        assert_eq!(config(&["--busy-poll", "50"]).busy_poll, 50);
+        assert_eq!(c.busy_poll, None);
+        assert_eq!(config(&["--busy-poll", "0"]).busy_poll, Some(0));
+        assert_eq!(config(&["--busy-poll", "50"]).busy_poll, Some(50));
         assert!(parse_args(&args(&["--busy-poll", "20000"])).is_err());
         assert!(!config(&["--udp-gso", "off"]).udp_gso);
         assert_eq!(config(&["--workers", "2"]).workers, 2);
