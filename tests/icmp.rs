@@ -50,3 +50,67 @@ fn a_closed_client_port_ends_the_session_after_one_send() {
     let stats = server.session_of(client.local_addr(), |_| {});
     assert_eq!(stats.outcome, Outcome::Completed);
 }
+
+/// Keeps every finished session, for a server driven by `run_once` on the test thread.
+struct Kept {
+    files: dyntftp::FsHandler,
+    sessions: Vec<dyntftp::SessionStats>,
+}
+
+impl dyntftp::Handler for Kept {
+    fn open(
+        &mut self,
+        request: &dyntftp::ReadRequest<'_>,
+    ) -> Result<Box<dyn dyntftp::ResponseData>, dyntftp::Reject> {
+        self.files.open(request)
+    }
+
+    fn session_finished(&mut self, stats: &dyntftp::SessionStats) {
+        self.sessions.push(stats.clone());
+    }
+}
+
+/// The kernel reports an ICMP error before the datagrams queued ahead of it: a client
+/// that acknowledged the last block and closed its port while a resend crossed its ACK
+/// completed its transfer, and the session says so. The loop runs on this thread
+/// (`run_once`), so the resend, the ICMP error it causes and the ACK queued after it are
+/// all in place before the server reads the socket.
+#[test]
+fn a_final_ack_queued_behind_an_icmp_error_still_completes_the_session() {
+    let root = standard_root();
+    let handler = Kept {
+        files: dyntftp::FsHandler::new(root.path()).unwrap(),
+        sessions: Vec::new(),
+    };
+    let mut server = dyntftp::ServerBuilder::new(handler)
+        .bind(v4())
+        .timeout(Duration::from_millis(20))
+        .adaptive_timeout(false)
+        .busy_poll(Duration::ZERO)
+        .build()
+        .unwrap();
+    let raw = Raw::new(server.local_addr());
+    let client = raw.local_addr();
+    // SMALL is one block: DATA 1 is the last.
+    raw.rrq(server.local_addr(), b"small.txt", "octet", &[]);
+    server.run_once(Some(WAIT)).unwrap();
+    let (block, data, session) = raw.expect_data();
+    assert_eq!((block, data.as_slice()), (1, SMALL));
+    // The client goes away before acknowledging; the timer resends DATA 1 to its closed
+    // port, and the kernel answers with an ICMP port unreachable.
+    drop(raw);
+    std::thread::sleep(Duration::from_millis(30));
+    server.run_once(Some(Duration::ZERO)).unwrap();
+    // Its ACK (from the same address and port) arrives after that error.
+    let late = std::net::UdpSocket::bind(client).expect("rebind the client's port");
+    late.send_to(&[0, 4, 0, 1], session).unwrap();
+    for _ in 0..10 {
+        server.run_once(Some(Duration::from_millis(100))).unwrap();
+        if !server.handler().sessions.is_empty() {
+            break;
+        }
+    }
+    let stats = &server.handler().sessions[0];
+    assert_eq!(stats.outcome, Outcome::Completed, "{stats:?}");
+    assert_eq!(stats.transfer.retransmits, 1);
+}

@@ -823,8 +823,10 @@ impl<H: Handler> Server<H> {
     /// datagram from anyone else is answered with ERROR 5 (never an ERROR, though, nor a
     /// datagram shorter than the answer; the socket is connected to the peer, so the kernel
     /// lets none through in practice). When the kernel reports the peer unreachable (an
-    /// ICMP error), the session ends at once with [`Outcome::PeerUnreachable`], sending
-    /// nothing more.
+    /// ICMP error), the session ends with [`Outcome::PeerUnreachable`], sending nothing
+    /// more, once the datagrams queued before the error are read: the kernel reports the
+    /// error first, and a client that sent its final ACK and closed its port (a resend
+    /// crossed the ACK) completed its transfer.
     #[inline(always)]
     fn receive(&mut self, id: SessionId) -> Received {
         loop {
@@ -836,12 +838,19 @@ impl<H: Handler> Server<H> {
             };
             let (len, from) = match socket.recv_from(&mut self.buf) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Received::Empty,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if entry.peer_unreachable && !entry.session.is_done() {
+                        debug!("{}: unreachable, session ended", entry.request.peer);
+                        entry.session.end(self.now, Outcome::PeerUnreachable);
+                        return Received::Fed;
+                    }
+                    return Received::Empty;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if transport::peer_unreachable(&e) => {
-                    debug!("{}: unreachable ({e}), session ended", entry.request.peer);
-                    entry.session.end(self.now, Outcome::PeerUnreachable);
-                    return Received::Fed;
+                    debug!("{}: unreachable ({e})", entry.request.peer);
+                    entry.peer_unreachable = true;
+                    continue;
                 }
                 Err(e) => {
                     debug!("{}: session receive failed: {e}", entry.request.peer);
@@ -931,8 +940,14 @@ impl<H: Handler> Server<H> {
                         &mut self.stats,
                     );
                     if !reachable {
-                        debug!("{peer}: unreachable, session ended");
+                        debug!("{peer}: unreachable");
                         if let Some(entry) = self.table.get_mut(id) {
+                            if matches!(entry.transport, Transport::Own(_)) {
+                                // What the peer sent before it went away may still end the
+                                // transfer; the session ends once that is read.
+                                entry.peer_unreachable = true;
+                                return self.on_session_readable(id);
+                            }
                             entry.session.end(self.now, Outcome::PeerUnreachable);
                         }
                     }

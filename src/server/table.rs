@@ -81,6 +81,9 @@ pub(super) struct SessionEntry {
     timer: Option<(Instant, TimerKey)>,
     /// The window memory reserved for it (its ring at most).
     window_bytes: usize,
+    /// The kernel reported the peer unreachable (an ICMP error on the session's own
+    /// socket); the session ends once the datagrams queued before it are read.
+    pub(super) peer_unreachable: bool,
 }
 
 impl SessionEntry {
@@ -95,6 +98,7 @@ impl SessionEntry {
         SessionEntry {
             generation: id.generation,
             window_bytes: ring_bytes(params.blksize, params.window),
+            peer_unreachable: false,
             transport,
             session,
             request,
