@@ -552,7 +552,10 @@ impl SessionLogLimiter {
 
     /// Whether the line of `session` is written at `now`; counted as held back if not.
     pub fn allow(&mut self, now: Instant, session: &SessionStats) -> bool {
-        let unverified_failure = !session.outcome.is_success() && session.transfer.acks == 0;
+        // A refusal after a deferred open is no failure, but like one it comes before any
+        // ACK, so a spoofed source can cause it: it shares the unverified failures' lines.
+        let unverified_failure = session.transfer.acks == 0
+            && (!session.outcome.is_success() || session.outcome == Outcome::Refused);
         let allowed = (!unverified_failure
             || self.unverified_failures.check(now) != LogDecision::Suppress)
             && self.all.check(now) != LogDecision::Suppress;

@@ -91,14 +91,14 @@ fn a_refusal_after_the_wait_is_the_clients_error(mode: Mode) {
     let stats = server.next_session();
     assert_eq!(stats.outcome, Outcome::Refused);
     assert_eq!(stats.transfer.packets_sent, 0, "no OACK before the ERROR");
-    // An opener dropped without an answer refuses with ERROR 0.
+    // An opener dropped without an answer refuses with ERROR 0: the source failed.
     let client = fetch_later(&server, "dropped", &[]);
     drop(next_opener(&openers));
     match client.join().unwrap() {
         Err(ClientError::Error { code: 0, .. }) => {}
         other => panic!("expected ERROR 0, got {other:?}"),
     }
-    assert_eq!(server.next_session().outcome, Outcome::Refused);
+    assert_eq!(server.next_session().outcome, Outcome::ReadFailed);
 }
 
 fn an_open_that_never_completes_gets_error_0_at_the_open_timeout(mode: Mode) {

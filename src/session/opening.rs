@@ -64,9 +64,15 @@ impl Session {
         };
     }
 
-    /// The source refused the request when it opened: its ERROR, then the end.
+    /// The source refused the request when it opened: its ERROR, then the end. ERROR 0
+    /// says the source could not be opened (the backend failed): a failure,
+    /// [`Outcome::ReadFailed`]; any other code is an answer ([`Outcome::Refused`]).
     pub(super) fn refuse(&mut self, reject: &Reject) {
-        self.fail(reject.code, &reject.message, Outcome::Refused);
+        let outcome = match reject.code {
+            ErrorCode::NotDefined => Outcome::ReadFailed,
+            _ => Outcome::Refused,
+        };
+        self.fail(reject.code, &reject.message, outcome);
     }
 
     /// The open timeout passed with the source still unopened: ERROR 0.
@@ -181,6 +187,13 @@ mod tests {
             })
         ));
         assert_eq!(s.poll_output(1), Output::Done(Outcome::Refused));
+
+        // A backend that failed (ERROR 0) is a failure.
+        let (opener, mut s, start) = opening(b"", SessionConfig::default());
+        drop(opener);
+        s.handle_source_ready(start);
+        assert!(sent(&mut s).is_some());
+        assert_eq!(s.poll_output(1), Output::Done(Outcome::ReadFailed));
     }
 
     #[test]

@@ -45,7 +45,10 @@ pub enum Outcome {
     /// and port); nothing more was sent.
     Evicted,
     /// The source refused the request once it opened (a deferred open, see
-    /// [`deferred`](crate::deferred)): the client got its ERROR instead of any OACK.
+    /// [`deferred`](crate::deferred)): the client got its ERROR (any code but 0, e.g.
+    /// ERROR 1 for a name the backend does not have) instead of any OACK. An answer, not
+    /// a failure, like a refusal from `open` itself; a source that failed to open (ERROR 0)
+    /// ends [`ReadFailed`](Outcome::ReadFailed).
     Refused,
     /// The kernel reported the client unreachable (an ICMP port or host unreachable for a
     /// session socket of the normal mode: nobody listens there, or the request was
@@ -78,11 +81,12 @@ impl Outcome {
         Outcome::ALL.into_iter().find(|o| o.as_str() == name)
     }
 
-    /// True for outcomes that are not failures: completed, final ACK missing, probe.
+    /// True for outcomes that are not failures: completed, final ACK missing, probe, and a
+    /// deferred source's refusal (an answer, as an immediate refusal is).
     pub fn is_success(self) -> bool {
         matches!(
             self,
-            Outcome::Completed | Outcome::FinalAckMissing | Outcome::Probe
+            Outcome::Completed | Outcome::FinalAckMissing | Outcome::Probe | Outcome::Refused
         )
     }
 
