@@ -135,6 +135,27 @@ enum Received {
     Gone,
 }
 
+/// Datagrams one receive call takes from a listener: in single-port mode every ACK of
+/// every session comes there, and a storm queues many between two polls.
+const LISTENER_BATCH: usize = 16;
+
+/// The datagrams of one `recvmmsg` on a listener.
+struct ListenerRx {
+    /// One buffer per datagram, each large enough for any datagram (memory is only
+    /// touched as far as datagrams reach: one page each for ACKs).
+    bufs: Vec<Vec<u8>>,
+    got: [Option<sys::Received>; LISTENER_BATCH],
+}
+
+impl ListenerRx {
+    fn new() -> ListenerRx {
+        ListenerRx {
+            bufs: (0..LISTENER_BATCH).map(|_| vec![0; MAX_DATAGRAM]).collect(),
+            got: [None; LISTENER_BATCH],
+        }
+    }
+}
+
 /// A TFTP server: listeners, sessions and the handler, on one thread.
 pub struct Server<H> {
     poll: Poll,
@@ -162,9 +183,9 @@ pub struct Server<H> {
     user_code: UserCode,
     /// Receive buffer for session sockets, large enough for any datagram.
     buf: Vec<u8>,
-    /// Receive buffer for the listeners (separate: a request may make the driver read a
-    /// session socket while the request is still borrowed).
-    request_buf: Vec<u8>,
+    /// The batch read from a listener (separate from the session buffer: a request may
+    /// make the driver read a session socket while the request is still borrowed).
+    listener_rx: ListenerRx,
     /// Session sockets readable in the last poll.
     readable_sessions: Vec<SessionId>,
     now: Instant,
@@ -223,7 +244,7 @@ impl<H: Handler> Server<H> {
             mtu: MtuCache::new(),
             user_code: UserCode::new(),
             buf: vec![0; MAX_DATAGRAM],
-            request_buf: vec![0; MAX_DATAGRAM],
+            listener_rx: ListenerRx::new(),
             readable_sessions: Vec::new(),
             now,
             stats: ServerStats::default(),
@@ -458,13 +479,26 @@ impl<H: Handler> Server<H> {
         }
     }
 
-    /// Reads requests from every readable listener while admission takes them.
+    /// Reads requests (and, in single-port mode, every datagram) from every readable
+    /// listener while admission takes them, [`LISTENER_BATCH`] per receive call: a batch
+    /// that comes back short says the listener is empty.
     fn read_listeners(&mut self) {
         for i in 0..self.listeners.len() {
             while self.listeners[i].readable && self.admission.reads_listeners() {
                 let listener = &self.listeners[i];
-                match sys::recv_with_destination(&listener.socket, &mut self.request_buf) {
-                    Ok(received) => self.on_listener_datagram(i, received),
+                let rx = &mut self.listener_rx;
+                match sys::recv_batch_with_destination(&listener.socket, &mut rx.bufs, &mut rx.got)
+                {
+                    Ok(count) => {
+                        if count < LISTENER_BATCH {
+                            self.listeners[i].readable = false;
+                        }
+                        for slot in 0..count {
+                            if let Some(received) = self.listener_rx.got[slot] {
+                                self.on_listener_datagram(i, slot, received);
+                            }
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.listeners[i].readable = false;
                     }
@@ -478,7 +512,8 @@ impl<H: Handler> Server<H> {
         }
     }
 
-    fn on_listener_datagram(&mut self, listener: usize, received: sys::Received) {
+    /// Judges the datagram in slot `slot` of the listener batch.
+    fn on_listener_datagram(&mut self, listener: usize, slot: usize, received: sys::Received) {
         let arrival = Arrival {
             peer: received.peer,
             local: transport::destination(self.listeners[listener].local, received.destination),
@@ -496,13 +531,13 @@ impl<H: Handler> Server<H> {
             return;
         }
         // Taken out so that the verdict can borrow it while `self` changes.
-        let buf = std::mem::take(&mut self.request_buf);
+        let buf = std::mem::take(&mut self.listener_rx.bufs[slot]);
         let datagram = &buf[..received.len];
         let verdict = self
             .admission
             .on_datagram(self.now, &arrival, datagram, &mut self.stats);
         self.carry_out(&arrival, datagram, verdict);
-        self.request_buf = buf;
+        self.listener_rx.bufs[slot] = buf;
     }
 
     /// Starts waiting requests while there is room.

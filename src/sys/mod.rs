@@ -24,7 +24,7 @@ pub use fs::{for_each_entry, lstat_at, openat, openat2};
 pub use neigh::for_each_neighbour;
 pub use net::{
     bind_connected, bind_connected_in, bind_listener, enable_pktinfo, interface_mtu,
-    recv_with_destination, send_from, send_segments, set_recv_buffer, set_send_buffer, unmap,
+    recv_batch_with_destination, send_from, send_segments, set_recv_buffer, set_send_buffer, unmap,
     unmap_socket, Received,
 };
 pub use process::raise_fd_limit;

@@ -122,7 +122,7 @@ pub fn set_send_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
 }
 
-/// One datagram received with [`recv_with_destination`].
+/// One datagram received with [`recv_batch_with_destination`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Received {
     /// Payload length.
@@ -136,38 +136,79 @@ pub struct Received {
     pub truncated: bool,
 }
 
-/// Receives one datagram with its sender and destination address (blocking or not, as
-/// the socket is).
-pub fn recv_with_destination(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Received> {
-    // SAFETY: sockaddr_storage and msghdr are plain C structs for which all-zero bytes are
-    // a valid value.
-    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
-    let mut control = [MaybeUninit::<u64>::uninit(); 16]; // 128 bytes, 8-aligned
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+/// Receives up to `bufs.len()` (at most [`MAX_BATCH`]) queued datagrams with one
+/// `recvmmsg` call, without waiting, each with its sender and destination address:
+/// datagram `i` goes into `bufs[i]` and what is known of it into `got[i]`. Returns how
+/// many came; fewer than asked means the queue was empty when the call returned (a
+/// datagram that arrives later wakes an edge-triggered poll again). `WouldBlock` when
+/// none was queued.
+pub fn recv_batch_with_destination(
+    socket: &impl AsRawFd,
+    bufs: &mut [Vec<u8>],
+    got: &mut [Option<Received>],
+) -> io::Result<usize> {
+    let count = bufs.len().min(got.len()).min(MAX_BATCH);
+    // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for which all-zero
+    // bytes are a valid value.
+    let mut names: [libc::sockaddr_storage; MAX_BATCH] = unsafe { zeroed() };
     // SAFETY: as above.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of_val(&control) as _;
-    // SAFETY: every pointer in `msg` points to a live buffer of the length given with it.
-    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
+    let mut iovs: [libc::iovec; MAX_BATCH] = unsafe { zeroed() };
+    // SAFETY: as above.
+    let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { zeroed() };
+    // 128 bytes per datagram, 8-aligned: room for one PKTINFO control message.
+    let mut controls = [[MaybeUninit::<u64>::uninit(); 16]; MAX_BATCH];
+    for i in 0..count {
+        iovs[i] = libc::iovec {
+            iov_base: bufs[i].as_mut_ptr().cast(),
+            iov_len: bufs[i].len(),
+        };
+        let hdr = &mut msgs[i].msg_hdr;
+        hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+        hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        hdr.msg_iov = &mut iovs[i];
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = controls[i].as_mut_ptr().cast();
+        hdr.msg_controllen = size_of_val(&controls[i]) as _;
+    }
+    // SAFETY: the first `count` headers point to live buffers (names, iovecs, `bufs`,
+    // control buffers) of the lengths given with them; no timeout is passed.
+    let n = unsafe {
+        libc::recvmmsg(
+            socket.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            count as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let peer = sockaddr_to_std(&storage)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown address family"))?;
+    let n = n as usize;
+    for i in 0..n {
+        let hdr = &msgs[i].msg_hdr;
+        got[i] = sockaddr_to_std(&names[i]).map(|peer| Received {
+            len: (msgs[i].msg_len as usize).min(bufs[i].len()),
+            peer: unmap_socket(peer),
+            destination: destination_of(hdr),
+            truncated: hdr.msg_flags & libc::MSG_TRUNC != 0,
+        });
+    }
+    Ok(n)
+}
+
+/// The most datagrams [`recv_batch_with_destination`] takes with one call.
+pub const MAX_BATCH: usize = 32;
+
+/// The destination address and interface a received message's PKTINFO control message
+/// reports, IPv4-mapped turned into IPv4.
+fn destination_of(msg: &libc::msghdr) -> Option<(IpAddr, u32)> {
     let mut destination = None;
-    // SAFETY: `msg` was filled by recvmsg; the CMSG macros walk its control buffer within
-    // msg_controllen, and each data pointer is read unaligned with the size the level and
-    // type promise.
+    // SAFETY: `msg` was filled by the kernel; the CMSG macros walk its control buffer
+    // within msg_controllen, and each data pointer is read unaligned with the size the
+    // level and type promise.
     unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
         while !cmsg.is_null() {
             let header = &*cmsg;
             let data = libc::CMSG_DATA(cmsg);
@@ -182,15 +223,10 @@ pub fn recv_with_destination(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Resul
                 let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
                 destination = Some((unmap(IpAddr::V6(ip)), info.ipi6_ifindex));
             }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
     }
-    Ok(Received {
-        len: n as usize,
-        peer: unmap_socket(peer),
-        destination,
-        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
-    })
+    destination
 }
 
 /// Sends `buf` to `peer` from `socket`, with source address `source` (and its interface)
@@ -479,13 +515,65 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    /// Receives with a blocking read timeout, so a missing datagram fails the test.
+    /// Receives one datagram into `buf`, waiting at most 5 s for it.
     fn wait_recv(socket: &UdpSocket, buf: &mut [u8]) -> Received {
-        socket.set_nonblocking(false).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        recv_with_destination(socket, buf).expect("a datagram within the timeout")
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut bufs = vec![vec![0u8; buf.len()]];
+        let mut got = [None];
+        loop {
+            match recv_batch_with_destination(socket, &mut bufs, &mut got) {
+                Ok(1) => {
+                    let r = got[0].expect("an IP sender");
+                    buf[..r.len].copy_from_slice(&bufs[0][..r.len]);
+                    return r;
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                other => panic!("no datagram within the timeout: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_what_is_queued_in_order_with_each_destination() {
+        // The wildcard address: 127.0.0.2 reaches it too.
+        let listener = bind_listener("0.0.0.0:0".parse().unwrap(), false).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sent = ["127.0.0.1", "127.0.0.2", "127.0.0.1"];
+        for (i, to) in sent.iter().enumerate() {
+            client.send_to(&[i as u8; 3], (*to, port)).unwrap();
+        }
+        let mut bufs = vec![vec![0u8; 16]; 8];
+        let mut got = [None; 8];
+        let mut received = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while received.len() < sent.len() && std::time::Instant::now() < deadline {
+            match recv_batch_with_destination(&listener, &mut bufs, &mut got) {
+                Ok(n) => {
+                    for (buf, r) in bufs.iter().zip(&got).take(n) {
+                        let r = r.expect("an IP sender");
+                        received.push((buf[0], r.destination.unwrap().0, r.len));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let want: Vec<(u8, IpAddr, usize)> = sent
+            .iter()
+            .enumerate()
+            .map(|(i, to)| (i as u8, to.parse().unwrap(), 3))
+            .collect();
+        assert_eq!(received, want);
+        let e = recv_batch_with_destination(&listener, &mut bufs, &mut got).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 
     #[test]
