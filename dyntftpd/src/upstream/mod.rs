@@ -389,19 +389,24 @@ mod tests {
         (url, answers)
     }
 
-    /// Opens `url` as a session would and reads it whole (polling, bounded).
-    fn fetch(upstream: &Upstream, url: &str) -> Result<Vec<u8>, Reject> {
-        let (notifier, notes) = (Notifier::detached(), SessionNotes::default());
+    /// A request for `file` from 127.0.0.1:4000, as the loop would pass it.
+    fn request<'a>(notifier: &'a Notifier, notes: &'a SessionNotes) -> ReadRequest<'a> {
         let peer = SocketAddr::from(([127, 0, 0, 1], 4000));
-        let request = ReadRequest {
+        ReadRequest {
             peer,
             local: peer,
             filename: b"file",
             mode: Mode::Octet,
             options: Options::EMPTY,
-            notifier: &notifier,
-            notes: &notes,
-        };
+            notifier,
+            notes,
+        }
+    }
+
+    /// Opens `url` as a session would and reads it whole (polling, bounded).
+    fn fetch(upstream: &Upstream, url: &str) -> Result<Vec<u8>, Reject> {
+        let (notifier, notes) = (Notifier::detached(), SessionNotes::default());
+        let request = request(&notifier, &notes);
         let mut source = upstream.open(url, &request)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut data = Vec::new();
@@ -560,16 +565,7 @@ mod tests {
         };
         let upstream = Upstream::start(settings).unwrap();
         let (notifier, notes) = (Notifier::detached(), SessionNotes::default());
-        let peer = SocketAddr::from(([127, 0, 0, 1], 4000));
-        let request = ReadRequest {
-            peer,
-            local: peer,
-            filename: b"file",
-            mode: Mode::Octet,
-            options: Options::EMPTY,
-            notifier: &notifier,
-            notes: &notes,
-        };
+        let request = request(&notifier, &notes);
         let mut held = Vec::new();
         let first = upstream.open(&format!("{base}/0"), &request).unwrap();
         held.push(first);
