@@ -10,17 +10,12 @@ use std::fmt::Write as _;
 
 use dyntftp::fs::components;
 use dyntftp::Reject;
-use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::percent_encode;
+
+use crate::upstream::url::UNRESERVED;
 
 use super::matcher::Captures;
 use dyntftp::mac::MacAddr;
-
-/// Kept as they are: RFC 3986's unreserved characters.
-const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 /// One piece of a URL template.
 #[derive(Clone, Debug, PartialEq, Eq)]

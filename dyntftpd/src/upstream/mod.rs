@@ -34,7 +34,7 @@
 mod cache;
 mod fetch;
 mod shared;
-mod url;
+pub(crate) mod url;
 
 use std::collections::HashMap;
 use std::io;

@@ -1,6 +1,18 @@
 //! Turning a TFTP filename into a repository URL, and into a header value.
 
 use dyntftp::Reject;
+use percent_encoding::{percent_encode, AsciiSet, CONTROLS, NON_ALPHANUMERIC};
+
+/// Kept as they are in a path segment: RFC 3986's unreserved characters.
+pub(crate) const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Encoded in a header value: control characters, `%` itself (and, as always, every byte
+/// above 0x7e).
+const HEADER_UNSAFE: &AsciiSet = &CONTROLS.add(b'%');
 
 /// `base` followed by the filename's components, each percent-encoded: a name can only
 /// add path segments below `base` (`..` cannot climb above it, control characters are
@@ -13,37 +25,16 @@ pub fn join(base: &str, filename: &[u8]) -> Result<String, Reject> {
     let mut url = base.trim_end_matches('/').to_owned();
     for part in parts {
         url.push('/');
-        url.push_str(&percent_encode(part));
+        url.extend(percent_encode(part, UNRESERVED));
     }
     Ok(url)
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn percent_encode(component: &[u8]) -> String {
-    let mut out = String::with_capacity(component.len());
-    for &b in component {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The filename as a header value: printable ASCII as is, anything else (control
 /// characters, bytes above 0x7e, `%` itself) percent-encoded, so no request can inject a
 /// header line.
 pub fn header_value(filename: &[u8]) -> String {
-    let mut out = String::with_capacity(filename.len());
-    for &b in filename {
-        if (b' '..=b'~').contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encode(filename, HEADER_UNSAFE).to_string()
 }
 
 #[cfg(test)]
