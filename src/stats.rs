@@ -700,6 +700,9 @@ mod tests {
         assert!(limiter.allow(t0, &session(Outcome::Completed, 3)));
         assert!(limiter.allow(t0, &session(Outcome::TimedOut, 1)));
         assert!(limiter.allow(t0, &session(Outcome::Probe, 0)));
+        // A deferred source's refusal is no failure, but a spoofed request can cause it:
+        // it shares the spent budget.
+        assert!(!limiter.allow(t0, &session(Outcome::Refused, 0)));
         // The next period lets a new batch through.
         let t1 = t0 + SessionLogLimiter::PERIOD;
         assert!(limiter.allow(t1, &spoofed));
