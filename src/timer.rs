@@ -34,6 +34,15 @@ const NIL: u32 = u32::MAX;
 /// Upper bound on the number of slots (keeps allocations sane).
 const MAX_SLOTS: usize = 1 << 20;
 
+/// The tick of [`TimerWheel::with_origin`]: a retransmission on a fast network is due
+/// a few hundred microseconds after its packet, and a deadline fires up to one tick
+/// late.
+pub(crate) const DEFAULT_TICK: Duration = Duration::from_micros(100);
+
+/// The slots of [`TimerWheel::with_origin`]: one revolution is 0.8 s, about a full
+/// retransmission timeout, so few entries wait for a later round.
+const DEFAULT_SLOTS: usize = 8192;
+
 /// A handle to an inserted timer, used to [`TimerWheel::cancel`] it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TimerKey {
@@ -91,9 +100,9 @@ impl<T> TimerWheel<T> {
         }
     }
 
-    /// Creates a wheel with the default 1 ms tick and 1024 slots.
+    /// Creates a wheel with the [`DEFAULT_TICK`] (100 µs) and 8192 slots.
     pub fn with_origin(origin: Instant) -> Self {
-        Self::new(origin, Duration::from_millis(1), 1024)
+        Self::new(origin, DEFAULT_TICK, DEFAULT_SLOTS)
     }
 
     /// Schedules `value` to fire once `deadline` has passed, in O(1).

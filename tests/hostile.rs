@@ -705,11 +705,14 @@ fn ack_for_a_block_not_yet_sent_is_ignored(mode: Mode) {
 
 both_modes!(ack_0_repeated_100_times_causes_no_resend);
 /// A duplicate ACK may resend the next block once per retransmission interval, and only
-/// once that block has been out for an interval (issue 15, item 11): here the duplicates
-/// all come within the 3 s timeout of DATA 1, so none may cause a send.
+/// once that block has been out for an interval (issue 15, item 11): here the interval is
+/// at least 2 s and the duplicates all come well within it, so none may cause a send.
 fn ack_0_repeated_100_times_causes_no_resend(mode: Mode) {
     let root = standard_root();
-    let mut server = spawn(mode, &root);
+    let mut server = spawn_fs_with(mode, v4(), root.path(), |b| {
+        b.timeout(Duration::from_secs(3))
+            .min_rto(Duration::from_secs(2))
+    });
     // After an OACK: the first ACK 0 starts the transfer, 99 more are duplicates.
     let raw = Raw::new(server.addr);
     let tid = start(&server, &raw, b"1024.bin", &[("tsize", "0")]);

@@ -340,7 +340,7 @@ impl<H: Handler> ServerBuilder<H> {
         self
     }
 
-    /// The shortest adaptive retransmission interval (default 2 ms).
+    /// The shortest adaptive retransmission interval (default 500 µs).
     pub fn min_rto(mut self, min: Duration) -> Self {
         self.settings.config.min_rto = min;
         self

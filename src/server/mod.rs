@@ -14,6 +14,7 @@
 //! - `transport`: how datagrams leave (a session's own socket, in the port range if any,
 //!   or a listener with an explicit source address; UDP GSO);
 //! - `mtu`: the largest block that fits the arrival interface's MTU, and a cache of MTUs;
+//! - `wake`: a `timerfd` that ends waits shorter than the poll's milliseconds on time;
 //! - `report`: finished sessions, periodic statistics, rate-limited warnings, the guard
 //!   around user code;
 //! - `builder` and `workers`: [`ServerBuilder`], and [`Workers`] (several loops on one
@@ -24,7 +25,8 @@
 //! 1. While sessions run, spin for up to the busy-poll budget polling without sleeping
 //!    (see [`ServerBuilder::busy_poll`]); if nothing came, sleep in `poll` until a socket
 //!    is readable, the waker fires, or the earliest deadline (timer wheel, statistics
-//!    report, descriptor pause, shutdown grace) passes.
+//!    report, descriptor pause, shutdown grace) passes — a near one by the `timerfd`, since
+//!    the poll's timeout is rounded up to whole milliseconds.
 //! 2. Read the clock once.
 //! 3. Drain the listeners (always, but in the normal mode once shutting down). Each
 //!    datagram gets a verdict from admission, which the loop carries out. With
@@ -60,6 +62,7 @@ mod quota;
 mod report;
 mod table;
 mod transport;
+mod wake;
 mod workers;
 
 use std::collections::hash_map::RandomState;
@@ -100,11 +103,14 @@ use mtu::MtuCache;
 use report::UserCode;
 use table::{ReadyQueue, RequestInfo, SessionEntry, SessionTable};
 use transport::{Arrival, Listener, ReplyPath, Sender, SessionSockets, Transport};
+use wake::PreciseWake;
 use workers::PreparedLoop;
 
 const WAKER: Token = Token(usize::MAX);
+/// The [`PreciseWake`] timer's token.
+const TIMER: Token = Token(usize::MAX - 1);
 /// Listener `i` has token `LISTENER_BASE - i`.
-const LISTENER_BASE: usize = usize::MAX - 1;
+const LISTENER_BASE: usize = usize::MAX - 2;
 
 /// A session socket's default send buffer is about this large; a window larger than it
 /// gets a bigger one, so that a whole window fits.
@@ -168,6 +174,8 @@ pub struct Server<H> {
     resumed: Vec<SessionId>,
     /// The waker fired in the last poll.
     woken: bool,
+    /// Wakes the loop on time for deadlines closer than a millisecond or so.
+    precise_wake: PreciseWake,
     shutdown: Arc<AtomicBool>,
     handler: H,
     /// The builder's settings (what every worker shares).
@@ -212,6 +220,7 @@ impl<H: Handler> Server<H> {
             poll,
             listeners,
             waker,
+            precise_wake,
             shutdown,
             handler,
             settings,
@@ -229,6 +238,7 @@ impl<H: Handler> Server<H> {
             resumed: Vec::new(),
             woken: false,
             waker,
+            precise_wake,
             shutdown,
             handler,
             settings,
@@ -321,6 +331,7 @@ impl<H: Handler> Server<H> {
         for event in self.events.iter() {
             match event.token() {
                 WAKER => self.woken = true,
+                TIMER => self.precise_wake.expired()?,
                 Token(t) if t > LISTENER_BASE - self.listeners.len() => {
                     self.listeners[LISTENER_BASE - t].readable = true;
                 }
@@ -374,6 +385,10 @@ impl<H: Handler> Server<H> {
         if spin == Spin::Missed {
             // The spin used some of the time to the next deadline.
             timeout = self.poll_timeout(max_wait);
+        }
+        if let Some(wait) = timeout {
+            let now = Instant::now();
+            self.precise_wake.before_wait(now, now + wait)?;
         }
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}

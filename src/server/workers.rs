@@ -21,7 +21,8 @@ use crate::sys;
 use super::admission::RATE_LIMITER_CLIENTS;
 use super::builder::{Error, ServerBuilder, Settings};
 use super::transport::Listener;
-use super::{Server, LISTENER_BASE, WAKER};
+use super::wake::PreciseWake;
+use super::{Server, LISTENER_BASE, TIMER, WAKER};
 
 impl<H: Handler + Clone + Send + 'static> ServerBuilder<H> {
     /// Builds `n` independent servers, each with its own event loop, listeners bound with
@@ -113,6 +114,7 @@ pub(super) struct PreparedLoop<H> {
     pub(super) poll: Poll,
     pub(super) listeners: Vec<Listener>,
     pub(super) waker: Arc<Waker>,
+    pub(super) precise_wake: PreciseWake,
     pub(super) shutdown: Arc<AtomicBool>,
     pub(super) handler: H,
     pub(super) settings: Settings,
@@ -163,10 +165,12 @@ impl<H> PreparedLoop<H> {
             });
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let precise_wake = PreciseWake::new(poll.registry(), TIMER)?;
         Ok(PreparedLoop {
             poll,
             listeners,
             waker,
+            precise_wake,
             shutdown: Arc::new(AtomicBool::new(false)),
             handler,
             settings,

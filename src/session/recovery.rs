@@ -63,7 +63,7 @@ impl Session {
 
     /// How long the first unacknowledged block must have been out, and the last go-back-N
     /// ago, before a duplicate ACK counts as evidence that it was lost: the retransmission
-    /// estimate, `srtt + max(1 ms, 4 × rttvar)` from the first round-trip sample on
+    /// estimate, `srtt + max(100 µs, 4 × rttvar)` from the first round-trip sample on
     /// ([`SessionConfig::min_rto`] at least; [`UNMEASURED_LOSS_EVIDENCE`] before any
     /// sample), never below the go-back interval nor above the base timeout. Not one round
     /// trip: the client answers a go-back's redundant resends with duplicates of its last

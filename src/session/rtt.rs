@@ -11,8 +11,8 @@ const MIN_SAMPLES: u32 = 3;
 /// RFC 6298's clock granularity `G`, the least variation the interval allows for:
 /// `srtt + max(G, 4 × rttvar)`. A steady path drives `rttvar` towards zero, and an
 /// interval of exactly `srtt` would resend whenever an ACK is a tick late. The driver's
-/// timer wheel ticks in milliseconds.
-const GRANULARITY: Duration = Duration::from_millis(1);
+/// timer wheel ticks every 100 µs.
+const GRANULARITY: Duration = Duration::from_micros(100);
 
 /// Smoothed round-trip time and its mean deviation, from the ACKs of packets sent once
 /// (Karn's rule is the caller's: never sample a resent packet).
@@ -161,6 +161,6 @@ mod tests {
             rtt.sample(10 * MS);
         }
         assert_eq!(rtt.rttvar(), Some(Duration::ZERO));
-        assert_eq!(rtt.rto(2 * MS), Some(11 * MS));
+        assert_eq!(rtt.rto(2 * MS), Some(10 * MS + 100 * US));
     }
 }

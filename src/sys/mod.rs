@@ -10,6 +10,7 @@
 //!   directory descriptor, for the confinement in `crate::fs`.
 //! - [`process`]: the file-descriptor limit.
 //! - [`neigh`]: the kernel's neighbour table (ARP, NDP) over rtnetlink, for `crate::mac`.
+//! - [`timer`]: a one-shot `timerfd`, for waits finer than a poll timeout's milliseconds.
 //!
 //! No policy, no mio and no clock here: the driver (`server`) wraps these sockets, and
 //! `crate::fs` decides what may be opened. Everything is re-exported at this level, so
@@ -19,6 +20,7 @@ mod fs;
 mod neigh;
 mod net;
 mod process;
+mod timer;
 
 pub use fs::{for_each_entry, lstat_at, openat, openat2};
 pub use neigh::for_each_neighbour;
@@ -28,6 +30,7 @@ pub use net::{
     unmap_socket, Received,
 };
 pub use process::raise_fd_limit;
+pub use timer::{read_timer, set_timer, timer_fd};
 
 #[cfg(test)]
 pub use fs::{mkfifo, mknod_char};
