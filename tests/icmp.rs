@@ -7,8 +7,10 @@
 //! the whole network namespace, and tests that flood closed ports (`hostile.rs`) would
 //! use that allowance up, so that the one error this test needs might not be sent.
 
+use std::net::UdpSocket;
 use std::time::Duration;
 
+use dyntftp::client::write_rrq;
 use dyntftp::{Outcome, ServerStats};
 use testkit::*;
 
@@ -25,10 +27,16 @@ fn a_closed_client_port_ends_the_session_after_one_send() {
     });
     // Without options (DATA 1 first) and with (the OACK first).
     for options in [&[][..], &[("tsize", "0")][..]] {
-        let raw = Raw::new(server.addr);
-        let peer = raw.local_addr();
-        raw.rrq(server.addr, b"small.txt", "octet", options);
-        drop(raw);
+        // A client socket connected to the listener: the session answers from a port of
+        // its own, which the kernel does not deliver to this socket, so it answers with
+        // port unreachable however fast the session is (a socket closed after its
+        // request might still be open when the first reply came).
+        let client = UdpSocket::bind(v4()).expect("bind");
+        client.connect(server.addr).expect("connect");
+        let peer = client.local_addr().expect("local address");
+        let mut rrq = Vec::new();
+        write_rrq(&mut rrq, b"small.txt", "octet", options.iter().copied());
+        client.send(&rrq).expect("send the request");
         let stats = server.session_of(peer, |other| panic!("another session: {other:?}"));
         assert_eq!(stats.outcome, Outcome::PeerUnreachable, "{options:?}");
         assert_eq!(stats.transfer.outcome, Some(Outcome::PeerUnreachable));
