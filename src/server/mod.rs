@@ -42,6 +42,7 @@
 //!    their [`Notifier`] (a source that returned `WouldBlock` is not read again before).
 //! 6. Fire due timers; start waiting requests while there is room; report statistics when
 //!    the interval is up; end the grace period of a shutdown.
+//! 7. Send what single-port sessions queued for the listeners (`sendmmsg`).
 //!
 //! After every input a session is *driven*: its output is drained and sent (a window as
 //! one GSO send when it can), its next deadline is put in the timer wheel (at most one live
@@ -369,6 +370,7 @@ impl<H: Handler> Server<H> {
         {
             self.abort_all();
         }
+        self.sender.flush(&self.listeners, &mut self.stats);
         debug_assert_eq!(self.admission.running(), self.table.len());
         Ok(!(self.grace_deadline.is_some() && self.table.is_empty()))
     }

@@ -4,6 +4,13 @@
 //! UDP GSO, several datagrams per system call, until the kernel says it cannot. Every send
 //! is counted in [`ServerStats`].
 //!
+//! In single-port mode every session sends through the same few sockets, so single
+//! datagrams to them (a lock-step session's DATA, an OACK, an ERROR) are queued and go out
+//! together, up to [`sys::MAX_BATCH`] per `sendmmsg`, when the loop's iteration ends
+//! ([`Sender::flush`]): a storm of lock-step clients costs one send call per batch of
+//! ACKs read, not one per client. Anything else sent through a listener first sends the
+//! queue, so datagrams leave in the order they were made.
+//!
 //! A session socket is connected to its peer, so the kernel drops other senders' datagrams
 //! (answering them with ICMP port unreachable), sends carry no address, and an ICMP error
 //! from the peer (nobody listens on its port: a closed client, or a spoofed request)
@@ -176,12 +183,30 @@ pub(super) fn peer_unreachable(e: &io::Error) -> bool {
     )
 }
 
+/// Datagrams no larger than this are queued for a listener; larger ones (single-port
+/// caps lifted) go at once rather than be copied.
+const QUEUED_MAX_LEN: usize = 9216;
+
+/// One datagram waiting in [`Sender`]'s queue.
+struct Queued {
+    reply: ReplyPath,
+    peer: SocketAddr,
+    /// Where its bytes are in the queue's buffer.
+    start: usize,
+    len: usize,
+    /// DATA payload bytes it carries, for the statistics.
+    payload: u64,
+}
+
 /// Sends what sessions and refusals have to send.
 pub(super) struct Sender {
     /// Send runs of DATA with UDP GSO (turned off for good at the first failure).
     gso: bool,
     /// Encoding buffer for ERROR packets.
     scratch: Vec<u8>,
+    /// Datagrams for listeners, sent by [`flush`](Self::flush); their bytes in `bytes`.
+    queue: Vec<Queued>,
+    bytes: Vec<u8>,
 }
 
 impl Sender {
@@ -190,6 +215,76 @@ impl Sender {
         Sender {
             gso,
             scratch: Vec::new(),
+            queue: Vec::with_capacity(sys::MAX_BATCH),
+            bytes: Vec::new(),
+        }
+    }
+
+    /// Sends the queued datagrams, up to [`sys::MAX_BATCH`] per call, each batch to one
+    /// listener. A datagram the kernel refuses is counted and dropped, as a single send's
+    /// would be (the session's retransmission recovers it).
+    pub(super) fn flush(&mut self, listeners: &[Listener], stats: &mut ServerStats) {
+        let mut next = 0;
+        while next < self.queue.len() {
+            let listener = self.queue[next].reply.listener;
+            let run = self.queue[next..]
+                .iter()
+                .take(sys::MAX_BATCH)
+                .take_while(|q| q.reply.listener == listener)
+                .count();
+            let batch: Vec<sys::Outgoing<'_>> = self.queue[next..next + run]
+                .iter()
+                .map(|q| sys::Outgoing {
+                    buf: &self.bytes[q.start..q.start + q.len],
+                    peer: q.peer,
+                    source: q.reply.source,
+                })
+                .collect();
+            let socket = &listeners[listener];
+            match sys::send_batch_from(&socket.socket, socket.v6, &batch) {
+                Ok(sent) => {
+                    for q in &self.queue[next..next + sent] {
+                        stats.datagrams_sent += 1;
+                        stats.bytes_sent += q.payload;
+                    }
+                    // A short count: the next one failed, and says why as the first of
+                    // the next call.
+                    next += sent.max(1).min(run);
+                    if sent == 0 {
+                        stats.send_errors += 1;
+                    }
+                }
+                Err(e) => {
+                    let q = &self.queue[next];
+                    count_send(stats, Err(e), 1, q.payload, q.peer);
+                    next += 1;
+                }
+            }
+        }
+        self.queue.clear();
+        self.bytes.clear();
+    }
+
+    /// Queues one datagram for a listener; sends the queue when it holds a batch.
+    fn enqueue(
+        &mut self,
+        listeners: &[Listener],
+        reply: ReplyPath,
+        peer: SocketAddr,
+        datagram: &[u8],
+        payload: u64,
+        stats: &mut ServerStats,
+    ) {
+        self.queue.push(Queued {
+            reply,
+            peer,
+            start: self.bytes.len(),
+            len: datagram.len(),
+            payload,
+        });
+        self.bytes.extend_from_slice(datagram);
+        if self.queue.len() >= sys::MAX_BATCH {
+            self.flush(listeners, stats);
         }
     }
 
@@ -214,6 +309,15 @@ impl Sender {
         transmit: &Transmit<'_>,
         stats: &mut ServerStats,
     ) -> bool {
+        if let Transport::Shared(reply) = transport {
+            if transmit.datagrams == 1 && transmit.contents.len() <= QUEUED_MAX_LEN {
+                let payload = transmit.payload;
+                self.enqueue(listeners, *reply, peer, transmit.contents, payload, stats);
+                return true;
+            }
+            // Sent at once: after what is queued.
+            self.flush(listeners, stats);
+        }
         if transmit.datagrams == 1 {
             let sent = send(listeners, transport, transmit.contents, peer, None);
             return count_send(stats, sent, 1, transmit.payload, peer);
@@ -257,7 +361,10 @@ impl Sender {
         let sent = match transport {
             // Not the peer the socket is connected to: an explicit address.
             Transport::Own(socket) => socket.send_to(&self.scratch, to),
-            Transport::Shared(_) => send(listeners, transport, &self.scratch, to, None),
+            Transport::Shared(_) => {
+                self.flush(listeners, stats);
+                send(listeners, transport, &self.scratch, to, None)
+            }
         };
         count_send(stats, sent, 1, 0, to);
     }
@@ -277,9 +384,16 @@ impl Sender {
         *stats.rejected.entry(reject.code.to_u16()).or_default() += 1;
         self.scratch.clear();
         write_error(&mut self.scratch, reject.code, &reject.message);
-        let sent = sockets
-            .open(arrival.reply, arrival.local, peer)
-            .and_then(|transport| send(listeners, &transport, &self.scratch, peer, None));
+        let sent = match sockets.open(arrival.reply, arrival.local, peer) {
+            Ok(Transport::Shared(reply)) => {
+                let error = std::mem::take(&mut self.scratch);
+                self.enqueue(listeners, reply, peer, &error, 0, stats);
+                self.scratch = error;
+                return;
+            }
+            Ok(transport) => send(listeners, &transport, &self.scratch, peer, None),
+            Err(e) => Err(e),
+        };
         match sent {
             Ok(_) => stats.datagrams_sent += 1,
             Err(e) => {

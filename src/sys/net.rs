@@ -197,7 +197,8 @@ pub fn recv_batch_with_destination(
     Ok(n)
 }
 
-/// The most datagrams [`recv_batch_with_destination`] takes with one call.
+/// The most datagrams [`recv_batch_with_destination`] takes, and [`send_batch_from`]
+/// sends, with one call.
 pub const MAX_BATCH: usize = 32;
 
 /// The destination address and interface a received message's PKTINFO control message
@@ -242,54 +243,66 @@ pub fn send_from(
     source: Option<(IpAddr, u32)>,
     segment: Option<u16>,
 ) -> io::Result<usize> {
-    let peer = match (v6_socket, peer) {
-        (true, SocketAddr::V4(v4)) => {
-            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-        }
-        (_, peer) => peer,
-    };
-    let peer = Some(peer);
-    match (source, v6_socket) {
-        (None, _) => send_msg::<u8>(socket, buf, peer, None, segment),
-        (Some((ip, ifindex)), true) => {
-            let ip6 = match ip {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                IpAddr::V6(v6) => v6,
-            };
-            let info = libc::in6_pktinfo {
-                ipi6_addr: libc::in6_addr {
-                    s6_addr: ip6.octets(),
-                },
-                ipi6_ifindex: if ip.is_ipv4() { 0 } else { ifindex },
-            };
-            send_msg(
-                socket,
-                buf,
-                peer,
-                Some((libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info)),
-                segment,
-            )
-        }
-        (Some((IpAddr::V4(v4), _)), false) => {
-            let info = libc::in_pktinfo {
-                ipi_ifindex: 0,
-                ipi_spec_dst: libc::in_addr {
-                    s_addr: u32::from(v4).to_be(),
-                },
-                ipi_addr: libc::in_addr { s_addr: 0 },
-            };
-            send_msg(
-                socket,
-                buf,
-                peer,
-                Some((libc::IPPROTO_IP, libc::IP_PKTINFO, info)),
-                segment,
-            )
-        }
-        (Some((IpAddr::V6(_), _)), false) => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "IPv6 source on an IPv4 socket",
-        )),
+    let (peer, pktinfo) = addressing(v6_socket, peer, source)?;
+    send_msg(socket, buf, Some(peer), pktinfo, segment)
+}
+
+/// One datagram of a [`send_batch_from`]: its bytes, its peer and its source address.
+#[derive(Clone, Copy, Debug)]
+pub struct Outgoing<'a> {
+    /// The datagram.
+    pub buf: &'a [u8],
+    /// Where it goes.
+    pub peer: SocketAddr,
+    /// The source address (and interface) it is sent from, as for [`send_from`].
+    pub source: Option<(IpAddr, u32)>,
+}
+
+/// Sends up to [`MAX_BATCH`] datagrams, each as [`send_from`] would, with one `sendmmsg`.
+/// Returns how many went, from the first: fewer than given when the next one failed (its
+/// error comes back when it is the first of a call). An error only when the first one
+/// failed.
+pub fn send_batch_from(
+    socket: &impl AsRawFd,
+    v6_socket: bool,
+    datagrams: &[Outgoing<'_>],
+) -> io::Result<usize> {
+    // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for which all-zero
+    // bytes are a valid value.
+    let mut names: [(libc::sockaddr_storage, libc::socklen_t); MAX_BATCH] = unsafe { zeroed() };
+    // SAFETY: as above.
+    let mut iovs: [libc::iovec; MAX_BATCH] = unsafe { zeroed() };
+    // SAFETY: as above.
+    let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { zeroed() };
+    let mut controls = [[MaybeUninit::<u64>::uninit(); CONTROL_WORDS]; MAX_BATCH];
+    let mut count = 0;
+    for datagram in datagrams.iter().take(MAX_BATCH) {
+        let (peer, pktinfo) = match addressing(v6_socket, datagram.peer, datagram.source) {
+            Ok(addressing) => addressing,
+            Err(e) if count == 0 => return Err(e),
+            Err(_) => break,
+        };
+        let i = count;
+        count += 1;
+        names[i] = std_to_sockaddr(peer);
+        iovs[i] = libc::iovec {
+            iov_base: datagram.buf.as_ptr() as *mut libc::c_void,
+            iov_len: datagram.buf.len(),
+        };
+        let hdr = &mut msgs[i].msg_hdr;
+        hdr.msg_name = (&mut names[i].0 as *mut libc::sockaddr_storage).cast();
+        hdr.msg_namelen = names[i].1;
+        hdr.msg_iov = &mut iovs[i];
+        hdr.msg_iovlen = 1;
+        set_control(hdr, &mut controls[i], pktinfo, None);
+    }
+    // SAFETY: the first `count` headers point to live buffers (names, iovecs, the
+    // datagrams, control buffers) of the lengths given with them.
+    let n = unsafe { libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), count as _, 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -305,19 +318,142 @@ pub fn send_segments(
     segment: u16,
     peer: Option<SocketAddr>,
 ) -> io::Result<usize> {
-    send_msg::<u8>(socket, buf, peer, None, Some(segment))
+    send_msg(socket, buf, peer, None, Some(segment))
 }
 
-/// `sendmsg` of `buf` to `peer` (`None`: a connected socket's peer) with at most one
-/// control message `(level, type, data)` and, with `segment`, a UDP_SEGMENT one.
-fn send_msg<T: Copy>(
+/// A source address for a send, as a control message.
+#[derive(Clone, Copy)]
+enum Pktinfo {
+    V4(libc::in_pktinfo),
+    V6(libc::in6_pktinfo),
+}
+
+/// The peer as `socket` (IPv6 or not) takes it, and the PKTINFO for `source`: on an IPv6
+/// socket, IPv4 addresses become IPv4-mapped ones.
+fn addressing(
+    v6_socket: bool,
+    peer: SocketAddr,
+    source: Option<(IpAddr, u32)>,
+) -> io::Result<(SocketAddr, Option<Pktinfo>)> {
+    let peer = match (v6_socket, peer) {
+        (true, SocketAddr::V4(v4)) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        (_, peer) => peer,
+    };
+    let pktinfo = match (source, v6_socket) {
+        (None, _) => None,
+        (Some((ip, ifindex)), true) => {
+            let ip6 = match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            Some(Pktinfo::V6(libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip6.octets(),
+                },
+                ipi6_ifindex: if ip.is_ipv4() { 0 } else { ifindex },
+            }))
+        }
+        (Some((IpAddr::V4(v4), _)), false) => Some(Pktinfo::V4(libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from(v4).to_be(),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        })),
+        (Some((IpAddr::V6(_), _)), false) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "IPv6 source on an IPv4 socket",
+            ))
+        }
+    };
+    Ok((peer, pktinfo))
+}
+
+/// 8-byte words of a send's control buffer: 80 bytes, room for a PKTINFO and a
+/// UDP_SEGMENT message.
+const CONTROL_WORDS: usize = 10;
+
+/// Writes the control messages of a send (a PKTINFO, a UDP_SEGMENT) into `control` and
+/// points `msg` at them; nothing when there are none.
+fn set_control(
+    msg: &mut libc::msghdr,
+    control: &mut [MaybeUninit<u64>; CONTROL_WORDS],
+    pktinfo: Option<Pktinfo>,
+    segment: Option<u16>,
+) {
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = |len: usize| unsafe { libc::CMSG_SPACE(len as u32) } as usize;
+    let first = match pktinfo {
+        None => 0,
+        Some(Pktinfo::V4(_)) => space(size_of::<libc::in_pktinfo>()),
+        Some(Pktinfo::V6(_)) => space(size_of::<libc::in6_pktinfo>()),
+    };
+    let total = first + segment.map_or(0, |_| space(size_of::<u16>()));
+    if total == 0 {
+        return;
+    }
+    assert!(total <= size_of_val(control), "control messages too large");
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = total as _;
+    // Zeroed, so that CMSG_NXTHDR reads a defined length in the second header.
+    // SAFETY: the buffer holds at least `total` bytes.
+    unsafe { std::ptr::write_bytes(control.as_mut_ptr().cast::<u8>(), 0, total) };
+    // SAFETY: the control buffer holds `total` bytes (checked above), room for the
+    // cmsghdrs and their data; CMSG_FIRSTHDR and CMSG_NXTHDR stay within
+    // `msg_controllen`, and each header is filled before the next is looked up.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(msg);
+        match pktinfo {
+            Some(Pktinfo::V4(info)) => {
+                put_cmsg(header, libc::IPPROTO_IP, libc::IP_PKTINFO, info);
+                header = libc::CMSG_NXTHDR(msg, header);
+            }
+            Some(Pktinfo::V6(info)) => {
+                put_cmsg(header, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info);
+                header = libc::CMSG_NXTHDR(msg, header);
+            }
+            None => {}
+        }
+        if let Some(segment) = segment {
+            put_cmsg(header, libc::SOL_UDP, libc::UDP_SEGMENT, segment);
+        }
+    }
+}
+
+/// Fills one control message header and its data (written unaligned, with the size
+/// CMSG_LEN announces).
+///
+/// # Safety
+///
+/// `header` must point to a control buffer with room for the header and `T`.
+unsafe fn put_cmsg<T: Copy>(
+    header: *mut libc::cmsghdr,
+    level: libc::c_int,
+    kind: libc::c_int,
+    data: T,
+) {
+    // SAFETY: the caller promises room for the header and its data.
+    unsafe {
+        (*header).cmsg_level = level;
+        (*header).cmsg_type = kind;
+        (*header).cmsg_len = libc::CMSG_LEN(size_of::<T>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<T>(), data);
+    }
+}
+
+/// `sendmsg` of `buf` to `peer` (`None`: a connected socket's peer) with a PKTINFO
+/// control message and, with `segment`, a UDP_SEGMENT one.
+fn send_msg(
     socket: &impl AsRawFd,
     buf: &[u8],
     peer: Option<SocketAddr>,
-    cmsg: Option<(libc::c_int, libc::c_int, T)>,
+    pktinfo: Option<Pktinfo>,
     segment: Option<u16>,
 ) -> io::Result<usize> {
-    let mut control = [MaybeUninit::<u64>::uninit(); 10]; // 80 bytes, 8-aligned
+    let mut control = [MaybeUninit::<u64>::uninit(); CONTROL_WORDS];
     let mut named = peer.map(std_to_sockaddr);
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
@@ -331,38 +467,7 @@ fn send_msg<T: Copy>(
     }
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = |len: usize| unsafe { libc::CMSG_SPACE(len as u32) } as usize;
-    let first = cmsg.map_or(0, |_| space(size_of::<T>()));
-    let total = first + segment.map_or(0, |_| space(size_of::<u16>()));
-    if total > 0 {
-        assert!(total <= size_of_val(&control), "control messages too large");
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = total as _;
-        // Zeroed, so that CMSG_NXTHDR reads a defined length in the second header.
-        // SAFETY: the buffer holds at least `total` bytes.
-        unsafe { std::ptr::write_bytes(control.as_mut_ptr().cast::<u8>(), 0, total) };
-        // SAFETY: the control buffer holds `total` bytes (checked above), room for the
-        // cmsghdrs and their data; CMSG_FIRSTHDR and CMSG_NXTHDR stay within
-        // `msg_controllen`, and each header is filled before the next is looked up. The
-        // data is written unaligned with the size CMSG_LEN announces.
-        unsafe {
-            let mut header = libc::CMSG_FIRSTHDR(&msg);
-            if let Some((level, kind, data)) = cmsg {
-                (*header).cmsg_level = level;
-                (*header).cmsg_type = kind;
-                (*header).cmsg_len = libc::CMSG_LEN(size_of::<T>() as u32) as _;
-                std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<T>(), data);
-                header = libc::CMSG_NXTHDR(&msg, header);
-            }
-            if let Some(segment) = segment {
-                (*header).cmsg_level = libc::SOL_UDP;
-                (*header).cmsg_type = libc::UDP_SEGMENT;
-                (*header).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-                std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<u16>(), segment);
-            }
-        }
-    }
+    set_control(&mut msg, &mut control, pktinfo, segment);
     // SAFETY: every pointer in `msg` points to a live buffer of the length given with it.
     let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) };
     if n < 0 {
@@ -728,6 +833,74 @@ mod tests {
             assert_eq!(from, SocketAddr::from(([127, 0, 0, 2], port)));
             assert_eq!(&got[..n], vec![i as u8; want].as_slice(), "datagram {i}");
         }
+    }
+
+    #[test]
+    fn a_batch_goes_to_each_peer_from_its_source_address() {
+        let listener = bind_listener("0.0.0.0:0".parse().unwrap(), false).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let receivers: Vec<UdpSocket> = (0..2)
+            .map(|_| {
+                let r = UdpSocket::bind("127.0.0.1:0").unwrap();
+                r.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .unwrap();
+                r
+            })
+            .collect();
+        let to = |i: usize| receivers[i].local_addr().unwrap();
+        let from = |last: u8| Some((IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0));
+        let batch = [
+            Outgoing {
+                buf: b"one",
+                peer: to(0),
+                source: from(2),
+            },
+            Outgoing {
+                buf: b"two",
+                peer: to(1),
+                source: from(3),
+            },
+            Outgoing {
+                buf: b"three",
+                peer: to(0),
+                source: None,
+            },
+        ];
+        assert_eq!(send_batch_from(&listener, false, &batch).unwrap(), 3);
+        let mut got = [0u8; 16];
+        let mut next = |i: usize| {
+            let (n, from) = receivers[i].recv_from(&mut got).unwrap();
+            (got[..n].to_vec(), from)
+        };
+        let at = |ip: [u8; 4]| SocketAddr::from((ip, port));
+        assert_eq!(next(0), (b"one".to_vec(), at([127, 0, 0, 2])));
+        assert_eq!(next(1), (b"two".to_vec(), at([127, 0, 0, 3])));
+        // No source given: the kernel picks the route's, 127.0.0.1 on loopback.
+        assert_eq!(next(0), (b"three".to_vec(), at([127, 0, 0, 1])));
+    }
+
+    #[test]
+    fn a_batch_stops_before_a_datagram_it_cannot_address() {
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = receiver.local_addr().unwrap();
+        let v6_source = Some((IpAddr::V6(Ipv6Addr::LOCALHOST), 0));
+        let good = Outgoing {
+            buf: b"good",
+            peer: to,
+            source: None,
+        };
+        let bad = Outgoing {
+            buf: b"bad",
+            peer: to,
+            source: v6_source,
+        };
+        assert_eq!(
+            send_batch_from(&listener, false, &[good, bad, good]).unwrap(),
+            1
+        );
+        let e = send_batch_from(&listener, false, &[bad, good]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
