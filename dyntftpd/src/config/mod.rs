@@ -132,7 +132,7 @@ impl Default for Config {
             unique_root: false,
             lowercase: false,
             strip_prefix: Vec::new(),
-            cache: 0,
+            cache: DEFAULT_CACHE,
             upstream: None,
             upstream_timeout: Duration::from_secs(10),
             upstream_cache: 256 << 20,
@@ -396,6 +396,10 @@ fn seconds(text: &str, min: Duration) -> Option<Duration> {
 /// fires.
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(10);
 
+/// The default `--cache`: room for a kernel and an initrd, which every client of a boot
+/// storm reads, served from memory instead of one `pread` per block.
+pub const DEFAULT_CACHE: u64 = 128 << 20;
+
 /// The shortest `--upstream-timeout`: as `--timeout`, more than zero.
 pub const MIN_UPSTREAM_TIMEOUT: Duration = MIN_TIMEOUT;
 
@@ -577,7 +581,7 @@ pub fn options() -> Options {
     opts.optopt(
         "",
         "cache",
-        "keep up to BYTES of served files in memory, reloaded when a file changes (suffix K, M or G; default 0: off)",
+        "keep up to BYTES of served files in memory, reloaded when a file changes (suffix K, M or G; default 128M; 0: off)",
         "BYTES",
     );
     opts.optopt(
@@ -1175,7 +1179,8 @@ mod tests {
         let c = config(&[]);
         assert!(!c.ignore_case && !c.unique_root && !c.lowercase);
         assert!(c.strip_prefix.is_empty());
-        assert_eq!(c.cache, 0);
+        assert_eq!(c.cache, DEFAULT_CACHE);
+        assert_eq!(config(&["--cache", "0"]).cache, 0);
         let file = File::new(
             "remap",
             "strip-prefix = [\"/tftpboot\", \"boot\"]\nignore-case = true\ncache = \"2M\"\n",
