@@ -2,7 +2,7 @@
 # Compares dyntftpd with the classic TFTP servers on this machine, over loopback.
 #
 #   bench/compare.sh [--runs N] [--quick] [--markdown] [--servers LIST] [--loss-limit SECS]
-#                    [--port-base PORT] [--cpu-quota PCT] [--firmware-cases]
+#                    [--port-base PORT] [--cpu-quota PCT] [--firmware-cases] [--cases IDS]
 #
 # It builds dyntftpd (release) and the load generator (bench/loadgen/), generates the
 # files in a temporary root, starts every server on its own loopback port serving that
@@ -96,6 +96,9 @@
 #   second, so that its retransmissions to abandoned clients do not count in the next case.
 #   The ratios are to dnsmasq when it runs (to dyntftpd otherwise). No raw UDP ceiling.
 #
+# --cases IDS: only the cases with these ids (comma-separated, e.g. small64,many256; the
+# ids are the first column of `cases` below), and no raw UDP ceiling.
+#
 # --cpu-quota PCT: each server (with its threads and children) runs in its own cgroup
 # limited to PCT % of one CPU (cgroup v2 cpu.max "QUOTA 100000", or cgroup v1
 # cpu.cfs_quota_us with cpu.cfs_period_us 100000, whichever this machine has for the cpu
@@ -129,12 +132,14 @@ usage() {
     echo "  --port-base PORT  first loopback port used (default 17300; dnsmasq uses 69)"
     echo "  --cpu-quota PCT   run every server in a cgroup capped at PCT % of one CPU"
     echo "  --firmware-cases  lock-step (and EDK2 windowsize 4) cases with 1, 256, 4096 clients"
+    echo "  --cases IDS       only these cases (comma-separated ids, e.g. small64,many256)"
 }
 
 runs_given=0
 loss_given=0
 cpu_quota=""
 firmware=0
+only=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) runs="${2:?--runs needs a value}"; runs_given=1; shift 2 ;;
@@ -145,6 +150,7 @@ while [ $# -gt 0 ]; do
         --port-base) port_base="${2:?--port-base needs a value}"; shift 2 ;;
         --cpu-quota) cpu_quota="${2:?--cpu-quota needs a value}"; shift 2 ;;
         --firmware-cases) firmware=1; shift ;;
+        --cases) only="${2:?--cases needs a value}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -528,6 +534,11 @@ cases() {
     done
 }
 
+# The cases asked for with --cases (all without it).
+selected_cases() {
+    cases | awk -F'\t' -v only="$only" 'only == "" || index("," only ",", "," $1 ",")'
+}
+
 # Waits until server $1 has no child processes left (tftpd-hpa forks one per transfer;
 # after a case whose clients gave up they go on retrying for a while), so that they do
 # not take CPU 0 from the next server measured. Bounded: 60 s.
@@ -717,11 +728,12 @@ for run in $(seq "$runs"); do
             run_case "$s" "$id" "$run" "$args"
             settle "$s"
         done
-    done < <(cases)
+    done < <(selected_cases)
     for s in "${order[@]}"; do
         stop_server "$s"
     done
     [ "$firmware" = 1 ] && continue # the raw ceiling says nothing about a capped server
+    [ -n "$only" ] && continue
     for size in 1432 8196; do
         line=$("${pin_raw[@]}" "$loadgen" --raw "$size" --raw-seconds "$raw_secs" --kv)
         echo "raw raw$size $run $(kv payload_mb_per_s "$line") ok $(kv cpu_pct "$line") -" >>"$results"
@@ -753,8 +765,8 @@ echo
     printf 'case\tunit'
     for s in "${servers[@]}"; do printf '\t%s' "$s"; done
     printf '\tloadgen CPU\tserver CPU\n'
-    cases | cut -f1-3
-    if [ "$firmware" = 0 ]; then
+    selected_cases | cut -f1-3
+    if [ "$firmware" = 0 ] && [ -z "$only" ]; then
         printf 'raw1432\tMB/s\traw UDP ceiling, 1432-byte datagrams\n'
         printf 'raw8196\tMB/s\traw UDP ceiling, 8196-byte datagrams\n'
     fi
