@@ -492,6 +492,88 @@ mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
+    /// A listener on 127.0.0.1 and a receiver with a read timeout.
+    fn listener_and_receiver() -> (Listener, std::net::UdpSocket) {
+        let socket = sys::bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let local = socket.local_addr().unwrap();
+        let listener = Listener {
+            socket: UdpSocket::from_std(socket),
+            v6: false,
+            local,
+            readable: false,
+        };
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        (listener, receiver)
+    }
+
+    fn single(contents: &[u8]) -> Transmit<'_> {
+        Transmit {
+            contents,
+            segment_size: contents.len(),
+            datagrams: 1,
+            payload: contents.len() as u64,
+            retransmission: None,
+        }
+    }
+
+    #[test]
+    fn single_port_datagrams_wait_for_the_flush_or_a_full_batch_and_keep_their_order() {
+        let (listener, receiver) = listener_and_receiver();
+        let listeners = [listener];
+        let shared = Transport::Shared(ReplyPath {
+            listener: 0,
+            source: None,
+        });
+        let to = receiver.local_addr().unwrap();
+        let mut sender = Sender::new(false);
+        let mut stats = ServerStats::default();
+        let count = sys::MAX_BATCH + 3;
+        for i in 0..count {
+            let datagram = [i as u8; 10];
+            assert!(sender.transmit(&listeners, &shared, to, &single(&datagram), &mut stats));
+        }
+        // A full batch went at once; the rest waits for the flush.
+        assert_eq!(stats.datagrams_sent, sys::MAX_BATCH as u64);
+        sender.flush(&listeners, &mut stats);
+        assert_eq!(stats.datagrams_sent, count as u64);
+        assert_eq!(stats.bytes_sent, 10 * count as u64);
+        let mut buf = [0u8; 16];
+        for i in 0..count {
+            let (n, from) = receiver.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (&[i as u8; 10][..], listeners[0].local));
+        }
+    }
+
+    #[test]
+    fn a_datagram_sent_at_once_leaves_after_the_queue() {
+        let (listener, receiver) = listener_and_receiver();
+        let listeners = [listener];
+        let shared = Transport::Shared(ReplyPath {
+            listener: 0,
+            source: None,
+        });
+        let to = receiver.local_addr().unwrap();
+        let mut sender = Sender::new(false);
+        let mut stats = ServerStats::default();
+        sender.transmit(&listeners, &shared, to, &single(b"queued"), &mut stats);
+        // Too large to be queued: the queue goes first.
+        let large = vec![7u8; QUEUED_MAX_LEN + 1];
+        sender.transmit(&listeners, &shared, to, &single(&large), &mut stats);
+        sender.answer_stray(&listeners, &shared, to, &mut stats);
+        assert_eq!(stats.datagrams_sent, 3);
+        let mut buf = vec![0u8; 65536];
+        let mut next = || {
+            let (n, _) = receiver.recv_from(&mut buf).unwrap();
+            buf[..n].to_vec()
+        };
+        assert_eq!(next(), b"queued");
+        assert_eq!(next().len(), QUEUED_MAX_LEN + 1);
+        assert_eq!(next()[..2], [0, 5], "ERROR 5 last");
+    }
+
     #[test]
     fn gso_runs_fit_the_kernel_limits() {
         let sender = Sender::new(true);
