@@ -9,6 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use log::debug;
 
@@ -23,6 +24,12 @@ pub(super) const SYNC_LOAD_MAX: u64 = 256 << 10;
 /// At most this many background loads at once (per cache, shared by handler clones);
 /// a miss beyond it is served from disk without starting one.
 const MAX_BACKGROUND_LOADS: usize = 2;
+
+/// Loads read at most the cache's budget per this period (the allowance refills evenly):
+/// requests that make the cache drop one large file to load another — spoofed ones cost
+/// nothing to send — cannot make it read file after file; beyond the allowance a miss is
+/// served from disk, as without a cache.
+const LOAD_REFILL: Duration = Duration::from_secs(60);
 
 /// Counters of the [hot-file cache](crate::fs#hot-file-cache), from
 /// [`FsHandler::cache_stats`](crate::FsHandler::cache_stats).
@@ -47,6 +54,9 @@ pub struct CacheStats {
     /// Opens served from disk while their file was being loaded by a background thread
     /// (or because the background loaders were all busy).
     pub loading: u64,
+    /// Opens served from disk because loads had already read the cache's budget within
+    /// the last minute (the load allowance refills by the budget per minute).
+    pub load_limited: u64,
     /// Bytes of the files the cache holds now.
     pub bytes_held: u64,
     /// Bytes of every cached copy still in memory now: those the cache holds, those only
@@ -152,13 +162,40 @@ struct State {
     /// Bytes reserved by loads in progress (not yet counted in `in_use`).
     pending_bytes: u64,
     background_loads: usize,
+    /// Bytes loads may still read now, and when it was last refilled.
+    load_allowance: u64,
+    allowance_at: Option<Instant>,
     stats: CacheStats,
+}
+
+impl State {
+    /// The load allowance at `now`: refilled by `max` bytes per `period` since the last
+    /// refill, never above `max` (full at first); no limit with a zero period.
+    fn allowance(&mut self, max: u64, period: Duration, now: Instant) -> u64 {
+        if period.is_zero() {
+            return u64::MAX;
+        }
+        let since = self
+            .allowance_at
+            .map_or(period, |at| now.saturating_duration_since(at));
+        let refill = u128::from(max) * since.as_nanos() / period.as_nanos();
+        // A refill too small to count keeps its time, so that frequent calls lose nothing.
+        if refill > 0 || self.allowance_at.is_none() {
+            self.load_allowance = u128::from(self.load_allowance)
+                .saturating_add(refill)
+                .min(u128::from(max)) as u64;
+            self.allowance_at = Some(now);
+        }
+        self.load_allowance
+    }
 }
 
 /// What the handler's clones and the background loaders share.
 struct Shared {
     max_bytes: u64,
     sync_load_max: u64,
+    /// Loads read at most `max_bytes` per this period ([`LOAD_REFILL`]; zero: no limit).
+    load_refill: Duration,
     /// Bytes of every [`Loaded`] alive, wherever it is held.
     in_use: Arc<AtomicU64>,
     state: Mutex<State>,
@@ -189,22 +226,26 @@ pub(super) struct Cache {
 
 impl Cache {
     pub(super) fn new(max_bytes: u64) -> Cache {
-        Cache::with_sync_load_max(max_bytes, SYNC_LOAD_MAX)
+        Cache::with_limits(max_bytes, SYNC_LOAD_MAX, LOAD_REFILL)
     }
 
     /// A cache that reads files up to `sync_load_max` bytes on the caller's thread and
-    /// larger ones in the background.
-    fn with_sync_load_max(max_bytes: u64, sync_load_max: u64) -> Cache {
+    /// larger ones in the background, and loads at most `max_bytes` per `load_refill`
+    /// (zero: no such limit, for the tests of the budget).
+    fn with_limits(max_bytes: u64, sync_load_max: u64, load_refill: Duration) -> Cache {
         Cache {
             shared: Arc::new(Shared {
                 max_bytes,
                 sync_load_max,
+                load_refill,
                 in_use: Arc::new(AtomicU64::new(0)),
                 state: Mutex::new(State {
                     entries: HashMap::new(),
                     tick: 0,
                     pending_bytes: 0,
                     background_loads: 0,
+                    load_allowance: 0,
+                    allowance_at: None,
                     stats: CacheStats::default(),
                 }),
                 load_ended: Condvar::new(),
@@ -226,6 +267,11 @@ impl Cache {
     /// being loaded in the background (a load is started for a large file that fits),
     /// changed or unreadable while it was read.
     pub(super) fn open(&self, file: &File, meta: &Metadata) -> Option<CachedSource> {
+        self.open_at(file, meta, Instant::now())
+    }
+
+    /// [`open`](Self::open) at `now` (for the load allowance).
+    fn open_at(&self, file: &File, meta: &Metadata, now: Instant) -> Option<CachedSource> {
         let shared = &self.shared;
         let stamp = Stamp::of(meta);
         let mut state = shared.lock();
@@ -260,10 +306,19 @@ impl Cache {
             state.stats.loading += 1;
             return None;
         }
-        if !self.make_room(&mut state, stamp.size) {
+        let Some(evict) = self.room_for(&state, stamp.size) else {
             state.stats.over_budget += 1;
             return None;
+        };
+        if state.allowance(shared.max_bytes, shared.load_refill, now) < stamp.size {
+            state.stats.load_limited += 1;
+            return None;
         }
+        for key in evict {
+            remove(&mut state, key);
+            state.stats.evictions += 1;
+        }
+        state.load_allowance = state.load_allowance.saturating_sub(stamp.size);
         // Reserve the bytes and mark the version as loading, so that neither another
         // load nor another version can take the room while the lock is released.
         state.pending_bytes += stamp.size;
@@ -292,14 +347,14 @@ impl Cache {
         })
     }
 
-    /// Makes room for `size` more bytes within the budget by dropping the least recently
-    /// used files that only the cache holds (dropping one a session holds would free
-    /// nothing). Drops nothing and says `false` when that cannot be enough.
-    fn make_room(&self, state: &mut State, size: u64) -> bool {
+    /// The files to drop to make room for `size` more bytes within the budget: the least
+    /// recently used that only the cache holds (dropping one a session holds would free
+    /// nothing). `None` when that cannot be enough.
+    fn room_for(&self, state: &State, size: u64) -> Option<Vec<(u64, u64)>> {
         let max = self.shared.max_bytes;
         let committed = self.shared.committed(state);
         if committed + size <= max {
-            return true;
+            return Some(Vec::new());
         }
         // Copies are made only under the lock, so a count of 1 means the cache's
         // reference is the last one: dropping it frees the bytes at once.
@@ -315,19 +370,19 @@ impl Cache {
             .collect();
         let need = committed + size - max;
         if freeable.iter().map(|&(_, _, size)| size).sum::<u64>() < need {
-            return false;
+            return None;
         }
         freeable.sort_unstable();
         let mut freed = 0;
+        let mut evict = Vec::new();
         for (_, key, size) in freeable {
             if freed >= need {
                 break;
             }
-            remove(state, key);
-            state.stats.evictions += 1;
+            evict.push(key);
             freed += size;
         }
-        true
+        Some(evict)
     }
 
     /// Reads `file` on a new thread, then files it; the session that asked is served from
@@ -448,14 +503,86 @@ mod tests {
     use crate::fs::FsHandler;
     use crate::handler::{Handler, Notifier};
 
+    use std::cell::Cell;
     use std::fs;
-    use std::time::Duration;
 
-    /// Opens `name` under the tree's root and asks `cache` for it.
+    thread_local! {
+        /// The time of the tests' opens: each a whole [`LOAD_REFILL`] after the last, so
+        /// that the load allowance never decides what the budget tests look at.
+        static CLOCK: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+
+    /// Opens `name` under the tree's root and asks `cache` for it, a [`LOAD_REFILL`]
+    /// after the previous open.
     fn open(cache: &Cache, tree: &Tree, name: &str) -> (Option<CachedSource>, File) {
+        let now = CLOCK.with(|clock| {
+            let now = clock
+                .get()
+                .map_or_else(Instant::now, |last| last + LOAD_REFILL);
+            clock.set(Some(now));
+            now
+        });
+        open_at(cache, tree, name, now)
+    }
+
+    /// Opens `name` under the tree's root and asks `cache` for it at `now`.
+    fn open_at(
+        cache: &Cache,
+        tree: &Tree,
+        name: &str,
+        now: Instant,
+    ) -> (Option<CachedSource>, File) {
         let file = File::open(tree.root().join(name)).unwrap();
         let meta = file.metadata().unwrap();
-        (cache.open(&file, &meta), file)
+        (cache.open_at(&file, &meta, now), file)
+    }
+
+    /// A handler on the tree with a cache of `budget` bytes whose loads the allowance
+    /// does not limit: for the tests of the budget, which load more than it at once.
+    fn cached_handler(tree: &Tree, budget: u64) -> FsHandler {
+        let mut h = FsHandler::new(tree.root()).unwrap();
+        h.cache = Some(Cache::with_limits(budget, SYNC_LOAD_MAX, Duration::ZERO));
+        h
+    }
+
+    #[test]
+    fn loads_read_at_most_the_budget_per_refill_period() {
+        // Two files that do not fit together, asked for in turn: each load drops the
+        // other. The budget's worth of loads goes at once; then a load waits for the
+        // allowance to refill, and the misses meanwhile are served from disk.
+        let tree = Tree::new();
+        tree.file("a", &[1; 600]);
+        tree.file("b", &[2; 600]);
+        let cache = Cache::new(1000);
+        let t0 = Instant::now();
+        assert!(
+            open_at(&cache, &tree, "a", t0).0.is_some(),
+            "loaded: 400 left"
+        );
+        assert!(
+            open_at(&cache, &tree, "b", t0).0.is_none(),
+            "600 > 400: from disk"
+        );
+        assert!(
+            open_at(&cache, &tree, "a", t0).0.is_some(),
+            "a hit costs nothing"
+        );
+        let stats = cache.stats();
+        assert_eq!((stats.loads, stats.hits, stats.load_limited), (1, 1, 1));
+        // 12 s refill a fifth of the budget: 600 in all, enough for b.
+        let later = t0 + LOAD_REFILL / 5;
+        assert!(open_at(&cache, &tree, "b", later).0.is_some());
+        assert!(open_at(&cache, &tree, "a", later).0.is_none());
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.loads, stats.evictions, stats.load_limited),
+            (2, 1, 2)
+        );
+        // Never more than the budget saved up: after an hour, one budget's worth.
+        let hour = later + Duration::from_secs(3600);
+        assert!(open_at(&cache, &tree, "a", hour).0.is_some());
+        assert!(open_at(&cache, &tree, "b", hour).0.is_none());
+        assert_eq!(cache.stats().loads, 3);
     }
 
     fn contents(source: &mut dyn ResponseData) -> Vec<u8> {
@@ -475,7 +602,7 @@ mod tests {
         tree.file("kernel", &[1; 3000]);
         tree.file("initrd", &[2; 5000]);
         tree.file("huge", &[3; 20_000]);
-        let mut h = FsHandler::new(tree.root()).unwrap().cache(10_000);
+        let mut h = cached_handler(&tree, 10_000);
         assert_eq!(h.cache_stats(), CacheStats::default());
         for _ in 0..3 {
             assert_eq!(serve(&mut h, "192.0.2.1:1", b"kernel"), Ok(vec![1; 3000]));
@@ -544,7 +671,7 @@ mod tests {
         let b: Vec<u8> = (0..40 << 10).map(|i| (i % 241) as u8).collect();
         tree.file("a", &a);
         tree.file("b", &b);
-        let mut h = FsHandler::new(tree.root()).unwrap().cache(BUDGET);
+        let mut h = cached_handler(&tree, BUDGET);
         let notifier = Notifier::detached();
         let mut sessions = Vec::new();
         for round in 0..10 {
@@ -613,7 +740,7 @@ mod tests {
         let big: Vec<u8> = (0..50_000).map(|i| (i % 253) as u8).collect();
         tree.file("big", &big);
         tree.file("small", &[7; 100]);
-        let cache = Cache::with_sync_load_max(100_000, 1000);
+        let cache = Cache::with_limits(100_000, 1000, LOAD_REFILL);
 
         // The first request is served from disk while the file loads.
         let (none, file) = open(&cache, &tree, "big");
@@ -663,7 +790,7 @@ mod tests {
         for name in ["f0", "f1", "f2", "f3"] {
             tree.file(name, &[5; 30_000]);
         }
-        let cache = Cache::with_sync_load_max(70_000, 1000);
+        let cache = Cache::with_limits(70_000, 1000, LOAD_REFILL);
         // Nothing waits between these: whether a load has ended yet or not, the budget
         // (two files, with the reservations of loads in flight) and the number of loaders
         // hold.

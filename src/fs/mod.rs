@@ -99,7 +99,11 @@
 //!   (dropping one a session holds would free nothing, and the next request for it
 //!   shares that copy instead of loading another);
 //! - when the copies sessions hold leave no room, the request is served from disk
-//!   ([`FileSource`]), exactly as without a cache; so is a file larger than `max_bytes`.
+//!   ([`FileSource`]), exactly as without a cache; so is a file larger than `max_bytes`;
+//! - loads read at most `max_bytes` per minute (an allowance refilled evenly, full at
+//!   first): requests that make the cache drop one large file to load another — a
+//!   spoofed request costs nothing to send — cannot make it read file after file; beyond
+//!   the allowance a miss is served from disk.
 //!
 //! A miss never reads a large file on the event loop: files up to 256 KiB are read at
 //! once (tens of microseconds from the page cache); a larger one is read by a background
