@@ -492,8 +492,9 @@ mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    /// A listener on 127.0.0.1 and a receiver with a read timeout.
-    fn listener_and_receiver() -> (Listener, std::net::UdpSocket) {
+    /// A listener on 127.0.0.1, the single-port transport through it, and a receiver with
+    /// a read timeout.
+    fn single_port() -> ([Listener; 1], Transport, std::net::UdpSocket) {
         let socket = sys::bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let local = socket.local_addr().unwrap();
         let listener = Listener {
@@ -506,7 +507,11 @@ mod tests {
         receiver
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
-        (listener, receiver)
+        let shared = Transport::Shared(ReplyPath {
+            listener: 0,
+            source: None,
+        });
+        ([listener], shared, receiver)
     }
 
     fn single(contents: &[u8]) -> Transmit<'_> {
@@ -521,12 +526,7 @@ mod tests {
 
     #[test]
     fn single_port_datagrams_wait_for_the_flush_or_a_full_batch_and_keep_their_order() {
-        let (listener, receiver) = listener_and_receiver();
-        let listeners = [listener];
-        let shared = Transport::Shared(ReplyPath {
-            listener: 0,
-            source: None,
-        });
+        let (listeners, shared, receiver) = single_port();
         let to = receiver.local_addr().unwrap();
         let mut sender = Sender::new(false);
         let mut stats = ServerStats::default();
@@ -549,12 +549,7 @@ mod tests {
 
     #[test]
     fn a_datagram_sent_at_once_leaves_after_the_queue() {
-        let (listener, receiver) = listener_and_receiver();
-        let listeners = [listener];
-        let shared = Transport::Shared(ReplyPath {
-            listener: 0,
-            source: None,
-        });
+        let (listeners, shared, receiver) = single_port();
         let to = receiver.local_addr().unwrap();
         let mut sender = Sender::new(false);
         let mut stats = ServerStats::default();
