@@ -621,6 +621,42 @@ fn clients_reusing_their_port_are_served_when_the_next_request_follows_the_last_
     assert!(sessions.iter().all(|s| s.outcome == Outcome::Completed));
 }
 
+#[test]
+fn each_session_answers_from_a_new_port_and_a_late_ack_disturbs_none() {
+    // The server keeps ended sessions' sockets for the next sessions (without their
+    // ports): a client that keeps its port must still see a new transfer ID each time,
+    // and its late ACK to the last one must reach neither the next session nor a refusal.
+    const ROUNDS: usize = 20;
+    let root = standard_root();
+    let server = spawn_fs(Mode::OwnPort, v4(), root.path());
+    let client = Client::new(Mode::OwnPort, server.addr);
+    let mut tids = Vec::new();
+    for round in 0..ROUNDS {
+        let fetched = client
+            .fetch(server.addr, "small.txt", "octet", &[])
+            .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        assert_eq!(fetched.data, SMALL, "round {round}");
+        client
+            .socket
+            .send_to(&[0, 4, 0, 1], fetched.server)
+            .expect("late ACK");
+        tids.push(fetched.server.port());
+        if round % 5 == 0 {
+            let raw = Raw::new(server.addr);
+            raw.rrq(server.addr, b"no-such-file", "octet", &[]);
+            let (code, _, from) = raw.expect_error();
+            assert_eq!(code, 1, "round {round}");
+            assert_ne!(from.port(), server.addr.port());
+        }
+    }
+    let distinct: std::collections::BTreeSet<u16> = tids.iter().copied().collect();
+    // Random ports: two alike among twenty is already rare.
+    assert!(distinct.len() >= ROUNDS - 2, "transfer IDs {tids:?}");
+    let (sessions, _) = server.stop();
+    assert_eq!(sessions.len(), ROUNDS);
+    assert!(sessions.iter().all(|s| s.outcome == Outcome::Completed));
+}
+
 // ---------------------------------------------------------------------------------------
 // Panics in user code
 // ---------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ use builder::Settings;
 use mtu::MtuCache;
 use report::UserCode;
 use table::{ReadyQueue, RequestInfo, SessionEntry, SessionTable};
-use transport::{Arrival, Listener, ReplyPath, Sender, SessionSockets, Transport};
+use transport::{Arrival, Listener, Opened, ReplyPath, Sender, SessionSockets, Transport};
 use wake::PreciseWake;
 use workers::PreparedLoop;
 
@@ -251,6 +251,7 @@ impl<H: Handler> Server<H> {
                 settings.single_port,
                 settings.port_range(),
                 RandomState::new().build_hasher().finish(),
+                max_sessions,
             ),
             mtu: MtuCache::new(),
             user_code: UserCode::new(),
@@ -634,6 +635,7 @@ impl<H: Handler> Server<H> {
         self.sender.refuse(
             &self.listeners,
             &mut self.sockets,
+            self.table.len(),
             arrival,
             &reject,
             &mut self.stats,
@@ -653,9 +655,10 @@ impl<H: Handler> Server<H> {
         let peer = arrival.peer;
         // The session's socket comes first: when descriptors or ports run out, the
         // request waits before the handler has done anything.
-        let mut transport = match self.sockets.open(arrival.reply, arrival.local, peer) {
-            Ok(transport) => transport,
+        let opened = match self.sockets.open(arrival.reply, arrival.local, peer) {
+            Ok(opened) => opened,
             Err(e) if out_of_descriptors(&e) => {
+                self.sockets.release_spares();
                 return self.admission.wait_for_descriptors(
                     self.now,
                     arrival,
@@ -682,6 +685,10 @@ impl<H: Handler> Server<H> {
                 return;
             }
         };
+        let Opened {
+            mut transport,
+            registered,
+        } = opened;
         let id = self.table.next_id();
         let notifier = Notifier::new(self.source_ready.clone(), id);
         let notes = SessionNotes::default();
@@ -720,6 +727,7 @@ impl<H: Handler> Server<H> {
                 // The handler is short of a resource that running sessions hold (its own
                 // file descriptors): the request waits as if the server had none.
                 drop(transport);
+                self.sockets.release_spares();
                 return self.admission.wait_for_descriptors(
                     self.now,
                     arrival,
@@ -729,9 +737,15 @@ impl<H: Handler> Server<H> {
             }
             Some(Err(reject)) => {
                 debug!("{peer}: {} refused: {reject}", LogText::new(&filename));
+                self.sockets
+                    .recycle(transport, arrival.local, registered, self.table.len());
                 return self.refuse(arrival, datagram.len(), &reject);
             }
-            None => return self.refuse(arrival, datagram.len(), &internal_error()),
+            None => {
+                self.sockets
+                    .recycle(transport, arrival.local, registered, self.table.len());
+                return self.refuse(arrival, datagram.len(), &internal_error());
+            }
         };
         // In single-port mode capped, cut to the arrival interface's MTU, then to the
         // window memory left.
@@ -760,6 +774,8 @@ impl<H: Handler> Server<H> {
                 write!(f, "{peer}: dropping the source of {filename:?}")
             };
             self.user_code.drop(&mut self.stats, self.now, what, source);
+            self.sockets
+                .recycle(transport, arrival.local, registered, self.table.len());
             return self.refuse(arrival, datagram.len(), &reject);
         }
         let now = self.now;
@@ -770,9 +786,11 @@ impl<H: Handler> Server<H> {
             || Session::new(now, request.options, mode, source, config),
         );
         let Some(session) = created else {
+            self.sockets
+                .recycle(transport, arrival.local, registered, self.table.len());
             return self.refuse(arrival, datagram.len(), &internal_error());
         };
-        if let Err(e) = self.register(&mut transport, id, &session) {
+        if let Err(e) = self.register(&mut transport, registered, id, &session) {
             report::log_limited(
                 &mut self.socket_log,
                 self.now,
@@ -819,20 +837,25 @@ impl<H: Handler> Server<H> {
         limits
     }
 
-    /// Registers a session's own socket with the poll, with room in its send buffer for a
-    /// whole window. Nothing to do for a listener.
+    /// Registers a session's own socket with the poll (a reused socket the poll knows
+    /// moves to the session's token), with room in its send buffer for a whole window.
+    /// Nothing to do for a listener.
     fn register(
         &mut self,
         transport: &mut Transport,
+        registered: bool,
         id: SessionId,
         session: &Session,
     ) -> io::Result<()> {
         let Transport::Own(socket) = transport else {
             return Ok(());
         };
-        self.poll
-            .registry()
-            .register(socket, id.token(), Interest::READABLE)?;
+        let registry = self.poll.registry();
+        if registered {
+            registry.reregister(socket, id.token(), Interest::READABLE)?;
+        } else {
+            registry.register(socket, id.token(), Interest::READABLE)?;
+        }
         let params = session.params();
         let window_bytes = params.window as usize * (params.blksize as usize + DATAGRAM_OVERHEAD);
         if window_bytes > DEFAULT_SEND_BUFFER {

@@ -105,9 +105,12 @@ impl<H: Handler> Server<H> {
         let Some(entry) = self.table.remove(id) else {
             return;
         };
-        // The session's own socket is closed when the entry drops, which also takes it
-        // out of the epoll set (the descriptor is never shared): no deregistration call,
-        // one system call fewer per session.
+        // The session's own socket is kept for the next session, or closed, which also
+        // takes it out of the epoll set (the descriptor is never shared): no
+        // deregistration call either way.
+        let sessions = self.table.len();
+        self.sockets
+            .recycle(entry.transport, entry.request.local, true, sessions);
         self.admission.session_ended(entry.request.peer);
         *self
             .stats

@@ -17,6 +17,13 @@
 //! comes back as an error from the next send or receive ([`peer_unreachable`]): the driver
 //! then ends the session at once instead of retransmitting into the void.
 //!
+//! A session socket outlives its session: [`SessionSockets::recycle`] disconnects it, which
+//! gives its port back (it then receives nothing), empties it, and keeps it, up to
+//! [`MAX_SPARES`], for the next session on the same address, which connects it again on a
+//! new random ephemeral port. A storm of short transfers then costs a `connect` per
+//! session where it cost `socket`, `bind`, `connect`, an epoll registration and `close`.
+//! Sockets of a port range are not kept (their ports are bound for good).
+//!
 //! Session sockets take any free port, or with a port range
 //! ([`ServerBuilder::port_range`](super::ServerBuilder::port_range)) a port of the range:
 //! [`PortCursor`] starts each search where the last one ended (at first a random port),
@@ -80,43 +87,87 @@ pub(super) enum Transport {
     Shared(ReplyPath),
 }
 
+/// The most session sockets kept for reuse (per loop): each holds a descriptor, and no
+/// port.
+pub(super) const MAX_SPARES: usize = 128;
+
+/// The most datagrams read to empty a socket before it is kept: a socket with more
+/// (a peer that flooded its port) is closed instead.
+const DRAIN_MAX: usize = 8;
+
+/// A session socket kept after its session ended, for the next session on the same
+/// address: disconnected (no port: nothing reaches it) and empty.
+struct Spare {
+    socket: UdpSocket,
+    /// The address it is bound to, port 0.
+    bound: SocketAddr,
+    /// Registered with the poll (under an ended session's token).
+    registered: bool,
+}
+
+/// A session's transport as [`SessionSockets::open`] made it.
+pub(super) struct Opened {
+    pub(super) transport: Transport,
+    /// Its socket is a reused one already registered with the poll: the new session
+    /// re-registers it under its own token.
+    pub(super) registered: bool,
+}
+
 /// Opens the transports of new sessions (and of refusals): the listener in single-port
-/// mode, else a new socket, on a port of the range when there is one.
+/// mode, else a socket on a new port, of the range when there is one, a kept one when
+/// there is one for the address.
 pub(super) struct SessionSockets {
     single_port: bool,
     /// The port range's next port to try; `None`: any port the kernel picks.
     ports: Option<PortCursor>,
+    /// Sockets of ended sessions, kept for reuse (none in single-port mode or with a
+    /// port range); the newest last.
+    spares: Vec<Spare>,
+    /// The most sessions: a kept socket holds a descriptor a session would, so running
+    /// sessions and kept sockets together stay below it.
+    max_sessions: usize,
 }
 
 impl SessionSockets {
     /// Session sockets for the single-port mode or not, in `port_range` when given (the
-    /// first port tried is the one of the range `seed` picks).
+    /// first port tried is the one of the range `seed` picks), for at most `max_sessions`
+    /// sessions.
     pub(super) fn new(
         single_port: bool,
         port_range: Option<RangeInclusive<u16>>,
         seed: u64,
+        max_sessions: usize,
     ) -> SessionSockets {
         SessionSockets {
             single_port,
             ports: port_range.map(|range| PortCursor::new(range, seed)),
+            spares: Vec::new(),
+            max_sessions,
         }
     }
 
     /// The transport of a new session for `peer`, which asked through `reply` and sent to
-    /// `local`: in single-port mode the listener, else a new socket on the address the
-    /// client sent to (on a port of the range, if any), connected to `peer`. Fails with
-    /// `EADDRINUSE` when no port is free ([`out_of_ports`]).
+    /// `local`: in single-port mode the listener, else a socket on the address the client
+    /// sent to, on a new port (of the range, if any), connected to `peer`: a kept one
+    /// when there is one for that address, else a new one. Fails with `EADDRINUSE` when
+    /// no port is free ([`out_of_ports`]).
     pub(super) fn open(
         &mut self,
         reply: ReplyPath,
         local: SocketAddr,
         peer: SocketAddr,
-    ) -> io::Result<Transport> {
+    ) -> io::Result<Opened> {
         if self.single_port {
-            return Ok(Transport::Shared(reply));
+            return Ok(Opened {
+                transport: Transport::Shared(reply),
+                registered: false,
+            });
         }
-        let bind = with_scope_of(SocketAddr::new(local.ip(), 0), local);
+        let bind = session_address(local);
         let peer = link_local_scope(peer, local);
+        if let Some(opened) = self.reuse(bind, peer) {
+            return Ok(opened);
+        }
         let socket = match &mut self.ports {
             None => sys::bind_connected(bind, peer)?,
             Some(cursor) => {
@@ -125,8 +176,93 @@ impl SessionSockets {
                 socket
             }
         };
-        Ok(Transport::Own(UdpSocket::from_std(socket)))
+        Ok(Opened {
+            transport: Transport::Own(UdpSocket::from_std(socket)),
+            registered: false,
+        })
     }
+
+    /// The newest kept socket bound to `bind`, connected to `peer` (and so on a new
+    /// port); `None` when none is kept, or connecting fails (the socket is closed, and a
+    /// new one will report why).
+    fn reuse(&mut self, bind: SocketAddr, peer: SocketAddr) -> Option<Opened> {
+        let at = self.spares.iter().rposition(|spare| spare.bound == bind)?;
+        let spare = self.spares.swap_remove(at);
+        spare.socket.connect(sys::peer_of_family(bind, peer)).ok()?;
+        Some(Opened {
+            transport: Transport::Own(spare.socket),
+            registered: spare.registered,
+        })
+    }
+
+    /// Takes back the transport of an ended session (or of a refusal) that was opened for
+    /// a client who sent to `local`: its socket, when kept, is disconnected (its port goes
+    /// back to the kernel, so nothing more reaches it) and emptied (what its peer sent
+    /// last, and the error of an ICMP message, must not reach the next session); else it
+    /// is closed. Kept: up to [`MAX_SPARES`], while they and the `sessions` running are
+    /// fewer than the most sessions (each holds a descriptor), without a port range, and
+    /// not on an IPv6 link-local address (disconnecting forgets the interface). With no
+    /// session running, every kept socket is closed: an idle server holds none.
+    pub(super) fn recycle(
+        &mut self,
+        transport: Transport,
+        local: SocketAddr,
+        registered: bool,
+        sessions: usize,
+    ) {
+        let Transport::Own(socket) = transport else {
+            return;
+        };
+        if sessions == 0 {
+            self.release_spares();
+            return;
+        }
+        let kept = self.spares.len();
+        let bound = session_address(local);
+        let scoped = matches!(bound, SocketAddr::V6(v6) if v6.scope_id() != 0);
+        if self.ports.is_some()
+            || kept >= MAX_SPARES
+            || sessions.saturating_add(kept) >= self.max_sessions
+            || scoped
+        {
+            return;
+        }
+        if sys::disconnect(&socket).is_err() {
+            return;
+        }
+        let mut byte = [0u8; 1];
+        for _ in 0..DRAIN_MAX {
+            match socket.recv(&mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.spares.push(Spare {
+                        socket,
+                        bound,
+                        registered,
+                    });
+                    return;
+                }
+                // A datagram, or a pending error (now cleared).
+                _ => {}
+            }
+        }
+    }
+
+    /// Closes every kept socket (descriptors ran short).
+    pub(super) fn release_spares(&mut self) {
+        self.spares.clear();
+    }
+
+    /// How many sockets are kept.
+    #[cfg(test)]
+    fn spares(&self) -> usize {
+        self.spares.len()
+    }
+}
+
+/// The address a session socket for a client who sent to `local` is bound to: `local`'s
+/// address (with its scope), any port.
+fn session_address(local: SocketAddr) -> SocketAddr {
+    with_scope_of(SocketAddr::new(local.ip(), 0), local)
 }
 
 /// Whether opening a session socket failed because no port was free: every port of the
@@ -376,6 +512,7 @@ impl Sender {
         &mut self,
         listeners: &[Listener],
         sockets: &mut SessionSockets,
+        sessions: usize,
         arrival: &Arrival,
         reject: &Reject,
         stats: &mut ServerStats,
@@ -385,13 +522,23 @@ impl Sender {
         self.scratch.clear();
         write_error(&mut self.scratch, reject.code, &reject.message);
         let sent = match sockets.open(arrival.reply, arrival.local, peer) {
-            Ok(Transport::Shared(reply)) => {
+            Ok(Opened {
+                transport: Transport::Shared(reply),
+                ..
+            }) => {
                 let error = std::mem::take(&mut self.scratch);
                 self.enqueue(listeners, reply, peer, &error, 0, stats);
                 self.scratch = error;
                 return;
             }
-            Ok(transport) => send(listeners, &transport, &self.scratch, peer, None),
+            Ok(Opened {
+                transport,
+                registered,
+            }) => {
+                let sent = send(listeners, &transport, &self.scratch, peer, None);
+                sockets.recycle(transport, arrival.local, registered, sessions);
+                sent
+            }
             Err(e) => Err(e),
         };
         match sent {
@@ -618,8 +765,8 @@ mod tests {
         let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = probe.local_addr().unwrap().port();
         drop(probe);
-        let mut sockets = SessionSockets::new(false, Some(port..=port), 0);
-        let Transport::Own(first) = sockets.open(reply, local, client).unwrap() else {
+        let mut sockets = SessionSockets::new(false, Some(port..=port), 0, 1000);
+        let Transport::Own(first) = sockets.open(reply, local, client).unwrap().transport else {
             panic!("not a session socket");
         };
         assert_eq!(
@@ -631,14 +778,142 @@ mod tests {
             .err()
             .expect("the range is full");
         assert!(out_of_ports(&e), "{e}");
-        drop(first);
+        // A range's socket is never kept: it would keep its port.
+        sockets.recycle(Transport::Own(first), local, true, 1);
+        assert_eq!(sockets.spares(), 0);
         assert!(sockets.open(reply, local, client).is_ok());
         // Single-port mode never opens a socket.
-        let mut shared = SessionSockets::new(true, Some(port..=port), 0);
+        let mut shared = SessionSockets::new(true, Some(port..=port), 0, 1000);
         assert!(matches!(
             shared.open(reply, local, client),
-            Ok(Transport::Shared(_))
+            Ok(Opened {
+                transport: Transport::Shared(_),
+                ..
+            })
         ));
+    }
+
+    fn client() -> std::net::UdpSocket {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        socket
+    }
+
+    const REPLY: ReplyPath = ReplyPath {
+        listener: 0,
+        source: None,
+    };
+
+    #[test]
+    fn an_ended_sessions_socket_serves_the_next_one_on_a_new_port_with_nothing_left() {
+        let local: SocketAddr = "127.0.0.1:69".parse().unwrap();
+        let (first, second) = (client(), client());
+        let mut sockets = SessionSockets::new(false, None, 0, 1000);
+        let opened = sockets
+            .open(REPLY, local, first.local_addr().unwrap())
+            .unwrap();
+        assert!(!opened.registered);
+        let Transport::Own(socket) = &opened.transport else {
+            panic!("not a session socket");
+        };
+        let old = socket.local_addr().unwrap();
+        // The first client's last datagram is still queued when its session ends, and
+        // its port closed: the session's last send drew an ICMP error, pending.
+        first.send_to(b"late", old).unwrap();
+        drop(first);
+        socket.send(b"anyone there?").unwrap();
+        sockets.recycle(opened.transport, local, true, 1);
+        assert_eq!(sockets.spares(), 1);
+
+        let opened = sockets
+            .open(REPLY, local, second.local_addr().unwrap())
+            .unwrap();
+        assert!(opened.registered, "the kept socket, known to the poll");
+        assert_eq!(sockets.spares(), 0);
+        let Transport::Own(socket) = &opened.transport else {
+            panic!("not a session socket");
+        };
+        let new = socket.local_addr().unwrap();
+        assert_eq!(new.ip(), old.ip());
+        assert_ne!(new.port(), 0);
+        // Nothing of the first session reaches the second: no datagram, no error.
+        let mut buf = [0u8; 16];
+        let e = socket.recv(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        socket.send(b"hello").unwrap();
+        let (n, from) = second.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"hello"[..], new));
+
+        // Each reuse is a new random port, as a new socket's would be: a transfer ID is
+        // not handed out again at once.
+        let mut ports = std::collections::HashSet::new();
+        let mut opened = opened;
+        for _ in 0..20 {
+            let Transport::Own(socket) = &opened.transport else {
+                panic!("not a session socket");
+            };
+            ports.insert(socket.local_addr().unwrap().port());
+            sockets.recycle(opened.transport, local, true, 1);
+            opened = sockets
+                .open(REPLY, local, second.local_addr().unwrap())
+                .unwrap();
+            assert!(opened.registered);
+        }
+        assert!(ports.len() >= 18, "ports {ports:?}");
+    }
+
+    #[test]
+    fn kept_sockets_are_bounded_and_serve_only_their_own_address() {
+        let local: SocketAddr = "127.0.0.1:69".parse().unwrap();
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut sockets = SessionSockets::new(false, None, 0, 1000);
+        let opened: Vec<Opened> = (0..MAX_SPARES + 3)
+            .map(|_| sockets.open(REPLY, local, peer).unwrap())
+            .collect();
+        for opened in opened {
+            sockets.recycle(opened.transport, local, false, 1);
+        }
+        assert_eq!(sockets.spares(), MAX_SPARES);
+        // A client who sent to another address gets a new socket on that one.
+        let other: SocketAddr = "127.0.0.2:69".parse().unwrap();
+        let Transport::Own(socket) = sockets.open(REPLY, other, peer).unwrap().transport else {
+            panic!("not a session socket");
+        };
+        assert_eq!(socket.local_addr().unwrap().ip(), other.ip());
+        assert_eq!(sockets.spares(), MAX_SPARES);
+        // A socket its peer flooded is closed, not emptied datagram by datagram.
+        let flooder = client();
+        let flooded = sockets
+            .open(REPLY, local, flooder.local_addr().unwrap())
+            .unwrap();
+        let Transport::Own(socket) = &flooded.transport else {
+            panic!("not a session socket");
+        };
+        for _ in 0..DRAIN_MAX + 1 {
+            flooder.send_to(b"x", socket.local_addr().unwrap()).unwrap();
+        }
+        sockets.recycle(flooded.transport, local, false, 1);
+        assert_eq!(sockets.spares(), MAX_SPARES - 1);
+        sockets.release_spares();
+        assert_eq!(sockets.spares(), 0);
+
+        // Kept sockets and running sessions hold a descriptor each: together they stay
+        // below the most sessions (4 here, 2 running).
+        let mut few = SessionSockets::new(false, None, 0, 4);
+        let opened: Vec<Opened> = (0..3)
+            .map(|_| few.open(REPLY, local, peer).unwrap())
+            .collect();
+        for opened in opened {
+            few.recycle(opened.transport, local, false, 2);
+        }
+        assert_eq!(few.spares(), 2);
+        // The last session ends: the server is idle and keeps none.
+        let last = few.open(REPLY, local, peer).unwrap();
+        assert_eq!(few.spares(), 1);
+        few.recycle(last.transport, local, true, 0);
+        assert_eq!(few.spares(), 0);
     }
 
     #[test]

@@ -25,9 +25,9 @@ mod timer;
 pub use fs::{for_each_entry, lstat_at, openat, openat2};
 pub use neigh::for_each_neighbour;
 pub use net::{
-    bind_connected, bind_connected_in, bind_listener, enable_pktinfo, interface_mtu,
-    recv_batch_with_destination, send_batch_from, send_from, send_segments, set_recv_buffer,
-    set_send_buffer, unmap, unmap_socket, Outgoing, Received, MAX_BATCH,
+    bind_connected, bind_connected_in, bind_listener, disconnect, enable_pktinfo, interface_mtu,
+    peer_of_family, recv_batch_with_destination, send_batch_from, send_from, send_segments,
+    set_recv_buffer, set_send_buffer, unmap, unmap_socket, Outgoing, Received, MAX_BATCH,
 };
 pub use process::raise_fd_limit;
 pub use timer::{read_timer, set_timer, timer_fd};

@@ -71,14 +71,41 @@ pub fn bind_connected_in(
     if !bound {
         return Err(io::Error::from_raw_os_error(libc::EADDRINUSE));
     }
-    let peer = match (addr, peer) {
+    socket.connect(peer_of_family(addr, peer))?;
+    Ok(socket)
+}
+
+/// `peer` as a socket of `bound`'s family connects to it: an IPv4 peer of an IPv6 socket
+/// as an IPv4-mapped address.
+pub fn peer_of_family(bound: SocketAddr, peer: SocketAddr) -> SocketAddr {
+    match (bound, peer) {
         (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
             SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
         }
         (_, peer) => peer,
+    }
+}
+
+/// Dissolves a UDP socket's association with its peer (`connect` to `AF_UNSPEC`). A
+/// socket bound to port 0 also gives its port back: it receives nothing until it is
+/// connected again, which binds it to a new random ephemeral port on the same address.
+/// Datagrams queued before stay queued, and a pending error stays pending.
+pub fn disconnect(socket: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: all-zero is a valid sockaddr; only its family (AF_UNSPEC, 0) is read.
+    let unspecified: libc::sockaddr = unsafe { zeroed() };
+    // SAFETY: `unspecified` is a sockaddr of the length given.
+    let rc = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            &unspecified,
+            size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
     };
-    socket.connect(peer)?;
-    Ok(socket)
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Enables destination-address reporting on an already bound socket (one handed to the
@@ -791,6 +818,39 @@ mod tests {
         session.send(b"anyone there?").unwrap();
         let e = session.recv(&mut buf).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED), "{e}");
+    }
+
+    #[test]
+    fn a_disconnected_socket_gives_its_port_back_and_connects_again_on_a_new_one() {
+        let first = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let second = UdpSocket::bind("127.0.0.1:0").unwrap();
+        second
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let session =
+            bind_connected("127.0.0.2:0".parse().unwrap(), first.local_addr().unwrap()).unwrap();
+        let old = session.local_addr().unwrap();
+        first.send_to(b"queued", old).unwrap();
+        disconnect(&session).unwrap();
+        // No port any more: nothing can reach it. What was queued stays queued.
+        assert_eq!(
+            session.local_addr().unwrap(),
+            "127.0.0.2:0".parse().unwrap()
+        );
+        let mut buf = [0u8; 16];
+        session.set_nonblocking(false).unwrap();
+        session
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(session.recv(&mut buf).unwrap(), 6);
+        // Connected again: a new ephemeral port on the address it was bound to.
+        session.connect(second.local_addr().unwrap()).unwrap();
+        let new = session.local_addr().unwrap();
+        assert_eq!(new.ip(), old.ip());
+        assert_ne!(new.port(), 0);
+        session.send(b"hello").unwrap();
+        let (n, from) = second.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"hello"[..], new));
     }
 
     #[test]
