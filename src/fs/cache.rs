@@ -7,13 +7,13 @@ use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::debug;
 
-use crate::response::ResponseData;
+use crate::response::{FileSource, ResponseData};
 
 /// Files up to this size are read on the caller's thread (the event loop) when they miss:
 /// from the page cache that is tens of microseconds, about what the session's first
@@ -54,6 +54,9 @@ pub struct CacheStats {
     /// Opens served from disk while their file was being loaded by a background thread
     /// (or because the background loaders were all busy).
     pub loading: u64,
+    /// Of those, sessions still running when their file's load ended, which then read
+    /// on from memory.
+    pub moved_to_memory: u64,
     /// Opens served from disk because loads had already read the cache's budget within
     /// the last minute (the load allowance refills by the budget per minute).
     pub load_limited: u64,
@@ -97,7 +100,7 @@ impl Stamp {
 /// One version of a file in memory. It counts itself in the cache's bytes in use from
 /// its creation until the last holder (the cache or a session) drops it, on whatever
 /// thread that happens.
-struct Loaded {
+pub(super) struct Loaded {
     bytes: Box<[u8]>,
     in_use: Arc<AtomicU64>,
 }
@@ -135,17 +138,116 @@ impl ResponseData for CachedSource {
         Ok(n)
     }
 
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        let mut total = 0;
+        for buf in bufs {
+            let n = self.read(buf)?;
+            total += n;
+            if n < buf.len() {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
     fn size(&self) -> Option<u64> {
         Some(self.file.bytes.len() as u64)
     }
 }
+
+/// Where a background load puts the bytes once it is filed, for the sessions served
+/// from disk meanwhile ([`LoadingSource`]).
+type Landing = Arc<OnceLock<Arc<Loaded>>>;
 
 /// A file version known to the cache.
 enum Slot {
     /// In memory: the cache holds one reference, each session sending it another.
     Ready(Arc<Loaded>),
     /// Being read by a background thread; its bytes are reserved in `pending_bytes`.
-    Loading,
+    Loading(Landing),
+}
+
+/// What the cache has for a file just opened.
+pub(super) enum Lookup {
+    /// Its bytes, in memory.
+    Memory(CachedSource),
+    /// Nothing yet: a background thread is reading it. Served from disk until the load
+    /// lands, then from memory.
+    Loading(Landing),
+    /// Nothing: served from disk.
+    Disk,
+}
+
+impl Lookup {
+    /// The session's source for `file` of `size` bytes.
+    pub(super) fn source(self, file: File, size: u64) -> Box<dyn ResponseData> {
+        match self {
+            Lookup::Memory(source) => Box::new(source),
+            Lookup::Loading(landing) => Box::new(LoadingSource {
+                reading: Reading::Disk(FileSource::with_size(file, size)),
+                pos: 0,
+                size,
+                landing,
+            }),
+            Lookup::Disk => Box::new(FileSource::with_size(file, size)),
+        }
+    }
+}
+
+/// A file served from disk while the cache loads it, and from memory, at the same
+/// offset, from the first read after the load lands: the sessions of a boot storm that
+/// asked before the kernel was in memory do not read it from disk to the end. (Same
+/// version: the load is of the file's device, inode, size and times at this open.)
+pub(super) struct LoadingSource {
+    reading: Reading,
+    /// Bytes read so far.
+    pos: usize,
+    size: u64,
+    landing: Landing,
+}
+
+enum Reading {
+    Disk(FileSource),
+    Memory(CachedSource),
+}
+
+impl LoadingSource {
+    /// Moves to memory once the load has landed (the file is closed then).
+    fn reading(&mut self) -> &mut Reading {
+        if let Reading::Disk(_) = self.reading {
+            if let Some(loaded) = self.landing.get() {
+                self.reading = Reading::Memory(CachedSource {
+                    file: Arc::clone(loaded),
+                    pos: self.pos,
+                });
+            }
+        }
+        &mut self.reading
+    }
+}
+
+impl ResponseData for LoadingSource {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = match self.reading() {
+            Reading::Disk(file) => file.read(buf)?,
+            Reading::Memory(memory) => memory.read(buf)?,
+        };
+        self.pos += n;
+        Ok(n)
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        let n = match self.reading() {
+            Reading::Disk(file) => file.read_vectored(bufs)?,
+            Reading::Memory(memory) => memory.read_vectored(bufs)?,
+        };
+        self.pos += n;
+        Ok(n)
+    }
+
+    fn size(&self) -> Option<u64> {
+        Some(self.size)
+    }
 }
 
 struct Entry {
@@ -266,12 +368,12 @@ impl Cache {
     /// it from disk: larger than the cache, no room left by the copies sessions hold,
     /// being loaded in the background (a load is started for a large file that fits),
     /// changed or unreadable while it was read.
-    pub(super) fn open(&self, file: &File, meta: &Metadata) -> Option<CachedSource> {
+    pub(super) fn open(&self, file: &File, meta: &Metadata) -> Lookup {
         self.open_at(file, meta, Instant::now())
     }
 
     /// [`open`](Self::open) at `now` (for the load allowance).
-    fn open_at(&self, file: &File, meta: &Metadata, now: Instant) -> Option<CachedSource> {
+    fn open_at(&self, file: &File, meta: &Metadata, now: Instant) -> Lookup {
         let shared = &self.shared;
         let stamp = Stamp::of(meta);
         let mut state = shared.lock();
@@ -284,11 +386,12 @@ impl Cache {
                     Slot::Ready(loaded) => {
                         let file = Arc::clone(loaded);
                         state.stats.hits += 1;
-                        return Some(CachedSource { file, pos: 0 });
+                        return Lookup::Memory(CachedSource { file, pos: 0 });
                     }
-                    Slot::Loading => {
+                    Slot::Loading(landing) => {
+                        let landing = Arc::clone(landing);
                         state.stats.loading += 1;
-                        return None;
+                        return Lookup::Loading(landing);
                     }
                 }
             }
@@ -299,20 +402,20 @@ impl Cache {
         state.stats.misses += 1;
         if stamp.size > shared.max_bytes {
             state.stats.uncached += 1;
-            return None;
+            return Lookup::Disk;
         }
         let background = stamp.size > shared.sync_load_max;
         if background && state.background_loads >= MAX_BACKGROUND_LOADS {
             state.stats.loading += 1;
-            return None;
+            return Lookup::Disk;
         }
         let Some(evict) = self.room_for(&state, stamp.size) else {
             state.stats.over_budget += 1;
-            return None;
+            return Lookup::Disk;
         };
         if state.allowance(shared.max_bytes, shared.load_refill, now) < stamp.size {
             state.stats.load_limited += 1;
-            return None;
+            return Lookup::Disk;
         }
         for key in evict {
             remove(&mut state, key);
@@ -324,11 +427,12 @@ impl Cache {
         state.pending_bytes += stamp.size;
         let committed = shared.committed(&state);
         state.stats.peak_bytes_in_use = state.stats.peak_bytes_in_use.max(committed);
+        let landing = Landing::default();
         state.entries.insert(
             stamp.key(),
             Entry {
                 stamp,
-                slot: Slot::Loading,
+                slot: Slot::Loading(Arc::clone(&landing)),
                 last_used: tick,
             },
         );
@@ -336,15 +440,17 @@ impl Cache {
             state.background_loads += 1;
             drop(state);
             self.spawn_load(file, stamp);
-            return None;
+            return Lookup::Loading(landing);
         }
         drop(state);
         let bytes = read_whole(file, stamp);
-        let loaded = self.finish_load(stamp, bytes, false)?;
-        Some(CachedSource {
-            file: loaded,
-            pos: 0,
-        })
+        match self.finish_load(stamp, bytes, false) {
+            Some(loaded) => Lookup::Memory(CachedSource {
+                file: loaded,
+                pos: 0,
+            }),
+            None => Lookup::Disk,
+        }
     }
 
     /// The files to drop to make room for `size` more bytes within the budget: the least
@@ -417,7 +523,7 @@ impl Cache {
         let expected = state
             .entries
             .get(&stamp.key())
-            .is_some_and(|e| e.stamp == stamp && matches!(e.slot, Slot::Loading));
+            .is_some_and(|e| e.stamp == stamp && matches!(e.slot, Slot::Loading(_)));
         if let Some(bytes) = &bytes {
             state.stats.bytes_loaded += bytes.len() as u64;
         }
@@ -430,7 +536,12 @@ impl Cache {
                 state.stats.loads += 1;
                 state.stats.bytes_held += stamp.size;
                 if let Some(entry) = state.entries.get_mut(&stamp.key()) {
-                    entry.slot = Slot::Ready(Arc::clone(&loaded));
+                    let slot = std::mem::replace(&mut entry.slot, Slot::Ready(Arc::clone(&loaded)));
+                    // The sessions served from disk meanwhile read on from memory.
+                    if let Slot::Loading(landing) = slot {
+                        let _ = landing.set(Arc::clone(&loaded));
+                        state.stats.moved_to_memory += Arc::strong_count(&landing) as u64 - 1;
+                    }
                 }
                 Some(loaded)
             }
@@ -534,7 +645,12 @@ mod tests {
     ) -> (Option<CachedSource>, File) {
         let file = File::open(tree.root().join(name)).unwrap();
         let meta = file.metadata().unwrap();
-        (cache.open_at(&file, &meta, now), file)
+        let lookup = cache.open_at(&file, &meta, now);
+        let memory = match lookup {
+            Lookup::Memory(source) => Some(source),
+            Lookup::Loading(_) | Lookup::Disk => None,
+        };
+        (memory, file)
     }
 
     /// A handler on the tree with a cache of `budget` bytes whose loads the allowance
@@ -782,6 +898,43 @@ mod tests {
         }
         let stats = cache.stats();
         assert!(stats.peak_bytes_in_use <= 100_000, "{stats:?}");
+    }
+
+    #[test]
+    fn sessions_served_from_disk_while_a_file_loads_read_on_from_memory() {
+        let tree = Tree::new();
+        let big: Vec<u8> = (0..50_000).map(|i| (i % 251) as u8).collect();
+        tree.file("big", &big);
+        let cache = Cache::with_limits(100_000, 1000, LOAD_REFILL);
+        let file = File::open(tree.root().join("big")).unwrap();
+        let meta = file.metadata().unwrap();
+        let lookup = cache.open_at(&file, &meta, Instant::now());
+        assert!(matches!(lookup, Lookup::Loading(_)));
+        let mut source = lookup.source(file, meta.len());
+        assert_eq!(source.size(), Some(50_000));
+        // From disk, or from memory if the load was that quick: the same bytes.
+        let mut got = vec![0u8; 10_000];
+        let mut filled = 0;
+        while filled < got.len() {
+            filled += source.read(&mut got[filled..]).unwrap();
+        }
+        cache.wait_for_loads();
+        assert_eq!(cache.stats().moved_to_memory, 1);
+        // The file changes on disk (same inode): a read from disk would see zeros now.
+        fs::write(tree.root().join("big"), vec![0u8; 50_000]).unwrap();
+        // From memory, a window's blocks in one call, then the rest.
+        let (mut a, mut b, mut c) = ([0u8; 1000], [0u8; 1000], [0u8; 1000]);
+        let mut window = [
+            io::IoSliceMut::new(&mut a),
+            io::IoSliceMut::new(&mut b),
+            io::IoSliceMut::new(&mut c),
+        ];
+        assert_eq!(source.read_vectored(&mut window).unwrap(), 3000);
+        got.extend_from_slice(&a);
+        got.extend_from_slice(&b);
+        got.extend_from_slice(&c);
+        got.extend(contents(&mut *source));
+        assert!(got == big, "the bytes of the version opened");
     }
 
     #[test]

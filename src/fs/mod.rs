@@ -108,8 +108,10 @@
 //! A miss never reads a large file on the event loop: files up to 256 KiB are read at
 //! once (tens of microseconds from the page cache); a larger one is read by a background
 //! thread (at most two at a time, their bytes reserved in the budget from the start)
-//! while the sessions that ask meanwhile are served from disk. Counters, including the
-//! bytes in use and their peak: [`FsHandler::cache_stats`].
+//! while the sessions that ask meanwhile are served from disk — until it lands: from
+//! their next read on they read the same bytes from memory, so the clients of a boot
+//! storm that asked before the kernel was in memory do not read it from disk to the
+//! end. Counters, including the bytes in use and their peak: [`FsHandler::cache_stats`].
 //!
 //! # Errors sent to the client
 //!
@@ -291,10 +293,10 @@ impl fmt::Debug for FsHandler {
 impl Handler for FsHandler {
     fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
         let (file, meta) = self.open_unique_root(request.peer.ip(), request.filename)?;
-        if let Some(source) = self.cache.as_ref().and_then(|c| c.open(&file, &meta)) {
-            return Ok(Box::new(source));
-        }
-        Ok(Box::new(FileSource::with_size(file, meta.len())))
+        let Some(cache) = &self.cache else {
+            return Ok(Box::new(FileSource::with_size(file, meta.len())));
+        };
+        Ok(cache.open(&file, &meta).source(file, meta.len()))
     }
 }
 
