@@ -368,16 +368,13 @@ impl Sender {
                 .take(sys::MAX_BATCH)
                 .take_while(|q| q.reply.listener == listener)
                 .count();
-            let batch: Vec<sys::Outgoing<'_>> = self.queue[next..next + run]
-                .iter()
-                .map(|q| sys::Outgoing {
-                    buf: &self.bytes[q.start..q.start + q.len],
-                    peer: q.peer,
-                    source: q.reply.source,
-                })
-                .collect();
+            let batch = self.queue[next..next + run].iter().map(|q| sys::Outgoing {
+                buf: &self.bytes[q.start..q.start + q.len],
+                peer: q.peer,
+                source: q.reply.source,
+            });
             let socket = &listeners[listener];
-            match sys::send_batch_from(&socket.socket, socket.v6, &batch) {
+            match sys::send_batch_from(&socket.socket, socket.v6, batch) {
                 Ok(sent) => {
                     for q in &self.queue[next..next + sent] {
                         stats.datagrams_sent += 1;

@@ -289,10 +289,10 @@ pub struct Outgoing<'a> {
 /// Returns how many went, from the first: fewer than given when the next one failed (its
 /// error comes back when it is the first of a call). An error only when the first one
 /// failed.
-pub fn send_batch_from(
+pub fn send_batch_from<'a>(
     socket: &impl AsRawFd,
     v6_socket: bool,
-    datagrams: &[Outgoing<'_>],
+    datagrams: impl IntoIterator<Item = Outgoing<'a>>,
 ) -> io::Result<usize> {
     // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for which all-zero
     // bytes are a valid value.
@@ -303,7 +303,7 @@ pub fn send_batch_from(
     let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { zeroed() };
     let mut controls = [[MaybeUninit::<u64>::uninit(); CONTROL_WORDS]; MAX_BATCH];
     let mut count = 0;
-    for datagram in datagrams.iter().take(MAX_BATCH) {
+    for datagram in datagrams.into_iter().take(MAX_BATCH) {
         let (peer, pktinfo) = match addressing(v6_socket, datagram.peer, datagram.source) {
             Ok(addressing) => addressing,
             Err(e) if count == 0 => return Err(e),
@@ -926,7 +926,7 @@ mod tests {
                 source: None,
             },
         ];
-        assert_eq!(send_batch_from(&listener, false, &batch).unwrap(), 3);
+        assert_eq!(send_batch_from(&listener, false, batch).unwrap(), 3);
         let mut got = [0u8; 16];
         let mut next = |i: usize| {
             let (n, from) = receivers[i].recv_from(&mut got).unwrap();
@@ -956,10 +956,10 @@ mod tests {
             source: v6_source,
         };
         assert_eq!(
-            send_batch_from(&listener, false, &[good, bad, good]).unwrap(),
+            send_batch_from(&listener, false, [good, bad, good]).unwrap(),
             1
         );
-        let e = send_batch_from(&listener, false, &[bad, good]).unwrap_err();
+        let e = send_batch_from(&listener, false, [bad, good]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
