@@ -181,19 +181,9 @@ cd "$repo"
 # Build
 # ---------------------------------------------------------------------------------------
 note "building dyntftpd and the load generator (release)"
-cargo build --release --quiet --bin dyntftpd
-dyntftpd="$repo/target/release/dyntftpd"
-build_log=$(cargo bench --bench loadgen --no-run 2>&1) || {
-    echo "$build_log" >&2
-    exit 1
-}
-loadgen=$(sed -n 's/.*Executable bench\/loadgen\/main\.rs (\(.*\)).*/\1/p' <<<"$build_log" | tail -n 1)
-case "$loadgen" in
-    /*) ;;
-    ?*) loadgen="$repo/$loadgen" ;;
-    *) echo "compare.sh: cannot find the loadgen executable" >&2; exit 1 ;;
-esac
-[ -x "$loadgen" ] || { echo "compare.sh: $loadgen is not executable" >&2; exit 1; }
+# shellcheck source=bench/common/build.sh
+. "$repo/bench/common/build.sh"
+build_server_and_loadgen compare.sh
 
 # ---------------------------------------------------------------------------------------
 # Temporary root, cleanup of exactly the processes started here

@@ -49,15 +49,10 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 echo "building (release)..." >&2
-cargo build --release --quiet --bin dyntftpd
-build_log=$(cargo bench --bench loadgen --no-run 2>&1) || { echo "$build_log" >&2; exit 1; }
-loadgen=$(sed -n 's/.*Executable bench\/loadgen\/main\.rs (\(.*\)).*/\1/p' <<<"$build_log" | tail -n 1)
-case "$loadgen" in
-    /*) ;;
-    ?*) loadgen="$repo/$loadgen" ;;
-    *) echo "storm.sh: cannot find the loadgen executable" >&2; exit 1 ;;
-esac
-server_bin="$repo/target/release/dyntftpd"
+# shellcheck source=bench/common/build.sh
+. "$repo/bench/common/build.sh"
+build_server_and_loadgen storm.sh
+server_bin=$dyntftpd
 
 if command -v taskset >/dev/null && [ "$(nproc 2>/dev/null || echo 1)" -ge 2 ]; then
     pin_server=(taskset -c 0)

@@ -35,14 +35,9 @@ command -v python3 >/dev/null || { echo "upstream.sh: python3 is needed" >&2; ex
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 echo "building (release)..." >&2
-cargo build --release --quiet --bin dyntftpd
-build_log=$(cargo bench --bench loadgen --no-run 2>&1) || { echo "$build_log" >&2; exit 1; }
-loadgen=$(sed -n 's/.*Executable bench\/loadgen\/main\.rs (\(.*\)).*/\1/p' <<<"$build_log" | tail -n 1)
-case "$loadgen" in
-    /*) ;;
-    ?*) loadgen="$repo/$loadgen" ;;
-    *) echo "upstream.sh: cannot find the loadgen executable" >&2; exit 1 ;;
-esac
+# shellcheck source=bench/common/build.sh
+. "$repo/bench/common/build.sh"
+build_server_and_loadgen upstream.sh
 
 tmp=$(mktemp -d /tmp/dyntftp-upstream.XXXXXX)
 pids=()
@@ -68,7 +63,7 @@ http_port=$((30000 + RANDOM % 10000))
     2>"$tmp/http.log" >/dev/null &
 pids+=($!)
 tftp_port=$((http_port + 1))
-target/release/dyntftpd -l "127.0.0.1:$tftp_port" -r "$tmp/root" -q \
+"$dyntftpd" -l "127.0.0.1:$tftp_port" -r "$tmp/root" -q \
     --upstream "http://127.0.0.1:$http_port/" --max-sessions $((clients + 100)) \
     --stats-interval 1 --metrics-file "$tmp/metrics.prom" 2>"$tmp/server.log" &
 server_pid=$!
