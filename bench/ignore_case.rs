@@ -83,6 +83,7 @@ fn open_all(handler: &mut FsHandler, names: &[Vec<u8>]) -> (Duration, usize) {
             options: Options::EMPTY,
             notifier: &notifier,
             notes: &dyntftp::SessionNotes::default(),
+            now: std::time::Instant::now(),
         };
         found += usize::from(handler.open(&request).is_ok());
     }

@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::family::ClientFamily;
 use crate::mac::MacAddr;
@@ -39,6 +40,9 @@ pub struct ReadRequest<'a> {
     /// [`set_label`](ReadRequest::set_label)); the server copies it into the session's
     /// [`SessionStats`].
     pub notes: &'a SessionNotes,
+    /// When the server read the request (the loop's clock): a handler that keeps time
+    /// (the file cache's load allowance) uses it rather than reading the clock itself.
+    pub now: Instant,
 }
 
 impl ReadRequest<'_> {

@@ -347,6 +347,7 @@ mod tests {
             options: Options::EMPTY,
             notifier: &notifier,
             notes: &crate::handler::SessionNotes::default(),
+            now: std::time::Instant::now(),
         };
         let mut source = h.open(&req)?;
         let mut buf = vec![0u8; 256];

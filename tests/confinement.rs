@@ -670,6 +670,7 @@ fn handler_open_confines_like_open_file() {
             options: dyntftp::packet::Options::EMPTY,
             notifier: &notifier,
             notes: &dyntftp::SessionNotes::default(),
+            now: std::time::Instant::now(),
         };
         let got = match handler.open(&request) {
             Ok(mut source) => {

@@ -265,6 +265,7 @@ fn off_link_requests_fall_back_to_the_file_name() {
         options: Options::parse(b"").unwrap(),
         notifier: &notifier,
         notes: Box::leak(Box::default()),
+        now: std::time::Instant::now(),
     };
     let named = Some(mac("aa:bb:cc:00:11:22"));
     assert_eq!(

@@ -368,12 +368,8 @@ impl Cache {
     /// it from disk: larger than the cache, no room left by the copies sessions hold,
     /// being loaded in the background (a load is started for a large file that fits),
     /// changed or unreadable while it was read.
-    pub(super) fn open(&self, file: &File, meta: &Metadata) -> Lookup {
-        self.open_at(file, meta, Instant::now())
-    }
-
-    /// [`open`](Self::open) at `now` (for the load allowance).
-    fn open_at(&self, file: &File, meta: &Metadata, now: Instant) -> Lookup {
+    /// `now` (the request's time) refills the load allowance.
+    pub(super) fn open(&self, file: &File, meta: &Metadata, now: Instant) -> Lookup {
         let shared = &self.shared;
         let stamp = Stamp::of(meta);
         let mut state = shared.lock();
@@ -645,7 +641,7 @@ mod tests {
     ) -> (Option<CachedSource>, File) {
         let file = File::open(tree.root().join(name)).unwrap();
         let meta = file.metadata().unwrap();
-        let lookup = cache.open_at(&file, &meta, now);
+        let lookup = cache.open(&file, &meta, now);
         let memory = match lookup {
             Lookup::Memory(source) => Some(source),
             Lookup::Loading(_) | Lookup::Disk => None,
@@ -908,7 +904,7 @@ mod tests {
         let cache = Cache::with_limits(100_000, 1000, LOAD_REFILL);
         let file = File::open(tree.root().join("big")).unwrap();
         let meta = file.metadata().unwrap();
-        let lookup = cache.open_at(&file, &meta, Instant::now());
+        let lookup = cache.open(&file, &meta, Instant::now());
         assert!(matches!(lookup, Lookup::Loading(_)));
         let mut source = lookup.source(file, meta.len());
         assert_eq!(source.size(), Some(50_000));

@@ -296,7 +296,9 @@ impl Handler for FsHandler {
         let Some(cache) = &self.cache else {
             return Ok(Box::new(FileSource::with_size(file, meta.len())));
         };
-        Ok(cache.open(&file, &meta).source(file, meta.len()))
+        Ok(cache
+            .open(&file, &meta, request.now)
+            .source(file, meta.len()))
     }
 }
 
@@ -412,6 +414,7 @@ mod tests {
             notifier,
             // Leaked: a test helper's request outlives this call.
             notes: Box::leak(Box::default()),
+            now: std::time::Instant::now(),
         }
     }
 
@@ -456,6 +459,7 @@ mod tests {
                 options: crate::packet::Options::EMPTY,
                 notifier: &crate::handler::Notifier::detached(),
                 notes: &crate::handler::SessionNotes::default(),
+                now: std::time::Instant::now(),
             };
             let mut source = h.open(&request).unwrap();
             assert_eq!(source.size(), Some(10));

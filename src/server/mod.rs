@@ -721,6 +721,7 @@ impl<H: Handler> Server<H> {
             options: request.options,
             notifier: &notifier,
             notes: &notes,
+            now: self.now,
         };
         // What the session keeps of the request (bounded), also for the log lines here.
         let mut info = RequestInfo::new(

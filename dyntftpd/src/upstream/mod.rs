@@ -400,6 +400,7 @@ mod tests {
             options: Options::EMPTY,
             notifier,
             notes,
+            now: std::time::Instant::now(),
         }
     }
 
@@ -497,6 +498,7 @@ mod tests {
             options: Options::EMPTY,
             notifier: &notifier,
             notes: &notes,
+            now: std::time::Instant::now(),
         };
         // Both requests wait for the headers the repository holds back.
         let mut sources: Vec<_> = (0..2)
