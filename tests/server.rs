@@ -1120,6 +1120,74 @@ fn duplicate_ack_never_triggers_a_send(mode: Mode) {
     assert_eq!(stats.transfer.packets_resent, 0);
 }
 
+/// Keeps every finished session, for a server driven by `run_once` on the test thread.
+struct KeptSessions {
+    files: FsHandler,
+    sessions: Vec<SessionStats>,
+}
+
+impl Handler for KeptSessions {
+    fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+        self.files.open(request)
+    }
+
+    fn session_finished(&mut self, stats: &SessionStats) {
+        self.sessions.push(stats.clone());
+    }
+}
+
+/// A session reads its socket until an ACK leaves everything it sent acknowledged, and no
+/// further (what is queued behind that ACK was sent before the next DATA; in lock step
+/// this spares a receive that finds nothing). What is left is read before the session's
+/// timer acts. The loop runs on this thread (`run_once`), so the ACK and an ERROR right
+/// behind it are both queued before the server reads. The normal mode only: in
+/// single-port mode the listener is read until empty.
+#[test]
+fn what_is_queued_behind_an_ack_of_everything_sent_is_read_before_the_timer_acts() {
+    let root = standard_root();
+    let handler = KeptSessions {
+        files: FsHandler::new(root.path()).unwrap(),
+        sessions: Vec::new(),
+    };
+    let mut server = dyntftp::ServerBuilder::new(handler)
+        .bind(v4())
+        .timeout(Duration::from_millis(50))
+        .busy_poll(Duration::ZERO)
+        .build()
+        .unwrap();
+    let raw = Raw::new(server.local_addr());
+    raw.rrq(server.local_addr(), b"big.bin", "octet", &[]);
+    server.run_once(Some(WAIT)).unwrap();
+    let (block, _, session) = raw.expect_data();
+    assert_eq!(block, 1);
+    raw.ack(session, 1);
+    send_error(
+        &raw,
+        session,
+        ErrorCode::NotDefined,
+        "cancelled by the test",
+    );
+    server.run_once(Some(WAIT)).unwrap();
+    // ACK 1 was read and answered; the ERROR behind it waits.
+    assert_eq!(raw.expect_data().0, 2);
+    assert_eq!(server.active_sessions(), 1);
+    // The timer (an early one, or the 50 ms) reads it first: nothing is resent.
+    for _ in 0..10 {
+        server.run_once(Some(Duration::from_millis(100))).unwrap();
+        if !server.handler().sessions.is_empty() {
+            break;
+        }
+    }
+    let stats = &server.handler().sessions[0];
+    assert_eq!(stats.outcome, Outcome::PeerError(ErrorCode::NotDefined));
+    assert_eq!(
+        (stats.transfer.retransmits, stats.transfer.early_retransmits),
+        (0, 0)
+    );
+    assert_eq!(stats.transfer.packets_sent, 2);
+    assert_eq!(raw.recv_within(Duration::from_millis(100)), None);
+}
+
 both_modes!(ack_inside_the_window_resends_from_there);
 fn ack_inside_the_window_resends_from_there(mode: Mode) {
     let root = standard_root();

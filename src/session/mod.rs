@@ -395,6 +395,15 @@ impl Session {
             + self.sent_at.capacity() * std::mem::size_of::<(Instant, bool)>()
     }
 
+    /// True while the transfer runs and the peer has acknowledged every block the session
+    /// has sent (or, just after the OACK's ACK 0, before any). Whatever the peer sends
+    /// next answers what the session sends next, so a driver that has just fed the ACK
+    /// that made this true knows anything still queued from the peer was sent before it:
+    /// a duplicate, an older ACK, an ERROR.
+    pub fn all_sent_acknowledged(&self) -> bool {
+        self.state == State::Transfer && self.high_sent + 1 == self.base
+    }
+
     /// True once the session has ended (the outcome is in [`stats`](Self::stats)).
     pub fn is_done(&self) -> bool {
         matches!(self.state, State::Done(_))
@@ -1370,6 +1379,42 @@ mod tests {
         assert_eq!(blocks(&h.ack(10)), vec![11]); // 80 bytes = 10 full blocks + empty 11
         h.ack(11);
         assert_eq!(h.session.poll_output(1), Output::Done(Outcome::Completed));
+    }
+
+    #[test]
+    fn all_sent_acknowledged_only_when_nothing_is_in_flight() {
+        let payload: Vec<u8> = (0..40).collect();
+        let mut h = Harness::new(
+            b"blksize\x008\x00windowsize\x002\x00",
+            payload,
+            SessionConfig::default(),
+        );
+        // The OACK is out, unacknowledged.
+        h.drain();
+        assert!(!h.session.all_sent_acknowledged());
+        // ACK 0, before the session sends its first window.
+        h.session.handle_packet(h.now, Packet::Ack { block: 0 });
+        assert!(h.session.all_sent_acknowledged());
+        h.drain();
+        assert!(!h.session.all_sent_acknowledged());
+        // An ACK inside the window leaves block 2 in flight.
+        h.session.handle_packet(h.now, Packet::Ack { block: 1 });
+        assert!(!h.session.all_sent_acknowledged());
+        h.drain();
+        // A duplicate changes nothing.
+        h.session.handle_packet(h.now, Packet::Ack { block: 1 });
+        assert!(!h.session.all_sent_acknowledged());
+        h.session.handle_packet(h.now, Packet::Ack { block: 3 });
+        assert!(h.session.all_sent_acknowledged());
+        // A go-back leaves what was sent before in flight: the timer resends block 4.
+        h.drain();
+        h.advance(Duration::from_secs(5));
+        assert!(!h.session.all_sent_acknowledged());
+        // 40 bytes: blocks 1..=5 and an empty block 6; the last ACK ends the session.
+        h.ack(5);
+        h.session.handle_packet(h.now, Packet::Ack { block: 6 });
+        assert!(h.session.is_done());
+        assert!(!h.session.all_sent_acknowledged());
     }
 
     #[test]
