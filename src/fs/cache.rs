@@ -31,12 +31,24 @@ const MAX_BACKGROUND_LOADS: usize = 2;
 /// served from disk, as without a cache.
 const LOAD_REFILL: Duration = Duration::from_secs(60);
 
+/// Names remembered for [`Cache::open_by_name`], at most: past it the record starts over
+/// (a request can add one name only by opening a file the cache then holds).
+const MAX_NAMES: usize = 1024;
+
+/// Longer names are not remembered (they are opened as usual), so the names take at most
+/// about `MAX_NAMES × MAX_NAME_LEN` bytes.
+const MAX_NAME_LEN: usize = 255;
+
 /// Counters of the [hot-file cache](crate::fs#hot-file-cache), from
 /// [`FsHandler::cache_stats`](crate::FsHandler::cache_stats).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
     /// Opens served from memory.
     pub hits: u64,
+    /// Of those, requests served without opening the file at all: its name was opened
+    /// before to a version the cache still holds, and a `stat` of the path found that
+    /// version unchanged (see [`FsHandler::cache`](crate::FsHandler::cache)).
+    pub hits_by_name: u64,
     /// Opens of a file not in the cache (or changed since it was loaded).
     pub misses: u64,
     /// Files read into the cache, and their bytes.
@@ -89,6 +101,17 @@ impl Stamp {
             size: meta.len(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// The same from a `stat` of the path.
+    fn of_stat(st: &libc::stat64) -> Stamp {
+        Stamp {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
         }
     }
 
@@ -259,6 +282,9 @@ struct Entry {
 /// What the lock protects.
 struct State {
     entries: HashMap<(u64, u64), Entry>,
+    /// The version each name (a path beneath the root) was last opened to, for
+    /// [`Cache::open_by_name`]; at most [`MAX_NAMES`].
+    names: HashMap<Box<[u8]>, Stamp>,
     /// Orders `last_used`.
     tick: u64,
     /// Bytes reserved by loads in progress (not yet counted in `in_use`).
@@ -343,6 +369,7 @@ impl Cache {
                 in_use: Arc::new(AtomicU64::new(0)),
                 state: Mutex::new(State {
                     entries: HashMap::new(),
+                    names: HashMap::new(),
                     tick: 0,
                     pending_bytes: 0,
                     background_loads: 0,
@@ -361,6 +388,61 @@ impl Cache {
         let mut stats = state.stats;
         stats.bytes_in_use = self.shared.committed(&state);
         stats
+    }
+
+    /// The bytes of the file at `path` (beneath the root, as the handler resolved it)
+    /// without opening it: when that name was last opened ([`remember`](Self::remember))
+    /// to a version the cache holds in memory, and `stat` — a `stat` of the path now,
+    /// not following a final symbolic link, called without the lock held — finds that
+    /// same version (device, inode, size and both times). `None` otherwise, without
+    /// counting anything: the caller opens the file as usual.
+    ///
+    /// Safe whatever the path resolves through now: the same name leads to the very
+    /// file version that the handler's checks let through when it was opened.
+    pub(super) fn open_by_name(
+        &self,
+        path: &[u8],
+        stat: impl FnOnce() -> io::Result<libc::stat64>,
+    ) -> Option<CachedSource> {
+        let known = *self.shared.lock().names.get(path)?;
+        if Stamp::of_stat(&stat().ok()?) != known {
+            return None;
+        }
+        let mut state = self.shared.lock();
+        state.tick += 1;
+        let tick = state.tick;
+        let entry = state.entries.get_mut(&known.key())?;
+        if entry.stamp != known {
+            return None;
+        }
+        let Slot::Ready(loaded) = &entry.slot else {
+            return None;
+        };
+        let file = Arc::clone(loaded);
+        entry.last_used = tick;
+        state.stats.hits += 1;
+        state.stats.hits_by_name += 1;
+        Some(CachedSource { file, pos: 0 })
+    }
+
+    /// Records that `path` was just opened to the version `meta` describes, which
+    /// [`open`](Self::open) served from memory or is loading, for
+    /// [`open_by_name`](Self::open_by_name). Names longer than [`MAX_NAME_LEN`] are not
+    /// kept; past [`MAX_NAMES`] the record starts over.
+    pub(super) fn remember(&self, path: &[u8], meta: &Metadata) {
+        if path.len() > MAX_NAME_LEN {
+            return;
+        }
+        let stamp = Stamp::of(meta);
+        let mut state = self.shared.lock();
+        if let Some(known) = state.names.get_mut(path) {
+            *known = stamp;
+            return;
+        }
+        if state.names.len() >= MAX_NAMES {
+            state.names.clear();
+        }
+        state.names.insert(path.into(), stamp);
     }
 
     /// The bytes of `file` (just opened, with metadata `meta`) when this version is in
@@ -606,7 +688,7 @@ fn read_whole(file: &File, stamp: Stamp) -> Option<Box<[u8]>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::tests::{request, serve, Tree};
+    use crate::fs::tests::{ok, request, serve, Tree, NOT_FOUND};
     use crate::fs::FsHandler;
     use crate::handler::{Handler, Notifier};
 
@@ -975,5 +1057,111 @@ mod tests {
         let stats = other.cache_stats();
         assert_eq!((stats.loads, stats.hits), (1, 1));
         assert_eq!(stats.bytes_in_use, 3000);
+    }
+
+    #[test]
+    fn a_name_served_before_is_served_again_without_opening_until_its_file_changes() {
+        let tree = Tree::new();
+        for h in tree.handlers() {
+            tree.file("boot/kernel", &[1; 3000]);
+            let mut h = h.cache(10_000);
+            for _ in 0..3 {
+                assert_eq!(serve(&mut h, "192.0.2.1:1", b"boot/kernel"), ok(&[1; 3000]));
+            }
+            // Another spelling of the same path is the same name.
+            assert_eq!(
+                serve(&mut h, "192.0.2.1:1", b"\\boot\\kernel"),
+                ok(&[1; 3000])
+            );
+            let stats = h.cache_stats();
+            assert_eq!(
+                (stats.misses, stats.hits, stats.hits_by_name),
+                (1, 3, 3),
+                "{h:?}"
+            );
+            // Replaced by another file: opened again, and the new version remembered.
+            fs::write(tree.root().join("boot/kernel.new"), [7; 100]).unwrap();
+            fs::rename(
+                tree.root().join("boot/kernel.new"),
+                tree.root().join("boot/kernel"),
+            )
+            .unwrap();
+            assert_eq!(serve(&mut h, "192.0.2.1:1", b"boot/kernel"), ok(&[7; 100]));
+            assert_eq!(h.cache_stats().hits_by_name, 3);
+            assert_eq!(serve(&mut h, "192.0.2.1:1", b"boot/kernel"), ok(&[7; 100]));
+            assert_eq!(h.cache_stats().hits_by_name, 4);
+            // Rewritten in place (same inode, same size, new time): opened again.
+            fs::write(tree.root().join("boot/kernel"), [8; 100]).unwrap();
+            fs::File::options()
+                .write(true)
+                .open(tree.root().join("boot/kernel"))
+                .unwrap()
+                .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1))
+                .unwrap();
+            assert_eq!(serve(&mut h, "192.0.2.1:1", b"boot/kernel"), ok(&[8; 100]));
+            assert_eq!(h.cache_stats().hits_by_name, 4);
+            // Gone: refused as without a cache.
+            fs::remove_file(tree.root().join("boot/kernel")).unwrap();
+            assert_eq!(serve(&mut h, "192.0.2.1:1", b"boot/kernel"), NOT_FOUND);
+        }
+    }
+
+    #[test]
+    fn a_remembered_name_that_now_leads_outside_the_root_is_refused() {
+        let tree = Tree::new();
+        for h in tree.handlers() {
+            // As long as the outside file, so that only the path tells them apart.
+            tree.file("dir/secret", b"INSIDE!");
+            let mut h = h.cache(10_000);
+            assert_eq!(serve(&mut h, "192.0.2.1:1", b"dir/secret"), ok(b"INSIDE!"));
+            // `dir` becomes a link to a directory outside, with a `secret` of its own.
+            fs::remove_dir_all(tree.root().join("dir")).unwrap();
+            std::os::unix::fs::symlink(tree.outside().join("dir"), tree.root().join("dir"))
+                .unwrap();
+            let served = serve(&mut h, "192.0.2.1:1", b"dir/secret");
+            assert!(served.is_err(), "{h:?}: {served:?}");
+            assert_eq!(h.cache_stats().hits_by_name, 0);
+            fs::remove_file(tree.root().join("dir")).unwrap();
+        }
+    }
+
+    #[test]
+    fn per_client_roots_open_every_request() {
+        // A client's own file must win from the moment it appears, so with per-client
+        // roots a name is never served from what it led to before.
+        let tree = Tree::new();
+        tree.file("grub.cfg", b"shared");
+        let mut h = FsHandler::new(tree.root())
+            .unwrap()
+            .unique_root(true)
+            .cache(10_000);
+        assert_eq!(serve(&mut h, "192.0.2.9:1", b"grub.cfg"), ok(b"shared"));
+        assert_eq!(serve(&mut h, "192.0.2.9:1", b"grub.cfg"), ok(b"shared"));
+        tree.file("192.0.2.9/grub.cfg", b"own");
+        assert_eq!(serve(&mut h, "192.0.2.9:1", b"grub.cfg"), ok(b"own"));
+        let stats = h.cache_stats();
+        assert_eq!((stats.hits, stats.hits_by_name), (1, 0));
+    }
+
+    #[test]
+    fn remembered_names_are_bounded() {
+        let tree = Tree::new();
+        tree.file("f", b"x");
+        let meta = fs::metadata(tree.root().join("f")).unwrap();
+        let cache = Cache::new(1000);
+        for i in 0..MAX_NAMES + 10 {
+            cache.remember(format!("name{i}").as_bytes(), &meta);
+            assert!(cache.shared.lock().names.len() <= MAX_NAMES);
+        }
+        assert!(cache.shared.lock().names.contains_key(&b"name1033"[..]));
+        let long = vec![b'a'; MAX_NAME_LEN + 1];
+        cache.remember(&long, &meta);
+        assert!(!cache.shared.lock().names.contains_key(&long[..]));
+        cache.remember(&long[..MAX_NAME_LEN], &meta);
+        assert!(cache
+            .shared
+            .lock()
+            .names
+            .contains_key(&long[..MAX_NAME_LEN]));
     }
 }

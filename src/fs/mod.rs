@@ -85,9 +85,18 @@
 //! [`FsHandler::cache`]`(max_bytes)`, a file is read whole into memory and every later
 //! session sends the same shared bytes instead of reading the file again. An entry is
 //! used only while the file's device, inode, size, modification time and change time are
-//! all unchanged (checked with `fstat` on every open), so a replaced or rewritten file is
-//! reloaded at its next request; a file that changes while it is being loaded is served
-//! from disk.
+//! all unchanged (checked on every request), so a replaced or rewritten file is reloaded
+//! at its next request; a file that changes while it is being loaded is served from disk.
+//!
+//! A name served before is not even opened again: the cache remembers which version each
+//! name (the normalised path) led to, and when a `stat` of that path finds the same
+//! version still in memory, the request is served from it — one system call instead of
+//! `openat2`, `statx` and `close`. Whatever the path resolves through by then, the same
+//! version is the very file the confinement checks let through for that name; anything
+//! else (another version, a final symbolic link, an error) is opened and checked as
+//! usual. Not with [per-client roots](#per-client-roots), where a client's own file must
+//! win from the moment it appears. At most 1,024 names of up to 255 bytes are
+//! remembered ([`CacheStats::hits_by_name`] counts these hits).
 //!
 //! `max_bytes` bounds **every cached copy still in memory**, not only those the cache
 //! holds: a copy that running sessions are sending counts until the last of them ends,
@@ -144,8 +153,8 @@ use crate::handler::{Handler, ReadRequest, Reject};
 use crate::packet::ErrorCode;
 use crate::response::{FileSource, ResponseData};
 
-use cache::Cache;
 pub use cache::CacheStats;
+use cache::{Cache, Lookup};
 pub use resolve::components;
 use resolve::{LogName, Root};
 
@@ -292,13 +301,28 @@ impl fmt::Debug for FsHandler {
 
 impl Handler for FsHandler {
     fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
-        let (file, meta) = self.open_unique_root(request.peer.ip(), request.filename)?;
         let Some(cache) = &self.cache else {
+            let (file, meta) = self.open_unique_root(request.peer.ip(), request.filename)?;
             return Ok(Box::new(FileSource::with_size(file, meta.len())));
         };
-        Ok(cache
-            .open(&file, &meta, request.now)
-            .source(file, meta.len()))
+        if self.unique_root {
+            // A name means a different path per client: always opened.
+            let (file, meta) = self.open_unique_root(request.peer.ip(), request.filename)?;
+            return Ok(cache
+                .open(&file, &meta, request.now)
+                .source(file, meta.len()));
+        }
+        let parts = components(request.filename)?;
+        let path = parts.join(&b'/');
+        if let Some(source) = cache.open_by_name(&path, || self.root.lstat(&path)) {
+            return Ok(Box::new(source));
+        }
+        let (file, meta) = self.root.open_regular(&parts, request.filename)?;
+        let lookup = cache.open(&file, &meta, request.now);
+        if !matches!(lookup, Lookup::Disk) {
+            cache.remember(&path, &meta);
+        }
+        Ok(lookup.source(file, meta.len()))
     }
 }
 

@@ -107,6 +107,13 @@ impl Root {
         })
     }
 
+    /// `stat` of `path` (normalised components joined with `/`) beneath the root, not
+    /// following a final symbolic link; links on the way are followed, so the result
+    /// proves nothing about confinement on its own (see `Cache::open_by_name`).
+    pub(super) fn lstat(&self, path: &[u8]) -> io::Result<libc::stat64> {
+        sys::lstat_at(self.dir.as_fd(), path)
+    }
+
     /// Whether the `openat2` resolver is in use (else the walk).
     pub(super) fn uses_openat2(&self) -> bool {
         self.resolver == Resolver::Openat2
