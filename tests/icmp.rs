@@ -59,25 +59,6 @@ fn a_closed_client_port_ends_the_session_after_one_send() {
     assert_eq!(stats.outcome, Outcome::Completed);
 }
 
-/// Keeps every finished session, for a server driven by `run_once` on the test thread.
-struct Kept {
-    files: dyntftp::FsHandler,
-    sessions: Vec<dyntftp::SessionStats>,
-}
-
-impl dyntftp::Handler for Kept {
-    fn open(
-        &mut self,
-        request: &dyntftp::ReadRequest<'_>,
-    ) -> Result<Box<dyn dyntftp::ResponseData>, dyntftp::Reject> {
-        self.files.open(request)
-    }
-
-    fn session_finished(&mut self, stats: &dyntftp::SessionStats) {
-        self.sessions.push(stats.clone());
-    }
-}
-
 /// The kernel reports an ICMP error before the datagrams queued ahead of it: a client
 /// that acknowledged the last block and closed its port while a resend crossed its ACK
 /// completed its transfer, and the session says so. The loop runs on this thread
@@ -86,11 +67,7 @@ impl dyntftp::Handler for Kept {
 #[test]
 fn a_final_ack_queued_behind_an_icmp_error_still_completes_the_session() {
     let root = standard_root();
-    let handler = Kept {
-        files: dyntftp::FsHandler::new(root.path()).unwrap(),
-        sessions: Vec::new(),
-    };
-    let mut server = dyntftp::ServerBuilder::new(handler)
+    let mut server = dyntftp::ServerBuilder::new(KeptSessions::new(root.path()))
         .bind(v4())
         .timeout(Duration::from_millis(20))
         .adaptive_timeout(false)

@@ -1120,22 +1120,6 @@ fn duplicate_ack_never_triggers_a_send(mode: Mode) {
     assert_eq!(stats.transfer.packets_resent, 0);
 }
 
-/// Keeps every finished session, for a server driven by `run_once` on the test thread.
-struct KeptSessions {
-    files: FsHandler,
-    sessions: Vec<SessionStats>,
-}
-
-impl Handler for KeptSessions {
-    fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
-        self.files.open(request)
-    }
-
-    fn session_finished(&mut self, stats: &SessionStats) {
-        self.sessions.push(stats.clone());
-    }
-}
-
 /// A session reads its socket until an ACK leaves everything it sent acknowledged, and no
 /// further (what is queued behind that ACK was sent before the next DATA; in lock step
 /// this spares a receive that finds nothing). What is left is read before the session's
@@ -1145,11 +1129,7 @@ impl Handler for KeptSessions {
 #[test]
 fn what_is_queued_behind_an_ack_of_everything_sent_is_read_before_the_timer_acts() {
     let root = standard_root();
-    let handler = KeptSessions {
-        files: FsHandler::new(root.path()).unwrap(),
-        sessions: Vec::new(),
-    };
-    let mut server = dyntftp::ServerBuilder::new(handler)
+    let mut server = dyntftp::ServerBuilder::new(KeptSessions::new(root.path()))
         .bind(v4())
         .timeout(Duration::from_millis(50))
         .busy_poll(Duration::ZERO)

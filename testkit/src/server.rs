@@ -1,5 +1,6 @@
-//! A server on its own thread, with its statistics forwarded over a channel, and
-//! [`SharedBytes`], a handler for tests and benches that need no files.
+//! A server on its own thread, with its statistics forwarded over a channel,
+//! [`SharedBytes`], a handler for tests and benches that need no files, and
+//! [`KeptSessions`], for a server driven by `run_once` on the test's thread.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,6 +15,34 @@ use dyntftp::{
 };
 
 use crate::{Mode, WAIT};
+
+/// Serves files from a root and keeps every finished session, for a server driven by
+/// `run_once` on the test thread (no channel needed: read `server.handler().sessions`).
+pub struct KeptSessions {
+    files: FsHandler,
+    /// The finished sessions, in the order they ended.
+    pub sessions: Vec<SessionStats>,
+}
+
+impl KeptSessions {
+    /// Serves `root` (which must exist).
+    pub fn new(root: &Path) -> KeptSessions {
+        KeptSessions {
+            files: FsHandler::new(root).expect("the test's root"),
+            sessions: Vec::new(),
+        }
+    }
+}
+
+impl Handler for KeptSessions {
+    fn open(&mut self, request: &ReadRequest<'_>) -> Result<Box<dyn ResponseData>, Reject> {
+        self.files.open(request)
+    }
+
+    fn session_finished(&mut self, stats: &SessionStats) {
+        self.sessions.push(stats.clone());
+    }
+}
 
 /// What the forwarding handler reports, in the order the server produced it.
 #[derive(Debug)]
