@@ -6,9 +6,10 @@
 //! - A failure (connection cut, stall, a body shorter or longer than its Content-Length)
 //!   is every reader's next read after the bytes already written: ERROR 0, never a short
 //!   success.
-//! - A *kept* body (one the cache admitted) keeps every byte. Any other body keeps only a
-//!   window of [`Body::window`] bytes past its slowest reader: the worker waits while the
-//!   window is full, so such a body never holds more than the window in memory.
+//! - A *kept* body (one the cache admitted) keeps every byte. Any other body drops the
+//!   chunks its slowest reader has read, and the worker waits while what is left (the
+//!   chunk that reader is in counted whole) fills a window of [`Body::window`] bytes, so
+//!   such a body never holds more than the window plus the chunk being appended.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -40,7 +41,8 @@ pub struct Body {
     size: Option<u64>,
     /// Keep every byte (a cached body) instead of a window.
     kept: bool,
-    /// Bytes a windowed body keeps past its slowest reader.
+    /// Bytes a windowed body holds at most before an append (its chunks from the one its
+    /// slowest reader is in).
     window: u64,
     validators: Validators,
 }
@@ -162,8 +164,9 @@ impl Body {
         state.written - state.base
     }
 
-    /// Appends a chunk and wakes the parked readers. A windowed body first waits (checking
-    /// every `poll`) until its slowest reader is less than a window behind.
+    /// Appends a chunk and wakes the parked readers. A windowed body first drops the chunks
+    /// its slowest reader has read and waits (checking every `poll`) until what it still
+    /// holds is less than a window: then at most the window plus this chunk is held.
     pub fn append(&self, chunk: Vec<u8>, poll: Duration) -> Result<(), AppendError> {
         let mut state = self.lock();
         if let Some(size) = self.size {
@@ -178,8 +181,19 @@ impl Body {
                 if state.readers.is_empty() {
                     return Err(AppendError::NoReaders);
                 }
+                // Drop what every reader has read. The slowest reader may be inside the
+                // first chunk left, which counts whole: the wait below is on what is held,
+                // not on how far that reader is behind.
                 let slowest = state.readers.values().map(|r| r.pos).min().unwrap_or(0);
-                if state.written - slowest < self.window {
+                while let Some((start, front)) = state.chunks.front() {
+                    let end = start + front.len() as u64;
+                    if end > slowest {
+                        break;
+                    }
+                    state.base = end;
+                    state.chunks.pop_front();
+                }
+                if state.written - state.base < self.window {
                     break;
                 }
                 state = self
@@ -187,16 +201,6 @@ impl Body {
                     .wait_timeout(state, poll)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
-            }
-            // Drop what every reader has read.
-            let slowest = state.readers.values().map(|r| r.pos).min().unwrap_or(0);
-            while let Some((start, front)) = state.chunks.front() {
-                let end = start + front.len() as u64;
-                if end > slowest {
-                    break;
-                }
-                state.base = end;
-                state.chunks.pop_front();
             }
         }
         if chunk.is_empty() {
