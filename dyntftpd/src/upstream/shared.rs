@@ -181,19 +181,7 @@ impl Body {
                 if state.readers.is_empty() {
                     return Err(AppendError::NoReaders);
                 }
-                // Drop what every reader has read. The slowest reader may be inside the
-                // first chunk left, which counts whole: the wait below is on what is held,
-                // not on how far that reader is behind.
-                let slowest = state.readers.values().map(|r| r.pos).min().unwrap_or(0);
-                while let Some((start, front)) = state.chunks.front() {
-                    let end = start + front.len() as u64;
-                    if end > slowest {
-                        break;
-                    }
-                    state.base = end;
-                    state.chunks.pop_front();
-                }
-                if state.written - state.base < self.window {
+                if !self.window_full(&mut state) {
                     break;
                 }
                 state = self
@@ -211,6 +199,22 @@ impl Body {
         state.chunks.push_back((start, chunk.into_boxed_slice()));
         self.wake(state);
         Ok(())
+    }
+
+    /// Drops the chunks every reader has read; true when what is left fills the window,
+    /// so that an append must wait. The slowest reader may be inside the first chunk left,
+    /// which counts whole: the measure is what is held, not how far that reader is behind.
+    fn window_full(&self, state: &mut State) -> bool {
+        let slowest = state.readers.values().map(|r| r.pos).min().unwrap_or(0);
+        while let Some((start, front)) = state.chunks.front() {
+            let end = start + front.len() as u64;
+            if end > slowest {
+                break;
+            }
+            state.base = end;
+            state.chunks.pop_front();
+        }
+        state.written - state.base >= self.window
     }
 
     /// The producer is done: complete if the announced size was reached, failed otherwise.
@@ -433,6 +437,26 @@ mod tests {
         assert_eq!(reader.read(&mut buf).unwrap(), 0);
         // Its first bytes are gone: nobody can start reading it from the beginning.
         assert!(body.reader(&Notifier::detached()).is_none());
+    }
+
+    #[test]
+    fn the_chunk_the_slowest_reader_is_in_counts_against_the_window() {
+        let body = Arc::new(Body::new(None, false, 100, Validators::default()));
+        let mut reader = body.reader(&Notifier::detached()).unwrap();
+        body.append(vec![1; 50], POLL).unwrap();
+        let mut buf = [0u8; 49];
+        assert_eq!(reader.read(&mut buf).unwrap(), 49);
+        // Each append finds room: 50, 60, … 90 bytes held before it.
+        for _ in 0..5 {
+            body.append(vec![2; 10], POLL).unwrap();
+        }
+        // The reader is only 51 bytes behind, but 100 are held: the next append waits.
+        assert_eq!(body.resident(), 100);
+        assert!(body.window_full(&mut body.lock()));
+        // Once it has read the first chunk, that chunk goes, and there is room again.
+        assert_eq!(reader.read(&mut buf[..1]).unwrap(), 1);
+        assert!(!body.window_full(&mut body.lock()));
+        assert_eq!(body.resident(), 50);
     }
 
     #[test]
