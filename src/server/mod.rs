@@ -123,6 +123,23 @@ const DEFAULT_SEND_BUFFER: usize = 200_000;
 /// Per-datagram overhead counted when sizing a session's send buffer.
 const DATAGRAM_OVERHEAD: usize = 32;
 
+/// How far [`Server::read_session`] reads a session's own socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadUntil {
+    /// Until it is empty: before a timeout acts, what the peer sent and a readiness left
+    /// queued is heard (an ERROR ends the session rather than the timeout); and to the end
+    /// once the peer is unreachable.
+    Empty,
+    /// Until it is empty or a datagram leaves everything the session sent acknowledged.
+    /// The peer sends nothing new before it receives what the session sends next, so
+    /// what is still queued then is older (a duplicate, an ERROR sent after that ACK) and
+    /// can wait: for the next datagram's arrival (epoll reports every arrival, drained or
+    /// not), which reads it first, or for the session's timer, which reads the socket
+    /// before it acts. In lock step this spares the receive that would only find the
+    /// socket empty, one system call in three per block.
+    Answered,
+}
+
 /// How a spin before a wait ended (see [`Server::spin_for_events`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Spin {
@@ -364,7 +381,7 @@ impl<H: Handler> Server<H> {
             // deadline); the socket is read only before a timeout that acts.
             let due = self.table.get_mut(id).and_then(|e| e.session.deadline());
             if due.is_some_and(|due| due <= self.now) {
-                self.read_all(id);
+                self.read_session(id, ReadUntil::Empty);
             }
             if let Some(entry) = self.table.get_mut(id) {
                 entry.session.handle_timeout(self.now);
@@ -897,42 +914,26 @@ impl<H: Handler> Server<H> {
         Ok(())
     }
 
-    /// Reads the session's own socket, driving the session after every datagram, until it
-    /// is empty or a datagram leaves everything the session sent acknowledged. The peer
-    /// sends nothing new before it receives what the session sends next, so what is
-    /// still queued then is older (a duplicate, an ERROR sent after that ACK) and can
-    /// wait: for the next datagram's arrival (epoll reports every arrival, drained or
-    /// not), which reads it first, or for the session's timer, which reads the socket
-    /// before it acts. In lock step this spares the receive that would only find the
-    /// socket empty, one system call in three per block.
+    /// Reads a readable session socket until [`ReadUntil::Answered`].
     fn on_session_readable(&mut self, id: SessionId) {
+        self.read_session(id, ReadUntil::Answered);
+    }
+
+    /// Reads the session's own socket as far as `until` says, driving the session after
+    /// every datagram.
+    fn read_session(&mut self, id: SessionId, until: ReadUntil) {
         loop {
             match self.receive(id) {
                 Received::Fed => {
-                    let answered = self
-                        .table
-                        .get_mut(id)
-                        .is_some_and(|e| !e.peer_unreachable && e.session.all_sent_acknowledged());
+                    let answered = until == ReadUntil::Answered
+                        && self.table.get_mut(id).is_some_and(|e| {
+                            !e.peer_unreachable && e.session.all_sent_acknowledged()
+                        });
                     self.drive(id);
                     if answered {
                         return;
                     }
                 }
-                Received::Stray => {}
-                Received::Empty | Received::Gone => return,
-            }
-        }
-    }
-
-    /// Reads the session's own socket until it is empty, driving the session after every
-    /// datagram: before a timeout acts, what the peer sent and [`on_session_readable`]
-    /// left queued is heard (an ERROR ends the session rather than the timeout).
-    ///
-    /// [`on_session_readable`]: Self::on_session_readable
-    fn read_all(&mut self, id: SessionId) {
-        loop {
-            match self.receive(id) {
-                Received::Fed => self.drive(id),
                 Received::Stray => {}
                 Received::Empty | Received::Gone => return,
             }
@@ -1083,7 +1084,7 @@ impl<H: Handler> Server<H> {
                                 // What the peer sent before it went away may still end the
                                 // transfer; the session ends once that is read.
                                 entry.peer_unreachable = true;
-                                return self.read_all(id);
+                                return self.read_session(id, ReadUntil::Empty);
                             }
                             entry.session.end(self.now, Outcome::PeerUnreachable);
                         }
