@@ -153,8 +153,9 @@ enum Spin {
 
 /// How reading a session's own socket went (see [`Server::receive`]).
 enum Received {
-    /// A datagram from the peer went to the session.
-    Fed,
+    /// A datagram from the peer went to the session; `answered`: it left everything the
+    /// session sent acknowledged, and the peer is reachable (see [`ReadUntil::Answered`]).
+    Fed { answered: bool },
     /// A datagram from someone else was answered with ERROR 5.
     Stray,
     /// Nothing more to read.
@@ -924,13 +925,9 @@ impl<H: Handler> Server<H> {
     fn read_session(&mut self, id: SessionId, until: ReadUntil) {
         loop {
             match self.receive(id) {
-                Received::Fed => {
-                    let answered = until == ReadUntil::Answered
-                        && self.table.get_mut(id).is_some_and(|e| {
-                            !e.peer_unreachable && e.session.all_sent_acknowledged()
-                        });
+                Received::Fed { answered } => {
                     self.drive(id);
-                    if answered {
+                    if answered && until == ReadUntil::Answered {
                         return;
                     }
                 }
@@ -946,7 +943,7 @@ impl<H: Handler> Server<H> {
     fn catch_up(&mut self, id: SessionId) {
         loop {
             match self.receive(id) {
-                Received::Fed | Received::Stray => {
+                Received::Fed { .. } | Received::Stray => {
                     if self.table.get_mut(id).is_some_and(|e| e.session.is_done()) {
                         return self.drive(id);
                     }
@@ -980,7 +977,7 @@ impl<H: Handler> Server<H> {
                     if entry.peer_unreachable && !entry.session.is_done() {
                         debug!("{}: unreachable, session ended", entry.request.peer);
                         entry.session.end(self.now, Outcome::PeerUnreachable);
-                        return Received::Fed;
+                        return Received::Fed { answered: false };
                     }
                     return Received::Empty;
                 }
@@ -999,10 +996,11 @@ impl<H: Handler> Server<H> {
             if from == entry.request.peer {
                 let verified = entry.session.is_verified();
                 entry.session.handle_datagram(self.now, &self.buf[..len]);
+                let answered = !entry.peer_unreachable && entry.session.all_sent_acknowledged();
                 if !verified && entry.session.is_verified() {
                     self.admission.session_verified(from);
                 }
-                return Received::Fed;
+                return Received::Fed { answered };
             }
             self.stats.stray_datagrams += 1;
             debug!(
