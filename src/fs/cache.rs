@@ -411,10 +411,16 @@ impl Cache {
         let mut state = self.shared.lock();
         state.tick += 1;
         let tick = state.tick;
-        let entry = state.entries.get_mut(&known.key())?;
-        if entry.stamp != known {
+        let Some(entry) = state
+            .entries
+            .get_mut(&known.key())
+            .filter(|entry| entry.stamp == known)
+        else {
+            // Dropped from the cache (or replaced): the name leads nowhere in memory, so
+            // its next requests skip the stat.
+            state.names.remove(path);
             return None;
-        }
+        };
         let Slot::Ready(loaded) = &entry.slot else {
             return None;
         };
@@ -1141,6 +1147,35 @@ mod tests {
         assert_eq!(serve(&mut h, "192.0.2.9:1", b"grub.cfg"), ok(b"own"));
         let stats = h.cache_stats();
         assert_eq!((stats.hits, stats.hits_by_name), (1, 0));
+    }
+
+    #[test]
+    fn a_name_whose_file_left_the_cache_is_forgotten() {
+        let tree = Tree::new();
+        tree.file("a", &[1; 600]);
+        tree.file("b", &[2; 600]);
+        let mut h = cached_handler(&tree, 1000);
+        let remembers = |h: &FsHandler, name: &[u8]| {
+            h.cache
+                .as_ref()
+                .unwrap()
+                .shared
+                .lock()
+                .names
+                .contains_key(name)
+        };
+        serve(&mut h, "192.0.2.1:1", b"a").unwrap();
+        assert!(remembers(&h, b"a"));
+        // A session sending b holds its copy; loading b dropped a.
+        let notifier = Notifier::detached();
+        let held = h.open(&request("192.0.2.1:1", b"b", &notifier)).unwrap();
+        // a's stat still matches, but nothing is in memory for it: the name is forgotten,
+        // and a is served from disk (b's copy leaves no room), so it is not remembered.
+        assert_eq!(serve(&mut h, "192.0.2.1:1", b"a"), ok(&[1; 600]));
+        assert!(!remembers(&h, b"a"), "{:?}", h.cache_stats());
+        assert_eq!(h.cache_stats().over_budget, 1);
+        assert_eq!(h.cache_stats().hits_by_name, 0);
+        drop(held);
     }
 
     #[test]
