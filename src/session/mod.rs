@@ -58,6 +58,16 @@
 //!   first. Any older ACK never causes a
 //!   send (Sorcerer's Apprentice). Resends come from the stored packets, without reading
 //!   the source again.
+//! - **Resends made on time back off until a round trip is measured** (Karn's algorithm,
+//!   as TCP keeps a backed-off timer): each go-back a duplicate ACK's evidence makes, each
+//!   owed go-back and each early retransmission doubles both the evidence a duplicate ACK
+//!   needs and the early retransmission interval (never past the base timeout), and only
+//!   an ACK of a block sent once — a round-trip sample — starts them over. Progress alone
+//!   does not: a client that falls behind (a guest starved of CPU) acknowledges blocks
+//!   that were all resent, so no sample shows how late it answers, and EDK2 answers each
+//!   resend it did not need with a duplicate ACK that looks like fresh evidence — without
+//!   the backoff, every go-back drew a window's worth of them and the server sent 40–90
+//!   times the file to a starved OVMF without ever finishing (`tests/starved.rs`).
 //! - A repeated request ([`handle_repeated_request`](Session::handle_repeated_request))
 //!   before the peer acknowledged anything says that the first reply (OACK or DATA 1) was
 //!   lost: it is resent as if the timer had fired (a retry spent), at most once per
@@ -84,7 +94,8 @@
 //!   timeout: a lost packet on a fast network costs a few round trips, not a second.
 //!   Nothing in the estimate is kept for good: after a slow outlier it follows the path
 //!   back down within a few dozen samples. These early retransmissions
-//!   double their interval each time and stop once it reaches the timeout, so they are
+//!   double their interval each time (and stay doubled, progress or not, until a round
+//!   trip is measured: see above) and stop once it reaches the timeout, so they are
 //!   bounded, and they do not spend the retry budget; the full schedule above follows
 //!   them unchanged. Before any measurement (a spoofed request is never acknowledged)
 //!   only the full schedule runs. The client's negotiated timeout stays the upper bound.
@@ -253,6 +264,11 @@ pub struct Session {
     /// not allow (due at once), or a duplicate ACK's that came before the evidence was
     /// complete (due when it is).
     go_back_owed: Option<Instant>,
+    /// Resends made on evidence of time since the last round-trip sample: go-back-Ns on
+    /// a duplicate ACK's evidence, owed ones, early retransmissions. Each doubles the
+    /// evidence a duplicate ACK needs ([`duplicate_evidence`](Self::duplicate_evidence))
+    /// and the early retransmission interval.
+    backoff: u32,
     /// How long go-back-Ns took to be answered: a shorter go-back clock for a client whose
     /// resends leave the main estimate without samples.
     recovery_rtt: RttEstimator,
@@ -326,6 +342,7 @@ impl Session {
             go_back_clock: None,
             go_back_from: None,
             go_back_owed: None,
+            backoff: 0,
             recovery_rtt: RttEstimator::default(),
             progress_at: now,
             oack_sent_at: None,
@@ -460,8 +477,9 @@ impl Session {
             return;
         }
         if self.owed_go_back_at().is_some_and(|at| now >= at) {
-            // The go-back-N an in-window ACK asked for too early (the send re-arms the
+            // The go-back-N an ACK asked for too early (the send re-arms the
             // retransmission timer).
+            self.backoff = self.backoff.saturating_add(1);
             self.go_back(true);
             return;
         }
@@ -915,6 +933,7 @@ impl Session {
     /// Feeds the round trip of a packet sent once at `sent` and acknowledged now.
     fn sample_rtt(&mut self, sent: Instant) {
         self.rtt.sample(self.now.saturating_duration_since(sent));
+        self.backoff = 0;
         self.stats.srtt = self.rtt.srtt();
         self.stats.rttvar = self.rtt.rttvar();
     }
@@ -925,7 +944,8 @@ impl Session {
         let full = self.rto();
         let early = match self.rtt.rto(self.config.min_rto) {
             Some(estimate) if self.config.adaptive && self.retries == 0 => {
-                let interval = estimate.saturating_mul(1 << self.early.min(20));
+                let doublings = self.early.max(self.backoff).min(20);
+                let interval = estimate.saturating_mul(1 << doublings);
                 (interval < full).then_some(interval)
             }
             _ => None,
@@ -939,6 +959,7 @@ impl Session {
     fn spend_retry(&mut self) -> bool {
         if self.deadline_early {
             self.early += 1;
+            self.backoff = self.backoff.saturating_add(1);
             self.stats.early_retransmits += 1;
             self.retransmission = Some(Retransmission::Early);
             return true;
@@ -1496,6 +1517,40 @@ mod tests {
         let stats = h.session.stats();
         assert_eq!((stats.early_retransmits, stats.retransmits), (6, 5));
         assert_eq!(stats.outcome, Some(Outcome::TimedOut));
+    }
+
+    #[test]
+    fn early_resends_stay_backed_off_until_a_round_trip_is_measured() {
+        // A client that keeps up, then falls behind (a guest starved of CPU): its ACKs
+        // come, but later than every early timer, so each block is resent before it is
+        // acknowledged and no ACK measures the longer round trip (Karn's rule).
+        let mut h = Harness::new(b"", vec![5; 10_000], SessionConfig::default());
+        h.drain();
+        for block in 1..=3 {
+            h.now += Duration::from_millis(10);
+            assert_eq!(blocks(&h.ack(block)), vec![block + 1]);
+        }
+        let estimate = Duration::from_micros(21_250);
+        assert_eq!(h.drain().1, Output::Wait(h.now + estimate));
+        // Progress used to start the early timer over at the estimate: every block went
+        // twice. Now each early resend doubles the interval until a round trip is
+        // measured, progress or not.
+        for (block, doublings) in (4..=7).zip(0..) {
+            let (interval, sent) = fire(&mut h);
+            assert_eq!(interval, estimate * (1 << doublings), "block {block}");
+            assert_eq!(blocks(&sent), vec![block]);
+            h.now += Duration::from_millis(1);
+            assert_eq!(blocks(&h.ack(block)), vec![block + 1]);
+        }
+        assert_eq!(h.session.stats().srtt, Some(Duration::from_millis(10)));
+        assert_eq!(h.session.stats().early_retransmits, 4);
+        // Block 8 went once: its ACK, 150 ms on, measures the round trip, and the early
+        // timer runs at the estimate again (the new one).
+        h.now += Duration::from_millis(150);
+        assert_eq!(blocks(&h.ack(8)), vec![9]);
+        let estimate = h.session.rtt.rto(h.session.config.min_rto).unwrap();
+        assert!(estimate > Duration::from_millis(100), "{estimate:?}");
+        assert_eq!(h.drain().1, Output::Wait(h.now + estimate));
     }
 
     #[test]
@@ -2736,10 +2791,11 @@ mod tests {
         let stats = h.session.stats();
         assert_eq!((stats.go_back_acks, stats.go_back_held), (1, 201));
         assert_eq!((stats.packets_resent, stats.retransmits), (1, 0));
-        // The resend restarted the evidence: the duplicates after it owe one go-back
-        // 30 ms on (long before the 1 s timer), made then if nothing was acknowledged.
-        assert_eq!(h.drain().1, Output::Wait(h.now + ms(30)));
-        assert!(h.advance(ms(29)).is_empty());
+        // The resend restarted the evidence, and doubled it (nothing was measured since):
+        // the duplicates after it owe one go-back 60 ms on (long before the 1 s timer),
+        // made then if nothing was acknowledged.
+        assert_eq!(h.drain().1, Output::Wait(h.now + ms(60)));
+        assert!(h.advance(ms(59)).is_empty());
         assert_eq!(blocks(&h.advance(ms(1))), vec![1]);
         assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
         // Older ACKs never resend.
@@ -2780,7 +2836,8 @@ mod tests {
         assert_eq!(blocks(&h.ack(3)), vec![4]);
         h.now += Duration::from_millis(10);
         assert!(h.ack(3).is_empty(), "the answer to the resend");
-        h.now += Duration::from_millis(11);
+        // Nothing measured since that go-back: the evidence takes twice as long now.
+        h.now += Duration::from_millis(32);
         assert!(h.ack(3).is_empty());
         h.now += Duration::from_millis(1);
         assert_eq!(blocks(&h.ack(3)), vec![4]);

@@ -51,6 +51,7 @@ impl Session {
             .map_or(first_sent, |at| at.max(first_sent));
         let due = since + self.duplicate_evidence();
         if self.now >= due && self.go_back_allowed() {
+            self.backoff = self.backoff.saturating_add(1);
             self.go_back(true);
             return;
         }
@@ -69,12 +70,15 @@ impl Session {
     /// trip: the client answers a go-back's redundant resends with duplicates of its last
     /// ACK one round trip later, and those must not make the next window go twice (with
     /// the bare round trip, one stray duplicate ACK had every later window sent twice).
+    /// Doubled for every resend made on time since the last round-trip sample (see
+    /// `Session::backoff`).
     pub(super) fn duplicate_evidence(&self) -> Duration {
         let base = self.params.timeout.unwrap_or(self.config.timeout);
         self.rtt
             .loss_evidence(self.config.min_rto)
             .unwrap_or(UNMEASURED_LOSS_EVIDENCE)
             .max(self.go_back_interval())
+            .saturating_mul(1 << self.backoff.min(16))
             .min(base)
     }
 
