@@ -14,6 +14,7 @@
 //! - [`netns`]: network namespaces and the processes run in them, killed and deleted on
 //!   drop (the firmware netboot tests).
 //! - [`pcap`]: the UDP datagrams of a packet capture (qemu's `filter-dump`).
+//! - [`cgroup`]: a CPU quota for a test's processes (firmware starved of CPU).
 //!
 //! Every socket has a read timeout ([`WAIT`]): a broken server fails a test, never hangs
 //! it.
@@ -27,6 +28,7 @@
 
 use std::time::Duration;
 
+pub mod cgroup;
 pub mod client;
 pub mod daemon;
 pub mod files;
@@ -38,6 +40,7 @@ pub mod rng;
 pub mod server;
 pub mod sys;
 
+pub use cgroup::CpuQuota;
 pub use client::*;
 pub use daemon::{free_udp_port, Daemon};
 pub use files::*;
