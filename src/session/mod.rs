@@ -242,8 +242,6 @@ pub struct Session {
     retries: u32,
     /// A retransmission timer fired; the next transmission is the resend it caused.
     retransmission: Option<Retransmission>,
-    /// Early (adaptive) retransmissions since the last progress.
-    early: u32,
     /// The armed deadline is an early one.
     deadline_early: bool,
     /// When each ring slot's packet was first sent, and whether it was sent again since.
@@ -335,7 +333,6 @@ impl Session {
             high_sent: 0,
             retries: 0,
             retransmission: None,
-            early: 0,
             deadline_early: false,
             sent_at: Vec::new(),
             last_go_back: None,
@@ -479,7 +476,7 @@ impl Session {
         if self.owed_go_back_at().is_some_and(|at| now >= at) {
             // The go-back-N an ACK asked for too early (the send re-arms the
             // retransmission timer).
-            self.backoff = self.backoff.saturating_add(1);
+            self.back_off();
             self.go_back(true);
             return;
         }
@@ -925,7 +922,6 @@ impl Session {
     fn progress(&mut self) {
         self.progress_at = self.now;
         self.retries = 0;
-        self.early = 0;
         self.deadline_early = false;
         self.deadline = None;
     }
@@ -944,8 +940,7 @@ impl Session {
         let full = self.rto();
         let early = match self.rtt.rto(self.config.min_rto) {
             Some(estimate) if self.config.adaptive && self.retries == 0 => {
-                let doublings = self.early.max(self.backoff).min(20);
-                let interval = estimate.saturating_mul(1 << doublings);
+                let interval = estimate.saturating_mul(1 << self.backoff.min(20));
                 (interval < full).then_some(interval)
             }
             _ => None,
@@ -958,8 +953,7 @@ impl Session {
     /// An early deadline takes nothing from the budget.
     fn spend_retry(&mut self) -> bool {
         if self.deadline_early {
-            self.early += 1;
-            self.backoff = self.backoff.saturating_add(1);
+            self.back_off();
             self.stats.early_retransmits += 1;
             self.retransmission = Some(Retransmission::Early);
             return true;

@@ -51,7 +51,7 @@ impl Session {
             .map_or(first_sent, |at| at.max(first_sent));
         let due = since + self.duplicate_evidence();
         if self.now >= due && self.go_back_allowed() {
-            self.backoff = self.backoff.saturating_add(1);
+            self.back_off();
             self.go_back(true);
             return;
         }
@@ -71,7 +71,7 @@ impl Session {
     /// ACK one round trip later, and those must not make the next window go twice (with
     /// the bare round trip, one stray duplicate ACK had every later window sent twice).
     /// Doubled for every resend made on time since the last round-trip sample (see
-    /// `Session::backoff`).
+    /// [`back_off`](Self::back_off)).
     pub(super) fn duplicate_evidence(&self) -> Duration {
         let base = self.params.timeout.unwrap_or(self.config.timeout);
         self.rtt
@@ -80,6 +80,16 @@ impl Session {
             .max(self.go_back_interval())
             .saturating_mul(1 << self.backoff.min(16))
             .min(base)
+    }
+
+    /// A resend is made on evidence of time (an early retransmission, a go-back on a
+    /// duplicate ACK's evidence, an owed one): it doubles the early retransmission
+    /// interval and the evidence a duplicate ACK needs, until a round-trip sample (an ACK
+    /// of a block sent once) starts them over. Progress alone does not: a client that
+    /// falls behind acknowledges only resent blocks, and the estimate then knows nothing
+    /// of how late it answers (Karn's algorithm, as TCP keeps its backed-off timer).
+    pub(super) fn back_off(&mut self) {
+        self.backoff = self.backoff.saturating_add(1);
     }
 
     /// When the go-back clock next allows a go-back-N (`None`: now, nothing was spent).
