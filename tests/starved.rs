@@ -11,7 +11,7 @@
 //! ended.
 //!
 //! Here a [`Session`] and a model of that client run on a virtual clock. Both stop
-//! for most of every period (as a CPU quota throttles them), take their datagrams from
+//! for part of every period (as a CPU quota throttles them), take their datagrams from
 //! bounded queues, one at a time at a CPU cost each, and the link between them is fast
 //! and lossless: every loss comes from the client's full queue. The transfer must finish,
 //! and the server may send only a small multiple of the file.
@@ -42,6 +42,7 @@ struct Starvation {
     server_queue: usize,
 }
 
+/// The profile the test varies: EDK2 in a guest under a quota, its server on the host.
 const EDK2: Starvation = Starvation {
     period: Duration::from_millis(100),
     running: Duration::from_millis(30),
@@ -101,7 +102,7 @@ impl Edk2 {
     }
 }
 
-/// Whether both sides run at `at`, and if not, when they run again.
+/// When both sides run again, from `at` on (`at` itself while they run).
 fn runs_at(s: &Starvation, at: Duration) -> Duration {
     let into = Duration::from_nanos((at.as_nanos() % s.period.as_nanos()) as u64);
     if into < s.running {
