@@ -859,12 +859,13 @@ impl Session {
                 }
             }
             State::Transfer => {
-                // The ACK names a block in base-1 ..= next-1; the window is at most 65535
-                // blocks, so the 16-bit number maps to exactly one candidate.
+                // The ACK names a block in base-1 ..= high_sent (sent, if only before a
+                // go-back that is not sent yet); the window is at most 65535 blocks, so
+                // the 16-bit number maps to exactly one candidate.
                 let low = self.base - 1;
                 let offset = block.wrapping_sub(low as u16) as u64;
                 let acked = low + offset;
-                if acked >= self.next {
+                if acked > self.high_sent {
                     self.stats.unexpected_acks += 1;
                     return;
                 }
@@ -895,7 +896,7 @@ impl Session {
                     return;
                 }
                 self.progress();
-                if self.next > self.base {
+                if self.high_sent >= self.base {
                     // An ACK inside the window: the client lost what followed. Resume
                     // from the block after it (RFC 7440 §4) when the go-back clock has a
                     // token; otherwise only slide (`next` never falls behind `base`) and
@@ -910,7 +911,9 @@ impl Session {
                     // Still in flight: the timer runs from now (a send re-arms it).
                     self.arm_retransmit();
                 } else {
-                    // Everything sent is acknowledged: nothing is missing.
+                    // Everything sent is acknowledged (a go-back that was not sent yet
+                    // included): nothing is missing.
+                    self.next = self.base;
                     self.go_back_owed = None;
                 }
             }
@@ -1262,6 +1265,36 @@ mod tests {
         assert_eq!(blocks(&h.ack(10)), vec![11]); // 80 bytes = 10 full blocks + empty 11
         h.ack(11);
         assert_eq!(h.session.poll_output(1), Output::Done(Outcome::Completed));
+    }
+
+    #[test]
+    fn acks_fed_together_count_what_was_sent_before_a_go_back_not_yet_sent() {
+        // A driver that feeds several queued ACKs before it sends (catching up on a
+        // session's socket): the first goes back, the next acknowledges blocks that were
+        // sent before that go-back and are not resent yet.
+        let payload: Vec<u8> = (0..80).collect();
+        let mut h = Harness::new(
+            b"blksize\x008\x00windowsize\x004\x00",
+            payload,
+            SessionConfig::default(),
+        );
+        h.drain();
+        assert_eq!(blocks(&h.ack(0)), vec![1, 2, 3, 4]);
+        h.session.handle_packet(h.now, Packet::Ack { block: 1 });
+        h.session.handle_packet(h.now, Packet::Ack { block: 3 });
+        // ACK 3 counts (it used to be taken for an ACK of a block never sent), and the
+        // go-back is from block 4, not 2.
+        assert_eq!(blocks(&h.drain().0), vec![4, 5, 6, 7]);
+        // Everything sent before the go-back, acknowledged: nothing is resent at all.
+        h.session.handle_packet(h.now, Packet::Ack { block: 5 });
+        h.session.handle_packet(h.now, Packet::Ack { block: 7 });
+        assert_eq!(blocks(&h.drain().0), vec![8, 9, 10, 11]);
+        let stats = h.session.stats();
+        assert_eq!((stats.acks, stats.unexpected_acks), (5, 0));
+        assert_eq!(stats.packets_resent, 1);
+        // Blocks never sent are still refused.
+        h.session.handle_packet(h.now, Packet::Ack { block: 12 });
+        assert_eq!(h.session.stats().unexpected_acks, 1);
     }
 
     #[test]
