@@ -11,6 +11,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::netns::skip_missing;
@@ -80,6 +81,19 @@ impl CpuQuota {
         write(&group.dir.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
         write(&group.dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
         Ok(group)
+    }
+
+    /// A command that joins the group before it runs `program` (through `sh`, which
+    /// writes its own PID, then execs): for a program that must be in the group from its
+    /// first instruction, such as dyntftpd, which reads its quota at start.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("echo $$ > \"$0\" && exec \"$@\"")
+            .arg(&self.procs)
+            .arg(program);
+        command
     }
 
     /// Moves process `pid` (its threads too; children it starts later are born in the
