@@ -1996,7 +1996,7 @@ fn session_time(sim: &Sim) -> Duration {
 /// and the early timer comes first), and the whole transfer takes at most 1.5 × the
 /// loss-free time, on a 0.1 ms path too: the early timer's floor is 500 µs
 /// (`SessionConfig::min_rto`) and the session's deadlines fire as the server's 100 µs
-/// timer wheel fires them (1.28–1.35× there; with a 2 ms floor and a millisecond wheel
+/// timer wheel fires them (1.27–1.34× there; with a 2 ms floor and a millisecond wheel
 /// it was 1.9–2.0×). (With the estimate's old floor, 1.5 × the slowest sample ever,
 /// the slow start kept the early timer at 12 ms for good: 7.8–8.3× on the 0.1 ms path,
 /// 2.3–2.4× on the LAN path, the 4–10× with iPXE in qemu.)

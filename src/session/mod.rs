@@ -62,12 +62,14 @@
 //!   as TCP keeps a backed-off timer): each go-back a duplicate ACK's evidence makes, each
 //!   owed go-back and each early retransmission doubles both the evidence a duplicate ACK
 //!   needs and the early retransmission interval (never past the base timeout), and only
-//!   an ACK of a block sent once — a round-trip sample — starts them over. Progress alone
-//!   does not: a client that falls behind (a guest starved of CPU) acknowledges blocks
-//!   that were all resent, so no sample shows how late it answers, and EDK2 answers each
-//!   resend it did not need with a duplicate ACK that looks like fresh evidence — without
-//!   the backoff, every go-back drew a window's worth of them and the server sent 40–90
-//!   times the file to a starved OVMF without ever finishing (`tests/starved.rs`).
+//!   an ACK of a block sent once — a round-trip sample — or a go-back answered within the
+//!   estimate (the resend was needed, and the client keeps up: a loss on a lossy path)
+//!   starts them over. Progress alone does not: a client that falls behind (a guest
+//!   starved of CPU) acknowledges blocks that were all resent, so no sample shows how
+//!   late it answers, and EDK2 answers each resend it did not need with a duplicate ACK
+//!   that looks like fresh evidence — without the backoff, every go-back drew a window's
+//!   worth of them and the server sent 40–90 times the file to a starved OVMF without
+//!   ever finishing (`tests/starved.rs`).
 //! - A repeated request ([`handle_repeated_request`](Session::handle_repeated_request))
 //!   before the peer acknowledged anything says that the first reply (OACK or DATA 1) was
 //!   lost: it is resent as if the timer had fired (a retry spent), at most once per
@@ -262,10 +264,11 @@ pub struct Session {
     /// not allow (due at once), or a duplicate ACK's that came before the evidence was
     /// complete (due when it is).
     go_back_owed: Option<Instant>,
-    /// Resends made on evidence of time since the last round-trip sample: go-back-Ns on
-    /// a duplicate ACK's evidence, owed ones, early retransmissions. Each doubles the
-    /// evidence a duplicate ACK needs ([`duplicate_evidence`](Self::duplicate_evidence))
-    /// and the early retransmission interval.
+    /// Resends made on evidence of time since the last round-trip sample or go-back
+    /// answered within the estimate: go-back-Ns on a duplicate ACK's evidence, owed
+    /// ones, early retransmissions. Each doubles the evidence a duplicate ACK needs
+    /// ([`duplicate_evidence`](Self::duplicate_evidence)) and the early retransmission
+    /// interval.
     backoff: u32,
     /// How long go-back-Ns took to be answered: a shorter go-back clock for a client whose
     /// resends leave the main estimate without samples.
@@ -885,8 +888,17 @@ impl Session {
                 // copy, which Karn's rule keeps out of the estimate above).
                 if let (Some(from), Some(at)) = (self.go_back_from, self.last_go_back) {
                     if acked >= from {
-                        self.recovery_rtt
-                            .sample(self.now.saturating_duration_since(at));
+                        // Answered within the estimate: the resend was needed (a loss),
+                        // and the client keeps up; nothing to back off from.
+                        let answered_in = self.now.saturating_duration_since(at);
+                        if self
+                            .rtt
+                            .loss_evidence(self.config.min_rto)
+                            .is_some_and(|evidence| answered_in <= evidence)
+                        {
+                            self.backoff = 0;
+                        }
+                        self.recovery_rtt.sample(answered_in);
                         self.go_back_from = None;
                     }
                 }
@@ -1548,35 +1560,50 @@ mod tests {
 
     #[test]
     fn early_resends_stay_backed_off_until_a_round_trip_is_measured() {
-        // A client that keeps up, then falls behind (a guest starved of CPU): its ACKs
-        // come, but later than every early timer, so each block is resent before it is
-        // acknowledged and no ACK measures the longer round trip (Karn's rule).
-        let mut h = Harness::new(b"", vec![5; 10_000], SessionConfig::default());
-        h.drain();
-        for block in 1..=3 {
-            h.now += Duration::from_millis(10);
-            assert_eq!(blocks(&h.ack(block)), vec![block + 1]);
-        }
+        // Three round trips of 10 ms: the early timer's estimate is 21.25 ms.
+        let established = || {
+            let mut h = Harness::new(b"", vec![5; 10_000], SessionConfig::default());
+            h.drain();
+            for block in 1..=3 {
+                h.now += Duration::from_millis(10);
+                assert_eq!(blocks(&h.ack(block)), vec![block + 1]);
+            }
+            h
+        };
         let estimate = Duration::from_micros(21_250);
+        // A client that falls behind (a guest starved of CPU): its ACKs come 30 ms after
+        // each early resend, later than the estimate, so they answer the first sends,
+        // and acknowledge only resent blocks (no round-trip sample: Karn's rule).
+        // Progress used to start the early timer over at the estimate, and every block
+        // went twice; now each early resend doubles it, progress or not.
+        let mut h = established();
         assert_eq!(h.drain().1, Output::Wait(h.now + estimate));
-        // Progress used to start the early timer over at the estimate: every block went
-        // twice. Now each early resend doubles the interval until a round trip is
-        // measured, progress or not.
         for (block, doublings) in (4..=7).zip(0..) {
             let (interval, sent) = fire(&mut h);
             assert_eq!(interval, estimate * (1 << doublings), "block {block}");
             assert_eq!(blocks(&sent), vec![block]);
-            h.now += Duration::from_millis(1);
+            h.now += Duration::from_millis(30);
             assert_eq!(blocks(&h.ack(block)), vec![block + 1]);
         }
         assert_eq!(h.session.stats().srtt, Some(Duration::from_millis(10)));
-        assert_eq!(h.session.stats().early_retransmits, 4);
         // Block 8 went once: its ACK, 150 ms on, measures the round trip, and the early
         // timer runs at the estimate again (the new one).
         h.now += Duration::from_millis(150);
         assert_eq!(blocks(&h.ack(8)), vec![9]);
-        let estimate = h.session.rtt.rto(h.session.config.min_rto).unwrap();
-        assert!(estimate > Duration::from_millis(100), "{estimate:?}");
+        let new_estimate = h.session.rtt.rto(h.session.config.min_rto).unwrap();
+        assert!(
+            new_estimate > Duration::from_millis(100),
+            "{new_estimate:?}"
+        );
+        assert_eq!(h.drain().1, Output::Wait(h.now + new_estimate));
+
+        // A resend answered within the estimate was needed (the first send was lost) and
+        // shows that the client keeps up: the next early timer is not backed off.
+        let mut h = established();
+        let (interval, sent) = fire(&mut h);
+        assert_eq!((interval, blocks(&sent)), (estimate, vec![4]));
+        h.now += Duration::from_millis(10);
+        assert_eq!(blocks(&h.ack(4)), vec![5]);
         assert_eq!(h.drain().1, Output::Wait(h.now + estimate));
     }
 
