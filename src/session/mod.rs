@@ -888,18 +888,7 @@ impl Session {
                 // copy, which Karn's rule keeps out of the estimate above).
                 if let (Some(from), Some(at)) = (self.go_back_from, self.last_go_back) {
                     if acked >= from {
-                        // Answered within the estimate: the resend was needed (a loss),
-                        // and the client keeps up; nothing to back off from.
-                        let answered_in = self.now.saturating_duration_since(at);
-                        if self
-                            .rtt
-                            .loss_evidence(self.config.min_rto)
-                            .is_some_and(|evidence| answered_in <= evidence)
-                        {
-                            self.backoff = 0;
-                        }
-                        self.recovery_rtt.sample(answered_in);
-                        self.go_back_from = None;
+                        self.go_back_answered(self.now.saturating_duration_since(at));
                     }
                 }
                 self.base = acked + 1;

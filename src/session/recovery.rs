@@ -93,6 +93,19 @@ impl Session {
         self.backoff = self.backoff.saturating_add(1);
     }
 
+    /// The last go-back-N was answered (an ACK of the block it resent from, or a later
+    /// one) `answered_in` after it: that times the go-back clock, and an answer within
+    /// the estimate ends the backoff — the resend was needed (a loss) and the client
+    /// keeps up.
+    pub(super) fn go_back_answered(&mut self, answered_in: Duration) {
+        let evidence = self.rtt.loss_evidence(self.config.min_rto);
+        if evidence.is_some_and(|evidence| answered_in <= evidence) {
+            self.backoff = 0;
+        }
+        self.recovery_rtt.sample(answered_in);
+        self.go_back_from = None;
+    }
+
     /// When the go-back clock next allows a go-back-N (`None`: now, nothing was spent).
     pub(super) fn go_back_allowed_at(&self) -> Option<Instant> {
         let tolerance = self.go_back_interval() * (GO_BACK_BURST - 1);
