@@ -1244,8 +1244,9 @@ mod tests {
         assert!(h.session.is_done());
     }
 
-    #[test]
-    fn window_sends_whole_window_and_resumes_after_partial_ack() {
+    /// 80 bytes in blocks of 8 (ten full blocks and an empty 11th), windowsize 4: the
+    /// first window sent.
+    fn window_of_4_sent() -> Harness {
         let payload: Vec<u8> = (0..80).collect();
         let mut h = Harness::new(
             b"blksize\x008\x00windowsize\x004\x00",
@@ -1254,6 +1255,12 @@ mod tests {
         );
         h.drain();
         assert_eq!(blocks(&h.ack(0)), vec![1, 2, 3, 4]);
+        h
+    }
+
+    #[test]
+    fn window_sends_whole_window_and_resumes_after_partial_ack() {
+        let mut h = window_of_4_sent();
         // Client got 1 and 2 only: resume at 3, window 3..=6.
         assert_eq!(blocks(&h.ack(2)), vec![3, 4, 5, 6]);
         assert_eq!(h.session.stats().packets_resent, 2);
@@ -1273,14 +1280,7 @@ mod tests {
         // A driver that feeds several queued ACKs before it sends (catching up on a
         // session's socket): the first goes back, the next acknowledges blocks that were
         // sent before that go-back and are not resent yet.
-        let payload: Vec<u8> = (0..80).collect();
-        let mut h = Harness::new(
-            b"blksize\x008\x00windowsize\x004\x00",
-            payload,
-            SessionConfig::default(),
-        );
-        h.drain();
-        assert_eq!(blocks(&h.ack(0)), vec![1, 2, 3, 4]);
+        let mut h = window_of_4_sent();
         h.session.handle_packet(h.now, Packet::Ack { block: 1 });
         h.session.handle_packet(h.now, Packet::Ack { block: 3 });
         // ACK 3 counts (it used to be taken for an ACK of a block never sent), and the
