@@ -1356,19 +1356,19 @@ fn lost_final_ack_is_answered_again_by_the_lingering_client() {
     sim.run();
     assert_completed(&sim, &data);
     let sends = sim.server_sends();
-    // The timer resends the unacknowledged window 5..=6 (at the full timeout: two round
-    // trips measured are too few to retransmit early); the finished client answers the
-    // final block again.
+    // The timer resends the unacknowledged window 5..=6, early: with two round trips
+    // measured the early timer waits 200 ms (not the 1 s timeout); the finished client
+    // answers the final block again.
     assert_eq!(
         sends[sends.len() - 4..],
         [
             "20 DATA 5:512",
             "20 DATA 6:7",
-            "1020 DATA 5:512",
-            "1020 DATA 6:7"
+            "220 DATA 5:512",
+            "220 DATA 6:7"
         ]
     );
-    assert_eq!(sim.client_sends().last().unwrap(), "1025 ACK 6");
+    assert_eq!(sim.client_sends().last().unwrap(), "225 ACK 6");
     let stats = sim.session.stats();
     assert_eq!(
         (
@@ -1376,7 +1376,7 @@ fn lost_final_ack_is_answered_again_by_the_lingering_client() {
             stats.early_retransmits,
             stats.packets_resent
         ),
-        (1, 0, 2)
+        (0, 1, 2)
     );
     assert_eq!(sim.client.stats().linger_acks, 1);
 }
@@ -2175,6 +2175,47 @@ fn windowsize_16_under_loss_never_waits_a_full_timeout() {
                 if ratio > bound || stats.retransmits > 0 {
                     failures.push(format!(
                         "{name}, loss {loss}, seed {seed}: {ratio:.2}× {stats:?}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Windowed clients that acknowledge each window, and their last in-order block once per
+/// gap, send nothing more until their own timer when an ACK or a window's tail is lost:
+/// the server's timer must recover it. In the first windows the estimate has one or two
+/// samples, and the early timer used to wait for the third, so such a loss waited the
+/// full timeout (1 s) in 16 % of these transfers (1 MiB on the LAN path, windowsize 4 to
+/// 64, 1 or 5 % of DATA and ACKs lost after the options' exchange); now it waits 200 ms
+/// at most (before backoff), and no transfer meets the full timeout.
+#[test]
+fn a_loss_in_the_first_windows_never_waits_the_full_timeout() {
+    let origin = Instant::now();
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let mut failures = Vec::new();
+    for window in [4u16, 16, 64] {
+        for seed in 1..=40u64 {
+            for loss in [0.01, 0.05] {
+                let mut sim = Sim::with_client(
+                    origin,
+                    0,
+                    octet(1432, window),
+                    source(&data),
+                    SessionConfig::default(),
+                    path((250, 400)),
+                    client_settings(),
+                )
+                .with_drops(drop_after_negotiation(seed, loss));
+                sim.driver_timer = Some(DriverTimer::SERVER);
+                sim.run();
+                assert_completed(&sim, &data);
+                let stats = sim.session.stats();
+                if stats.retransmits > 0 {
+                    failures.push(format!(
+                        "windowsize {window}, seed {seed}, loss {loss}: {} full timeouts",
+                        stats.retransmits
                     ));
                 }
             }

@@ -94,6 +94,9 @@
 //!   as in RFC 6298, and once three samples are in, the estimate `srtt + max(100 µs, 4 ×
 //!   rttvar)` (at least [`SessionConfig::min_rto`]) is used while it is below the
 //!   timeout: a lost packet on a fast network costs a few round trips, not a second.
+//!   With one or two samples the early timer waits 200 ms at least (they say little of
+//!   how the round trip varies): a loss in the first windows, which a windowed client
+//!   may answer only at its own timeout, costs that rather than the timeout.
 //!   Nothing in the estimate is kept for good: after a slow outlier it follows the path
 //!   back down within a few dozen samples. These early retransmissions
 //!   double their interval each time (and stay doubled, progress or not, until a round
@@ -1496,6 +1499,38 @@ mod tests {
     }
 
     #[test]
+    fn one_round_trip_then_silence_costs_three_early_resends_at_most() {
+        // What a forged ACK 0 in single-port mode buys (ACKs there can be forged blind):
+        // one sample of 1 ms, so the early timer waits its 200 ms floor, doubling while
+        // below the 1 s timeout — three early resends of the window, then the full
+        // schedule with the retry budget, as before any sample.
+        let mut h = Harness::new(
+            b"windowsize\x008\x00",
+            vec![5; 100_000],
+            SessionConfig::default(),
+        );
+        h.drain();
+        h.now += Duration::from_millis(1);
+        let first = h.ack(0);
+        assert_eq!(blocks(&first), (1..=8).collect::<Vec<_>>());
+        let mut intervals = Vec::new();
+        loop {
+            let (interval, sent) = fire(&mut h);
+            intervals.push(interval.as_millis());
+            if h.session.is_done() {
+                break;
+            }
+            assert_eq!(sent, first, "resends the stored window");
+        }
+        assert_eq!(
+            intervals,
+            [200, 400, 800, 1000, 2000, 4000, 8000, 8000, 8000]
+        );
+        let stats = h.session.stats();
+        assert_eq!((stats.early_retransmits, stats.retransmits), (3, 5));
+    }
+
+    #[test]
     fn adaptive_retransmits_early_then_falls_back_to_the_full_schedule() {
         let mut h = Harness::new(
             b"windowsize\x002\x00",
@@ -1636,17 +1671,18 @@ mod tests {
 
     #[test]
     fn estimate_has_a_floor_and_adaptive_can_be_turned_off() {
-        for (adaptive, want) in [(true, 500), (false, 1_000_000)] {
+        for (adaptive, unsettled, want) in [(true, 200_000, 500), (false, 1_000_000, 1_000_000)] {
             let config = SessionConfig {
                 adaptive,
                 ..SessionConfig::default()
             };
             let mut h = Harness::new(b"tsize\x000\x00", vec![5; 2000], config);
             h.drain();
-            // ACKs in no time at all; two samples are too few to go early.
+            // ACKs in no time at all; with two samples the early timer waits 200 ms.
             h.ack(0);
             h.ack(1);
-            assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+            let unsettled = Duration::from_micros(unsettled);
+            assert_eq!(h.drain().1, Output::Wait(h.now + unsettled));
             h.ack(2);
             assert_eq!(fire(&mut h).0, Duration::from_micros(want));
         }
@@ -2806,8 +2842,8 @@ mod tests {
         assert_eq!(blocks(&h.ack(0)), vec![1]);
         assert!(h.ack(0).is_empty());
         assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
-        // Adaptive (the default): with one sample the early timer does not run yet, but
-        // duplicates owe a go-back.
+        // Adaptive (the default): with one sample the early timer waits 200 ms at least,
+        // but duplicates owe a go-back sooner.
         let config = SessionConfig::default();
         let mut h = Harness::new(b"tsize\x000\x00", vec![7; 2000], config);
         h.drain();
@@ -2840,7 +2876,9 @@ mod tests {
         assert_eq!(h.drain().1, Output::Wait(h.now + ms(60)));
         assert!(h.advance(ms(59)).is_empty());
         assert_eq!(blocks(&h.advance(ms(1))), vec![1]);
-        assert_eq!(h.drain().1, Output::Wait(h.now + Duration::from_secs(1)));
+        // Then only the early timer runs: with one sample its 200 ms floor, doubled by
+        // each of the two resends.
+        assert_eq!(h.drain().1, Output::Wait(h.now + ms(800)));
         // Older ACKs never resend.
         assert_eq!(blocks(&h.ack(1)), vec![2]);
         h.now += Duration::from_secs(5);

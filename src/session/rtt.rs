@@ -3,10 +3,19 @@
 
 use std::time::Duration;
 
-/// Round-trip samples needed before retransmitting early on the timer alone: one sample
-/// says little about how much the round trip varies. (A loss signal from the client
-/// needs less, see [`RttEstimator::loss_evidence`].)
+/// Round-trip samples needed before the estimate alone sets the early retransmission
+/// interval: one or two say little about how much the round trip varies (the first is
+/// often an OACK's, with no window of data queued ahead of it). Before that the interval
+/// is at least [`UNSETTLED_MIN_RTO`]. (A loss signal from the client needs less, see
+/// [`RttEstimator::loss_evidence`].)
 const MIN_SAMPLES: u32 = 3;
+
+/// The shortest early retransmission interval while the estimate has fewer than
+/// [`MIN_SAMPLES`] samples: a loss in the first windows costs this, not the full timeout
+/// (a windowed client that lost an ACK, or a window's tail, sends nothing until its own
+/// timer), and it is above the round trip of any path a netboot client sits on, a
+/// window's queueing included.
+pub(super) const UNSETTLED_MIN_RTO: Duration = Duration::from_millis(200);
 
 /// RFC 6298's clock granularity `G`, the least variation the interval allows for:
 /// `srtt + max(G, 4 × rttvar)`. A steady path drives `rttvar` towards zero, and an
@@ -52,13 +61,14 @@ impl RttEstimator {
     }
 
     /// The retransmission interval the estimate allows for the timer alone, RFC 6298's
-    /// `srtt + max(G, 4 × rttvar)` ([`GRANULARITY`]), never below `min`. `None` before
-    /// [`MIN_SAMPLES`] samples.
+    /// `srtt + max(G, 4 × rttvar)` ([`GRANULARITY`]), never below `min`, nor below
+    /// [`UNSETTLED_MIN_RTO`] before [`MIN_SAMPLES`] samples. `None` before any sample.
     pub(super) fn rto(&self, min: Duration) -> Option<Duration> {
+        let interval = self.loss_evidence(min)?;
         if self.samples < MIN_SAMPLES {
-            return None;
+            return Some(interval.max(UNSETTLED_MIN_RTO));
         }
-        self.loss_evidence(min)
+        Some(interval)
     }
 
     /// How long a packet must have been out before a loss signal from the client (a
@@ -79,18 +89,24 @@ mod tests {
     const US: Duration = Duration::from_micros(1);
 
     #[test]
-    fn no_estimate_before_three_samples() {
+    fn the_estimate_alone_sets_the_interval_from_the_third_sample() {
         let mut rtt = RttEstimator::default();
         assert_eq!((rtt.srtt(), rtt.rto(MS)), (None, None));
         assert_eq!(rtt.loss_evidence(MS), None);
         rtt.sample(10 * MS);
         // A loss signal needs one sample: srtt + 4 × srtt / 2.
         assert_eq!(rtt.loss_evidence(MS), Some(30 * MS));
+        // The timer alone waits 200 ms at least until the third.
+        assert_eq!(rtt.rto(MS), Some(UNSETTLED_MIN_RTO));
         rtt.sample(10 * MS);
         assert_eq!(rtt.srtt(), Some(10 * MS));
-        assert_eq!(rtt.rto(MS), None);
+        assert_eq!(rtt.rto(MS), Some(UNSETTLED_MIN_RTO));
         rtt.sample(10 * MS);
-        assert!(rtt.rto(MS).is_some());
+        assert_eq!(rtt.rto(MS), Some(Duration::from_micros(21_250)));
+        // A slow first sample sets an interval above the floor.
+        let mut slow = RttEstimator::default();
+        slow.sample(100 * MS);
+        assert_eq!(slow.rto(MS), Some(300 * MS));
     }
 
     #[test]
