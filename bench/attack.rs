@@ -16,7 +16,9 @@
 //!   windowsize 64`, sends ACK 0, then 120 ACKs 1 ms apart, numbered either 1, 2, 3, … or
 //!   64, 128, 192, …, and stops. Two more patterns find single-port mode's worst case:
 //!   1, 2, 3, … 25 ms apart (longer than the server's shortest resend interval, 20 ms),
-//!   and 8, 16, 24, … (whole windows of the mode's documented cap). The victim counts every datagram until the session ends
+//!   and 8, 16, 24, … (whole windows of the mode's documented cap), and three short ones:
+//!   ACK 0, or ACK 0 and 8, or ACK 0, 8 and 16, then silence (the session resends its last
+//!   window on its timers). The victim counts every datagram until the session ends
 //!   (retransmissions included). *× wire* counts 28 bytes of IPv4 and UDP headers per
 //!   datagram on both sides. Also the classic case: one RRQ without options, never
 //!   answered.
@@ -245,11 +247,13 @@ struct Attack {
 enum Acks {
     /// No ACK at all: the classic reflection of one request.
     None,
-    /// 1, 2, 3, …, this many milliseconds apart.
+    /// 1, 2, 3, … 120, this many milliseconds apart.
     EveryBlock(u64),
-    /// n, 2n, 3n, … 1 ms apart: whole windows (64 is the window asked for; 8 is single-port
-    /// mode's cap, which an attacker can read in the documentation).
-    EveryWindow(u16),
+    /// n, 2n, 3n, … 1 ms apart, this many after ACK 0: whole windows (64 is the window
+    /// asked for; 8 is single-port mode's cap, which an attacker can read in the
+    /// documentation). A short run then silence makes the session resend its last window
+    /// on its timers.
+    EveryWindow(u16, u16),
 }
 
 fn blind(single_port: bool, acks: Acks) -> Attack {
@@ -265,18 +269,22 @@ fn blind(single_port: bool, acks: Acks) -> Attack {
     let start = Instant::now();
     match acks {
         Acks::None => send(&rrq("small", &[])),
-        Acks::EveryBlock(_) | Acks::EveryWindow(_) => {
+        Acks::EveryBlock(_) | Acks::EveryWindow(..) => {
             send(&rrq("big", &[("blksize", "65464"), ("windowsize", "64")]));
             thread::sleep(Duration::from_millis(2));
             send(&ack(0));
-            for k in 1..=120u16 {
+            let count = match acks {
+                Acks::EveryWindow(_, count) => count,
+                _ => 120,
+            };
+            for k in 1..=count {
                 let pace = match acks {
                     Acks::EveryBlock(ms) => ms,
                     _ => 1,
                 };
                 thread::sleep(Duration::from_millis(pace));
                 let block = match acks {
-                    Acks::EveryWindow(n) => k.wrapping_mul(n),
+                    Acks::EveryWindow(n, _) => k.wrapping_mul(n),
                     _ => k,
                 };
                 send(&ack(block));
@@ -295,8 +303,13 @@ fn blind(single_port: bool, acks: Acks) -> Attack {
             "{}, RRQ + ACK 0, 1, 2, … 120, {ms} ms apart",
             mode_name(single_port)
         ),
-        Acks::EveryWindow(n) => format!(
-            "{}, RRQ + ACK 0, {n}, {}, … ×120, 1 ms apart",
+        Acks::EveryWindow(_, 0) => format!("{}, RRQ + ACK 0, then silence", mode_name(single_port)),
+        Acks::EveryWindow(n, count) if count < 120 => format!(
+            "{}, RRQ + ACK 0, {n}, … ×{count}, 1 ms apart, then silence",
+            mode_name(single_port)
+        ),
+        Acks::EveryWindow(n, count) => format!(
+            "{}, RRQ + ACK 0, {n}, {}, … ×{count}, 1 ms apart",
             mode_name(single_port),
             2 * n
         ),
@@ -323,8 +336,11 @@ fn amplification() {
                 Acks::None,
                 Acks::EveryBlock(1),
                 Acks::EveryBlock(25),
-                Acks::EveryWindow(64),
-                Acks::EveryWindow(8),
+                Acks::EveryWindow(64, 120),
+                Acks::EveryWindow(8, 120),
+                Acks::EveryWindow(8, 0),
+                Acks::EveryWindow(8, 1),
+                Acks::EveryWindow(8, 2),
             ]
             .map(move |acks| thread::spawn(move || blind(single, acks)))
         })
