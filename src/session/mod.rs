@@ -1498,6 +1498,21 @@ mod tests {
         (interval, h.drain().0)
     }
 
+    /// Fires the timer until the session gives up: the intervals, each expiry having
+    /// resent `window` (the last sends nothing).
+    fn intervals_until_done(h: &mut Harness, window: &[Vec<u8>]) -> Vec<Duration> {
+        let mut intervals = Vec::new();
+        loop {
+            let (interval, sent) = fire(h);
+            intervals.push(interval);
+            if h.session.is_done() {
+                assert!(sent.is_empty());
+                return intervals;
+            }
+            assert_eq!(sent, window, "resends the stored window");
+        }
+    }
+
     #[test]
     fn one_round_trip_then_silence_costs_three_early_resends_at_most() {
         // What a forged ACK 0 in single-port mode buys (ACKs there can be forged blind):
@@ -1513,15 +1528,10 @@ mod tests {
         h.now += Duration::from_millis(1);
         let first = h.ack(0);
         assert_eq!(blocks(&first), (1..=8).collect::<Vec<_>>());
-        let mut intervals = Vec::new();
-        loop {
-            let (interval, sent) = fire(&mut h);
-            intervals.push(interval.as_millis());
-            if h.session.is_done() {
-                break;
-            }
-            assert_eq!(sent, first, "resends the stored window");
-        }
+        let intervals: Vec<u128> = intervals_until_done(&mut h, &first)
+            .iter()
+            .map(Duration::as_millis)
+            .collect();
         assert_eq!(
             intervals,
             [200, 400, 800, 1000, 2000, 4000, 8000, 8000, 8000]
@@ -1547,16 +1557,10 @@ mod tests {
         }
         assert_eq!(blocks(&first), vec![5, 6]);
         assert_eq!(h.session.stats().srtt, Some(Duration::from_millis(10)));
-        let mut intervals = Vec::new();
-        loop {
-            let (interval, sent) = fire(&mut h);
-            intervals.push(interval.as_micros());
-            if h.session.is_done() {
-                assert!(sent.is_empty());
-                break;
-            }
-            assert_eq!(sent, first, "resends the stored window");
-        }
+        let intervals: Vec<u128> = intervals_until_done(&mut h, &first)
+            .iter()
+            .map(Duration::as_micros)
+            .collect();
         // Early: 21.25 ms doubling while below the 1 s timeout; then the full schedule
         // with exactly the retry budget; then the session gives up.
         let ms = 1000;
