@@ -37,8 +37,9 @@ impl Session {
     /// go-back clock allows it. With adaptive retransmission, a duplicate that comes
     /// sooner makes that go-back owed once the estimate has passed, unless an ACK that
     /// acknowledges everything sent comes first: a client that answers a gap at once
-    /// (EDK2 with a window) is not left waiting for the full timeout while the session
-    /// has too few samples to retransmit early on its own. (It is an early retransmission
+    /// (EDK2 with a window) is not left waiting for the early timer's 200 ms floor (or
+    /// the full timeout) while the session has too few samples for its estimate alone
+    /// to set that timer. (It is an early retransmission
     /// that the client's signal arms; without adaptive retransmission only the fixed
     /// schedule runs.)
     pub(super) fn on_duplicate_ack(&mut self) {
