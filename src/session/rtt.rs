@@ -13,8 +13,9 @@ const MIN_SAMPLES: u32 = 3;
 /// The shortest early retransmission interval while the estimate has fewer than
 /// [`MIN_SAMPLES`] samples: a loss in the first windows costs this, not the full timeout
 /// (a windowed client that lost an ACK, or a window's tail, sends nothing until its own
-/// timer), and it is above the round trip of any path a netboot client sits on, a
-/// window's queueing included.
+/// timer). It is above a LAN's round trip with a window queued ahead (1 MiB at
+/// 100 Mbit/s takes 84 ms); a slower first sample raises the interval (three times it),
+/// and a resend that was needless doubles it (the backoff).
 pub(super) const UNSETTLED_MIN_RTO: Duration = Duration::from_millis(200);
 
 /// RFC 6298's clock granularity `G`, the least variation the interval allows for:
