@@ -300,8 +300,9 @@ fn a_starved_edk2_client_gets_its_file_without_an_ack_implosion() {
     // Guests from fast (150 µs a DATA) to very slow (2 ms, qemu without KVM), servers
     // from fast to slow (a debug build under a quota), running 10 to 50 % of the time.
     // Before resends made on time backed off, one of these sent 64 times the file in
-    // 76 s, five more 2.7–3.9 times, and the slowest took 56 s; now none sends twice
-    // the file (1.93 at most), and none is slower.
+    // 76 s, five more 2.7–3.9 times, and the slowest took 56 s; now none sends 1.8
+    // times the file (1.66 at most, 1.11 on average), and none is slower. (1.93 at most
+    // while a go-back answered sooner than half a round trip still ended the backoff.)
     let mut failures = Vec::new();
     for client_cost in [150, 500, 1000, 2000] {
         for server_cost in [20, 100, 300] {
@@ -319,7 +320,7 @@ fn a_starved_edk2_client_gets_its_file_without_an_ack_implosion() {
                      {running} ms in 100: {ratio:.2} × the blocks, {:.1} s, {r:?}",
                     r.elapsed.as_secs_f64()
                 );
-                if !r.client_done || r.outcome != Some(Outcome::Completed) || ratio > 2.5 {
+                if !r.client_done || r.outcome != Some(Outcome::Completed) || ratio > 1.8 {
                     failures.push((s, r));
                 }
             }

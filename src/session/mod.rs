@@ -63,8 +63,9 @@
 //!   owed go-back and each early retransmission doubles both the evidence a duplicate ACK
 //!   needs and the early retransmission interval (never past the base timeout), and only
 //!   an ACK of a block sent once — a round-trip sample — or a go-back answered within the
-//!   estimate (the resend was needed, and the client keeps up: a loss on a lossy path)
-//!   starts them over. Progress alone does not: a client that falls behind (a guest
+//!   estimate (the resend was needed, and the client keeps up: a loss on a lossy path),
+//!   but not sooner than half a round trip (that answers the first send: the resend was
+//!   needless), starts them over. Progress alone does not: a client that falls behind (a guest
 //!   starved of CPU) acknowledges blocks that were all resent, so no sample shows how
 //!   late it answers, and EDK2 answers each resend it did not need with a duplicate ACK
 //!   that looks like fresh evidence — without the backoff, every go-back drew a window's
@@ -1633,6 +1634,17 @@ mod tests {
         h.now += Duration::from_millis(10);
         assert_eq!(blocks(&h.ack(4)), vec![5]);
         assert_eq!(h.drain().1, Output::Wait(h.now + estimate));
+
+        // An answer sooner than half a round trip after the resend is not the resend's:
+        // it answers the first send, which came just past the estimate, so the resend
+        // was needless and the backoff stays (ending it here made every later block go
+        // twice for a client whose answers came between the estimate and twice it).
+        let mut h = established();
+        let (interval, sent) = fire(&mut h);
+        assert_eq!((interval, blocks(&sent)), (estimate, vec![4]));
+        h.now += Duration::from_millis(1);
+        assert_eq!(blocks(&h.ack(4)), vec![5]);
+        assert_eq!(h.drain().1, Output::Wait(h.now + estimate * 2));
     }
 
     #[test]

@@ -97,10 +97,13 @@ impl Session {
     /// The last go-back-N was answered (an ACK of the block it resent from, or a later
     /// one) `answered_in` after it: that times the go-back clock, and an answer within
     /// the estimate ends the backoff — the resend was needed (a loss) and the client
-    /// keeps up.
+    /// keeps up. Not one sooner than half the smoothed round trip: no answer to the
+    /// resend comes that fast, so it answers the first send, and the resend was needless
+    /// (TFTP has no timestamps to tell them apart, as TCP's Eifel detection does).
     pub(super) fn go_back_answered(&mut self, answered_in: Duration) {
         let evidence = self.rtt.loss_evidence(self.config.min_rto);
-        if evidence.is_some_and(|evidence| answered_in <= evidence) {
+        let soonest = self.rtt.srtt().unwrap_or_default() / 2;
+        if answered_in >= soonest && evidence.is_some_and(|evidence| answered_in <= evidence) {
             self.backoff = 0;
         }
         self.recovery_rtt.sample(answered_in);
