@@ -269,7 +269,8 @@ pub struct Session {
     /// complete (due when it is).
     go_back_owed: Option<Instant>,
     /// Resends made on evidence of time since the last round-trip sample or go-back
-    /// answered within the estimate: go-back-Ns on a duplicate ACK's evidence, owed
+    /// answered in time ([`go_back_answered`](Self::go_back_answered)): go-back-Ns on a
+    /// duplicate ACK's evidence, owed
     /// ones, early retransmissions. Each doubles the evidence a duplicate ACK needs
     /// ([`duplicate_evidence`](Self::duplicate_evidence)) and the early retransmission
     /// interval.

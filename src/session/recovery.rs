@@ -86,8 +86,8 @@ impl Session {
     /// A resend is made on evidence of time (an early retransmission, a go-back on a
     /// duplicate ACK's evidence, an owed one): it doubles the early retransmission
     /// interval and the evidence a duplicate ACK needs, until a round-trip sample (an ACK
-    /// of a block sent once) or a go-back answered within the estimate (a loss, and a
-    /// client that keeps up) starts them over. Progress alone does not: a client that
+    /// of a block sent once) or a go-back answered in time (a loss, and a client that
+    /// keeps up: see [`go_back_answered`](Self::go_back_answered)) starts them over. Progress alone does not: a client that
     /// falls behind acknowledges only resent blocks, and the estimate then knows nothing
     /// of how late it answers (Karn's algorithm, as TCP keeps its backed-off timer).
     pub(super) fn back_off(&mut self) {
